@@ -1,0 +1,36 @@
+# Two commands a newcomer needs:
+#   make run    set up (once) and launch the app on the embedded offline model
+#   make test   set up (once, with test tools) and run lint + the whole test suite
+PORT ?= 8501
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test setup setup-dev prepare lint format bench
+
+setup:
+	@scripts/setup.sh
+
+setup-dev:
+	@scripts/setup.sh --dev
+
+prepare: setup
+	@$(PY) -m core models prepare
+
+run: prepare
+	$(VENV)/bin/streamlit run app.py --server.port $(PORT)
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format:
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: setup-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/python -m pytest
+
+bench: setup-dev
+	$(PY) bench/bench_scoring.py

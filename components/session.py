@@ -1,0 +1,269 @@
+"""Shared app state: the sidebar model / data picker every page uses, and background scoring.
+
+The selection lives in the URL's query parameters, so a reload (or a shared link) reopens the same
+model and data. Scoring runs in a background thread of the server process (core.background), so
+a reload re-attaches to it instead of starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from core.background import DONE, FAILED, BackgroundRunner, BackgroundTask
+from core.data import Dataset
+from core.errors import LensError
+from core.models import MODEL_SLOT, LoadedModel, cache_dir
+from core.records import PROMPT_CONDITIONED
+from core.scoring import ScoreRun
+
+DEFAULT_LIMIT = 50
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What the user picked in the sidebar."""
+
+    model: str = "default"
+    device: str = "auto"
+    dtype: str = "auto"
+    kind: str = "task"  # "task" or "file"
+    task: str = "mbpp"
+    split: str = "train"
+    limit: int = DEFAULT_LIMIT
+    data_path: str = ""
+    prompt_col: str = "prompt"
+    response_col: str = "response"
+    id_col: str = ""
+
+    def key(self) -> str:
+        """Stable hash of the selection."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def data_label(self) -> str:
+        """Short description of the data source."""
+        if self.kind == "task":
+            return f"{self.task} / {self.split} (first {self.limit})"
+        return f"{Path(self.data_path).name.split('-', 1)[-1]} (first {self.limit})"
+
+
+@st.cache_resource
+def background_runner() -> BackgroundRunner:
+    """One runner per server process, shared by all sessions."""
+    return BackgroundRunner()
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def load_dataset_cached(sel: Selection) -> Dataset:
+    """Load the selected examples (raises LensError on bad input)."""
+    from core.sources import load_source
+
+    if sel.kind == "task":
+        return load_source(task=sel.task, split=sel.split, limit=sel.limit)
+    return load_source(
+        data=sel.data_path,
+        prompt_col=sel.prompt_col,
+        response_col=sel.response_col,
+        id_col=sel.id_col or None,
+        limit=sel.limit,
+    )
+
+
+def _save_upload(name: str, data: bytes) -> Path:
+    digest = hashlib.sha256(data).hexdigest()[:12]
+    folder = cache_dir() / "uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{digest}-{Path(name).name}"
+    if not path.exists():
+        path.write_bytes(data)
+    return path
+
+
+def _qp(name: str, default: str) -> str:
+    return st.query_params.get(name, default)
+
+
+def sidebar_selection() -> Selection:
+    """Draw the model and data pickers in the sidebar and return the selection."""
+    from core.tasks import list_tasks
+
+    with st.sidebar:
+        st.subheader("Model")
+        model = (
+            st.text_input(
+                "Model",
+                value=_qp("model", "default"),
+                help="'default' = embedded SmolLM2-135M-Instruct (offline). Or a Hugging Face id, "
+                "a local model folder, or a .gguf file.",
+                label_visibility="collapsed",
+            ).strip()
+            or "default"
+        )
+        c1, c2 = st.columns(2)
+        devices = ["auto", "cpu", "cuda", "mps"]
+        dtypes = ["auto", "float32", "bfloat16", "float16"]
+        device = c1.selectbox("Device", devices, index=devices.index(_qp("device", "auto")))
+        dtype = c2.selectbox("Dtype", dtypes, index=dtypes.index(_qp("dtype", "auto")))
+
+        st.subheader("Data")
+        kinds = {"task": "Built-in task", "file": "My file (JSONL/CSV)"}
+        kind = st.radio(
+            "Source",
+            list(kinds),
+            format_func=kinds.get,
+            horizontal=True,
+            index=list(kinds).index(_qp("kind", "task")),
+            label_visibility="collapsed",
+        )
+        limit = int(
+            st.number_input("Examples (first N)", 1, 20000, int(_qp("limit", str(DEFAULT_LIMIT))))
+        )
+        sel = Selection(model=model, device=device, dtype=dtype, kind=kind, limit=limit)
+        if kind == "task":
+            specs = {s.name: s for s in list_tasks()}
+            names = list(specs)
+            task = st.selectbox(
+                "Task",
+                names,
+                index=names.index(_qp("task", "mbpp")) if _qp("task", "mbpp") in names else 0,
+                format_func=lambda n: f"{specs[n].title}",
+            )
+            splits = list(specs[task].splits)
+            split_q = _qp("split", splits[0])
+            split = st.selectbox(
+                "Split", splits, index=splits.index(split_q) if split_q in splits else 0
+            )
+            sel = Selection(**{**asdict(sel), "task": task, "split": split})
+        else:
+            sel = _file_picker(sel)
+    st.query_params.update(
+        {
+            "model": sel.model,
+            "device": sel.device,
+            "dtype": sel.dtype,
+            "kind": sel.kind,
+            "task": sel.task,
+            "split": sel.split,
+            "limit": str(sel.limit),
+        }
+    )
+    return sel
+
+
+def _file_picker(sel: Selection) -> Selection:
+    from core.userdata import read_columns
+
+    upload = st.file_uploader(
+        "JSONL or CSV with prompt/response columns", type=["jsonl", "json", "csv"]
+    )
+    path = _save_upload(upload.name, upload.getvalue()) if upload else None
+    if path is None:
+        path_q = _qp("data", "")
+        path = Path(path_q) if path_q and Path(path_q).is_file() else None
+    if path is None:
+        st.info("Upload a file to use your own data.")
+        return sel
+    try:
+        columns = read_columns(path)
+    except LensError as exc:
+        st.error(str(exc))
+        return sel
+    st.query_params["data"] = str(path)
+
+    def pick(label: str, wanted: str, optional: bool = False) -> str:
+        options = ([""] if optional else []) + columns
+        index = options.index(wanted) if wanted in options else 0
+        return st.selectbox(label, options, index=index, format_func=lambda c: c or "(row number)")
+
+    return Selection(
+        **{
+            **asdict(sel),
+            "data_path": str(path),
+            "prompt_col": pick("Prompt column", "prompt"),
+            "response_col": pick("Response column", "response"),
+            "id_col": pick("Id column", "id", optional=True),
+        }
+    )
+
+
+def current_model(sel: Selection) -> LoadedModel:
+    """The selected model, loaded once per process (switching frees the previous one)."""
+    return MODEL_SLOT.get(sel.model, device=sel.device, dtype=sel.dtype)
+
+
+def scoring_task(
+    sel: Selection, convention: str = PROMPT_CONDITIONED, start: bool = True
+) -> BackgroundTask | None:
+    """The background scoring task of the selection (started on first request)."""
+    from core.cache import ScoreCache
+    from core.scoring import score_examples
+
+    key = f"score:{sel.key()}:{convention}"
+    runner = background_runner()
+    task = runner.get(key)
+    if task is not None or not start:
+        return task
+
+    def work(task: BackgroundTask) -> ScoreRun:
+        dataset = load_dataset_cached(sel)
+        task.message = f"loading model {sel.model}"
+        lm = current_model(sel)
+        task.message = f"scoring {len(dataset.examples)} examples"
+        return score_examples(
+            lm, dataset.examples, convention=convention, cache=ScoreCache(), progress=task.progress
+        )
+
+    return runner.start(key, f"Scoring {sel.data_label}", work)
+
+
+def show_task_status(task: BackgroundTask) -> None:
+    """Progress while running; error (with details) on failure."""
+    if task.status == FAILED:
+        st.error(task.error)
+        if task.detail:
+            with st.expander("Details"):
+                st.code(task.detail)
+        return
+    if task.status != DONE:
+        label = task.message or task.label
+        st.progress(task.fraction, text=f"{label}: {task.done}/{task.total} · {task.elapsed:.0f}s")
+
+
+def wait_for(task: BackgroundTask) -> None:
+    """Poll a running task without blocking the page; rerun the app when it finishes."""
+
+    @st.fragment(run_every=1.0)
+    def _poll() -> None:
+        current = background_runner().get(task.key)
+        if current is None or current.status != "running":
+            st.rerun()
+        show_task_status(current)
+
+    _poll()
+
+
+def scores_or_wait(sel: Selection, convention: str = PROMPT_CONDITIONED) -> ScoreRun | None:
+    """Scores of the selection, or None while they are computed (progress shown)."""
+    try:
+        load_dataset_cached(sel)
+    except LensError as exc:
+        st.error(str(exc))
+        return None
+    task = scoring_task(sel, convention)
+    if task is None:
+        return None
+    if task.status == DONE:
+        return task.result
+    if task.status == FAILED:
+        show_task_status(task)
+        if st.button("Retry"):
+            background_runner().forget(task.key)
+            st.rerun()
+        return None
+    wait_for(task)
+    return None

@@ -1,0 +1,245 @@
+"""Command line: everything the app does, headless. `python -m core --help` lists subcommands.
+
+Failures caused by the user's input or environment exit non-zero with one line on stderr
+(`error: ...`), never a traceback; `--debug` shows the traceback for bug reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from core.errors import LensError
+
+EXIT_USER_ERROR = 2
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
+    """Write rows as JSON lines to `path` via a temp file + rename; return the row count."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return count
+
+
+def _progress_printer(label: str) -> Callable[[int, int], None]:
+    start = time.monotonic()
+
+    def report(done: int, total: int) -> None:
+        elapsed = time.monotonic() - start
+        print(f"\r{label}: {done}/{total} ({elapsed:.0f}s)", end="", file=sys.stderr, flush=True)
+        if done >= total:
+            print(file=sys.stderr)
+
+    return report
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id, a local folder or a .gguf file",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
+    p.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"
+    )
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", help="built-in task name (see `python -m core tasks`)")
+    src.add_argument("--data", help="JSONL or CSV file of prompt/response rows")
+    src.add_argument("--hub-dataset", help="a Hugging Face dataset id (needs network)")
+    p.add_argument("--split", default=None, help="task split (mbpp: train, test, all) or hub split")
+    p.add_argument("--prompt-col", default="prompt")
+    p.add_argument("--response-col", default="response")
+    p.add_argument("--id-col", default=None)
+    p.add_argument("--limit", type=int, default=None, help="first N examples only")
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score every response token of a dataset and write one JSON object per example."""
+    from core.cache import ScoreCache
+    from core.models import load_model
+    from core.scoring import score_examples
+    from core.sources import load_source
+
+    dataset = load_source(
+        task=args.task,
+        split=args.split,
+        data=args.data,
+        hub=args.hub_dataset,
+        prompt_col=args.prompt_col,
+        response_col=args.response_col,
+        id_col=args.id_col,
+        limit=args.limit,
+    )
+    print(dataset.report.summary(), file=sys.stderr)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    for note in lm.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    run = score_examples(
+        lm,
+        dataset.examples,
+        convention=args.convention,
+        top_k=args.top_k,
+        max_length=args.max_length,
+        cache=None if args.no_cache else ScoreCache(),
+        progress=_progress_printer("scoring"),
+        source=args.source,
+    )
+    count = write_jsonl_atomic(args.out, (ex.to_json_row() for ex in run.examples))
+    print(f"{run.summary()}; wrote {count} rows to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """List the built-in tasks."""
+    from core.tasks import list_tasks
+
+    for spec in list_tasks():
+        print(
+            f"{spec.name:14} {'/'.join(spec.splits):16} {spec.scorer:16} {spec.title} [{spec.license}]"
+        )
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Prepare the embedded model cache, or describe a model."""
+    from core.models import load_model, model_summary_json, prepare_embedded_model
+
+    if args.action == "prepare":
+        start = time.monotonic()
+        folder = prepare_embedded_model()
+        print(
+            f"embedded model ready in {folder} ({time.monotonic() - start:.1f}s)", file=sys.stderr
+        )
+        return 0
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    print(model_summary_json(lm))
+    return 0
+
+
+def cmd_mask(args: argparse.Namespace) -> int:
+    """Turn a scores file into a masked training set (JSONL + datasets folder + manifest)."""
+    from core.masking import run_mask_cli
+
+    manifest = run_mask_cli(
+        scores_path=args.scores,
+        out_dir=args.out,
+        tau=args.tau,
+        share=args.share,
+        mode=args.mode,
+        k_percent=args.k_percent,
+        percentile_rule=args.percentile_rule,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    share = manifest.get("pooled_share")
+    line = f"wrote {args.out}"
+    if share is not None:
+        line += f" (masked {100 * share:.1f}% of response tokens)"
+    print(line, file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m core`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m core",
+        description="Perplexity Lens: token-perplexity scoring, masking, training and evaluation.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("score", help="score response tokens of a task or data file")
+    _add_model_args(p)
+    _add_data_args(p)
+    p.add_argument(
+        "--convention",
+        default="prompt",
+        choices=["prompt", "response_only"],
+        help="prompt-conditioned (STM) or response-only perplexity",
+    )
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="truncate longer sequences (default: model context)",
+    )
+    p.add_argument("--source", default="ground_truth", help="label for the data source")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the score cache")
+    p.add_argument("--out", required=True, help="output JSONL file")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("tasks", help="list built-in tasks")
+    p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("models", help="prepare the embedded model or describe a model")
+    p.add_argument("action", choices=["prepare", "info"])
+    _add_model_args(p)
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("mask", help="apply selective token masking to a scores file")
+    p.add_argument("--scores", required=True, help="JSONL written by `score`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mode", default="high", choices=["high", "low", "random", "percentile"])
+    p.add_argument(
+        "--tau", type=float, default=None, help="token-perplexity threshold (default 2.5)"
+    )
+    p.add_argument(
+        "--share", type=float, default=None, help="solve tau for this masked share (0-1)"
+    )
+    p.add_argument("--k-percent", type=float, default=None, help="percentile mode: k%% per example")
+    p.add_argument("--percentile-rule", default="top", choices=["top", "random", "bottom"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_mask)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (
+        args.command == "mask"
+        and args.mode in ("high", "low", "random")
+        and args.tau is None
+        and args.share is None
+    ):
+        args.tau = 2.5
+    try:
+        return int(args.func(args) or 0)
+    except LensError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one line, not a traceback
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(
+            f"error: unexpected {type(exc).__name__}: {first} (rerun with --debug)", file=sys.stderr
+        )
+        return 1

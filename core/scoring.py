@@ -1,0 +1,224 @@
+"""Token-perplexity scoring: log-probability, perplexity, rank and top-k alternatives of every
+response token under a model, batched with length bucketing and cached on disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from core.cache import ScoreCache, score_key
+from core.data import Example
+from core.encoding import EncodedPair, encode_pair
+from core.models import LoadedModel
+from core.records import PROMPT_CONDITIONED, ScoredExample
+
+ProgressFn = Callable[[int, int], None]
+
+DEFAULT_TOP_K = 5
+# Padded tokens per forward pass. Bucketing by length keeps padding small; this budget keeps the
+# float32 logits of a batch (tokens x vocab) at a few hundred MB for a 50k vocabulary.
+DEFAULT_TOKEN_BUDGET = 2048
+DEFAULT_MAX_BATCH = 16
+
+
+@dataclass
+class ScoreRun:
+    """Result of scoring a list of examples."""
+
+    examples: list[ScoredExample]
+    n_cached: int = 0
+    n_scored: int = 0
+    n_truncated: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One line for the UI and CLI."""
+        text = f"{len(self.examples)} scored ({self.n_cached} from cache, {self.n_scored} computed)"
+        if self.n_truncated:
+            text += f", {self.n_truncated} truncated to the context length"
+        if self.skipped:
+            text += f", {len(self.skipped)} skipped"
+        return text
+
+
+def _build_record(
+    lm: LoadedModel,
+    ex: Example,
+    enc: EncodedPair,
+    convention: str,
+    logprob: list[float],
+    rank: list[int],
+    top_ids: list[list[int]],
+    top_logprobs: list[list[float]],
+) -> ScoredExample:
+    return ScoredExample(
+        id=ex.id,
+        prompt=ex.prompt,
+        response=ex.response,
+        convention=convention,
+        token_ids=enc.input_ids,
+        tokens=lm.token_texts(enc.input_ids),
+        response_start=enc.response_start,
+        logprob=logprob,
+        rank=rank,
+        top_ids=top_ids,
+        top_tokens=[lm.token_texts(row) for row in top_ids],
+        top_logprobs=top_logprobs,
+        truncated=enc.truncated,
+        meta=dict(ex.meta),
+    )
+
+
+def _token_stats(
+    logits: torch.Tensor, targets: torch.Tensor, top_k: int
+) -> tuple[list[float], list[int], list[list[int]], list[list[float]]]:
+    """Per-row log-prob of the target, its rank (1 = model's top choice) and the top-k."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target_lp = logprobs.gather(-1, targets[:, None])[:, 0]
+    rank = (logprobs > target_lp[:, None]).sum(-1) + 1
+    top_lp, top_ids = logprobs.topk(top_k, dim=-1)
+    return target_lp.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist()
+
+
+def _buckets(lengths: list[int], token_budget: int, max_batch: int) -> list[list[int]]:
+    """Group indices into batches of similar length (longest first) under a padded-token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * width > token_budget or len(current) >= max_batch:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+@torch.inference_mode()
+def _score_batch(
+    lm: LoadedModel, encs: list[EncodedPair], top_k: int
+) -> list[tuple[list[float], list[int], list[list[int]], list[list[float]]]]:
+    width = max(len(e.input_ids) for e in encs)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.full((len(encs), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(encs), width), dtype=torch.long)
+    for row, enc in enumerate(encs):
+        ids[row, : len(enc.input_ids)] = torch.tensor(enc.input_ids)
+        attn[row, : len(enc.input_ids)] = 1
+    # Only positions that predict a response token need logits; with right padding they all lie
+    # at or after the earliest response start, so keep logits for that tail only.
+    first = min(e.response_start for e in encs) - 1
+    keep = width - first
+    out = lm.model(
+        input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device), logits_to_keep=keep
+    )
+    logits = out.logits  # (batch, keep, vocab); column j is position first + j
+    rows, targets, spans = [], [], []
+    for row, enc in enumerate(encs):
+        start, end = enc.response_start - 1 - first, len(enc.input_ids) - 1 - first
+        rows.append(logits[row, start:end])
+        targets.append(ids[row, enc.response_start : len(enc.input_ids)])
+        spans.append(end - start)
+    lp, rank, tids, tlp = _token_stats(
+        torch.cat(rows), torch.cat(targets).to(lm.device), top_k=top_k
+    )
+    results, offset = [], 0
+    for n in spans:
+        sl = slice(offset, offset + n)
+        results.append((lp[sl], rank[sl], tids[sl], tlp[sl]))
+        offset += n
+    return results
+
+
+def score_examples(
+    lm: LoadedModel,
+    examples: Sequence[Example],
+    *,
+    convention: str = PROMPT_CONDITIONED,
+    top_k: int = DEFAULT_TOP_K,
+    max_length: int | None = None,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    cache: ScoreCache | None = None,
+    progress: ProgressFn | None = None,
+    source: str = "ground_truth",
+) -> ScoreRun:
+    """Score every response token of `examples` under `lm`, in input order.
+
+    Cached examples are read from `cache`; the rest are encoded, bucketed by length, scored in
+    batches under inference mode and written back. `progress(done, total)` is called as batches
+    finish. Examples whose text cannot be scored are skipped and listed in `ScoreRun.skipped`.
+    """
+    limit = min(max_length or lm.max_length, lm.max_length)
+    keys = [
+        score_key(lm.cache_key, lm.template_fingerprint, convention, limit, top_k, ex)
+        for ex in examples
+    ]
+    found = cache.get_many(keys) if cache is not None else {}
+    run = ScoreRun(examples=[], n_cached=len(found))
+    todo = [i for i, k in enumerate(keys) if k not in found]
+    encs: dict[int, EncodedPair] = {}
+    for i in todo:
+        ex = examples[i]
+        if not ex.response.strip():
+            run.skipped.append((ex.id, "empty response"))
+            continue
+        encs[i] = encode_pair(
+            lm.tokenizer, ex.prompt, ex.response, convention=convention, max_length=limit
+        )
+    total, done = len(examples), len(found)
+    if progress:
+        progress(done, total)
+    index = list(encs)
+    new: dict[str, ScoredExample] = {}
+    for batch in _buckets([len(encs[i].input_ids) for i in index], token_budget, max_batch):
+        members = [index[b] for b in batch]
+        stats = _score_batch(lm, [encs[i] for i in members], top_k)
+        for i, (lp, rank, tids, tlp) in zip(members, stats, strict=True):
+            rec = _build_record(lm, examples[i], encs[i], convention, lp, rank, tids, tlp)
+            new[keys[i]] = rec
+        done += len(members)
+        if cache is not None:
+            cache.put_many({keys[i]: new[keys[i]] for i in members})
+        if progress:
+            progress(done, total)
+    for i, key in enumerate(keys):
+        rec = found.get(key) or new.get(key)
+        if rec is None:
+            continue
+        rec.source = source
+        rec.meta = dict(examples[i].meta)
+        run.examples.append(rec)
+    run.n_scored = len(new)
+    run.n_truncated = sum(r.truncated for r in run.examples)
+    return run
+
+
+@torch.inference_mode()
+def score_one_reference(
+    lm: LoadedModel,
+    example: Example,
+    *,
+    convention: str = PROMPT_CONDITIONED,
+    max_length: int | None = None,
+) -> list[float]:
+    """Straightforward one-example scoring (full logits, no batching): the test reference and
+    the benchmark's naive baseline. Returns the response tokens' log-probabilities."""
+    enc = encode_pair(
+        lm.tokenizer,
+        example.prompt,
+        example.response,
+        convention=convention,
+        max_length=min(max_length or lm.max_length, lm.max_length),
+    )
+    ids = torch.tensor([enc.input_ids], device=lm.device)
+    logits = lm.model(input_ids=ids).logits[0].float()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    targets = ids[0, 1:]
+    lp = logprobs.gather(-1, targets[:, None])[:, 0]
+    return lp[enc.response_start - 1 :].tolist()

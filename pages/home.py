@@ -1,0 +1,68 @@
+"""Start page: what the tool does, the selected model and data, the task catalogue."""
+
+import pandas as pd
+import streamlit as st
+
+from components.session import current_model, load_dataset_cached, sidebar_selection
+from core.errors import LensError
+from core.models import MODEL_SLOT, describe_model
+from core.tasks import list_tasks
+
+sel = sidebar_selection()
+
+st.title("Perplexity Lens")
+st.markdown(
+    "Fine-tuning on ground-truth answers teaches a model the tokens it finds **surprising** "
+    "(high perplexity), and that is what makes it forget other skills. Masking those tokens out "
+    "of the loss (**Selective Token Masking**, STM) keeps the gain and avoids most of the "
+    "forgetting. Perplexity Lens lets you see those tokens, tune the threshold, and train.\n\n"
+    "1. **Explore** — token-perplexity heatmaps of ground-truth vs generated responses."
+)
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Model")
+    lm = MODEL_SLOT.current
+    if lm is None or lm.name != sel.model:
+        st.caption(f"`{sel.model}` loads when first needed (Explore scores with it).")
+        if st.button("Load now"):
+            try:
+                with st.spinner(f"Loading {sel.model}…"):
+                    lm = current_model(sel)
+            except LensError as exc:
+                st.error(str(exc))
+                lm = None
+    if lm is not None and lm.name == sel.model:
+        facts = describe_model(lm)
+        facts["parameters"] = f"{facts['parameters'] / 1e6:.1f} M"
+        st.table(pd.DataFrame(facts.items(), columns=["", "value"]).set_index(""))
+        for note in lm.warnings:
+            st.warning(note)
+with right:
+    st.subheader("Data")
+    try:
+        dataset = load_dataset_cached(sel)
+        st.success(dataset.report.summary())
+        for note in dataset.report.warnings:
+            st.warning(note)
+    except LensError as exc:
+        st.error(str(exc))
+
+st.subheader("Built-in tasks (offline)")
+st.dataframe(
+    pd.DataFrame(
+        [
+            {
+                "task": s.name,
+                "title": s.title,
+                "splits": ", ".join(s.splits),
+                "scorer": s.scorer,
+                "source": s.source,
+                "licence": s.license,
+            }
+            for s in list_tasks()
+        ]
+    ),
+    hide_index=True,
+    width="stretch",
+)

@@ -1,0 +1,77 @@
+"""Shared fixtures: a tiny randomly initialised llama with the SmolLM2 tokenizer (fast unit
+tests), and the real embedded model (integration tests, marked `integration`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import models
+
+# Resolved before any test changes PLENS_CACHE_DIR: the dequantized embedded model is shared by
+# all tests (it takes ~20 s to build), everything else is cached per test.
+SHARED_EMBEDDED_DIR = models.embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    """The dequantized embedded model folder (created once per machine, then reused)."""
+    from core.models import prepare_embedded_model
+
+    return prepare_embedded_model()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(embedded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A 2-layer, 64-wide llama saved as a local model folder with the real tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=smol_tokenizer.bos_token_id,
+        eos_token_id=smol_tokenizer.eos_token_id,
+        pad_token_id=smol_tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    smol_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_model_dir):
+    from core.models import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def real_lm(embedded_dir):
+    from core.models import load_model
+
+    return load_model("default", device="cpu", dtype="float32")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own cache folder, except the embedded model, which is shared."""
+    monkeypatch.setenv("PLENS_CACHE_DIR", str(tmp_path / "plens-cache"))
+    monkeypatch.setattr(models, "embedded_model_dir", lambda: SHARED_EMBEDDED_DIR)

@@ -1,0 +1,141 @@
+"""The CLI as a user runs it: outputs, and one-line errors with non-zero exit codes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from core.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_score_user_data_writes_one_row_per_example(tiny_model_dir, tmp_path, capsys):
+    data = _write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": "Add.", "response": "def add(a, b):\n    return a + b"},
+            {"prompt": "Hi", "response": "Hello!"},
+            {"prompt": "Empty", "response": "  "},
+        ],
+    )
+    out = tmp_path / "scores.jsonl"
+    code = main(["score", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["row-1", "row-2"]
+    for r in rows:
+        assert len(r["tokens"]) == len(r["token_ids"]) == len(r["response_mask"])
+        assert sum(r["response_mask"]) == len(r["logprob"]) == len(r["ppl"])
+        assert r["seq_ppl"] > 1
+    err = capsys.readouterr().err
+    assert "1 empty rows skipped" in err
+
+
+def test_bad_inputs_exit_nonzero_with_one_line(tiny_model_dir, tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}])
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "q", "response": "a"}])
+    cases = [
+        (
+            [
+                "score",
+                "--model",
+                "no/such-model-here",
+                "--data",
+                str(good),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "hub",
+        ),
+        (
+            [
+                "score",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(tmp_path / "missing.jsonl"),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "not found",
+        ),
+        (
+            [
+                "score",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "prompt",
+        ),
+        (
+            [
+                "score",
+                "--model",
+                str(tiny_model_dir),
+                "--task",
+                "nosuchtask",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            "Unknown task",
+        ),
+    ]
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        for argv, needle in cases:
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip().splitlines()
+            assert err[-1].startswith("error: ") and needle.lower() in err[-1].lower(), err
+    finally:
+        del os.environ["HF_HUB_OFFLINE"]
+    assert not (tmp_path / "o").exists(), "a failed run must not leave an output file"
+
+
+def test_cli_process_prints_no_traceback(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core",
+            "score",
+            "--model",
+            "/does/not/exist",
+            "--task",
+            "mbpp",
+            "--out",
+            str(tmp_path / "x.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: Unknown model")
+
+
+def test_help_lists_subcommands():
+    proc = subprocess.run(
+        [sys.executable, "-m", "core", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert proc.returncode == 0
+    for name in ("score", "tasks", "models", "mask"):
+        assert name in proc.stdout

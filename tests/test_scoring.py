@@ -1,0 +1,84 @@
+"""Token scoring on the tiny model: batched == reference, cache, ordering, statistics."""
+
+import math
+
+import numpy as np
+import pytest
+
+from core.cache import ScoreCache
+from core.data import Example
+from core.scoring import score_examples, score_one_reference
+
+
+def _examples(n=9):
+    out = []
+    for i in range(n):
+        prompt = "Write a function. " * (1 + i % 3)
+        response = f"def f(x):\n    return x * {i}\n" * (1 + (i * 7) % 5)
+        out.append(Example(id=f"ex{i}", prompt=prompt, response=response))
+    return out
+
+
+@pytest.mark.parametrize("convention", ["prompt", "response_only"])
+def test_batched_scores_equal_unbatched_reference(tiny_lm, convention):
+    exs = _examples()
+    run = score_examples(tiny_lm, exs, convention=convention, token_budget=300, max_batch=4)
+    assert [r.id for r in run.examples] == [e.id for e in exs]
+    for ex, rec in zip(exs, run.examples, strict=True):
+        ref = score_one_reference(tiny_lm, ex, convention=convention)
+        assert len(ref) == rec.n_response
+        np.testing.assert_allclose(rec.logprob, ref, atol=1e-4)
+
+
+def test_record_statistics_are_consistent(tiny_lm):
+    rec = score_examples(tiny_lm, _examples(3)).examples[2]
+    lp = np.array(rec.logprob)
+    assert rec.seq_ppl == pytest.approx(math.exp(-lp.mean()))
+    np.testing.assert_allclose(rec.ppl, np.exp(-lp))
+    for i, tid in enumerate(rec.response_token_ids):
+        assert rec.top_logprobs[i] == sorted(rec.top_logprobs[i], reverse=True)
+        assert (rec.rank[i] == 1) == (rec.top_ids[i][0] == tid)
+        assert rec.logprob[i] <= rec.top_logprobs[i][0] + 1e-6
+    assert len(rec.tokens) == len(rec.token_ids)
+    assert rec.tokens[-1] == "<|im_end|>"
+
+
+def test_cache_makes_second_run_free_and_identical(tiny_lm, tmp_path):
+    cache = ScoreCache(tmp_path / "scores.sqlite")
+    exs = _examples(5)
+    first = score_examples(tiny_lm, exs, cache=cache)
+    assert (first.n_cached, first.n_scored) == (0, 5)
+    second = score_examples(tiny_lm, exs + [Example("new", "p", "fresh response")], cache=cache)
+    assert (second.n_cached, second.n_scored) == (5, 1)
+    assert [r.logprob for r in second.examples[:5]] == [r.logprob for r in first.examples]
+    other = score_examples(tiny_lm, exs, cache=cache, convention="response_only")
+    assert other.n_cached == 0
+
+
+def test_changed_text_is_rescored(tiny_lm, tmp_path):
+    cache = ScoreCache(tmp_path / "s.sqlite")
+    score_examples(tiny_lm, [Example("a", "p", "one")], cache=cache)
+    run = score_examples(tiny_lm, [Example("a", "p", "two")], cache=cache)
+    assert run.n_scored == 1
+
+
+def test_progress_reports_reach_the_total(tiny_lm):
+    calls = []
+    score_examples(
+        tiny_lm, _examples(6), token_budget=200, progress=lambda d, t: calls.append((d, t))
+    )
+    assert calls[-1] == (6, 6)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+def test_truncation_is_counted(tiny_lm):
+    run = score_examples(tiny_lm, _examples(4), max_length=40)
+    assert run.n_truncated >= 1
+    assert all(len(r.token_ids) <= 40 for r in run.examples)
+    assert "truncated" in run.summary()
+
+
+def test_empty_response_is_skipped_and_reported(tiny_lm):
+    run = score_examples(tiny_lm, [Example("e", "p", "   "), Example("ok", "p", "fine")])
+    assert [r.id for r in run.examples] == ["ok"]
+    assert run.skipped == [("e", "empty response")]
