@@ -60,6 +60,12 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_prompt(tokenizer: Any, prompt: str, system: str | None = None) -> list[int]:
+    """Token ids of the templated prompt up to the assistant's answer: exactly the prefix that
+    `encode_pair` puts before the response, so generated text is scored in the same context."""
+    return _ids(tokenizer, render_generation_prompt(tokenizer, prompt, system))
+
+
 def encode_pair(
     tokenizer: Any,
     prompt: str,
@@ -89,7 +95,7 @@ def encode_pair(
             "This model's chat template does not render the prompt as a prefix of the "
             "conversation, so response tokens cannot be located; use a plain template."
         )
-    prompt_ids = _ids(tokenizer, prefix)
+    prompt_ids = encode_prompt(tokenizer, user, system)
     response_ids = _ids(tokenizer, full[len(prefix) :])
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     last_special = max((i for i, t in enumerate(response_ids) if t in special), default=None)

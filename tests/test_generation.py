@@ -1,0 +1,32 @@
+"""Batched generation: left padding must not change greedy output; settings are validated."""
+
+import pytest
+
+from core.errors import LensError
+from core.generation import GenerationConfig, generate_responses
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny_lm):
+    prompts = ["Say something.", "A much longer prompt that needs padding in a batch, surely."]
+    cfg = GenerationConfig(max_new_tokens=12)
+    batched = generate_responses(tiny_lm, prompts, cfg, batch_size=2)
+    single = [generate_responses(tiny_lm, [p], cfg)[0][0] for p in prompts]
+    assert [g[0].text for g in batched] == [g.text for g in single]
+    assert all(g[0].n_tokens <= 12 for g in batched)
+
+
+def test_sampling_returns_n_sequences_and_is_seeded(tiny_lm):
+    cfg = GenerationConfig(max_new_tokens=8, do_sample=True, num_return_sequences=3, seed=7)
+    first = generate_responses(tiny_lm, ["Hi"], cfg)
+    again = generate_responses(tiny_lm, ["Hi"], cfg)
+    assert len(first[0]) == 3
+    assert [g.text for g in first[0]] == [g.text for g in again[0]]
+
+
+def test_bad_settings_are_clear_errors(tiny_lm):
+    with pytest.raises(LensError):
+        GenerationConfig(max_new_tokens=0)
+    with pytest.raises(LensError, match="sampling"):
+        GenerationConfig(num_return_sequences=4)
+    with pytest.raises(LensError, match="context"):
+        generate_responses(tiny_lm, ["word " * 300], GenerationConfig(max_new_tokens=10))
