@@ -88,10 +88,23 @@ def _qp(name: str, default: str) -> str:
     return st.query_params.get(name, default)
 
 
+def _leave_legacy_page_mode() -> None:
+    """Streamlit treats an app with a `pages/` folder as a v1 multipage app until `st.navigation`
+    has run once in the process. The first visitor of a fresh server who opens a page URL
+    directly would then get the page without app.py's navigation. Switch the flag off and rerun,
+    so app.py's `st.navigation` handles the same URL."""
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 def sidebar_selection() -> Selection:
     """Draw the model and data pickers in the sidebar and return the selection."""
     from core.tasks import list_tasks
 
+    _leave_legacy_page_mode()
     with st.sidebar:
         st.subheader("Model")
         model = (

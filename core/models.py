@@ -65,8 +65,9 @@ def embedded_gguf_path() -> Path:
 
 
 def embedded_model_dir() -> Path:
-    """Where the dequantized embedded model is kept as safetensors."""
-    return cache_dir() / "models" / "smollm2-135m-instruct"
+    """Where the dequantized embedded model is kept as safetensors ($PLENS_EMBEDDED_DIR overrides)."""
+    override = os.environ.get("PLENS_EMBEDDED_DIR")
+    return Path(override) if override else cache_dir() / "models" / "smollm2-135m-instruct"
 
 
 def prepare_embedded_model() -> Path:

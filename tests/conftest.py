@@ -74,4 +74,4 @@ def real_lm(embedded_dir):
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own cache folder, except the embedded model, which is shared."""
     monkeypatch.setenv("PLENS_CACHE_DIR", str(tmp_path / "plens-cache"))
-    monkeypatch.setattr(models, "embedded_model_dir", lambda: SHARED_EMBEDDED_DIR)
+    monkeypatch.setenv("PLENS_EMBEDDED_DIR", str(SHARED_EMBEDDED_DIR))

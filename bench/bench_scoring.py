@@ -1,0 +1,114 @@
+"""Scoring throughput: batched path vs a naive one-example-at-a-time loop vs a matmul probe.
+
+Run: .venv/bin/python bench/bench_scoring.py [--n 64] [--dtype float32|bfloat16] [--flips]
+
+Tokens/s counts every non-padding token that goes through the forward pass (prompt + response).
+Roofline share = tokens/s x 2 x parameters / (matmul probe FLOP/s in the same dtype), the
+definition in the foundation issue. The batched path skips the output projection for prompt
+positions (it only needs logits where a response token is predicted), so it does less work per
+token than 2 x parameters; the share can therefore exceed what a pure forward pass would reach.
+With --flips, also scores in bf16 and reports the share of response tokens whose STM mask at
+tau = 2.5 differs from fp32 (what bf16 would change for a user).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.encoding import encode_pair  # noqa: E402
+from core.models import load_model  # noqa: E402
+from core.scoring import score_examples, score_one_reference  # noqa: E402
+from core.tasks import load_task  # noqa: E402
+
+
+def matmul_probe(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:
+    """Sustained FLOP/s of a square matmul in `dtype` on this CPU."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    for _ in range(2):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - start)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=64, help="MBPP train examples")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--flips", action="store_true")
+    args = parser.parse_args()
+
+    examples = load_task("mbpp", split="train", limit=args.n).examples
+    lm = load_model("default", device="cpu", dtype=args.dtype)
+    params = sum(p.numel() for p in lm.model.parameters())
+    tokens = sum(len(encode_pair(lm.tokenizer, e.prompt, e.response).input_ids) for e in examples)
+
+    probe = matmul_probe(lm.dtype)
+    score_examples(lm, examples[:4])  # warm-up
+    start = time.perf_counter()
+    for ex in examples:
+        score_one_reference(lm, ex)
+    naive_s = time.perf_counter() - start
+    start = time.perf_counter()
+    run = score_examples(lm, examples)
+    batched_s = time.perf_counter() - start
+
+    def row(name: str, seconds: float) -> str:
+        tps = tokens / seconds
+        share = tps * 2 * params / probe
+        return f"| {name} | {seconds:.2f} | {tps:,.0f} | {100 * share:.0f}% | {naive_s / seconds:.2f}x |"
+
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; date {datetime.date.today()}"
+    )
+    print(
+        f"model: {lm.display_name}, {params / 1e6:.1f} M params, dtype {args.dtype}; "
+        f"{len(examples)} MBPP train examples, {tokens} tokens "
+        f"({sum(r.n_response for r in run.examples)} response tokens)"
+    )
+    print(f"matmul probe ({args.dtype}): {probe / 1e9:.0f} GFLOP/s\n")
+    print("| path | seconds | tokens/s | roofline share | speed vs naive |")
+    print("|---|---:|---:|---:|---:|")
+    print(row("naive loop (one example, full logits)", naive_s))
+    print(row("batched + length bucketing (score_examples)", batched_s))
+
+    if args.flips:
+        other = "bfloat16" if args.dtype == "float32" else "float32"
+        lm2 = load_model("default", device="cpu", dtype=other)
+        run2 = score_examples(lm2, examples)
+        a = np.concatenate([r.ppl_array() for r in run.examples]) > 2.5
+        b = np.concatenate([r.ppl_array() for r in run2.examples]) > 2.5
+        print(
+            f"\nmask flips {args.dtype} vs {other} at tau 2.5: {int((a != b).sum())} of "
+            f"{a.size} response tokens ({100 * (a != b).mean():.2f}%); masked share "
+            f"{100 * a.mean():.1f}% vs {100 * b.mean():.1f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()
