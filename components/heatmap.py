@@ -352,3 +352,55 @@ _CSS = " ".join(
 """.splitlines()
     if line.strip()
 )
+
+
+def delta_color(delta: float, limit: float = 3.0) -> str:
+    """Diverging colour for a change in ln-perplexity: blue = easier after fine-tuning, white =
+    unchanged, red = harder; saturates at ±`limit` nats."""
+    t = max(-1.0, min(1.0, delta / limit)) if math.isfinite(delta) else 1.0
+    target = (33, 102, 172) if t < 0 else (178, 24, 43)
+    a = abs(t)
+    r, g, b = (round(255 + (c - 255) * a) for c in target)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def render_delta_heatmap(base: ScoredExample, tuned: ScoredExample, limit: float = 3.0) -> str:
+    """Response tokens coloured by how fine-tuning changed their perplexity (Δ ln ppl).
+
+    Both records must be scores of the same example (same token ids); hovering a token shows
+    its perplexity before and after.
+    """
+    if base.token_ids != tuned.token_ids or base.response_start != tuned.response_start:
+        raise ValueError(f"example {base.id!r}: base and fine-tuned scores do not line up")
+    before, after = base.ppl, tuned.ppl
+    parts = [f"<style>{_CSS}</style>", '<div class="pl-root">']
+    deltas = [math.log(a) - math.log(b) for a, b in zip(after, before, strict=True)]
+    harder = sum(d > 0 for d in deltas)
+    parts.append(
+        '<div class="pl-head">'
+        f'<span class="pl-src">Δ after fine-tuning</span><span>{html.escape(base.id)}</span>'
+        f"<span>seq ppl <b>{_format_ppl(base.seq_ppl)}</b> → <b>{_format_ppl(tuned.seq_ppl)}</b>"
+        f"</span><span>{harder} of {len(deltas)} tokens harder</span></div>"
+    )
+    stops = ", ".join(delta_color(v * limit, limit) for v in (-1, -0.5, 0, 0.5, 1))
+    parts.append(
+        '<div class="pl-legend"><span class="pl-leg-title">Δ ln ppl</span>'
+        f'<div class="pl-bar-wrap"><div class="pl-bar" style="background:linear-gradient('
+        f'to right, {stops})"></div><div class="pl-ticks"><span style="left:0%">−{limit:g} '
+        f'easier</span><span style="left:50%">0</span><span style="left:100%">+{limit:g} '
+        "harder</span></div></div></div>"
+    )
+    parts.append('<div class="pl-resp"><div class="pl-text">')
+    for i, token in enumerate(base.response_tokens):
+        color = delta_color(deltas[i], limit)
+        tip = (
+            f"{_token_repr(token)}\nppl {_format_ppl(before[i])} → {_format_ppl(after[i])}\n"
+            f"Δ ln ppl {deltas[i]:+.2f}"
+        )
+        parts.append(
+            f'<span class="pl-t{_whitespace_class(token)}" data-i="{i}" '
+            f'data-delta="{deltas[i]:.6g}" style="--c:{color};background:{color};'
+            f'color:{_text_color(color)}" data-tip="{_escape_attr(tip)}">{_escape_text(token)}</span>'
+        )
+    parts.append("</div></div></div>")
+    return "".join(parts)
