@@ -7,6 +7,10 @@ st.set_page_config(page_title="Perplexity Lens", page_icon=":material/search:", 
 pages = [
     st.Page("pages/home.py", title="Start", icon=":material/home:", default=True),
     st.Page("pages/explore.py", title="Explore", icon=":material/local_fire_department:"),
+    st.Page("pages/masking.py", title="Masking studio", icon=":material/filter_alt:"),
+    st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
+    st.Page("pages/runs.py", title="Runs", icon=":material/monitoring:"),
+    st.Page("pages/compare.py", title="Compare & report", icon=":material/compare_arrows:"),
 ]
 nav = st.navigation(pages)
 st.logo("docs/logo.svg", size="large")

@@ -1,10 +1,15 @@
-"""Benchmark: how long a tau change takes (masks + stats) on a realistic-size dataset.
+"""Benchmark: how long a tau change takes (masks + stats + recolour) on a realistic-size dataset.
 
 Builds 500 synthetic scored examples with ~300 response tokens each (token NLL log-normal, so
-perplexities are mostly near 1 with a heavy tail, about a fifth above tau = 2.5), then times, as
-the median over repeats, each interactive operation of `core.masking` against a naive
-per-example pure-Python loop doing the same high-mode work in the same run. Prints a markdown
-table. Run: ``.venv/bin/python bench/bench_masking.py [--examples 500] [--repeats 50]``.
+perplexities are mostly near 1 with a heavy tail, about a fifth above tau = 2.5; code-like token
+texts with top-5 alternatives, as the scorer stores them), then times, as the median over
+repeats, each interactive operation of `core.masking` against a naive per-example pure-Python
+loop doing the same high-mode work in the same run. The "page" rows time what the Masking studio
+recomputes on a tau change: masks + stats, the heatmap HTML of the selected example with its
+mask (the recolour), and, in the last page row, also the share-vs-tau curve with its plotly
+figure, which the page builds on the first visit of a tau and caches (Streamlit's own rerun and
+transport to the browser are excluded; the page's dict-built histogram adds a few ms).
+Prints a markdown table. Run: ``.venv/bin/python bench/bench_masking.py [--examples 500]``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from components.charts import share_vs_tau_chart  # noqa: E402
+from components.heatmap import render_token_heatmap  # noqa: E402
 from core.masking import (  # noqa: E402
     MaskConfig,
     PplIndex,
@@ -33,6 +40,14 @@ from core.masking import (  # noqa: E402
     solve_tau_for_share,
 )
 from core.records import ScoredExample  # noqa: E402
+
+# Token texts for the synthetic responses: code-ish pieces, whitespace and newlines, so the
+# heatmap renderer does the same escaping and whitespace work as on real MBPP responses.
+TOKEN_TEXTS = (
+    "def", " ", "    ", "\n", "\n    ", "return", " x", " +", "(", ")", ":", " for", " i",
+    " in", " range", "len", "_", "list", "[", "]", " =", " if", " ==", " 0", "1", ",", " None",
+    "print", "'", "a", "<", ">", "&", "\t", " sum",
+)  # fmt: skip
 
 
 def cpu_name() -> str:
@@ -56,6 +71,9 @@ def make_examples(n_examples: int, mean_len: int, seed: int = 0) -> list[ScoredE
         prompt_len = int(rng.integers(20, 120))
         nll = rng.lognormal(mean=-1.3, sigma=1.4, size=n)
         ids = rng.integers(0, 50_000, size=prompt_len + n).tolist()
+        texts = [TOKEN_TEXTS[j] for j in rng.integers(0, len(TOKEN_TEXTS), size=prompt_len + n)]
+        top = rng.integers(0, len(TOKEN_TEXTS), size=(n, 5))
+        top_lp = np.sort(np.log(rng.dirichlet(np.ones(6), size=n)[:, :5]), axis=1)[:, ::-1]
         examples.append(
             ScoredExample(
                 id=f"ex{i:05d}",
@@ -63,13 +81,13 @@ def make_examples(n_examples: int, mean_len: int, seed: int = 0) -> list[ScoredE
                 response="r",
                 convention="prompt",
                 token_ids=ids,
-                tokens=[""] * len(ids),
+                tokens=texts,
                 response_start=prompt_len,
                 logprob=(-nll).tolist(),
-                rank=[1] * n,
-                top_ids=[[] for _ in range(n)],
-                top_tokens=[[] for _ in range(n)],
-                top_logprobs=[[] for _ in range(n)],
+                rank=rng.integers(0, 20, size=n).tolist(),
+                top_ids=top.tolist(),
+                top_tokens=[[TOKEN_TEXTS[j] for j in row] for row in top],
+                top_logprobs=top_lp.tolist(),
             )
         )
     return examples
@@ -166,6 +184,28 @@ def main() -> None:
     def naive(i: int) -> None:
         naive_high(ids, ppl_lists, tau_of(i))
 
+    shown = len(examples) // 2  # the example on screen
+
+    def page_recolour(i: int) -> None:
+        res = compute_masks(index, MaskConfig(mode="high", tau=tau_of(i)))
+        res.stats()
+        render_token_heatmap(examples[shown], tau=res.tau, masked=res.masks[shown])
+
+    def naive_recolour(i: int) -> None:
+        out = naive_high(ids, ppl_lists, tau_of(i))
+        render_token_heatmap(examples[shown], tau=tau_of(i), masked=out["masks"][shown])
+
+    curve_taus = np.geomspace(1.0, 1000.0, 240)
+
+    def page_full(i: int) -> None:
+        res = compute_masks(index, MaskConfig(mode="high", tau=tau_of(i)))
+        stats = res.stats()
+        render_token_heatmap(examples[shown], tau=res.tau, masked=res.masks[shown])
+        curve = share_vs_tau_curve(index, curve_taus)
+        curve.insert(0, "source", "ground_truth")
+        share_vs_tau_chart(curve, res.tau, title="Share of response tokens masked vs τ")
+        np.histogram(stats.per_example_share, bins=np.linspace(0.0, 1.0, 21))
+
     r = args.repeats
     rows = [
         ("tau change, mode high: masks + stats", timeit(high, r)),
@@ -178,6 +218,12 @@ def main() -> None:
         ("**naive pure-Python loop, mode high: masks + stats**", timeit(naive, max(5, r // 5))),
     ]
     naive_ms = rows[-1][1]
+    page_rows = [
+        ("page: tau change -> masks + stats + heatmap HTML of one example", timeit(page_recolour, r)),
+        ("page: the above + share-vs-tau curve and its plotly figure (first visit of a tau)", timeit(page_full, r)),
+        ("**naive loop: masks + stats + the same heatmap HTML**", timeit(naive_recolour, max(5, r // 5))),
+    ]  # fmt: skip
+    naive_page_ms = page_rows[-1][1]
 
     n_tok = index.n_tokens
     print(f"## bench_masking: {len(examples)} examples, {n_tok} response tokens")
@@ -196,6 +242,14 @@ def main() -> None:
     for name, ms in rows:
         ratio = "-" if "labels_for" in name else f"{naive_ms / ms:.0f}x"
         print(f"| {name} | {ms:.2f} | {ratio} |")
+    print()
+    n_shown = examples[shown].n_response
+    print(f"Recolour on a tau change (heatmap of one {n_shown}-token example; 100 ms target):")
+    print()
+    print("| operation | median ms | naive / this |")
+    print("|---|---:|---:|")
+    for name, ms in page_rows:
+        print(f"| {name} | {ms:.2f} | {naive_page_ms / ms:.1f}x |")
     print()
     print("One-off per dataset / per seed (cached on the PplIndex):")
     print()

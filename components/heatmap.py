@@ -309,7 +309,7 @@ _CSS = " ".join(
 .pl-src { font-weight: 600; color: #1f2328; background: #eef1f4; border-radius: 4px;
   padding: 0 6px; }
 .pl-warn { color: #9a6700; font-weight: 600; }
-.pl-legend { display: flex; flex-wrap: wrap; align-items: center; gap: 6px 16px;
+.pl-legend { display: flex; flex-wrap: wrap; align-items: center; gap: 18px 16px;
   font-size: 12px; color: #57606a; margin: 18px 0 12px 0; }
 .pl-leg-title { white-space: nowrap; }
 .pl-bar-wrap { position: relative; width: 300px; height: 30px; margin: 0 14px 0 6px; }

@@ -31,7 +31,7 @@ class Selection:
     model: str = "default"
     device: str = "auto"
     dtype: str = "auto"
-    kind: str = "task"  # "task" or "file"
+    kind: str = "task"  # "task", "file" or "generated" (data_path = the set's examples.jsonl)
     task: str = "mbpp"
     split: str = "train"
     limit: int = DEFAULT_LIMIT
@@ -49,6 +49,8 @@ class Selection:
         """Short description of the data source."""
         if self.kind == "task":
             return f"{self.task} / {self.split} (first {self.limit})"
+        if self.kind == "generated":
+            return f"{Path(self.data_path).parent.name} (generated, first {self.limit})"
         return f"{Path(self.data_path).name.split('-', 1)[-1]} (first {self.limit})"
 
 
@@ -88,7 +90,7 @@ def _qp(name: str, default: str) -> str:
     return st.query_params.get(name, default)
 
 
-def _leave_legacy_page_mode() -> None:
+def ensure_app_navigation() -> None:
     """Streamlit treats an app with a `pages/` folder as a v1 multipage app until `st.navigation`
     has run once in the process. The first visitor of a fresh server who opens a page URL
     directly would then get the page without app.py's navigation. Switch the flag off and rerun,
@@ -104,7 +106,7 @@ def sidebar_selection() -> Selection:
     """Draw the model and data pickers in the sidebar and return the selection."""
     from core.tasks import list_tasks
 
-    _leave_legacy_page_mode()
+    ensure_app_navigation()
     with st.sidebar:
         st.subheader("Model")
         model = (
@@ -124,7 +126,11 @@ def sidebar_selection() -> Selection:
         dtype = c2.selectbox("Dtype", dtypes, index=dtypes.index(_qp("dtype", "auto")))
 
         st.subheader("Data")
-        kinds = {"task": "Built-in task", "file": "My file (JSONL/CSV)"}
+        kinds = {
+            "task": "Built-in task",
+            "file": "My file (JSONL/CSV)",
+            "generated": "Generated set",
+        }
         kind = st.radio(
             "Source",
             list(kinds),
@@ -152,6 +158,8 @@ def sidebar_selection() -> Selection:
                 "Split", splits, index=splits.index(split_q) if split_q in splits else 0
             )
             sel = Selection(**{**asdict(sel), "task": task, "split": split})
+        elif kind == "generated":
+            sel = _generated_set_picker(sel)
         else:
             sel = _file_picker(sel)
     st.query_params.update(
@@ -204,6 +212,39 @@ def _file_picker(sel: Selection) -> Selection:
     )
 
 
+def _generated_set_picker(sel: Selection) -> Selection:
+    """Pick a Self-Output / Rephrase set (core.generated); its examples.jsonl becomes the data,
+    so every page reads it like a prompt/response file with an id column."""
+    from core.generated import list_generated_sets
+
+    problems: list[str] = []
+    sets = {s.name: s for s in list_generated_sets(problems=problems)}
+    for problem in problems:
+        st.warning(f"Skipped a generated set: {problem}")
+    if not sets:
+        st.info("No generated sets yet: make one on the Generate data page.")
+        return sel
+    names = list(sets)
+    wanted = _qp("gset", names[0])
+    name = st.selectbox(
+        "Generated set",
+        names,
+        index=names.index(wanted) if wanted in names else 0,
+        format_func=lambda n: f"{n} ({sets[n].n_examples})",
+    )
+    st.query_params["gset"] = name
+    gset = sets[name]
+    return Selection(
+        **{
+            **asdict(sel),
+            "data_path": str(gset.path / gset.examples_file),
+            "prompt_col": "prompt",
+            "response_col": "response",
+            "id_col": "id",
+        }
+    )
+
+
 def current_model(sel: Selection) -> LoadedModel:
     """The selected model, loaded once per process (switching frees the previous one)."""
     return MODEL_SLOT.get(sel.model, device=sel.device, dtype=sel.dtype)
@@ -244,7 +285,8 @@ def show_task_status(task: BackgroundTask) -> None:
         return
     if task.status != DONE:
         label = task.message or task.label
-        st.progress(task.fraction, text=f"{label}: {task.done}/{task.total} · {task.elapsed:.0f}s")
+        counts = f": {task.done}/{task.total}" if task.total else ""  # no count for one-off work
+        st.progress(task.fraction, text=f"{label}{counts} · {task.elapsed:.0f}s")
 
 
 def wait_for(task: BackgroundTask) -> None:

@@ -105,7 +105,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         progress=_progress_printer("scoring"),
         source=args.source,
     )
-    count = write_jsonl_atomic(args.out, (ex.to_json_row() for ex in run.examples))
+    # `model` (fingerprint|dtype) lets `mask` record which model's perplexities it thresholded
+    rows = ({**ex.to_json_row(), "model": lm.cache_key} for ex in run.examples)
+    count = write_jsonl_atomic(args.out, rows)
     print(f"{run.summary()}; wrote {count} rows to {args.out}", file=sys.stderr)
     return 0
 
@@ -160,6 +162,159 @@ def cmd_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune in the foreground (registered as a job), or queue a background job (--submit)."""
+    from core.jobs import JobRegistry, run_job_process
+    from core.training import config_from_args, run_training
+
+    config = config_from_args(args)
+    if args.submit:
+        job = JobRegistry().submit(
+            "train", config.to_dict(), device=config.device, label=config.describe()
+        )
+        print(job.id)
+        print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
+        return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`
+        if not args.run_dir:
+            raise LensError("Under accelerate launch, pass --run-dir: all processes share one.")
+        if int(os.environ.get("RANK", "0")) != 0:
+            run_training(config, args.run_dir)
+            return 0
+    registry = JobRegistry()
+    job = registry.register_foreground(
+        "train",
+        config.to_dict(),
+        device=config.device,
+        label=config.describe(),
+        run_dir=args.run_dir,
+    )
+    print(f"job {job.id}, run folder {job.run_dir}", file=sys.stderr)
+    return run_job_process(job.id, registry)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Make a Self-Output / Rephrase set in the foreground (as a job), or queue it (--submit)."""
+    from core.gendata import config_from_args, preflight
+    from core.jobs import JobRegistry, run_job_process
+
+    config = config_from_args(args)
+    preflight(config)  # bad data or no verifier: one line, before a job exists
+    registry = JobRegistry()
+    if args.submit:
+        job = registry.submit(
+            "generate", config.to_dict(), device=config.device, label=config.describe()
+        )
+        print(job.id)
+        print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
+        return 0
+    job = registry.register_foreground(
+        "generate",
+        config.to_dict(),
+        device=config.device,
+        label=config.describe(),
+        run_dir=args.run_dir,
+    )
+    print(f"job {job.id}, run folder {job.run_dir}", file=sys.stderr)
+    return run_job_process(job.id, registry)
+
+
+def _format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List, show, cancel or resume background jobs."""
+    from core.jobs import JobRegistry, log_tail, read_metrics, run_progress
+
+    registry = JobRegistry()
+    if args.action == "list":
+        jobs = registry.list()
+        if args.json:
+            print(json.dumps([j.to_dict() for j in jobs], indent=2))
+            return 0
+        for job in jobs:
+            prog = run_progress(read_metrics(job.run_dir))
+            steps = f"{prog.step}/{prog.max_steps}" if prog.max_steps else "-"
+            print(
+                f"{job.id}  {job.status:9}  {steps:>9}  {_format_seconds(job.elapsed):>8}  "
+                f"{job.label}  [{job.message}]"
+            )
+        if not jobs:
+            print(f"no jobs in {registry.path}", file=sys.stderr)
+        return 0
+    if not args.job_id:
+        raise LensError(f"`jobs {args.action}` needs a job id (see `python -m core jobs list`).")
+    if args.action == "cancel":
+        job = registry.cancel(args.job_id, grace=args.grace)
+    elif args.action == "resume":
+        job = registry.resume(args.job_id)
+    else:
+        job = registry.get(args.job_id)
+    prog = run_progress(read_metrics(job.run_dir))
+    if args.json:
+        print(json.dumps({**job.to_dict(), "progress": prog.__dict__}, indent=2))
+        return 0
+    print(f"{job.id}: {job.status} ({job.message}) · {job.label}")
+    print(f"run folder: {job.run_dir}")
+    if prog.max_steps:
+        running = job.status == "running" and prog.eta_seconds
+        eta = f", ETA {_format_seconds(prog.eta_seconds)}" if running else ""
+        print(f"step {prog.step}/{prog.max_steps}, last loss {prog.last_loss}{eta}")
+    if job.error:
+        print(f"error: {job.error.splitlines()[0]}")
+    if args.action == "show":
+        print(f"--- last {args.lines} lines of the log ---")
+        print(log_tail(job.run_dir, lines=args.lines))
+    return 0
+
+
+def cmd_job_run(args: argparse.Namespace) -> int:
+    """Internal: the body of a background job process (started by the job queue)."""
+    from core.jobs import run_job_process
+
+    return run_job_process(args.job_id)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write a self-contained HTML report of one or more runs."""
+    from core.report import write_report
+
+    path = write_report(args.runs, args.out, title=args.title)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate the base model, or an adapter against it (TI / BWT), on a suite."""
+    from core.evaluation import evaluate_model, format_report
+
+    def progress(task: str, done: int, total: int) -> None:
+        if task:
+            print(f"evaluating {task} ({done + 1}/{total})", file=sys.stderr, flush=True)
+
+    report = evaluate_model(
+        args.model,
+        adapter=args.adapter,
+        suite=args.suite,
+        limit=args.limit,
+        device=args.device,
+        dtype=args.dtype,
+        use_cache=not args.no_cache,
+        progress=progress,
+    )
+    print(format_report(report))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1), encoding="utf-8")
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m core`."""
     parser = argparse.ArgumentParser(
@@ -198,6 +353,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.set_defaults(func=cmd_models)
 
+    p = sub.add_parser("report", help="write an offline HTML report of runs")
+    p.add_argument("runs", nargs="+", help="run ids or run folders")
+    p.add_argument("--out", required=True, help="output .html file")
+    p.add_argument("--title", default="Perplexity Lens report")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("mask", help="apply selective token masking to a scores file")
     p.add_argument("--scores", required=True, help="JSONL written by `score`")
     p.add_argument("--out", required=True, help="output folder")
@@ -213,6 +374,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_mask)
+
+    from core.training import add_train_arguments  # light: heavy imports happen when training
+
+    p = sub.add_parser(
+        "train",
+        help="fine-tune with GT, STM or a control mask (foreground; --submit queues a job)",
+        description="Settings come from --preset (paper, cpu-quick), then --config, then flags. "
+        "Several GPUs: accelerate launch -m core train ... --run-dir DIR",
+    )
+    add_train_arguments(p)
+    p.add_argument("--run-dir", default=None, help="run folder (default: a new one under runs/)")
+    p.add_argument("--submit", action="store_true", help="queue as a background job and return")
+    p.set_defaults(func=cmd_train)
+
+    from core.gendata import add_generate_arguments
+
+    p = sub.add_parser(
+        "generate",
+        help="make a Self-Output or Rephrase training set (foreground; --submit queues a job)",
+        description="Settings come from --preset (paper, cpu-quick), then --config, then flags. "
+        "A run folder that already holds part of the run resumes it.",
+    )
+    add_generate_arguments(p)
+    p.add_argument("--run-dir", default=None, help="run folder (default: a new one under runs/)")
+    p.add_argument("--submit", action="store_true", help="queue as a background job and return")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("jobs", help="list, show, cancel or resume background jobs")
+    p.add_argument("action", choices=["list", "show", "cancel", "resume"])
+    p.add_argument("job_id", nargs="?", help="job id (see `jobs list`)")
+    p.add_argument("--lines", type=int, default=30, help="log lines shown by `show`")
+    p.add_argument("--grace", type=float, default=10.0, help="cancel: seconds before SIGKILL")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("eval", help="evaluate a model or an adapter on a suite (TI / BWT)")
+    _add_model_args(p)
+    p.add_argument("--adapter", default=None, help="run folder or adapter folder to evaluate")
+    p.add_argument("--suite", default="default", help="default, during, paper or tiny")
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    p.add_argument("--out", default=None, help="write the full results as JSON here")
+    p.add_argument("--no-cache", action="store_true", help="recompute the base model's scores")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("job-run", help="(internal) run a queued job in this process")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_job_run)
     return parser
 
 

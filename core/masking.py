@@ -33,8 +33,9 @@ import math
 import numbers
 import os
 import platform
+import secrets
+import shlex
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -658,6 +659,29 @@ def masked_rows(examples: Sequence[ScoredExample], result: MaskResult) -> list[d
     return rows
 
 
+def _jsonl_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+def masked_jsonl_bytes(examples: Sequence[ScoredExample], result: MaskResult) -> bytes:
+    """The ``masked.jsonl`` content of an export (UTF-8, one `masked_rows` row per line)."""
+    return _jsonl_bytes(masked_rows(examples, result))
+
+
+def scores_fingerprint(examples: Sequence[ScoredExample]) -> str:
+    """sha256 of the scored examples' content (ids, texts, token ids, scores, in order).
+
+    Computed from each record's canonical JSON, so scores read back from a ``score`` JSONL and
+    the same scores taken from the app's cache give the same fingerprint: the manifest's
+    ``source_fingerprint`` identifies what was masked, whichever way it was produced.
+    """
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps(ex.to_dict(), sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
 def _build_manifest(
     result: MaskResult, stats: MaskStats, extra: Mapping[str, Any] | None, content_sha: str
 ) -> dict[str, Any]:
@@ -697,6 +721,22 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def _make_sibling_dir(out: Path, kind: str) -> Path:
+    """Create a fresh hidden directory next to ``out`` (``.<name>.<kind>-<random>``).
+
+    Plain ``mkdir`` rather than ``tempfile.mkdtemp``: the temporary folder becomes the export,
+    which should get ordinary permissions (0777 minus the umask), not mkdtemp's private 0700.
+    """
+    for _ in range(100):
+        candidate = out.parent / f".{out.name}.{kind}-{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free temporary name next to {out}")
+
+
 def _prepare_target(out: Path, overwrite: bool) -> bool:
     """Check whether ``out`` may be written; return True if an existing export is replaced."""
     if out.exists() and not out.is_dir():
@@ -731,16 +771,16 @@ def export_masked_dataset(
     _prepare_target(out, overwrite)
     rows = masked_rows(examples, mask_result)
     stats = mask_stats(mask_result)
-    jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    jsonl = _jsonl_bytes(rows)
     manifest = _build_manifest(
         mask_result, stats, manifest_extra, hashlib.sha256(jsonl).hexdigest()
     )
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _make_sibling_dir(out, "tmp")
     except OSError as err:
-        raise LensError(f"cannot create {out.parent}: {err.strerror}") from None
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        raise LensError(f"cannot write into {out.parent}: {err.strerror or err}") from None
     backup: Path | None = None
     try:
         _fsync_write(tmp / MASKED_JSONL, jsonl)
@@ -758,7 +798,7 @@ def export_masked_dataset(
             ),
         )
         if _prepare_target(out, overwrite):
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            backup = _make_sibling_dir(out, "old")
             backup.rmdir()
             os.rename(out, backup)
         elif out.exists():
@@ -817,11 +857,21 @@ def load_masked_dataset(
 
 def read_scores_jsonl(scores_path: str | os.PathLike[str]) -> list[ScoredExample]:
     """Read a scores JSONL (one ``ScoredExample.to_json_row()`` per line) into records."""
+    return _read_scores(scores_path)[0]
+
+
+def _read_scores(scores_path: str | os.PathLike[str]) -> tuple[list[ScoredExample], list[str]]:
+    """The records of a scores JSONL and the distinct scoring models its rows name.
+
+    ``python -m core score`` writes a ``model`` field (fingerprint and dtype of the scorer) on
+    every row; files from elsewhere may lack it, and then the model list is empty.
+    """
     path = Path(scores_path).expanduser()
     if not path.is_file():
         raise LensError(f"scores file not found: {path}")
     required = ("id", "token_ids", "response_start", "logprob")
     examples: list[ScoredExample] = []
+    models: set[str] = set()
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -845,9 +895,36 @@ def read_scores_jsonl(scores_path: str | os.PathLike[str]) -> list[ScoredExample
                     "response tokens"
                 )
             examples.append(ex)
+            if data.get("model"):
+                models.add(str(data["model"]))
     if not examples:
         raise LensError(f"{path}: no scored examples")
-    return examples
+    return examples, sorted(models)
+
+
+def mask_cli_command(
+    scores_path: str, out_dir: str, config: MaskConfig, *, overwrite: bool = False
+) -> str:
+    """The ``python -m core mask`` command line that reproduces ``config`` on a scores file.
+
+    Numbers are written with ``repr`` so they parse back to exactly the same floats; a target
+    share is passed as ``--share`` (solving tau is deterministic, so the masks are the same).
+    """
+    args = ["python", "-m", "core", "mask", "--scores", scores_path, "--mode", config.mode]
+    if config.mode == "percentile":
+        args += ["--k-percent", repr(config.k_percent), "--percentile-rule", config.percentile_rule]
+    elif config.target_share is not None:
+        args += ["--share", repr(config.target_share)]
+    else:
+        args += ["--tau", repr(config.tau)]
+    if config.mode == "random" or (
+        config.mode == "percentile" and config.percentile_rule == "random"
+    ):
+        args += ["--seed", str(config.seed)]
+    args += ["--out", out_dir]
+    if overwrite:
+        args.append("--overwrite")
+    return shlex.join(args)
 
 
 def _file_sha256(path: Path) -> str:
@@ -872,7 +949,10 @@ def run_mask_cli(
     """``python -m core mask``: read scores, mask, export; return the written manifest.
 
     For high/low/random, give ``tau`` or ``share`` (neither means tau = 2.5). For percentile,
-    ``k_percent`` is required and ``tau``/``share`` must be left out.
+    ``k_percent`` is required and ``tau``/``share`` must be left out. The manifest records the
+    scoring ``model`` (from the rows' ``model`` field; None for files that lack it; scores of
+    several models are refused), the ``source_fingerprint`` (`scores_fingerprint`) and the
+    scores file's path and sha256.
     """
     if mode not in MODES:
         raise LensError(f"unknown mask mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -893,12 +973,19 @@ def run_mask_cli(
             config = MaskConfig(mode=mode, tau=None, target_share=share, seed=seed)
         else:
             config = MaskConfig(mode=mode, tau=DEFAULT_TAU if tau is None else tau, seed=seed)
-    examples = read_scores_jsonl(scores_path)
+    examples, models = _read_scores(scores_path)
+    if len(models) > 1:
+        raise LensError(
+            f"the scores come from {len(models)} different models ({', '.join(models)}); "
+            "perplexities of different models are not comparable, so mask each file separately"
+        )
     result = compute_masks(examples, config)
     path = Path(scores_path).expanduser()
     extra = {
+        "model": models[0] if models else None,
+        "source_fingerprint": scores_fingerprint(examples),
         "source_scores_path": str(path.absolute()),
-        "source_fingerprint": _file_sha256(path),
+        "source_scores_sha256": _file_sha256(path),
         "conventions": sorted({ex.convention for ex in examples}),
         "sources": sorted({ex.source for ex in examples}),
     }

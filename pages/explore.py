@@ -1,43 +1,922 @@
-"""Explore: scored examples and their token-perplexity heatmaps."""
+"""Explore: token perplexity of ground-truth vs model-generated responses, example by example
+(heatmaps side by side, per-token spike plot) and across the dataset (the paper's Table 1,
+distributions, share above τ, token categories).
 
+All scores come from background tasks (components.session); widget changes only re-slice
+their cached results and never re-score. URL state: ?tau= (shared with other pages), ?ex= (the
+selected example), ?gen= (generation settings) and ?view= (the open tab).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
 import pandas as pd
 import streamlit as st
 
+from components.charts import (
+    category_share_chart,
+    plotly_config,
+    ppl_cdf,
+    ppl_histogram,
+    seq_ppl_box,
+    share_vs_tau_chart,
+    source_label,
+    spike_plot,
+)
 from components.heatmap import render_token_heatmap
-from components.session import scores_or_wait, sidebar_selection
+from components.session import (
+    Selection,
+    background_runner,
+    current_model,
+    scores_or_wait,
+    show_task_status,
+    sidebar_selection,
+    wait_for,
+)
+from core.analytics import (
+    category_shares,
+    sequence_ppl_table,
+    share_above_tau,
+    share_vs_tau,
+    token_ppl_frame,
+)
+from core.background import DONE, FAILED, BackgroundTask
+from core.cache import ScoreCache
+from core.data import Example
+from core.errors import LensError
+from core.generated import (
+    GenerationStore,
+    StoredGeneration,
+    file_data_key,
+    generate_and_store,
+    generation_key,
+    list_generated_sets,
+    match_examples,
+    settings_label,
+    task_data_key,
+)
+from core.generation import GenerationConfig
+from core.models import MODEL_SLOT, LoadedModel, resolve_device, resolve_dtype
+from core.records import ScoredExample
+from core.scoring import score_examples
+
+DEFAULT_TAU = 2.5
+TAU_RANGE = (1.0, 20.0)
+TABS = ("Examples", "GT vs generated", "Dataset analytics")
+MAX_HEATMAP_TOKENS = 3000
+# Paper, Table 1 (Llama-3-8B-Instruct): sequence perplexity mean (variance) per data source.
+PAPER_TABLE_1 = {
+    "mbpp": "GT 4.83 (7.04) · Rephrase 1.69 (0.16) · Self-Output 1.16 (0.01)",
+    "math": "GT 2.45 (0.81) · Rephrase 2.11 (9.28) · Self-Output 1.34 (0.03)",
+}
+SORTS = {
+    "dataset order": None,
+    "sequence ppl, high → low": ("seq ppl", False),
+    "sequence ppl, low → high": ("seq ppl", True),
+    "share > τ, high → low": ("share > τ", False),
+    "length, long → short": ("tokens", False),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# Background work: one helper for every task on this page
+# ------------------------------------------------------------------------------------------
+
+
+def background(
+    key: str, label: str, work: Callable[[BackgroundTask], Any], *, start: bool = True
+) -> Any:
+    """Result of the background task `key` (started with `work` if needed), or None while it
+    runs (progress shown, polled by a fragment) or after it failed (error and Retry shown)."""
+    runner = background_runner()
+    task = runner.get(key)
+    if task is None:
+        if not start:
+            return None
+        task = runner.start(key, label, work)
+    if task.status == DONE:
+        return task.result
+    if task.status == FAILED:
+        show_task_status(task)
+        if st.button("Retry", key=f"retry:{key}"):
+            runner.forget(key)
+            st.rerun()
+        return None
+    wait_for(task)
+    return None
+
+
+def _loaded_model(sel: Selection) -> LoadedModel | None:
+    lm = MODEL_SLOT.current
+    if lm is None or lm.name != sel.model:
+        return None
+    try:
+        device = resolve_device(sel.device)
+        dtype = resolve_dtype(sel.dtype, device)
+    except LensError:
+        return None
+    return lm if lm.device == device and lm.dtype == dtype else None
+
+
+def model_or_wait(sel: Selection) -> LoadedModel | None:
+    """The selected model if it is loaded; otherwise load it in the background (None meanwhile)."""
+    lm = _loaded_model(sel)
+    if lm is not None:
+        return lm
+    key = f"load-model:{sel.model}|{sel.device}|{sel.dtype}"
+    runner = background_runner()
+    task = runner.get(key)
+    if task is not None and task.status == DONE:
+        runner.forget(key)  # it was loaded, then another model took the slot: load it again
+    # The task returns nothing, so a finished task never keeps an evicted model alive.
+    background(key, f"Loading {sel.model}", lambda task: (current_model(sel), None)[1])
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# URL state: tau, example, generation settings
+# ------------------------------------------------------------------------------------------
+
+
+def _url_float(name: str, default: float) -> float:
+    try:
+        value = float(st.query_params.get(name, default))
+    except ValueError:
+        return default
+    return value if math.isfinite(value) else default
+
+
+def tau_slider() -> float:
+    """τ slider kept in sync with ?tau= (shared with the other pages)."""
+    url_tau = min(max(_url_float("tau", DEFAULT_TAU), TAU_RANGE[0]), TAU_RANGE[1])
+    if st.session_state.get("tau_slider") != url_tau:
+        st.session_state["tau_slider"] = url_tau
+
+    def on_change() -> None:
+        st.query_params["tau"] = f"{st.session_state['tau_slider']:g}"
+
+    tau = st.slider(
+        "τ: token-perplexity threshold",
+        *TAU_RANGE,
+        step=0.1,
+        key="tau_slider",
+        on_change=on_change,
+        help="Tokens with perplexity > τ are underlined in the heatmaps and counted as "
+        "'above τ'; Selective Token Masking drops them from the loss. Paper default: 2.5.",
+    )
+    st.query_params["tau"] = f"{tau:g}"
+    return float(tau)
+
+
+def selected_example_id(ids: Sequence[str], data_label: str) -> str:
+    """?ex= if it names an example, else the first one (with an error for an unknown id)."""
+    wanted = st.query_params.get("ex")
+    if wanted is None or wanted == "":
+        chosen = ids[0]
+    elif wanted in ids:
+        chosen = wanted
+    else:
+        st.error(
+            f"No example with id '{wanted}' in {data_label}; showing '{ids[0]}' instead.",
+            icon=":material/error:",
+        )
+        chosen = ids[0]
+    st.query_params["ex"] = chosen
+    return chosen
+
+
+def _set_example(ex_id: str) -> None:
+    st.query_params["ex"] = ex_id
+
+
+def example_navigator(ids: Sequence[str], current: str, seq: dict[str, float], key: str) -> None:
+    """Jump-to-id picker (type to search) with previous / next buttons; all write ?ex=."""
+    if st.session_state.get(key) != current:
+        st.session_state[key] = current
+    pos = ids.index(current)
+    c1, c2, c3 = st.columns([6, 1, 1], vertical_alignment="bottom")
+    c1.selectbox(
+        "Example (type an id to jump)",
+        ids,
+        key=key,
+        format_func=lambda i: f"{i}  ·  seq ppl {seq[i]:.2f}",
+        on_change=lambda: _set_example(st.session_state[key]),
+    )
+    c2.button(
+        "Previous",
+        key=f"{key}:prev",
+        icon=":material/chevron_left:",
+        disabled=pos == 0,
+        on_click=_set_example,
+        args=(ids[max(pos - 1, 0)],),
+        width="stretch",
+    )
+    c3.button(
+        "Next",
+        key=f"{key}:next",
+        icon=":material/chevron_right:",
+        disabled=pos == len(ids) - 1,
+        on_click=_set_example,
+        args=(ids[min(pos + 1, len(ids) - 1)],),
+        width="stretch",
+    )
+
+
+def encode_settings(config: GenerationConfig) -> str:
+    """?gen= value: "greedy-256" or "sample-256-0.7-0.95-0"."""
+    if not config.do_sample:
+        return f"greedy-{config.max_new_tokens}"
+    return f"sample-{config.max_new_tokens}-{config.temperature:g}-{config.top_p:g}-{config.seed}"
+
+
+def decode_settings(value: str | None) -> GenerationConfig:
+    """Inverse of `encode_settings`; raises LensError for a malformed value."""
+    if not value:
+        return GenerationConfig()
+    parts = value.split("-")
+    try:
+        if parts[0] == "greedy" and len(parts) == 2:
+            return GenerationConfig(max_new_tokens=int(parts[1]))
+        if parts[0] == "sample" and len(parts) == 5:
+            return GenerationConfig(
+                max_new_tokens=int(parts[1]),
+                do_sample=True,
+                temperature=float(parts[2]),
+                top_p=float(parts[3]),
+                seed=int(parts[4]),
+            )
+    except ValueError:
+        pass
+    raise LensError(f"Generation settings '{value}' in the URL are not valid; using the defaults.")
+
+
+def url_settings() -> GenerationConfig:
+    """Generation settings from ?gen= (defaults, with a warning, if malformed)."""
+    try:
+        return decode_settings(st.query_params.get("gen"))
+    except LensError as exc:
+        st.warning(str(exc))
+        return GenerationConfig()
+
+
+# ------------------------------------------------------------------------------------------
+# Derived frames (cached per selection + tau; never re-score)
+# ------------------------------------------------------------------------------------------
+
+
+def _signature(groups: dict[str, Sequence[ScoredExample]]) -> str:
+    h = hashlib.sha256()
+    for source, examples in groups.items():
+        h.update(source.encode())
+        for ex in examples:
+            h.update(f"{ex.id}\x00{len(ex.logprob)}\x00{ex.seq_ppl!r}".encode())
+    return h.hexdigest()[:16]
+
+
+def shared_prefix_length(texts: Sequence[str], minimum: int = 20) -> int:
+    """Length of the prefix all texts share (cut back to a word boundary), or 0 if shorter than
+    `minimum`: task prompts often open with the same instruction, which hides the part that
+    differs in a one-line preview."""
+    if not texts:
+        return 0
+    first, last = min(texts), max(texts)
+    n = next((i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), len(first))
+    if n >= len(first):
+        return 0  # one prompt is a prefix of all the others: nothing would be left of it
+    n = first.rfind(" ", 0, n + 1) + 1
+    return n if n >= minimum else 0
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def example_table(sig: str, tau: float, _examples: Sequence[ScoredExample]) -> pd.DataFrame:
+    """One row per example: id, prompt preview (after the prefix all prompts share), sequence
+    ppl, length, share > τ, max token ppl, truncated."""
+    prompts = [ex.prompt for ex in _examples]
+    skip = shared_prefix_length(prompts) if len(prompts) > 1 else 0
+    rows = []
+    for ex in _examples:
+        ppl = ex.ppl_array()
+        text = ex.prompt[skip:]
+        first_line = next((line for line in text.splitlines() if line.strip()), "")
+        rows.append(
+            {
+                "id": ex.id,
+                "prompt": ("…" if skip else "") + first_line.strip()[:160],
+                "seq ppl": ex.seq_ppl,
+                "tokens": ex.n_response,
+                "share > τ": float((ppl > tau).mean()) if ppl.size else float("nan"),
+                "max token ppl": float(ppl.max()) if ppl.size else float("nan"),
+                "truncated": ex.truncated,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def search_index(sig: str, _examples: Sequence[ScoredExample]) -> pd.Series:
+    """Lower-cased prompt + response text per example, for the text search."""
+    return pd.Series([(ex.prompt + "\n" + ex.response).lower() for ex in _examples])
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def dataset_stats(sig: str, tau: float, _groups: dict[str, Sequence[ScoredExample]]) -> dict:
+    """Table 1, share above τ and category shares of the groups."""
+    return {
+        "table": sequence_ppl_table(_groups),
+        "above": share_above_tau(_groups, tau),
+        "categories": category_shares(_groups, tau),
+    }
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def token_frame(sig: str, _groups: dict[str, Sequence[ScoredExample]]) -> pd.DataFrame:
+    """One row per response token (for histograms and CDFs)."""
+    return token_ppl_frame(_groups)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def tau_curves(sig: str, _groups: dict[str, Sequence[ScoredExample]]) -> pd.DataFrame:
+    """Share above τ on a log grid of τ (the '% masked vs τ' curve)."""
+    return share_vs_tau(_groups, np.geomspace(1.05, 1000, 120))
+
+
+@st.cache_data(show_spinner=False, ttl=60)
+def data_key_of(kind: str, task: str, split: str, data_path: str) -> str:
+    """The data key generated sets are filed under (see core.generated)."""
+    if kind == "task":
+        return task_data_key(task, split)
+    return file_data_key(data_path)
+
+
+def seq_ppl_ticks(values: np.ndarray) -> list[float]:
+    """Log-spaced 1-2-2.5-5 stops covering the values, for the range filter."""
+    finite = values[np.isfinite(values)]
+    lo = float(finite.min()) if finite.size else 1.0
+    hi = float(finite.max()) if finite.size else 10.0
+    stops: list[float] = []
+    for exponent in range(math.floor(math.log10(max(lo, 1e-3))), math.ceil(math.log10(hi)) + 1):
+        for mantissa in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 7):
+            stops.append(round(mantissa * 10.0**exponent, 6))
+    below = [s for s in stops if s <= lo]
+    above = [s for s in stops if s >= hi]
+    start = stops.index(below[-1]) if below else 0
+    end = stops.index(above[0]) if above else len(stops) - 1
+    return stops[start : end + 1]
+
+
+# ------------------------------------------------------------------------------------------
+# Generated responses: on-demand answers and stored generated sets, scored in the background
+# ------------------------------------------------------------------------------------------
+
+
+def as_example(ex: ScoredExample) -> Example:
+    """The unscored example behind a scored record."""
+    return Example(id=ex.id, prompt=ex.prompt, response=ex.response, meta=dict(ex.meta))
+
+
+def generation_task_key(sel: Selection, example: Example, config: GenerationConfig) -> str:
+    """Runner key of the on-demand generation for one example and settings."""
+    model = f"{sel.model}|{sel.device}|{sel.dtype}"
+    return "generate:" + generation_key(model, example.id, example.prompt, config)
+
+
+def generation_task(sel: Selection, example: Example, config: GenerationConfig, start: bool) -> Any:
+    """Generate (or reuse) the model's answer to one example and score it: returns
+    (StoredGeneration, ScoredExample | None), or None while running / if not started."""
+
+    def work(task: BackgroundTask) -> tuple[StoredGeneration, ScoredExample | None]:
+        task.message = f"loading {sel.model}"
+        lm = current_model(sel)
+        task.message = f"generating ({settings_label(config)})"
+        [stored] = generate_and_store(lm, [example], config)
+        task.message = "scoring the generated answer"
+        scored = score_examples(
+            lm, [stored.as_example(example)], source="generated", cache=ScoreCache()
+        )
+        return stored, (scored.examples[0] if scored.examples else None)
+
+    key = generation_task_key(sel, example, config)
+    return background(key, f"Generating an answer to {example.id}", work, start=start)
+
+
+def batch_task_key(sel: Selection, config: GenerationConfig) -> str:
+    """Runner key of the batch generation for the selection and settings (one at a time)."""
+    return f"generate-batch:{sel.key()}:{encode_settings(config)}"
+
+
+def batch_generation_task(
+    sel: Selection, examples: Sequence[Example], config: GenerationConfig, start: bool
+) -> Any:
+    """Generate (or reuse) answers for many examples in the background, saving as it goes."""
+
+    def work(task: BackgroundTask) -> int:
+        task.message = f"loading {sel.model}"
+        lm = current_model(sel)
+        task.message = f"generating ({settings_label(config)})"
+        return len(generate_and_store(lm, examples, config, progress=task.progress))
+
+    label = f"Generating answers for {len(examples)} examples"
+    return background(batch_task_key(sel, config), label, work, start=start)
+
+
+def group_key(stored: StoredGeneration, n_settings: int) -> str:
+    """Data-source key of a generated answer: "generated", or with its settings if several."""
+    return "generated" if n_settings == 1 else f"generated ({stored.label})"
+
+
+def scored_generations(
+    sel: Selection, gt: Sequence[ScoredExample], found: dict[str, list[StoredGeneration]]
+) -> dict[str, list[ScoredExample]] | None:
+    """Every stored answer for the examples on screen, scored, grouped by settings."""
+    by_settings: dict[str, list[tuple[StoredGeneration, Example]]] = {}
+    source_of = {ex.id: as_example(ex) for ex in gt}
+    for ex_id, stored_list in found.items():
+        for stored in stored_list:
+            by_settings.setdefault(stored.label, []).append((stored, source_of[ex_id]))
+    if not by_settings:
+        return {}
+    sig = hashlib.sha256(
+        json.dumps(
+            sorted((s.example_id, s.label, s.created) for v in by_settings.values() for s, _ in v)
+        ).encode()
+    ).hexdigest()[:16]
+
+    def work(task: BackgroundTask) -> dict[str, list[ScoredExample]]:
+        lm = current_model(sel)
+        groups = {}
+        n = len(by_settings)
+        for pairs in by_settings.values():
+            name = group_key(pairs[0][0], n)
+            run = score_examples(
+                lm,
+                [stored.as_example(src) for stored, src in pairs],
+                source=name,
+                cache=ScoreCache(),
+            )
+            groups[name] = run.examples
+        return groups
+
+    return background(f"score-generated:{sel.key()}:{sig}", "Scoring generated answers", work)
+
+
+def scored_sets(
+    sel: Selection, lm: LoadedModel, gt: Sequence[ScoredExample], problems: list[str]
+) -> dict[str, list[ScoredExample]] | None:
+    """The newest stored Self-Output / Rephrase set of each kind made by this model from this
+    data, matched to the examples on screen and scored (None while scoring)."""
+    try:
+        key = data_key_of(sel.kind, sel.task, sel.split, sel.data_path)
+    except OSError as exc:
+        problems.append(f"cannot read the data file for generated sets: {exc}")
+        return {}
+    newest = {}
+    for gset in list_generated_sets(key, model_fingerprint=lm.fingerprint, problems=problems):
+        newest.setdefault(gset.kind, gset)
+    if not newest:
+        return {}
+    shown = [as_example(ex) for ex in gt]
+    names = ",".join(f"{g.name}@{g.created}" for g in newest.values())
+
+    def work(task: BackgroundTask) -> dict[str, list[ScoredExample]]:
+        lm_now = current_model(sel)
+        groups = {}
+        for kind, gset in newest.items():
+            matched = match_examples(gset.load_examples(), shown)
+            run = score_examples(lm_now, list(matched.values()), source=kind, cache=ScoreCache())
+            groups[kind] = run.examples
+        return groups
+
+    return background(f"score-sets:{sel.key()}:{names}", "Scoring generated datasets", work)
+
+
+# ------------------------------------------------------------------------------------------
+# Page
+# ------------------------------------------------------------------------------------------
+
+
+def show_heatmap(example: ScoredExample, tau: float, *, show_prompt: bool = True) -> None:
+    """The token heatmap of one scored example."""
+    st.html(
+        render_token_heatmap(
+            example, tau=tau, show_prompt=show_prompt, max_tokens=MAX_HEATMAP_TOKENS
+        )
+    )
+
+
+def summary_line(gt: Sequence[ScoredExample], tau: float) -> str:
+    """Dataset summary of the ground truth in one line of Markdown."""
+    seq = np.array([ex.seq_ppl for ex in gt if ex.n_response], dtype=np.float64)
+    n_tokens = sum(ex.n_response for ex in gt)
+    above = sum(int((ex.ppl_array() > tau).sum()) for ex in gt)
+    share = above / n_tokens if n_tokens else float("nan")
+    return (
+        f"**{len(gt)}** examples · **{n_tokens:,}** ground-truth response tokens · "
+        f"sequence ppl **{seq.mean():.2f}** (var {seq.var():.2f}) · "
+        f"**{share:.1%}** of tokens have ppl > τ = {tau:g}"
+    )
+
+
+def examples_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, current: str) -> None:
+    """Browse: filter / sort / search the examples, pick one, see its heatmap."""
+    sig = _signature({"ground_truth": gt})
+    table = example_table(sig, tau, gt)
+    seq_map = dict(zip(table["id"], table["seq ppl"], strict=True))
+
+    c1, c2, c3 = st.columns([3, 3, 2])
+    query = c1.text_input(
+        "Search prompt and response text",
+        placeholder="e.g. lambda, import, for i in",
+        key="explore_search",
+    )
+    stops = seq_ppl_ticks(table["seq ppl"].to_numpy(dtype=np.float64))
+    if len(stops) > 1:
+        lo, hi = c2.select_slider(
+            "Sequence perplexity range (log-spaced stops)",
+            options=stops,
+            value=(stops[0], stops[-1]),
+            format_func=lambda v: f"{v:g}",
+            key="explore_range",
+        )
+    else:
+        lo, hi = -math.inf, math.inf
+    sort = c3.selectbox("Sort", list(SORTS), key="explore_sort")
+
+    keep = (table["seq ppl"] >= lo) & (table["seq ppl"] <= hi)
+    if query.strip():
+        keep &= search_index(sig, gt).str.contains(query.strip().lower(), regex=False)
+    view = table[keep.to_numpy()]
+    if SORTS[sort] is not None:
+        column, ascending = SORTS[sort]
+        view = view.sort_values(column, ascending=ascending, kind="stable")
+    view = view.reset_index(drop=True)
+    st.session_state["explore_table_ids"] = view["id"].tolist()
+
+    def on_select() -> None:
+        rows = st.session_state["explore_table"].selection.rows
+        shown = st.session_state.get("explore_table_ids", [])
+        if rows and rows[0] < len(shown):
+            _set_example(shown[rows[0]])
+
+    st.caption(
+        f"{len(view)} of {len(table)} examples shown · click a row to open it · "
+        "click a column header to sort"
+    )
+    if view.empty:
+        st.info("No example matches the search and the perplexity range.")
+    else:
+        st.dataframe(
+            view,
+            key="explore_table",
+            on_select=on_select,
+            selection_mode="single-row",
+            hide_index=True,
+            width="stretch",
+            height=min(38 + 35 * len(view), 320),
+            column_config={
+                "id": st.column_config.TextColumn("id", width="small"),
+                "prompt": st.column_config.TextColumn("prompt", width="large"),
+                "seq ppl": st.column_config.NumberColumn("seq ppl", format="%.2f"),
+                "tokens": st.column_config.NumberColumn("tokens", format="%d"),
+                "share > τ": st.column_config.ProgressColumn(
+                    f"share > τ={tau:g}", min_value=0.0, max_value=1.0, format="percent"
+                ),
+                "max token ppl": st.column_config.NumberColumn("max token ppl", format="%.3g"),
+                "truncated": st.column_config.CheckboxColumn("truncated"),
+            },
+        )
+    ids = table["id"].tolist()
+    example_navigator(ids, current, seq_map, key="ex_pick_browse")
+    show_heatmap(gt[ids.index(current)], tau)
+
+
+def generation_form(config: GenerationConfig) -> GenerationConfig | None:
+    """Settings form; returns the new settings when submitted (None otherwise)."""
+    with st.form("generation_form"):
+        st.markdown("**Generate the model's own answer** to this prompt (runs in the background)")
+        c = st.columns([1.6, 1, 1, 1, 1])
+        mode = c[0].radio(
+            "Decoding",
+            ["greedy", "sampled"],
+            index=int(config.do_sample),
+            horizontal=True,
+            help="Greedy is deterministic (what evaluation uses); sampling uses temperature, "
+            "top_p and seed (the paper's Self-Output sampled at T 0.7, top-p 0.95).",
+        )
+        max_new = c[1].number_input("max_new_tokens", 1, 4096, config.max_new_tokens, step=32)
+        temperature = c[2].number_input(
+            "temperature", 0.05, 2.0, float(config.temperature), 0.05, help="sampling only"
+        )
+        top_p = c[3].number_input(
+            "top_p", 0.05, 1.0, float(config.top_p), 0.05, help="sampling only"
+        )
+        seed = c[4].number_input("seed", 0, 2**31 - 1, config.seed, help="sampling only")
+        submitted = st.form_submit_button("Generate", type="primary", icon=":material/bolt:")
+    if not submitted:
+        return None
+    try:
+        return GenerationConfig(
+            max_new_tokens=int(max_new),
+            do_sample=mode == "sampled",
+            temperature=float(temperature),
+            top_p=float(top_p),
+            seed=int(seed),
+        )
+    except LensError as exc:
+        st.error(str(exc))
+        return None
+
+
+def source_column(example: ScoredExample, title: str, tau: float, note: str = "") -> None:
+    """One source's heading (with a note) and heatmap; the prompt is shown once above."""
+    st.markdown(f"**{title}**" + (f" · :gray[{note}]" if note else ""))
+    show_heatmap(example, tau, show_prompt=False)
+
+
+def compare_tab(
+    sel: Selection, gt: Sequence[ScoredExample], tau: float, current: str, lm: LoadedModel
+) -> None:
+    """The same prompt answered by the ground truth, the model itself and any generated sets."""
+    ids = [ex.id for ex in gt]
+    seq = {ex.id: ex.seq_ppl for ex in gt}
+    example_navigator(ids, current, seq, key="ex_pick_compare")
+    truth = gt[ids.index(current)]
+    source = as_example(truth)
+    with st.expander("Prompt", expanded=True):
+        st.code(source.prompt, language=None, wrap_lines=True)
+
+    config = url_settings()
+    submitted = generation_form(config)
+    if submitted is not None:
+        config = submitted
+        st.query_params["gen"] = encode_settings(config)
+    store = GenerationStore()
+    stored = store.find(lm.cache_key, source, config)
+    others = [
+        g
+        for g in store.for_example(lm.cache_key, source.id, source.prompt)
+        if g.settings != config.to_dict()
+    ]
+    if others:
+        cols = st.columns([2] + [2] * min(len(others), 4) + [max(1, 6 - len(others))])
+        cols[0].caption("Also stored for this example:")
+        for col, g in zip(cols[1:], others[:4], strict=False):
+            col.button(
+                g.label,
+                key=f"show-gen:{g.label}",
+                on_click=_set_settings,
+                args=(encode_settings(g.config),),
+            )
+
+    key = generation_task_key(sel, source, config)
+    started = submitted is not None or stored is not None or background_runner().get(key)
+    result = generation_task(sel, source, config, start=bool(started))
+    generated = None
+    if result is not None:
+        stored, generated = result
+        if generated is None:
+            st.warning(
+                f"The model's answer {stored.text[:60]!r} is empty or only whitespace, so there "
+                "is nothing to score. Try sampling or more new tokens."
+            )
+    elif not started:
+        st.info(
+            f"No answer generated yet with these settings ({settings_label(config)}). "
+            "Press **Generate**: it runs in the background and is kept for next time."
+        )
+
+    problems: list[str] = []
+    sets = scored_sets(sel, lm, gt, problems)
+    for problem in problems:
+        st.warning(f"Skipped a generated dataset: {problem}")
+    columns: list[tuple[str, ScoredExample, str]] = [("ground_truth", truth, "")]
+    if generated is not None and stored is not None:
+        note = settings_label(stored.config)
+        if not stored.finished:
+            note += " · stopped at max_new_tokens (cut off)"
+        columns.append(("generated", generated, note))
+    for kind, examples in (sets or {}).items():
+        match = next((ex for ex in examples if ex.id == current), None)
+        if match is not None:
+            columns.append((kind, match, "stored generated set"))
+
+    titles = {"ground_truth": "Ground truth", "generated": "Model's own answer"}
+    for start in range(0, len(columns), 2):
+        row = st.columns(2, gap="medium")
+        for col, (kind, example, note) in zip(row, columns[start : start + 2], strict=False):
+            with col:
+                source_column(example, titles.get(kind, source_label(kind)), tau, note)
+    if len(columns) > 1:
+        st.plotly_chart(
+            spike_plot({kind: ex for kind, ex, _ in columns}, tau=tau),
+            config=plotly_config(f"spike_plot_{current}"),
+        )
+        gt_ppl = truth.seq_ppl
+        parts = [
+            f"{titles.get(kind, source_label(kind))} {ex.seq_ppl:.2f} "
+            f"({ex.seq_ppl / gt_ppl:.2f}× GT)"
+            for kind, ex, _ in columns[1:]
+        ]
+        st.caption(f"Sequence perplexity: ground truth {gt_ppl:.2f} · " + " · ".join(parts))
+
+
+def _set_settings(value: str) -> None:
+    st.query_params["gen"] = value
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def analytics_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, lm: LoadedModel) -> None:
+    """Dataset-level comparison of ground truth and every generated source."""
+    store = GenerationStore()
+    found = store.for_examples(lm.cache_key, [as_example(ex) for ex in gt])
+    generated = scored_generations(sel, gt, found)
+    problems: list[str] = []
+    sets = scored_sets(sel, lm, gt, problems)
+    for problem in problems:
+        st.warning(f"Skipped a generated dataset: {problem}")
+    if generated is None or sets is None:
+        st.caption("Generated sources appear here once they are scored.")
+    groups: dict[str, list[ScoredExample]] = {"ground_truth": list(gt)}
+    groups.update(generated or {})
+    groups.update(sets or {})
+
+    generation_panel(sel, gt, found)
+
+    paired = False
+    if len(groups) > 1:
+        paired = st.toggle(
+            "Compare on shared examples only",
+            value=True,
+            help="Keep only examples that every source has, so the sources are compared on the "
+            "same prompts (generated answers usually exist for a subset).",
+        )
+    if paired:
+        shared = set.intersection(*({ex.id for ex in exs} for exs in groups.values()))
+        groups = {k: [ex for ex in exs if ex.id in shared] for k, exs in groups.items()}
+        st.caption(f"{_plural(len(shared), 'example')} shared by all {len(groups)} sources.")
+    if not any(groups.values()):
+        st.info("No examples in common between the sources yet.")
+        return
+
+    sig = _signature(groups)
+    stats = dataset_stats(sig, tau, groups)
+    st.subheader("Sequence perplexity per data source")
+    left, right = st.columns([3, 2])
+    with left:
+        table = stats["table"]
+        above = stats["above"].set_index("source")
+        shown = pd.DataFrame(
+            {
+                "data source": [source_label(s) for s in table["source"]],
+                "examples": table["n_scored"],
+                "response tokens": table["n_tokens"],
+                "seq ppl mean (var)": table["mean (var)"],
+                "median": table["seq_ppl_median"],
+                f"tokens > τ={tau:g}": [above.loc[s, "share"] for s in table["source"]],
+            }
+        )
+        st.dataframe(
+            shown,
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "median": st.column_config.NumberColumn(format="%.2f"),
+                f"tokens > τ={tau:g}": st.column_config.NumberColumn(format="percent"),
+            },
+        )
+        truncated = [
+            f"{source_label(src)} {n}"
+            for src, n in zip(table["source"], table["n_truncated"], strict=True)
+            if n
+        ]
+        if truncated:
+            st.caption("Truncated to the context length: " + ", ".join(truncated) + ".")
+        st.caption(
+            "Like the paper's Table 1: mean (population variance) of per-example sequence "
+            "perplexity, exp(mean NLL of the response tokens, end-of-turn included), scored by "
+            f"{lm.display_name}."
+        )
+        if sel.kind == "task" and sel.task in PAPER_TABLE_1:
+            st.caption(
+                f"Paper, Llama-3-8B-Instruct on {sel.task.upper()}: {PAPER_TABLE_1[sel.task]}."
+            )
+    with right:
+        st.plotly_chart(seq_ppl_box(groups), config=plotly_config("sequence_ppl_box"))
+
+    st.subheader("Token perplexity distribution")
+    frame = token_frame(sig, groups)
+    left, right = st.columns(2)
+    left.plotly_chart(ppl_histogram(frame, tau=tau), config=plotly_config("token_ppl_histogram"))
+    right.plotly_chart(ppl_cdf(frame, tau=tau), config=plotly_config("token_ppl_cdf"))
+
+    st.subheader(f"Tokens above τ = {tau:g}")
+    left, right = st.columns(2)
+    with left:
+        above = stats["above"]
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "data source": [source_label(s) for s in above["source"]],
+                    "tokens > τ": above["n_above"],
+                    "share (pooled)": above["share"],
+                    "mean per example": above["mean_example_share"],
+                    "examples fully > τ": above["n_all_above"],
+                }
+            ),
+            hide_index=True,
+            width="stretch",
+            column_config={
+                "share (pooled)": st.column_config.NumberColumn(format="percent"),
+                "mean per example": st.column_config.NumberColumn(format="percent"),
+            },
+        )
+        st.caption(
+            "STM masks exactly these tokens (ppl > τ). The paper found masking about 20–25% of "
+            "response tokens works best. Examples fully above τ would carry no loss at all."
+        )
+    with right:
+        st.plotly_chart(
+            share_vs_tau_chart(tau_curves(sig, groups), tau), config=plotly_config("share_vs_tau")
+        )
+
+    st.subheader("What kind of tokens are surprising?")
+    st.plotly_chart(
+        category_share_chart(stats["categories"]), config=plotly_config("token_categories")
+    )
+
+
+def generation_panel(
+    sel: Selection, gt: Sequence[ScoredExample], found: dict[str, list[StoredGeneration]]
+) -> None:
+    """Coverage of the model's own answers, and a button to generate the missing ones."""
+    config = url_settings()
+    have = {ex_id for ex_id, gens in found.items() if any(g.config == config for g in gens)}
+    missing = [as_example(ex) for ex in gt if ex.id not in have]
+    runner = background_runner()
+    key = batch_task_key(sel, config)
+    task = runner.get(key)
+    with st.container(border=True):
+        st.markdown(
+            f"**Model's own answers** ({settings_label(config)}): {len(have)} of {len(gt)} "
+            "examples have one. Settings come from the *GT vs generated* tab."
+        )
+        if task is not None and task.status != DONE:
+            batch_generation_task(sel, missing, config, start=False)
+        elif missing and st.button(
+            f"Generate the missing {len(missing)} in the background",
+            icon=":material/bolt:",
+            help="Generates in chunks and saves each answer as it finishes, so nothing is lost "
+            "if you leave; greedy generation on a CPU runs at a few tokens per second.",
+        ):
+            runner.forget(key)
+            batch_generation_task(sel, missing, config, start=True)
+            st.rerun()
+
 
 sel = sidebar_selection()
 st.title("Explore token perplexity")
-st.caption(f"{sel.model} · {sel.data_label}")
+st.caption(
+    "Ground-truth answers are full of tokens the model finds surprising; its own answers are "
+    "not. See it example by example and across the dataset."
+)
 
 run = scores_or_wait(sel)
 if run is None:
     st.stop()
-st.success(run.summary())
 if not run.examples:
-    st.warning("Nothing to show: every example was skipped.")
+    st.warning("Nothing to show: every example was skipped (empty responses).")
     st.stop()
+gt = run.examples
 
-tau = st.slider("Highlight threshold τ (token perplexity)", 1.0, 20.0, 2.5, 0.1)
-rows = pd.DataFrame(
-    [
-        {
-            "id": r.id,
-            "seq ppl": r.seq_ppl,
-            "tokens": r.n_response,
-            "% > τ": 100 * float((r.ppl_array() > tau).mean()),
-            "truncated": r.truncated,
-        }
-        for r in run.examples
-    ]
-)
-st.dataframe(rows, hide_index=True, width="stretch", height=240)
-ids = [r.id for r in run.examples]
-chosen = st.selectbox(
-    "Example",
-    ids,
-    index=ids.index(st.query_params.get("ex", ids[0])) if st.query_params.get("ex") in ids else 0,
-)
-st.query_params["ex"] = chosen
-example = run.examples[ids.index(chosen)]
-st.html(render_token_heatmap(example, tau=tau))
+head, control = st.columns([3, 2], vertical_alignment="center")
+with control:
+    tau = tau_slider()
+with head:
+    st.markdown(summary_line(gt, tau))
+    st.caption(f"{sel.model} · {sel.data_label} · {run.summary()}")
+for ex_id, reason in run.skipped:
+    st.caption(f"Skipped {ex_id}: {reason}")
+
+current = selected_example_id([ex.id for ex in gt], sel.data_label)
+browse, compare, analytics = st.tabs(list(TABS), key="view", bind="query-params")
+with browse:
+    if browse.open:
+        examples_tab(sel, gt, tau, current)
+with compare:
+    if compare.open:
+        lm = model_or_wait(sel)
+        if lm is not None:
+            compare_tab(sel, gt, tau, current, lm)
+with analytics:
+    if analytics.open:
+        lm = model_or_wait(sel)
+        if lm is not None:
+            analytics_tab(sel, gt, tau, lm)

@@ -35,7 +35,8 @@ with left:
     if lm is not None and lm.name == sel.model:
         facts = describe_model(lm)
         facts["parameters"] = f"{facts['parameters'] / 1e6:.1f} M"
-        st.table(pd.DataFrame(facts.items(), columns=["", "value"]).set_index(""))
+        rows = [(k, str(v)) for k, v in facts.items()]
+        st.table(pd.DataFrame(rows, columns=["", "value"]).set_index(""))
         for note in lm.warnings:
             st.warning(note)
 with right:

@@ -684,3 +684,88 @@ def test_run_mask_cli_file_errors(tmp_path, small_set):
 def test_mask_stats_function_equals_method(small_set):
     res = compute_masks(small_set, MaskConfig())
     assert mask_stats(res).summary() == res.stats().summary()
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def test_cli_score_then_mask_records_model_and_fingerprint(tiny_model_dir, tiny_lm, tmp_path):
+    """The real round: `score` writes rows naming the model, `mask` puts it in the manifest."""
+    from core.cache import ScoreCache
+    from core.cli import main
+    from core.data import Example
+    from core.scoring import score_examples
+
+    data = tmp_path / "d.jsonl"
+    pairs = [("Add two numbers.", "def add(a, b):\n    return a + b"), ("Hi", "Hello there!")]
+    data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    scores = tmp_path / "scores.jsonl"
+    model_args = ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32"]
+    assert main(["score", *model_args, "--data", str(data), "--out", str(scores)]) == 0
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert [r["model"] for r in rows] == [tiny_lm.cache_key] * 2
+    assert tiny_lm.cache_key.endswith("|float32")
+
+    out = tmp_path / "masked"
+    assert main(["mask", "--scores", str(scores), "--tau", "2.5", "--out", str(out)]) == 0
+    exported, manifest = load_masked_dataset(out)
+    assert manifest["model"] == tiny_lm.cache_key
+    assert manifest["source_scores_sha256"] == masking._file_sha256(scores)
+    # the fingerprint is of the scores' content: the app, which takes the same scores from its
+    # cache instead of a file, records the same value
+    examples = [Example(id=f"row-{i + 1}", prompt=p, response=r) for i, (p, r) in enumerate(pairs)]
+    run = score_examples(tiny_lm, examples, cache=ScoreCache())
+    assert run.n_cached == 2
+    assert manifest["source_fingerprint"] == masking.scores_fingerprint(run.examples)
+    assert [r["labels"] for r in exported] == [
+        labels_for(ex, m)
+        for ex, m in zip(run.examples, compute_masks(run.examples, MaskConfig()).masks, strict=True)
+    ]
+
+
+def test_scores_fingerprint_tracks_content(small_set):
+    base = masking.scores_fingerprint(small_set)
+    round_trip = [ScoredExample.from_dict(json.loads(json.dumps(ex.to_dict()))) for ex in small_set]
+    assert masking.scores_fingerprint(round_trip) == base
+    changed = [from_ppl("a", [1.0, 3.0, 1.2, 8.5]), *small_set[1:]]
+    assert masking.scores_fingerprint(changed) != base
+    assert masking.scores_fingerprint(small_set[::-1]) != base
+
+
+def test_run_mask_cli_model_field(tmp_path, small_set):
+    args = (2.5, None, "high", None, "top", 0, False)
+    plain = write_scores(tmp_path / "plain.jsonl", small_set)
+    assert run_mask_cli(str(plain), str(tmp_path / "o1"), *args)["model"] is None
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(
+        "".join(
+            json.dumps({**ex.to_json_row(), "model": f"m{i % 2}|float32"}) + "\n"
+            for i, ex in enumerate(small_set)
+        )
+    )
+    with pytest.raises(LensError, match="2 different models"):
+        run_mask_cli(str(mixed), str(tmp_path / "o2"), *args)
+    assert not (tmp_path / "o2").exists()
+
+
+def test_export_gets_ordinary_permissions_and_jsonl_bytes(tmp_path, small_set):
+    import os
+    import stat
+
+    res = compute_masks(small_set, MaskConfig())
+    old = os.umask(0o022)
+    try:
+        out = export_masked_dataset(small_set, res, tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert (out / "masked.jsonl").read_bytes() == masking.masked_jsonl_bytes(small_set, res)
+
+
+def test_export_to_unwritable_place_is_a_lens_error(tmp_path, small_set):
+    res = compute_masks(small_set, MaskConfig())
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(LensError, match="cannot write into"):
+        export_masked_dataset(small_set, res, blocker / "sub" / "out")
+    assert blocker.read_text() == "x"

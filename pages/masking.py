@@ -1,0 +1,625 @@
+"""Masking studio: tune the STM threshold and see exactly which tokens leave the loss.
+
+The heatmap here IS the training mask: every change of mode, tau or share recomputes the masks
+from the cached scores (`core.masking`, vectorised over a `PplIndex` built once per scored
+dataset) and re-colours the example, so struck-out tokens are exactly the ones that will get
+label -100. Nothing is re-scored on a widget change.
+"""
+
+import math
+import shlex
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from components.charts import PLOTLY_CONFIG, plotly_config, share_vs_tau_chart
+from components.heatmap import render_token_heatmap
+from components.session import (
+    current_model,
+    scores_or_wait,
+    scoring_task,
+    sidebar_selection,
+)
+from core.errors import LensError
+from core.masking import (
+    DEFAULT_K_PERCENT,
+    DEFAULT_TAU,
+    PERCENTILE_RULES,
+    MaskConfig,
+    MaskResult,
+    MaskStats,
+    PplIndex,
+    compute_masks,
+    export_masked_dataset,
+    mask_cli_command,
+    masked_jsonl_bytes,
+    scores_fingerprint,
+    share_vs_tau_curve,
+)
+from core.models import cache_dir
+
+MODE_LABELS = {
+    "high": "High ppl (STM)",
+    "low": "Low ppl",
+    "random": "Random (matched)",
+    "percentile": "Percentile",
+}
+MODE_HELP = (
+    "**High ppl (STM)** masks tokens with perplexity > τ (the paper's method). **Low ppl** masks "
+    "tokens with perplexity < τ. **Random** masks, in every example, as many tokens as STM would "
+    "at this τ, at random positions (a control). **Percentile** masks k% of every example's "
+    "response tokens: the highest-ppl, a random or the lowest-ppl ones."
+)
+RULE_LABELS = {"top": "highest ppl", "random": "random", "bottom": "lowest ppl"}
+KIND_LABELS = {"tau": "Set τ", "share": "Target share"}
+RULE_OF_THUMB = (0.20, 0.25)
+COMPARE_COLORS = {"A": "#D55E00", "B": "#8250df"}  # A: the ground-truth colour of the charts
+SIDE_DEFAULTS = {  # (tau, share %, k %) of the two compared settings
+    "A": (DEFAULT_TAU, 25.0, DEFAULT_K_PERCENT),
+    "B": (1.5, 20.0, 10.0),
+}
+MAX_HEATMAP_TOKENS = 2000
+
+
+def _tau_grid() -> list[float]:
+    """τ values the slider offers: fine near 1-10, where masks change most, coarser above."""
+    parts = [
+        np.arange(1.0, 2.0, 0.05),
+        np.arange(2.0, 10.0, 0.1),
+        np.arange(10.0, 20.0, 0.5),
+        np.arange(20.0, 50.0, 1.0),
+        np.arange(50.0, 100.0, 5.0),
+        np.arange(100.0, 200.0, 10.0),
+        np.arange(200.0, 1000.01, 50.0),
+    ]
+    return sorted({round(float(v), 2) for v in np.concatenate(parts)})
+
+
+TAU_GRID = _tau_grid()
+
+
+def _snap_tau(value: float) -> float:
+    """The grid τ nearest to ``value`` on a log scale."""
+    logs = np.log(np.asarray(TAU_GRID))
+    return TAU_GRID[int(np.argmin(np.abs(logs - math.log(value))))]
+
+
+def _tau_from_query() -> float:
+    try:
+        value = float(st.query_params.get("tau", DEFAULT_TAU))
+    except ValueError:
+        value = DEFAULT_TAU
+    return _snap_tau(value if math.isfinite(value) and value > 0 else DEFAULT_TAU)
+
+
+@st.cache_resource(max_entries=4, show_spinner="Indexing token perplexities…")
+def _ppl_indexes(run_key: str, _examples: tuple) -> dict[str | None, PplIndex]:
+    """PplIndex of the whole run (key None) and of each data source, built once per scored run."""
+    indexes: dict[str | None, PplIndex] = {None: PplIndex.from_examples(_examples)}
+    sources = list(dict.fromkeys(ex.source for ex in _examples))
+    for source in sources:
+        if len(sources) == 1:
+            indexes[source] = indexes[None]
+        else:
+            indexes[source] = PplIndex.from_examples(
+                [ex for ex in _examples if ex.source == source]
+            )
+    return indexes
+
+
+# --------------------------------------------------------------------------- widgets
+
+
+def _threshold_widget(
+    side: str, mode: str, kind: str, rule: str, seed: int, compare: bool
+) -> MaskConfig:
+    """The one control that differs between compared settings: τ, a target share or k%."""
+    tau0, share0, k0 = SIDE_DEFAULTS[side]
+    suffix = f" ({side})" if compare else ""
+    if mode == "percentile":
+        k = st.slider(
+            f"k — % of each example's response tokens to mask{suffix}",
+            0.0,
+            100.0,
+            k0,
+            1.0,
+            format="%.0f%%",
+            key=f"k_{side}",
+        )
+        return MaskConfig(mode=mode, percentile_rule=rule, k_percent=k, seed=seed)
+    if kind == "share":
+        share = st.slider(
+            f"Target share of response tokens to mask{suffix}",
+            0.0,
+            100.0,
+            share0,
+            0.5,
+            format="%.1f%%",
+            key=f"share_{side}",
+            help="τ is solved so that this share of all response tokens (pooled) is masked.",
+        )
+        return MaskConfig(mode=mode, tau=None, target_share=share / 100.0, seed=seed)
+    key = f"tau_{side}"
+    if key not in st.session_state:
+        st.session_state[key] = _tau_from_query() if side == "A" else tau0
+    tau = st.select_slider(
+        f"τ — token-perplexity threshold{suffix}",
+        options=TAU_GRID,
+        format_func=lambda t: f"{t:g}",
+        key=key,
+        help="Log-like scale: fine steps between 1 and 10, where most tokens lie.",
+    )
+    return MaskConfig(mode=mode, tau=tau, seed=seed)
+
+
+def _counters(
+    stats: MaskStats, result: MaskResult, per_row: int, reference: MaskStats | None = None
+) -> None:
+    """Metric tiles; with ``reference`` (setting A), deltas show how this setting differs."""
+
+    def delta(value: float, ref: float, fmt: str) -> str | None:
+        if reference is None or value == ref:
+            return None
+        return fmt.format(value - ref)
+
+    ref = reference
+    share = stats.pooled_share
+    tiles = [
+        (
+            "Masked share",
+            f"{share:.1%}",
+            delta(100 * share, 100 * ref.pooled_share, "{:+.1f} pts") if ref else None,
+            "off",
+            f"Masked response tokens / all {stats.n_response_tokens:,} response tokens, pooled "
+            "over the dataset (end-of-turn token included). Prompt tokens never train.",
+        ),
+        (
+            "Tokens masked",
+            f"{stats.n_masked:,}",
+            delta(stats.n_masked, ref.n_masked, "{:+,}") if ref else None,
+            "off",
+            "Response tokens that get label -100: they stay in the input but carry no loss.",
+        ),
+        (
+            "Tokens kept",
+            f"{stats.n_kept:,}",
+            delta(stats.n_kept, ref.n_kept, "{:+,}") if ref else None,
+            "off",
+            "Response tokens that are trained on.",
+        ),
+        (
+            "Fully masked",
+            f"{stats.n_fully_masked} / {stats.n_examples}",
+            delta(stats.n_fully_masked, ref.n_fully_masked, "{:+d}") if ref else None,
+            "inverse",
+            "Examples left with no trainable token (every response token masked): they carry "
+            "no loss, and some trainers drop them silently.",
+        ),
+        (
+            "τ",
+            "—" if result.tau is None else f"{result.tau:.4g}",
+            None,
+            "off",
+            "The threshold in use (solved from the target share when one is set). "
+            "Percentile mode does not use τ.",
+        ),
+    ]
+    for start in range(0, len(tiles), per_row):
+        cols = st.columns(per_row)
+        for col, (label, value, d, color, help_text) in zip(
+            cols, tiles[start : start + per_row], strict=False
+        ):
+            col.metric(label, value, d, delta_color=color, help=help_text, border=True)
+
+
+def _rule_of_thumb_note(stats: MaskStats, short: bool) -> None:
+    lo, hi = RULE_OF_THUMB
+    share = stats.pooled_share
+    if lo <= share <= hi:
+        verdict = ":green[:material/check_circle: within]"
+    elif share < lo:
+        verdict = ":orange[:material/arrow_downward: below]"
+    else:
+        verdict = ":orange[:material/arrow_upward: above]"
+    text = (
+        f"{verdict} the paper's rule of thumb: masking about {lo:.0%}–{hi:.0%} of response tokens"
+    )
+    if not short:
+        text += " works best (Llama-3-8B on MBPP: τ = 2.5 masked 21.2%)"
+    st.caption(text + ".")
+
+
+def _fully_masked_list(stats: MaskStats, examples: list) -> None:
+    if not stats.n_fully_masked:
+        return
+    by_id = {ex.id: ex for ex in examples}
+    with st.expander(f"{stats.n_fully_masked} examples with no trainable token"):
+        st.caption("They carry no loss; some trainers drop them silently.")
+        st.dataframe(
+            pd.DataFrame(
+                [
+                    {
+                        "id": i,
+                        "response tokens": by_id[i].n_response,
+                        "seq ppl": by_id[i].seq_ppl,
+                        "response": by_id[i].response[:120],
+                    }
+                    for i in stats.fully_masked_ids
+                ]
+            ),
+            hide_index=True,
+            width="stretch",
+            height=min(400, 38 + 35 * stats.n_fully_masked),
+        )
+
+
+# --------------------------------------------------------------------------- charts
+
+
+@st.cache_resource(max_entries=64, show_spinner=False)
+def _curve_figure(run_key: str, mode: str, taus: tuple, _indexes: dict) -> go.Figure:
+    """Share masked vs τ per source, with the current τ (and the compared one, B) marked.
+
+    Cached per (run, mode, τ values): building a plotly figure costs far more than the curve
+    itself, and the cached figure is only read (st.plotly_chart does not modify it).
+    """
+    curve_mode = "low" if mode == "low" else "high"
+    ppl = _indexes[None].sorted_ppl()
+    finite = ppl[np.isfinite(ppl)]
+    # up to where ~1% of tokens remain above τ (at most 1000): the far tail is flat at ~0%
+    hi = float(np.quantile(finite, 0.99)) if finite.size else 100.0
+    hi = max([100.0, min(hi, 1000.0), *(t * 1.5 for t in taus)])
+    lo = min([1.0, *(t / 1.5 for t in taus)])
+    grid = np.geomspace(lo, hi, 240)
+    frames = []
+    for source, index in _indexes.items():
+        if source is not None:
+            frame = share_vs_tau_curve(index, grid, curve_mode)
+            frame.insert(0, "source", source)
+            frames.append(frame)
+    title = "Share of response tokens masked vs τ"
+    if mode == "percentile":
+        title = "STM share masked vs τ (for reference)"
+    fig = share_vs_tau_chart(
+        pd.concat(frames, ignore_index=True),
+        taus[0] if taus else None,
+        target_band=RULE_OF_THUMB,
+        title=title,
+    )
+    if mode == "low":
+        fig.update_xaxes(title_text="τ (mask tokens with ppl < τ; log scale)")
+    if len(taus) == 2:
+        fig.add_vline(
+            x=taus[1],
+            line={"color": COMPARE_COLORS["B"], "width": 1.5, "dash": "dot"},
+            annotation={"text": f"B: τ = {taus[1]:.3g}", "font": {"color": COMPARE_COLORS["B"]}},
+            annotation_position="bottom right",
+        )
+    fig.update_layout(height=380)
+    return fig
+
+
+def _share_histogram(results: list[tuple[str, MaskStats]]) -> go.Figure:
+    """How the masked share is spread over examples (5%-wide bins), pooled share marked.
+
+    Built from plain dicts without a template object: that keeps it at a few ms per τ change
+    (a plotly template alone costs ~20 ms to validate); colours mimic plotly_white.
+    """
+    edges = np.linspace(0.0, 1.0, 21)
+    two = len(results) > 1
+    traces, shapes, notes = [], [], []
+    for side, stats in results:
+        shares = stats.per_example_share[np.isfinite(stats.per_example_share)]
+        counts, _ = np.histogram(shares, bins=edges)
+        name = f"setting {side}" if two else "examples"
+        color = COMPARE_COLORS[side]
+        traces.append(
+            go.Bar(
+                x=(edges[:-1] + edges[1:]) / 2,
+                y=counts,
+                width=0.024 if two else 0.048,
+                offset=(-0.024 if side == "A" else 0.0) if two else None,
+                marker={"color": color, "opacity": 0.85},
+                name=name,
+                customdata=np.stack([edges[:-1], edges[1:]], axis=1),
+                hovertemplate="%{customdata[0]:.0%}–%{customdata[1]:.0%} masked: "
+                "%{y} examples<extra>" + name + "</extra>",
+            )
+        )
+        x = stats.pooled_share
+        shapes.append(
+            {
+                "type": "line",
+                "x0": x,
+                "x1": x,
+                "y0": 0,
+                "y1": 1,
+                "yref": "paper",
+                "line": {"color": color, "width": 1.5, "dash": "dash"},
+            }
+        )
+        notes.append(
+            {
+                "x": x,
+                "y": 1 if side == "A" else 0.91,  # stacked, so close shares do not collide
+                "yref": "paper",
+                "text": f"{side + ' ' if two else ''}pooled {x:.1%}",
+                "showarrow": False,
+                "xanchor": "left",
+                "xshift": 4,
+                "yanchor": "top",
+                "font": {"size": 12, "color": color},
+                "bgcolor": "rgba(255,255,255,0.8)",
+            }
+        )
+    axis = {"showline": True, "linecolor": "#8c959f", "gridcolor": "#ebf0f8", "zeroline": False}
+    return go.Figure(
+        data=traces,
+        layout={
+            "title": {"text": "Masked share per example", "x": 0.0, "font": {"size": 16}},
+            "font": {
+                "family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif",
+                "size": 13,
+            },
+            "paper_bgcolor": "white",
+            "plot_bgcolor": "white",
+            "margin": {"l": 60, "r": 20, "t": 80, "b": 55},
+            "height": 380,
+            "bargap": 0.05,
+            "barmode": "overlay",
+            "showlegend": two,
+            "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0.0},
+            "shapes": shapes,
+            "annotations": notes,
+            "xaxis": {
+                **axis,
+                "title": {"text": "share of the example's response tokens masked"},
+                "tickformat": ".0%",
+                "range": [-0.02, 1.02],
+            },
+            "yaxis": {**axis, "title": {"text": "examples"}, "rangemode": "tozero"},
+        },
+    )
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _out_path(name: str) -> Path:
+    """An absolute path as given; a relative name goes under <cache>/masked/."""
+    name = name.strip()
+    if not name:
+        raise LensError("give the export folder a name")
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return path
+    if ".." in path.parts:
+        raise LensError("a relative export name may not contain '..'; give an absolute path")
+    return cache_dir() / "masked" / path
+
+
+def _score_command(sel) -> str:
+    args = ["python", "-m", "core", "score", "--model", sel.model]
+    if sel.device != "auto":
+        args += ["--device", sel.device]
+    if sel.dtype != "auto":
+        args += ["--dtype", sel.dtype]
+    if sel.kind == "task":
+        args += ["--task", sel.task, "--split", sel.split]
+    else:
+        args += ["--data", sel.data_path]
+        args += ["--prompt-col", sel.prompt_col, "--response-col", sel.response_col]
+        if sel.id_col:
+            args += ["--id-col", sel.id_col]
+    args += ["--limit", str(sel.limit), "--out", "scores.jsonl"]
+    return shlex.join(args)
+
+
+def _default_export_name(sel, config: MaskConfig, result: MaskResult) -> str:
+    data = f"{sel.task}-{sel.split}" if sel.kind == "task" else Path(sel.data_path).stem
+    if config.mode == "percentile":
+        rule = f"{config.percentile_rule}{config.k_percent:g}pct"
+        return f"{data}-{sel.limit}-percentile-{rule}"
+    return f"{data}-{sel.limit}-{config.mode}-tau{result.tau:.3g}"
+
+
+def _export_section(sel, examples: list, settings: list[tuple[str, MaskConfig, MaskResult]]):
+    st.subheader("Export the masked training set")
+    st.caption(
+        "Writes `masked.jsonl` (messages plus per-token `input_ids` and `labels`, -100 where "
+        "masked or prompt), a `datasets` folder (`hf_dataset/`, for `load_from_disk`) and "
+        "`manifest.json` (model, τ, mode, share, source fingerprint)."
+    )
+    if len(settings) > 1:
+        side = st.radio("Setting to export", ["A", "B"], horizontal=True, key="export_side")
+    else:
+        side = "A"
+    _, config, result = next(s for s in settings if s[0] == side)
+    c1, c2 = st.columns([3, 1], vertical_alignment="bottom")
+    name = c1.text_input(
+        "Output folder",
+        value=_default_export_name(sel, config, result),
+        help="A name (written under the app's cache folder) or an absolute path.",
+    )
+    overwrite = c2.checkbox("Replace an existing export", key="export_overwrite")
+    try:
+        target = _out_path(name)
+        st.caption(f"Will write to `{target}`")
+    except LensError as exc:
+        st.error(str(exc))
+        target = None
+    buttons = st.container(horizontal=True)
+    clicked = buttons.button(
+        "Export", type="primary", icon=":material/save:", disabled=target is None, key="export"
+    )
+    buttons.download_button(
+        "Download masked.jsonl",
+        data=lambda: masked_jsonl_bytes(examples, result),
+        file_name=f"{target.name if target else 'masked'}.jsonl",
+        mime="application/jsonl",
+        icon=":material/download:",
+        on_click="ignore",
+    )
+    if not clicked or target is None:
+        return
+    try:
+        with st.spinner("Writing the export…"):
+            lm = current_model(sel)
+            extra = {
+                "model": lm.cache_key,
+                "model_name": sel.model,
+                "source_fingerprint": scores_fingerprint(examples),
+                "data_label": sel.data_label,
+                "selection": asdict(sel),
+            }
+            out = export_masked_dataset(examples, result, target, extra, overwrite=overwrite)
+    except LensError as exc:
+        st.error(str(exc))
+        return
+    stats = result.stats()
+    st.success(
+        f"Wrote {stats.n_examples} examples ({stats.pooled_share:.1%} of response tokens "
+        f"masked) to `{out}`",
+        icon=":material/check_circle:",
+    )
+    st.caption("The same export from the command line:")
+    st.code(
+        _score_command(sel)
+        + "\n"
+        + mask_cli_command("scores.jsonl", str(out), config, overwrite=overwrite),
+        language="bash",
+        wrap_lines=True,
+    )
+
+
+# --------------------------------------------------------------------------- page
+
+sel = sidebar_selection()
+st.title("Masking studio")
+st.caption(
+    f"{sel.model} · {sel.data_label} · struck-out tokens get label -100: they stay in the "
+    "input but carry no loss. Prompt tokens are never trained on."
+)
+
+run = scores_or_wait(sel)
+if run is None:
+    st.stop()
+if not run.examples:
+    st.warning("Nothing to mask: every example was skipped.")
+    st.stop()
+examples = run.examples
+task = scoring_task(sel, start=False)
+run_key = f"{sel.key()}:{task.started if task else id(run)}"
+indexes = _ppl_indexes(run_key, tuple(examples))
+index = indexes[None]
+if run.skipped:
+    st.caption(f"{len(run.skipped)} examples were skipped when scoring (empty response).")
+
+c_mode, c_kind, c_opts = st.columns([5, 4, 2.5], vertical_alignment="bottom")
+mode = c_mode.segmented_control(
+    "Mode",
+    list(MODE_LABELS),
+    default="high",
+    required=True,
+    format_func=MODE_LABELS.get,
+    key="mask_mode",
+    help=MODE_HELP,
+)
+rule, seed, kind = "top", 0, "tau"
+if mode == "percentile":
+    rule = c_kind.radio(
+        "Which k%",
+        PERCENTILE_RULES,
+        format_func=RULE_LABELS.get,
+        horizontal=True,
+        key="percentile_rule",
+    )
+else:
+    kind = c_kind.radio(
+        "Threshold", list(KIND_LABELS), format_func=KIND_LABELS.get, horizontal=True, key="kind"
+    )
+if mode == "random" or (mode == "percentile" and rule == "random"):
+    seed = int(c_opts.number_input("Seed", 0, 2**31 - 1, 0, 1, key="seed"))
+compare = c_opts.toggle("Compare two settings", key="compare")
+
+sides = ["A", "B"] if compare else ["A"]
+settings: list[tuple[str, MaskConfig, MaskResult]] = []
+columns = st.columns(len(sides), gap="large")
+for side, col in zip(sides, columns, strict=True):
+    with col:
+        if compare:
+            st.markdown(f"##### Setting {side}")
+        config = _threshold_widget(side, mode, kind, rule, seed, compare)
+        settings.append((side, config, compute_masks(index, config)))
+if mode != "percentile" and kind == "tau":
+    st.query_params["tau"] = f"{settings[0][1].tau:g}"
+
+all_stats = [(side, result.stats()) for side, _, result in settings]
+for (side, _, result), (_, stats), col in zip(settings, all_stats, columns, strict=True):
+    with col:
+        reference = all_stats[0][1] if side == "B" else None
+        _counters(stats, result, 3 if compare else 5, reference)
+        _rule_of_thumb_note(stats, short=compare)
+        _fully_masked_list(stats, examples)
+
+left, right = st.columns(2)
+left.plotly_chart(
+    _curve_figure(
+        run_key, mode, tuple(r.tau for _, _, r in settings if r.tau is not None), indexes
+    ),
+    config=plotly_config("masked_share_vs_tau"),
+    key="curve",
+)
+right.plotly_chart(_share_histogram(all_stats), config=PLOTLY_CONFIG, key="hist")
+
+st.subheader("Which tokens leave the loss")
+ids = list(index.ids)
+wanted = st.query_params.get("ex")
+chosen = st.selectbox(
+    "Example",
+    ids,
+    index=ids.index(wanted) if wanted in ids else 0,
+    key="example",
+    help="Shared with the Explore page. The table below lists each example's masked share.",
+)
+st.query_params["ex"] = chosen
+position = index.index_of(chosen)
+example = examples[position]
+heat_columns = st.columns(len(settings), gap="large")
+for (side, _, result), col in zip(settings, heat_columns, strict=True):
+    with col:
+        if compare:
+            st.markdown(f"**Setting {side}** · {result.config.describe()}")
+        st.html(
+            render_token_heatmap(
+                example,
+                tau=result.tau,
+                masked=result.masks[position],
+                max_tokens=MAX_HEATMAP_TOKENS,
+            )
+        )
+
+with st.expander("Masked share of every example"):
+    frame = pd.DataFrame({"id": ids, "response tokens": index.n_response})
+    for side, stats in all_stats:
+        suffix = f" {side}" if compare else ""
+        frame[f"masked{suffix}"] = stats.per_example_n_masked
+        frame[f"share{suffix}"] = stats.per_example_share
+        frame[f"fully masked{suffix}"] = stats.per_example_n_masked == stats.per_example_n_response
+    st.dataframe(
+        frame,
+        hide_index=True,
+        width="stretch",
+        height=300,
+        column_config={
+            c: st.column_config.ProgressColumn(c, format="percent", min_value=0, max_value=1)
+            for c in frame.columns
+            if c.startswith("share")
+        },
+    )
+
+_export_section(sel, examples, settings)

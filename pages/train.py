@@ -1,0 +1,439 @@
+"""Train: launch fine-tuning runs (GT, STM, controls) as background jobs and follow them.
+
+Jobs are separate processes (core.jobs): closing or reloading the browser never stops them. The
+selected job lives in the URL (`?job=...`), so a reload re-attaches to it; the jobs list and the
+job view poll the registry every few seconds in fragments and never block the page.
+"""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from components.charts import plotly_config
+from components.session import sidebar_selection
+from core.errors import LensError
+from core.jobs import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    SUMMARY_JSON,
+    JobRegistry,
+    log_tail,
+    read_json,
+    read_metrics,
+    run_progress,
+)
+from core.masking import DEFAULT_TAU
+from core.training import FINETUNES, PRESETS, REPORTERS, SCHEDULERS, TrainConfig, cli_command
+
+POLL_SECONDS = 2.0
+METHOD_LABELS = {
+    "gt": "Ground truth (every response token)",
+    "stm": "STM: mask high-perplexity tokens",
+    "random": "Random mask, same count (control)",
+    "low": "Mask low-perplexity tokens",
+    "percentile": "Percentile (k% per example)",
+}
+FINETUNE_LABELS = {"lora": "LoRA", "dora": "DoRA", "full": "Full fine-tuning"}
+STATUS_BADGES = {
+    QUEUED: ":gray-badge[:material/schedule: queued]",
+    RUNNING: ":blue-badge[:material/play_arrow: running]",
+    SUCCEEDED: ":green-badge[:material/check: succeeded]",
+    FAILED: ":red-badge[:material/error: failed]",
+    CANCELLED: ":orange-badge[:material/stop: cancelled]",
+}
+DATA_KINDS = {
+    "sidebar": "Sidebar data (ground-truth responses)",
+    "generated": "A generated set (Self-Output / Rephrase)",
+    "path": "A folder or file path (masked export, generated set, JSONL/CSV)",
+}
+
+sel = sidebar_selection()
+registry = JobRegistry()
+
+st.title("Train")
+st.caption(
+    "Fine-tune on ground-truth answers, with Selective Token Masking, or with a control mask. "
+    "Runs are background jobs: they keep going when you close or reload this page, and one "
+    "job runs per device at a time (the rest wait in the queue)."
+)
+
+
+def _fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _data_values(kind: str) -> dict:
+    """Data settings of the config, from the sidebar or a chosen set/path."""
+    if kind == "sidebar":
+        if sel.kind == "task":
+            return {"task": sel.task, "split": sel.split, "data": None, "limit": sel.limit}
+        if not sel.data_path:
+            raise LensError("Upload a data file in the sidebar, or pick another data source.")
+        return {
+            "task": None,
+            "data": sel.data_path,
+            "prompt_col": sel.prompt_col,
+            "response_col": sel.response_col,
+            "id_col": sel.id_col or None,
+            "limit": sel.limit,
+        }
+    if kind == "generated":
+        from core.generated import list_generated_sets
+
+        sets = list_generated_sets()
+        if not sets:
+            raise LensError("No generated sets yet: make one on the Generate page first.")
+        names = {str(s.path): f"{s.name} · {s.kind} · {s.n_examples} examples" for s in sets}
+        path = st.selectbox("Generated set", list(names), format_func=names.get)
+        return {"task": None, "data": path, "id_col": "id", "limit": None}
+    path = st.text_input(
+        "Path", placeholder="/path/to/masked-export  or  /path/to/data.jsonl", key="data_path"
+    ).strip()
+    if not path:
+        raise LensError("Enter the path of a masked export folder, a generated set or a file.")
+    if not Path(path).expanduser().exists():
+        raise LensError(f"Not found: {path}")
+    return {"task": None, "data": path, "limit": None}
+
+
+def launch_form() -> None:
+    """The settings, the equivalent CLI command, and the Start button."""
+    with st.container(border=True):
+        st.subheader("New training run")
+        c1, c2, c3 = st.columns(3)
+        preset = c1.selectbox(
+            "Preset",
+            list(PRESETS),
+            key="train_preset",
+            help="**paper**: lr 2e-5, 3 epochs, cosine, LoRA on all linear layers. **cpu-quick**: "
+            "about 5 minutes on 2 CPU cores with the embedded model (48 examples).",
+        )
+        base = TrainConfig.from_preset(preset)
+        method = c2.selectbox(
+            "Method", list(METHOD_LABELS), format_func=METHOD_LABELS.get, key="train_method"
+        )
+        finetune = c3.selectbox(
+            "Fine-tuning",
+            FINETUNES,
+            index=FINETUNES.index(base.finetune),
+            format_func=FINETUNE_LABELS.get,
+            key="train_finetune",
+        )
+        values: dict = {"method": method, "finetune": finetune, "model": sel.model}
+        values["device"] = sel.device
+
+        if method in ("stm", "random", "low"):
+            m1, m2 = st.columns(2)
+            by_share = m1.radio(
+                "Threshold", ["τ", "Target share"], horizontal=True, key="threshold_kind"
+            )
+            if by_share == "τ":
+                tau_q = float(st.query_params.get("tau", DEFAULT_TAU))
+                values["tau"] = m2.number_input(
+                    "τ (token perplexity)", min_value=1.0, value=tau_q, step=0.1, format="%.2f"
+                )
+                values["target_share"] = None
+            else:
+                share = m2.slider("Share of response tokens to mask (%)", 0, 100, 22)
+                values.update(tau=None, target_share=share / 100)
+        elif method == "percentile":
+            m1, m2 = st.columns(2)
+            values["percentile_rule"] = m1.selectbox("Which k%", ["top", "random", "bottom"])
+            values["k_percent"] = float(m2.slider("k (%)", 0, 100, 20))
+
+        kind = st.radio(
+            "Training data",
+            list(DATA_KINDS),
+            format_func=DATA_KINDS.get,
+            horizontal=True,
+            key="train_data_kind",
+        )
+        try:
+            values.update(_data_values(kind))
+        except LensError as exc:
+            st.error(str(exc))
+            return
+        if kind == "sidebar" and base.limit and sel.limit != base.limit:
+            st.caption(
+                f"The {preset} preset is sized for {base.limit} examples; the sidebar selects "
+                f"the first {sel.limit}."
+            )
+
+        with st.expander("Hyperparameters"):
+            h1, h2, h3, h4 = st.columns(4)
+            k = f"-{preset}"  # a preset change resets these widgets to its values
+            values["learning_rate"] = h1.number_input(
+                "Learning rate",
+                min_value=1e-8,
+                value=base.learning_rate,
+                format="%.2e",
+                step=base.learning_rate / 2,
+                key="lr" + k,
+            )
+            values["epochs"] = h2.number_input(
+                "Epochs", min_value=0.1, value=base.epochs, step=1.0, key="epochs" + k
+            )
+            values["max_steps"] = h3.number_input(
+                "Max steps", min_value=1, value=None, placeholder="from epochs", key="steps" + k
+            )
+            values["batch_size"] = h4.number_input(
+                "Batch size", min_value=1, value=base.batch_size, key="bs" + k
+            )
+            h1, h2, h3, h4 = st.columns(4)
+            values["max_length"] = h1.number_input(
+                "Max tokens / example", min_value=16, value=base.max_length, key="len" + k
+            )
+            values["grad_accum"] = h2.number_input(
+                "Grad. accumulation", min_value=1, value=base.grad_accum, key="ga" + k
+            )
+            values["lr_scheduler"] = h3.selectbox(
+                "Schedule", SCHEDULERS, index=SCHEDULERS.index(base.lr_scheduler), key="sch" + k
+            )
+            values["warmup_ratio"] = h4.number_input(
+                "Warmup share", 0.0, 0.99, value=base.warmup_ratio, step=0.05, key="wu" + k
+            )
+            h1, h2, h3, h4 = st.columns(4)
+            if finetune != "full":
+                values["lora_r"] = h1.number_input("LoRA r", 1, 1024, base.lora_r, key="r" + k)
+                values["lora_alpha"] = h2.number_input(
+                    "LoRA alpha", 1, 4096, base.lora_alpha, key="alpha" + k
+                )
+            values["precision"] = h3.selectbox(
+                "Precision",
+                ["auto", "fp32", "bf16"],
+                key="prec" + k,
+                help="auto: bf16 autocast on GPUs with bf16 and on CPUs with AMX/AVX512-BF16.",
+            )
+            values["seed"] = h4.number_input("Seed", 0, 2**31 - 1, base.seed, key="seed" + k)
+            h1, h2 = st.columns(2)
+            values["save_every"] = h1.number_input(
+                "Checkpoint every N steps",
+                min_value=1,
+                value=None,
+                placeholder="every epoch",
+                key="save" + k,
+            )
+            values["report_to"] = h2.multiselect("Also log to", list(REPORTERS), key="report" + k)
+
+        try:
+            config = TrainConfig.from_preset(preset, **values)
+        except LensError as exc:
+            st.error(str(exc))
+            return
+        st.caption("Equivalent command (runs in the foreground; add `--submit` to queue it):")
+        st.code(cli_command(config), language="bash", wrap_lines=True)
+        # A callback (not `if st.button`): it runs before the script, so a rerun early in the
+        # script can never swallow the click. It submits exactly the config shown above.
+        st.button(
+            "Start training",
+            type="primary",
+            icon=":material/play_arrow:",
+            on_click=_start_job,
+            args=(config.to_dict(), config.device, config.describe()),
+        )
+        if st.session_state.get("train_start_error"):
+            st.error(st.session_state.pop("train_start_error"))
+
+
+def _start_job(config: dict, device: str, label: str) -> None:
+    """Queue the job and select it (the URL keeps the selection across reloads)."""
+    try:
+        job = registry.submit("train", config, device=device, label=label)
+    except LensError as exc:
+        st.session_state["train_start_error"] = str(exc)
+        return
+    st.query_params["job"] = job.id
+
+
+def _cancel_job(job_id: str) -> None:
+    try:
+        registry.cancel(job_id, wait=False)
+        st.toast(f"Cancelling {job_id}…")
+    except LensError as exc:
+        st.toast(str(exc))
+
+
+def _resume_job(job_id: str) -> None:
+    try:
+        registry.resume(job_id)
+        st.toast(f"{job_id} queued again; it continues from its last checkpoint.")
+    except LensError as exc:
+        st.toast(str(exc))
+
+
+def jobs_frame(jobs: list) -> pd.DataFrame:
+    """One row per job: status, progress, ETA, last loss, label."""
+    rows = []
+    for job in jobs:
+        prog = run_progress(read_metrics(job.run_dir))
+        rows.append(
+            {
+                "job": job.id,
+                "status": job.status,
+                "progress": prog.fraction,
+                "step": f"{prog.step}/{prog.max_steps}" if prog.max_steps else "",
+                "ETA": _fmt_seconds(prog.eta_seconds) if job.status == RUNNING else "",
+                "loss": prog.last_loss,
+                "elapsed": _fmt_seconds(job.elapsed),
+                "run": job.label,
+                "now": job.message,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@st.fragment(run_every=POLL_SECONDS)
+def jobs_list() -> None:
+    """The registry, refreshed every few seconds; reruns the page when jobs appear."""
+    jobs = registry.list()
+    ids = [j.id for j in jobs]
+    if st.session_state.get("train_job_ids") not in (None, ids):
+        st.session_state["train_job_ids"] = ids
+        st.rerun(scope="app")  # the job picker needs the new list
+    st.session_state["train_job_ids"] = ids
+    if not jobs:
+        st.info("No training runs yet. Start one above, or from the command line.")
+        return
+    st.dataframe(
+        jobs_frame(jobs),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0),
+            "loss": st.column_config.NumberColumn("loss", format="%.4f"),
+        },
+    )
+
+
+def loss_figure(records: list[dict]) -> go.Figure:
+    """Training loss per step (the latest record per step wins, so a resumed run is clean)."""
+    by_step = {}
+    for rec in records:
+        if rec.get("kind") == "train" and rec.get("loss") is not None:
+            by_step[int(rec["step"])] = float(rec["loss"])
+    steps = sorted(by_step)
+    fig = go.Figure(
+        go.Scatter(x=steps, y=[by_step[s] for s in steps], mode="lines+markers", name="loss")
+    )
+    for rec in records:
+        if rec.get("kind") == "start" and rec.get("step"):
+            fig.add_vline(x=rec["step"], line_dash="dot", annotation_text="resumed")
+    fig.update_layout(
+        height=320,
+        margin=dict(l=10, r=10, t=40, b=10),
+        title="Training loss (trained tokens only)",
+        xaxis_title="step",
+        yaxis_title="loss",
+    )
+    return fig
+
+
+def job_view(job_id: str) -> None:
+    """Status, progress, loss chart, data facts, log tail and actions of one job."""
+
+    @st.fragment(run_every=POLL_SECONDS)
+    def view() -> None:
+        try:
+            job = registry.get(job_id)
+        except LensError as exc:
+            st.error(str(exc))
+            return
+        was = st.session_state.get("train_view_status")
+        st.session_state["train_view_status"] = job.status
+        if was in (QUEUED, RUNNING) and job.status not in (QUEUED, RUNNING):
+            st.rerun(scope="app")
+        records = read_metrics(job.run_dir)
+        prog = run_progress(records)
+        head, actions = st.columns([4, 1])
+        head.markdown(f"{STATUS_BADGES.get(job.status, job.status)} **{job.label}**")
+        head.caption(f"`{job.id}` · run folder `{job.run_dir}` · {job.message}")
+        if job.active:
+            actions.button(
+                "Cancel",
+                icon=":material/stop:",
+                key=f"cancel-{job.id}",
+                on_click=_cancel_job,
+                args=(job.id,),
+            )
+        elif job.status in (FAILED, CANCELLED):
+            actions.button(
+                "Resume",
+                icon=":material/replay:",
+                key=f"resume-{job.id}",
+                on_click=_resume_job,
+                args=(job.id,),
+            )
+        if job.status == RUNNING or prog.max_steps:
+            running = job.status == RUNNING and prog.eta_seconds
+            eta = f" · about {_fmt_seconds(prog.eta_seconds)} left" if running else ""
+            text = f"step {prog.step} of {prog.max_steps or '?'}{eta}"
+            st.progress(prog.fraction, text=text)
+        if job.status == FAILED:
+            st.error(job.error.splitlines()[0] if job.error else "failed")
+        data = next((r for r in reversed(records) if r.get("kind") == "data"), None)
+        if data:
+            share = data.get("masked_share") or 0.0
+            st.caption(
+                f"Data: {data.get('n_examples')} examples, {data.get('n_trainable_tokens')} of "
+                f"{data.get('n_response_tokens')} response tokens trained "
+                f"({100 * share:.1f}% masked: {data.get('mask')}); "
+                f"{data.get('n_truncated', 0)} truncated."
+            )
+            if data.get("n_fully_masked"):
+                st.warning(
+                    f"{data['n_fully_masked']} examples have no trainable token left: they stay "
+                    "in the data but carry no loss. Ids: "
+                    + ", ".join(map(str, data.get("fully_masked_ids", [])[:20]))
+                )
+        if any(r.get("kind") == "train" for r in records):
+            st.plotly_chart(loss_figure(records), config=plotly_config(f"loss_{job.id}"))
+        evals = [r for r in records if r.get("kind") == "eval"]
+        if evals:
+            frame = pd.DataFrame(evals)
+            st.dataframe(
+                frame.pivot_table(index="step", columns=["task", "metric"], values="value"),
+                width="stretch",
+            )
+        summary = read_json(Path(job.run_dir) / SUMMARY_JSON)
+        if job.status == SUCCEEDED and isinstance(summary, dict):
+            first, last = summary.get("train_loss_first"), summary.get("train_loss_last")
+            if first is not None and last is not None:
+                st.success(
+                    f"Done in {_fmt_seconds(summary.get('wall_time_s'))}: loss {first:.3f} → "
+                    f"{last:.3f}. Adapter: `{summary.get('adapter_dir')}`"
+                )
+        st.caption("Log (last 40 lines)")
+        st.code(log_tail(job.run_dir, lines=40) or "(empty)", language=None)
+        with st.expander("config.json"):
+            st.code(json.dumps(job.config, indent=2), language="json")
+
+    view()
+
+
+launch_form()
+st.subheader("Jobs")
+jobs_list()
+
+all_jobs = registry.list(refresh=False)
+if all_jobs:
+    ids = [j.id for j in all_jobs]
+    labels = {j.id: f"{j.id} · {j.status} · {j.label}" for j in all_jobs}
+    wanted = st.query_params.get("job")
+    chosen = st.selectbox(
+        "Job", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=labels.get
+    )
+    st.query_params["job"] = chosen
+    job_view(chosen)
+elif st.query_params.get("job"):
+    st.warning(f"Job {st.query_params['job']} is not in {registry.path}.")

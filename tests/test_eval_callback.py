@@ -1,0 +1,103 @@
+"""Evaluation during training: on a tiny model trained for a few steps, the callback writes the
+agreed metrics.jsonl records at step 0 (the base), every N steps and at the end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.eval_callback import EvalCallback
+from core.evaluation import (
+    MC_LOGLIK,
+    REF_PPL,
+    EvalCache,
+    EvalSuite,
+    EvalTaskSpec,
+    make_training_callbacks,
+)
+from core.jobs import read_metrics
+from core.models import EMBEDDED_FINGERPRINT
+from core.training import TrainConfig, run_training
+
+SUITE = EvalSuite(
+    "callback-test",
+    "",
+    # a random tiny model finds few tokens easy at tau 2.5; a high tau gives it some
+    target=(EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=2, split="test", tau=50_000.0),),
+    ood=(
+        EvalTaskSpec("arc", "arc_easy", MC_LOGLIK, n=2),
+        EvalTaskSpec("gsm8k_ppl", "gsm8k", REF_PPL, n=2, tau=50_000.0),
+    ),
+)
+ROWS = [
+    {"prompt": "Square a number.", "response": "def square(x):\n    return x * x"},
+    {"prompt": "What is 7 times 8?", "response": "7 times 8 is 56."},
+    {"prompt": "Say hello.", "response": "Hello! How can I help you today?"},
+]
+
+
+def test_callback_writes_eval_records_during_training(tiny_model_dir, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    config = TrainConfig.from_preset(
+        "paper",
+        model=str(tiny_model_dir),
+        device="cpu",
+        task=None,
+        data=str(data),
+        max_length=64,
+        batch_size=3,
+        learning_rate=5e-2,  # big steps, so the evaluated model visibly changes
+        max_steps=5,
+        precision="fp32",
+    )
+    run = tmp_path / "run"
+    callback = EvalCallback(SUITE, run, every_n_steps=2, model_name="tiny")
+    run_training(config, run, callbacks=[callback])
+
+    records = read_metrics(run)
+    evals = [r for r in records if r["kind"] == "eval"]
+    summaries = [r for r in records if r["kind"] == "eval_summary"]
+    # step 0 (the base), every 2 steps, and the final step 5
+    assert sorted({r["step"] for r in evals}) == [0, 2, 4, 5]
+    assert [s["step"] for s in summaries] == [0, 2, 4, 5]
+    for r in evals:
+        assert set(r) == {"kind", "step", "time", "task", "metric", "value", "n", "role"}
+        assert r["n"] == 2
+        assert r["role"] == ("target" if r["task"] == "mbpp_ppl" else "ood")
+    per_step = {s: {(r["task"], r["metric"]) for r in evals if r["step"] == s} for s in (0, 5)}
+    assert per_step[0] == per_step[5]
+    assert ("arc", "acc") in per_step[0] and ("gsm8k_ppl", "nll_easy") in per_step[0]
+    assert all(set(s) >= {"kind", "step", "time", "bwt", "ti"} for s in summaries)
+    assert summaries[0]["nll_easy_change"] == pytest.approx(0.0, abs=1e-3)  # base vs itself
+
+    def nll(step: int) -> float:
+        return next(
+            r["value"]
+            for r in evals
+            if r["step"] == step and r["task"] == "mbpp_ppl" and r["metric"] == "nll"
+        )
+
+    assert nll(5) != pytest.approx(nll(0), rel=1e-4)  # it evaluated the model being trained
+    # evaluation never leaves the model in eval mode for training, and the run finished
+    assert records[-1]["kind"] == "done"
+    assert callback.seconds > 0 and [h[0] for h in callback.history] == [0, 2, 4, 5]
+
+
+def test_training_config_gets_the_during_suite_with_its_own_target():
+    config = TrainConfig.from_preset("cpu-quick", eval_every=10)
+    (callback,) = make_training_callbacks(config, "/tmp/unused")
+    assert callback.every_n_steps == 10
+    assert callback.fingerprint == EMBEDDED_FINGERPRINT and isinstance(callback.cache, EvalCache)
+    assert callback.suite.target[0].name == "mbpp_ppl"
+    gsm = TrainConfig.from_preset("cpu-quick", eval_every=5, task="gsm8k", split="test")
+    (callback,) = make_training_callbacks(gsm, "/tmp/unused")
+    assert [s.name for s in callback.suite.target] == ["gsm8k_ppl"]
+    assert all(s.task != "gsm8k" for s in callback.suite.ood)
+    limited = TrainConfig.from_preset(
+        "cpu-quick", eval_every=5, eval_suite={"suite": "default", "limit": 3}
+    )
+    (callback,) = make_training_callbacks(limited, "/tmp/unused")
+    assert all(s.n <= 3 for s in callback.suite.specs())
+    assert make_training_callbacks(TrainConfig.from_preset("cpu-quick"), "/tmp/unused") == []
