@@ -8,6 +8,7 @@ pages = [
     st.Page("pages/home.py", title="Start", icon=":material/home:", default=True),
     st.Page("pages/explore.py", title="Explore", icon=":material/local_fire_department:"),
     st.Page("pages/masking.py", title="Masking studio", icon=":material/filter_alt:"),
+    st.Page("pages/generate.py", title="Generate data", icon=":material/auto_awesome:"),
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("pages/runs.py", title="Runs", icon=":material/monitoring:"),
     st.Page("pages/compare.py", title="Compare & report", icon=":material/compare_arrows:"),

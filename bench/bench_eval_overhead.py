@@ -10,7 +10,7 @@ evaluation cache (so step 0 is computed, the worst case). Reports, from the same
 - overhead = evaluation / training (target: at most 25%), and the same without the step-0 round
   (what a second run with the same model and suite pays: step 0 then comes from the cache).
 
-Run: ``.venv/bin/python bench/bench_eval_overhead.py [--every 6] [--max-steps N] [--suite during]``.
+Run: ``.venv/bin/python bench/bench_eval_overhead.py [--every 12] [--max-steps N] [--suite during]``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from core.training import TrainConfig, run_training  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--every", type=int, default=6, help="evaluate every N steps")
+    parser.add_argument("--every", type=int, default=12, help="evaluate every N steps")
     parser.add_argument("--max-steps", type=int, default=None, help="shorten the run")
     parser.add_argument("--suite", default="during")
     args = parser.parse_args()

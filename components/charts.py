@@ -175,13 +175,29 @@ def _log_tick_values(lo: float, hi: float) -> list[float] | None:
     if not (lo > 0 and hi > 0 and math.isfinite(lo) and math.isfinite(hi)) or hi / lo < 10:
         return None
     ticks = []
-    for exponent in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1):
-        for mantissa in (1, 2, 5):
+    # Over more than three decades 1-2-5 ticks crowd and overlap; keep the powers of ten.
+    mantissas = (1, 2, 5) if hi / lo <= 1e3 else (1,)
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    step = max(1, math.ceil((last - first) / 8))  # at most about 8 decades labelled
+    for exponent in range(first, last + 1, step):
+        for mantissa in mantissas:
             value = mantissa * 10.0**exponent
             # Ticks below the data sit in plotly's padding or are dropped, so start a decade low.
             if 10.0 ** math.floor(math.log10(lo)) <= value <= hi * 1.0001:
                 ticks.append(value)
     return ticks
+
+
+def _tick_text(value: float) -> str:
+    """ "2", "500", "10k", "1M", "1e9": short labels for log-axis ticks."""
+    if value >= 1e7:
+        mantissa, exponent = f"{value:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    if value >= 1e6:
+        return f"{value / 1e6:g}M"
+    if value >= 1e4:
+        return f"{value / 1e3:g}k"
+    return f"{value:g}"
 
 
 def _set_log_axis(fig: go.Figure, axis: str, values: np.ndarray, *, extra: float | None) -> None:
@@ -193,7 +209,7 @@ def _set_log_axis(fig: go.Figure, axis: str, values: np.ndarray, *, extra: float
     if finite.size:
         ticks = _log_tick_values(float(finite.min()), float(finite.max()))
         if ticks:
-            update.update(tickvals=ticks, ticktext=[f"{t:g}" for t in ticks])
+            update.update(tickvals=ticks, ticktext=[_tick_text(t) for t in ticks])
     if axis == "x":
         fig.update_xaxes(**update)
     else:

@@ -258,21 +258,20 @@ def _suite_default() -> EvalSuite:
 
 def _suite_during() -> EvalSuite:
     """What the training callback runs every N steps: forward passes only (no generation), so a
-    round costs a small share of training (docs/BENCHMARKS.md); generation-based scores come
-    from `python -m core eval`."""
+    round costs a few training steps (docs/BENCHMARKS.md); generation-based scores come from
+    `python -m core eval`."""
     return EvalSuite(
         name="during",
         description=(
             "For evaluation during training: target MBPP (held-out) reference perplexity; OOD "
-            "ARC-Challenge log-likelihood accuracy and reference perplexity on GSM8K, "
-            "ARC-Challenge and MMLU; forward passes only."
+            "ARC-Challenge log-likelihood accuracy and reference perplexity on GSM8K and MMLU; "
+            "forward passes only."
         ),
-        target=(EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=12, split="test"),),
+        target=(EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=8, split="test"),),
         ood=(
-            EvalTaskSpec("arc_challenge", "arc_challenge", MC_LOGLIK, n=16),
-            EvalTaskSpec("gsm8k_ppl", "gsm8k", REF_PPL, n=12),
-            EvalTaskSpec("arc_challenge_ppl", "arc_challenge", REF_PPL, n=16),
-            EvalTaskSpec("mmlu_ppl", "mmlu", REF_PPL, n=16),
+            EvalTaskSpec("arc_challenge", "arc_challenge", MC_LOGLIK, n=12),
+            EvalTaskSpec("gsm8k_ppl", "gsm8k", REF_PPL, n=8),
+            EvalTaskSpec("mmlu_ppl", "mmlu", REF_PPL, n=12),
         ),
     )
 

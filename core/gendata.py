@@ -89,7 +89,9 @@ class GenDataConfig:
     dtype: str = field(default="auto", metadata=_help("auto, float32, bfloat16, float16"))
     # data
     task: str | None = field(default="mbpp", metadata=_help("built-in task to generate for"))
-    split: str | None = field(default="train", metadata=_help("task split"))
+    split: str | None = field(
+        default=None, metadata=_help("task split (default: the task's first, mbpp: train)")
+    )
     data: str | None = field(
         default=None, metadata=_help("instead of a task: a JSONL/CSV file of prompt/response")
     )
@@ -175,11 +177,11 @@ class GenDataConfig:
         return self.n_samples if self.kind == "self_output" else 1
 
     @classmethod
-    def from_preset(cls, name: str = "paper", **overrides: Any) -> GenDataConfig:
-        """The preset's values, then `overrides`."""
-        if name not in PRESETS:
-            raise LensError(f"Unknown preset '{name}' (use {', '.join(PRESETS)}).")
-        return cls(**{**PRESETS[name], "preset": name, **overrides})
+    def from_preset(cls, preset: str = "paper", /, **overrides: Any) -> GenDataConfig:
+        """The preset's values, then `overrides` (which may include the set's `name`)."""
+        if preset not in PRESETS:
+            raise LensError(f"Unknown preset '{preset}' (use {', '.join(PRESETS)}).")
+        return cls(**{**PRESETS[preset], "preset": preset, **overrides})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GenDataConfig:
@@ -199,7 +201,9 @@ class GenDataConfig:
     def data_label(self) -> str:
         """Short name of the data: "mbpp-train" or the file's stem."""
         if self.task:
-            return f"{self.task}-{self.split or 'default'}"
+            from core.tasks import get_task
+
+            return f"{self.task}-{self.split or get_task(self.task).default_split}"
         return Path(str(self.data)).stem
 
     def describe(self) -> str:
@@ -302,10 +306,13 @@ def cli_command(config: GenDataConfig, *, submit: bool = False) -> str:
     parts = ["python", "-m", "core", "generate", "--preset", config.preset]
     for f in fields(GenDataConfig):
         value = getattr(config, f.name)
-        if f.name == "preset" or value == defaults[f.name]:
+        explicit = f.name in ("task", "split") and config.task or f.name == "data"
+        if f.name == "preset" or (value == defaults[f.name] and not explicit):
             continue
-        if f.name == "task" and value is None and config.data:
-            continue  # implied by --data
+        if f.name in ("task", "split") and value is None:
+            continue  # implied by --data, or the task's default split
+        if f.name == "data" and value is None:
+            continue
         parts += [_flag(f.name), "none" if value is None else str(value)]
     if submit:
         parts.append("--submit")
@@ -778,26 +785,12 @@ def run_generation(
             }
             _append_candidates(run, record)
             records[ex.id] = record
+            state["wall_seconds"] = wall_before + time.monotonic() - t0
+            write_json_atomic(run / STATE_JSON, state)
             if progress:
                 progress(len(records), total)
         done = summarise(list(records.values()), total)
-        append_metric(
-            run,
-            {
-                "kind": "generate",
-                "time": time.time(),
-                "done": done.n_done,
-                "total": total,
-                "kept": done.n_kept,
-                "dropped": done.n_dropped,
-                "samples": done.n_samples,
-                "correct": done.n_correct,
-                "tokens": done.n_tokens,
-                "acceptance_rate": done.acceptance_rate,
-            },
-        )
-        state["wall_seconds"] = wall_before + time.monotonic() - t0
-        write_json_atomic(run / STATE_JSON, state)
+        append_metric(run, {"kind": "generate", "time": time.time(), **_counts(done)})
         print(f"{done.n_done}/{total} prompts: {done.describe()}", flush=True)
 
     summary = summarise([records[ex.id] for ex in examples], total)
@@ -818,6 +811,11 @@ def run_generation(
             },
         }
         kept.append(Example(id=ex.id, prompt=ex.prompt, response=cand["text"], meta=meta))
+    if not kept:
+        raise LensError(
+            f"No prompt had a correct sample ({summary.n_correct} of {summary.n_samples} samples "
+            f"correct): nothing to write. The samples are in {run / CANDIDATES_JSONL}."
+        )
     say("writing the set")
     provenance = {
         "version": _version_of(state["name"]),
@@ -843,11 +841,24 @@ def run_generation(
         provenance=provenance,
     )
     append_metric(
-        run,
-        {"kind": "done", "time": time.time(), "set": str(folder), **summary.to_dict()},
+        run, {"kind": "done", "time": time.time(), "set": str(folder), **_counts(summary)}
     )
     print(f"wrote {folder}: {summary.describe()}", flush=True)
     return folder
+
+
+def _counts(summary: GenerationSummary) -> dict[str, Any]:
+    """The progress fields of metrics records ("generate" after each batch, and "done")."""
+    return {
+        "done": summary.n_done,
+        "total": summary.n_prompts,
+        "kept": summary.n_kept,
+        "dropped": summary.n_dropped,
+        "samples": summary.n_samples,
+        "correct": summary.n_correct,
+        "tokens": summary.n_tokens,
+        "acceptance_rate": summary.acceptance_rate,
+    }
 
 
 def _version_of(name: str) -> int | None:

@@ -750,15 +750,25 @@ def analytics_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, lm: L
 
     generation_panel(sel, gt, found)
 
-    paired = False
-    if len(groups) > 1:
-        paired = st.toggle(
-            "Compare on shared examples only",
-            value=True,
-            help="Keep only examples that every source has, so the sources are compared on the "
-            "same prompts (generated answers usually exist for a subset).",
-        )
-    if paired:
+    left, right = st.columns(2)
+    n_cut = sum(ex.meta.get("finished") is False for exs in groups.values() for ex in exs)
+    if n_cut and left.toggle(
+        f"Leave out {_plural(n_cut, 'answer')} cut at max_new_tokens",
+        value=True,
+        help="A cut-off answer ends with an end-of-turn token that the chat template added, not "
+        "the model; it is usually extremely surprising to the model and inflates the sequence "
+        "perplexity. The paper keeps only complete, correct generations.",
+    ):
+        groups = {
+            k: [ex for ex in exs if ex.meta.get("finished") is not False]
+            for k, exs in groups.items()
+        }
+    if len(groups) > 1 and right.toggle(
+        "Compare on shared examples only",
+        value=True,
+        help="Keep only examples that every source has, so the sources are compared on the "
+        "same prompts (generated answers usually exist for a subset).",
+    ):
         shared = set.intersection(*({ex.id for ex in exs} for exs in groups.values()))
         groups = {k: [ex for ex in exs if ex.id in shared] for k, exs in groups.items()}
         st.caption(f"{_plural(len(shared), 'example')} shared by all {len(groups)} sources.")

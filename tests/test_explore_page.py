@@ -16,13 +16,9 @@ from streamlit.testing.v1 import AppTest
 
 from components.session import background_runner
 from core.analytics import sequence_ppl_table
-from core.generated import (
-    GenerationStore,
-    file_data_key,
-    generate_and_store,
-    write_generated_set,
-)
-from core.generation import GenerationConfig
+from core.data import Example
+from core.generated import GenerationStore, file_data_key, write_generated_set
+from core.generation import Generation, GenerationConfig
 from core.scoring import score_examples
 from core.sources import load_source
 
@@ -169,37 +165,52 @@ def test_invalid_generation_settings_in_the_url_warn(page):
 
 def test_analytics_table_includes_generated_answers_and_generated_sets(page, expected, tiny_lm):
     examples = load_source(data=str(DATA), id_col="id", limit=3).examples
-    config = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=0.7, seed=1)
-    generate_and_store(tiny_lm, examples[:2], config)
+    store, config = GenerationStore(), GenerationConfig()  # the page's default: greedy, 256
+    answers = {"ex-1": ("x * x", True), "ex-2": ("It is 56.", True), "ex-3": ("Paris is", False)}
+    for ex in examples:
+        text, finished = answers[ex.id]
+        store.save(tiny_lm.cache_key, ex, config, Generation(text, 3, finished))
     write_generated_set(
         "sample-self-output",
         "self_output",
-        [examples[0].__class__(id=ex.id, prompt=ex.prompt, response="It is.") for ex in examples],
+        [Example(id=ex.id, prompt=ex.prompt, response="It is.") for ex in examples],
         data_key=file_data_key(DATA),
         model=str(tiny_lm.name),
         model_fingerprint=tiny_lm.fingerprint,
     )
+    own = score_examples(
+        tiny_lm, [store.find(tiny_lm.cache_key, ex, config).as_example(ex) for ex in examples]
+    ).examples
 
     def table_with_three_sources(at: AppTest) -> bool:
         frames = [d.value for d in at.dataframe if "data source" in d.value.columns]
         return bool(frames) and len(frames[0]) == 3
 
-    at = run_until(
-        page(view="Dataset analytics", gen="sample-5-0.7-0.95-1"),
-        table_with_three_sources,
-        timeout=180,
-    )
-    table = next(d.value for d in at.dataframe if "seq ppl mean (var)" in d.value.columns)
+    def table_1(at: AppTest):
+        return next(d.value for d in at.dataframe if "seq ppl mean (var)" in d.value.columns)
+
+    def mean_var(examples) -> str:
+        return sequence_ppl_table({"any": list(examples)})["mean (var)"].iloc[0]
+
+    at = run_until(page(view="Dataset analytics"), table_with_three_sources, timeout=180)
+    table = table_1(at)
     assert table["data source"].tolist() == ["Ground truth", "Generated", "Self-Output"]
-    assert table["examples"].tolist() == [2, 2, 2]  # paired: the 2 examples every source has
-    paired_gt = {"ground_truth": [expected["ex-1"], expected["ex-2"]]}
-    want = sequence_ppl_table(paired_gt)["mean (var)"].iloc[0]
-    assert table["seq ppl mean (var)"].iloc[0] == want
-    assert any("2 of 3 examples have one" in m.value for m in at.markdown)
+    # The cut-off answer (ex-3) is left out, and sources are paired on ex-1 and ex-2.
+    assert table["examples"].tolist() == [2, 2, 2]
+    assert table["seq ppl mean (var)"].tolist()[:2] == [
+        mean_var([expected["ex-1"], expected["ex-2"]]),
+        mean_var(own[:2]),
+    ]
+    assert any("3 of 3 examples have one" in m.value for m in at.markdown)
     assert len(at.get("plotly_chart")) == 5  # box, histogram, CDF, share vs tau, categories
 
-    at.toggle[0].set_value(False).run()
-    table = next(d.value for d in at.dataframe if "seq ppl mean (var)" in d.value.columns)
-    assert table["examples"].tolist() == [3, 2, 3]
-    want = sequence_ppl_table({"ground_truth": list(expected.values())})["mean (var)"].iloc[0]
-    assert table["seq ppl mean (var)"].iloc[0] == want
+    [cut, paired] = at.toggle
+    assert cut.label == "Leave out 1 answer cut at max_new_tokens"
+    cut.set_value(False).run()
+    assert table_1(at)["examples"].tolist() == [3, 3, 3]
+    at.toggle[1].set_value(False).run()
+    table = table_1(at)
+    assert table["seq ppl mean (var)"].tolist()[:2] == [
+        mean_var(expected.values()),
+        mean_var(own),
+    ]

@@ -179,6 +179,17 @@ def test_self_output_keeps_lowest_ppl_correct_sample_and_counts_dropped(
     assert names == [folder.name, folder.name.replace("-v1", "-v2")]
 
 
+def test_no_correct_sample_at_all_fails_with_one_line(
+    tmp_path, tiny_lm, tiny_model_dir, data_file, monkeypatch
+):
+    monkeypatch.setattr(gendata, "check_answers", fake_verifier(set()))
+    config = tiny_config(tiny_model_dir, data_file, verify="number", limit=2)
+    with pytest.raises(LensError, match="No prompt had a correct sample"):
+        run_generation(config, tmp_path / "run", student=tiny_lm)
+    assert list_generated_sets() == []
+    assert len(read_candidates(tmp_path / "run")) == 2  # the samples stay for inspection
+
+
 def test_interrupted_run_resumes_without_redoing_finished_prompts(
     tmp_path, tiny_lm, tiny_model_dir, data_file, monkeypatch
 ):
@@ -301,3 +312,45 @@ def test_cli_generate_runs_as_a_foreground_job(tmp_path, tiny_model_dir, data_fi
         "Choose verify 'number' (final number must match the reference's), 'boxed' or 'none'."
     )
     assert len(JobRegistry().list()) == 1  # no job was registered for the bad request
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def test_generate_page_shows_the_cli_command_and_the_sets(tmp_path, monkeypatch):
+    import shlex
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from core.cli import build_parser
+    from core.generated import write_generated_set
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("PLENS_RUNS_DIR", str(tmp_path / "runs"))
+    kept = [Example("q1", "What is 1 plus 1?", "#### 2", {"gendata": {"ppl": 1.3}})]
+    write_generated_set(
+        "demo-v1",
+        "self_output",
+        kept,
+        data_key="file:abc",
+        model="default",
+        model_fingerprint="fp",
+        provenance={"acceptance_rate": 0.25, "n_kept": 1, "n_done": 2, "seed": 3},
+    )
+    at = AppTest.from_file(str(root / "app.py"), default_timeout=60)
+    at.query_params.update(kind="task", task="gsm8k", split="test", limit="5")
+    at.run()
+    at.switch_page("pages/generate.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    [cmd] = [c.value for c in at.code if c.value.startswith("python -m core generate")]
+    config = gendata.config_from_args(build_parser().parse_args(shlex.split(cmd)[3:]))
+    assert (config.task, config.split, config.n_samples) == ("gsm8k", "test", 32)
+    at.selectbox(key="gen_preset").set_value("cpu-quick").run()
+    [cmd] = [c.value for c in at.code if c.value.startswith("python -m core generate")]
+    assert "--preset cpu-quick" in cmd
+    sets = at.dataframe[-2].value  # the sets table, then the preview
+    assert list(sets["set"]) == ["demo-v1"] and list(sets["accepted"]) == ["25.0%"]
+    assert list(at.dataframe[-1].value["response"]) == ["#### 2"]
