@@ -65,6 +65,16 @@ def step_times(config: TrainConfig, run_dir: Path) -> tuple[float, int]:
     return statistics.median(diffs), data.n_trainable_tokens
 
 
+def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
+    """Square-matmul throughput in the given dtype (the roofline probe)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * n**3 / (time.perf_counter() - t0) / 1e9
+
+
 def response_nll(lm, examples) -> float:
     """Mean NLL per response token (the loss a GT fine-tune lowers)."""
     from core.scoring import score_examples
@@ -119,7 +129,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--examples", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 rows")
+    parser.add_argument(
+        "--bf16",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="bf16 training rows: auto = only if bf16 matmuls are not slower than fp32 here",
+    )
     parser.add_argument("--preset-check", action="store_true")
     args = parser.parse_args()
 
@@ -139,8 +154,10 @@ def main() -> None:
         prep[method] = (time.perf_counter() - t0, data)
     del lm
 
+    fp32_gflops, bf16_gflops = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16, n=256)
+    use_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and bf16_gflops >= fp32_gflops)
     rows = []
-    precisions = ["fp32"] if args.no_bf16 else ["fp32", "bf16"]
+    precisions = ["fp32", "bf16"] if use_bf16 else ["fp32"]
     for precision in precisions:
         for method in ("gt", "stm"):
             config = TrainConfig.from_preset(
@@ -155,7 +172,9 @@ def main() -> None:
     print(
         f"machine: {cpu_name()}, {os.cpu_count()} cores, fast bf16 (AMX/AVX512-BF16): "
         f"{'yes' if cpu_has_fast_bf16() else 'no'}, torch {torch.__version__}, "
-        f"threads {torch.get_num_threads()}, {dt.date.today().isoformat()}; "
+        f"threads {torch.get_num_threads()}, {dt.date.today().isoformat()}; matmul probe "
+        f"fp32 {fp32_gflops:.0f} GFLOP/s, bf16 {bf16_gflops:.1f} GFLOP/s"
+        f"{'' if use_bf16 else ' (bf16 training rows skipped: slower than fp32 here)'}; "
         f"LoRA r {quick.lora_r} all-linear, batch {quick.batch_size}, max_length "
         f"{quick.max_length}, median of steps 2..{args.steps}"
     )

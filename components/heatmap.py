@@ -386,9 +386,11 @@ def render_delta_heatmap(base: ScoredExample, tuned: ScoredExample, limit: float
     parts.append(
         '<div class="pl-legend"><span class="pl-leg-title">Δ ln ppl</span>'
         f'<div class="pl-bar-wrap"><div class="pl-bar" style="background:linear-gradient('
-        f'to right, {stops})"></div><div class="pl-ticks"><span style="left:0%">−{limit:g} '
-        f'easier</span><span style="left:50%">0</span><span style="left:100%">+{limit:g} '
-        "harder</span></div></div></div>"
+        f'to right, {stops})"></div><div class="pl-ticks">'
+        f'<span class="pl-tick" style="left:0%;transform:none;white-space:nowrap">−{limit:g} '
+        'easier</span><span class="pl-tick" style="left:50%">0</span><span class="pl-tick" '
+        f'style="left:100%;transform:translateX(-100%);white-space:nowrap">+{limit:g} harder'
+        "</span></div></div></div>"
     )
     parts.append('<div class="pl-resp"><div class="pl-text">')
     for i, token in enumerate(base.response_tokens):

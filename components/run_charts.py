@@ -144,3 +144,47 @@ def score_vs_masked_chart(table: pd.DataFrame, columns: Sequence[str]) -> go.Fig
                 )
             )  # fmt: skip
     return _base_layout(fig, "Score vs % tokens masked", "% response tokens masked", "score")
+
+
+LORA_COLUMNS = {"fro_norm": "‖ΔW‖_F", "effective_rank": "effective rank"}
+
+
+def lora_chart(stats: pd.DataFrame, column: str) -> go.Figure:
+    """One LoRA weight-change statistic (`core.diagnostics.lora_weight_stats`) per layer, a bar
+    per adapted module kind."""
+    fig = go.Figure()
+    for kind, group in stats.groupby("kind", sort=True):
+        fig.add_trace(go.Bar(x=group["layer"], y=group[column], name=str(kind)))
+    fig.update_layout(barmode="group")
+    title = LORA_COLUMNS.get(column, column)
+    return _base_layout(fig, f"{title} per layer", "layer", title)
+
+
+def ppl_change_histogram(frame: pd.DataFrame, tau: float = 2.5) -> go.Figure:
+    """Distribution of the per-token change Δ ln ppl (fine-tuned − original), split by whether
+    the original model found the token easy (ppl ≤ τ) or surprising (ppl > τ)."""
+    fig = go.Figure()
+    groups = (
+        ("easy", f"base ppl ≤ {tau:g}", "#0072B2"),
+        ("hard", f"base ppl > {tau:g}", "#D55E00"),
+    )
+    bins = None  # one set of bins for both groups, so their bars line up
+    if not frame.empty:
+        lo, hi = float(frame["delta"].min()), float(frame["delta"].max())
+        bins = {"start": lo, "end": hi + 1e-9, "size": max(hi - lo, 1e-6) / 40}
+    for name, label, color in groups:
+        part = frame[frame["base_easy"] == (name == "easy")] if not frame.empty else frame
+        if part.empty:
+            continue
+        fig.add_trace(
+            go.Histogram(
+                x=part["delta"], name=f"{label} ({len(part)} tokens)", marker_color=color,
+                opacity=0.7, xbins=bins, meta={"group": name},
+            )
+        )  # fmt: skip
+    fig.update_layout(barmode="overlay")
+    fig.add_vline(x=0, line={"color": "#9ca3af", "width": 1})
+    return _base_layout(
+        fig, "Token perplexity change after fine-tuning", "Δ ln ppl (< 0: easier, > 0: harder)",
+        "tokens",
+    )  # fmt: skip

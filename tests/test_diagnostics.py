@@ -1,6 +1,8 @@
 """Post-training diagnostics: LoRA weight-change statistics and token perplexity change."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from components.heatmap import delta_color, render_delta_heatmap
+from core.data import Example
 from core.diagnostics import effective_rank, lora_weight_stats, ppl_change_summary, token_ppl_change
 from core.errors import LensError
 from core.records import ScoredExample
@@ -77,3 +80,112 @@ def test_delta_heatmap_colours_by_direction():
     assert int(easier[5:7], 16) > int(easier[1:3], 16)  # blue dominates
     assert int(harder[1:3], 16) > int(harder[5:7], 16)  # red dominates
     assert math.isclose(int(delta_color(-10)[1:3], 16), 33)
+
+
+# ------------------------------------------------------------------------------------------
+# Token perplexity change of a run: computed once, saved in the run folder
+# ------------------------------------------------------------------------------------------
+
+SAMPLE = Path(__file__).resolve().parent / "data" / "sample.jsonl"
+
+
+def make_adapter_run(root, run_id, model_dir, *, method="stm", seed=1):
+    """A finished run folder: config.json training `model_dir` on tests/data/sample.jsonl, and
+    a LoRA adapter with random (non-zero) B matrices in adapter/, as training saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = root / run_id
+    folder.mkdir(parents=True)
+    config = {"model": str(model_dir), "task": None, "data": str(SAMPLE), "id_col": "id",
+              "method": method, "tau": 2.5, "seed": 0}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text(
+        json.dumps({"kind": "data", "time": 1.0, "method": method, "tau": 2.5}) + "\n"
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    torch.manual_seed(seed)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.5)
+    peft_model.save_pretrained(folder / "adapter")
+    return folder
+
+
+def test_ppl_change_of_a_run_is_computed_once_and_saved(tiny_model_dir, tiny_lm, tmp_path):
+    from core.diagnostics import (
+        compute_ppl_change,
+        final_model_dir,
+        load_ppl_change,
+        ppl_change_key,
+        ppl_change_path,
+        saved_ppl_changes,
+        training_examples,
+    )
+    from core.scoring import score_examples
+
+    run_dir = make_adapter_run(tmp_path, "run1", tiny_model_dir)
+    examples = training_examples(json.loads((run_dir / "config.json").read_text()), 3)
+    assert [ex.id for ex in examples] == ["ex-1", "ex-2", "ex-3"]
+    messages = []
+    change = compute_ppl_change(run_dir, examples, label="3 training examples",
+                                device="cpu", dtype="float32", status=messages.append)  # fmt: skip
+    assert any("original model" in m for m in messages)
+    assert any("fine-tuned model" in m for m in messages)
+    # the base side is exactly what the original model scores; the adapter changed the scores
+    expected = score_examples(tiny_lm, examples).examples
+    for got, want in zip(change.base, expected, strict=True):
+        assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
+    assert [b.token_ids for b in change.base] == [t.token_ids for t in change.tuned]
+    frame = change.frame()
+    assert len(frame) == sum(ex.n_response for ex in expected)
+    assert frame["delta"].abs().max() > 1e-3
+    summary = change.summary()
+    assert summary["mean_delta"] == pytest.approx(frame["delta"].mean())
+    assert summary["pct_harder"] == pytest.approx(100 * (frame["delta"] > 0).mean())
+    # saved in the run folder under its key; read back without a model
+    key = ppl_change_key(run_dir, examples, "float32")
+    assert change.path == ppl_change_path(run_dir, key) and change.path.is_file()
+    again = load_ppl_change(change.path)
+    assert again.label == "3 training examples" and again.summary() == pytest.approx(
+        summary, nan_ok=True
+    )
+    assert [c.path for c in saved_ppl_changes(run_dir)] == [change.path]
+    # other examples or other weights give another key
+    assert ppl_change_key(run_dir, examples[:2], "float32") != key
+    other = make_adapter_run(tmp_path, "run2", tiny_model_dir, seed=2)
+    assert ppl_change_key(other, examples, "float32") != key
+    assert final_model_dir(tmp_path / "nope") is None
+
+
+def test_ppl_change_needs_a_finished_run(tmp_path):
+    from core.diagnostics import compute_ppl_change, ppl_change_key
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"model": "default"}')
+    example = Example("a", "p", "r")
+    with pytest.raises(LensError, match="no saved final model"):
+        ppl_change_key(tmp_path / "run", [example])
+    with pytest.raises(LensError, match="no saved final model"):
+        compute_ppl_change(tmp_path / "run", [example], label="x")
+
+
+def test_ppl_change_histogram_splits_easy_and_hard():
+    from components.run_charts import ppl_change_histogram
+
+    frame = token_ppl_change([_rec("a", [-0.1, -2.0, -0.5])], [_rec("a", [-0.05, -0.5, -1.5])])
+    fig = ppl_change_histogram(frame, tau=2.5)
+    by_group = {t.meta["group"]: list(t.x) for t in fig.data}
+    assert by_group["easy"] == pytest.approx([-0.05, 1.0])
+    assert by_group["hard"] == pytest.approx([-1.5])
+    assert "2 tokens" in fig.data[0].name
+
+
+def test_low_rank_singular_values_match_the_full_svd():
+    from core.diagnostics import low_rank_singular_values
+
+    torch.manual_seed(0)
+    b, a = torch.randn(96, 6), torch.randn(6, 40)
+    full = torch.linalg.svdvals(1.5 * (b @ a)).numpy()[:6]
+    assert low_rank_singular_values(b, a, 1.5) == pytest.approx(full, rel=1e-4)

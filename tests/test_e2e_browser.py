@@ -1,12 +1,19 @@
-"""Browser end-to-end test of the main workflow: the real app, the embedded model, headless
-Chromium driven by Playwright. Screenshots are kept in test-artifacts/ for people to look at.
+"""Browser end-to-end test of the whole workflow on the real app, the embedded model and headless
+Chromium driven by Playwright, in the order a user goes:
 
+Start (pick the default model and MBPP) -> Explore (heatmap, τ highlights) -> Masking studio
+(τ changes the masked share) -> Train (a tiny job with evaluation every step) -> Runs (the live
+charts gain points) -> Compare & report (download a self-contained HTML report).
+
+The tests share one app server and one browser page and must run in file order. Screenshots of
+every step go to $PLENS_ARTIFACTS_DIR (default tests/artifacts/) for people to look at.
 Locally the test is skipped when Chromium is missing; in CI (CI=true) a missing browser fails.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,7 +26,7 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
+ARTIFACTS = Path(os.environ.get("PLENS_ARTIFACTS_DIR") or ROOT / "tests" / "artifacts")
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -28,9 +35,28 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+N_EXAMPLES = 4  # sidebar "Examples (first N)": what Explore, the studio and training use
+MAX_STEPS = 2  # training steps; evaluation runs at step 0 (base model) and after every step
+SLOW = 240_000  # ms: model loading, scoring and training on 2 busy CPU cores
+JOB = 600_000  # ms: the whole training job (three evaluation rounds, two steps)
+
+# Points drawn by each plotly chart of the Runs page, by chart key (`runs-chart-<name>`, the
+# `st-key-...` class of its container). `_fullData` holds the decoded arrays plotly drew.
+CHART_POINTS_JS = """() => {
+  const out = {};
+  document.querySelectorAll('[class*="st-key-runs-chart-"]').forEach(box => {
+    const key = [...box.classList].find(c => c.startsWith('st-key-')).slice(7);
+    const plot = box.querySelector('.js-plotly-plot');
+    out[key] = plot ? (plot._fullData || []).reduce((n, t) => n + ((t.x || []).length), 0) : 0;
+  });
+  return out;
+}"""
 
 
 def _free_port() -> int:
+    wanted = os.environ.get("PLENS_E2E_PORT")  # a fixed port when the machine is shared
+    if wanted:
+        return int(wanted)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -38,6 +64,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
+    """The app served by `streamlit run app.py` with its own cache and runs folders; only the
+    dequantized embedded model is shared with the other tests."""
     if not Path(CHROMIUM).exists():
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed; scripts/setup.sh --dev installs it")
@@ -48,14 +76,17 @@ def app_url(tmp_path_factory):
     env = dict(
         os.environ,
         PLENS_CACHE_DIR=str(tmp_path_factory.mktemp("e2e-cache")),
+        PLENS_RUNS_DIR=str(tmp_path_factory.mktemp("e2e-runs")),
         PLENS_EMBEDDED_DIR=str(SHARED_EMBEDDED_DIR),
         HF_HUB_OFFLINE="1",
     )
-    log = open(tmp_path_factory.mktemp("e2e-log") / "streamlit.log", "w")  # noqa: SIM115
+    log_path = tmp_path_factory.mktemp("e2e-log") / "streamlit.log"
+    log = open(log_path, "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.headless", "true", "--server.address", "127.0.0.1"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+         "--server.headless", "true", "--server.address", "127.0.0.1",
+         "--server.fileWatcherType", "none"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -68,35 +99,120 @@ def app_url(tmp_path_factory):
         proc.kill()
         pytest.fail("streamlit did not start")
     yield f"http://127.0.0.1:{port}"
+    # jobs run in their own process groups and outlive the server: cancel what is still running
+    _stop_jobs(env)
     proc.terminate()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
     log.close()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(log_path, ARTIFACTS / "streamlit.log")
+    for run in Path(env["PLENS_RUNS_DIR"]).glob("*/metrics.jsonl"):  # to read after a failure
+        for name in ("metrics.jsonl", "log.txt"):
+            if (run.parent / name).exists():
+                shutil.copy(run.parent / name, ARTIFACTS / f"run-{run.parent.name}-{name}")
+
+
+def _stop_jobs(env: dict) -> None:
+    """Cancel any job the app started that is still queued or running (a failed test)."""
+    subprocess.run(
+        [sys.executable, "-c", "from core.jobs import JobRegistry\n"
+         "r = JobRegistry()\n"
+         "[r.cancel(j.id) for j in r.list() if j.active]"],
+        cwd=ROOT, env=env, timeout=60, check=False,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def page(app_url):
     from playwright.sync_api import sync_playwright
 
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        context = browser.new_context(viewport={"width": 1400, "height": 1800})
+        context.set_default_timeout(30_000)
+        pg = context.new_page()
         yield pg
+        context.close()
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def workflow() -> dict:
+    """What one step hands to the next (the id of the training job)."""
+    return {}
 
 
 def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def test_explore_shows_heatmap_and_tau_changes_share(page, app_url):
-    page.goto(f"{app_url}/explore?model=default&task=mbpp&split=train&limit=4")
+def _no_errors(page) -> None:
+    """What a user would notice at once: an error box or a Python traceback."""
+    from playwright.sync_api import expect
+
+    expect(page.get_by_test_id("stException")).to_have_count(0)
+    expect(page.get_by_test_id("stAlertContentError")).to_have_count(0)
+
+
+def _open(page, title: str, heading: str) -> None:
+    """Click a page in the app's navigation and wait for its title."""
+    page.get_by_test_id("stSidebarNav").get_by_role("link", name=title).click()
+    page.get_by_role("heading", name=heading, exact=True).wait_for(timeout=60_000)
+
+
+def _wait_for_charts(page, n: int) -> None:
+    """Until `n` plotly charts have drawn (not just their placeholders)."""
+    page.wait_for_function(
+        "n => document.querySelectorAll('[data-testid=\"stPlotlyChart\"] .main-svg').length >= n",
+        arg=n,
+        timeout=60_000,
+    )
+
+
+def _expect_text(locator, text: str) -> None:
+    from playwright.sync_api import expect
+
+    expect(locator).to_contain_text(text, timeout=30_000)
+
+
+def _metric(page, label: str) -> str:
+    tile = page.get_by_test_id("stMetric").filter(has_text=label)
+    return tile.get_by_test_id("stMetricValue").inner_text().strip()
+
+
+def test_start_picks_default_model_and_mbpp(page, app_url):
+    page.goto(app_url)
+    page.get_by_role("heading", name="Perplexity Lens", exact=True).wait_for(timeout=60_000)
+    sidebar = page.get_by_test_id("stSidebar")
+    model = sidebar.get_by_role("textbox").first
+    model.fill("default")
+    model.press("Enter")
+    sidebar.get_by_test_id("stSelectbox").filter(has_text="Task").click()
+    page.get_by_role("option", name="MBPP", exact=True).click()
+    limit = sidebar.get_by_label("Examples (first N)")
+    limit.fill(str(N_EXAMPLES))
+    limit.press("Enter")
+    page.get_by_text(f"MBPP (train): {N_EXAMPLES} examples").wait_for()
+    page.get_by_test_id("stDataFrame").first.wait_for()  # the task catalogue
+    _shot(page, "01-start-selection")
+    _no_errors(page)
+    assert "model=default" in page.url and "task=mbpp" in page.url
+
+
+def test_explore_shows_heatmap_and_tau_changes_highlights(page):
+    _open(page, "Explore", "Explore token perplexity")
+    # the selection made on the Start page carries over to the next page
+    assert page.get_by_test_id("stSidebar").get_by_label("Examples (first N)").input_value() == (
+        str(N_EXAMPLES)
+    )
     spans = page.locator("span.pl-t")
-    spans.first.wait_for(timeout=240_000)
-    _shot(page, "01-explore-heatmap")
+    spans.first.wait_for(timeout=SLOW)
+    _shot(page, "02-explore-heatmap")
+    _no_errors(page)
     assert spans.count() > 10
     ppl = [float(v) for v in spans.evaluate_all("els => els.map(e => e.dataset.ppl)")]
     assert all(v >= 1.0 for v in ppl)
@@ -107,13 +223,168 @@ def test_explore_shows_heatmap_and_tau_changes_share(page, app_url):
     slider.focus()
     for _ in range(30):  # τ 2.5 -> 5.5 in 0.1 steps
         page.keyboard.press("ArrowRight")
-    page.wait_for_timeout(500)
     page.wait_for_function(
         f"document.querySelectorAll('span.pl-t.pl-hi').length < {high_before}", timeout=60_000
     )
-    _shot(page, "02-explore-tau-moved")
+    _shot(page, "03-explore-tau-moved")
     tau = float(page.get_by_test_id("stSliderThumbValue").first.inner_text())
     assert tau == pytest.approx(5.5)
     assert page.locator("span.pl-t.pl-hi").count() == sum(v > tau for v in ppl)
-    # the app's own navigation is in place even on a fresh server opened on a page URL
-    assert page.get_by_role("link", name="Start").count() >= 1
+
+
+def _studio_state(page) -> tuple[float, int, int, float, int, list[float]]:
+    """(masked share %, tokens masked, tokens kept, τ, struck-out tokens, heatmap ppl)."""
+    share = float(_metric(page, "Masked share").rstrip("%"))
+    masked = int(_metric(page, "Tokens masked").replace(",", ""))
+    kept = int(_metric(page, "Tokens kept").replace(",", ""))
+    tau = float(_metric(page, "τ"))
+    spans = page.locator("span.pl-t")
+    struck = page.locator("span.pl-t.pl-m").count()
+    ppl = [float(v) for v in spans.evaluate_all("els => els.map(e => e.dataset.ppl)")]
+    return share, masked, kept, tau, struck, ppl
+
+
+def test_masking_studio_tau_changes_masked_share(page):
+    _open(page, "Masking studio", "Masking studio")
+    page.get_by_test_id("stMetric").filter(has_text="Masked share").wait_for(timeout=SLOW)
+    page.locator("span.pl-t").first.wait_for()
+    _wait_for_charts(page, 2)  # share vs τ, masked share per example
+    share0, masked0, kept0, tau0, struck0, ppl0 = _studio_state(page)
+    _shot(page, "04-masking-studio")
+    _no_errors(page)
+    assert tau0 == pytest.approx(2.5)  # the paper's default
+    assert 0 < share0 < 100
+    assert share0 == pytest.approx(100 * masked0 / (masked0 + kept0), abs=0.05)
+    assert struck0 == sum(v > tau0 for v in ppl0)  # the heatmap strikes exactly ppl > τ
+
+    slider = page.get_by_role("slider").first
+    slider.focus()
+    for _ in range(20):  # τ 2.5 -> 4.5 on the studio's grid (0.1 steps between 2 and 10)
+        page.keyboard.press("ArrowRight")
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some(m => "
+        "m.innerText.includes('Masked share') && !m.innerText.includes("
+        f"'{_metric(page, 'Masked share')}'))",
+        timeout=60_000,
+    )
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some(m => "
+        "/^τ\\s*4.5$/m.test(m.innerText))",
+        timeout=60_000,
+    )
+    _wait_for_charts(page, 2)
+    share1, masked1, kept1, tau1, struck1, ppl1 = _studio_state(page)
+    _shot(page, "05-masking-tau-moved")
+    _no_errors(page)
+    assert tau1 == pytest.approx(4.5)
+    assert share1 < share0 and masked1 < masked0  # a higher τ masks fewer tokens
+    assert masked1 + kept1 == masked0 + kept0  # same response tokens, split differently
+    assert ppl1 == ppl0 and struck1 == sum(v > tau1 for v in ppl1) < struck0
+    assert "tau=4.5" in page.url  # a reload or a shared link keeps τ
+
+
+def test_train_launches_a_tiny_job(page, workflow):
+    _open(page, "Train", "Train")
+    page.get_by_test_id("stSelectbox").filter(has_text="Preset").click()
+    page.get_by_role("option", name="cpu-quick", exact=True).click()
+    page.get_by_text(f"the sidebar selects the first {N_EXAMPLES}").wait_for()
+    page.get_by_text("Hyperparameters").click()
+    for label, value in (
+        ("Max steps", MAX_STEPS),
+        ("Batch size", 2),
+        ("Max tokens / example", 128),
+        ("Evaluate every N steps", 1),
+        ("Examples per eval task", 1),
+    ):
+        box = page.get_by_label(label, exact=True)
+        box.fill(str(value))
+        box.press("Enter")
+    command = page.get_by_test_id("stCode").filter(has_text="python -m core train").first
+    for flag in (
+        f"--limit {N_EXAMPLES}",
+        f"--max-steps {MAX_STEPS}",
+        "--max-length 128",
+        "--eval-every 1",
+        '"suite": "during"',
+    ):
+        _expect_text(command, flag)
+    _shot(page, "06-train-form")
+    _no_errors(page)
+    page.get_by_role("button", name="Start training").click()
+    page.wait_for_url(re.compile(r"[?&]job="), timeout=30_000)
+    workflow["job"] = re.search(r"[?&]job=([^&]+)", page.url).group(1)
+    status = page.get_by_test_id("stMarkdownContainer").filter(
+        has_text=re.compile(r"\b(queued|running)\b")
+    )
+    status.first.wait_for(timeout=60_000)
+    page.get_by_role("button", name=re.compile("Cancel")).wait_for()
+    _shot(page, "07-train-job-started")
+    _no_errors(page)
+
+
+def test_runs_live_charts_gain_points(page):
+    _open(page, "Runs", "Runs")
+    _wait_for_charts(page, 1)
+    loss, target = "runs-chart-loss", "runs-chart-mbpp_ppl-ppl"
+
+    def points() -> dict[str, int]:
+        return page.evaluate(CHART_POINTS_JS)
+
+    def wait_until(condition: str, timeout: int) -> None:
+        page.wait_for_function(f"() => {{ const p = ({CHART_POINTS_JS})(); return {condition}; }}",
+                               timeout=timeout)  # fmt: skip
+
+    first = points()
+    # evaluation runs at steps 0..MAX_STEPS, the loss at 1..MAX_STEPS: the job is not done yet,
+    # and the page is never reloaded, so every new point below is the live update
+    assert first.get(target, 0) < MAX_STEPS + 1 and first.get(loss, 0) < MAX_STEPS
+    wait_until(f"(p['{target}'] || 0) > {first.get(target, 0)}", SLOW)
+    _shot(page, "08-runs-live-growing")
+    _no_errors(page)
+    wait_until(f"p['{target}'] === {MAX_STEPS + 1} && p['{loss}'] === {MAX_STEPS}", JOB)
+    final = points()
+    assert len(final) > 2  # loss, the target and out-of-domain tasks
+    assert all(final[k] >= first.get(k, 0) for k in final)
+    page.get_by_test_id("stDataFrame").get_by_text("succeeded").wait_for(state="attached")
+    _shot(page, "09-runs-done")
+    _no_errors(page)
+
+
+def test_train_page_shows_the_job_succeeded(page):
+    _open(page, "Train", "Train")
+    page.get_by_text(re.compile(r"^Done in .*loss")).wait_for(timeout=JOB)
+    _shot(page, "10-train-job-done")
+    _no_errors(page)
+
+
+def test_compare_exports_a_self_contained_report(page, workflow):
+    _open(page, "Compare & report", "Compare runs")
+    page.get_by_role("tab", name="Report").click()
+    page.get_by_role("button", name="Build report").click()
+    button = page.get_by_role("button", name="Download report.html")
+    button.wait_for(timeout=SLOW)
+    _shot(page, "11-compare-report-ready")
+    _no_errors(page)
+    with page.expect_download() as info:
+        button.click()
+    path = ARTIFACTS / "report.html"
+    info.value.save_as(path)
+    html = path.read_text(encoding="utf-8")
+    assert workflow["job"] in html  # the run trained above is in the report
+    assert re.search(r"plotly\.js v\d", html)  # plotly.js itself is inlined ...
+    assert html.count("Plotly.newPlot(") >= 2  # ... and draws the report's charts
+    # self-contained: nothing is fetched from anywhere when the file is opened
+    assert not re.search(r"<script[^>]*\ssrc=", html, re.I)
+    assert not re.search(r"<link[^>]+href=[\"']?(https?:)?//", html, re.I)
+    assert not re.search(r"@import\s+url\([\"']?https?:", html, re.I)
+
+    # and it draws offline: every network request from the opened file is refused
+    report = page.context.new_page()
+    report.route(re.compile(r"^https?://"), lambda route: route.abort())
+    report.goto(path.as_uri())
+    report.wait_for_function(
+        "document.querySelectorAll('.js-plotly-plot .main-svg').length >= 2", timeout=60_000
+    )
+    assert report.get_by_text(workflow["job"]).count() >= 1
+    _shot(report, "12-report-offline")
+    report.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from core.eval_callback import EvalCallback
 from core.evaluation import (
@@ -101,3 +102,53 @@ def test_training_config_gets_the_during_suite_with_its_own_target():
     (callback,) = make_training_callbacks(limited, "/tmp/unused")
     assert all(s.n <= 3 for s in callback.suite.specs())
     assert make_training_callbacks(TrainConfig.from_preset("cpu-quick"), "/tmp/unused") == []
+
+
+def test_rounds_under_bf16_training_score_in_float32(tiny_model_dir, tiny_lm, tmp_path):
+    # Training runs under bf16 autocast; the callback adds none and the trainer's autocast does
+    # not reach it: the step-0 round equals a plain float32 evaluation of the same base model.
+    from core.evaluation import run_suite
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    config = TrainConfig.from_preset(
+        "paper",
+        model=str(tiny_model_dir),
+        device="cpu",
+        task=None,
+        data=str(data),
+        max_length=64,
+        batch_size=3,
+        max_steps=1,
+        precision="bf16",
+    )
+    run = tmp_path / "run"
+    autocast_seen: list[bool] = []
+
+    class Watching(EvalCallback):
+        def evaluate(self, step, model, tokenizer=None):
+            hook = model.register_forward_hook(
+                lambda *_: autocast_seen.append(torch.is_autocast_enabled("cpu"))
+            )
+            try:
+                return super().evaluate(step, model, tokenizer)
+            finally:
+                hook.remove()
+
+    callback = Watching(SUITE, run, every_n_steps=1, model_name="tiny")
+    run_training(config, run, callbacks=[callback])
+    records = read_metrics(run)
+    assert records[-1]["kind"] == "done"
+    assert json.loads((run / "summary.json").read_text())["precision"] == "bf16"
+    assert autocast_seen and not any(autocast_seen)
+    reference = run_suite(tiny_lm, SUITE)
+    step0 = callback.history[0][1]
+    diffs = {
+        (task.name, metric): abs(step0.task(task.name).metrics[metric] - value)
+        for task in reference.tasks
+        for metric, value in task.metrics.items()
+        if metric in ("nll", "nll_easy", "acc")
+    }
+    # bit-for-bit up to float32 summation order (this random model's near-uniform logits make
+    # bf16's error small too: about 5e-5 here)
+    assert max(diffs.values()) < 1e-6, diffs

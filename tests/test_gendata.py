@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
+import torch
 
 from core import gendata
 from core.data import Example
@@ -120,9 +122,14 @@ def test_config_validation_and_cli_command_round_trip():
         0.95,
         512,
     )
-    config = GenDataConfig.from_preset("cpu-quick", task="gsm8k", split="test", selection="random")
+    with pytest.raises(LensError, match="threads"):
+        GenDataConfig(threads=0)
+    config = GenDataConfig.from_preset(
+        "cpu-quick", task="gsm8k", split="test", selection="random", threads=1
+    )
     command = gendata.cli_command(config, submit=True)
     assert "--task gsm8k" in command and "--selection random" in command
+    assert "--threads 1" in command
     from core.cli import build_parser
 
     args = build_parser().parse_args(command.split()[3:])
@@ -214,13 +221,20 @@ def test_interrupted_run_resumes_without_redoing_finished_prompts(
         return real_generate(config, example)
 
     monkeypatch.setattr(gendata, "generation_prompt", spy)
-    run_generation(config, run, student=tiny_lm)
+    # the resumed attempt runs with another thread count: that does not change the data
+    threads_before = torch.get_num_threads()
+    try:
+        run_generation(replace(config, threads=1), run, student=tiny_lm)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads_before)
     assert prompts_generated == ["q2", "q3", "q4"]
     after = read_candidates(run)
     assert [r["id"] for r in after] == ["q0", "q1", "q2", "q3", "q4"]
     assert after[:2] == first  # finished prompts were kept as they were
     [gset] = list_generated_sets()
     assert gset.n_examples == 5 and gset.provenance["n_done"] == 5
+    assert gset.provenance["torch_threads"] == 1
 
     # the run folder belongs to these settings
     with pytest.raises(LensError, match="other settings"):

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,97 @@ def test_report_cli(runs_root, tmp_path, capsys):
     assert main(["report", "no-such-run", "--out", str(tmp_path / "x.html")]) == 2
     assert "No run 'no-such-run'" in capsys.readouterr().err
     assert not (tmp_path / "x.html").exists()
+
+
+def _chart_configs(text):
+    """The PNG-download settings of each plotly chart in a report."""
+    return re.findall(
+        r'"toImageButtonOptions":\s*\{"format":\s*"png",\s*"filename":\s*"([^"]+)"', text
+    )
+
+
+def test_every_report_chart_offers_a_png_download(runs_root, tmp_path):
+    text = write_report([runs_root / "gt1", runs_root / "stm1"], tmp_path / "r.html").read_text()
+    names = _chart_configs(text)
+    assert len(names) == text.count('class="plotly-graph-div"') == 6
+    assert len(set(names)) == 6 and "forgetting_frontier_up_and_right_is_better" in names
+    assert '"displayModeBar": false' not in text
+    removed = re.findall(r'"modeBarButtonsToRemove":\s*\[([^\]]*)\]', text)
+    assert len(removed) == 6 and not any("toImage" in r for r in removed)
+
+
+def test_report_snapshots_show_the_runs_mask_and_the_ppl_change(tiny_model_dir, tmp_path):
+    from core.diagnostics import compute_ppl_change, training_examples
+    from core.report import heatmap_snapshots
+    from tests.test_diagnostics import make_adapter_run
+
+    run_dir = make_adapter_run(tmp_path / "runs", "stm-run", tiny_model_dir)
+    snapshots = heatmap_snapshots(load_run(run_dir), 2, device="cpu", dtype="float32")
+    assert [s.example.id for s in snapshots] == ["ex-1", "ex-2"]
+    for s in snapshots:  # STM at τ = 2.5: exactly the tokens above τ are masked
+        assert s.tau == 2.5 and s.masked == [p > 2.5 for p in s.example.ppl]
+    examples = training_examples(load_run(run_dir).config, 3)
+    changes = [
+        compute_ppl_change(run_dir, examples[:k], label=f"{k} training examples", device="cpu",
+                           dtype="float32")
+        for k in (3, 2)
+    ]  # fmt: skip
+    out = write_report([run_dir], tmp_path / "report.html", n_examples=2, device="cpu",
+                       dtype="float32").read_text()  # fmt: skip
+    assert "Token perplexity of selected examples" in out
+    n_response = sum(s.example.n_response for s in snapshots)
+    assert out.count("data-ppl=") == n_response
+    n_masked = sum(sum(s.masked) for s in snapshots)
+    assert len(re.findall(r'class="pl-t[^"]*\bpl-m\b', out)) == n_masked
+    assert "Token perplexity change after fine-tuning" in out and "3 training examples" in out
+    assert out.count("data-delta=") == sum(ex.n_response for c in changes for ex in c.base) > 0
+    assert "% tokens harder" in out
+    # still one offline file: plotly.js once, no network references; every chart has its PNG
+    names = _chart_configs(out)  # loss + one Δ histogram per result, each its own PNG name
+    assert out.count("Plotly.newPlot") == len(names) == len(set(names)) == 3
+    assert not re.findall(r"<script[^>]+src=|<link|@import|url\(\s*['\"]?https?:", out)
+    without = write_report([run_dir], tmp_path / "r2.html", include_ppl_changes=False).read_text()
+    assert "data-delta=" not in without and "data-ppl=" not in without
+
+
+def test_report_cli_examples_flag(tiny_model_dir, tmp_path, capsys):
+    from core.cli import main
+    from tests.test_diagnostics import make_adapter_run
+
+    run_dir = make_adapter_run(tmp_path / "runs", "gt-run", tiny_model_dir, method="gt")
+    out = tmp_path / "r.html"
+    argv = ["report", str(run_dir), "--out", str(out), "--examples", "1", "--device", "cpu"]
+    assert main(argv) == 0
+    text = out.read_text()
+    assert text.count('class="pl-root"') == 1 and "every response token trained" in text
+    assert "pl-m" not in text.split("Token perplexity of selected examples")[1].split("</style>")[1]
+    assert main(["report", str(run_dir), "--out", str(out), "--examples", "-1"]) == 2
+    assert "--examples must be 0 or more" in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_report_png_buttons_in_a_browser(runs_root, tmp_path):
+    """Offline in Chromium: every chart of the report draws, with the modebar's PNG button."""
+    import shutil
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("Chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    out = write_report([runs_root / "gt1", runs_root / "stm1"], tmp_path / "r.html")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        page = browser.new_page()
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.goto(out.as_uri())
+        page.wait_for_selector(".plotly-graph-div .main-svg")
+        buttons = page.locator('.modebar-btn[data-title="Download plot as a PNG"]')
+        charts = page.locator(".plotly-graph-div")
+        assert charts.count() == 6 and buttons.count() == 6
+        browser.close()
+    assert all(url.startswith(("file:", "data:", "about:")) for url in requests), requests

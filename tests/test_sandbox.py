@@ -5,7 +5,9 @@ harms the app process or the files around it."""
 from __future__ import annotations
 
 import os
+import pwd
 import resource
+import subprocess
 import time
 import uuid
 
@@ -15,8 +17,10 @@ import pytest
 from core.evaluation import humaneval_program, mbpp_program
 from core.sandbox import (
     FAILED,
+    MARKER_ENV,
     PASSED,
     TIMEOUT,
+    USER_ENV,
     SandboxLimits,
     run_program,
     run_programs,
@@ -27,17 +31,33 @@ FAST = SandboxLimits(cpu_seconds=3, timeout=10.0)
 
 
 def sandbox_processes() -> list[psutil.Process]:
-    """Live (non-zombie) sandbox interpreters on this machine."""
+    """Live (non-zombie) sandbox processes started by THIS test process (found by the run
+    marker in their environment, which forks inherit), so other evaluations running on the
+    same machine do not count."""
+    mine = f"{os.getpid()}-"
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         try:
             if proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
-            if any("_sandbox_child_main" in part for part in proc.info["cmdline"] or []):
+            if not any("_sandbox_child_main" in part for part in proc.info["cmdline"] or []):
+                continue
+            if proc.environ().get(MARKER_ENV, "").startswith(mine):
                 found.append(proc)
         except psutil.Error:
             continue
     return found
+
+
+@pytest.fixture
+def shared_sandbox_user(monkeypatch):
+    """Root only: run sandboxes as the shared user `nobody` instead of a uid of their own."""
+    if os.geteuid() != 0:
+        pytest.skip("switching users needs root")
+    monkeypatch.setenv(USER_ENV, "nobody")
+    sandbox_capabilities.cache_clear()
+    yield pwd.getpwnam("nobody")
+    sandbox_capabilities.cache_clear()
 
 
 def test_a_program_passes_only_when_it_runs_to_its_end():
@@ -49,6 +69,32 @@ def test_a_program_passes_only_when_it_runs_to_its_end():
     assert run_program("import os\nos._exit(0)\nassert False", FAST).status == FAILED
     syntax = run_program("def f(:\n  pass", FAST)
     assert syntax.status == FAILED and "SyntaxError" in syntax.detail
+
+
+def test_generated_code_can_import_the_standard_library_and_numpy():
+    # Also where the interpreter lives in a folder the sandbox user cannot read (a pyenv under
+    # /root): none of these is imported before the switch.
+    program = (
+        "import math, re, collections, heapq, itertools, functools, bisect, string\n"
+        "import dataclasses, inspect, unittest, pickle, contextvars, typing\n"
+        "import numpy as np\n"
+        "assert math.gcd(12, 18) == 6 and heapq.nsmallest(2, [5, 1, 3]) == [1, 3]\n"
+        "assert re.findall(r'\\d+', 'a1b22') == ['1', '22']\n"
+        "assert collections.Counter('aab')['a'] == 2\n"
+        "assert int(np.arange(5).sum()) == 10\n"
+    )
+    result = run_program(program, FAST)
+    assert result.status == PASSED, result.detail
+
+
+def test_the_sandbox_cannot_read_the_app_users_private_files(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("the sandbox only switches users when the app runs as root")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    (private / "secret.txt").write_text("s3cret")
+    result = run_program(f"open({str(private / 'secret.txt')!r}).read()", FAST)
+    assert result.status == FAILED and "PermissionError" in result.detail
 
 
 def test_main_blocks_do_not_run_and_stdin_is_empty():
@@ -101,12 +147,44 @@ assert False, created
 """
 
 
+def created_count(result) -> int:
+    return int(result.detail.rsplit(" ", 1)[-1])
+
+
 def test_process_creation_is_bounded_by_rlimit_nproc():
     # Step 1: a bounded number of fork attempts (libc's fork, past the Python-level guard).
     limits = SandboxLimits(max_processes=8)
-    result = run_program(FORK_AND_SLEEP, limits)
-    created = int(result.detail.rsplit(" ", 1)[-1])
+    created = created_count(run_program(FORK_AND_SLEEP, limits))
     assert 0 <= created < limits.max_processes
+    if sandbox_capabilities().uid_band:
+        # a uid of its own: exactly its budget (itself + 7), whatever else runs on the machine
+        assert created == limits.max_processes - 1
+    assert sandbox_processes() == []
+
+
+def test_concurrent_programs_do_not_share_a_process_budget():
+    if not sandbox_capabilities().uid_band:
+        pytest.skip("per-run uids need root and a user namespace that maps them")
+    limits = SandboxLimits(max_processes=8)
+    results = run_programs([FORK_AND_SLEEP] * 2, limits, workers=2)
+    assert [created_count(r) for r in results] == [7, 7]
+    assert sandbox_processes() == []
+
+
+def test_other_processes_of_a_shared_sandbox_user_do_not_starve_it(shared_sandbox_user):
+    # 20 processes of `nobody` exist already (more than the limit of 8): the sandbox still gets
+    # its budget, because its RLIMIT_NPROC counts from the user's current task count.
+    sleepers = [
+        subprocess.Popen(["sleep", "60"], user=shared_sandbox_user.pw_uid) for _ in range(20)
+    ]
+    try:
+        limits = SandboxLimits(max_processes=8)
+        created = created_count(run_program(FORK_AND_SLEEP, limits))
+        assert 1 <= created < limits.max_processes
+    finally:
+        for proc in sleepers:
+            proc.kill()
+            proc.wait()
     assert sandbox_processes() == []
 
 
