@@ -5,7 +5,7 @@ PORT ?= 8501
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test setup setup-dev prepare lint format bench
+.PHONY: run test setup setup-dev prepare lint format bench protocol
 
 setup:
 	@scripts/setup.sh
@@ -18,6 +18,11 @@ prepare: setup
 
 run: prepare
 	$(VENV)/bin/streamlit run app.py --server.port $(PORT)
+
+# The paper's protocol on the embedded model (about 45 min on 2 CPU cores); ARGS for flags,
+# e.g. make protocol ARGS="--preset paper --model meta-llama/Meta-Llama-3-8B-Instruct"
+protocol: prepare
+	$(PY) -m core protocol $(ARGS)
 
 lint:
 	$(VENV)/bin/ruff check .

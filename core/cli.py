@@ -283,20 +283,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of one or more runs."""
     from core.report import write_report
 
-    path = write_report(args.runs, args.out, title=args.title)
+    if args.examples < 0:
+        raise LensError(f"--examples must be 0 or more (got {args.examples}).")
+    path = write_report(
+        args.runs,
+        args.out,
+        title=args.title,
+        n_examples=args.examples,
+        include_ppl_changes=not args.no_ppl_change,
+        device=args.device,
+        dtype=args.dtype,
+    )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)", file=sys.stderr)
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Evaluate the base model, or an adapter against it (TI / BWT), on a suite."""
-    from core.evaluation import evaluate_model, format_report
+    """Evaluate the base model, or an adapter against it (TI / BWT), on a suite: in the
+    foreground (registered as a job, results in its run folder), or queued (--submit)."""
+    from core.evaluation import describe_eval_job, eval_job_config
+    from core.jobs import JobRegistry, run_job_process
 
-    def progress(task: str, done: int, total: int) -> None:
-        if task:
-            print(f"evaluating {task} ({done + 1}/{total})", file=sys.stderr, flush=True)
-
-    report = evaluate_model(
+    config = eval_job_config(
         args.model,
         adapter=args.adapter,
         suite=args.suite,
@@ -304,15 +312,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         use_cache=not args.no_cache,
-        progress=progress,
+        lm_eval_tasks=args.lm_eval_task or (),
+    )  # bad suite, limit or adapter: one line, before a job exists
+    registry = JobRegistry()
+    label = describe_eval_job(config)
+    if args.submit:
+        job = registry.submit("eval", config, device=config["device"], label=label)
+        print(job.id)
+        print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
+        return 0
+    job = registry.register_foreground(
+        "eval", config, device=config["device"], label=label, run_dir=args.run_dir
     )
-    print(format_report(report))
-    if args.out:
+    print(f"job {job.id}, run folder {job.run_dir}", file=sys.stderr)
+    code = run_job_process(job.id, registry)
+    report = job.path / "eval.json"
+    if code == 0 and args.out and report.is_file():
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1), encoding="utf-8")
+        out.write_bytes(report.read_bytes())
         print(f"wrote {out}", file=sys.stderr)
-    return 0
+    return code
+
+
+def cmd_protocol(args: argparse.Namespace) -> int:
+    """The paper's protocol (every method x seeds, then the table and the report): in the
+    foreground (registered as a job), or queued (--submit)."""
+    from core.jobs import JobRegistry, run_job_process
+    from core.protocol import config_from_args, preflight, protocol_folder
+
+    config = config_from_args(args)
+    preflight(config)  # unknown task or suite, bad training settings: one line, before a job
+    registry = JobRegistry()
+    folder = protocol_folder(config, name=args.name, run_dir=args.run_dir)
+    if args.submit:
+        job = registry.submit("protocol", config.to_dict(), device=config.device,
+                              label=config.describe(), run_dir=folder)  # fmt: skip
+        print(job.id)
+        print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
+        return 0
+    job = registry.register_foreground(
+        "protocol", config.to_dict(), device=config.device, label=config.describe(),
+        run_dir=folder,
+    )  # fmt: skip
+    print(f"job {job.id}, protocol folder {job.run_dir}", file=sys.stderr)
+    return run_job_process(job.id, registry)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -357,6 +401,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run ids or run folders")
     p.add_argument("--out", required=True, help="output .html file")
     p.add_argument("--title", default="Perplexity Lens report")
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=0,
+        metavar="N",
+        help="heatmap snapshots of the first run's first N training examples, scored by the "
+        "original model, with the run's mask (loads the model)",
+    )
+    p.add_argument(
+        "--no-ppl-change",
+        action="store_true",
+        help="leave out saved token-perplexity-change results (Compare page, Diagnostics)",
+    )
+    p.add_argument("--device", default="auto", help="device for --examples scoring")
+    p.add_argument("--dtype", default="auto", help="dtype for --examples scoring")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("mask", help="apply selective token masking to a scores file")
@@ -411,12 +470,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a model or an adapter on a suite (TI / BWT)")
     _add_model_args(p)
-    p.add_argument("--adapter", default=None, help="run folder or adapter folder to evaluate")
+    p.add_argument(
+        "--adapter", default=None, help="run id, run folder or adapter folder to evaluate"
+    )
     p.add_argument("--suite", default="default", help="default, during, paper or tiny")
     p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
     p.add_argument("--out", default=None, help="write the full results as JSON here")
     p.add_argument("--no-cache", action="store_true", help="recompute the base model's scores")
+    p.add_argument(
+        "--lm-eval-task",
+        action="append",
+        metavar="NAME",
+        help="also run this lm-evaluation-harness task as an OOD task (repeatable; needs "
+        "lm-eval installed and its data reachable, else it is reported as skipped)",
+    )
+    p.add_argument("--run-dir", default=None, help="run folder (default: a new one under runs/)")
+    p.add_argument("--submit", action="store_true", help="queue as a background job and return")
     p.set_defaults(func=cmd_eval)
+
+    from core.protocol import add_protocol_arguments
+
+    p = sub.add_parser(
+        "protocol",
+        help="reproduce the paper's protocol: GT, STM, random control and Self-Output x seeds, "
+        "then a table with 95%% CIs and a report",
+        description="Settings come from --preset (cpu: the embedded model on 2 CPU cores in "
+        "under an hour; paper: the paper's sizes for a GPU), then flags. Re-running with the "
+        "same --run-dir reuses finished runs and resumes the rest.",
+    )
+    add_protocol_arguments(p)
+    p.add_argument(
+        "--name",
+        default=None,
+        help="protocol folder under the runs folder (default: protocol-<preset>); the same name "
+        "again reuses its finished runs",
+    )
+    p.add_argument("--run-dir", default=None, help="protocol folder path (instead of --name)")
+    p.add_argument("--submit", action="store_true", help="queue as a background job and return")
+    p.set_defaults(func=cmd_protocol)
 
     p = sub.add_parser("job-run", help="(internal) run a queued job in this process")
     p.add_argument("job_id")

@@ -20,6 +20,12 @@ out-of-domain (OOD) specs. *How* is five scorer kinds:
   acc_norm equals acc because every continuation has the same length).
 - ``mc_generative``: greedy generation on the lettered prompt; the letter after the last
   "Answer:" (the paper's ARC format), else an answer that is a lone letter. acc.
+- ``lm_eval`` (optional): any lm-evaluation-harness task by name, run through
+  `lm_eval.simple_evaluate` on the model already loaded (wrapped in its `HFLM`), `n` as its
+  `limit`, its own prompts and metrics (no chat template, as lm-eval does by default). The
+  package is imported only when such a task runs; when it is not installed, or the task's data
+  cannot be fetched (no hub access), that task is reported as skipped with a one-line reason
+  and the suite goes on.
 - ``ref_ppl``: the ground-truth reference answer scored by the model: mean NLL over all response
   tokens (pooled) and over the tokens the BASE model found easy (token perplexity <= tau under
   the base model), plus their perplexities. A continuous forgetting signal that a small model
@@ -54,21 +60,25 @@ from core.data import Example
 from core.errors import LensError
 from core.sandbox import SandboxLimits, run_programs
 
-CODE_EXEC, NUMERIC_MATCH, MC_LOGLIK, MC_GENERATIVE, REF_PPL = (
+CODE_EXEC, NUMERIC_MATCH, MC_LOGLIK, MC_GENERATIVE, REF_PPL, LM_EVAL = (
     "code_exec",
     "numeric_match",
     "mc_loglik",
     "mc_generative",
     "ref_ppl",
+    "lm_eval",
 )
-SCORER_KINDS = (CODE_EXEC, NUMERIC_MATCH, MC_LOGLIK, MC_GENERATIVE, REF_PPL)
+SCORER_KINDS = (CODE_EXEC, NUMERIC_MATCH, MC_LOGLIK, MC_GENERATIVE, REF_PPL, LM_EVAL)
 PRIMARY_METRIC = {
     CODE_EXEC: "pass@1",
     NUMERIC_MATCH: "exact_match",
     MC_LOGLIK: "acc",
     MC_GENERATIVE: "acc",
     REF_PPL: "nll_easy",
+    LM_EVAL: "",  # the first of LM_EVAL_METRICS the task reports, unless the spec names one
 }
+# lm-evaluation-harness metrics, in the order one is picked as a task's primary metric.
+LM_EVAL_METRICS = ("acc", "exact_match", "pass@1", "acc_norm", "f1", "mc2", "em", "bleu")
 TARGET, OOD = "target", "ood"
 CACHE_SCHEMA = 1
 DEFAULT_TAU = 2.5
@@ -120,7 +130,8 @@ class EvalTaskSpec:
 
     @property
     def primary_metric(self) -> str:
-        """The metric TI / BWT use."""
+        """The metric TI / BWT use ("" for an lm-eval task that names none: decided by what
+        the task reports)."""
         return self.metric or PRIMARY_METRIC[self.scorer]
 
     @property
@@ -188,6 +199,12 @@ class EvalSuite:
             target=tuple(cap(s) for s in self.target),
             ood=tuple(cap(s) for s in self.ood),
         )
+
+    def with_lm_eval_tasks(self, names: Sequence[str], n: int | None = 20) -> EvalSuite:
+        """The same suite plus lm-evaluation-harness tasks (by lm-eval's names) as OOD tasks,
+        each on its first `n` documents (lm-eval's `limit`)."""
+        extra = tuple(EvalTaskSpec(f"lm_eval:{name}", name, LM_EVAL, n=n) for name in names)
+        return replace(self, name=f"{self.name}+lm_eval", ood=(*self.ood, *extra))
 
     def with_target(self, task: str, generative: bool = True) -> EvalSuite:
         """The same suite with another built-in task as target: its accuracy spec and reference
@@ -276,6 +293,28 @@ def _suite_during() -> EvalSuite:
     )
 
 
+def _suite_protocol() -> EvalSuite:
+    """What each arm of `python -m core protocol` (cpu preset) evaluates at step 0 and at the
+    end: forward passes only, larger subsets than "during" so three seeds can separate methods;
+    sized so 15 runs fit the protocol's hour on 2 CPU cores (docs/BENCHMARKS.md)."""
+    return EvalSuite(
+        name="protocol",
+        description=(
+            "For the paper protocol on a CPU: target MBPP (held-out) reference perplexity; OOD "
+            "ARC-Challenge and ARC-Easy log-likelihood accuracy and reference perplexity on "
+            "GSM8K, ARC-Challenge and MMLU; forward passes only."
+        ),
+        target=(EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=12, split="test"),),
+        ood=(
+            EvalTaskSpec("arc_challenge", "arc_challenge", MC_LOGLIK, n=16),
+            EvalTaskSpec("arc_easy", "arc_easy", MC_LOGLIK, n=12),
+            EvalTaskSpec("gsm8k_ppl", "gsm8k", REF_PPL, n=10),
+            EvalTaskSpec("arc_challenge_ppl", "arc_challenge", REF_PPL, n=12),
+            EvalTaskSpec("mmlu_ppl", "mmlu", REF_PPL, n=12),
+        ),
+    )
+
+
 def _suite_paper() -> EvalSuite:
     """The paper's tasks at full size (hours on a CPU; meant for a GPU)."""
     return EvalSuite(
@@ -336,6 +375,7 @@ def _suite_tiny() -> EvalSuite:
 SUITES: dict[str, Callable[[], EvalSuite]] = {
     "default": _suite_default,
     "during": _suite_during,
+    "protocol": _suite_protocol,
     "paper": _suite_paper,
     "tiny": _suite_tiny,
 }
@@ -477,6 +517,7 @@ class TaskResult:
     n: int
     seconds: float
     details: list[dict[str, Any]] = field(default_factory=list)
+    skipped: str = ""  # why the task could not run (then `metrics` is empty)
 
     @property
     def value(self) -> float | None:
@@ -517,11 +558,13 @@ class SuiteResult:
         return cls(**values)
 
     def records(self, step: int, when: float | None = None) -> list[dict[str, Any]]:
-        """metrics.jsonl "eval" records: one per task and metric."""
+        """metrics.jsonl "eval" records: one per task and metric, the task's primary metric
+        (the one TI / BWT use) first, so readers that take a task's first metric take it."""
         when = time.time() if when is None else when
         rows = []
         for t in self.tasks:
-            for metric, value in t.metrics.items():
+            order = sorted(t.metrics, key=lambda m: m != t.primary)
+            for metric, value in ((m, t.metrics[m]) for m in order):
                 rows.append(
                     {
                         "kind": "eval",
@@ -696,6 +739,69 @@ def _score_ref_ppl(
     return metrics, details, easy_map
 
 
+class TaskUnavailable(LensError):
+    """An optional task cannot run here (a missing package, unreachable data): the suite
+    records the reason for that task and goes on."""
+
+
+def _lm_eval_metrics(task_results: dict[str, Any]) -> dict[str, float | None]:
+    """lm-eval's "metric,filter" entries as metric names ("acc", "exact_match/flexible-extract"),
+    standard errors and aliases left out."""
+    metrics: dict[str, float | None] = {}
+    for key, value in task_results.items():
+        name, _, filt = key.partition(",")
+        if name.endswith("_stderr") or name == "alias" or isinstance(value, (str, bool)):
+            continue
+        if not isinstance(value, (int, float)):
+            continue
+        metrics[name if filt in ("", "none") else f"{name}/{filt}"] = float(value)
+    return metrics
+
+
+def _score_lm_eval(lm: Any, spec: EvalTaskSpec, suite: EvalSuite) -> Any:
+    """One lm-evaluation-harness task on the loaded model (see the module docstring)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise TaskUnavailable(
+            "lm-evaluation-harness is not installed (pip install 'lm-eval[hf]')"
+        ) from None
+    try:
+        wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=suite.batch_size)
+        out = lm_eval.simple_evaluate(
+            model=wrapped,
+            tasks=[spec.task],
+            limit=spec.n,
+            random_seed=spec.seed,
+            numpy_random_seed=spec.seed,
+            torch_random_seed=spec.seed,
+            log_samples=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - unknown task, data not reachable: one line
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise TaskUnavailable(
+            f"lm-eval task '{spec.task}' could not run: {type(exc).__name__}: {first}"
+        ) from None
+    results = (out or {}).get("results", {}).get(spec.task) or (out or {}).get("groups", {}).get(
+        spec.task
+    )
+    if not results:
+        raise TaskUnavailable(f"lm-eval returned no results for task '{spec.task}'")
+    metrics = _lm_eval_metrics(results)
+    if not metrics:
+        raise TaskUnavailable(f"lm-eval task '{spec.task}' reported no numeric metric")
+    samples = ((out or {}).get("n-samples") or {}).get(spec.task) or {}
+    n = int(samples.get("effective") or spec.n or 0)
+    primary = spec.metric or next((m for m in LM_EVAL_METRICS if m in metrics), next(iter(metrics)))
+    if primary not in metrics:
+        raise TaskUnavailable(
+            f"lm-eval task '{spec.task}' has no metric '{primary}' "
+            f"(it reports {', '.join(metrics)})"
+        )
+    return metrics, n, primary
+
+
 def run_suite(
     lm: Any,
     suite: EvalSuite,
@@ -726,6 +832,27 @@ def run_suite(
             if progress:
                 progress(spec.name, i, len(specs))
             t0 = time.monotonic()
+            if spec.scorer == LM_EVAL:
+                try:
+                    metrics, n, primary = _score_lm_eval(lm, spec, suite)
+                except TaskUnavailable as exc:
+                    metrics, n, primary, skipped = {}, 0, spec.primary_metric, str(exc)
+                else:
+                    skipped = ""
+                results.append(
+                    TaskResult(
+                        name=spec.name,
+                        task=spec.task,
+                        scorer=spec.scorer,
+                        role=suite.role(spec.name),
+                        primary=primary,
+                        metrics=metrics,
+                        n=n,
+                        seconds=time.monotonic() - t0,
+                        skipped=skipped,
+                    )
+                )
+                continue
             examples = select_examples(spec)
             if not examples:
                 raise LensError(f"'{spec.name}': the task has no examples.")
@@ -830,7 +957,7 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
         before, after = b.value, t.value
         per_task[spec.name] = {
             "role": suite.role(spec.name),
-            "metric": spec.primary_metric,
+            "metric": b.primary or t.primary,
             "base": before,
             "tuned": after,
             "delta": None if before is None or after is None else after - before,
@@ -847,13 +974,15 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
                 f"TI undefined: the base model scores {per_task[target.name]['base']} on "
                 f"{target.name} {target.primary_metric}, so a relative change has no meaning."
             )
-    bwt_tasks, excluded = [], []
+    bwt_tasks, excluded, unscored = [], [], []
     changes = []
     for spec in suite.ood:
         if not spec.is_accuracy or spec.name not in per_task:
             continue
         change = per_task[spec.name]["relative_change"]
-        if change is None:
+        if per_task[spec.name]["base"] is None or per_task[spec.name]["tuned"] is None:
+            unscored.append(spec.name)
+        elif change is None:
             excluded.append(spec.name)
         else:
             bwt_tasks.append(spec.name)
@@ -863,6 +992,8 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
             "BWT leaves out " + ", ".join(excluded) + ": the base model scores 0 there, so the "
             "relative change is undefined (see the absolute deltas)."
         )
+    if unscored:
+        notes.append("BWT leaves out " + ", ".join(unscored) + ": not scored (skipped, see why).")
     bwt = sum(changes) / len(changes) if changes else None
     if bwt is None:
         notes.append("BWT undefined: no OOD accuracy task with a non-zero base score.")
@@ -945,8 +1076,8 @@ def base_suite_result(
         if found is not None:
             return found, True
     result = run_suite(lm, suite, progress=progress)
-    if cache is not None:
-        cache.put(key, result)
+    if cache is not None and not any(t.skipped for t in result.tasks):
+        cache.put(key, result)  # a skipped task may run later (package installed, data reachable)
     return result, False
 
 
@@ -955,12 +1086,24 @@ def base_suite_result(
 # --------------------------------------------------------------------------------------------
 
 
+def _adapter_root(path: str | Path) -> Path:
+    """A folder given as a path, or as a run id under the runs root."""
+    root = Path(path).expanduser()
+    if root.exists():
+        return root
+    from core.jobs import runs_dir
+
+    by_id = runs_dir() / str(path)
+    if str(path) and "/" not in str(path) and by_id.is_dir():
+        return by_id
+    raise LensError(f"Adapter '{path}' does not exist (neither a folder nor a run id).")
+
+
 def resolve_adapter_path(path: str | Path) -> Path:
     """The folder holding `adapter_config.json`: the path itself, a run folder's `adapter/`, or
-    the newest `checkpoints/checkpoint-N/` of a run that has not finished."""
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise LensError(f"Adapter '{path}' does not exist.")
+    the newest `checkpoints/checkpoint-N/` of a run that has not finished. `path` may also be a
+    run id under the runs root."""
+    root = _adapter_root(path)
     candidates = [root, root / "adapter"]
     checkpoints = sorted(
         (p for p in (root / "checkpoints").glob("checkpoint-*") if p.name[11:].isdigit()),
@@ -1054,6 +1197,18 @@ def make_training_callbacks(config: Any, run_dir: str | Path) -> list[Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def build_suite(
+    suite: EvalSuite | str, *, limit: int | None = None, lm_eval_tasks: Sequence[str] = ()
+) -> EvalSuite:
+    """A suite by name (or as given), plus lm-eval tasks (20 documents each), capped at
+    `limit` examples per task."""
+    chosen = get_suite(suite) if isinstance(suite, str) else suite
+    names = [n.strip() for n in lm_eval_tasks if n.strip()]
+    if names:
+        chosen = chosen.with_lm_eval_tasks(names)
+    return chosen.limited(limit) if limit is not None else chosen
+
+
 def evaluate_model(
     model: str = "default",
     *,
@@ -1063,16 +1218,15 @@ def evaluate_model(
     device: str = "auto",
     dtype: str = "auto",
     use_cache: bool = True,
+    lm_eval_tasks: Sequence[str] = (),
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Evaluate the base model (from the cache when possible) and, with `adapter`, the adapted
-    model against it. Returns a JSON-ready report: suite settings, base result, adapter result
+    model against it. `lm_eval_tasks` adds lm-evaluation-harness tasks as OOD tasks. Returns a JSON-ready report: suite settings, base result, adapter result
     and the TI / BWT comparison (the last two None without an adapter)."""
     from core.models import load_model
 
-    chosen = get_suite(suite) if isinstance(suite, str) else suite
-    if limit is not None:
-        chosen = chosen.limited(limit)
+    chosen = build_suite(suite, limit=limit, lm_eval_tasks=lm_eval_tasks)
     if adapter is not None:
         resolve_adapter_path(adapter)  # fail before loading anything
     lm = load_model(model, device=device, dtype=dtype)
@@ -1104,6 +1258,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _pct(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.2f}%"
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A plain-text table of an `evaluate_model` report (plus TI / BWT with an adapter)."""
     base = SuiteResult.from_dict(report["base"])
@@ -1113,6 +1271,9 @@ def format_report(report: dict[str, Any]) -> str:
         head += f" {'adapter':>9} {'change':>9}"
     lines = [f"model: {report['model']}  suite: {report['suite']['name']}", head, "-" * len(head)]
     for t in base.tasks:
+        if t.skipped:
+            lines.append(f"{t.name:20} {t.role:6} skipped: {t.skipped}")
+            continue
         metrics = [t.primary] + [m for m in t.metrics if m != t.primary]
         for k, metric in enumerate(metrics):
             if t.scorer == REF_PPL and metric not in ("nll_easy", "nll", "ppl_easy"):
@@ -1134,7 +1295,8 @@ def format_report(report: dict[str, Any]) -> str:
     if comparison:
         ti, bwt = comparison["ti"], comparison["bwt"]
         lines.append(
-            f"TI  = {_fmt(ti, 2)}%   BWT = {_fmt(bwt, 2)}% (over {', '.join(comparison['bwt_tasks']) or 'none'})"
+            f"TI  = {_pct(ti)}   BWT = {_pct(bwt)} "
+            f"(over {', '.join(comparison['bwt_tasks']) or 'none'})"
         )
         if comparison["nll_easy_change"] is not None:
             lines.append(
@@ -1145,14 +1307,111 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def adapter_step(adapter: str | Path) -> int | None:
+    """The training step an adapter was saved at: N for `checkpoint-N/`, a finished run's
+    final step from its summary.json; None when unknown."""
+    folder = resolve_adapter_path(adapter)
+    if folder.name.startswith("checkpoint-") and folder.name[11:].isdigit():
+        return int(folder.name[11:])
+    from core.jobs import SUMMARY_JSON, read_json
+
+    summary = read_json(folder.parent / SUMMARY_JSON)
+    if isinstance(summary, dict) and isinstance(summary.get("final_step"), int):
+        return int(summary["final_step"])
+    return None
+
+
+def eval_job_config(
+    model: str = "default",
+    *,
+    adapter: str | None = None,
+    suite: str = "default",
+    limit: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    use_cache: bool = True,
+    lm_eval_tasks: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Checked settings of an "eval" job (bad input raises `LensError` before a job exists).
+
+    Besides `evaluate_model`'s arguments, an adapter from a run folder brings that run's
+    method, tau, target share and seed (so the Runs and Compare pages label and colour the
+    evaluation like the run it evaluates), `evaluates` (its run id) and `step` (its step)."""
+    if not str(model).strip():
+        raise LensError(
+            "Name a model: 'default', a Hugging Face id, a local folder or a .gguf file."
+        )
+    names = [n.strip() for n in lm_eval_tasks if n.strip()]
+    build_suite(suite, limit=limit, lm_eval_tasks=names)  # validates suite, limit and names
+    config: dict[str, Any] = {
+        "kind": "eval",
+        "model": model,
+        "adapter": None,
+        "suite": suite,
+        "limit": limit,
+        "device": device,
+        "dtype": dtype,
+        "use_cache": use_cache,
+    }
+    if names:
+        config["lm_eval_tasks"] = names
+    if adapter is not None:
+        folder = resolve_adapter_path(adapter)
+        config["adapter"] = str(folder.absolute())
+        config["step"] = adapter_step(folder) or 1
+        from core.jobs import CONFIG_JSON, read_json
+
+        run = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+        trained = read_json(run / CONFIG_JSON)
+        if isinstance(trained, dict) and trained.get("method"):
+            config["evaluates"] = run.name
+            for key in ("method", "tau", "target_share", "seed", "task"):
+                if trained.get(key) is not None:
+                    config[key] = trained[key]
+    return config
+
+
+def describe_eval_job(config: dict[str, Any]) -> str:
+    """Short label of an eval job for the jobs list."""
+    what = config.get("evaluates") or (
+        Path(config["adapter"]).name if config.get("adapter") else ""
+    )
+    target = f"{config['model']} + {what}" if config.get("adapter") else f"{config['model']} (base)"
+    limit = f", limit {config['limit']}" if config.get("limit") else ""
+    return f"eval {config['suite']}{limit}: {target}"
+
+
+def eval_cli_command(config: dict[str, Any]) -> str:
+    """The `python -m core eval ...` command equivalent to an eval job's config."""
+    parts = ["python -m core eval", f"--model {config['model']}"]
+    if config.get("adapter"):
+        parts.append(f"--adapter {config.get('evaluates') or config['adapter']}")
+    parts.append(f"--suite {config['suite']}")
+    if config.get("limit"):
+        parts.append(f"--limit {config['limit']}")
+    for key in ("device", "dtype"):
+        if config.get(key, "auto") != "auto":
+            parts.append(f"--{key} {config[key]}")
+    parts += [f"--lm-eval-task {name}" for name in config.get("lm_eval_tasks", [])]
+    if not config.get("use_cache", True):
+        parts.append("--no-cache")
+    return " ".join(parts)
+
+
 def run_job(job: Any, registry: Any) -> None:
-    """Body of an "eval" job process (`core.jobs`; register it with JOB_KINDS["eval"] =
-    "core.evaluation"). `job.config` holds `evaluate_model`'s arguments (model, adapter, suite,
-    limit, device, dtype); the report goes to `<run folder>/eval.json` and its records, at the
-    adapter's step or 0 for the base, to metrics.jsonl."""
-    from core.jobs import append_metric, write_json_atomic
+    """Body of an "eval" job process (`core.jobs`, kind "eval"). `job.config` comes from
+    `eval_job_config`. The run folder gets:
+
+    - `eval.json`: the full `evaluate_model` report (per-example details included);
+    - `metrics.jsonl`: the base model's "eval" records at step 0 and, with an adapter, the
+      adapter's at its training step plus an "eval_summary" (TI / BWT) there, the same records
+      the training callback writes, so the Runs and Compare pages chart and tabulate it;
+    - `summary.json`: suite, TI, BWT and times.
+    """
+    from core.jobs import SUMMARY_JSON, append_metric, write_json_atomic
 
     config = dict(job.config)
+    started = time.time()
 
     def progress(task: str, done: int, total: int) -> None:
         if task:
@@ -1166,10 +1425,40 @@ def run_job(job: Any, registry: Any) -> None:
         limit=config.get("limit"),
         device=config.get("device", "auto"),
         dtype=config.get("dtype", "auto"),
+        use_cache=bool(config.get("use_cache", True)),
+        lm_eval_tasks=config.get("lm_eval_tasks", ()),
         progress=progress,
     )
     write_json_atomic(Path(job.path) / "eval.json", report)
-    final = SuiteResult.from_dict(report["adapter"] or report["base"])
-    for record in final.records(step=int(config.get("step", 0))):
+    base = SuiteResult.from_dict(report["base"])
+    now = time.time()
+    for record in base.records(step=0, when=now):
         append_metric(job.path, record)
+    comparison = report.get("comparison")
+    step = max(1, int(config.get("step") or 1))
+    if report["adapter"]:
+        tuned = SuiteResult.from_dict(report["adapter"])
+        suite = build_suite(
+            config.get("suite", "default"),
+            limit=config.get("limit"),
+            lm_eval_tasks=config.get("lm_eval_tasks", ()),
+        )
+        append_metric(job.path, compare_results(base, base, suite).summary_record(0, now))
+        for record in tuned.records(step=step, when=now):
+            append_metric(job.path, record)
+        append_metric(job.path, compare_results(base, tuned, suite).summary_record(step, now))
+    summary = {
+        "kind": "eval",
+        "suite": report["suite"]["name"],
+        "model": report["model"],
+        "adapter": config.get("adapter"),
+        "step": step if report["adapter"] else 0,
+        "ti": comparison["ti"] if comparison else None,
+        "bwt": comparison["bwt"] if comparison else None,
+        "base_from_cache": report["base_from_cache"],
+        "eval_seconds": base.seconds + (tuned.seconds if report["adapter"] else 0.0),
+        "wall_time_s": time.time() - started,
+        "finished": time.time(),
+    }
+    write_json_atomic(Path(job.path) / SUMMARY_JSON, summary)
     print(format_report(report), flush=True)

@@ -80,7 +80,12 @@ LOG_TAIL_LINES = 30
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 #: Job kinds and the module whose `run_job(job, registry) -> None` runs them in the job process.
-JOB_KINDS = {"train": "core.training", "generate": "core.gendata"}
+JOB_KINDS = {
+    "train": "core.training",
+    "generate": "core.gendata",
+    "eval": "core.evaluation",
+    "protocol": "core.protocol",
+}
 
 
 class JobError(LensError):
@@ -532,14 +537,19 @@ class JobRegistry:
         device: str = "auto",
         label: str = "",
         start: bool = True,
+        run_dir: str | Path | None = None,
     ) -> Job:
-        """Queue a job: create its run folder with config.json, add the row, kick the queue."""
+        """Queue a job: create its run folder with config.json, add the row, kick the queue.
+
+        `run_dir` names the folder (default: a new one named by the job id); an existing folder
+        keeps its config.json, so the job resumes the run there (its kind checks the config)."""
         if kind not in JOB_KINDS:
             raise JobError(f"Unknown job kind '{kind}' (known: {', '.join(JOB_KINDS)}).")
         job_id = _new_job_id()
-        run = self.root / job_id
-        run.mkdir(parents=True, exist_ok=False)
-        write_json_atomic(run / CONFIG_JSON, config)
+        run = Path(run_dir).expanduser().absolute() if run_dir else self.root / job_id
+        run.mkdir(parents=True, exist_ok=run_dir is not None)
+        if not (run / CONFIG_JSON).exists():
+            write_json_atomic(run / CONFIG_JSON, config)
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO jobs (id, kind, label, config, device, status, run_dir, created) "

@@ -19,6 +19,10 @@ import pandas as pd
 from core.errors import LensError
 from core.jobs import CONFIG_JSON, SUMMARY_JSON, read_json, read_metrics, runs_dir
 
+GENERATED_KINDS = ("self_output", "rephrase")
+# Run folders that hold no training or evaluation of a model: data generation, protocols.
+NOT_MODEL_RUNS = (*GENERATED_KINDS, "protocol")
+
 
 @dataclass
 class RunView:
@@ -40,8 +44,14 @@ class RunView:
 
     @property
     def method(self) -> str:
-        """Training method (gt, stm, random, ...), or "base" for an evaluation-only run."""
-        return str(self.config.get("method") or self.data_record.get("method") or "base")
+        """Training method (gt, stm, random, ...; self_output / rephrase for ground-truth
+        training on a generated set), or "base" for an evaluation-only run."""
+        method = str(self.config.get("method") or self.data_record.get("method") or "base")
+        if method == "gt" and self.config.get("data"):
+            manifest = read_json(Path(str(self.config["data"])) / "manifest.json")
+            if isinstance(manifest, dict) and manifest.get("kind") in GENERATED_KINDS:
+                return str(manifest["kind"])
+        return method
 
     @property
     def label(self) -> str:
@@ -152,12 +162,18 @@ def load_run(run: str | Path) -> RunView:
     )
 
 
+def _is_model_run(folder: Path) -> bool:
+    config = read_json(folder / CONFIG_JSON)
+    return isinstance(config, dict) and config.get("kind") not in NOT_MODEL_RUNS
+
+
 def list_runs(root: str | Path | None = None) -> list[RunView]:
-    """Every run folder under the runs root, newest first."""
+    """Every training or evaluation run folder under the runs root, newest first (data
+    generation and protocol folders are left out: they hold no model's scores)."""
     base = Path(root) if root else runs_dir()
     if not base.is_dir():
         return []
-    folders = [p for p in base.iterdir() if (p / CONFIG_JSON).is_file()]
+    folders = [p for p in base.iterdir() if _is_model_run(p)]
     folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     return [load_run(p) for p in folders]
 

@@ -1,0 +1,165 @@
+"""The one-command paper protocol: statistics, plan, bad settings, and a whole (tiny) run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.errors import LensError
+from core.protocol import (
+    REPORT_HTML,
+    RESULTS_JSON,
+    RESULTS_MD,
+    ProtocolConfig,
+    arm_specs,
+    compare_to_gt,
+    findings,
+    mean_ci,
+    run_protocol,
+    train_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mean_ci_is_the_student_t_interval():
+    values = [1.0, 2.0, 4.0]
+    stat = mean_ci(values)
+    assert stat["n"] == 3
+    assert stat["mean"] == pytest.approx(statistics.mean(values))
+    assert stat["sd"] == pytest.approx(statistics.stdev(values))
+    # t(0.975, 2 df) = 4.303
+    assert stat["ci95"] == pytest.approx(4.303 * statistics.stdev(values) / math.sqrt(3))
+    assert mean_ci([5.0]) == {"n": 1, "mean": 5.0, "sd": None, "ci95": None}
+    assert mean_ci([None, float("nan")])["mean"] is None
+
+
+def _arm(label, measure, values):
+    return {"label": label, "seeds": list(range(len(values))), "failed": [],
+            "measures": {measure: mean_ci(values)}}  # fmt: skip
+
+
+def test_findings_read_the_intervals_not_the_paper():
+    gt = _arm("ground truth", "ood_nll_easy_Δ%", [10.0, 11.0, 12.0])
+    stm = _arm("STM τ=2.5", "ood_nll_easy_Δ%", [1.0, 2.0, 1.5])
+    rnd = _arm("random", "ood_nll_easy_Δ%", [9.0, 12.0, 11.0])
+    worse = _arm("low", "ood_nll_easy_Δ%", [30.0, 31.0, 32.0])
+    assert compare_to_gt(stm, gt, "ood_nll_easy_Δ%") == "lower"
+    assert compare_to_gt(rnd, gt, "ood_nll_easy_Δ%") == "overlap"
+    assert compare_to_gt(worse, gt, "ood_nll_easy_Δ%") == "higher"
+    text = findings({"arms": {"gt": gt, "stm": stm, "random": rnd, "low": worse}})
+    assert any(t.startswith("STM τ=2.5") and "better than ground truth" in t for t in text)
+    assert any(t.startswith("random") and "indistinguishable" in t for t in text)
+    assert any(t.startswith("low") and "worse than ground truth" in t for t in text)
+
+
+def test_arms_train_what_the_paper_compares():
+    config = ProtocolConfig(tau=3.0, target_share=0.2)
+    arms = arm_specs(config)
+    stm = train_config(config, arms["stm"], seed=1)
+    share = train_config(config, arms["stm_share"], seed=1)
+    rnd = train_config(config, arms["random"], seed=2)
+    gt = train_config(config, arms["gt"], seed=0)
+    so = train_config(config, arms["self_output"], seed=0, data="/sets/so-v1")
+    assert (stm["method"], stm["tau"], stm["target_share"]) == ("stm", 3.0, None)
+    assert (share["method"], share["tau"], share["target_share"]) == ("stm", None, 0.2)
+    assert (rnd["method"], rnd["tau"], rnd["mask_seed"], rnd["seed"]) == ("random", 3.0, 2, 2)
+    assert gt["method"] == "gt" and gt["task"] == "mbpp" and gt["split"] == "train"
+    assert so["method"] == "gt" and so["data"] == "/sets/so-v1" and so["task"] is None
+    # every arm evaluates at step 0 and at its end only, on the same suite
+    assert {c["eval_suite"] for c in (stm, share, rnd, gt, so)} == {"protocol"}
+    assert all(c["eval_every"] >= 10**6 for c in (stm, gt, so))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"methods": "gt,dpo"}, "Unknown arm"),
+        ({"seeds": "0,0"}, "seed is named twice"),
+        ({"target_share": 1.5}, "between 0 and 1"),
+        ({"seeds": "a,b"}, "integers"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(overrides, message):
+    with pytest.raises(LensError, match=message):
+        ProtocolConfig.from_preset("cpu", **overrides)
+
+
+def test_cli_rejects_bad_input_before_any_job(tmp_path):
+    env = {"PLENS_CACHE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    for args, reason in (
+        (["--task", "nosuch"], "Unknown task"),
+        (["--suite", "nosuch"], "Unknown evaluation suite"),
+        (["--learning-rate", "-1"], "learning_rate"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", "core", "protocol", *args],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and reason in lines[0]
+    runs = tmp_path / "runs"  # no job was registered, no run folder made
+    assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
+
+
+def test_tiny_protocol_end_to_end_then_resumes(tiny_model_dir, tmp_path):
+    """GT, STM and Self-Output x 2 seeds on the tiny random model: every run trains in its own
+    process, the table has both seeds with intervals, the random model keeps no Self-Output
+    sample (so that arm is skipped with its reason), the report is written, and a second call
+    reuses every finished run."""
+    from core.jobs import runs_dir
+    from core.runs import list_runs
+
+    config = ProtocolConfig.from_preset(
+        "cpu",
+        model=str(tiny_model_dir),
+        methods=["gt", "stm_share", "self_output"],
+        seeds=[0, 1],
+        limit=8,
+        max_length=96,
+        epochs=1.0,
+        batch_size=4,
+        learning_rate=1e-2,
+        suite="tiny",
+        gen_samples=2,
+        gen_max_new_tokens=8,
+        gen_prompt_batch=4,
+    )
+    folder = runs_dir() / "proto"
+    results = run_protocol(config, folder)
+
+    assert set(results["arms"]) == {"gt", "stm_share"}
+    for key in ("gt", "stm_share"):
+        arm = results["arms"][key]
+        assert arm["seeds"] == [0, 1] and not arm["failed"]
+        loss = arm["measures"]["final loss"]
+        assert loss["n"] == 2 and loss["ci95"] is not None
+    assert results["arms"]["gt"]["measures"]["masked %"]["mean"] == 0
+    # a random model finds every token surprising: τ is solved for the 25% share
+    assert results["arms"]["stm_share"]["measures"]["masked %"]["mean"] == pytest.approx(25, abs=3)
+    assert any(n.startswith("Self-Output skipped") for n in results["notes"])
+
+    table = (folder / RESULTS_MD).read_text()
+    assert "| ground truth | 2 |" in table and "| STM 25% masked | 2 |" in table
+    assert "mbpp_ppl nll Δ% (target)" in table and "OOD easy-token NLL Δ%" in table
+    saved = json.loads((folder / RESULTS_JSON).read_text())
+    assert saved["report"] == str(folder / REPORT_HTML)
+    html = (folder / REPORT_HTML).read_text()
+    assert "Protocol summary" in html and "ground truth" in html
+    ids = {r.run_id for r in list_runs(runs_dir())}
+    assert {f"proto-{a}-s{s}" for a in ("gt", "stm_share") for s in (0, 1)} <= ids
+    assert "proto" not in ids  # the protocol folder is not a model run
+
+    again = run_protocol(config, folder)
+    assert all(r.get("reused") for r in again["runs"])
+    assert again["arms"]["gt"]["measures"] == results["arms"]["gt"]["measures"]
+    with pytest.raises(LensError, match="other settings"):
+        run_protocol(dataclasses.replace(config, tau=3.0), folder)
