@@ -12,6 +12,7 @@ pages = [
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("pages/runs.py", title="Runs", icon=":material/monitoring:"),
     st.Page("pages/compare.py", title="Compare & report", icon=":material/compare_arrows:"),
+    st.Page("pages/protocol.py", title="Reproduce the paper", icon=":material/science:"),
 ]
 nav = st.navigation(pages)
 st.logo("docs/logo.svg", size="large")

@@ -806,3 +806,74 @@ def run_job(job: Any, registry: Any) -> None:
         registry.set_message(job.id, message)
 
     run_protocol(config, job.path, status=status)
+
+
+# --------------------------------------------------------------------------- reading (app)
+
+
+@dataclass
+class ProtocolView:
+    """One protocol folder as the app shows it: settings, progress, results."""
+
+    folder: Path
+    config: ProtocolConfig
+    results: dict[str, Any] | None
+
+    @property
+    def name(self) -> str:
+        """The folder name (what `--name` takes)."""
+        return self.folder.name
+
+    def planned_runs(self) -> list[str]:
+        """Run ids of every arm and seed (Self-Output's only once its data exists or while it
+        may still be generated)."""
+        return [run_id(self.folder, key, seed) for seed in self.config.seeds
+                for key in self.config.methods]  # fmt: skip
+
+    def finished_runs(self) -> list[str]:
+        """Planned runs whose training finished."""
+        from core.jobs import runs_dir
+
+        return [r for r in self.planned_runs() if _finished(runs_dir() / r)]
+
+
+def load_protocol(folder: str | Path) -> ProtocolView:
+    """Read a protocol folder (LensError when it is not one)."""
+    from core.jobs import CONFIG_JSON, read_json
+
+    path = Path(folder)
+    saved = read_json(path / CONFIG_JSON)
+    if not isinstance(saved, dict) or saved.get("kind") != PROTOCOL_KIND:
+        raise LensError(f"{path} is not a protocol folder.")
+    results = read_json(path / RESULTS_JSON)
+    return ProtocolView(path, ProtocolConfig.from_dict(saved), results if results else None)
+
+
+def list_protocols() -> list[ProtocolView]:
+    """Every protocol folder under the runs root, newest first (unreadable ones skipped)."""
+    from core.jobs import runs_dir
+
+    found = []
+    for path in sorted(runs_dir().iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+        if path.is_dir():
+            try:
+                found.append(load_protocol(path))
+            except LensError:
+                continue
+    return found
+
+
+def cli_command(config: ProtocolConfig, name: str | None = None) -> str:
+    """The `python -m core protocol ...` command that runs `config` (non-preset values only)."""
+    import shlex
+
+    defaults = ProtocolConfig.from_preset(config.preset).to_dict()
+    parts = ["python", "-m", "core", "protocol", "--preset", config.preset]
+    for key, value in config.to_dict().items():
+        if key in ("kind", "preset") or value == defaults.get(key):
+            continue
+        text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+        parts += ["--" + key.replace("_", "-"), "none" if value is None else text]
+    if name and name != f"protocol-{config.preset}":
+        parts += ["--name", name]
+    return shlex.join(parts)

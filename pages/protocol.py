@@ -1,0 +1,185 @@
+"""Reproduce the paper: launch the whole protocol (every method x seeds, one table with 95%
+confidence intervals, one report) as a background job, follow it, and present its results.
+
+The protocol runs in a job process (core.protocol via core.jobs), so closing or reloading the
+page never stops it; the followed protocol lives in the URL (`?protocol=NAME`). Its progress
+view polls the run folders in a fragment and never blocks the page.
+"""
+
+import pandas as pd
+import streamlit as st
+
+from components.jobs_view import STATUS_BADGES, fmt_seconds, job_header, job_log
+from components.session import ensure_app_navigation
+from core.errors import LensError
+from core.jobs import JobRegistry
+from core.protocol import (
+    ARMS,
+    PRESETS,
+    REPORT_HTML,
+    ProtocolConfig,
+    arm_specs,
+    cli_command,
+    list_protocols,
+    load_protocol,
+    preflight,
+    protocol_folder,
+    summary_table,
+)
+
+POLL_SECONDS = 3.0
+PRESET_LABELS = {
+    "cpu": "cpu: the embedded model on 2 CPU cores, about 45 minutes",
+    "paper": "paper: the paper's sizes (all 400 problems, lr 2e-5, 3 epochs, N = 32) for a GPU",
+}
+
+ensure_app_navigation()
+registry = JobRegistry()
+
+st.title("Reproduce the paper")
+st.caption(
+    "One click runs the paper's comparison on MBPP: ground truth, STM at τ and at the τ that "
+    "masks a target share, the random-mask control and Self-Output, each with several seeds, "
+    "evaluated on the target and out-of-domain tasks at step 0 and at the end. The result is a "
+    "table with 95% confidence intervals, a reading of each method against ground truth, and a "
+    "report. It runs in the background and resumes where it stopped."
+)
+
+
+def _start(config: ProtocolConfig, name: str) -> None:
+    """Queue the protocol job (a callback: runs before the script)."""
+    try:
+        folder = protocol_folder(config, name=name)
+        registry.submit(
+            "protocol", config.to_dict(), device=config.device, label=config.describe(),
+            run_dir=folder,
+        )  # fmt: skip
+    except LensError as exc:
+        st.session_state["protocol_start_error"] = str(exc)
+        return
+    st.query_params["protocol"] = folder.name
+
+
+with st.expander("Start a protocol", expanded=not list_protocols()):
+    c1, c2 = st.columns([2, 1])
+    preset = c1.selectbox(
+        "Preset", list(PRESETS), format_func=PRESET_LABELS.get, key="protocol-preset"
+    )
+    model = c2.text_input(
+        "Model", "default", key="protocol-model",
+        help="'default' (the embedded SmolLM2-135M), a Hugging Face id or a local folder",
+    )  # fmt: skip
+    defaults = ProtocolConfig.from_preset(preset)
+    labels = {key: arm.label for key, arm in arm_specs(defaults).items()}
+    methods = st.multiselect(
+        "Methods", list(ARMS), default=list(ARMS), format_func=labels.get, key="protocol-methods"
+    )
+    c1, c2, c3, c4 = st.columns(4)
+    seeds = c1.text_input("Seeds", "0,1,2", key="protocol-seeds", help="comma-separated")
+    tau = c2.number_input("τ (STM, random)", 1.01, 1000.0, defaults.tau, 0.1, key="protocol-tau")
+    share = c3.slider(
+        "Share masked (STM share arm)", 0.05, 0.6, defaults.target_share, 0.01,
+        key="protocol-share",
+    )  # fmt: skip
+    name = c4.text_input(
+        "Name", f"protocol-{preset}", key="protocol-name",
+        help="Folder under the runs folder; the same name with the same settings resumes it.",
+    )  # fmt: skip
+    try:
+        config = ProtocolConfig.from_preset(
+            preset, model=model.strip() or "default", methods=methods, seeds=seeds, tau=tau,
+            target_share=share,
+        )  # fmt: skip
+        preflight(config)
+        folder = protocol_folder(config, name=name.strip())
+    except LensError as exc:
+        st.error(str(exc))
+    else:
+        st.caption("Equivalent command (runs in the foreground; add `--submit` to queue it):")
+        st.code(cli_command(config, folder.name), language="bash", wrap_lines=True)
+        st.button(
+            "Start protocol", type="primary", icon=":material/play_arrow:", on_click=_start,
+            args=(config, folder.name), key="protocol-start",
+        )  # fmt: skip
+    if st.session_state.get("protocol_start_error"):
+        st.error(st.session_state.pop("protocol_start_error"))
+
+protocols = list_protocols()
+if not protocols:
+    st.info("No protocol yet. Start one above, or run `make protocol` in a terminal.")
+    st.stop()
+
+names = [p.name for p in protocols]
+wanted = st.query_params.get("protocol")
+chosen = st.selectbox(
+    "Protocol", names, index=names.index(wanted) if wanted in names else 0, key="protocol-pick"
+)
+st.query_params["protocol"] = chosen
+
+
+def _job_of(folder_name: str):
+    jobs = [j for j in registry.list() if j.kind == "protocol" and j.path.name == folder_name]
+    return jobs[0] if jobs else None
+
+
+@st.fragment(run_every=POLL_SECONDS)
+def show_progress(name: str) -> None:
+    """Status, finished runs and the log while the protocol runs; stops polling once done."""
+    view = load_protocol(next(p.folder for p in protocols if p.name == name))
+    job = _job_of(name)
+    planned, finished = view.planned_runs(), view.finished_runs()
+    st.caption(view.config.describe())
+    if job is not None:
+        job_header(registry, job, key_prefix="protocol-", resume_note="finished runs are kept")
+    st.progress(
+        len(finished) / max(1, len(planned)),
+        text=f"{len(finished)} of {len(planned)} training runs finished"
+        + (f" · {fmt_seconds(job.elapsed)} elapsed" if job and job.elapsed else ""),
+    )
+    if job is not None and job.active:
+        job_log(job, lines=15)
+    elif view.results is None and job is not None:
+        st.warning(f"{STATUS_BADGES.get(job.status, job.status)}: {job.error or job.message}")
+        job_log(job, lines=30)
+    if job is not None and not job.active and st.session_state.get("protocol-was-active"):
+        st.session_state["protocol-was-active"] = False
+        st.rerun(scope="app")  # draw the results below
+    st.session_state["protocol-was-active"] = bool(job and job.active)
+
+
+show_progress(chosen)
+
+view = load_protocol(next(p.folder for p in protocols if p.name == chosen))
+if view.results is None:
+    st.stop()
+
+results = view.results
+st.subheader("Results")
+st.caption(
+    "Mean ± 95% confidence half-width over seeds (Student t). Δ% is the relative change from "
+    "the base model (step 0) to the end of training; OOD easy-token NLL Δ% > 0 means the model "
+    "got worse at out-of-domain tokens it already predicted well (forgetting)."
+)
+st.dataframe(pd.DataFrame(summary_table(results)), hide_index=True, width="stretch")
+st.markdown("**Reading against ground truth**")
+for line in results.get("findings") or ["(nothing to compare)"]:
+    st.markdown(f"- {line}")
+for note in results.get("notes", []):
+    st.caption(note)
+failed = [r for r in results.get("runs", []) if r.get("status") != "succeeded"]
+if failed:
+    st.warning("Failed runs: " + "; ".join(f"{r['run']}: {r.get('error', '')}" for r in failed))
+st.caption(f"Wall time {fmt_seconds(results.get('wall_time_s'))}.")
+report = view.folder / REPORT_HTML
+if report.is_file():
+    st.download_button(
+        "Download the report (HTML, opens offline)", report.read_bytes(),
+        file_name=f"{view.name}-report.html", mime="text/html", icon=":material/download:",
+        key="protocol-report",
+    )  # fmt: skip
+finished_ids = [r["run"] for r in results.get("runs", []) if r.get("status") == "succeeded"]
+# a plain link (relative to this page's URL): st.page_link needs the app's navigation, which a
+# page run on its own (AppTest) does not have
+st.markdown(
+    f":material/compare_arrows: [Open these runs on Compare & report](compare?cmp={','.join(finished_ids)})"
+)
