@@ -52,6 +52,7 @@ ARMS = ("gt", "stm", "stm_share", "random", "self_output")
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 REPORT_HTML = "report.html"
+PROGRESS_TXT = "progress.txt"
 GENERATION_DIR = "self-output-generation"
 # Evaluate at step 0 and at the end only (EvalCallback evaluates every N steps, N beyond any run).
 EVAL_AT_START_AND_END = 1_000_000
@@ -345,9 +346,13 @@ def run_id(protocol_dir: Path, arm: str, seed: int) -> str:
 # --------------------------------------------------------------------------- running
 
 
-def _say(message: str, status: StatusFn | None = None) -> None:
-    stamp = time.strftime("%H:%M:%S")
-    print(f"[{stamp}] {message}", flush=True)
+def _say(folder: Path, message: str, status: StatusFn | None = None) -> None:
+    """A progress line: printed, appended to the folder's progress file (what the app shows,
+    in the foreground too) and set as the job's status message."""
+    line = f"[{time.strftime('%H:%M:%S')}] {message}"
+    print(line, flush=True)
+    with open(folder / PROGRESS_TXT, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
     if status:
         status(message)
 
@@ -419,7 +424,7 @@ def _self_output_data(
     gen_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = gen_dir / "protocol-generate.json"
     write_json_atomic(cfg_path, generation_config(config))
-    _say("Self-Output: generating training data", status)
+    _say(folder, "Self-Output: generating training data", status)
     started = time.monotonic()
     code = _run_cli(
         ["generate", "--config", str(cfg_path), "--run-dir", str(gen_dir)], gen_dir / "log.txt"
@@ -446,14 +451,14 @@ def run_protocol(
     if read_json(folder / CONFIG_JSON) is None:
         write_json_atomic(folder / CONFIG_JSON, config.to_dict())
     started = time.monotonic()
-    _say(config.describe(), status)
+    _say(folder, config.describe(), status)
     arms = arm_specs(config)
     notes: list[str] = []
     data: dict[str, str | None] = {}
     if "self_output" in config.methods:
         data["self_output"], note = _self_output_data(config, folder, status)
         notes.append(note)
-        _say(note, status)
+        _say(folder, note, status)
     plan = [
         (arms[key], seed)
         for seed in config.seeds
@@ -466,14 +471,14 @@ def run_protocol(
         run_dir = runs_dir() / rid
         entry = {"arm": arm.key, "label": arm.label, "seed": seed, "run": rid}
         if _finished(run_dir):
-            _say(f"[{i}/{len(plan)}] {arm.label}, seed {seed}: already finished", status)
+            _say(folder, f"[{i}/{len(plan)}] {arm.label}, seed {seed}: already finished", status)
             runs.append({**entry, "status": "succeeded", "reused": True})
             continue
         cfg = train_config(config, arm, seed, data.get(arm.key))
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg_path = run_dir / "protocol-train.json"
         write_json_atomic(cfg_path, cfg)
-        _say(f"[{i}/{len(plan)}] {arm.label}, seed {seed}: training ({rid})", status)
+        _say(folder, f"[{i}/{len(plan)}] {arm.label}, seed {seed}: training ({rid})", status)
         t0 = time.monotonic()
         code = _run_cli(
             ["train", "--config", str(cfg_path), "--run-dir", str(run_dir)], run_dir / "log.txt"
@@ -481,25 +486,25 @@ def run_protocol(
         took = time.monotonic() - t0
         if code == 0 and _finished(run_dir):
             runs.append({**entry, "status": "succeeded", "seconds": took})
-            _say(f"[{i}/{len(plan)}] done in {took:.0f} s", status)
+            _say(folder, f"[{i}/{len(plan)}] done in {took:.0f} s", status)
         else:
             reason = _last_error(run_dir / "log.txt")
             runs.append({**entry, "status": "failed", "seconds": took, "error": reason})
-            _say(f"[{i}/{len(plan)}] failed ({code}): {reason}", status)
+            _say(folder, f"[{i}/{len(plan)}] failed ({code}): {reason}", status)
     finished = [r["run"] for r in runs if r["status"] == "succeeded"]
     if not finished:
         raise LensError(f"No protocol run finished; see the logs under {runs_dir()}.")
-    _say(f"aggregating {len(finished)} run(s)", status)
+    _say(folder, f"aggregating {len(finished)} run(s)", status)
     results = aggregate(config, runs, notes, time.monotonic() - started)
     write_json_atomic(folder / RESULTS_JSON, results)
     markdown = results_markdown(results)
     (folder / RESULTS_MD).write_text(markdown, encoding="utf-8")
-    _say("writing the report", status)
+    _say(folder, "writing the report", status)
     write_protocol_report(results, finished, folder / REPORT_HTML)
     results["report"] = str(folder / REPORT_HTML)
     write_json_atomic(folder / RESULTS_JSON, results)
     print(markdown, flush=True)
-    _say(f"protocol finished in {time.monotonic() - started:.0f} s: {folder}", status)
+    _say(folder, f"protocol finished in {time.monotonic() - started:.0f} s: {folder}", status)
     return results
 
 
@@ -835,6 +840,28 @@ class ProtocolView:
         from core.jobs import runs_dir
 
         return [r for r in self.planned_runs() if _finished(runs_dir() / r)]
+
+    def progress_lines(self, n: int = 20) -> list[str]:
+        """The last `n` progress lines (one per step the protocol took)."""
+        try:
+            lines = (self.folder / PROGRESS_TXT).read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+        return lines[-n:]
+
+    def current_log(self) -> tuple[str, Path] | None:
+        """(name, folder) of the step running now, by the latest progress line: the
+        Self-Output generation or a training run (whose log.txt the children write)."""
+        from core.jobs import runs_dir
+
+        for line in reversed(self.progress_lines(200)):
+            if "generating training data" in line:
+                return "Self-Output generation", self.folder / GENERATION_DIR
+            match = line.rsplit("training (", 1)
+            if len(match) == 2 and match[1].endswith(")"):
+                rid = match[1][:-1]
+                return rid, runs_dir() / rid
+        return None
 
 
 def load_protocol(folder: str | Path) -> ProtocolView:

@@ -12,7 +12,7 @@ import streamlit as st
 from components.jobs_view import STATUS_BADGES, fmt_seconds, job_header, job_log
 from components.session import ensure_app_navigation
 from core.errors import LensError
-from core.jobs import JobRegistry
+from core.jobs import JobRegistry, log_tail
 from core.protocol import (
     ARMS,
     PRESETS,
@@ -128,16 +128,23 @@ def show_progress(name: str) -> None:
     view = load_protocol(next(p.folder for p in protocols if p.name == name))
     job = _job_of(name)
     planned, finished = view.planned_runs(), view.finished_runs()
-    st.caption(view.config.describe())
     if job is not None:
         job_header(registry, job, key_prefix="protocol-", resume_note="finished runs are kept")
+    else:
+        st.caption(view.config.describe())
     st.progress(
         len(finished) / max(1, len(planned)),
         text=f"{len(finished)} of {len(planned)} training runs finished"
         + (f" · {fmt_seconds(job.elapsed)} elapsed" if job and job.elapsed else ""),
     )
     if job is not None and job.active:
-        job_log(job, lines=15)
+        left, right = st.columns(2)
+        left.caption("Protocol steps")
+        left.code("\n".join(view.progress_lines(15)) or "(starting)", language=None)
+        current = view.current_log()
+        if current is not None:
+            right.caption(f"Log of {current[0]} (last 15 lines)")
+            right.code(log_tail(current[1], lines=15) or "(starting)", language=None)
     elif view.results is None and job is not None:
         st.warning(f"{STATUS_BADGES.get(job.status, job.status)}: {job.error or job.message}")
         job_log(job, lines=30)

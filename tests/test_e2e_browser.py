@@ -3,7 +3,8 @@ Chromium driven by Playwright, in the order a user goes:
 
 Start (pick the default model and MBPP) -> Explore (heatmap, τ highlights) -> Masking studio
 (τ changes the masked share) -> Train (a tiny job with evaluation every step) -> Runs (the live
-charts gain points) -> Compare & report (download a self-contained HTML report).
+charts gain points) -> Compare & report (download a self-contained HTML report) -> Reproduce
+the paper (the protocol's launch form and command).
 
 The tests share one app server and one browser page and must run in file order. Screenshots of
 every step go to $PLENS_ARTIFACTS_DIR (default tests/artifacts/) for people to look at.
@@ -388,3 +389,12 @@ def test_compare_exports_a_self_contained_report(page, workflow):
     assert report.get_by_text(workflow["job"]).count() >= 1
     _shot(report, "12-report-offline")
     report.close()
+
+
+def test_reproduce_page_offers_the_protocol_with_its_command(page):
+    _open(page, "Reproduce the paper", "Reproduce the paper")
+    # no protocol has run in this app's runs folder: the launch form is open, with the command
+    _expect_text(page.get_by_test_id("stCode").first, "python -m core protocol --preset cpu")
+    page.get_by_text("No protocol yet").wait_for()
+    _shot(page, "13-reproduce-the-paper")
+    _no_errors(page)

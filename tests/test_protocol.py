@@ -21,6 +21,7 @@ from core.protocol import (
     arm_specs,
     compare_to_gt,
     findings,
+    load_protocol,
     mean_ci,
     run_protocol,
     train_config,
@@ -157,6 +158,13 @@ def test_tiny_protocol_end_to_end_then_resumes(tiny_model_dir, tmp_path):
     ids = {r.run_id for r in list_runs(runs_dir())}
     assert {f"proto-{a}-s{s}" for a in ("gt", "stm_share") for s in (0, 1)} <= ids
     assert "proto" not in ids  # the protocol folder is not a model run
+
+    view = load_protocol(folder)  # what the app's page reads
+    assert view.finished_runs() == [f"proto-{a}-s{s}" for s in (0, 1) for a in ("gt", "stm_share")]
+    steps = "\n".join(view.progress_lines(50))
+    assert "Self-Output skipped" in steps and "[4/4] done in" in steps
+    assert view.current_log() == ("proto-stm_share-s1", runs_dir() / "proto-stm_share-s1")
+    assert "done: step" in (runs_dir() / "proto-stm_share-s1" / "log.txt").read_text()
 
     again = run_protocol(config, folder)
     assert all(r.get("reused") for r in again["runs"])
