@@ -64,6 +64,10 @@ T_975 = (
 )  # fmt: skip
 
 StatusFn = Callable[[str], None]
+# The forgetting signals a small model still shows: mean relative change (%) of the
+# out-of-domain reference NLL on the tokens the base model found easy, and on all tokens.
+FORGETTING = "ood_nll_easy_Δ%"
+OOD_NLL = "ood_nll_Δ%"
 
 
 def _help(text: str) -> dict[str, Any]:
@@ -411,6 +415,14 @@ def _generated_set(gen_dir: Path) -> str | None:
     return str(done[-1]["set"]) if done else None
 
 
+def _generation_span(folder: Path) -> list[tuple[float, float]]:
+    """(first, last) record time of the Self-Output generation run, if any."""
+    from core.jobs import read_metrics
+
+    times = [float(r["time"]) for r in read_metrics(folder / GENERATION_DIR) if "time" in r]
+    return [(min(times), max(times))] if times else []
+
+
 def _self_output_data(
     config: ProtocolConfig, folder: Path, status: StatusFn | None
 ) -> tuple[str | None, str]:
@@ -495,7 +507,9 @@ def run_protocol(
     if not finished:
         raise LensError(f"No protocol run finished; see the logs under {runs_dir()}.")
     _say(folder, f"aggregating {len(finished)} run(s)", status)
-    results = aggregate(config, runs, notes, time.monotonic() - started)
+    results = aggregate(
+        config, runs, notes, time.monotonic() - started, spans=_generation_span(folder)
+    )
     write_json_atomic(folder / RESULTS_JSON, results)
     markdown = results_markdown(results)
     (folder / RESULTS_MD).write_text(markdown, encoding="utf-8")
@@ -551,7 +565,10 @@ def run_measures(run: Any) -> dict[str, float | None]:
     last_summary = records[-1] if records else {}
     out["BWT"] = last_summary.get("bwt") if not summary.empty else None
     out["TI"] = last_summary.get("ti") if not summary.empty else None
-    out["ood_nll_easy_Δ%"] = last_summary.get("nll_easy_change")
+    out[FORGETTING] = last_summary.get("nll_easy_change")
+    ood_nll = [v for k, v in out.items() if k.startswith("ood:") and k.endswith(":nll:Δ%")]
+    ood_nll = [v for v in ood_nll if v is not None]
+    out[OOD_NLL] = sum(ood_nll) / len(ood_nll) if ood_nll else None
     out["masked %"] = None if run.masked_share is None else 100 * run.masked_share
     data = run.data_record
     out["train examples"] = data.get("n_examples")
@@ -561,17 +578,30 @@ def run_measures(run: Any) -> dict[str, float | None]:
 
 
 def aggregate(
-    config: ProtocolConfig, runs: Sequence[dict[str, Any]], notes: Sequence[str], seconds: float
+    config: ProtocolConfig,
+    runs: Sequence[dict[str, Any]],
+    notes: Sequence[str],
+    seconds: float,
+    spans: Sequence[tuple[float, float]] = (),
 ) -> dict[str, Any]:
-    """Per-arm means and 95% CIs over seeds, and the per-run measures behind them."""
+    """Per-arm means and 95% CIs over seeds, and the per-run measures behind them.
+
+    `seconds` is this call's wall time; `span_s` in the result is the time from the first
+    start to the last end of the runs (and `spans`, e.g. the generation), whichever call of a
+    resumed protocol made them."""
     from core.runs import load_run
 
     per_run = []
+    spans = list(spans)
     for entry in runs:
         if entry["status"] != "succeeded":
             per_run.append({**entry, "measures": {}})
             continue
-        per_run.append({**entry, "measures": run_measures(load_run(entry["run"]))})
+        view = load_run(entry["run"])
+        per_run.append({**entry, "measures": run_measures(view)})
+        end, wall = view.summary.get("finished"), view.summary.get("wall_time_s")
+        if end is not None and wall is not None:
+            spans.append((float(end) - float(wall), float(end)))
     arms: dict[str, Any] = {}
     for key in config.methods:
         rows = [r for r in per_run if r["arm"] == key and r["measures"]]
@@ -591,6 +621,7 @@ def aggregate(
         "runs": per_run,
         "notes": list(notes),
         "wall_time_s": seconds,
+        "span_s": max(e for _, e in spans) - min(b for b, _ in spans) if spans else None,
         "finished": time.time(),
     }
     results["findings"] = findings(results)
@@ -620,9 +651,6 @@ def compare_to_gt(arm: dict[str, Any], gt: dict[str, Any], measure: str) -> str 
     return "overlap"
 
 
-FORGETTING = "ood_nll_easy_Δ%"
-
-
 def findings(results: dict[str, Any]) -> list[str]:
     """One sentence per arm on what the paper predicts (less out-of-domain forgetting than
     ground truth), read off the 95% CIs; the paper's claim is not assumed."""
@@ -637,6 +665,7 @@ def findings(results: dict[str, Any]) -> list[str]:
             continue
         for measure, what, better in (
             (FORGETTING, "out-of-domain NLL on base-easy tokens (forgetting)", "lower"),
+            (OOD_NLL, "out-of-domain NLL on all tokens", "lower"),
             ("BWT", "BWT", "higher"),
             (target, "target reference NLL", "lower"),
         ):
@@ -671,6 +700,8 @@ def measure_label(measure: str) -> str:
     """Column title of a measure: "mbpp_ppl nll Δ% (target)", "OOD easy-token NLL Δ%", ..."""
     if measure == FORGETTING:
         return "OOD easy-token NLL Δ%"
+    if measure == OOD_NLL:
+        return "OOD NLL Δ%"
     parts = measure.split(":")
     if len(parts) >= 3 and parts[0] in ("target", "ood"):
         text = " ".join(parts[1:]).replace(" Δ%", " Δ%")
@@ -678,8 +709,11 @@ def measure_label(measure: str) -> str:
     return measure
 
 
-def summary_table(results: dict[str, Any]) -> list[dict[str, str]]:
-    """Rows of the protocol table: one per arm, mean ± 95% CI half-width over seeds."""
+def summary_table(results: dict[str, Any], detail: bool = False) -> list[dict[str, str]]:
+    """Rows of the protocol table: one per arm, mean ± 95% CI half-width over seeds.
+
+    The summary has the masked share, each target change, the two out-of-domain NLL signals,
+    BWT, TI and the final training loss; `detail` has the change of every task and metric."""
     measures: list[str] = []
     for arm in results["arms"].values():
         for m in arm["measures"]:
@@ -687,11 +721,15 @@ def summary_table(results: dict[str, Any]) -> list[dict[str, str]]:
                 measures.append(m)
 
     def order(m: str) -> tuple[int, str]:
-        head = ("masked %", "target:", "ood_nll_easy_Δ%", "BWT", "TI", "ood:")
+        head = ("masked %", "target:", FORGETTING, OOD_NLL, "BWT", "TI", "ood:")
         return next((i for i, h in enumerate(head) if m.startswith(h)), len(head)), m
 
-    shown = [m for m in sorted(measures, key=order) if m.endswith("Δ%") or m in ("BWT", "TI")]
-    shown = ["masked %", *shown, "final loss"]
+    if detail:
+        shown = [m for m in sorted(measures, key=order) if ":" in m and m.endswith("Δ%")]
+    else:
+        changes = [m for m in sorted(measures, key=order) if m.startswith("target:")]
+        changes = [m for m in changes if m.endswith("Δ%")]
+        shown = ["masked %", *changes, FORGETTING, OOD_NLL, "BWT", "TI", "final loss"]
     rows = []
     for arm in results["arms"].values():
         row = {"arm": arm["label"], "seeds": str(len(arm["seeds"]))}
@@ -705,6 +743,16 @@ def summary_table(results: dict[str, Any]) -> list[dict[str, str]]:
     return rows
 
 
+def _markdown_table(rows: list[dict[str, str]]) -> list[str]:
+    if not rows:
+        return []
+    head = list(rows[0])
+    for row in rows[1:]:
+        head += [k for k in row if k not in head]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return lines + ["| " + " | ".join(row.get(k, "-") for k in head) + " |" for row in rows]
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The protocol's table, findings and notes as Markdown."""
     rows = summary_table(results)
@@ -714,18 +762,17 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"{len(cfg['seeds'])} seed(s))",
         "",
         "Mean ± 95% CI half-width over seeds (Student t). Δ% is the relative change from the "
-        "step-0 (base model) evaluation to the end of training. ood_nll_easy Δ%: out-of-domain "
-        "reference NLL on the tokens the base model found easy (> 0: forgetting).",
+        "step-0 (base model) evaluation to the end of training. OOD easy-token NLL Δ%: mean "
+        "change of the out-of-domain reference NLL on the tokens the base model found easy; "
+        "OOD NLL Δ%: the same on all tokens (> 0: the model got worse there, i.e. forgot). The "
+        "intervals show the spread over training seeds only: the evaluation subsets are fixed, "
+        "so ± 0.00 means every seed gave the same score, not that the score is exact (one "
+        "question of 16 moves an accuracy by 6 points).",
         "",
     ]
-    if rows:
-        head = list(rows[0])
-        for row in rows[1:]:
-            head += [k for k in row if k not in head]
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "|".join("---" for _ in head) + "|")
-        for row in rows:
-            lines.append("| " + " | ".join(row.get(k, "-") for k in head) + " |")
+    lines += _markdown_table(rows)
+    lines += ["", "Change (%) of every task and metric:", ""]
+    lines += _markdown_table(summary_table(results, detail=True))
     lines += ["", "## Findings", ""]
     lines += [f"- {f}" for f in results["findings"]] or ["- (none)"]
     if results["notes"]:
@@ -734,7 +781,11 @@ def results_markdown(results: dict[str, Any]) -> str:
     if failed:
         lines += ["", "## Failed runs", ""]
         lines += [f"- {r['run']}: {r.get('error', '')}" for r in failed]
-    lines += ["", f"Wall time: {results['wall_time_s'] / 60:.1f} min."]
+    span = results.get("span_s")
+    lines += [""]
+    if span is not None:
+        lines.append(f"Time from the first run's start to the last run's end: {span / 60:.1f} min.")
+    lines.append(f"Wall time of the call that wrote this: {results['wall_time_s'] / 60:.1f} min.")
     return "\n".join(lines) + "\n"
 
 
@@ -744,14 +795,16 @@ def write_protocol_report(results: dict[str, Any], run_ids: Sequence[str], out: 
 
     from core.report import write_report
 
-    table = pd.DataFrame(summary_table(results))
     intro = "Protocol summary: mean ± 95% CI over seeds. " + " ".join(results["findings"])
     return write_report(
         run_ids,
         out,
         title="Perplexity Lens: paper protocol",
         notes=intro,
-        tables=[("Protocol summary", table)],
+        tables=[
+            ("Protocol summary", pd.DataFrame(summary_table(results))),
+            ("Change (%) of every task and metric", pd.DataFrame(summary_table(results, True))),
+        ],
     )
 
 

@@ -165,9 +165,12 @@ st.subheader("Results")
 st.caption(
     "Mean ± 95% confidence half-width over seeds (Student t). Δ% is the relative change from "
     "the base model (step 0) to the end of training; OOD easy-token NLL Δ% > 0 means the model "
-    "got worse at out-of-domain tokens it already predicted well (forgetting)."
+    "got worse at out-of-domain tokens it already predicted well, OOD NLL Δ% at all of them "
+    "(forgetting)."
 )
 st.dataframe(pd.DataFrame(summary_table(results)), hide_index=True, width="stretch")
+with st.expander("Change (%) of every task and metric"):
+    st.dataframe(pd.DataFrame(summary_table(results, detail=True)), hide_index=True)
 st.markdown("**Reading against ground truth**")
 for line in results.get("findings") or ["(nothing to compare)"]:
     st.markdown(f"- {line}")
@@ -176,7 +179,10 @@ for note in results.get("notes", []):
 failed = [r for r in results.get("runs", []) if r.get("status") != "succeeded"]
 if failed:
     st.warning("Failed runs: " + "; ".join(f"{r['run']}: {r.get('error', '')}" for r in failed))
-st.caption(f"Wall time {fmt_seconds(results.get('wall_time_s'))}.")
+if results.get("span_s") is not None:
+    st.caption(
+        f"From the first run's start to the last run's end: {fmt_seconds(results['span_s'])}."
+    )
 report = view.folder / REPORT_HTML
 if report.is_file():
     st.download_button(
