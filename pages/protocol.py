@@ -135,7 +135,7 @@ def show_progress(name: str) -> None:
     st.progress(
         len(finished) / max(1, len(planned)),
         text=f"{len(finished)} of {len(planned)} training runs finished"
-        + (f" · {fmt_seconds(job.elapsed)} elapsed" if job and job.elapsed else ""),
+        + (f" · {fmt_seconds(job.elapsed)} elapsed" if job and job.active and job.elapsed else ""),
     )
     if job is not None and job.active:
         left, right = st.columns(2)
