@@ -293,8 +293,8 @@ class TrainConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe (METHOD.md): LoRA on all linear layers, lr 2e-5, 3 epochs, cosine.
     "paper": {},
-    # Measured on 2 CPU cores with the embedded model (docs/BENCHMARKS.md, "Training"): about
-    # five minutes end to end, and the training loss falls clearly.
+    # Measured on 2 CPU cores with the embedded model (docs/BENCHMARKS.md, "Training"): 5-8
+    # minutes end to end (the shared host's speed varies), and the model changes measurably.
     "cpu-quick": {
         "limit": 48,
         "max_length": 320,
