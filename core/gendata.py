@@ -43,6 +43,7 @@ from typing import Any
 
 from core.data import Example
 from core.errors import LensError
+from core.training import cli_flag, parse_optional
 
 KINDS = ("self_output", "rephrase")
 SELECTIONS = ("lowest", "random", "highest")
@@ -239,20 +240,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------- CLI flags
 
 
-def _parse_optional(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        if text.strip().lower() in ("none", "null", ""):
-            return None
-        return kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `--config`, `--preset` and one flag per `GenDataConfig` field (all unset by default)."""
     parser.add_argument("--config", help="generation config JSON (e.g. a job's config.json)")
@@ -274,9 +261,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name in choices:
             kwargs["choices"] = list(choices[f.name])
         else:
-            kwargs["type"] = _parse_optional(base) if args else base
+            kwargs["type"] = parse_optional(base) if args else base
             kwargs["metavar"] = base.__name__.upper()
-        parser.add_argument(_flag(f.name), **kwargs)
+        parser.add_argument(cli_flag(f.name), **kwargs)
 
 
 _HELP_PRESET = "paper (N=32, T=0.7, top-p 0.95, 512 tokens) or cpu-quick (8 prompts, N=4)"
@@ -321,7 +308,7 @@ def cli_command(config: GenDataConfig, *, submit: bool = False) -> str:
             continue  # implied by --data, or the task's default split
         if f.name == "data" and value is None:
             continue
-        parts += [_flag(f.name), "none" if value is None else str(value)]
+        parts += [cli_flag(f.name), "none" if value is None else str(value)]
     if submit:
         parts.append("--submit")
     return shlex.join(parts)

@@ -99,6 +99,16 @@ class JobCancelled(BaseException):  # noqa: N818 - a control-flow signal, like K
 # --------------------------------------------------------------------------- run folder files
 
 
+def core_process_env() -> dict[str, str]:
+    """This process's environment for a child `python -m core ...`: unbuffered output, and the
+    project on PYTHONPATH so the child imports the same code from any working folder."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
+    )
+    return env
+
+
 def runs_dir() -> Path:
     """Root of all run folders and the registry: $PLENS_RUNS_DIR or <cache_dir()>/runs."""
     from core.models import cache_dir
@@ -654,12 +664,8 @@ class JobRegistry:
 
     def _launch(self, job: Job) -> subprocess.Popen:
         """Start `python -m core job-run ID` in a new session, output appended to log.txt."""
-        env = dict(os.environ)
+        env = core_process_env()
         env["PLENS_RUNS_DIR"] = str(self.root)
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
-        )
         env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         run = Path(job.run_dir)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import LensError
+from core.training import cli_flag, parse_optional
 
 PROTOCOL_KIND = "protocol"
 ARMS = ("gt", "stm", "stm_share", "random", "self_output")
@@ -364,12 +364,9 @@ def _say(folder: Path, message: str, status: StatusFn | None = None) -> None:
 def _run_cli(args: list[str], log_path: Path) -> int:
     """`python -m core ARGS` in a child process, its output appended to `log_path`. The child is
     stopped when this process is (cancel, Ctrl-C)."""
-    from core.jobs import PROJECT_ROOT
+    from core.jobs import PROJECT_ROOT, core_process_env
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH", "")) if p
-    )
+    env = core_process_env()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
@@ -547,9 +544,7 @@ def run_measures(run: Any) -> dict[str, float | None]:
     frame = run.eval_frame()
     out: dict[str, float | None] = {}
     if not frame.empty:
-        first, last = frame["step"].min(), frame["step"].max()
-        base = {(r.task, r.metric): r.value for r in frame[frame["step"] == first].itertuples()}
-        tuned = {(r.task, r.metric): r.value for r in frame[frame["step"] == last].itertuples()}
+        base, tuned = run.scores_at("base"), run.scores_at("last")
         roles = run.roles()
         for (task, metric), value in tuned.items():
             keep = metric in ("acc", "pass@1", "exact_match") or (
@@ -560,11 +555,10 @@ def run_measures(run: Any) -> dict[str, float | None]:
             role = roles.get(task, "ood")
             out[f"{role}:{task}:{metric}"] = value
             out[f"{role}:{task}:{metric}:Δ%"] = relative_change(value, base.get((task, metric)))
-    summary = run.summary_frame()
     records = [r for r in run.records if r.get("kind") == "eval_summary"]
     last_summary = records[-1] if records else {}
-    out["BWT"] = last_summary.get("bwt") if not summary.empty else None
-    out["TI"] = last_summary.get("ti") if not summary.empty else None
+    out["BWT"] = last_summary.get("bwt")
+    out["TI"] = last_summary.get("ti")
     out[FORGETTING] = last_summary.get("nll_easy_change")
     ood_nll = [v for k, v in out.items() if k.startswith("ood:") and k.endswith(":nll:Δ%")]
     ood_nll = [v for v in ood_nll if v is not None]
@@ -812,7 +806,8 @@ def write_protocol_report(results: dict[str, Any], run_ids: Sequence[str], out: 
 
 
 def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--preset` and one flag per `ProtocolConfig` field (all default to unset)."""
+    """`--preset` and one flag per `ProtocolConfig` field (absent from the namespace unless
+    given)."""
     hints = typing.get_type_hints(ProtocolConfig)
     for f in fields(ProtocolConfig):
         if f.name == "preset":
@@ -821,29 +816,19 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
             )
             continue
         hint = hints[f.name]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        base = args[0] if args else hint
-        if typing.get_origin(base) is list:
+        if typing.get_origin(hint) is list:
             kind: Any = str  # comma-separated, parsed by ProtocolConfig
-        elif args:
-            kind = _optional(base)
+        elif type(None) in typing.get_args(hint):  # `X | None`
+            kind = parse_optional(next(a for a in typing.get_args(hint) if a is not type(None)))
         else:
-            kind = base
+            kind = hint
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            cli_flag(f.name),
             dest=f.name,
-            default=None,
+            default=argparse.SUPPRESS,  # absent unless given, so `--limit none` can mean None
             type=kind,
             help=f.metadata["help"],
         )
-
-
-def _optional(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        return None if text.lower() in ("none", "") else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
@@ -851,7 +836,7 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
     given = {
         f.name: getattr(args, f.name)
         for f in fields(ProtocolConfig)
-        if f.name != "preset" and getattr(args, f.name, None) is not None
+        if f.name != "preset" and hasattr(args, f.name)
     }
     return ProtocolConfig.from_preset(args.preset or "cpu", **given)
 
@@ -953,7 +938,7 @@ def cli_command(config: ProtocolConfig, name: str | None = None) -> str:
         if key in ("kind", "preset") or value == defaults.get(key):
             continue
         text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
-        parts += ["--" + key.replace("_", "-"), "none" if value is None else text]
+        parts += [cli_flag(key), "none" if value is None else text]
     if name and name != f"protocol-{config.preset}":
         parts += ["--name", name]
     return shlex.join(parts)

@@ -315,7 +315,9 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
-def _parse_optional(kind: type) -> Callable[[str], Any]:
+def parse_optional(kind: type) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)`, or None for "none", "null" or an empty value."""
+
     def parse(text: str) -> Any:
         if text.strip().lower() in ("none", "null", ""):
             return None
@@ -332,7 +334,8 @@ def _parse_json_or_text(text: str) -> Any:
         return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _flag(name: str) -> str:
+def cli_flag(name: str) -> str:
+    """The command-line flag of a config field: `max_length` -> `--max-length`."""
     return "--" + name.replace("_", "-")
 
 
@@ -359,9 +362,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             args = [a for a in typing.get_args(hint) if a is not type(None)]
             base = args[0] if args else hint
-            kwargs["type"] = _parse_optional(base) if args else base
+            kwargs["type"] = parse_optional(base) if args else base
             kwargs["metavar"] = base.__name__.upper()
-        parser.add_argument(_flag(f.name), **kwargs)
+        parser.add_argument(cli_flag(f.name), **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -409,9 +412,9 @@ def cli_command(config: TrainConfig, *, submit: bool = False) -> str:
         if f.name == "task" and value is None and config.data:
             continue  # implied by --data
         if isinstance(value, bool):
-            parts.append(_flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
+            parts.append(cli_flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
         else:
-            parts += [_flag(f.name), _flag_value(value)]
+            parts += [cli_flag(f.name), _flag_value(value)]
     if submit:
         parts.append("--submit")
     return shlex.join(parts)

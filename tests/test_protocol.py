@@ -99,6 +99,8 @@ def test_cli_rejects_bad_input_before_any_job(tmp_path):
         (["--task", "nosuch"], "Unknown task"),
         (["--suite", "nosuch"], "Unknown evaluation suite"),
         (["--learning-rate", "-1"], "learning_rate"),
+        (["--seeds", "0,x"], "Seeds must be integers"),
+        (["--methods", "gt,dpo"], "Unknown arm"),
     ):
         out = subprocess.run(
             [sys.executable, "-m", "core", "protocol", *args],
@@ -109,6 +111,18 @@ def test_cli_rejects_bad_input_before_any_job(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error:") and reason in lines[0]
     runs = tmp_path / "runs"  # no job was registered, no run folder made
     assert not runs.exists() or not [p for p in runs.iterdir() if p.is_dir()]
+
+
+def test_cli_flags_reach_the_config():
+    from core.cli import build_parser
+    from core.protocol import config_from_args
+
+    args = build_parser().parse_args(
+        ["protocol", "--seeds", "0,1,2", "--methods", "gt,stm", "--limit", "none", "--tau", "3"]
+    )
+    config = config_from_args(args)
+    assert (config.seeds, config.methods, config.limit, config.tau) == ([0, 1, 2], ["gt", "stm"],
+                                                                        None, 3.0)  # fmt: skip
 
 
 def test_tiny_protocol_end_to_end_then_resumes(tiny_model_dir, tmp_path):
