@@ -174,6 +174,18 @@ def _wait_for_charts(page, n: int) -> None:
     )
 
 
+def _wait_until_idle(page) -> None:
+    """Until the app's current rerun has finished: no running indicator, no stale (greyed) element.
+
+    A rerun updates the page top to bottom, so a tile near the top can show the new τ while
+    the heatmap below it is still the previous run's."""
+    page.wait_for_function(
+        '() => !document.querySelector(\'[data-testid="stStatusWidgetRunningIcon"],'
+        ' [data-testid="stStatusWidgetRunningManIcon"], [data-stale="true"]\')',
+        timeout=60_000,
+    )
+
+
 def _expect_text(locator, text: str) -> None:
     from playwright.sync_api import expect
 
@@ -227,6 +239,7 @@ def test_explore_shows_heatmap_and_tau_changes_highlights(page):
     page.wait_for_function(
         f"document.querySelectorAll('span.pl-t.pl-hi').length < {high_before}", timeout=60_000
     )
+    _wait_until_idle(page)
     _shot(page, "03-explore-tau-moved")
     tau = float(page.get_by_test_id("stSliderThumbValue").first.inner_text())
     assert tau == pytest.approx(5.5)
@@ -273,6 +286,10 @@ def test_masking_studio_tau_changes_masked_share(page):
         "/^τ\\s*4.5$/m.test(m.innerText))",
         timeout=60_000,
     )
+    page.wait_for_function(
+        f"() => document.querySelectorAll('span.pl-t.pl-m').length < {struck0}", timeout=60_000
+    )
+    _wait_until_idle(page)
     _wait_for_charts(page, 2)
     share1, masked1, kept1, tau1, struck1, ppl1 = _studio_state(page)
     _shot(page, "05-masking-tau-moved")
