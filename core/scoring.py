@@ -72,14 +72,31 @@ def _build_record(
     )
 
 
+# Rows of logits per pass. On CPU, 16 x vocab floats stay in cache: about 7x faster than one pass
+# over a whole batch (docs/BENCHMARKS.md). A GPU wants large passes.
+STATS_CHUNK = {"cpu": 16}
+GPU_STATS_CHUNK = 4096
+
+
 def _token_stats(
     logits: torch.Tensor, targets: torch.Tensor, top_k: int
 ) -> tuple[list[float], list[int], list[list[int]], list[list[float]]]:
-    """Per-row log-prob of the target, its rank (1 = model's top choice) and the top-k."""
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    target_lp = logprobs.gather(-1, targets[:, None])[:, 0]
-    rank = (logprobs > target_lp[:, None]).sum(-1) + 1
-    top_lp, top_ids = logprobs.topk(top_k, dim=-1)
+    """Per-row log-prob of the target, its rank (1 = model's top choice) and the top-k.
+
+    Works through the rows a few at a time: the full (rows x vocab) log-softmax and the
+    comparison mask behind the rank would otherwise stream gigabytes through memory for a
+    batch of a few thousand response tokens."""
+    parts: list[tuple[torch.Tensor, ...]] = []
+    n = STATS_CHUNK.get(logits.device.type, GPU_STATS_CHUNK)
+    for chunk, tgt in zip(logits.split(n), targets.split(n), strict=True):
+        logprobs = torch.log_softmax(chunk.float(), dim=-1)
+        target_lp = logprobs.gather(-1, tgt[:, None])[:, 0]
+        rank = (logprobs > target_lp[:, None]).sum(-1, dtype=torch.int32) + 1
+        top_lp, top_ids = logprobs.topk(top_k, dim=-1)
+        parts.append((target_lp, rank, top_ids, top_lp))
+    if not parts:
+        return [], [], [], []
+    target_lp, rank, top_ids, top_lp = (torch.cat(p) for p in zip(*parts, strict=True))
     return target_lp.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist()
 
 
@@ -115,23 +132,17 @@ def _score_batch(
     first = min(e.response_start for e in encs) - 1
     keep = width - first
     out = lm.model(
-        input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device), logits_to_keep=keep
+        input_ids=ids.to(lm.device),
+        attention_mask=attn.to(lm.device),
+        logits_to_keep=keep,
+        use_cache=False,  # one forward pass: a KV cache would only be built and thrown away
     )
     logits = out.logits  # (batch, keep, vocab); column j is position first + j
-    rows, targets, spans = [], [], []
+    results = []
     for row, enc in enumerate(encs):
         start, end = enc.response_start - 1 - first, len(enc.input_ids) - 1 - first
-        rows.append(logits[row, start:end])
-        targets.append(ids[row, enc.response_start : len(enc.input_ids)])
-        spans.append(end - start)
-    lp, rank, tids, tlp = _token_stats(
-        torch.cat(rows), torch.cat(targets).to(lm.device), top_k=top_k
-    )
-    results, offset = [], 0
-    for n in spans:
-        sl = slice(offset, offset + n)
-        results.append((lp[sl], rank[sl], tids[sl], tlp[sl]))
-        offset += n
+        targets = ids[row, enc.response_start : len(enc.input_ids)].to(lm.device)
+        results.append(_token_stats(logits[row, start:end], targets, top_k=top_k))
     return results
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from core.cache import ScoreCache
 from core.data import Example
-from core.scoring import score_examples, score_one_reference
+from core.encoding import encode_pair
+from core.scoring import STATS_CHUNK, score_examples, score_one_reference
 
 
 def _examples(n=9):
@@ -41,6 +42,26 @@ def test_record_statistics_are_consistent(tiny_lm):
         assert rec.logprob[i] <= rec.top_logprobs[i][0] + 1e-6
     assert len(rec.tokens) == len(rec.token_ids)
     assert rec.tokens[-1] == "<|im_end|>"
+
+
+def test_rank_and_top_k_match_full_logits_across_chunks(tiny_lm):
+    """Rank and top-k come from a few rows at a time; check them against one full pass."""
+    import torch
+
+    ex = _examples(5)[4]  # several lines: more response tokens than one stats chunk
+    rec = score_examples(tiny_lm, [ex]).examples[0]
+    assert rec.n_response > 2 * STATS_CHUNK["cpu"]
+    enc = encode_pair(tiny_lm.tokenizer, ex.prompt, ex.response)
+    ids = torch.tensor([enc.input_ids])
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(tiny_lm.model(input_ids=ids).logits[0, :-1].float(), -1)
+    rows = logprobs[enc.response_start - 1 :]
+    targets = ids[0, enc.response_start :]
+    target_lp = rows.gather(-1, targets[:, None])[:, 0]
+    assert rec.rank == ((rows > target_lp[:, None]).sum(-1) + 1).tolist()
+    top_lp, top_ids = rows.topk(len(rec.top_ids[0]), dim=-1)
+    assert rec.top_ids == top_ids.tolist()
+    np.testing.assert_allclose(rec.top_logprobs, top_lp.numpy(), atol=1e-5)
 
 
 def test_cache_makes_second_run_free_and_identical(tiny_lm, tmp_path):
