@@ -33,6 +33,9 @@ class ScoreRun:
     n_scored: int = 0
     n_truncated: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Set when this is an early look at the first few examples of a larger selection still being
+    # scored: that selection's size.
+    of_total: int | None = None
 
     def summary(self) -> str:
         """One line for the UI and CLI."""
@@ -116,6 +119,47 @@ def _buckets(lengths: list[int], token_budget: int, max_batch: int) -> list[list
     return batches
 
 
+# Model classes whose forward does not take a boolean `logits_to_keep` mask (transformers'
+# `slice_logits_to_keep`; custom code may only take an int). Found on first use, per class.
+_NO_MASK_KEEP: set[type] = set()
+
+
+def _response_logits(
+    lm: LoadedModel, ids: torch.Tensor, attn: torch.Tensor, encs: list[EncodedPair]
+) -> list[torch.Tensor]:
+    """Per example, the logits of the positions that predict its response tokens.
+
+    Only those positions go through the output projection: a boolean `logits_to_keep` mask
+    picks them row by row (half the projection's rows of keeping the batch's common tail, on
+    MBPP). Models that do not take a mask keep the tail from the earliest response start."""
+    spans = [(e.response_start - 1, len(e.input_ids) - 1) for e in encs]
+    kwargs = {
+        "input_ids": ids.to(lm.device),
+        "attention_mask": attn.to(lm.device),
+        "use_cache": False,  # one forward pass: a KV cache would only be built and thrown away
+    }
+    model_type = type(lm.model)
+    if model_type not in _NO_MASK_KEEP:
+        keep = torch.zeros(ids.shape, dtype=torch.bool)
+        for row, (start, end) in enumerate(spans):
+            keep[row, start:end] = True
+        n = int(keep.sum())
+        try:
+            logits = lm.model(**kwargs, logits_to_keep=keep.to(lm.device)).logits
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, IndexError, RuntimeError):
+            logits = None
+        if logits is not None and logits.ndim == 2 and logits.shape[0] == n:
+            # Rows in mask order: example by example, positions ascending.
+            return list(logits.split([end - start for start, end in spans]))
+        _NO_MASK_KEEP.add(model_type)
+    # With right padding every response position lies at or after the earliest response start.
+    first = min(start for start, _ in spans)
+    logits = lm.model(**kwargs, logits_to_keep=ids.shape[1] - first).logits
+    return [logits[row, start - first : end - first] for row, (start, end) in enumerate(spans)]
+
+
 @torch.inference_mode()
 def _score_batch(
     lm: LoadedModel, encs: list[EncodedPair], top_k: int
@@ -127,22 +171,12 @@ def _score_batch(
     for row, enc in enumerate(encs):
         ids[row, : len(enc.input_ids)] = torch.tensor(enc.input_ids)
         attn[row, : len(enc.input_ids)] = 1
-    # Only positions that predict a response token need logits; with right padding they all lie
-    # at or after the earliest response start, so keep logits for that tail only.
-    first = min(e.response_start for e in encs) - 1
-    keep = width - first
-    out = lm.model(
-        input_ids=ids.to(lm.device),
-        attention_mask=attn.to(lm.device),
-        logits_to_keep=keep,
-        use_cache=False,  # one forward pass: a KV cache would only be built and thrown away
-    )
-    logits = out.logits  # (batch, keep, vocab); column j is position first + j
     results = []
-    for row, enc in enumerate(encs):
-        start, end = enc.response_start - 1 - first, len(enc.input_ids) - 1 - first
+    for row, (enc, logits) in enumerate(
+        zip(encs, _response_logits(lm, ids, attn, encs), strict=True)
+    ):
         targets = ids[row, enc.response_start : len(enc.input_ids)].to(lm.device)
-        results.append(_token_stats(logits[row, start:end], targets, top_k=top_k))
+        results.append(_token_stats(logits, targets, top_k=top_k))
     return results
 
 

@@ -21,10 +21,19 @@ def _examples(n=9):
 
 
 @pytest.mark.parametrize("convention", ["prompt", "response_only"])
-def test_batched_scores_equal_unbatched_reference(tiny_lm, convention):
+@pytest.mark.parametrize("keep", ["mask", "tail"])
+def test_batched_scores_equal_unbatched_reference(tiny_lm, convention, keep, monkeypatch):
+    """Both ways of picking the response positions: the per-row mask and, for models whose
+    forward takes only an int, the batch's common tail."""
+    import core.scoring
+
+    monkeypatch.setattr(
+        core.scoring, "_NO_MASK_KEEP", {type(tiny_lm.model)} if keep == "tail" else set()
+    )
     exs = _examples()
     run = score_examples(tiny_lm, exs, convention=convention, token_budget=300, max_batch=4)
     assert [r.id for r in run.examples] == [e.id for e in exs]
+    assert (type(tiny_lm.model) in core.scoring._NO_MASK_KEEP) == (keep == "tail")
     for ex, rec in zip(exs, run.examples, strict=True):
         ref = score_one_reference(tiny_lm, ex, convention=convention)
         assert len(ref) == rec.n_response
