@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -275,10 +276,21 @@ def current_model(sel: Selection) -> LoadedModel:
     return MODEL_SLOT.get(sel.model, device=sel.device, dtype=sel.dtype)
 
 
+# Examples scored before the rest, so a page can show them while the whole selection is scored
+# (a newcomer's first heatmap after a few seconds instead of after all 50 examples).
+FIRST_LOOK = 4
+
+
 def scoring_task(
-    sel: Selection, convention: str = PROMPT_CONDITIONED, start: bool = True
+    sel: Selection,
+    convention: str = PROMPT_CONDITIONED,
+    start: bool = True,
+    first: Sequence[str] = (),
 ) -> BackgroundTask | None:
-    """The background scoring task of the selection (started on first request)."""
+    """The background scoring task of the selection (started on first request).
+
+    The first `FIRST_LOOK` examples, and those whose ids are in `first`, are scored before the
+    rest and published as `task.partial`."""
     from core.cache import ScoreCache
     from core.scoring import score_examples
 
@@ -287,14 +299,23 @@ def scoring_task(
     task = runner.get(key)
     if task is not None or not start:
         return task
+    wanted = set(first)
 
     def work(task: BackgroundTask) -> ScoreRun:
         dataset = load_dataset_cached(sel)
+        examples = dataset.examples
         task.message = f"loading model {sel.model}"
         lm = current_model(sel)
-        task.message = f"scoring {len(dataset.examples)} examples"
+        cache = ScoreCache()
+        early = [ex for i, ex in enumerate(examples) if i < FIRST_LOOK or ex.id in wanted]
+        if len(early) < len(examples):
+            task.message = f"scoring the first {len(early)} examples"
+            partial = score_examples(lm, early, convention=convention, cache=cache)
+            partial.of_total = len(examples)
+            task.partial = partial
+        task.message = f"scoring {len(examples)} examples"
         return score_examples(
-            lm, dataset.examples, convention=convention, cache=ScoreCache(), progress=task.progress
+            lm, examples, convention=convention, cache=cache, progress=task.progress
         )
 
     return runner.start(key, f"Scoring {sel.data_label}", work)
@@ -327,14 +348,23 @@ def wait_for(task: BackgroundTask) -> None:
     _poll()
 
 
-def scores_or_wait(sel: Selection, convention: str = PROMPT_CONDITIONED) -> ScoreRun | None:
-    """Scores of the selection, or None while they are computed (progress shown)."""
+def scores_or_wait(
+    sel: Selection,
+    convention: str = PROMPT_CONDITIONED,
+    early: bool = False,
+    first: Sequence[str] = (),
+) -> ScoreRun | None:
+    """Scores of the selection, or None while they are computed (progress shown).
+
+    With `early`, while the task runs, the examples it has scored first (see `scoring_task`,
+    `first`) are returned as soon as they exist, with `run.of_total` set to the selection's size;
+    the page reruns by itself when the whole selection is scored."""
     try:
         load_dataset_cached(sel)
     except LensError as exc:
         st.error(str(exc))
         return None
-    task = scoring_task(sel, convention)
+    task = scoring_task(sel, convention, first=first)
     if task is None:
         return None
     if task.status == DONE:
@@ -346,4 +376,6 @@ def scores_or_wait(sel: Selection, convention: str = PROMPT_CONDITIONED) -> Scor
             st.rerun()
         return None
     wait_for(task)
+    if early and task.partial is not None:
+        return task.partial
     return None

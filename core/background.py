@@ -32,6 +32,7 @@ class BackgroundTask:
     error: str = ""
     detail: str = ""
     result: Any = None
+    partial: Any = None  # an early, incomplete result a page may show while the task runs
     started: float = field(default_factory=time.time)
     finished: float | None = None
 

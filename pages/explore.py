@@ -898,13 +898,23 @@ st.caption(
     "not. See it example by example and across the dataset."
 )
 
-run = scores_or_wait(sel)
+wanted = st.query_params.get("ex")
+run = scores_or_wait(sel, early=True, first=[wanted] if wanted else [])
 if run is None:
     st.stop()
+early = run.of_total is not None  # the first few examples, while the rest are scored
 if not run.examples:
+    if early:
+        st.stop()  # nothing to show yet; the progress above continues
     st.warning("Nothing to show: every example was skipped (empty responses).")
     st.stop()
 gt = run.examples
+if early:
+    st.info(
+        f"Showing the first {len(gt)} of {run.of_total} examples while the rest are scored; "
+        "the page completes itself. The Compare and Analytics tabs open then.",
+        icon=":material/hourglass_top:",
+    )
 
 head, control = st.columns([3, 2], vertical_alignment="center")
 with control:
@@ -921,12 +931,16 @@ with browse:
     if browse.open:
         examples_tab(sel, gt, tau, current)
 with compare:
-    if compare.open:
+    if compare.open and early:
+        st.info(f"Available once all {run.of_total} examples are scored.")
+    elif compare.open:
         lm = model_or_wait(sel)
         if lm is not None:
             compare_tab(sel, gt, tau, current, lm)
 with analytics:
-    if analytics.open:
+    if analytics.open and early:
+        st.info(f"Available once all {run.of_total} examples are scored.")
+    elif analytics.open:
         lm = model_or_wait(sel)
         if lm is not None:
             analytics_tab(sel, gt, tau, lm)

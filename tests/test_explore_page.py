@@ -8,6 +8,7 @@ after a reload / server restart), generated datasets in the analytics, and the e
 from __future__ import annotations
 
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -111,6 +112,37 @@ def test_unknown_example_id_gives_an_error_not_a_traceback(page, expected):
     [html] = heatmaps(at)
     assert token_spans(html) == expected["ex-1"].n_response  # falls back to the first example
     assert at.query_params["ex"] == "ex-1"
+
+
+def test_first_examples_show_while_the_rest_are_scored(page, expected, monkeypatch):
+    """A large selection shows its first examples (and the one in the URL) at once; the page
+    completes itself when the rest are scored."""
+    import components.session as session
+    import core.scoring
+
+    release = threading.Event()
+    real = core.scoring.score_examples
+
+    def gated(lm, examples, **kwargs):
+        if len(examples) == 3:  # the whole selection: held back until the test lets it go
+            assert release.wait(60)
+        return real(lm, examples, **kwargs)
+
+    monkeypatch.setattr(session, "FIRST_LOOK", 1)
+    monkeypatch.setattr(core.scoring, "score_examples", gated)
+    at = run_until(page(ex="ex-3"), lambda at: heatmaps(at))
+    assert at.dataframe[0].value["id"].tolist() == ["ex-1", "ex-3"]
+    [html] = heatmaps(at)
+    assert token_spans(html) == expected["ex-3"].n_response
+    assert any("Showing the first 2 of 3 examples" in i.value for i in at.info)
+    assert at.query_params["ex"] == "ex-3"
+
+    release.set()
+    at = run_until(at, lambda at: len(at.dataframe[0].value) == 3)
+    assert at.dataframe[0].value["id"].tolist() == ["ex-1", "ex-2", "ex-3"]
+    assert not any("Showing the first" in i.value for i in at.info)
+    [html] = heatmaps(at)
+    assert token_spans(html) == expected["ex-3"].n_response
 
 
 SAMPLED = "sample-6-0.7-0.95-1"
