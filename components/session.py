@@ -335,13 +335,16 @@ def show_task_status(task: BackgroundTask) -> None:
         st.progress(task.fraction, text=f"{label}{counts} · {task.elapsed:.0f}s")
 
 
-def wait_for(task: BackgroundTask) -> None:
-    """Poll a running task without blocking the page; rerun the app when it finishes."""
+def wait_for(task: BackgroundTask, rerun_on_partial: bool = False) -> None:
+    """Poll a running task without blocking the page; rerun the app when it finishes (and,
+    with `rerun_on_partial`, as soon as it publishes an early result)."""
 
     @st.fragment(run_every=1.0)
     def _poll() -> None:
         current = background_runner().get(task.key)
         if current is None or current.status != "running":
+            st.rerun()
+        if rerun_on_partial and current.partial is not None:
             st.rerun()
         show_task_status(current)
 
@@ -375,7 +378,6 @@ def scores_or_wait(
             background_runner().forget(task.key)
             st.rerun()
         return None
-    wait_for(task)
-    if early and task.partial is not None:
-        return task.partial
-    return None
+    partial = task.partial if early else None
+    wait_for(task, rerun_on_partial=early and partial is None)
+    return partial
