@@ -111,7 +111,9 @@ def main() -> None:
         rows = [(name, *one_run(repo, env, name, out)) for name in ("cold", "warm")]
     print(f"# newcomer: `make run` -> first heatmap, {dt.date.today()}, {platform.node()}, "
           f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")  # fmt: skip
-    print("| run | server answers (s) | first heatmap on screen (s) | all 50 scored (s) |")
+    print(
+        f"| run | server answers (s) | first heatmap on screen (s) | all {DEFAULT_LIMIT} scored (s) |"
+    )
     print("|---|---:|---:|---:|")
     for name, served, heatmap, complete in rows:
         print(f"| {name} | {served:.0f} | {heatmap:.0f} | {complete:.0f} |")
