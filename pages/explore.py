@@ -903,9 +903,11 @@ run = scores_or_wait(sel, early=True, first=[wanted] if wanted else [])
 if run is None:
     st.stop()
 early = run.of_total is not None  # the first few examples, while the rest are scored
+if early and (not run.examples or (wanted and wanted not in {ex.id for ex in run.examples})):
+    # Nothing to show yet, or not the example the URL asks for (the task was started by another
+    # page): wait for the whole selection rather than replace ?ex=. The progress above goes on.
+    st.stop()
 if not run.examples:
-    if early:
-        st.stop()  # nothing to show yet; the progress above continues
     st.warning("Nothing to show: every example was skipped (empty responses).")
     st.stop()
 gt = run.examples

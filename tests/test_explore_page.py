@@ -145,6 +145,34 @@ def test_first_examples_show_while_the_rest_are_scored(page, expected, monkeypat
     assert token_spans(html) == expected["ex-3"].n_response
 
 
+def test_an_example_not_yet_scored_waits_and_keeps_the_url(page, expected, monkeypatch):
+    """Scoring started elsewhere (here: Explore without ?ex=) scored other examples first; a
+    link to ex-3 waits for the whole selection instead of replacing ?ex=."""
+    import components.session as session
+    import core.scoring
+
+    release = threading.Event()
+    real = core.scoring.score_examples
+
+    def gated(lm, examples, **kwargs):
+        if len(examples) == 3:
+            assert release.wait(60)
+        return real(lm, examples, **kwargs)
+
+    monkeypatch.setattr(session, "FIRST_LOOK", 1)
+    monkeypatch.setattr(core.scoring, "score_examples", gated)
+    run_until(page(), lambda at: heatmaps(at))  # ex-1 alone, scored first
+    at = page(ex="ex-3")
+    at.run()
+    assert not at.exception and not at.error and not heatmaps(at)
+    assert at.query_params["ex"] == "ex-3"
+    release.set()
+    at = run_until(at, lambda at: heatmaps(at))
+    [html] = heatmaps(at)
+    assert token_spans(html) == expected["ex-3"].n_response
+    assert at.query_params["ex"] == "ex-3"
+
+
 SAMPLED = "sample-6-0.7-0.95-1"
 SAMPLED_CONFIG = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=0.7, seed=1)
 
