@@ -342,9 +342,11 @@ def wait_for(task: BackgroundTask, rerun_on_partial: bool = False) -> None:
     @st.fragment(run_every=1.0)
     def _poll() -> None:
         current = background_runner().get(task.key)
-        if current is None or current.status != "running":
-            st.rerun()
-        if rerun_on_partial and current.partial is not None:
+        if (
+            current is None
+            or current.status != "running"
+            or (rerun_on_partial and current.partial is not None)
+        ):
             st.rerun()
         show_task_status(current)
 

@@ -77,7 +77,7 @@ def _build_record(
 
 # Rows of logits per pass. On CPU, 16 x vocab floats stay in cache: about 7x faster than one pass
 # over a whole batch (docs/BENCHMARKS.md). A GPU wants large passes.
-STATS_CHUNK = {"cpu": 16}
+CPU_STATS_CHUNK = 16
 GPU_STATS_CHUNK = 4096
 
 
@@ -90,7 +90,7 @@ def _token_stats(
     comparison mask behind the rank would otherwise stream gigabytes through memory for a
     batch of a few thousand response tokens."""
     parts: list[tuple[torch.Tensor, ...]] = []
-    n = STATS_CHUNK.get(logits.device.type, GPU_STATS_CHUNK)
+    n = CPU_STATS_CHUNK if logits.device.type == "cpu" else GPU_STATS_CHUNK
     for chunk, tgt in zip(logits.split(n), targets.split(n), strict=True):
         logprobs = torch.log_softmax(chunk.float(), dim=-1)
         target_lp = logprobs.gather(-1, tgt[:, None])[:, 0]
@@ -143,16 +143,16 @@ def _response_logits(
         keep = torch.zeros(ids.shape, dtype=torch.bool)
         for row, (start, end) in enumerate(spans):
             keep[row, start:end] = True
-        n = int(keep.sum())
         try:
             logits = lm.model(**kwargs, logits_to_keep=keep.to(lm.device)).logits
         except torch.OutOfMemoryError:
             raise
         except (TypeError, IndexError, RuntimeError):
             logits = None
-        if logits is not None and logits.ndim == 2 and logits.shape[0] == n:
+        sizes = [end - start for start, end in spans]
+        if logits is not None and logits.ndim == 2 and logits.shape[0] == sum(sizes):
             # Rows in mask order: example by example, positions ascending.
-            return list(logits.split([end - start for start, end in spans]))
+            return list(logits.split(sizes))
         _NO_MASK_KEEP.add(model_type)
     # With right padding every response position lies at or after the earliest response start.
     first = min(start for start, _ in spans)

@@ -8,7 +8,7 @@ import pytest
 from core.cache import ScoreCache
 from core.data import Example
 from core.encoding import encode_pair
-from core.scoring import STATS_CHUNK, score_examples, score_one_reference
+from core.scoring import CPU_STATS_CHUNK, score_examples, score_one_reference
 
 
 def _examples(n=9):
@@ -59,7 +59,7 @@ def test_rank_and_top_k_match_full_logits_across_chunks(tiny_lm):
 
     ex = _examples(5)[4]  # several lines: more response tokens than one stats chunk
     rec = score_examples(tiny_lm, [ex]).examples[0]
-    assert rec.n_response > 2 * STATS_CHUNK["cpu"]
+    assert rec.n_response > 2 * CPU_STATS_CHUNK
     enc = encode_pair(tiny_lm.tokenizer, ex.prompt, ex.response)
     ids = torch.tensor([enc.input_ids])
     with torch.inference_mode():
