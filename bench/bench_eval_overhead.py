@@ -1,7 +1,7 @@
 """Benchmark: what evaluation during training costs, as a share of training wall time.
 
 Trains the embedded model with the cpu-quick preset (STM-free GT labels; the method does not
-change step time) through `core.training.run_training`, with `core.eval_callback.EvalCallback`
+change step time) through `core.training.trainer.run_training`, with `core.training.callbacks.EvalCallback`
 running the "during" suite at step 0, every `--every` steps and at the end, and an EMPTY
 evaluation cache (so step 0 is computed, the worst case). Reports, from the same run:
 
@@ -28,11 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.eval_callback import EvalCallback  # noqa: E402
-from core.evaluation import EvalCache, get_suite  # noqa: E402
-from core.jobs import read_metrics  # noqa: E402
-from core.models import EMBEDDED_FINGERPRINT  # noqa: E402
-from core.training import TrainConfig, run_training  # noqa: E402
+from core.eval.runner import EvalCache  # noqa: E402
+from core.eval.suites import get_suite  # noqa: E402
+from core.jobs.runfiles import read_metrics  # noqa: E402
+from core.model.loading import EMBEDDED_FINGERPRINT  # noqa: E402
+from core.training.callbacks import EvalCallback  # noqa: E402
+from core.training.config import TrainConfig  # noqa: E402
+from core.training.trainer import run_training  # noqa: E402
 
 
 def main() -> None:

@@ -33,11 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from components.heatmap import render_token_heatmap  # noqa: E402
-from core.data import Example  # noqa: E402
-from core.models import load_model  # noqa: E402
-from core.scoring import score_examples  # noqa: E402
-from core.tasks import load_task  # noqa: E402
+from core.data.records import Example  # noqa: E402
+from core.data.tasks import load_task  # noqa: E402
+from core.model.loading import load_model  # noqa: E402
+from core.scoring.score import score_examples  # noqa: E402
+from core.viz.heatmap import render_token_heatmap  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [

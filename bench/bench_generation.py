@@ -8,7 +8,7 @@ Modes, all sampling the same MBPP train prompts with the same settings (T 0.7, t
 - expanded P x N: one call per P prompts with `num_return_sequences=N` and
   `share_prefill=False`, i.e. `generate` expands every prompt N times before the prefill (the
   code before the shared prefill).
-- shared P x N: what `core.gendata` runs: each prompt is prefilled once, its KV cache copied N
+- shared P x N: what `core.datagen.run` runs: each prompt is prefilled once, its KV cache copied N
   times, then P x N sequences are decoded together.
 
 Only real generated tokens count: up to and including the end-of-turn token, none of the
@@ -37,15 +37,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from core.encoding import encode_prompt  # noqa: E402
-from core.generation import (  # noqa: E402
+from core.data.tasks import load_task  # noqa: E402
+from core.model.encoding import encode_prompt  # noqa: E402
+from core.model.generation import (
     Generation,
     GenerationConfig,
     generate_responses,
     set_torch_threads,
 )
-from core.models import load_model  # noqa: E402
-from core.tasks import load_task  # noqa: E402
+from core.model.loading import load_model  # noqa: E402
 
 
 def real_tokens(gens: list[Generation]) -> int:

@@ -3,7 +3,7 @@
 Builds 500 synthetic scored examples with ~300 response tokens each (token NLL log-normal, so
 perplexities are mostly near 1 with a heavy tail, about a fifth above tau = 2.5; code-like token
 texts with top-5 alternatives, as the scorer stores them), then times, as the median over
-repeats, each interactive operation of `core.masking` against a naive per-example pure-Python
+repeats, each interactive operation of `core.masking.rules` against a naive per-example pure-Python
 loop doing the same high-mode work in the same run. The "page" rows time what the Masking studio
 recomputes on a tau change: masks + stats, the heatmap HTML of the selected example with its
 mask (the recolour), and, in the last page row, also the share-vs-tau curve with its plotly
@@ -29,9 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.charts import share_vs_tau_chart  # noqa: E402
-from components.heatmap import render_token_heatmap  # noqa: E402
-from core.masking import (  # noqa: E402
+from core.data.records import ScoredExample  # noqa: E402
+from core.masking.rules import (
     MaskConfig,
     PplIndex,
     compute_masks,
@@ -39,7 +38,8 @@ from core.masking import (  # noqa: E402
     share_vs_tau_curve,
     solve_tau_for_share,
 )
-from core.records import ScoredExample  # noqa: E402
+from core.viz.charts import share_vs_tau_chart  # noqa: E402
+from core.viz.heatmap import render_token_heatmap  # noqa: E402
 
 # Token texts for the synthetic responses: code-ish pieces, whitespace and newlines, so the
 # heatmap renderer does the same escaping and whitespace work as on real MBPP responses.

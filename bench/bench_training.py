@@ -35,14 +35,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from core.jobs import read_metrics  # noqa: E402
-from core.models import embedded_model_dir, load_model  # noqa: E402
-from core.training import (  # noqa: E402
-    TrainConfig,
-    build_trainer,
-    build_training_data,
-    cpu_has_fast_bf16,
-)
+from core.jobs.runfiles import read_metrics  # noqa: E402
+from core.model.loading import embedded_model_dir, load_model  # noqa: E402
+from core.training.config import TrainConfig  # noqa: E402
+from core.training.data import build_training_data  # noqa: E402
+from core.training.trainer import build_trainer, cpu_has_fast_bf16  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -77,7 +74,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
 
 def response_nll(lm, examples) -> float:
     """Mean NLL per response token (the loss a GT fine-tune lowers)."""
-    from core.scoring import score_examples
+    from core.scoring.score import score_examples
 
     run = score_examples(lm, examples)
     lps = [lp for ex in run.examples for lp in ex.logprob]
@@ -88,7 +85,7 @@ def preset_check(tmp: Path) -> dict:
     """Run the cpu-quick preset through the CLI as a user would; measure its effect."""
     from peft import PeftModel
 
-    from core.tasks import load_task
+    from core.data.tasks import load_task
 
     run_dir = tmp / "cpu-quick"
     start = time.time()

@@ -16,7 +16,8 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import LensError
-from core.jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobRegistry, log_tail
+from core.jobs.registry import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobRegistry
+from core.jobs.runfiles import log_tail
 
 POLL_SECONDS = 2.0
 STATUS_BADGES = {

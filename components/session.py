@@ -15,12 +15,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from core.background import DONE, FAILED, BackgroundRunner, BackgroundTask
-from core.data import Dataset
+from core.data.records import PROMPT_CONDITIONED, Dataset
 from core.errors import LensError
-from core.models import MODEL_SLOT, LoadedModel, cache_dir
-from core.records import PROMPT_CONDITIONED
-from core.scoring import ScoreRun
+from core.jobs.background import DONE, FAILED, BackgroundRunner, BackgroundTask
+from core.model.loading import MODEL_SLOT, LoadedModel, cache_dir
+from core.scoring.score import ScoreRun
 
 DEFAULT_LIMIT = 50
 
@@ -64,7 +63,7 @@ def background_runner() -> BackgroundRunner:
 @st.cache_data(show_spinner=False, max_entries=32)
 def load_dataset_cached(sel: Selection) -> Dataset:
     """Load the selected examples (raises LensError on bad input)."""
-    from core.sources import load_source
+    from core.data.sources import load_source
 
     if sel.kind == "task":
         return load_source(task=sel.task, split=sel.split, limit=sel.limit)
@@ -82,8 +81,8 @@ def load_dataset_cached(sel: Selection) -> Dataset:
 def _load_generated_set(sel: Selection) -> Dataset:
     """A generated set through core.generated's reader, so each example keeps its `meta` (the
     asserts and gold answers scorers need), which a plain prompt/response file read drops."""
-    from core.data import LoadReport
-    from core.generated import list_generated_sets
+    from core.data.records import LoadReport
+    from core.datagen.store import list_generated_sets
 
     folder = Path(sel.data_path).parent.resolve()
     gset = next((s for s in list_generated_sets() if s.path.resolve() == folder), None)
@@ -129,7 +128,7 @@ def ensure_app_navigation() -> None:
 
 def sidebar_selection() -> Selection:
     """Draw the model and data pickers in the sidebar and return the selection."""
-    from core.tasks import list_tasks
+    from core.data.tasks import list_tasks
 
     ensure_app_navigation()
     with st.sidebar:
@@ -203,7 +202,7 @@ def sidebar_selection() -> Selection:
 
 
 def _file_picker(sel: Selection) -> Selection:
-    from core.userdata import read_columns
+    from core.data.userdata import read_columns
 
     upload = st.file_uploader(
         "JSONL or CSV with prompt/response columns", type=["jsonl", "json", "csv"]
@@ -241,7 +240,7 @@ def _file_picker(sel: Selection) -> Selection:
 def _generated_set_picker(sel: Selection) -> Selection:
     """Pick a Self-Output / Rephrase set (core.generated); its examples.jsonl becomes the data,
     so every page reads it like a prompt/response file with an id column."""
-    from core.generated import list_generated_sets
+    from core.datagen.store import list_generated_sets
 
     problems: list[str] = []
     sets = {s.name: s for s in list_generated_sets(problems=problems)}
@@ -291,8 +290,8 @@ def scoring_task(
 
     The first `FIRST_LOOK` examples, and those whose ids are in `first`, are scored before the
     rest and published as `task.partial`."""
-    from core.cache import ScoreCache
-    from core.scoring import score_examples
+    from core.scoring.cache import ScoreCache
+    from core.scoring.score import score_examples
 
     key = f"score:{sel.key()}:{convention}"
     runner = background_runner()

@@ -10,32 +10,16 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from core.errors import LensError
+from core.io import write_jsonl_atomic
+from core.masking.rules import DEFAULT_TAU
 
 EXIT_USER_ERROR = 2
-
-
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
-    """Write rows as JSON lines to `path` via a temp file + rename; return the row count."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                count += 1
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return count
 
 
 def _progress_printer(label: str) -> Callable[[int, int], None]:
@@ -76,10 +60,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score every response token of a dataset and write one JSON object per example."""
-    from core.cache import ScoreCache
-    from core.models import load_model
-    from core.scoring import score_examples
-    from core.sources import load_source
+    from core.data.sources import load_source
+    from core.model.loading import load_model
+    from core.scoring.cache import ScoreCache
+    from core.scoring.score import score_examples
 
     dataset = load_source(
         task=args.task,
@@ -114,7 +98,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     """List the built-in tasks."""
-    from core.tasks import list_tasks
+    from core.data.tasks import list_tasks
 
     for spec in list_tasks():
         print(
@@ -125,7 +109,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Prepare the embedded model cache, or describe a model."""
-    from core.models import load_model, model_summary_json, prepare_embedded_model
+    from core.model.loading import load_model, model_summary_json, prepare_embedded_model
 
     if args.action == "prepare":
         start = time.monotonic()
@@ -141,7 +125,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_mask(args: argparse.Namespace) -> int:
     """Turn a scores file into a masked training set (JSONL + datasets folder + manifest)."""
-    from core.masking import run_mask_cli
+    from core.masking.export import run_mask_cli
 
     manifest = run_mask_cli(
         scores_path=args.scores,
@@ -164,10 +148,11 @@ def cmd_mask(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune in the foreground (registered as a job), or queue a background job (--submit)."""
-    from core.jobs import JobRegistry, run_job_process
-    from core.training import config_from_args, run_training
+    from core.jobs.registry import JobRegistry, run_job_process
+    from core.training.config import TrainConfig
+    from core.training.trainer import run_training
 
-    config = config_from_args(args)
+    config = TrainConfig.from_args(args)
     if args.submit:
         job = JobRegistry().submit(
             "train", config.to_dict(), device=config.device, label=config.describe()
@@ -195,10 +180,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Make a Self-Output / Rephrase set in the foreground (as a job), or queue it (--submit)."""
-    from core.gendata import config_from_args, preflight
-    from core.jobs import JobRegistry, run_job_process
+    from core.datagen.config import GenDataConfig
+    from core.datagen.run import preflight
+    from core.jobs.registry import JobRegistry, run_job_process
 
-    config = config_from_args(args)
+    config = GenDataConfig.from_args(args)
     preflight(config)  # bad data or no verifier: one line, before a job exists
     registry = JobRegistry()
     if args.submit:
@@ -228,7 +214,8 @@ def _format_seconds(seconds: float | None) -> str:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     """List, show, cancel or resume background jobs."""
-    from core.jobs import JobRegistry, log_tail, read_metrics, run_progress
+    from core.jobs.registry import JobRegistry
+    from core.jobs.runfiles import log_tail, read_metrics, run_progress
 
     registry = JobRegistry()
     if args.action == "list":
@@ -274,14 +261,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_job_run(args: argparse.Namespace) -> int:
     """Internal: the body of a background job process (started by the job queue)."""
-    from core.jobs import run_job_process
+    from core.jobs.registry import run_job_process
 
     return run_job_process(args.job_id)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of one or more runs."""
-    from core.report import write_report
+    from core.study.report import write_report
 
     if args.examples < 0:
         raise LensError(f"--examples must be 0 or more (got {args.examples}).")
@@ -301,28 +288,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate the base model, or an adapter against it (TI / BWT), on a suite: in the
     foreground (registered as a job, results in its run folder), or queued (--submit)."""
-    from core.evaluation import describe_eval_job, eval_job_config
-    from core.jobs import JobRegistry, run_job_process
+    from core.eval.config import EvalConfig
+    from core.jobs.registry import JobRegistry, run_job_process
 
-    config = eval_job_config(
-        args.model,
-        adapter=args.adapter,
-        suite=args.suite,
-        limit=args.limit,
-        device=args.device,
-        dtype=args.dtype,
-        use_cache=not args.no_cache,
-        lm_eval_tasks=args.lm_eval_task or (),
-    )  # bad suite, limit or adapter: one line, before a job exists
+    # bad suite, limit or adapter: one line, before a job exists
+    config = EvalConfig.from_args(args).resolved()
     registry = JobRegistry()
-    label = describe_eval_job(config)
+    label = config.describe()
     if args.submit:
-        job = registry.submit("eval", config, device=config["device"], label=label)
+        job = registry.submit("eval", config.to_dict(), device=config.device, label=label)
         print(job.id)
         print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
         return 0
     job = registry.register_foreground(
-        "eval", config, device=config["device"], label=label, run_dir=args.run_dir
+        "eval", config.to_dict(), device=config.device, label=label, run_dir=args.run_dir
     )
     print(f"job {job.id}, run folder {job.run_dir}", file=sys.stderr)
     code = run_job_process(job.id, registry)
@@ -338,10 +317,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_protocol(args: argparse.Namespace) -> int:
     """The paper's protocol (every method x seeds, then the table and the report): in the
     foreground (registered as a job), or queued (--submit)."""
-    from core.jobs import JobRegistry, run_job_process
-    from core.protocol import config_from_args, preflight, protocol_folder
+    from core.jobs.registry import JobRegistry, run_job_process
+    from core.study.protocol import ProtocolConfig, preflight, protocol_folder
 
-    config = config_from_args(args)
+    config = ProtocolConfig.from_args(args)
     preflight(config)  # unknown task or suite, bad training settings: one line, before a job
     registry = JobRegistry()
     folder = protocol_folder(config, name=args.name, run_dir=args.run_dir)
@@ -359,9 +338,17 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     return run_job_process(job.id, registry)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors (unknown flag, bad value) are one line, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print `error: <message> (see <prog> --help)` and exit 2."""
+        self.exit(EXIT_USER_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m core`."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m core",
         description="Perplexity Lens: token-perplexity scoring, masking, training and evaluation.",
     )
@@ -434,7 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.set_defaults(func=cmd_mask)
 
-    from core.training import add_train_arguments  # light: heavy imports happen when training
+    from core.datagen.config import GenDataConfig
+    from core.eval.config import EvalConfig
+    from core.study.protocol import ProtocolConfig
+    from core.training.config import TrainConfig  # light: heavy imports happen when training
 
     p = sub.add_parser(
         "train",
@@ -442,12 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Settings come from --preset (paper, cpu-quick), then --config, then flags. "
         "Several GPUs: accelerate launch -m core train ... --run-dir DIR",
     )
-    add_train_arguments(p)
+    TrainConfig.add_arguments(p)
     p.add_argument("--run-dir", default=None, help="run folder (default: a new one under runs/)")
     p.add_argument("--submit", action="store_true", help="queue as a background job and return")
     p.set_defaults(func=cmd_train)
-
-    from core.gendata import add_generate_arguments
 
     p = sub.add_parser(
         "generate",
@@ -455,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Settings come from --preset (paper, cpu-quick), then --config, then flags. "
         "A run folder that already holds part of the run resumes it.",
     )
-    add_generate_arguments(p)
+    GenDataConfig.add_arguments(p)
     p.add_argument("--run-dir", default=None, help="run folder (default: a new one under runs/)")
     p.add_argument("--submit", action="store_true", help="queue as a background job and return")
     p.set_defaults(func=cmd_generate)
@@ -469,26 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("eval", help="evaluate a model or an adapter on a suite (TI / BWT)")
-    _add_model_args(p)
-    p.add_argument(
-        "--adapter", default=None, help="run id, run folder or adapter folder to evaluate"
-    )
-    p.add_argument("--suite", default="default", help="default, during, paper or tiny")
-    p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    EvalConfig.add_arguments(p)
     p.add_argument("--out", default=None, help="write the full results as JSON here")
-    p.add_argument("--no-cache", action="store_true", help="recompute the base model's scores")
-    p.add_argument(
-        "--lm-eval-task",
-        action="append",
-        metavar="NAME",
-        help="also run this lm-evaluation-harness task as an OOD task (repeatable; needs "
-        "lm-eval installed and its data reachable, else it is reported as skipped)",
-    )
     p.add_argument("--run-dir", default=None, help="run folder (default: a new one under runs/)")
     p.add_argument("--submit", action="store_true", help="queue as a background job and return")
     p.set_defaults(func=cmd_eval)
-
-    from core.protocol import add_protocol_arguments
 
     p = sub.add_parser(
         "protocol",
@@ -498,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         "under an hour; paper: the paper's sizes for a GPU), then flags. Re-running with the "
         "same --run-dir reuses finished runs and resumes the rest.",
     )
-    add_protocol_arguments(p)
+    ProtocolConfig.add_arguments(p)
     p.add_argument(
         "--name",
         default=None,
@@ -518,14 +491,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except LensError as exc:  # a flag's value that its parser rejects with a reason
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if (
         args.command == "mask"
         and args.mode in ("high", "low", "random")
         and args.tau is None
         and args.share is None
     ):
-        args.tau = 2.5
+        args.tau = DEFAULT_TAU
     try:
         return int(args.func(args) or 0)
     except LensError as exc:

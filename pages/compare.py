@@ -9,24 +9,17 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from components.charts import plotly_config
-from components.heatmap import render_delta_heatmap
-from components.run_charts import (
-    LORA_COLUMNS,
-    frontier_chart,
-    lora_chart,
-    ppl_change_histogram,
-    score_vs_masked_chart,
-)
 from components.session import (
     background_runner,
     ensure_app_navigation,
     show_task_status,
     wait_for,
 )
-from core.background import DONE, FAILED, BackgroundTask
-from core.data import Example
-from core.diagnostics import (
+from core.data.records import Example
+from core.errors import LensError
+from core.jobs.background import DONE, FAILED, BackgroundTask
+from core.jobs.registry import JobRegistry
+from core.study.diagnostics import (
     PplChange,
     compute_ppl_change,
     final_model_dir,
@@ -37,10 +30,17 @@ from core.diagnostics import (
     saved_ppl_changes,
     training_examples,
 )
-from core.errors import LensError
-from core.jobs import JobRegistry
-from core.report import build_report, heatmap_snapshots, report_ppl_changes, run_tau
-from core.runs import RunView, list_runs, runs_table
+from core.study.report import build_report, heatmap_snapshots, report_ppl_changes, run_tau
+from core.study.runs import RunView, list_runs, runs_table
+from core.viz.charts import plotly_config
+from core.viz.heatmap import render_delta_heatmap
+from core.viz.run_charts import (
+    LORA_COLUMNS,
+    frontier_chart,
+    lora_chart,
+    ppl_change_histogram,
+    score_vs_masked_chart,
+)
 
 MAX_PPL_EXAMPLES = 8
 
@@ -71,7 +71,7 @@ def load_examples(config_json: str, source: str, task: str, split: str, n: int) 
     """The first `n` training examples of a run (its config) or of a built-in task's split."""
     if source == "train":
         return training_examples(json.loads(config_json), n)
-    from core.tasks import load_task
+    from core.data.tasks import load_task
 
     return list(load_task(task, split=split, limit=n).examples)
 
@@ -134,7 +134,7 @@ def ppl_change_section(run: RunView) -> None:
     n = int(c2.number_input("How many", 1, MAX_PPL_EXAMPLES, wanted_n, key="ppl-n"))
     task, split = "", ""
     if source == "task":
-        from core.tasks import list_tasks
+        from core.data.tasks import list_tasks
 
         specs = {spec.name: spec for spec in list_tasks()}
         names = list(specs)
@@ -211,7 +211,7 @@ with tab_sweep:
         "Queue one training run per τ, plus the controls, with the same data, preset and seed. "
         "Jobs run one after another in the background (they continue with the browser closed)."
     )
-    from core.training import TrainConfig
+    from core.training.config import TrainConfig
 
     with st.form("sweep"):
         c1, c2, c3 = st.columns(3)

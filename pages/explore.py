@@ -19,17 +19,6 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from components.charts import (
-    category_share_chart,
-    plotly_config,
-    ppl_cdf,
-    ppl_histogram,
-    seq_ppl_box,
-    share_vs_tau_chart,
-    source_label,
-    spike_plot,
-)
-from components.heatmap import render_token_heatmap
 from components.session import (
     Selection,
     background_runner,
@@ -39,18 +28,8 @@ from components.session import (
     sidebar_selection,
     wait_for,
 )
-from core.analytics import (
-    category_shares,
-    sequence_ppl_table,
-    share_above_tau,
-    share_vs_tau,
-    token_ppl_frame,
-)
-from core.background import DONE, FAILED, BackgroundTask
-from core.cache import ScoreCache
-from core.data import Example
-from core.errors import LensError
-from core.generated import (
+from core.data.records import Example, ScoredExample
+from core.datagen.store import (
     GenerationStore,
     StoredGeneration,
     file_data_key,
@@ -61,10 +40,30 @@ from core.generated import (
     settings_label,
     task_data_key,
 )
-from core.generation import GenerationConfig
-from core.models import MODEL_SLOT, LoadedModel, resolve_device, resolve_dtype
-from core.records import ScoredExample
-from core.scoring import score_examples
+from core.errors import LensError
+from core.jobs.background import DONE, FAILED, BackgroundTask
+from core.model.generation import GenerationConfig
+from core.model.loading import MODEL_SLOT, LoadedModel, resolve_device, resolve_dtype
+from core.scoring.analytics import (
+    category_shares,
+    sequence_ppl_table,
+    share_above_tau,
+    share_vs_tau,
+    token_ppl_frame,
+)
+from core.scoring.cache import ScoreCache
+from core.scoring.score import score_examples
+from core.viz.charts import (
+    category_share_chart,
+    plotly_config,
+    ppl_cdf,
+    ppl_histogram,
+    seq_ppl_box,
+    share_vs_tau_chart,
+    source_label,
+    spike_plot,
+)
+from core.viz.heatmap import render_token_heatmap
 
 DEFAULT_TAU = 2.5
 TAU_RANGE = (1.0, 20.0)

@@ -17,27 +17,19 @@ from components.jobs_view import (
     jobs_table,
 )
 from components.session import sidebar_selection
-from core.errors import LensError
-from core.gendata import (
+from core.datagen.config import (
     CONVENTIONS,
     DEFAULT_REPHRASE_TEMPLATE,
     PRESETS,
     SELECTIONS,
     VERIFIERS,
     GenDataConfig,
-    cli_command,
-    generation_progress,
-    preflight,
 )
-from core.generated import list_generated_sets
-from core.jobs import (
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    JobRegistry,
-    read_metrics,
-)
+from core.datagen.run import generation_progress, preflight
+from core.datagen.store import list_generated_sets
+from core.errors import LensError
+from core.jobs.registry import FAILED, QUEUED, RUNNING, SUCCEEDED, JobRegistry
+from core.jobs.runfiles import read_metrics
 
 POLL_SECONDS = 2.0
 KIND_LABELS = {
@@ -191,7 +183,7 @@ def launch_form() -> None:
             st.error(str(exc))
             return
         st.caption("Same job from the command line:")
-        st.code(cli_command(config, submit=True), language="bash")
+        st.code(config.command(submit=True), language="bash")
         if st.button("Start generation", type="primary", icon=":material/auto_awesome:"):
             try:
                 n = preflight(config)

@@ -4,9 +4,9 @@ import pandas as pd
 import streamlit as st
 
 from components.session import current_model, load_dataset_cached, sidebar_selection
+from core.data.tasks import list_tasks
 from core.errors import LensError
-from core.models import MODEL_SLOT, describe_model
-from core.tasks import list_tasks
+from core.model.loading import MODEL_SLOT, describe_model
 
 sel = sidebar_selection()
 

@@ -16,8 +16,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from components.charts import PLOTLY_CONFIG, plotly_config, share_vs_tau_chart
-from components.heatmap import render_token_heatmap
 from components.session import (
     current_model,
     scores_or_wait,
@@ -25,7 +23,13 @@ from components.session import (
     sidebar_selection,
 )
 from core.errors import LensError
-from core.masking import (
+from core.masking.export import (
+    export_masked_dataset,
+    mask_cli_command,
+    masked_jsonl_bytes,
+    scores_fingerprint,
+)
+from core.masking.rules import (
     DEFAULT_K_PERCENT,
     DEFAULT_TAU,
     PERCENTILE_RULES,
@@ -34,13 +38,11 @@ from core.masking import (
     MaskStats,
     PplIndex,
     compute_masks,
-    export_masked_dataset,
-    mask_cli_command,
-    masked_jsonl_bytes,
-    scores_fingerprint,
     share_vs_tau_curve,
 )
-from core.models import cache_dir
+from core.model.loading import cache_dir
+from core.viz.charts import PLOTLY_CONFIG, plotly_config, share_vs_tau_chart
+from core.viz.heatmap import render_token_heatmap
 
 MODE_LABELS = {
     "high": "High ppl (STM)",

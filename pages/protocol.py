@@ -12,14 +12,14 @@ import streamlit as st
 from components.jobs_view import STATUS_BADGES, fmt_seconds, job_header, job_log
 from components.session import ensure_app_navigation
 from core.errors import LensError
-from core.jobs import JobRegistry, log_tail
-from core.protocol import (
+from core.jobs.registry import JobRegistry
+from core.jobs.runfiles import log_tail
+from core.study.protocol import (
     ARMS,
     PRESETS,
     REPORT_HTML,
     ProtocolConfig,
     arm_specs,
-    cli_command,
     list_protocols,
     load_protocol,
     preflight,
@@ -96,7 +96,7 @@ with st.expander("Start a protocol", expanded=not list_protocols()):
         st.error(str(exc))
     else:
         st.caption("Equivalent command (runs in the foreground; add `--submit` to queue it):")
-        st.code(cli_command(config, folder.name), language="bash", wrap_lines=True)
+        st.code(config.command(name=folder.name), language="bash", wrap_lines=True)
         st.button(
             "Start protocol", type="primary", icon=":material/play_arrow:", on_click=_start,
             args=(config, folder.name), key="protocol-start",

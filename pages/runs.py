@@ -4,20 +4,15 @@ and a launcher for standalone evaluation jobs (the base model or a run's adapter
 import pandas as pd
 import streamlit as st
 
-from components.charts import plotly_config
-from components.run_charts import bwt_chart, loss_chart, metric_chart
 from components.session import ensure_app_navigation
 from core.errors import LensError
-from core.evaluation import (
-    SUITES,
-    describe_eval_job,
-    eval_cli_command,
-    eval_job_config,
-    get_suite,
-    resolve_adapter_path,
-)
-from core.jobs import JobRegistry, read_metrics, run_progress
-from core.runs import RunView, list_runs, load_run
+from core.eval.config import EvalConfig, eval_job_config, resolve_adapter_path
+from core.eval.suites import SUITES, get_suite
+from core.jobs.registry import JobRegistry
+from core.jobs.runfiles import read_metrics, run_progress
+from core.study.runs import RunView, list_runs, load_run
+from core.viz.charts import plotly_config
+from core.viz.run_charts import bwt_chart, loss_chart, metric_chart
 
 ensure_app_navigation()
 st.title("Runs")
@@ -47,7 +42,7 @@ def _start_eval(config: dict) -> None:
     """Queue the evaluation job and show its run (a callback: runs before the script)."""
     try:
         job = registry.submit(
-            "eval", config, device=config["device"], label=describe_eval_job(config)
+            "eval", config, device=config["device"], label=EvalConfig.from_dict(config).describe()
         )
     except LensError as exc:
         st.session_state["eval_start_error"] = str(exc)
@@ -98,7 +93,7 @@ with st.expander("Evaluate a model or a run's adapter", expanded=not available):
         st.error(str(exc))
     else:
         st.caption("Equivalent command (runs in the foreground; add `--submit` to queue it):")
-        st.code(eval_cli_command(eval_config), language="bash", wrap_lines=True)
+        st.code(EvalConfig.from_dict(eval_config).command(), language="bash", wrap_lines=True)
         st.button(
             "Start evaluation",
             type="primary",

@@ -11,7 +11,6 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from components.charts import plotly_config
 from components.jobs_view import (
     fmt_seconds,
     job_header,
@@ -21,20 +20,13 @@ from components.jobs_view import (
 )
 from components.session import sidebar_selection
 from core.errors import LensError
-from core.evaluation import SUITES as EVAL_SUITES
-from core.jobs import (
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    SUMMARY_JSON,
-    JobRegistry,
-    read_json,
-    read_metrics,
-    run_progress,
-)
-from core.masking import DEFAULT_TAU
-from core.training import FINETUNES, PRESETS, REPORTERS, SCHEDULERS, TrainConfig, cli_command
+from core.eval.suites import SUITES as EVAL_SUITES
+from core.io import read_json
+from core.jobs.registry import FAILED, QUEUED, RUNNING, SUCCEEDED, JobRegistry
+from core.jobs.runfiles import SUMMARY_JSON, read_metrics, run_progress
+from core.masking.rules import DEFAULT_TAU
+from core.training.config import FINETUNES, PRESETS, REPORTERS, SCHEDULERS, TrainConfig
+from core.viz.charts import plotly_config
 
 POLL_SECONDS = 2.0
 METHOD_LABELS = {
@@ -78,7 +70,7 @@ def _data_values(kind: str) -> dict:
             "limit": sel.limit,
         }
     if kind == "generated":
-        from core.generated import list_generated_sets
+        from core.datagen.store import list_generated_sets
 
         sets = list_generated_sets()
         if not sets:
@@ -242,7 +234,7 @@ def launch_form() -> None:
             st.error(str(exc))
             return
         st.caption("Equivalent command (runs in the foreground; add `--submit` to queue it):")
-        st.code(cli_command(config), language="bash", wrap_lines=True)
+        st.code(config.command(), language="bash", wrap_lines=True)
         # A callback (not `if st.button`): it runs before the script, so a rerun early in the
         # script can never swallow the click. It submits exactly the config shown above.
         st.button(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import models
+from core.model import loading as models
 
 # Resolved before any test changes PLENS_CACHE_DIR: the dequantized embedded model is shared by
 # all tests (it takes ~20 s to build), everything else is cached per test.
@@ -18,7 +18,7 @@ SHARED_EMBEDDED_DIR = models.embedded_model_dir()
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     """The dequantized embedded model folder (created once per machine, then reused)."""
-    from core.models import prepare_embedded_model
+    from core.model.loading import prepare_embedded_model
 
     return prepare_embedded_model()
 
@@ -58,14 +58,14 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_lm(tiny_model_dir):
-    from core.models import load_model
+    from core.model.loading import load_model
 
     return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="session")
 def real_lm(embedded_dir):
-    from core.models import load_model
+    from core.model.loading import load_model
 
     return load_model("default", device="cpu", dtype="float32")
 

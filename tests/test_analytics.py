@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.analytics import (
+from core.data.records import ScoredExample
+from core.scoring.analytics import (
     CATEGORIES,
     category_shares,
     sequence_ppl_table,
@@ -17,7 +18,6 @@ from core.analytics import (
     token_category,
     token_ppl_frame,
 )
-from core.records import ScoredExample
 
 
 def make_example(ex_id: str, ppl: list[float], tokens: list[str] | None = None, **kw):

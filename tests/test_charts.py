@@ -9,7 +9,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from components.charts import (
+from core.data.records import ScoredExample
+from core.scoring.analytics import category_shares, share_vs_tau, token_ppl_frame
+from core.viz.charts import (
     FALLBACK_COLORS,
     PLOTLY_CONFIG,
     SOURCE_COLORS,
@@ -23,8 +25,6 @@ from components.charts import (
     source_label,
     spike_plot,
 )
-from core.analytics import category_shares, share_vs_tau, token_ppl_frame
-from core.records import ScoredExample
 
 
 def make_example(ex_id: str, ppl: list[float], source: str = "ground_truth") -> ScoredExample:

@@ -9,11 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from components.heatmap import delta_color, render_delta_heatmap
-from core.data import Example
-from core.diagnostics import effective_rank, lora_weight_stats, ppl_change_summary, token_ppl_change
+from core.data.records import Example, ScoredExample
 from core.errors import LensError
-from core.records import ScoredExample
+from core.study.diagnostics import (
+    effective_rank,
+    lora_weight_stats,
+    ppl_change_summary,
+    token_ppl_change,
+)
+from core.viz.heatmap import delta_color, render_delta_heatmap
 
 
 def _rec(ex_id, logprob, ids=None, source="ground_truth"):
@@ -114,7 +118,8 @@ def make_adapter_run(root, run_id, model_dir, *, method="stm", seed=1):
 
 
 def test_ppl_change_of_a_run_is_computed_once_and_saved(tiny_model_dir, tiny_lm, tmp_path):
-    from core.diagnostics import (
+    from core.scoring.score import score_examples
+    from core.study.diagnostics import (
         compute_ppl_change,
         final_model_dir,
         load_ppl_change,
@@ -123,7 +128,6 @@ def test_ppl_change_of_a_run_is_computed_once_and_saved(tiny_model_dir, tiny_lm,
         saved_ppl_changes,
         training_examples,
     )
-    from core.scoring import score_examples
 
     run_dir = make_adapter_run(tmp_path, "run1", tiny_model_dir)
     examples = training_examples(json.loads((run_dir / "config.json").read_text()), 3)
@@ -160,7 +164,7 @@ def test_ppl_change_of_a_run_is_computed_once_and_saved(tiny_model_dir, tiny_lm,
 
 
 def test_ppl_change_needs_a_finished_run(tmp_path):
-    from core.diagnostics import compute_ppl_change, ppl_change_key
+    from core.study.diagnostics import compute_ppl_change, ppl_change_key
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text('{"model": "default"}')
@@ -172,7 +176,7 @@ def test_ppl_change_needs_a_finished_run(tmp_path):
 
 
 def test_ppl_change_histogram_splits_easy_and_hard():
-    from components.run_charts import ppl_change_histogram
+    from core.viz.run_charts import ppl_change_histogram
 
     frame = token_ppl_change([_rec("a", [-0.1, -2.0, -0.5])], [_rec("a", [-0.05, -0.5, -1.5])])
     fig = ppl_change_histogram(frame, tau=2.5)
@@ -183,7 +187,7 @@ def test_ppl_change_histogram_splits_easy_and_hard():
 
 
 def test_low_rank_singular_values_match_the_full_svd():
-    from core.diagnostics import low_rank_singular_values
+    from core.study.diagnostics import low_rank_singular_values
 
     torch.manual_seed(0)
     b, a = torch.randn(96, 6), torch.randn(6, 40)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from core.encoding import encode_pair, render_generation_prompt
 from core.errors import LensError
-from core.models import FALLBACK_CHAT_TEMPLATE
+from core.model.encoding import encode_pair, render_generation_prompt
+from core.model.loading import FALLBACK_CHAT_TEMPLATE
 
 
 def test_response_tokens_are_exactly_the_response_plus_end_of_turn(smol_tokenizer):

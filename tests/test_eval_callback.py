@@ -8,18 +8,13 @@ import json
 import pytest
 import torch
 
-from core.eval_callback import EvalCallback
-from core.evaluation import (
-    MC_LOGLIK,
-    REF_PPL,
-    EvalCache,
-    EvalSuite,
-    EvalTaskSpec,
-    make_training_callbacks,
-)
-from core.jobs import read_metrics
-from core.models import EMBEDDED_FINGERPRINT
-from core.training import TrainConfig, run_training
+from core.eval.runner import EvalCache
+from core.eval.suites import MC_LOGLIK, REF_PPL, EvalSuite, EvalTaskSpec
+from core.jobs.runfiles import read_metrics
+from core.model.loading import EMBEDDED_FINGERPRINT
+from core.training.callbacks import EvalCallback, make_training_callbacks
+from core.training.config import TrainConfig
+from core.training.trainer import run_training
 
 SUITE = EvalSuite(
     "callback-test",
@@ -107,7 +102,7 @@ def test_training_config_gets_the_during_suite_with_its_own_target():
 def test_rounds_under_bf16_training_score_in_float32(tiny_model_dir, tiny_lm, tmp_path):
     # Training runs under bf16 autocast; the callback adds none and the trainer's autocast does
     # not reach it: the step-0 round equals a plain float32 evaluation of the same base model.
-    from core.evaluation import run_suite
+    from core.eval.runner import run_suite
 
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")

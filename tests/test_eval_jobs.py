@@ -10,15 +10,11 @@ import pytest
 
 from core.cli import main
 from core.errors import LensError
-from core.evaluation import (
-    describe_eval_job,
-    eval_cli_command,
-    eval_job_config,
-    get_suite,
-    resolve_adapter_path,
-)
-from core.jobs import QUEUED, RUNNING, SUCCEEDED, JobRegistry, read_metrics, runs_dir
-from core.runs import load_run, runs_table
+from core.eval.config import EvalConfig, eval_job_config, resolve_adapter_path
+from core.eval.suites import get_suite
+from core.jobs.registry import QUEUED, RUNNING, SUCCEEDED, JobRegistry
+from core.jobs.runfiles import read_metrics, runs_dir
+from core.study.runs import load_run, runs_table
 
 
 @pytest.fixture
@@ -53,7 +49,7 @@ def test_an_eval_job_runs_through_the_registry_and_writes_its_results(
     )
     assert config["step"] == 3 and config["method"] == "stm"
     assert config["evaluates"] == trained_run.name
-    label = describe_eval_job(config)
+    label = EvalConfig.from_dict(config).describe()
     job = registry.submit("eval", config, device="cpu", label=label, start=False)
     assert registry.get(job.id, refresh=False).status == QUEUED
 
@@ -129,14 +125,12 @@ def test_adapters_resolve_from_run_ids_and_the_cli_command_round_trips(trained_r
     with pytest.raises(LensError, match="neither a folder nor a run id"):
         resolve_adapter_path("20990101-000000-none")
     config = eval_job_config("default", adapter=trained_run.name, suite="default", limit=4)
-    command = eval_cli_command(config)
+    command = EvalConfig.from_dict(config).command()
     assert command == f"python -m core eval --model default --adapter {trained_run.name} " + (
         "--suite default --limit 4"
     )
     from core.cli import build_parser
 
     args = build_parser().parse_args(command.split()[3:])
-    again = eval_job_config(
-        args.model, adapter=args.adapter, suite=args.suite, limit=args.limit, device=args.device
-    )
+    again = EvalConfig.from_args(args).resolved().to_dict()
     assert again == config

@@ -11,40 +11,45 @@ from dataclasses import replace
 import pytest
 
 from core.cli import main
-from core.data import Example
+from core.data.records import Example
 from core.errors import LensError
-from core.evaluation import (
+from core.eval.compare import compare_results, relative_change
+from core.eval.config import resolve_adapter_path
+from core.eval.grading import (
+    extract_choice_letter,
+    extract_code,
+    extract_number,
+    humaneval_program,
+    mbpp_program,
+    numbers_match,
+)
+from core.eval.runner import (
+    EvalCache,
+    SuiteResult,
+    base_suite_result,
+    load_adapter,
+    run_suite,
+)
+from core.eval.sandbox import SandboxLimits, run_program
+from core.eval.scorers import (
+    TaskResult,
+    _continuation_loglik,
+    _mc_question,
+    mc_choice_scores,
+    select_examples,
+)
+from core.eval.suites import (
     CODE_EXEC,
     MC_GENERATIVE,
     MC_LOGLIK,
     NUMERIC_MATCH,
     REF_PPL,
-    EvalCache,
     EvalSuite,
     EvalTaskSpec,
-    SuiteResult,
-    TaskResult,
-    _continuation_loglik,
-    _mc_question,
-    base_suite_result,
-    compare_results,
-    extract_choice_letter,
-    extract_code,
-    extract_number,
     get_suite,
-    humaneval_program,
-    load_adapter,
-    mbpp_program,
-    mc_choice_scores,
-    numbers_match,
-    relative_change,
-    resolve_adapter_path,
-    run_suite,
-    select_examples,
 )
-from core.models import load_model
-from core.sandbox import SandboxLimits, run_program
-from core.scoring import score_examples, score_one_reference
+from core.model.loading import load_model
+from core.scoring.score import score_examples, score_one_reference
 
 # ------------------------------------------------------------------------------ code_exec
 
@@ -389,8 +394,8 @@ def test_a_missing_or_incompatible_adapter_fails_in_one_line(tiny_model_dir, tmp
 def test_eval_job_body_writes_the_report_and_records(tiny_model_dir, tmp_path):
     from types import SimpleNamespace
 
-    from core.evaluation import run_job
-    from core.jobs import read_metrics
+    from core.eval.runner import run_job
+    from core.jobs.runfiles import read_metrics
 
     messages = []
     registry = SimpleNamespace(set_message=lambda job_id, text: messages.append(text))

@@ -11,18 +11,10 @@ import types
 import pytest
 
 from core.cli import main
-from core.evaluation import (
-    LM_EVAL,
-    MC_LOGLIK,
-    EvalSuite,
-    EvalTaskSpec,
-    build_suite,
-    compare_results,
-    eval_cli_command,
-    eval_job_config,
-    format_report,
-    run_suite,
-)
+from core.eval.compare import compare_results
+from core.eval.config import EvalConfig, eval_job_config
+from core.eval.runner import format_report, run_suite
+from core.eval.suites import LM_EVAL, MC_LOGLIK, EvalSuite, EvalTaskSpec, build_suite
 
 SUITE = EvalSuite(
     "lm-eval-test",
@@ -76,7 +68,11 @@ def test_lm_eval_tasks_reach_the_suite_the_job_and_the_command():
     )
     config = eval_job_config("default", suite="tiny", lm_eval_tasks=["arc_easy", "piqa"])
     assert config["lm_eval_tasks"] == ["arc_easy", "piqa"]
-    assert eval_cli_command(config).endswith("--lm-eval-task arc_easy --lm-eval-task piqa")
+    assert (
+        EvalConfig.from_dict(config)
+        .command()
+        .endswith("--lm-eval-task arc_easy --lm-eval-task piqa")
+    )
 
 
 # ------------------------------------------------------------------------------------------

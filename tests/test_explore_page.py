@@ -16,12 +16,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from components.session import background_runner
-from core.analytics import sequence_ppl_table
-from core.data import Example
-from core.generated import GenerationStore, file_data_key, write_generated_set
-from core.generation import Generation, GenerationConfig
-from core.scoring import score_examples
-from core.sources import load_source
+from core.data.records import Example
+from core.data.sources import load_source
+from core.datagen.store import GenerationStore, file_data_key, write_generated_set
+from core.model.generation import Generation, GenerationConfig
+from core.scoring.analytics import sequence_ppl_table
+from core.scoring.score import score_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "sample.jsonl"
@@ -118,10 +118,10 @@ def test_first_examples_show_while_the_rest_are_scored(page, expected, monkeypat
     """A large selection shows its first examples (and the one in the URL) at once; the page
     completes itself when the rest are scored."""
     import components.session as session
-    import core.scoring
+    import core.scoring.score
 
     release = threading.Event()
-    real = core.scoring.score_examples
+    real = core.scoring.score.score_examples
 
     def gated(lm, examples, **kwargs):
         if len(examples) == 3:  # the whole selection: held back until the test lets it go
@@ -129,7 +129,7 @@ def test_first_examples_show_while_the_rest_are_scored(page, expected, monkeypat
         return real(lm, examples, **kwargs)
 
     monkeypatch.setattr(session, "FIRST_LOOK", 1)
-    monkeypatch.setattr(core.scoring, "score_examples", gated)
+    monkeypatch.setattr(core.scoring.score, "score_examples", gated)
     at = run_until(page(ex="ex-3"), lambda at: heatmaps(at))
     assert at.dataframe[0].value["id"].tolist() == ["ex-1", "ex-3"]
     [html] = heatmaps(at)
@@ -149,10 +149,10 @@ def test_an_example_not_yet_scored_waits_and_keeps_the_url(page, expected, monke
     """Scoring started elsewhere (here: Explore without ?ex=) scored other examples first; a
     link to ex-3 waits for the whole selection instead of replacing ?ex=."""
     import components.session as session
-    import core.scoring
+    import core.scoring.score
 
     release = threading.Event()
-    real = core.scoring.score_examples
+    real = core.scoring.score.score_examples
 
     def gated(lm, examples, **kwargs):
         if len(examples) == 3:
@@ -160,7 +160,7 @@ def test_an_example_not_yet_scored_waits_and_keeps_the_url(page, expected, monke
         return real(lm, examples, **kwargs)
 
     monkeypatch.setattr(session, "FIRST_LOOK", 1)
-    monkeypatch.setattr(core.scoring, "score_examples", gated)
+    monkeypatch.setattr(core.scoring.score, "score_examples", gated)
     run_until(page(), lambda at: heatmaps(at))  # ex-1 alone, scored first
     at = page(ex="ex-3")
     at.run()

@@ -11,20 +11,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core import gendata
-from core.data import Example
+from core.data.records import Example
+from core.data.tasks import load_task
+from core.datagen import run as gendata
+from core.datagen.config import GenDataConfig
+from core.datagen.run import CANDIDATES_JSONL, read_candidates, run_generation, select_candidate
+from core.datagen.store import list_generated_sets
 from core.errors import LensError
-from core.gendata import (
-    CANDIDATES_JSONL,
-    GenDataConfig,
-    Verdict,
-    check_answers,
-    read_candidates,
-    run_generation,
-    select_candidate,
-)
-from core.generated import list_generated_sets
-from core.tasks import load_task
+from core.eval import grading
+from core.eval.grading import Verdict, check_answers
 
 
 @pytest.fixture
@@ -86,14 +81,14 @@ def test_number_and_boxed_verifiers():
 
 def test_auto_verifier_per_task_and_clear_error_for_files():
     assert (
-        gendata.resolve_verifier("auto", load_task("mbpp", limit=1).examples[0], "mbpp") == "code"
+        grading.resolve_verifier("auto", load_task("mbpp", limit=1).examples[0], "mbpp") == "code"
     )
-    assert gendata.resolve_verifier("auto", load_task("gsm8k", limit=1).examples[0], "gsm8k") == (
+    assert grading.resolve_verifier("auto", load_task("gsm8k", limit=1).examples[0], "gsm8k") == (
         "number"
     )
-    assert gendata.resolve_verifier("auto", Example("x", "p", "r"), "math") == "boxed"
+    assert grading.resolve_verifier("auto", Example("x", "p", "r"), "math") == "boxed"
     with pytest.raises(LensError, match="No verifier"):
-        gendata.resolve_verifier("auto", Example("x", "p", "r"), None)
+        grading.resolve_verifier("auto", Example("x", "p", "r"), None)
 
 
 # --------------------------------------------------------------------------- selection
@@ -127,13 +122,13 @@ def test_config_validation_and_cli_command_round_trip():
     config = GenDataConfig.from_preset(
         "cpu-quick", task="gsm8k", split="test", selection="random", threads=1
     )
-    command = gendata.cli_command(config, submit=True)
+    command = config.command(submit=True)
     assert "--task gsm8k" in command and "--selection random" in command
     assert "--threads 1" in command
     from core.cli import build_parser
 
     args = build_parser().parse_args(command.split()[3:])
-    assert gendata.config_from_args(args) == config
+    assert GenDataConfig.from_args(args) == config
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -244,18 +239,18 @@ def test_interrupted_run_resumes_without_redoing_finished_prompts(
 def test_rephrase_shows_the_reference_and_pairs_with_the_original_instruction(
     tmp_path, tiny_lm, tiny_model_dir, data_file, monkeypatch
 ):
-    import core.generation
+    import core.model.generation
 
     seen = []
 
-    original = core.generation.generate_responses
+    original = core.model.generation.generate_responses
 
     def spy(lm, prompts, config, **kwargs):
         seen.extend(prompts)
         assert config.num_return_sequences == 1  # one rewrite per prompt
         return original(lm, prompts, config, **kwargs)
 
-    monkeypatch.setattr(core.generation, "generate_responses", spy)
+    monkeypatch.setattr(core.model.generation, "generate_responses", spy)
     template = "Task: {instruction}\nReference: {reference}\nYour answer:"
     config = tiny_config(tiny_model_dir, data_file, kind="rephrase", template=template, limit=2)
     run_generation(config, tmp_path / "run", student=tiny_lm)
@@ -269,7 +264,7 @@ def test_rephrase_shows_the_reference_and_pairs_with_the_original_instruction(
 
 
 def test_teacher_generates_and_student_scores(tmp_path, tiny_lm, tiny_model_dir, data_file):
-    from core.models import load_model
+    from core.model.loading import load_model
 
     teacher = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
     teacher.fingerprint = "teacher-fingerprint"
@@ -283,7 +278,7 @@ def test_teacher_generates_and_student_scores(tmp_path, tiny_lm, tiny_model_dir,
 
 def test_cli_generate_runs_as_a_foreground_job(tmp_path, tiny_model_dir, data_file, capsys):
     from core.cli import main
-    from core.jobs import JobRegistry
+    from core.jobs.registry import JobRegistry
 
     code = main(
         [
@@ -338,7 +333,7 @@ def test_generate_page_shows_the_cli_command_and_the_sets(tmp_path, monkeypatch)
     from streamlit.testing.v1 import AppTest
 
     from core.cli import build_parser
-    from core.generated import write_generated_set
+    from core.datagen.store import write_generated_set
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)
@@ -360,7 +355,7 @@ def test_generate_page_shows_the_cli_command_and_the_sets(tmp_path, monkeypatch)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     [cmd] = [c.value for c in at.code if c.value.startswith("python -m core generate")]
-    config = gendata.config_from_args(build_parser().parse_args(shlex.split(cmd)[3:]))
+    config = GenDataConfig.from_args(build_parser().parse_args(shlex.split(cmd)[3:]))
     assert (config.task, config.split, config.n_samples) == ("gsm8k", "test", 32)
     at.selectbox(key="gen_preset").set_value("cpu-quick").run()
     [cmd] = [c.value for c in at.code if c.value.startswith("python -m core generate")]

@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-import core.generated as generated
-from core.data import Example
-from core.errors import DataError
-from core.generated import (
+import core.datagen.store as generated
+from core.data.records import Example
+from core.datagen.store import (
     GenerationStore,
     config_from_settings,
     file_data_key,
@@ -22,8 +21,9 @@ from core.generated import (
     task_data_key,
     write_generated_set,
 )
-from core.generation import Generation, GenerationConfig
-from core.models import cache_dir
+from core.errors import DataError
+from core.model.generation import Generation, GenerationConfig
+from core.model.loading import cache_dir
 
 EX = Example(id="ex-1", prompt="Add 2 and 3.", response="5", meta={"answer": 5})
 GREEDY = GenerationConfig(max_new_tokens=16)

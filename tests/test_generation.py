@@ -3,7 +3,7 @@
 import pytest
 
 from core.errors import LensError
-from core.generation import GenerationConfig, generate_responses
+from core.model.generation import GenerationConfig, generate_responses
 
 
 def test_batched_greedy_equals_one_at_a_time(tiny_lm):
@@ -48,7 +48,7 @@ def test_shared_prefill_draws_the_same_samples_as_expanding_the_prompts(tiny_lm)
 def test_thread_setting_from_argument_or_environment(monkeypatch):
     import torch
 
-    from core.generation import set_torch_threads
+    from core.model.generation import set_torch_threads
 
     before = torch.get_num_threads()
     try:

@@ -8,14 +8,14 @@ from html.parser import HTMLParser
 
 import pytest
 
-from components.heatmap import (
+from core.data.records import ScoredExample
+from core.viz.heatmap import (
     heatmap_legend_html,
     ppl_color,
     ppl_position,
     relative_luminance,
     render_token_heatmap,
 )
-from core.records import ScoredExample
 
 PROMPT_TOKENS = ["<|start_header_id|>", "user", "<|end_header_id|>", "\n\n", "Add", " x", "\n"]
 

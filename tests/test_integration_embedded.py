@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from core.cli import main
-from core.scoring import score_examples, score_one_reference
-from core.tasks import load_task
+from core.data.tasks import load_task
+from core.scoring.score import score_examples, score_one_reference
 
 pytestmark = pytest.mark.integration
 

@@ -14,19 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from core.jobs import (
-    CANCELLED,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    JobError,
-    JobRegistry,
-    append_metric,
-    read_metrics,
-    run_progress,
-)
-from core.training import TrainConfig
+from core.jobs.registry import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobError, JobRegistry
+from core.jobs.runfiles import append_metric, read_metrics, run_progress
+from core.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [

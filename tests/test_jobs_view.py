@@ -21,7 +21,7 @@ def _page(run_dir: str) -> None:
     import streamlit as st
 
     from components.jobs_view import job_header, job_log, job_picker, jobs_table
-    from core.jobs import Job
+    from core.jobs.registry import Job
 
     class Registry:
         """Stand-in: records what the buttons ask for."""

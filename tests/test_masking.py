@@ -11,25 +11,28 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core import masking
+from core.data.records import ScoredExample
 from core.errors import LensError
-from core.masking import (
+from core.masking import export as masking_export
+from core.masking import rules as masking_rules
+from core.masking.export import (
+    export_masked_dataset,
+    load_masked_dataset,
+    masked_rows,
+    run_mask_cli,
+)
+from core.masking.rules import (
     DEFAULT_TAU,
     IGNORE_INDEX,
     MaskConfig,
     MaskStats,
     PplIndex,
     compute_masks,
-    export_masked_dataset,
     labels_for,
-    load_masked_dataset,
     mask_stats,
-    masked_rows,
-    run_mask_cli,
     share_vs_tau_curve,
     solve_tau_for_share,
 )
-from core.records import ScoredExample
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -148,7 +151,7 @@ def test_random_matches_high_count(six):
 
 def test_random_positions_follow_documented_derivation(six):
     r = compute_masks([six], MaskConfig(mode="random", tau=2.5, seed=11))
-    perm = masking._example_rng(11, "six").permutation(6)
+    perm = masking_rules._example_rng(11, "six").permutation(6)
     expected = np.zeros(6, dtype=bool)
     expected[perm[:2]] = True
     assert r.masks[0].tolist() == expected.tolist()
@@ -691,10 +694,10 @@ def test_mask_stats_function_equals_method(small_set):
 
 def test_cli_score_then_mask_records_model_and_fingerprint(tiny_model_dir, tiny_lm, tmp_path):
     """The real round: `score` writes rows naming the model, `mask` puts it in the manifest."""
-    from core.cache import ScoreCache
     from core.cli import main
-    from core.data import Example
-    from core.scoring import score_examples
+    from core.data.records import Example
+    from core.scoring.cache import ScoreCache
+    from core.scoring.score import score_examples
 
     data = tmp_path / "d.jsonl"
     pairs = [("Add two numbers.", "def add(a, b):\n    return a + b"), ("Hi", "Hello there!")]
@@ -710,13 +713,13 @@ def test_cli_score_then_mask_records_model_and_fingerprint(tiny_model_dir, tiny_
     assert main(["mask", "--scores", str(scores), "--tau", "2.5", "--out", str(out)]) == 0
     exported, manifest = load_masked_dataset(out)
     assert manifest["model"] == tiny_lm.cache_key
-    assert manifest["source_scores_sha256"] == masking._file_sha256(scores)
+    assert manifest["source_scores_sha256"] == masking_export._file_sha256(scores)
     # the fingerprint is of the scores' content: the app, which takes the same scores from its
     # cache instead of a file, records the same value
     examples = [Example(id=f"row-{i + 1}", prompt=p, response=r) for i, (p, r) in enumerate(pairs)]
     run = score_examples(tiny_lm, examples, cache=ScoreCache())
     assert run.n_cached == 2
-    assert manifest["source_fingerprint"] == masking.scores_fingerprint(run.examples)
+    assert manifest["source_fingerprint"] == masking_export.scores_fingerprint(run.examples)
     assert [r["labels"] for r in exported] == [
         labels_for(ex, m)
         for ex, m in zip(run.examples, compute_masks(run.examples, MaskConfig()).masks, strict=True)
@@ -724,12 +727,12 @@ def test_cli_score_then_mask_records_model_and_fingerprint(tiny_model_dir, tiny_
 
 
 def test_scores_fingerprint_tracks_content(small_set):
-    base = masking.scores_fingerprint(small_set)
+    base = masking_export.scores_fingerprint(small_set)
     round_trip = [ScoredExample.from_dict(json.loads(json.dumps(ex.to_dict()))) for ex in small_set]
-    assert masking.scores_fingerprint(round_trip) == base
+    assert masking_export.scores_fingerprint(round_trip) == base
     changed = [from_ppl("a", [1.0, 3.0, 1.2, 8.5]), *small_set[1:]]
-    assert masking.scores_fingerprint(changed) != base
-    assert masking.scores_fingerprint(small_set[::-1]) != base
+    assert masking_export.scores_fingerprint(changed) != base
+    assert masking_export.scores_fingerprint(small_set[::-1]) != base
 
 
 def test_run_mask_cli_model_field(tmp_path, small_set):
@@ -759,7 +762,7 @@ def test_export_gets_ordinary_permissions_and_jsonl_bytes(tmp_path, small_set):
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
-    assert (out / "masked.jsonl").read_bytes() == masking.masked_jsonl_bytes(small_set, res)
+    assert (out / "masked.jsonl").read_bytes() == masking_export.masked_jsonl_bytes(small_set, res)
 
 
 def test_export_to_unwritable_place_is_a_lens_error(tmp_path, small_set):

@@ -21,17 +21,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from components.session import background_runner
-from core.cache import ScoreCache
-from core.masking import (
-    MaskConfig,
-    compute_masks,
-    load_masked_dataset,
-    scores_fingerprint,
-    solve_tau_for_share,
-)
-from core.records import ScoredExample
-from core.scoring import score_examples
-from core.sources import load_source
+from core.data.records import ScoredExample
+from core.data.sources import load_source
+from core.masking.export import load_masked_dataset, scores_fingerprint
+from core.masking.rules import MaskConfig, compute_masks, solve_tau_for_share
+from core.scoring.cache import ScoreCache
+from core.scoring.score import score_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 8

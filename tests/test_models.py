@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from core.errors import ModelLoadError
-from core.models import ModelSlot, load_model, resolve_device, resolve_dtype
+from core.model.loading import ModelSlot, load_model, resolve_device, resolve_dtype
 
 
 def test_local_folder_loads_with_fingerprint_and_context(tiny_model_dir):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import LensError
-from core.protocol import (
+from core.study.protocol import (
     REPORT_HTML,
     RESULTS_JSON,
     RESULTS_MD,
@@ -22,10 +22,10 @@ from core.protocol import (
     compare_to_gt,
     findings,
     load_protocol,
-    mean_ci,
     run_protocol,
     train_config,
 )
+from core.study.stats import mean_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,12 +115,12 @@ def test_cli_rejects_bad_input_before_any_job(tmp_path):
 
 def test_cli_flags_reach_the_config():
     from core.cli import build_parser
-    from core.protocol import config_from_args
+    from core.study.protocol import ProtocolConfig
 
     args = build_parser().parse_args(
         ["protocol", "--seeds", "0,1,2", "--methods", "gt,stm", "--limit", "none", "--tau", "3"]
     )
-    config = config_from_args(args)
+    config = ProtocolConfig.from_args(args)
     assert (config.seeds, config.methods, config.limit, config.tau) == ([0, 1, 2], ["gt", "stm"],
                                                                         None, 3.0)  # fmt: skip
 
@@ -130,8 +130,8 @@ def test_tiny_protocol_end_to_end_then_resumes(tiny_model_dir, tmp_path):
     process, the table has both seeds with intervals, the random model keeps no Self-Output
     sample (so that arm is skipped with its reason), the report is written, and a second call
     reuses every finished run."""
-    from core.jobs import runs_dir
-    from core.runs import list_runs
+    from core.jobs.runfiles import runs_dir
+    from core.study.runs import list_runs
 
     config = ProtocolConfig.from_preset(
         "cpu",

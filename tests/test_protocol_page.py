@@ -6,8 +6,10 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.jobs import CONFIG_JSON, JobRegistry, write_json_atomic
-from core.protocol import (
+from core.io import write_json_atomic
+from core.jobs.registry import JobRegistry
+from core.jobs.runfiles import CONFIG_JSON
+from core.study.protocol import (
     REPORT_HTML,
     RESULTS_JSON,
     ProtocolConfig,

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from core.errors import LensError
-from core.report import build_report, write_report
-from core.runs import list_runs, load_run, runs_table
+from core.study.report import build_report, write_report
+from core.study.runs import list_runs, load_run, runs_table
 
 
 def _make_run(root, run_id, method, tau, share, scores, bwt_ti, seed=0):
@@ -130,8 +130,8 @@ def test_every_report_chart_offers_a_png_download(runs_root, tmp_path):
 
 
 def test_report_snapshots_show_the_runs_mask_and_the_ppl_change(tiny_model_dir, tmp_path):
-    from core.diagnostics import compute_ppl_change, training_examples
-    from core.report import heatmap_snapshots
+    from core.study.diagnostics import compute_ppl_change, training_examples
+    from core.study.report import heatmap_snapshots
     from tests.test_diagnostics import make_adapter_run
 
     run_dir = make_adapter_run(tmp_path / "runs", "stm-run", tiny_model_dir)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from streamlit.testing.v1 import AppTest
 
-from core.jobs import SUCCEEDED, JobRegistry
+from core.jobs.registry import SUCCEEDED, JobRegistry
 from tests.test_eval_jobs import runs, trained_run  # noqa: F401 - fixtures
 
 PAGE = "../pages/runs.py"

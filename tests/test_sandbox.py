@@ -14,8 +14,8 @@ import uuid
 import psutil
 import pytest
 
-from core.evaluation import humaneval_program, mbpp_program
-from core.sandbox import (
+from core.eval.grading import humaneval_program, mbpp_program
+from core.eval.sandbox import (
     FAILED,
     MARKER_ENV,
     PASSED,
@@ -292,7 +292,7 @@ def test_run_programs_keeps_input_order():
 
 @pytest.mark.integration
 def test_mbpp_reference_solutions_pass_their_asserts():
-    from core.tasks import load_task
+    from core.data.tasks import load_task
 
     examples = load_task("mbpp", "all").examples
     assert len(examples) == 500
@@ -312,7 +312,7 @@ def test_mbpp_reference_solutions_pass_their_asserts():
 
 @pytest.mark.integration
 def test_humaneval_canonical_solutions_pass():
-    from core.tasks import load_task
+    from core.data.tasks import load_task
 
     examples = load_task("humaneval").examples[::4]  # 41 of the 164 keep this quick
     programs = [humaneval_program(ex.response, ex.meta) for ex in examples]

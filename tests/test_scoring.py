@@ -5,10 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from core.cache import ScoreCache
-from core.data import Example
-from core.encoding import encode_pair
-from core.scoring import CPU_STATS_CHUNK, score_examples, score_one_reference
+from core.data.records import Example
+from core.model.encoding import encode_pair
+from core.scoring.cache import ScoreCache
+from core.scoring.score import CPU_STATS_CHUNK, score_examples, score_one_reference
 
 
 def _examples(n=9):
@@ -25,15 +25,15 @@ def _examples(n=9):
 def test_batched_scores_equal_unbatched_reference(tiny_lm, convention, keep, monkeypatch):
     """Both ways of picking the response positions: the per-row mask and, for models whose
     forward takes only an int, the batch's common tail."""
-    import core.scoring
+    import core.scoring.score
 
     monkeypatch.setattr(
-        core.scoring, "_NO_MASK_KEEP", {type(tiny_lm.model)} if keep == "tail" else set()
+        core.scoring.score, "_NO_MASK_KEEP", {type(tiny_lm.model)} if keep == "tail" else set()
     )
     exs = _examples()
     run = score_examples(tiny_lm, exs, convention=convention, token_budget=300, max_batch=4)
     assert [r.id for r in run.examples] == [e.id for e in exs]
-    assert (type(tiny_lm.model) in core.scoring._NO_MASK_KEEP) == (keep == "tail")
+    assert (type(tiny_lm.model) in core.scoring.score._NO_MASK_KEEP) == (keep == "tail")
     for ex, rec in zip(exs, run.examples, strict=True):
         ref = score_one_reference(tiny_lm, ex, convention=convention)
         assert len(ref) == rec.n_response

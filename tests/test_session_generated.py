@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from components.session import Selection, load_dataset_cached
-from core.data import Example
+from core.data.records import Example
+from core.datagen.store import write_generated_set
 from core.errors import LensError
-from core.generated import write_generated_set
 
 
 def test_generated_set_keeps_scorer_metadata():

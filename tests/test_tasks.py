@@ -11,19 +11,19 @@ import json
 
 import pytest
 
-from core import tasks
-from core.data import Dataset
-from core.errors import LensError
-from core.tasks import (
+from core.data import tasks
+from core.data.records import Dataset
+from core.data.tasks import (
     MBPP_SPLIT_SEED,
     MBPP_TRAIN_SIZE,
     TASKS,
     get_task,
-    last_boxed,
     list_tasks,
     load_task,
     mbpp_split_ids,
 )
+from core.errors import LensError
+from core.eval.grading import last_boxed
 
 EXPECTED_COUNTS = {
     ("mbpp", "all"): 500,

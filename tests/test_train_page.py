@@ -12,8 +12,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.cli import build_parser
-from core.jobs import SUCCEEDED, JobRegistry
-from core.training import config_from_args
+from core.jobs.registry import SUCCEEDED, JobRegistry
+from core.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "sample.jsonl"
@@ -51,14 +51,14 @@ def command(at: AppTest) -> str:
 def test_form_shows_the_command_the_cli_runs(page, tiny_model_dir):
     at = page()
     cmd = command(at)
-    config = config_from_args(build_parser().parse_args(shlex.split(cmd)[3:]))
+    config = TrainConfig.from_args(build_parser().parse_args(shlex.split(cmd)[3:]))
     assert config.model == str(tiny_model_dir) and config.data == str(DATA)
     assert (config.method, config.id_col, config.limit) == ("gt", "id", 4)
     at.selectbox(key="train_method").set_value("stm").run()
     at.selectbox(key="train_preset").set_value("cpu-quick").run()
     at.number_input(key="steps-cpu-quick").set_value(3).run()
     cmd = command(at)
-    config = config_from_args(build_parser().parse_args(shlex.split(cmd)[3:]))
+    config = TrainConfig.from_args(build_parser().parse_args(shlex.split(cmd)[3:]))
     assert (config.preset, config.method, config.tau, config.max_steps) == (
         "cpu-quick",
         "stm",

@@ -13,23 +13,17 @@ import pytest
 import torch
 
 from core.cli import build_parser
-from core.encoding import encode_pair
+from core.data.sources import load_source
 from core.errors import LensError
-from core.jobs import read_metrics
-from core.masking import compute_masks, export_masked_dataset
-from core.models import load_model
-from core.scoring import score_examples
-from core.sources import load_source
-from core.training import (
-    IGNORE_INDEX,
-    TrainConfig,
-    build_trainer,
-    build_training_data,
-    cli_command,
-    config_from_args,
-    last_complete_checkpoint,
-    run_training,
-)
+from core.jobs.runfiles import read_metrics
+from core.masking.export import export_masked_dataset
+from core.masking.rules import compute_masks
+from core.model.encoding import encode_pair
+from core.model.loading import load_model
+from core.scoring.score import score_examples
+from core.training.config import TrainConfig
+from core.training.data import IGNORE_INDEX, build_training_data
+from core.training.trainer import build_trainer, last_complete_checkpoint, run_training
 
 ROWS = [
     {"id": "a", "prompt": "Square a number.", "response": "def square(x):\n    return x * x"},
@@ -147,11 +141,11 @@ def test_cli_command_reproduces_the_config():
         data="/tmp/my data.jsonl",
         task=None,
     )
-    command = cli_command(config)
+    command = config.command()
     argv = shlex.split(command)
     assert argv[:4] == ["python", "-m", "core", "train"]
     args = build_parser().parse_args(argv[3:])
-    assert config_from_args(args) == config
+    assert TrainConfig.from_args(args) == config
     # only what differs from the preset is spelled out
     assert "--learning-rate" not in command and "--preset cpu-quick" in command
 
@@ -160,7 +154,7 @@ def test_config_file_then_flags(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"preset": "cpu-quick", "method": "stm", "tau": 3.0}))
     args = build_parser().parse_args(["train", "--config", str(path), "--tau", "2.0"])
-    config = config_from_args(args)
+    config = TrainConfig.from_args(args)
     assert (config.preset, config.method, config.tau) == ("cpu-quick", "stm", 2.0)
     assert config.limit == TrainConfig.from_preset("cpu-quick").limit
 

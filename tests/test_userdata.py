@@ -8,13 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from core.data.userdata import load_hub_dataset, load_user_data, parse_messages_column, read_columns
 from core.errors import DataError, LensError
-from core.userdata import (
-    load_hub_dataset,
-    load_user_data,
-    parse_messages_column,
-    read_columns,
-)
 
 DATA = Path(__file__).parent / "data"
 

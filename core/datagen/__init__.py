@@ -1,0 +1,1 @@
+"""Generated training data: Self-Output and Rephrase runs, and the stores of generated answers and sets."""

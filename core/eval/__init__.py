@@ -1,0 +1,1 @@
+"""Evaluation: suites as data, grading, scorer kinds, the sandbox for generated code, the runner."""

@@ -1,0 +1,127 @@
+"""Tuned vs base: relative change, TI and BWT (../shared/METHOD.md)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from core.errors import LensError
+from core.eval.scorers import SuiteResult
+from core.eval.suites import REF_PPL, EvalSuite
+
+# --------------------------------------------------------------------------------------------
+# TI / BWT
+# --------------------------------------------------------------------------------------------
+
+
+def relative_change(fine_tuned: float | None, original: float | None) -> float | None:
+    """100 * (fine_tuned - original) / original; None when undefined (original 0 or missing)."""
+    if fine_tuned is None or original is None or original == 0:
+        return None
+    return 100.0 * (fine_tuned - original) / original
+
+
+@dataclass
+class Comparison:
+    """TI, BWT and per-task changes of a fine-tuned result against the base result.
+
+    `notes` says why a number is missing (e.g. the base scored 0, so a relative change is
+    undefined). `nll_easy_change` is the mean relative change (%) of the OOD reference tasks'
+    NLL on base-easy tokens: positive means the model got worse at what it knew (forgetting).
+    """
+
+    ti: float | None
+    bwt: float | None
+    bwt_tasks: list[str]
+    nll_easy_change: float | None
+    per_task: dict[str, dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    def summary_record(self, step: int, when: float | None = None) -> dict[str, Any]:
+        """The metrics.jsonl "eval_summary" record."""
+        return {
+            "kind": "eval_summary",
+            "step": step,
+            "time": time.time() if when is None else when,
+            "bwt": self.bwt,
+            "ti": self.ti,
+            "nll_easy_change": self.nll_easy_change,
+            "notes": self.notes,
+        }
+
+
+def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> Comparison:
+    """TI and BWT of `tuned` against `base` (same suite and settings), per METHOD.md."""
+    if base.settings_fingerprint != tuned.settings_fingerprint:
+        raise LensError("Base and fine-tuned results come from different suite settings.")
+    per_task: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    for spec in suite.specs():
+        b, t = base.task(spec.name), tuned.task(spec.name)
+        if b is None or t is None:
+            continue
+        before, after = b.value, t.value
+        per_task[spec.name] = {
+            "role": suite.role(spec.name),
+            "metric": b.primary or t.primary,
+            "base": before,
+            "tuned": after,
+            "delta": None if before is None or after is None else after - before,
+            "relative_change": relative_change(after, before),
+        }
+    ti = None
+    target = next((s for s in suite.target if s.is_accuracy), None)
+    if target is None:
+        notes.append("TI: the suite has no target accuracy task.")
+    elif target.name in per_task:
+        ti = per_task[target.name]["relative_change"]
+        if ti is None:
+            notes.append(
+                f"TI undefined: the base model scores {per_task[target.name]['base']} on "
+                f"{target.name} {target.primary_metric}, so a relative change has no meaning."
+            )
+    bwt_tasks, excluded, unscored = [], [], []
+    changes = []
+    for spec in suite.ood:
+        if not spec.is_accuracy or spec.name not in per_task:
+            continue
+        change = per_task[spec.name]["relative_change"]
+        if per_task[spec.name]["base"] is None or per_task[spec.name]["tuned"] is None:
+            unscored.append(spec.name)
+        elif change is None:
+            excluded.append(spec.name)
+        else:
+            bwt_tasks.append(spec.name)
+            changes.append(change)
+    if excluded:
+        notes.append(
+            "BWT leaves out " + ", ".join(excluded) + ": the base model scores 0 there, so the "
+            "relative change is undefined (see the absolute deltas)."
+        )
+    if unscored:
+        notes.append("BWT leaves out " + ", ".join(unscored) + ": not scored (skipped, see why).")
+    bwt = sum(changes) / len(changes) if changes else None
+    if bwt is None:
+        notes.append("BWT undefined: no OOD accuracy task with a non-zero base score.")
+    easy_changes = []
+    for spec in suite.ood:
+        if spec.scorer == REF_PPL:
+            b, t = base.task(spec.name), tuned.task(spec.name)
+            if b is not None and t is not None:
+                change = relative_change(t.metrics.get("nll_easy"), b.metrics.get("nll_easy"))
+                if change is not None:
+                    easy_changes.append(change)
+    nll_easy_change = sum(easy_changes) / len(easy_changes) if easy_changes else None
+    return Comparison(
+        ti=ti,
+        bwt=bwt,
+        bwt_tasks=bwt_tasks,
+        nll_easy_change=nll_easy_change,
+        per_task=per_task,
+        notes=notes,
+    )

@@ -1,0 +1,171 @@
+"""`EvalConfig`: the settings of an evaluation job (`python -m core eval`), and which adapter of
+which run it evaluates."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from core.config import JobConfig
+from core.config import help_meta as _help
+from core.errors import LensError
+from core.jobs.runfiles import checkpoint_step, checkpoints, runs_dir
+
+#: Values an adapter's run folder brings to the eval config (labels and colours in Runs/Compare).
+RUN_KEYS = ("method", "tau", "target_share", "seed", "task")
+
+
+@dataclass
+class EvalConfig(JobConfig):
+    """One evaluation: a model (and optionally an adapter) on a suite. The fields after
+    `lm_eval_tasks` are derived from the adapter's run folder by `resolved()`."""
+
+    COMMAND: ClassVar[str] = "eval"
+    ALWAYS: ClassVar[tuple[str, ...]] = ("model", "suite")
+    LABEL: ClassVar[str] = "evaluation"
+    IGNORED_KEYS: ClassVar[tuple[str, ...]] = ("kind",)
+
+    model: str = field(
+        default="default",
+        metadata=_help("'default' (embedded SmolLM2-135M), a Hugging Face id, a folder or .gguf"),
+    )
+    adapter: str | None = field(
+        default=None, metadata=_help("run id, run folder or adapter folder to evaluate")
+    )
+    suite: str = field(default="default", metadata=_help("default, during, protocol, paper, tiny"))
+    limit: int | None = field(default=None, metadata=_help("at most N examples per task"))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps"))
+    dtype: str = field(default="auto", metadata=_help("auto, float32, bfloat16 or float16"))
+    lm_eval_tasks: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "also run this lm-evaluation-harness task as an OOD task (repeatable; needs lm-eval "
+            "installed and its data reachable, else it is reported as skipped)",
+            flag="lm_eval_task",
+            repeat=True,
+        ),
+    )
+    use_cache: bool = field(
+        default=True, metadata=_help("read and write the base-score cache", flag="cache")
+    )
+    # derived from the adapter (no flags)
+    step: int | None = field(default=None, metadata={"cli": False})
+    evaluates: str | None = field(default=None, metadata={"cli": False})
+    method: str | None = field(default=None, metadata={"cli": False})
+    tau: float | None = field(default=None, metadata={"cli": False})
+    target_share: float | None = field(default=None, metadata={"cli": False})
+    seed: int | None = field(default=None, metadata={"cli": False})
+    task: str | None = field(default=None, metadata={"cli": False})
+
+    def __post_init__(self) -> None:
+        self.lm_eval_tasks = [n.strip() for n in (self.lm_eval_tasks or ()) if n and n.strip()]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `LensError` (one line) on a bad setting: empty model, unknown suite, bad limit
+        or lm-eval task name."""
+        from core.eval.suites import build_suite
+
+        if not str(self.model).strip():
+            raise LensError(
+                "Name a model: 'default', a Hugging Face id, a local folder or a .gguf file."
+            )
+        build_suite(self.suite, limit=self.limit, lm_eval_tasks=self.lm_eval_tasks)
+
+    def resolved(self) -> EvalConfig:
+        """With the adapter as an absolute folder, its training step, and the trained run's
+        method, tau, target share, seed and task (so pages label it like that run)."""
+        if self.adapter is None:
+            return self
+        from core.io import read_json
+        from core.jobs.runfiles import CONFIG_JSON
+
+        folder = resolve_adapter_path(self.adapter)
+        values: dict[str, Any] = {
+            "adapter": str(folder.absolute()),
+            "step": adapter_step(folder) or 1,
+        }
+        run = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+        trained = read_json(run / CONFIG_JSON)
+        if isinstance(trained, dict) and trained.get("method"):
+            values["evaluates"] = run.name
+            values.update({k: trained[k] for k in RUN_KEYS if trained.get(k) is not None})
+        return replace(self, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job's config.json: "kind": "eval", the settings, and the derived values known."""
+        out: dict[str, Any] = {"kind": "eval", **asdict(self)}
+        if not out["lm_eval_tasks"]:
+            del out["lm_eval_tasks"]
+        derived = [
+            f for f in type(self).__dataclass_fields__.values() if not f.metadata.get("cli", True)
+        ]
+        for f in derived:
+            if out[f.name] is None:
+                del out[f.name]
+        return out
+
+    def command_values(self) -> dict[str, Any]:
+        """As the base, with the adapter named by its run id where the run is known."""
+        values = super().command_values()
+        if self.adapter:
+            values["adapter"] = self.evaluates or self.adapter
+        return values
+
+    def describe(self) -> str:
+        """Short label of an eval job for the jobs list."""
+        what = self.evaluates or (Path(self.adapter).name if self.adapter else "")
+        target = f"{self.model} + {what}" if self.adapter else f"{self.model} (base)"
+        limit = f", limit {self.limit}" if self.limit else ""
+        return f"eval {self.suite}{limit}: {target}"
+
+
+def _adapter_root(path: str | Path) -> Path:
+    """A folder given as a path, or as a run id under the runs root."""
+    root = Path(path).expanduser()
+    if root.exists():
+        return root
+    by_id = runs_dir() / str(path)
+    if str(path) and "/" not in str(path) and by_id.is_dir():
+        return by_id
+    raise LensError(f"Adapter '{path}' does not exist (neither a folder nor a run id).")
+
+
+def resolve_adapter_path(path: str | Path) -> Path:
+    """The folder holding `adapter_config.json`: the path itself, a run folder's `adapter/`, or
+    the newest `checkpoints/checkpoint-N/` of a run that has not finished. `path` may also be a
+    run id under the runs root."""
+    root = _adapter_root(path)
+    candidates = [root, root / "adapter", *reversed(checkpoints(root))]
+    for folder in candidates:
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    raise LensError(
+        f"No adapter found in '{path}' (expected adapter_config.json there, in adapter/ or in "
+        "checkpoints/checkpoint-N/)."
+    )
+
+
+def adapter_step(adapter: str | Path) -> int | None:
+    """The training step an adapter was saved at: N for `checkpoint-N/`, a finished run's
+    final step from its summary.json; None when unknown."""
+    folder = resolve_adapter_path(adapter)
+    step = checkpoint_step(folder)
+    if step is not None:
+        return step
+    from core.io import read_json
+    from core.jobs.runfiles import SUMMARY_JSON
+
+    summary = read_json(folder.parent / SUMMARY_JSON)
+    if isinstance(summary, dict) and isinstance(summary.get("final_step"), int):
+        return int(summary["final_step"])
+    return None
+
+
+def eval_job_config(model: str = "default", **settings: Any) -> dict[str, Any]:
+    """Checked, resolved settings of an "eval" job as its config.json dict (bad input raises
+    `LensError` before a job exists)."""
+    if "lm_eval_tasks" in settings:
+        settings["lm_eval_tasks"] = list(settings["lm_eval_tasks"] or ())
+    return EvalConfig(model=model, **settings).resolved().to_dict()

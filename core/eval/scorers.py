@@ -1,0 +1,347 @@
+"""How a task spec is scored: one function per scorer kind, each returning a `TaskResult`."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from core.data.records import Example
+from core.errors import LensError
+from core.eval.grading import (
+    extract_choice_letter,
+    extract_code,
+    extract_number,
+    humaneval_program,
+    mbpp_program,
+    numbers_match,
+)
+from core.eval.sandbox import run_programs
+from core.eval.suites import LM_EVAL_METRICS, EvalSuite, EvalTaskSpec
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def mc_choice_scores(loglikelihoods: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
+    """(argmax of log-likelihood, argmax of log-likelihood / characters): acc and acc_norm picks,
+    first index on ties, as in lm-evaluation-harness."""
+    best = max(range(len(loglikelihoods)), key=lambda i: (loglikelihoods[i], -i))
+    norm = [ll / max(1, len(c)) for ll, c in zip(loglikelihoods, choices, strict=True)]
+    best_norm = max(range(len(norm)), key=lambda i: (norm[i], -i))
+    return best, best_norm
+
+
+def _mc_question(example: Example) -> str:
+    """The question text of a `core.data.tasks` multiple-choice prompt (its choice lines removed)."""
+    meta = example.meta
+    block = "\n".join(f"{lab}. {c}" for lab, c in zip(meta["labels"], meta["choices"], strict=True))
+    tail = f"\n{block}\n"
+    head, sep, _ = example.prompt.rpartition(tail)
+    text = head if sep else example.prompt.split("\n", 1)[0]
+    return text.removeprefix("Question:").strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskResult:
+    """Scores of one spec: metrics, how many examples, how long, and per-example details."""
+
+    name: str
+    task: str
+    scorer: str
+    role: str
+    primary: str
+    metrics: dict[str, float | None]
+    n: int
+    seconds: float
+    details: list[dict[str, Any]] = field(default_factory=list)
+    skipped: str = ""  # why the task could not run (then `metrics` is empty)
+
+    @property
+    def value(self) -> float | None:
+        """The primary metric."""
+        return self.metrics.get(self.primary)
+
+
+# --------------------------------------------------------------------------------------------
+# Running a suite
+# --------------------------------------------------------------------------------------------
+
+
+def select_examples(spec: EvalTaskSpec) -> list[Example]:
+    """The spec's fixed subset: `n` examples drawn with `random.Random(seed)`, in split order."""
+    from core.data.tasks import load_task
+
+    examples = load_task(spec.task, spec.split).examples
+    if spec.n is None or spec.n >= len(examples):
+        return list(examples)
+    picked = sorted(random.Random(spec.seed).sample(range(len(examples)), spec.n))
+    return [examples[i] for i in picked]
+
+
+def _generate(lm: Any, prompts: list[str], spec: EvalTaskSpec, batch_size: int) -> list[str]:
+    from core.model.generation import GenerationConfig, generate_responses
+
+    config = GenerationConfig(max_new_tokens=spec.max_new_tokens, do_sample=False)
+    out = generate_responses(lm, prompts, config, batch_size=batch_size)
+    return [gens[0].text for gens in out]
+
+
+def _score_code(lm: Any, spec: EvalTaskSpec, examples: list[Example], suite: EvalSuite) -> Any:
+    answers = _generate(
+        lm, [ex.prompt + spec.instruction for ex in examples], spec, suite.batch_size
+    )
+    programs = []
+    for ex, answer in zip(examples, answers, strict=True):
+        code = extract_code(answer, ex.meta.get("entry_point"))
+        if "test_list" in ex.meta:
+            programs.append(mbpp_program(code, ex.meta))
+        elif "test" in ex.meta and "prompt_code" in ex.meta:
+            programs.append(humaneval_program(code, ex.meta))
+        else:
+            raise LensError(f"Task '{spec.task}' has no tests to run generated code against.")
+    results = run_programs(programs, suite.sandbox, workers=suite.workers)
+    details = [
+        {"id": ex.id, "passed": r.passed, "status": r.status, "detail": r.detail, "answer": a}
+        for ex, r, a in zip(examples, results, answers, strict=True)
+    ]
+    return {"pass@1": sum(r.passed for r in results) / len(results)}, details
+
+
+def _score_numeric(lm: Any, spec: EvalTaskSpec, examples: list[Example], suite: EvalSuite) -> Any:
+    answers = _generate(
+        lm, [ex.prompt + spec.instruction for ex in examples], spec, suite.batch_size
+    )
+    details = []
+    for ex, answer in zip(examples, answers, strict=True):
+        predicted = extract_number(answer)
+        ok = numbers_match(predicted, str(ex.meta["gold"]))
+        details.append({"id": ex.id, "correct": ok, "predicted": predicted, "answer": answer})
+    return {"exact_match": sum(d["correct"] for d in details) / len(details)}, details
+
+
+def _score_mc_generative(
+    lm: Any, spec: EvalTaskSpec, examples: list[Example], suite: EvalSuite
+) -> Any:
+    answers = _generate(
+        lm, [ex.prompt + spec.instruction for ex in examples], spec, suite.batch_size
+    )
+    details = []
+    for ex, answer in zip(examples, answers, strict=True):
+        letter = extract_choice_letter(answer, ex.meta["labels"])
+        ok = letter == ex.meta["gold"]
+        details.append({"id": ex.id, "correct": ok, "predicted": letter, "answer": answer})
+    return {"acc": sum(d["correct"] for d in details) / len(details)}, details
+
+
+def _continuation_loglik(lm: Any, pairs: list[Example], batch_size: int) -> list[float]:
+    """Summed log-probability of each pair's response tokens, end-of-turn token(s) excluded."""
+    from core.scoring.score import score_examples
+
+    run = score_examples(lm, pairs, top_k=1, cache=None, max_batch=max(batch_size, 16))
+    if run.skipped or len(run.examples) != len(pairs):
+        raise LensError(f"Could not score {len(run.skipped)} multiple-choice continuation(s).")
+    special = set(getattr(lm.tokenizer, "all_special_ids", []) or [])
+    out = []
+    for rec in run.examples:
+        keep = len(rec.logprob)
+        while keep > 1 and rec.response_token_ids[keep - 1] in special:
+            keep -= 1
+        out.append(float(sum(rec.logprob[:keep])))
+    return out
+
+
+def _score_mc_loglik(lm: Any, spec: EvalTaskSpec, examples: list[Example], suite: EvalSuite) -> Any:
+    pairs, spans = [], []
+    for ex in examples:
+        labels, choices = ex.meta["labels"], ex.meta["choices"]
+        if spec.mc_format == "text":
+            prompt = f"Question: {_mc_question(ex)}\nAnswer:"
+            continuations = list(choices)
+        else:
+            prompt = ex.prompt
+            continuations = [f"Answer: {label}" for label in labels]
+        start = len(pairs)
+        for k, cont in enumerate(continuations):
+            pairs.append(Example(f"{ex.id}#{k}", prompt, cont))
+        spans.append((start, continuations))
+    lls = _continuation_loglik(lm, pairs, suite.batch_size)
+    details, acc, acc_norm = [], 0, 0
+    for ex, (start, conts) in zip(examples, spans, strict=True):
+        ll = lls[start : start + len(conts)]
+        pick, pick_norm = mc_choice_scores(ll, conts)
+        gold = int(ex.meta["gold_index"])
+        acc += pick == gold
+        acc_norm += pick_norm == gold
+        details.append({"id": ex.id, "gold": gold, "pred": pick, "pred_norm": pick_norm, "ll": ll})
+    n = len(examples)
+    return {"acc": acc / n, "acc_norm": acc_norm / n}, details
+
+
+def _score_ref_ppl(
+    lm: Any,
+    spec: EvalTaskSpec,
+    examples: list[Example],
+    suite: EvalSuite,
+    base_easy: dict[str, list[bool]] | None,
+) -> tuple[dict[str, float | None], list[dict[str, Any]], dict[str, list[bool]]]:
+    from core.scoring.score import score_examples
+
+    run = score_examples(lm, examples, top_k=1, cache=None, max_batch=max(suite.batch_size, 16))
+    total_nll = easy_nll = 0.0
+    total_n = easy_n = 0
+    seq_ppls, details = [], []
+    easy_map: dict[str, list[bool]] = {}
+    for rec in run.examples:
+        nll = [-lp for lp in rec.logprob]
+        own_easy = [x <= math.log(spec.tau) for x in nll]
+        easy_map[rec.id] = own_easy
+        mask = own_easy if base_easy is None else base_easy.get(rec.id)
+        if mask is None or len(mask) != len(nll):
+            raise LensError(
+                f"'{spec.name}': the base model's easy-token mask does not match example {rec.id}; "
+                "re-run the base evaluation with the same model and suite."
+            )
+        total_nll += sum(nll)
+        total_n += len(nll)
+        easy = [x for x, m in zip(nll, mask, strict=True) if m]
+        easy_nll += sum(easy)
+        easy_n += len(easy)
+        seq_ppls.append(rec.seq_ppl)
+        details.append({"id": rec.id, "tokens": len(nll), "easy_tokens": len(easy)})
+    mean_nll = total_nll / total_n if total_n else None
+    mean_easy = easy_nll / easy_n if easy_n else None
+    metrics: dict[str, float | None] = {
+        "nll": mean_nll,
+        "ppl": math.exp(mean_nll) if mean_nll is not None else None,
+        "nll_easy": mean_easy,
+        "ppl_easy": math.exp(mean_easy) if mean_easy is not None else None,
+        "seq_ppl_mean": sum(seq_ppls) / len(seq_ppls) if seq_ppls else None,
+        "easy_share": easy_n / total_n if total_n else None,
+    }
+    return metrics, details, easy_map
+
+
+class TaskUnavailable(LensError):
+    """An optional task cannot run here (a missing package, unreachable data): the suite
+    records the reason for that task and goes on."""
+
+
+def _lm_eval_metrics(task_results: dict[str, Any]) -> dict[str, float | None]:
+    """lm-eval's "metric,filter" entries as metric names ("acc", "exact_match/flexible-extract"),
+    standard errors and aliases left out."""
+    metrics: dict[str, float | None] = {}
+    for key, value in task_results.items():
+        name, _, filt = key.partition(",")
+        if name.endswith("_stderr") or name == "alias" or isinstance(value, (str, bool)):
+            continue
+        if not isinstance(value, (int, float)):
+            continue
+        metrics[name if filt in ("", "none") else f"{name}/{filt}"] = float(value)
+    return metrics
+
+
+def _score_lm_eval(lm: Any, spec: EvalTaskSpec, suite: EvalSuite) -> Any:
+    """One lm-evaluation-harness task on the loaded model (see the module docstring)."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise TaskUnavailable(
+            "lm-evaluation-harness is not installed (pip install 'lm-eval[hf]')"
+        ) from None
+    try:
+        wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=suite.batch_size)
+        out = lm_eval.simple_evaluate(
+            model=wrapped,
+            tasks=[spec.task],
+            limit=spec.n,
+            random_seed=spec.seed,
+            numpy_random_seed=spec.seed,
+            torch_random_seed=spec.seed,
+            log_samples=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - unknown task, data not reachable: one line
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise TaskUnavailable(
+            f"lm-eval task '{spec.task}' could not run: {type(exc).__name__}: {first}"
+        ) from None
+    results = (out or {}).get("results", {}).get(spec.task) or (out or {}).get("groups", {}).get(
+        spec.task
+    )
+    if not results:
+        raise TaskUnavailable(f"lm-eval returned no results for task '{spec.task}'")
+    metrics = _lm_eval_metrics(results)
+    if not metrics:
+        raise TaskUnavailable(f"lm-eval task '{spec.task}' reported no numeric metric")
+    samples = ((out or {}).get("n-samples") or {}).get(spec.task) or {}
+    n = int(samples.get("effective") or spec.n or 0)
+    primary = spec.metric or next((m for m in LM_EVAL_METRICS if m in metrics), next(iter(metrics)))
+    if primary not in metrics:
+        raise TaskUnavailable(
+            f"lm-eval task '{spec.task}' has no metric '{primary}' "
+            f"(it reports {', '.join(metrics)})"
+        )
+    return metrics, n, primary
+
+
+@dataclass
+class SuiteResult:
+    """One model's results on one suite.
+
+    `easy_tokens` holds, per reference-perplexity task and example id, which response tokens the
+    model found easy (ppl <= tau); for a base run these define the "easy" set later runs use.
+    """
+
+    suite: str
+    settings_fingerprint: str
+    model: str
+    adapter: str | None
+    tasks: list[TaskResult]
+    seconds: float
+    created: float = field(default_factory=time.time)
+    easy_tokens: dict[str, dict[str, list[bool]]] = field(default_factory=dict)
+
+    def task(self, name: str) -> TaskResult | None:
+        """The result of the spec called `name`."""
+        return next((t for t in self.tasks if t.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SuiteResult:
+        """Inverse of `to_dict`."""
+        values = dict(data)
+        values["tasks"] = [TaskResult(**t) for t in data["tasks"]]
+        return cls(**values)
+
+    def records(self, step: int, when: float | None = None) -> list[dict[str, Any]]:
+        """metrics.jsonl "eval" records: one per task and metric, the task's primary metric
+        (the one TI / BWT use) first, so readers that take a task's first metric take it."""
+        when = time.time() if when is None else when
+        rows = []
+        for t in self.tasks:
+            order = sorted(t.metrics, key=lambda m: m != t.primary)
+            for metric, value in ((m, t.metrics[m]) for m in order):
+                rows.append(
+                    {
+                        "kind": "eval",
+                        "step": step,
+                        "time": when,
+                        "task": t.name,
+                        "metric": metric,
+                        "value": value,
+                        "n": t.n,
+                        "role": t.role,
+                    }
+                )
+        return rows

@@ -1,0 +1,171 @@
+"""Run folders: where they live, and the files a job writes into one (config, log, metrics, summary)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CONFIG_JSON = "config.json"
+LOG_TXT = "log.txt"
+METRICS_JSONL = "metrics.jsonl"
+SUMMARY_JSON = "summary.json"
+LOG_TAIL_LINES = 30
+
+
+#: A job's status-line callback (the registry's progress note).
+StatusFn = Callable[[str], None]
+
+CHECKPOINTS_DIR = "checkpoints"  # a training run's `checkpoint-N/` folders (N = global step)
+ADAPTER_DIR = "adapter"  # a finished training run's final adapter (or full model)
+_CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def checkpoint_step(folder: str | Path) -> int | None:
+    """N for a `checkpoint-N` folder; None for any other name."""
+    name = Path(folder).name
+    digits = name[len(_CHECKPOINT_PREFIX) :]
+    return int(digits) if name.startswith(_CHECKPOINT_PREFIX) and digits.isdigit() else None
+
+
+def checkpoints(run_dir: str | Path, *, complete: bool = False) -> list[Path]:
+    """A run folder's `checkpoints/checkpoint-N/` folders (or the `checkpoint-N/` folders directly
+    in `run_dir`, when it has no checkpoints folder), oldest step first; `complete` keeps only those written to the
+    end (with trainer_state.json: a run killed while saving leaves a partial folder)."""
+    root = Path(run_dir)
+    if (root / CHECKPOINTS_DIR).is_dir():
+        root = root / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [
+        (step, p)
+        for p in root.iterdir()
+        if p.is_dir()
+        and (step := checkpoint_step(p)) is not None
+        and (not complete or (p / "trainer_state.json").is_file())
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def runs_dir() -> Path:
+    """Root of all run folders and the registry: $PLENS_RUNS_DIR or <cache_dir()>/runs."""
+    from core.model.loading import cache_dir
+
+    override = os.environ.get("PLENS_RUNS_DIR")
+    path = Path(override).expanduser() if override else cache_dir() / "runs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def append_metric(run_dir: str | Path, record: dict[str, Any]) -> None:
+    """Append one record as one line to `<run_dir>/metrics.jsonl` (one write, then fsync).
+
+    Records carry a "kind": "train" (step, epoch, time, loss, lr, ...), "eval" (step, task,
+    metric, value, n, role), "done" (step, ...), plus "start" / "checkpoint" written by training.
+    If an earlier writer died mid-line, the new record starts on a fresh line so only the broken
+    line is lost.
+    """
+    path = Path(run_dir) / METRICS_JSONL
+    line = json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            with open(path, "rb") as fh:
+                fh.seek(size - 1)
+                if fh.read(1) != b"\n":
+                    line = "\n" + line
+        os.write(fd, line.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All complete records of `<run_dir>/metrics.jsonl`, in file order.
+
+    A line that is not valid JSON (a record being written right now, or one cut off by a crash)
+    is skipped; a missing file gives an empty list.
+    """
+    path = Path(run_dir) / METRICS_JSONL
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return []
+    records = []
+    for raw in data.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def log_tail(run_dir: str | Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 65536) -> str:
+    """The last `lines` lines of the run's log (progress-bar carriage returns resolved)."""
+    path = Path(run_dir) / LOG_TXT
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - max_bytes))
+            data = fh.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    out = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return "\n".join(out[-lines:])
+
+
+@dataclass
+class RunProgress:
+    """Where a training run is, read from its metrics: step of max_steps, ETA, last loss."""
+
+    step: int = 0
+    max_steps: int | None = None
+    last_loss: float | None = None
+    eta_seconds: float | None = None
+    done: bool = False
+
+    @property
+    def fraction(self) -> float:
+        """Share of steps done, 0..1 (0 when the total is not known yet)."""
+        if self.done:
+            return 1.0
+        if not self.max_steps:
+            return 0.0
+        return min(1.0, self.step / self.max_steps)
+
+
+def run_progress(records: list[dict[str, Any]]) -> RunProgress:
+    """Progress of a run from its metrics records (the latest "start" record sets the pace)."""
+    progress = RunProgress()
+    start: dict[str, Any] | None = None
+    last_train: dict[str, Any] | None = None
+    for rec in records:
+        kind = rec.get("kind")
+        if kind == "start":
+            start, last_train = rec, None
+            progress.max_steps = rec.get("max_steps")
+            progress.step = int(rec.get("step") or 0)
+        elif kind == "train":
+            last_train = rec
+            progress.step = int(rec.get("step") or progress.step)
+            if rec.get("loss") is not None:
+                progress.last_loss = float(rec["loss"])
+        elif kind == "done":
+            progress.done = True
+            progress.step = int(rec.get("step") or progress.step)
+    if start and last_train and progress.max_steps and not progress.done:
+        steps = progress.step - int(start.get("step") or 0)
+        elapsed = float(last_train.get("time", 0)) - float(start.get("time", 0))
+        if steps > 0 and elapsed > 0:
+            progress.eta_seconds = (progress.max_steps - progress.step) * elapsed / steps
+    return progress

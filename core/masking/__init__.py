@@ -1,0 +1,1 @@
+"""Masking: which response tokens leave the loss (STM and its controls), and the masked-set export."""

@@ -1,0 +1,410 @@
+"""Exporting a masked training set (JSONL, a `datasets` folder and a manifest), reading it back,
+and the `mask` command's file-to-file path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import secrets
+import shlex
+import shutil
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core import __version__ as CORE_VERSION
+from core.data.records import ScoredExample
+from core.errors import LensError
+from core.masking.rules import (
+    DEFAULT_TAU,
+    MODES,
+    MaskConfig,
+    MaskResult,
+    MaskStats,
+    compute_masks,
+    labels_for,
+    mask_stats,
+)
+
+MANIFEST_VERSION = 1
+
+MASKED_JSONL = "masked.jsonl"
+HF_DATASET_DIR = "hf_dataset"
+MANIFEST_JSON = "manifest.json"
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _check_alignment(examples: Sequence[ScoredExample], result: MaskResult) -> None:
+    if len(examples) != len(result):
+        raise LensError(f"{len(examples)} examples but masks for {len(result)}")
+    for ex, ex_id, mask in zip(examples, result.ids, result.masks, strict=True):
+        if ex.id != ex_id:
+            raise LensError(f"examples and masks are in a different order ({ex.id!r} vs {ex_id!r})")
+        if mask.size != ex.n_response:
+            raise LensError(f"example {ex.id!r}: mask length does not match its response")
+    for i, ex in enumerate(examples):
+        if not np.array_equal(ex.ppl_array(), result.index.ppl_of(i)):
+            raise LensError(f"example {ex.id!r}: masks were computed from different scores")
+
+
+def masked_rows(examples: Sequence[ScoredExample], result: MaskResult) -> list[dict[str, Any]]:
+    """The export rows: id, messages, input_ids, labels, response_start, n_response, n_masked."""
+    _check_alignment(examples, result)
+    rows = []
+    for ex, mask in zip(examples, result.masks, strict=True):
+        rows.append(
+            {
+                "id": ex.id,
+                "messages": [
+                    {"role": "user", "content": ex.prompt},
+                    {"role": "assistant", "content": ex.response},
+                ],
+                "input_ids": [int(t) for t in ex.token_ids],
+                "labels": labels_for(ex, mask),
+                "response_start": int(ex.response_start),
+                "n_response": int(ex.n_response),
+                "n_masked": int(mask.sum()),
+            }
+        )
+    return rows
+
+
+def _jsonl_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+def masked_jsonl_bytes(examples: Sequence[ScoredExample], result: MaskResult) -> bytes:
+    """The ``masked.jsonl`` content of an export (UTF-8, one `masked_rows` row per line)."""
+    return _jsonl_bytes(masked_rows(examples, result))
+
+
+def scores_fingerprint(examples: Sequence[ScoredExample]) -> str:
+    """sha256 of the scored examples' content (ids, texts, token ids, scores, in order).
+
+    Computed from each record's canonical JSON, so scores read back from a ``score`` JSONL and
+    the same scores taken from the app's cache give the same fingerprint: the manifest's
+    ``source_fingerprint`` identifies what was masked, whichever way it was produced.
+    """
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps(ex.to_dict(), sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _build_manifest(
+    result: MaskResult, stats: MaskStats, extra: Mapping[str, Any] | None, content_sha: str
+) -> dict[str, Any]:
+    cfg = result.config
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "mode": cfg.mode,
+        "tau": result.tau,
+        "target_share": cfg.target_share,
+        "percentile_rule": cfg.percentile_rule if cfg.mode == "percentile" else None,
+        "k_percent": cfg.k_percent if cfg.mode == "percentile" else None,
+        "seed": int(cfg.seed),
+        **stats.summary(),
+        "share_denominator": "response tokens pooled over the dataset, end-of-turn included",
+        "files": {"jsonl": MASKED_JSONL, "hf_dataset": HF_DATASET_DIR},
+        "masked_jsonl_sha256": content_sha,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "core_version": CORE_VERSION,
+        "numpy_version": np.__version__,
+        "python_version": platform.python_version(),
+    }
+    for key, value in (extra or {}).items():
+        if key in manifest:
+            raise LensError(f"manifest_extra key {key!r} clashes with a built-in manifest field")
+        manifest[key] = value
+    try:
+        json.dumps(manifest, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise LensError(f"manifest_extra is not JSON-serialisable: {err}") from None
+    return manifest
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _make_sibling_dir(out: Path, kind: str) -> Path:
+    """Create a fresh hidden directory next to ``out`` (``.<name>.<kind>-<random>``).
+
+    Plain ``mkdir`` rather than ``tempfile.mkdtemp``: the temporary folder becomes the export,
+    which should get ordinary permissions (0777 minus the umask), not mkdtemp's private 0700.
+    """
+    for _ in range(100):
+        candidate = out.parent / f".{out.name}.{kind}-{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"no free temporary name next to {out}")
+
+
+def _prepare_target(out: Path, overwrite: bool) -> bool:
+    """Check whether ``out`` may be written; return True if an existing export is replaced."""
+    if out.exists() and not out.is_dir():
+        raise LensError(f"{out} exists and is not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return False
+    if not overwrite:
+        raise LensError(f"{out} is not empty; pass overwrite=True (--overwrite) to replace it")
+    if not (out / MANIFEST_JSON).is_file():
+        raise LensError(f"{out} is not empty and is not a masked export; refusing to replace it")
+    return True
+
+
+def export_masked_dataset(
+    examples: Sequence[ScoredExample],
+    mask_result: MaskResult,
+    out_dir: str | os.PathLike[str],
+    manifest_extra: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``masked.jsonl``, ``hf_dataset/`` and ``manifest.json`` into ``out_dir`` atomically.
+
+    Everything is written to a temporary sibling directory that is renamed into place at the
+    end, so ``out_dir`` is either absent/unchanged or a complete export. An existing non-empty
+    ``out_dir`` is refused unless ``overwrite=True``, and even then only if it holds a previous
+    export (a ``manifest.json``), never an arbitrary directory. Returns ``out_dir``.
+    """
+    import datasets  # heavy import, only needed here
+
+    out = Path(out_dir).expanduser().absolute()
+    _prepare_target(out, overwrite)
+    rows = masked_rows(examples, mask_result)
+    stats = mask_stats(mask_result)
+    jsonl = _jsonl_bytes(rows)
+    manifest = _build_manifest(
+        mask_result, stats, manifest_extra, hashlib.sha256(jsonl).hexdigest()
+    )
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _make_sibling_dir(out, "tmp")
+    except OSError as err:
+        raise LensError(f"cannot write into {out.parent}: {err.strerror or err}") from None
+    backup: Path | None = None
+    try:
+        _fsync_write(tmp / MASKED_JSONL, jsonl)
+        bars_were_on = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            datasets.Dataset.from_list(rows).save_to_disk(str(tmp / HF_DATASET_DIR))
+        finally:
+            if bars_were_on:
+                datasets.enable_progress_bars()
+        _fsync_write(
+            tmp / MANIFEST_JSON,
+            (json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode(
+                "utf-8"
+            ),
+        )
+        if _prepare_target(out, overwrite):
+            backup = _make_sibling_dir(out, "old")
+            backup.rmdir()
+            os.rename(out, backup)
+        elif out.exists():
+            out.rmdir()  # empty directory
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if backup is not None:
+                os.rename(backup, out)
+                backup = None
+            raise
+    except LensError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LensError(f"could not write the export to {out}: {err.strerror or err}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return out
+
+
+def load_masked_dataset(
+    out_dir: str | os.PathLike[str],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Read an export back: the ``masked.jsonl`` rows and the manifest."""
+    out = Path(out_dir).expanduser()
+    manifest_path, jsonl_path = out / MANIFEST_JSON, out / MASKED_JSONL
+    if not manifest_path.is_file() or not jsonl_path.is_file():
+        raise LensError(f"{out} is not a masked export (no {MANIFEST_JSON} or {MASKED_JSONL})")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise LensError(f"{manifest_path}: not valid JSON ({err.msg})") from None
+    rows = []
+    with open(jsonl_path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise LensError(f"{jsonl_path}:{lineno}: not valid JSON ({err.msg})") from None
+    if manifest.get("n_examples") is not None and manifest["n_examples"] != len(rows):
+        raise LensError(
+            f"{out}: manifest lists {manifest['n_examples']} examples but the file has {len(rows)}"
+        )
+    return rows, manifest
+
+
+# --------------------------------------------------------------------------- CLI entry
+
+
+def read_scores_jsonl(scores_path: str | os.PathLike[str]) -> list[ScoredExample]:
+    """Read a scores JSONL (one ``ScoredExample.to_json_row()`` per line) into records."""
+    return _read_scores(scores_path)[0]
+
+
+def _read_scores(scores_path: str | os.PathLike[str]) -> tuple[list[ScoredExample], list[str]]:
+    """The records of a scores JSONL and the distinct scoring models its rows name.
+
+    ``python -m core score`` writes a ``model`` field (fingerprint and dtype of the scorer) on
+    every row; files from elsewhere may lack it, and then the model list is empty.
+    """
+    path = Path(scores_path).expanduser()
+    if not path.is_file():
+        raise LensError(f"scores file not found: {path}")
+    required = ("id", "token_ids", "response_start", "logprob")
+    examples: list[ScoredExample] = []
+    models: set[str] = set()
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LensError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(data, dict):
+                raise LensError(f"{path}:{lineno}: expected a JSON object per line")
+            missing = [k for k in required if k not in data]
+            if missing:
+                raise LensError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+            try:
+                ex = ScoredExample.from_dict(data)
+            except TypeError as err:
+                raise LensError(f"{path}:{lineno}: not a scored example ({err})") from None
+            if len(ex.logprob) != ex.n_response:
+                raise LensError(
+                    f"{path}:{lineno}: {len(ex.logprob)} log-probs for {ex.n_response} "
+                    "response tokens"
+                )
+            examples.append(ex)
+            if data.get("model"):
+                models.add(str(data["model"]))
+    if not examples:
+        raise LensError(f"{path}: no scored examples")
+    return examples, sorted(models)
+
+
+def mask_cli_command(
+    scores_path: str, out_dir: str, config: MaskConfig, *, overwrite: bool = False
+) -> str:
+    """The ``python -m core mask`` command line that reproduces ``config`` on a scores file.
+
+    Numbers are written with ``repr`` so they parse back to exactly the same floats; a target
+    share is passed as ``--share`` (solving tau is deterministic, so the masks are the same).
+    """
+    args = ["python", "-m", "core", "mask", "--scores", scores_path, "--mode", config.mode]
+    if config.mode == "percentile":
+        args += ["--k-percent", repr(config.k_percent), "--percentile-rule", config.percentile_rule]
+    elif config.target_share is not None:
+        args += ["--share", repr(config.target_share)]
+    else:
+        args += ["--tau", repr(config.tau)]
+    if config.mode == "random" or (
+        config.mode == "percentile" and config.percentile_rule == "random"
+    ):
+        args += ["--seed", str(config.seed)]
+    args += ["--out", out_dir]
+    if overwrite:
+        args.append("--overwrite")
+    return shlex.join(args)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_mask_cli(
+    scores_path: str,
+    out_dir: str,
+    tau: float | None,
+    share: float | None,
+    mode: str,
+    k_percent: float | None,
+    percentile_rule: str,
+    seed: int,
+    overwrite: bool,
+) -> dict[str, Any]:
+    """``python -m core mask``: read scores, mask, export; return the written manifest.
+
+    For high/low/random, give ``tau`` or ``share`` (neither means tau = 2.5). For percentile,
+    ``k_percent`` is required and ``tau``/``share`` must be left out. The manifest records the
+    scoring ``model`` (from the rows' ``model`` field; None for files that lack it; scores of
+    several models are refused), the ``source_fingerprint`` (`scores_fingerprint`) and the
+    scores file's path and sha256.
+    """
+    if mode not in MODES:
+        raise LensError(f"unknown mask mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode == "percentile":
+        if tau is not None or share is not None:
+            raise LensError("--tau/--share do not apply to --mode percentile; use --k-percent")
+        if k_percent is None:
+            raise LensError("--mode percentile needs --k-percent")
+        config = MaskConfig(
+            mode=mode, k_percent=k_percent, percentile_rule=percentile_rule, seed=seed
+        )
+    else:
+        if k_percent is not None:
+            raise LensError("--k-percent only applies to --mode percentile")
+        if tau is not None and share is not None:
+            raise LensError("give either --tau or --share, not both")
+        if share is not None:
+            config = MaskConfig(mode=mode, tau=None, target_share=share, seed=seed)
+        else:
+            config = MaskConfig(mode=mode, tau=DEFAULT_TAU if tau is None else tau, seed=seed)
+    examples, models = _read_scores(scores_path)
+    if len(models) > 1:
+        raise LensError(
+            f"the scores come from {len(models)} different models ({', '.join(models)}); "
+            "perplexities of different models are not comparable, so mask each file separately"
+        )
+    result = compute_masks(examples, config)
+    path = Path(scores_path).expanduser()
+    extra = {
+        "model": models[0] if models else None,
+        "source_fingerprint": scores_fingerprint(examples),
+        "source_scores_path": str(path.absolute()),
+        "source_scores_sha256": _file_sha256(path),
+        "conventions": sorted({ex.convention for ex in examples}),
+        "sources": sorted({ex.source for ex in examples}),
+    }
+    out = export_masked_dataset(examples, result, out_dir, extra, overwrite=overwrite)
+    return load_masked_dataset(out)[1]

@@ -1,0 +1,1 @@
+"""Model: loading causal LMs, the one chat-template encoding, and batched generation."""

@@ -1,0 +1,191 @@
+"""Batched response generation from chat-templated prompts (greedy or sampled).
+
+Prompts are encoded with `core.encoding.encode_prompt`, the same prefix that scoring and
+training put before a response, so a generated answer is later scored in exactly the context it
+was generated in. Batches are left-padded and grouped by prompt length.
+
+Several samples per prompt (Self-Output) share one prompt prefill: the batch's prompts run
+through the model once, their KV cache is copied N times, and `generate` continues from it, so
+the prompt is not recomputed for every sample (docs/BENCHMARKS.md, "Data generation").
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from transformers import DynamicCache
+
+from core.errors import LensError
+from core.model.encoding import encode_prompt
+from core.model.loading import LoadedModel
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings; `do_sample=False` is greedy (used for evaluation)."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.95
+    num_return_sequences: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LensError("max_new_tokens must be at least 1.")
+        if self.num_return_sequences < 1:
+            raise LensError("num_return_sequences must be at least 1.")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
+            raise LensError("Sampling needs temperature > 0 and 0 < top_p <= 1.")
+        if not self.do_sample and self.num_return_sequences > 1:
+            raise LensError("Greedy decoding returns one sequence; enable sampling for several.")
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain dict (for provenance records)."""
+        return asdict(self)
+
+
+@dataclass
+class Generation:
+    """One generated response and its token count (end-of-turn excluded)."""
+
+    text: str
+    n_tokens: int
+    finished: bool  # False when it stopped at max_new_tokens
+
+
+THREADS_ENV = "PLENS_THREADS"
+
+
+def set_torch_threads(threads: int | None = None) -> int:
+    """Set torch's CPU thread count for this process and return the count in effect.
+
+    `threads`, else `$PLENS_THREADS`, else torch's default is left alone. On a busy shared
+    machine one thread per job can be several times faster than oversubscribed cores
+    (docs/BENCHMARKS.md, "Data generation").
+    """
+    if threads is None:
+        raw = os.environ.get(THREADS_ENV, "").strip()
+        if not raw:
+            return torch.get_num_threads()
+        try:
+            threads = int(raw)
+        except ValueError:
+            raise LensError(f"{THREADS_ENV} must be an integer, got {raw!r}.") from None
+    if threads < 1:
+        raise LensError(f"threads must be at least 1, got {threads}.")
+    torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def _stop_ids(lm: LoadedModel) -> list[int]:
+    ids = lm.model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    if lm.tokenizer.eos_token_id is not None and lm.tokenizer.eos_token_id not in ids:
+        ids.append(lm.tokenizer.eos_token_id)
+    return ids
+
+
+def _prefill_prompts(lm: LoadedModel, ids: torch.Tensor, attn: torch.Tensor) -> DynamicCache:
+    """KV cache of the left-padded prompts without their last token (generate feeds that one).
+
+    Positions count from each row's first real token, exactly as `generate` numbers them, so
+    greedy output from this cache equals generating from scratch (tests/test_generation.py).
+    """
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=lm.model.config)
+    extra = {}
+    if "logits_to_keep" in inspect.signature(lm.model.forward).parameters:
+        extra["logits_to_keep"] = 1  # the prompt's logits are not needed, only its cache
+    lm.model(
+        input_ids=ids[:, :-1],
+        attention_mask=attn[:, :-1],
+        position_ids=positions[:, :-1],
+        past_key_values=cache,
+        use_cache=True,
+        **extra,
+    )
+    return cache
+
+
+@torch.inference_mode()
+def generate_responses(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    config: GenerationConfig | None = None,
+    *,
+    batch_size: int = 8,
+    system: str | None = None,
+    progress: ProgressFn | None = None,
+    share_prefill: bool = True,
+) -> list[list[Generation]]:
+    """Generate `config.num_return_sequences` responses per prompt, in input order.
+
+    `batch_size` prompts (each with all its samples) are decoded together. With several samples
+    per prompt, `share_prefill` runs each prompt through the model once and copies its KV cache;
+    False lets `generate` expand the prompt first (same samples, slower; kept for the benchmark).
+    """
+    config = config or GenerationConfig()
+    encoded = [encode_prompt(lm.tokenizer, p, system) for p in prompts]
+    limit = lm.max_length - config.max_new_tokens
+    too_long = [i for i, ids in enumerate(encoded) if len(ids) > limit]
+    if too_long:
+        raise LensError(
+            f"{len(too_long)} prompt(s) leave no room for {config.max_new_tokens} new tokens "
+            f"in the model's {lm.max_length}-token context (first: #{too_long[0]})."
+        )
+    stop = _stop_ids(lm)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else stop[0]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    results: list[list[Generation]] = [[] for _ in prompts]
+    generator_seed = config.seed
+    for start in range(0, len(order), batch_size):
+        members = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in members)
+        ids = torch.full((len(members), width), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for row, i in enumerate(members):
+            n = len(encoded[i])
+            ids[row, width - n :] = torch.tensor(encoded[i])
+            attn[row, width - n :] = 1
+        ids, attn = ids.to(lm.device), attn.to(lm.device)
+        settings = {
+            "max_new_tokens": config.max_new_tokens,
+            "do_sample": config.do_sample,
+            "temperature": config.temperature if config.do_sample else None,
+            "top_p": config.top_p if config.do_sample else None,
+            "top_k": None,
+            "eos_token_id": stop,
+            "pad_token_id": pad,
+        }
+        copies = config.num_return_sequences
+        if share_prefill and copies > 1 and width > 1:
+            # prefill the prompts once and copy their cache: generate's own
+            # num_return_sequences would run every prompt through the model `copies` times
+            cache = _prefill_prompts(lm, ids, attn)
+            cache.batch_repeat_interleave(copies)
+            ids = ids.repeat_interleave(copies, dim=0)
+            attn = attn.repeat_interleave(copies, dim=0)
+            settings["past_key_values"] = cache
+        else:
+            settings["num_return_sequences"] = copies
+        if config.do_sample:
+            torch.manual_seed(generator_seed + start)
+        out = lm.model.generate(input_ids=ids, attention_mask=attn, **settings)
+        new = out[:, width:].tolist()
+        for j, seq in enumerate(new):
+            i = members[j // config.num_return_sequences]
+            cut = next((k for k, t in enumerate(seq) if t in stop), None)
+            tokens = seq if cut is None else seq[:cut]
+            text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
+            results[i].append(Generation(text=text, n_tokens=len(tokens), finished=cut is not None))
+        if progress:
+            progress(min(start + batch_size, len(order)), len(order))
+    return results

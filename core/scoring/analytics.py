@@ -1,0 +1,282 @@
+"""Dataset-level perplexity statistics behind the paper's tables and figures.
+
+Every function takes `groups`: a mapping from a data-source label ("ground_truth",
+"self_output", "rephrase", ...) to that source's scored examples. The mapping key is the label
+used in the output, so callers can compare e.g. two scorers of the same source. Output rows
+follow the mapping's order.
+
+Conventions (the paper leaves these open; see METHOD.md, "Known ambiguities"):
+- Token perplexity is exp(-logprob) of a response token; prompt tokens are never counted.
+- "Above tau" is strict (`ppl > tau`), the same rule Selective Token Masking uses.
+- Shares are reported two ways: pooled over all response tokens of a source, and as the mean
+  of per-example shares (examples without response tokens are skipped for the latter).
+- Variances are population variances (ddof=0) unless `ddof` says otherwise.
+
+Plain numpy/pandas: no Streamlit, no plotting.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from core.data.records import ScoredExample
+
+Groups = Mapping[str, Sequence[ScoredExample]]
+
+CATEGORIES = ("number", "symbol", "word", "whitespace")
+
+# Byte-level BPE / SentencePiece markers that stand for whitespace when a token list holds raw
+# vocabulary strings instead of decoded text ("Ġ" space, "Ċ" newline, "ĉ" tab, "▁" space).
+_WHITESPACE_MARKERS = str.maketrans({"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "▁": " "})
+# Chat-template control tokens such as "<|eot_id|>", "<|im_end|>", "</s>", "<end_of_turn>".
+_CONTROL_TOKEN = re.compile(
+    r"^(<\|[^|<>]*\|>|</?s>|<(eos|bos|pad|unk|end_of_turn|start_of_turn|eot)>)$"
+)
+_NUMBER_PUNCT = set(".,_+-eE%")
+
+
+def is_control_token(token: str) -> bool:
+    """True for chat-template control tokens such as "<|eot_id|>", "</s>", "<end_of_turn>"."""
+    return bool(_CONTROL_TOKEN.match(token.strip()))
+
+
+def token_category(token: str) -> str:
+    """Classify a decoded token as "number", "symbol", "word" or "whitespace".
+
+    Rules, applied to the token with surrounding whitespace (and BPE whitespace markers
+    Ġ Ċ ĉ ▁) removed:
+    - nothing left -> "whitespace" ("\\n", "    ", "Ġ");
+    - chat-template control tokens ("<|eot_id|>", "</s>") -> "symbol" (they are not words);
+    - any digit and no letters -> "number" (" 42", "3.14", "-1", "1,000", "2)": a number with
+      attached punctuation still counts as a number);
+    - any letter (any script) -> "word" (" the", "x2", "__init__", " é", "的");
+    - otherwise -> "symbol" (punctuation and operators: "==", "):", "\\\\", "#").
+    """
+    core = token.translate(_WHITESPACE_MARKERS).strip()
+    if not core:
+        return "whitespace"
+    if _CONTROL_TOKEN.match(core):
+        return "symbol"
+    has_letter = any(ch.isalpha() for ch in core)
+    has_digit = any(ch.isdigit() for ch in core)
+    if has_digit and not has_letter:
+        return "number"
+    if has_digit and all(ch.isdigit() or ch in _NUMBER_PUNCT for ch in core):
+        return "number"  # scientific notation such as "1e-5"
+    if has_letter:
+        return "word"
+    return "symbol"
+
+
+def _example_ppl(example: ScoredExample) -> np.ndarray:
+    return example.ppl_array()
+
+
+def sequence_ppl_table(groups: Groups, *, ddof: int = 0, decimals: int = 2) -> pd.DataFrame:
+    """Per-source summary of sequence perplexity, like the paper's Table 1.
+
+    Columns: source, n_examples, n_scored (examples with at least one response token),
+    n_tokens (response tokens), n_truncated, seq_ppl_mean, seq_ppl_var, seq_ppl_median,
+    seq_ppl_min, seq_ppl_max and "mean (var)" (formatted with `decimals`). Examples without
+    response tokens have no sequence perplexity and are left out of the statistics.
+    """
+    rows = []
+    for source, examples in groups.items():
+        seq = np.array([ex.seq_ppl for ex in examples if ex.n_response > 0], dtype=np.float64)
+        n_tokens = int(sum(ex.n_response for ex in examples))
+        if seq.size:
+            mean = float(seq.mean())
+            var = float(seq.var(ddof=ddof)) if seq.size > ddof else float("nan")
+            median, lo, hi = float(np.median(seq)), float(seq.min()), float(seq.max())
+        else:
+            mean = var = median = lo = hi = float("nan")
+        rows.append(
+            {
+                "source": source,
+                "n_examples": len(examples),
+                "n_scored": int(seq.size),
+                "n_tokens": n_tokens,
+                "n_truncated": int(sum(bool(ex.truncated) for ex in examples)),
+                "seq_ppl_mean": mean,
+                "seq_ppl_var": var,
+                "seq_ppl_median": median,
+                "seq_ppl_min": lo,
+                "seq_ppl_max": hi,
+                "mean (var)": _format_mean_var(mean, var, decimals),
+            }
+        )
+    return pd.DataFrame(rows, columns=_TABLE_COLUMNS)
+
+
+_TABLE_COLUMNS = [
+    "source",
+    "n_examples",
+    "n_scored",
+    "n_tokens",
+    "n_truncated",
+    "seq_ppl_mean",
+    "seq_ppl_var",
+    "seq_ppl_median",
+    "seq_ppl_min",
+    "seq_ppl_max",
+    "mean (var)",
+]
+
+
+def _format_mean_var(mean: float, var: float, decimals: int) -> str:
+    if np.isnan(mean):
+        return "n/a"
+    var_text = "n/a" if np.isnan(var) else f"{var:.{decimals}f}"
+    return f"{mean:.{decimals}f} ({var_text})"
+
+
+def token_ppl_frame(groups: Groups, *, with_category: bool = False) -> pd.DataFrame:
+    """Long-form frame with one row per response token, for histograms and CDFs.
+
+    Columns: source, example_id, position (0-based index within the response), token, ppl,
+    logprob, rank; plus category if `with_category`.
+    """
+    sources: list[str] = []
+    ids: list[str] = []
+    positions: list[np.ndarray] = []
+    tokens: list[str] = []
+    logprobs: list[np.ndarray] = []
+    ranks: list[np.ndarray] = []
+    for source, examples in groups.items():
+        for ex in examples:
+            n = ex.n_response
+            sources.extend([source] * n)
+            ids.extend([ex.id] * n)
+            positions.append(np.arange(n, dtype=np.int64))
+            tokens.extend(ex.response_tokens)
+            logprobs.append(np.asarray(ex.logprob, dtype=np.float64)[:n])
+            rank = np.full(n, -1, dtype=np.int64)
+            rank[: min(n, len(ex.rank))] = ex.rank[:n]
+            ranks.append(rank)
+    logprob = np.concatenate(logprobs) if logprobs else np.zeros(0)
+    frame = pd.DataFrame(
+        {
+            "source": pd.Series(sources, dtype=object),
+            "example_id": pd.Series(ids, dtype=object),
+            "position": np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64),
+            "token": pd.Series(tokens, dtype=object),
+            "ppl": np.exp(-logprob),
+            "logprob": logprob,
+            "rank": np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64),
+        }
+    )
+    if with_category:
+        frame["category"] = [token_category(t) for t in tokens]
+    return frame
+
+
+def share_above_tau(groups: Groups, tau: float) -> pd.DataFrame:
+    """Share of response tokens with ppl > tau, per source.
+
+    Columns: source, tau, n_examples, n_tokens, n_above, share (pooled: n_above / n_tokens),
+    mean_example_share (mean over examples with response tokens of their own share),
+    n_all_above (examples whose every response token is above tau: fully masked by STM, so
+    they carry no loss) and n_none_above.
+    """
+    rows = []
+    for source, examples in groups.items():
+        n_tokens = n_above = n_all = n_none = 0
+        per_example: list[float] = []
+        for ex in examples:
+            ppl = _example_ppl(ex)
+            if ppl.size == 0:
+                continue
+            above = int(np.count_nonzero(ppl > tau))
+            n_tokens += ppl.size
+            n_above += above
+            per_example.append(above / ppl.size)
+            n_all += above == ppl.size
+            n_none += above == 0
+        rows.append(
+            {
+                "source": source,
+                "tau": float(tau),
+                "n_examples": len(examples),
+                "n_tokens": n_tokens,
+                "n_above": n_above,
+                "share": n_above / n_tokens if n_tokens else float("nan"),
+                "mean_example_share": float(np.mean(per_example)) if per_example else float("nan"),
+                "n_all_above": n_all,
+                "n_none_above": n_none,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def share_vs_tau(groups: Groups, taus: Iterable[float]) -> pd.DataFrame:
+    """Pooled and mean per-example share above tau for each tau: the "% masked vs tau" curve.
+
+    Columns: source, tau, share, mean_example_share, n_tokens, n_above. One sort per example,
+    then a binary search per tau, so long tau grids stay cheap.
+    """
+    taus = np.asarray(sorted(float(t) for t in taus), dtype=np.float64)
+    rows = []
+    for source, examples in groups.items():
+        sorted_ppl = [np.sort(_example_ppl(ex)) for ex in examples if ex.n_response > 0]
+        pooled = np.sort(np.concatenate(sorted_ppl)) if sorted_ppl else np.zeros(0)
+        n_tokens = pooled.size
+        n_above = n_tokens - np.searchsorted(pooled, taus, side="right")
+        if sorted_ppl:
+            per_ex = np.stack(
+                [1.0 - np.searchsorted(p, taus, side="right") / p.size for p in sorted_ppl]
+            )
+            mean_share = per_ex.mean(axis=0)
+        else:
+            mean_share = np.full(taus.size, np.nan)
+        for i, tau in enumerate(taus):
+            rows.append(
+                {
+                    "source": source,
+                    "tau": float(tau),
+                    "share": n_above[i] / n_tokens if n_tokens else float("nan"),
+                    "mean_example_share": float(mean_share[i]),
+                    "n_tokens": int(n_tokens),
+                    "n_above": int(n_above[i]),
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["source", "tau", "share", "mean_example_share", "n_tokens", "n_above"]
+    )
+
+
+def category_shares(groups: Groups, tau: float) -> pd.DataFrame:
+    """Token-category mix of all response tokens vs of high-perplexity (ppl > tau) ones.
+
+    One row per (source, category) for every category in CATEGORIES, zeros included. Columns:
+    source, category, n_all, share_all (share among all response tokens of the source), n_high,
+    share_high (share among the source's tokens with ppl > tau; NaN if there are none), tau.
+    """
+    rows = []
+    for source, examples in groups.items():
+        n_all = dict.fromkeys(CATEGORIES, 0)
+        n_high = dict.fromkeys(CATEGORIES, 0)
+        for ex in examples:
+            ppl = _example_ppl(ex)
+            for token, value in zip(ex.response_tokens, ppl, strict=False):
+                category = token_category(token)
+                n_all[category] += 1
+                if value > tau:
+                    n_high[category] += 1
+        total_all, total_high = sum(n_all.values()), sum(n_high.values())
+        for category in CATEGORIES:
+            rows.append(
+                {
+                    "source": source,
+                    "category": category,
+                    "n_all": n_all[category],
+                    "share_all": n_all[category] / total_all if total_all else float("nan"),
+                    "n_high": n_high[category],
+                    "share_high": n_high[category] / total_high if total_high else float("nan"),
+                    "tau": float(tau),
+                }
+            )
+    return pd.DataFrame(rows)

@@ -1,0 +1,268 @@
+"""Token-perplexity scoring: log-probability, perplexity, rank and top-k alternatives of every
+response token under a model, batched with length bucketing and cached on disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from core.data.records import PROMPT_CONDITIONED, Example, ScoredExample
+from core.model.encoding import EncodedPair, encode_pair
+from core.model.loading import LoadedModel
+from core.scoring.cache import ScoreCache, score_key
+
+ProgressFn = Callable[[int, int], None]
+
+DEFAULT_TOP_K = 5
+# Padded tokens per forward pass. Bucketing by length keeps padding small; this budget keeps the
+# float32 logits of a batch (tokens x vocab) at a few hundred MB for a 50k vocabulary.
+DEFAULT_TOKEN_BUDGET = 2048
+DEFAULT_MAX_BATCH = 16
+
+
+@dataclass
+class ScoreRun:
+    """Result of scoring a list of examples."""
+
+    examples: list[ScoredExample]
+    n_cached: int = 0
+    n_scored: int = 0
+    n_truncated: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    # Set when this is an early look at the first few examples of a larger selection still being
+    # scored: that selection's size.
+    of_total: int | None = None
+
+    def summary(self) -> str:
+        """One line for the UI and CLI."""
+        text = f"{len(self.examples)} scored ({self.n_cached} from cache, {self.n_scored} computed)"
+        if self.n_truncated:
+            text += f", {self.n_truncated} truncated to the context length"
+        if self.skipped:
+            text += f", {len(self.skipped)} skipped"
+        return text
+
+
+def _build_record(
+    lm: LoadedModel,
+    ex: Example,
+    enc: EncodedPair,
+    convention: str,
+    logprob: list[float],
+    rank: list[int],
+    top_ids: list[list[int]],
+    top_logprobs: list[list[float]],
+) -> ScoredExample:
+    return ScoredExample(
+        id=ex.id,
+        prompt=ex.prompt,
+        response=ex.response,
+        convention=convention,
+        token_ids=enc.input_ids,
+        tokens=lm.token_texts(enc.input_ids),
+        response_start=enc.response_start,
+        logprob=logprob,
+        rank=rank,
+        top_ids=top_ids,
+        top_tokens=[lm.token_texts(row) for row in top_ids],
+        top_logprobs=top_logprobs,
+        truncated=enc.truncated,
+        meta=dict(ex.meta),
+    )
+
+
+# Rows of logits per pass. On CPU, 16 x vocab floats stay in cache: about 7x faster than one pass
+# over a whole batch (docs/BENCHMARKS.md). A GPU wants large passes.
+CPU_STATS_CHUNK = 16
+GPU_STATS_CHUNK = 4096
+
+
+def _token_stats(
+    logits: torch.Tensor, targets: torch.Tensor, top_k: int
+) -> tuple[list[float], list[int], list[list[int]], list[list[float]]]:
+    """Per-row log-prob of the target, its rank (1 = model's top choice) and the top-k.
+
+    Works through the rows a few at a time: the full (rows x vocab) log-softmax and the
+    comparison mask behind the rank would otherwise stream gigabytes through memory for a
+    batch of a few thousand response tokens."""
+    parts: list[tuple[torch.Tensor, ...]] = []
+    n = CPU_STATS_CHUNK if logits.device.type == "cpu" else GPU_STATS_CHUNK
+    for chunk, tgt in zip(logits.split(n), targets.split(n), strict=True):
+        logprobs = torch.log_softmax(chunk.float(), dim=-1)
+        target_lp = logprobs.gather(-1, tgt[:, None])[:, 0]
+        rank = (logprobs > target_lp[:, None]).sum(-1, dtype=torch.int32) + 1
+        top_lp, top_ids = logprobs.topk(top_k, dim=-1)
+        parts.append((target_lp, rank, top_ids, top_lp))
+    if not parts:
+        return [], [], [], []
+    target_lp, rank, top_ids, top_lp = (torch.cat(p) for p in zip(*parts, strict=True))
+    return target_lp.tolist(), rank.tolist(), top_ids.tolist(), top_lp.tolist()
+
+
+def _buckets(lengths: list[int], token_budget: int, max_batch: int) -> list[list[int]]:
+    """Group indices into batches of similar length (longest first) under a padded-token budget."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * width > token_budget or len(current) >= max_batch:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+# Model classes whose forward does not take a boolean `logits_to_keep` mask (transformers'
+# `slice_logits_to_keep`; custom code may only take an int). Found on first use, per class.
+_NO_MASK_KEEP: set[type] = set()
+
+
+def _response_logits(
+    lm: LoadedModel, ids: torch.Tensor, attn: torch.Tensor, encs: list[EncodedPair]
+) -> list[torch.Tensor]:
+    """Per example, the logits of the positions that predict its response tokens.
+
+    Only those positions go through the output projection: a boolean `logits_to_keep` mask
+    picks them row by row (half the projection's rows of keeping the batch's common tail, on
+    MBPP). Models that do not take a mask keep the tail from the earliest response start."""
+    spans = [(e.response_start - 1, len(e.input_ids) - 1) for e in encs]
+    kwargs = {
+        "input_ids": ids.to(lm.device),
+        "attention_mask": attn.to(lm.device),
+        "use_cache": False,  # one forward pass: a KV cache would only be built and thrown away
+    }
+    model_type = type(lm.model)
+    if model_type not in _NO_MASK_KEEP:
+        keep = torch.zeros(ids.shape, dtype=torch.bool)
+        for row, (start, end) in enumerate(spans):
+            keep[row, start:end] = True
+        try:
+            logits = lm.model(**kwargs, logits_to_keep=keep.to(lm.device)).logits
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, IndexError, RuntimeError):
+            logits = None
+        sizes = [end - start for start, end in spans]
+        if logits is not None and logits.ndim == 2 and logits.shape[0] == sum(sizes):
+            # Rows in mask order: example by example, positions ascending.
+            return list(logits.split(sizes))
+        _NO_MASK_KEEP.add(model_type)
+    # With right padding every response position lies at or after the earliest response start.
+    first = min(start for start, _ in spans)
+    logits = lm.model(**kwargs, logits_to_keep=ids.shape[1] - first).logits
+    return [logits[row, start - first : end - first] for row, (start, end) in enumerate(spans)]
+
+
+@torch.inference_mode()
+def _score_batch(
+    lm: LoadedModel, encs: list[EncodedPair], top_k: int
+) -> list[tuple[list[float], list[int], list[list[int]], list[list[float]]]]:
+    width = max(len(e.input_ids) for e in encs)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.full((len(encs), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(encs), width), dtype=torch.long)
+    for row, enc in enumerate(encs):
+        ids[row, : len(enc.input_ids)] = torch.tensor(enc.input_ids)
+        attn[row, : len(enc.input_ids)] = 1
+    results = []
+    for row, (enc, logits) in enumerate(
+        zip(encs, _response_logits(lm, ids, attn, encs), strict=True)
+    ):
+        targets = ids[row, enc.response_start : len(enc.input_ids)].to(lm.device)
+        results.append(_token_stats(logits, targets, top_k=top_k))
+    return results
+
+
+def score_examples(
+    lm: LoadedModel,
+    examples: Sequence[Example],
+    *,
+    convention: str = PROMPT_CONDITIONED,
+    top_k: int = DEFAULT_TOP_K,
+    max_length: int | None = None,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    cache: ScoreCache | None = None,
+    progress: ProgressFn | None = None,
+    source: str = "ground_truth",
+) -> ScoreRun:
+    """Score every response token of `examples` under `lm`, in input order.
+
+    Cached examples are read from `cache`; the rest are encoded, bucketed by length, scored in
+    batches under inference mode and written back. `progress(done, total)` is called as batches
+    finish. Examples whose text cannot be scored are skipped and listed in `ScoreRun.skipped`.
+    """
+    limit = min(max_length or lm.max_length, lm.max_length)
+    keys = [
+        score_key(lm.cache_key, lm.template_fingerprint, convention, limit, top_k, ex)
+        for ex in examples
+    ]
+    found = cache.get_many(keys) if cache is not None else {}
+    run = ScoreRun(examples=[], n_cached=len(found))
+    todo = [i for i, k in enumerate(keys) if k not in found]
+    encs: dict[int, EncodedPair] = {}
+    for i in todo:
+        ex = examples[i]
+        if not ex.response.strip():
+            run.skipped.append((ex.id, "empty response"))
+            continue
+        encs[i] = encode_pair(
+            lm.tokenizer, ex.prompt, ex.response, convention=convention, max_length=limit
+        )
+    total, done = len(examples), len(found)
+    if progress:
+        progress(done, total)
+    index = list(encs)
+    new: dict[str, ScoredExample] = {}
+    for batch in _buckets([len(encs[i].input_ids) for i in index], token_budget, max_batch):
+        members = [index[b] for b in batch]
+        stats = _score_batch(lm, [encs[i] for i in members], top_k)
+        for i, (lp, rank, tids, tlp) in zip(members, stats, strict=True):
+            rec = _build_record(lm, examples[i], encs[i], convention, lp, rank, tids, tlp)
+            new[keys[i]] = rec
+        done += len(members)
+        if cache is not None:
+            cache.put_many({keys[i]: new[keys[i]] for i in members})
+        if progress:
+            progress(done, total)
+    for i, key in enumerate(keys):
+        rec = found.get(key) or new.get(key)
+        if rec is None:
+            continue
+        rec.source = source
+        rec.meta = dict(examples[i].meta)
+        run.examples.append(rec)
+    run.n_scored = len(new)
+    run.n_truncated = sum(r.truncated for r in run.examples)
+    return run
+
+
+@torch.inference_mode()
+def score_one_reference(
+    lm: LoadedModel,
+    example: Example,
+    *,
+    convention: str = PROMPT_CONDITIONED,
+    max_length: int | None = None,
+) -> list[float]:
+    """Straightforward one-example scoring (full logits, no batching): the test reference and
+    the benchmark's naive baseline. Returns the response tokens' log-probabilities."""
+    enc = encode_pair(
+        lm.tokenizer,
+        example.prompt,
+        example.response,
+        convention=convention,
+        max_length=min(max_length or lm.max_length, lm.max_length),
+    )
+    ids = torch.tensor([enc.input_ids], device=lm.device)
+    logits = lm.model(input_ids=ids).logits[0].float()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    targets = ids[0, 1:]
+    lp = logprobs.gather(-1, targets[:, None])[:, 0]
+    return lp[enc.response_start - 1 :].tolist()

@@ -1,0 +1,868 @@
+"""The paper's protocol in one command: every method, several seeds, one table, one report.
+
+`python -m core protocol` (or a "protocol" job from the app) runs, on one model and one target
+task (MBPP, the fixed train / held-out split of `core.data.tasks`):
+
+1. Self-Output data: one generation run (`core.datagen.run`, seed 0) over the training prompts,
+   checked by the task's verifier; the kept answers become a training set. With no correct
+   sample at all, the Self-Output arm is reported as skipped, with the reason.
+2. Training arms, each once per seed, as `python -m core train` subprocesses (separate
+   processes: memory is returned between runs, and a killed arm leaves the others intact):
+   ground truth (``gt``), STM at τ (``stm``, default τ = 2.5), STM at the τ that masks a target
+   share of response tokens (``stm_share``, default 25%), the random-mask control with as many
+   masked tokens as STM at τ (``random``), and Self-Output (``self_output``).
+   Each arm evaluates the protocol's suite at step 0 (the base model: the same cached result for
+   every arm with the embedded model) and at its last step, through `core.training.callbacks`.
+3. Aggregation: per arm, the mean over seeds and a 95% confidence interval (Student t, n - 1
+   degrees of freedom) of the target change, each out-of-domain score, BWT and the change of the
+   out-of-domain reference NLL on the tokens the base model found easy (the forgetting signal a
+   135M model still shows). Written to `results.json` and `results.md` in the protocol folder,
+   with a one-line reading per arm against ground truth; then `report.html` over all the runs.
+
+Everything is resumable: a run folder that already holds a finished run is reused, a partial
+one resumes from its last checkpoint, the generation resumes from its candidates file. Run
+folders are `<runs_dir()>/<protocol id>-<arm>-s<seed>`, so the Runs and Compare pages show them
+beside every other run; the protocol folder itself holds `config.json` (kind "protocol"),
+`results.*`, `report.html` and `log.txt` of its subprocesses' output.
+
+Two presets: ``cpu`` (the embedded model on 2 CPU cores within an hour, sizes in
+docs/BENCHMARKS.md, "Paper protocol") and ``paper`` (the paper's settings for a GPU: all 400
+training problems, lr 2e-5, 3 epochs, N = 32 samples of up to 512 tokens, the full ``paper``
+suite). Every setting is also a flag.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from core.config import JobConfig
+from core.config import help_meta as _help
+from core.errors import LensError
+from core.jobs.runfiles import StatusFn
+from core.study.stats import mean_ci
+
+PROTOCOL_KIND = "protocol"
+ARMS = ("gt", "stm", "stm_share", "random", "self_output")
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+REPORT_HTML = "report.html"
+PROGRESS_TXT = "progress.txt"
+GENERATION_DIR = "self-output-generation"
+# Evaluate at step 0 and at the end only (EvalCallback evaluates every N steps, N beyond any run).
+EVAL_AT_START_AND_END = 1_000_000
+
+# The forgetting signals a small model still shows: mean relative change (%) of the
+# out-of-domain reference NLL on the tokens the base model found easy, and on all tokens.
+FORGETTING = "ood_nll_easy_Δ%"
+OOD_NLL = "ood_nll_Δ%"
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Sized for the embedded model on 2 CPU cores: under an hour end to end (docs/BENCHMARKS.md).
+    "cpu": {},
+    # The paper's setting (METHOD.md) for a GPU: LoRA on all linear layers, lr 2e-5, 3 epochs,
+    # cosine, the whole training split, N = 32 samples of up to 512 tokens at T 0.7 / top-p 0.95.
+    "paper": {
+        "train_preset": "paper",
+        "limit": None,
+        "max_length": 1024,
+        "epochs": 3.0,
+        "learning_rate": 2e-5,
+        "suite": "paper",
+        "gen_samples": 32,
+        "gen_max_new_tokens": 512,
+        "gen_prompt_batch": 8,
+    },
+}
+
+
+def _parse_ints(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise LensError(f"Seeds must be integers, comma-separated (got {text!r}).") from None
+
+
+@dataclass
+class ProtocolConfig(JobConfig):
+    """Everything one protocol run needs; defaults are the ``cpu`` preset."""
+
+    COMMAND: ClassVar[str] = "protocol"
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    DEFAULT_PRESET: ClassVar[str] = "cpu"
+    LABEL: ClassVar[str] = "protocol"
+    PRESET_NOUN: ClassVar[str] = "protocol preset"
+    IGNORED_KEYS: ClassVar[tuple[str, ...]] = ("kind",)
+
+    preset: str = field(default="cpu", metadata=_help("cpu (embedded model, 2 cores) or paper"))
+    model: str = field(default="default", metadata=_help("model to fine-tune and evaluate"))
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps"))
+    precision: str = field(default="auto", metadata=_help("training precision: auto, fp32, bf16"))
+    task: str = field(default="mbpp", metadata=_help("target task (its train split is trained)"))
+    methods: list[str] = field(
+        default_factory=lambda: list(ARMS),
+        metadata=_help("arms, comma-separated: gt, stm, stm_share, random, self_output"),
+    )
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2],
+        metadata=_help("training seeds, comma-separated", parse=_parse_ints),
+    )
+    tau: float = field(default=2.5, metadata=_help("STM threshold of the stm and random arms"))
+    target_share: float = field(
+        default=0.25, metadata=_help("share of response tokens the stm_share arm masks")
+    )
+    # training (the train preset's values, then these)
+    train_preset: str = field(default="cpu-quick", metadata=_help("core.training.trainer preset"))
+    limit: int | None = field(default=32, metadata=_help("training examples (none = all)"))
+    max_length: int = field(default=256, metadata=_help("tokens per training example"))
+    epochs: float = field(default=1.0, metadata=_help("passes over the training data"))
+    learning_rate: float = field(default=1e-3, metadata=_help("peak learning rate"))
+    batch_size: int = field(default=8, metadata=_help("examples per step"))
+    lora_r: int = field(default=16, metadata=_help("LoRA rank"))
+    finetune: str = field(default="lora", metadata=_help("lora, dora or full"))
+    # evaluation
+    suite: str = field(default="protocol", metadata=_help("evaluation suite (core.eval.runner)"))
+    eval_limit: int | None = field(
+        default=None, metadata=_help("at most N examples per evaluation task")
+    )
+    # Self-Output generation
+    gen_samples: int = field(default=4, metadata=_help("Self-Output samples per prompt"))
+    gen_max_new_tokens: int = field(default=160, metadata=_help("longest Self-Output sample"))
+    gen_prompt_batch: int = field(default=8, metadata=_help("prompts sampled together"))
+    gen_temperature: float = field(default=0.7, metadata=_help("sampling temperature"))
+    gen_top_p: float = field(default=0.95, metadata=_help("nucleus top-p"))
+    threads: int | None = field(
+        default=None, metadata=_help("torch CPU threads for generation (none = default)")
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.methods, str):
+            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        if isinstance(self.seeds, str | int):
+            self.seeds = _parse_ints(str(self.seeds))
+        self.seeds = [int(s) for s in self.seeds]
+        self.validate()
+
+    def command(
+        self, *, submit: bool = False, extra: Sequence[str] = (), name: str | None = None
+    ) -> str:
+        """The `python -m core protocol ...` command of this config (and a non-default
+        protocol folder `name`)."""
+        if name and name != f"protocol-{self.preset}":
+            extra = [*extra, "--name", name]
+        return super().command(submit=submit, extra=extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, with "kind": "protocol" (so run listings can tell it apart)."""
+        return {"kind": PROTOCOL_KIND, **asdict(self)}
+
+    def validate(self) -> None:
+        """Raise `LensError` with one line on a bad setting."""
+        unknown = [m for m in self.methods if m not in ARMS]
+        checks = [
+            (not unknown, f"Unknown arm(s) {', '.join(unknown)} (use {', '.join(ARMS)})."),
+            (bool(self.methods), "Name at least one arm."),
+            (len(set(self.methods)) == len(self.methods), "An arm is named twice."),
+            (bool(self.seeds), "Name at least one seed."),
+            (len(set(self.seeds)) == len(self.seeds), "A seed is named twice."),
+            (self.tau > 0, "tau must be positive."),
+            (0 < self.target_share < 1, "target_share must be between 0 and 1."),
+            (self.limit is None or self.limit >= 1, "limit must be at least 1."),
+            (self.epochs > 0, "epochs must be positive."),
+            (self.batch_size >= 1, "batch_size must be at least 1."),
+            (self.gen_samples >= 1, "gen_samples must be at least 1."),
+            (self.eval_limit is None or self.eval_limit >= 1, "eval_limit must be at least 1."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise LensError(message)
+
+    def describe(self) -> str:
+        """One line for logs and the jobs list."""
+        model = "embedded SmolLM2-135M" if self.model == "default" else self.model
+        return (
+            f"protocol {self.preset}: {self.task}, {', '.join(self.methods)} x "
+            f"{len(self.seeds)} seed(s), suite {self.suite}, {model}"
+        )
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One method of the protocol: its key (run folder part), label and training settings."""
+
+    key: str
+    label: str
+    overrides: dict[str, Any]
+
+
+def arm_specs(config: ProtocolConfig) -> dict[str, Arm]:
+    """The training overrides of every arm (Self-Output's data folder is added later)."""
+    tau = f"{config.tau:g}"
+    share = f"{100 * config.target_share:g}%"
+    return {
+        "gt": Arm("gt", "ground truth", {"method": "gt"}),
+        "stm": Arm("stm", f"STM τ={tau}", {"method": "stm", "tau": config.tau}),
+        "stm_share": Arm(
+            "stm_share",
+            f"STM {share} masked",
+            {"method": "stm", "tau": None, "target_share": config.target_share},
+        ),
+        "random": Arm(
+            "random", f"random mask (as many as τ={tau})", {"method": "random", "tau": config.tau}
+        ),
+        "self_output": Arm("self_output", "Self-Output", {"method": "gt"}),
+    }
+
+
+def train_config(
+    config: ProtocolConfig, arm: Arm, seed: int, data: str | None = None
+) -> dict[str, Any]:
+    """The `core.training.TrainConfig` (as a dict) of one arm and seed."""
+    from core.training.config import TrainConfig
+
+    values: dict[str, Any] = {
+        "model": config.model,
+        "device": config.device,
+        "precision": config.precision,
+        "limit": config.limit,
+        "max_length": config.max_length,
+        "epochs": config.epochs,
+        "learning_rate": config.learning_rate,
+        "batch_size": config.batch_size,
+        "lora_r": config.lora_r,
+        "lora_alpha": 2 * config.lora_r,
+        "finetune": config.finetune,
+        "seed": seed,
+        "mask_seed": seed,
+        "eval_every": EVAL_AT_START_AND_END,
+        "eval_suite": {"suite": config.suite, "limit": config.eval_limit}
+        if config.eval_limit
+        else config.suite,
+        **arm.overrides,
+    }
+    if data is not None:
+        values.update(task=None, split=None, data=data, limit=None)
+    else:
+        values.update(task=config.task, split=_train_split(config.task))
+    return TrainConfig.from_preset(config.train_preset, **values).to_dict()
+
+
+def _train_split(task: str) -> str:
+    """The split an arm trains on: "train" where the task has one (MBPP's fixed split)."""
+    from core.data.tasks import get_task
+
+    spec = get_task(task)
+    return "train" if "train" in spec.splits else spec.default_split
+
+
+def preflight(config: ProtocolConfig) -> None:
+    """Check every setting the protocol will use (task, suite, each arm's training config, the
+    generation config), so bad input fails with one line before any job exists."""
+    from core.eval.suites import suite_from_config
+
+    arms = arm_specs(config)
+    for key in config.methods:
+        cfg = train_config(config, arms[key], config.seeds[0])
+        suite_from_config(cfg["eval_suite"], config.task)
+    if "self_output" in config.methods:
+        from core.datagen.config import GenDataConfig
+        from core.datagen.run import preflight as generation_preflight
+
+        generation_preflight(GenDataConfig.from_dict(generation_config(config)))
+
+
+def generation_config(config: ProtocolConfig) -> dict[str, Any]:
+    """The `core.gendata.GenDataConfig` (as a dict) of the Self-Output data."""
+    from core.datagen.config import GenDataConfig
+
+    return GenDataConfig.from_preset(
+        "cpu-quick" if config.preset == "cpu" else "paper",
+        kind="self_output",
+        model=config.model,
+        device=config.device,
+        task=config.task,
+        split=_train_split(config.task),
+        limit=config.limit,
+        n_samples=config.gen_samples,
+        max_new_tokens=config.gen_max_new_tokens,
+        prompt_batch=config.gen_prompt_batch,
+        temperature=config.gen_temperature,
+        top_p=config.gen_top_p,
+        seed=0,
+        threads=config.threads,
+    ).to_dict()
+
+
+def protocol_folder(
+    config: ProtocolConfig, *, name: str | None = None, run_dir: str | Path | None = None
+) -> Path:
+    """Where a protocol lives: `run_dir`, else `<runs_dir()>/<name>` (default
+    ``protocol-<preset>``), so running the same command again resumes it. A folder that holds
+    a protocol with other settings is refused (one line) before anything runs."""
+    from core.io import read_json
+    from core.jobs.runfiles import CONFIG_JSON, runs_dir
+
+    if run_dir and name:
+        raise LensError("Give --name or --run-dir, not both.")
+    if name is not None and (not name.strip() or "/" in name or name.startswith(".")):
+        raise LensError(f"--name must be a plain folder name, got {name!r}.")
+    folder = (
+        Path(run_dir).expanduser().absolute()
+        if run_dir
+        else runs_dir() / (name or f"protocol-{config.preset}")
+    )
+    saved = read_json(folder / CONFIG_JSON)
+    if isinstance(saved, dict):
+        if saved.get("kind") != PROTOCOL_KIND:
+            raise LensError(f"{folder} holds another kind of run; pick another --name.")
+        if ProtocolConfig.from_dict(saved).to_dict() != config.to_dict():
+            raise LensError(
+                f"{folder} holds a protocol with other settings; pick another --name "
+                "(or the same settings to resume it)."
+            )
+    return folder
+
+
+def run_id(protocol_dir: Path, arm: str, seed: int) -> str:
+    """Run folder name of one arm and seed."""
+    return f"{protocol_dir.name}-{arm}-s{seed}"
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _say(folder: Path, message: str, status: StatusFn | None = None) -> None:
+    """A progress line: printed, appended to the folder's progress file (what the app shows,
+    in the foreground too) and set as the job's status message."""
+    line = f"[{time.strftime('%H:%M:%S')}] {message}"
+    print(line, flush=True)
+    with open(folder / PROGRESS_TXT, "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+    if status:
+        status(message)
+
+
+def _run_cli(args: list[str], log_path: Path) -> int:
+    """`python -m core ARGS` in a child process, its output appended to `log_path`. The child is
+    stopped when this process is (cancel, Ctrl-C)."""
+    from core.jobs.registry import PROJECT_ROOT, core_process_env
+
+    env = core_process_env()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "core", *args],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            return proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def _last_error(log_path: Path) -> str:
+    """The child's one-line reason (its last `error:` line), else its last line."""
+    from core.jobs.runfiles import log_tail
+
+    lines = [line.strip() for line in log_tail(log_path.parent, 200).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["no output"])[-1]
+
+
+def _finished(run_dir: Path) -> bool:
+    from core.io import read_json
+    from core.jobs.runfiles import SUMMARY_JSON
+
+    return isinstance(read_json(run_dir / SUMMARY_JSON), dict)
+
+
+def _generated_set(gen_dir: Path) -> str | None:
+    """The set folder a finished generation run wrote (its "done" record)."""
+    from core.jobs.runfiles import read_metrics
+
+    done = [r for r in read_metrics(gen_dir) if r.get("kind") == "done" and r.get("set")]
+    return str(done[-1]["set"]) if done else None
+
+
+def _generation_span(folder: Path) -> list[tuple[float, float]]:
+    """(first, last) record time of the Self-Output generation run, if any."""
+    from core.jobs.runfiles import read_metrics
+
+    times = [float(r["time"]) for r in read_metrics(folder / GENERATION_DIR) if "time" in r]
+    return [(min(times), max(times))] if times else []
+
+
+def _self_output_data(
+    config: ProtocolConfig, folder: Path, status: StatusFn | None
+) -> tuple[str | None, str]:
+    """Generate (or reuse) the Self-Output set; returns (set folder or None, note)."""
+    from core.io import write_json_atomic
+
+    gen_dir = folder / GENERATION_DIR
+    found = _generated_set(gen_dir)
+    if found and Path(found).is_dir():
+        return found, f"Self-Output set reused: {found}"
+    gen_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = gen_dir / "protocol-generate.json"
+    write_json_atomic(cfg_path, generation_config(config))
+    _say(folder, "Self-Output: generating training data", status)
+    started = time.monotonic()
+    code = _run_cli(
+        ["generate", "--config", str(cfg_path), "--run-dir", str(gen_dir)], gen_dir / "log.txt"
+    )
+    found = _generated_set(gen_dir)
+    if code != 0 or not found:
+        reason = _last_error(gen_dir / "log.txt")
+        return None, f"Self-Output skipped: generation ended with {code} ({reason})"
+    return found, f"Self-Output set generated in {time.monotonic() - started:.0f} s: {found}"
+
+
+def run_protocol(
+    config: ProtocolConfig, folder: str | Path, *, status: StatusFn | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the protocol in `folder`; returns the results also written there.
+
+    Raises `LensError` when no arm produced a run; an arm that failed for some seeds is
+    reported with the failures and the seeds that did finish.
+    """
+    from core.io import read_json, write_json_atomic
+    from core.jobs.runfiles import CONFIG_JSON, runs_dir
+
+    folder = protocol_folder(config, run_dir=folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if read_json(folder / CONFIG_JSON) is None:
+        write_json_atomic(folder / CONFIG_JSON, config.to_dict())
+    started = time.monotonic()
+    _say(folder, config.describe(), status)
+    arms = arm_specs(config)
+    notes: list[str] = []
+    data: dict[str, str | None] = {}
+    if "self_output" in config.methods:
+        data["self_output"], note = _self_output_data(config, folder, status)
+        notes.append(note)
+        _say(folder, note, status)
+    plan = [
+        (arms[key], seed)
+        for seed in config.seeds
+        for key in config.methods
+        if key != "self_output" or data.get("self_output")
+    ]
+    runs: list[dict[str, Any]] = []
+    for i, (arm, seed) in enumerate(plan, start=1):
+        rid = run_id(folder, arm.key, seed)
+        run_dir = runs_dir() / rid
+        entry = {"arm": arm.key, "label": arm.label, "seed": seed, "run": rid}
+        if _finished(run_dir):
+            _say(folder, f"[{i}/{len(plan)}] {arm.label}, seed {seed}: already finished", status)
+            runs.append({**entry, "status": "succeeded", "reused": True})
+            continue
+        cfg = train_config(config, arm, seed, data.get(arm.key))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = run_dir / "protocol-train.json"
+        write_json_atomic(cfg_path, cfg)
+        _say(folder, f"[{i}/{len(plan)}] {arm.label}, seed {seed}: training ({rid})", status)
+        t0 = time.monotonic()
+        code = _run_cli(
+            ["train", "--config", str(cfg_path), "--run-dir", str(run_dir)], run_dir / "log.txt"
+        )
+        took = time.monotonic() - t0
+        if code == 0 and _finished(run_dir):
+            runs.append({**entry, "status": "succeeded", "seconds": took})
+            _say(folder, f"[{i}/{len(plan)}] done in {took:.0f} s", status)
+        else:
+            reason = _last_error(run_dir / "log.txt")
+            runs.append({**entry, "status": "failed", "seconds": took, "error": reason})
+            _say(folder, f"[{i}/{len(plan)}] failed ({code}): {reason}", status)
+    finished = [r["run"] for r in runs if r["status"] == "succeeded"]
+    if not finished:
+        raise LensError(f"No protocol run finished; see the logs under {runs_dir()}.")
+    _say(folder, f"aggregating {len(finished)} run(s)", status)
+    results = aggregate(
+        config, runs, notes, time.monotonic() - started, spans=_generation_span(folder)
+    )
+    write_json_atomic(folder / RESULTS_JSON, results)
+    markdown = results_markdown(results)
+    (folder / RESULTS_MD).write_text(markdown, encoding="utf-8")
+    _say(folder, "writing the report", status)
+    write_protocol_report(results, finished, folder / REPORT_HTML)
+    results["report"] = str(folder / REPORT_HTML)
+    write_json_atomic(folder / RESULTS_JSON, results)
+    print(markdown, flush=True)
+    _say(folder, f"protocol finished in {time.monotonic() - started:.0f} s: {folder}", status)
+    return results
+
+
+def run_measures(run: Any) -> dict[str, float | None]:
+    """What the protocol compares for one run (a `core.runs.RunView`): relative changes (%)
+    from its step-0 (base) evaluation to its last one, plus BWT, TI and training facts."""
+    from core.eval.compare import relative_change
+
+    frame = run.eval_frame()
+    out: dict[str, float | None] = {}
+    if not frame.empty:
+        base, tuned = run.scores_at("base"), run.scores_at("last")
+        roles = run.roles()
+        for (task, metric), value in tuned.items():
+            keep = metric in ("acc", "pass@1", "exact_match") or (
+                metric in ("nll", "nll_easy") and task.endswith("_ppl")
+            )
+            if not keep:
+                continue
+            role = roles.get(task, "ood")
+            out[f"{role}:{task}:{metric}"] = value
+            out[f"{role}:{task}:{metric}:Δ%"] = relative_change(value, base.get((task, metric)))
+    records = [r for r in run.records if r.get("kind") == "eval_summary"]
+    last_summary = records[-1] if records else {}
+    out["BWT"] = last_summary.get("bwt")
+    out["TI"] = last_summary.get("ti")
+    out[FORGETTING] = last_summary.get("nll_easy_change")
+    ood_nll = [v for k, v in out.items() if k.startswith("ood:") and k.endswith(":nll:Δ%")]
+    ood_nll = [v for v in ood_nll if v is not None]
+    out[OOD_NLL] = sum(ood_nll) / len(ood_nll) if ood_nll else None
+    out["masked %"] = None if run.masked_share is None else 100 * run.masked_share
+    data = run.data_record
+    out["train examples"] = data.get("n_examples")
+    out["final loss"] = run.summary.get("train_loss_last")
+    out["train s"] = run.train_seconds
+    return out
+
+
+def aggregate(
+    config: ProtocolConfig,
+    runs: Sequence[dict[str, Any]],
+    notes: Sequence[str],
+    seconds: float,
+    spans: Sequence[tuple[float, float]] = (),
+) -> dict[str, Any]:
+    """Per-arm means and 95% CIs over seeds, and the per-run measures behind them.
+
+    `seconds` is this call's wall time; `span_s` in the result is the time from the first
+    start to the last end of the runs (and `spans`, e.g. the generation), whichever call of a
+    resumed protocol made them."""
+    from core.study.runs import load_run
+
+    per_run = []
+    spans = list(spans)
+    for entry in runs:
+        if entry["status"] != "succeeded":
+            per_run.append({**entry, "measures": {}})
+            continue
+        view = load_run(entry["run"])
+        per_run.append({**entry, "measures": run_measures(view)})
+        end, wall = view.summary.get("finished"), view.summary.get("wall_time_s")
+        if end is not None and wall is not None:
+            spans.append((float(end) - float(wall), float(end)))
+    arms: dict[str, Any] = {}
+    for key in config.methods:
+        rows = [r for r in per_run if r["arm"] == key and r["measures"]]
+        failed = [r for r in per_run if r["arm"] == key and r["status"] != "succeeded"]
+        if not rows and not failed:
+            continue
+        names = sorted({m for r in rows for m in r["measures"]})
+        arms[key] = {
+            "label": next(r["label"] for r in [*rows, *failed]),
+            "seeds": [r["seed"] for r in rows],
+            "failed": [{"seed": r["seed"], "error": r.get("error", "")} for r in failed],
+            "measures": {m: mean_ci([r["measures"].get(m) for r in rows]) for m in names},
+        }
+    results = {
+        "config": config.to_dict(),
+        "arms": arms,
+        "runs": per_run,
+        "notes": list(notes),
+        "wall_time_s": seconds,
+        "span_s": max(e for _, e in spans) - min(b for b, _ in spans) if spans else None,
+        "finished": time.time(),
+    }
+    results["findings"] = findings(results)
+    return results
+
+
+def _interval(stat: dict[str, Any]) -> tuple[float, float] | None:
+    if stat.get("mean") is None:
+        return None
+    half = stat.get("ci95") or 0.0
+    return stat["mean"] - half, stat["mean"] + half
+
+
+def compare_to_gt(arm: dict[str, Any], gt: dict[str, Any], measure: str) -> str | None:
+    """'lower' / 'higher' when the arm's 95% CI lies wholly below / above ground truth's,
+    'overlap' when they overlap, None when either is missing or has a single seed."""
+    a, g = arm["measures"].get(measure, {}), gt["measures"].get(measure, {})
+    if not a or not g or a.get("ci95") is None or g.get("ci95") is None:
+        return None
+    ia, ig = _interval(a), _interval(g)
+    if ia is None or ig is None:
+        return None
+    if ia[1] < ig[0]:
+        return "lower"
+    if ia[0] > ig[1]:
+        return "higher"
+    return "overlap"
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """One sentence per arm on what the paper predicts (less out-of-domain forgetting than
+    ground truth), read off the 95% CIs; the paper's claim is not assumed."""
+    arms = results["arms"]
+    gt = arms.get("gt")
+    out: list[str] = []
+    if gt is None:
+        return ["No ground-truth arm: nothing to compare against."]
+    target = next((m for m in gt["measures"] if m.startswith("target:") and "nll:Δ%" in m), None)
+    for key, arm in arms.items():
+        if key == "gt":
+            continue
+        for measure, what, better in (
+            (FORGETTING, "out-of-domain NLL on base-easy tokens (forgetting)", "lower"),
+            (OOD_NLL, "out-of-domain NLL on all tokens", "lower"),
+            ("BWT", "BWT", "higher"),
+            (target, "target reference NLL", "lower"),
+        ):
+            if measure is None:
+                continue
+            verdict = compare_to_gt(arm, gt, measure)
+            a = arm["measures"].get(measure, {}).get("mean")
+            g = gt["measures"].get(measure, {}).get("mean")
+            if verdict is None or a is None or g is None:
+                continue
+            if verdict == "overlap":
+                word = "indistinguishable from ground truth (95% CIs overlap)"
+            else:
+                word = (
+                    f"{'better' if verdict == better else 'worse'} than ground truth "
+                    "(95% CIs apart)"
+                )
+            out.append(f"{arm['label']}: {what} {a:+.2f} vs {g:+.2f}: {word}.")
+    return out
+
+
+def _fmt_stat(stat: dict[str, Any] | None, digits: int = 2) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    text = f"{stat['mean']:+.{digits}f}" if digits else f"{stat['mean']:.0f}"
+    if stat.get("ci95") is not None:
+        text += f" ± {stat['ci95']:.{digits}f}"
+    return text
+
+
+def measure_label(measure: str) -> str:
+    """Column title of a measure: "mbpp_ppl nll Δ% (target)", "OOD easy-token NLL Δ%", ..."""
+    if measure == FORGETTING:
+        return "OOD easy-token NLL Δ%"
+    if measure == OOD_NLL:
+        return "OOD NLL Δ%"
+    parts = measure.split(":")
+    if len(parts) >= 3 and parts[0] in ("target", "ood"):
+        text = " ".join(parts[1:]).replace(" Δ%", " Δ%")
+        return f"{text} (target)" if parts[0] == "target" else text
+    return measure
+
+
+def summary_table(results: dict[str, Any], detail: bool = False) -> list[dict[str, str]]:
+    """Rows of the protocol table: one per arm, mean ± 95% CI half-width over seeds.
+
+    The summary has the masked share, each target change, the two out-of-domain NLL signals,
+    BWT, TI and the final training loss; `detail` has the change of every task and metric."""
+    measures: list[str] = []
+    for arm in results["arms"].values():
+        for m in arm["measures"]:
+            if m not in measures:
+                measures.append(m)
+
+    def order(m: str) -> tuple[int, str]:
+        head = ("masked %", "target:", FORGETTING, OOD_NLL, "BWT", "TI", "ood:")
+        return next((i for i, h in enumerate(head) if m.startswith(h)), len(head)), m
+
+    if detail:
+        shown = [m for m in sorted(measures, key=order) if ":" in m and m.endswith("Δ%")]
+    else:
+        changes = [m for m in sorted(measures, key=order) if m.startswith("target:")]
+        changes = [m for m in changes if m.endswith("Δ%")]
+        shown = ["masked %", *changes, FORGETTING, OOD_NLL, "BWT", "TI", "final loss"]
+    rows = []
+    for arm in results["arms"].values():
+        row = {"arm": arm["label"], "seeds": str(len(arm["seeds"]))}
+        for m in shown:
+            stat = arm["measures"].get(m)
+            text = _fmt_stat(stat, 3 if m == "final loss" else 2)
+            row[measure_label(m)] = text.lstrip("+") if m in ("masked %", "final loss") else text
+        if arm["failed"]:
+            row["seeds"] += f" ({len(arm['failed'])} failed)"
+        rows.append(row)
+    return rows
+
+
+def _markdown_table(rows: list[dict[str, str]]) -> list[str]:
+    if not rows:
+        return []
+    head = list(rows[0])
+    for row in rows[1:]:
+        head += [k for k in row if k not in head]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    return lines + ["| " + " | ".join(row.get(k, "-") for k in head) + " |" for row in rows]
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The protocol's table, findings and notes as Markdown."""
+    rows = summary_table(results)
+    cfg = results["config"]
+    lines = [
+        f"# Protocol results ({cfg['preset']} preset, {cfg['task']} target, "
+        f"{len(cfg['seeds'])} seed(s))",
+        "",
+        "Mean ± 95% CI half-width over seeds (Student t). Δ% is the relative change from the "
+        "step-0 (base model) evaluation to the end of training. OOD easy-token NLL Δ%: mean "
+        "change of the out-of-domain reference NLL on the tokens the base model found easy; "
+        "OOD NLL Δ%: the same on all tokens (> 0: the model got worse there, i.e. forgot). The "
+        "intervals show the spread over training seeds only: the evaluation subsets are fixed, "
+        "so ± 0.00 means every seed gave the same score, not that the score is exact (one "
+        "question of 16 moves an accuracy by 6 points).",
+        "",
+    ]
+    lines += _markdown_table(rows)
+    lines += ["", "Change (%) of every task and metric:", ""]
+    lines += _markdown_table(summary_table(results, detail=True))
+    lines += ["", "## Findings", ""]
+    lines += [f"- {f}" for f in results["findings"]] or ["- (none)"]
+    if results["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
+    failed = [r for r in results["runs"] if r["status"] != "succeeded"]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- {r['run']}: {r.get('error', '')}" for r in failed]
+    span = results.get("span_s")
+    lines += [""]
+    if span is not None:
+        lines.append(f"Time from the first run's start to the last run's end: {span / 60:.1f} min.")
+    lines.append(f"Wall time of the call that wrote this: {results['wall_time_s'] / 60:.1f} min.")
+    return "\n".join(lines) + "\n"
+
+
+def write_protocol_report(results: dict[str, Any], run_ids: Sequence[str], out: Path) -> Path:
+    """The report of all the protocol's runs, opened by its summary table and findings."""
+    import pandas as pd
+
+    from core.study.report import write_report
+
+    intro = "Protocol summary: mean ± 95% CI over seeds. " + " ".join(results["findings"])
+    return write_report(
+        run_ids,
+        out,
+        title="Perplexity Lens: paper protocol",
+        notes=intro,
+        tables=[
+            ("Protocol summary", pd.DataFrame(summary_table(results))),
+            ("Change (%) of every task and metric", pd.DataFrame(summary_table(results, True))),
+        ],
+    )
+
+
+# --------------------------------------------------------------------------- CLI and job
+
+
+def run_job(job: Any, registry: Any) -> None:
+    """Entry point of a "protocol" job process (see `core.jobs.run_job_process`)."""
+    config = ProtocolConfig.from_dict(job.config)
+
+    def status(message: str) -> None:
+        registry.set_message(job.id, message)
+
+    run_protocol(config, job.path, status=status)
+
+
+# --------------------------------------------------------------------------- reading (app)
+
+
+@dataclass
+class ProtocolView:
+    """One protocol folder as the app shows it: settings, progress, results."""
+
+    folder: Path
+    config: ProtocolConfig
+    results: dict[str, Any] | None
+
+    @property
+    def name(self) -> str:
+        """The folder name (what `--name` takes)."""
+        return self.folder.name
+
+    def planned_runs(self) -> list[str]:
+        """Run ids of every arm and seed (Self-Output's only once its data exists or while it
+        may still be generated)."""
+        return [run_id(self.folder, key, seed) for seed in self.config.seeds
+                for key in self.config.methods]  # fmt: skip
+
+    def finished_runs(self) -> list[str]:
+        """Planned runs whose training finished."""
+        from core.jobs.runfiles import runs_dir
+
+        return [r for r in self.planned_runs() if _finished(runs_dir() / r)]
+
+    def progress_lines(self, n: int = 20) -> list[str]:
+        """The last `n` progress lines (one per step the protocol took)."""
+        try:
+            lines = (self.folder / PROGRESS_TXT).read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+        return lines[-n:]
+
+    def current_log(self) -> tuple[str, Path] | None:
+        """(name, folder) of the step running now, by the latest progress line: the
+        Self-Output generation or a training run (whose log.txt the children write)."""
+        from core.jobs.runfiles import runs_dir
+
+        for line in reversed(self.progress_lines(200)):
+            if "generating training data" in line:
+                return "Self-Output generation", self.folder / GENERATION_DIR
+            match = line.rsplit("training (", 1)
+            if len(match) == 2 and match[1].endswith(")"):
+                rid = match[1][:-1]
+                return rid, runs_dir() / rid
+        return None
+
+
+def load_protocol(folder: str | Path) -> ProtocolView:
+    """Read a protocol folder (LensError when it is not one)."""
+    from core.io import read_json
+    from core.jobs.runfiles import CONFIG_JSON
+
+    path = Path(folder)
+    saved = read_json(path / CONFIG_JSON)
+    if not isinstance(saved, dict) or saved.get("kind") != PROTOCOL_KIND:
+        raise LensError(f"{path} is not a protocol folder.")
+    results = read_json(path / RESULTS_JSON)
+    return ProtocolView(path, ProtocolConfig.from_dict(saved), results if results else None)
+
+
+def list_protocols() -> list[ProtocolView]:
+    """Every protocol folder under the runs root, newest first (unreadable ones skipped)."""
+    from core.jobs.runfiles import runs_dir
+
+    found = []
+    for path in sorted(runs_dir().iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+        if path.is_dir():
+            try:
+                found.append(load_protocol(path))
+            except LensError:
+                continue
+    return found

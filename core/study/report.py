@@ -1,0 +1,348 @@
+"""Self-contained HTML report of one or more runs, for stakeholders.
+
+One file, no network: plotly.js is inlined once, charts stay interactive (each has the modebar's
+PNG download, named after the chart), heatmap snapshots are static HTML, tables and configs are
+plain HTML. It reuses the same chart and heatmap builders as the app (components/), which are
+pure functions.
+
+Heatmap snapshots: `heatmap_snapshots` scores the first N training examples of a run with the
+original model and marks the tokens the run's mask rule drops; saved token-perplexity-change
+results of the runs (core.study.diagnostics) add a Δ-perplexity heatmap per example.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from core import __version__
+from core.data.records import ScoredExample
+from core.errors import LensError
+from core.study.diagnostics import PplChange, saved_ppl_changes, training_examples
+from core.study.runs import RunView, load_run, runs_table
+
+DEFAULT_TAU = 2.5
+MAX_SNAPSHOT_TOKENS = 600  # response tokens drawn per heatmap (keeps the file small)
+MAX_DELTA_EXAMPLES = 8  # Δ-perplexity heatmaps per saved result
+
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;color:#1f2937;
+background:#f8fafc}
+main{max-width:1180px;margin:0 auto;padding:32px 28px 64px}
+h1{font-size:28px;margin:0 0 4px}h2{font-size:20px;margin:36px 0 10px;border-bottom:1px solid
+#e5e7eb;padding-bottom:6px}.sub{color:#6b7280;margin:0 0 18px}
+table.runs{border-collapse:collapse;font-size:13px;background:#fff;width:100%}
+table.runs th,table.runs td{border:1px solid #e5e7eb;padding:5px 8px;text-align:right}
+table.runs th{background:#f1f5f9}table.runs td:first-child,table.runs td:nth-child(2),
+table.runs td:nth-child(3){text-align:left}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}.card{background:#fff;border:1px solid
+#e5e7eb;border-radius:8px;padding:8px}
+details{background:#fff;border:1px solid #e5e7eb;border-radius:6px;padding:6px 10px;margin:6px 0}
+pre{font-size:12px;overflow:auto}.note{color:#6b7280;font-size:13px}
+"""
+
+
+def _fmt(value: object) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return html.escape(str(value))
+
+
+def _table_html(table: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
+        for row in table.itertuples(index=False)
+    )
+    return f'<table class="runs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def chart_filename(fig: Any, fallback: str = "chart") -> str:
+    """File name (no extension) of a chart's PNG download: its title as a slug."""
+    title = getattr(getattr(fig.layout, "title", None), "text", None) or fallback
+    slug = re.sub(r"[^0-9a-zA-Z]+", "_", title).strip("_").lower()
+    return slug[:60] or fallback
+
+
+def _figure_html(fig: Any, first: bool, filename: str) -> str:
+    from core.viz.charts import plotly_config
+
+    return fig.to_html(
+        full_html=False, include_plotlyjs=True if first else False, config=plotly_config(filename)
+    )
+
+
+@dataclass
+class HeatmapSnapshot:
+    """One example's token heatmap for the report: its scores, the run's mask (one bool per
+    response token, None when nothing is masked) and the τ to underline."""
+
+    example: ScoredExample
+    masked: list[bool] | None = None
+    tau: float | None = DEFAULT_TAU
+    caption: str = ""
+
+
+def run_tau(run: RunView) -> float:
+    """The τ a run trained with (resolved from a target share when it used one), else 2.5."""
+    tau = run.data_record.get("tau", run.config.get("tau"))
+    return float(tau) if tau is not None else DEFAULT_TAU
+
+
+def heatmap_snapshots(
+    run: RunView,
+    n: int,
+    *,
+    lm: Any = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> list[HeatmapSnapshot]:
+    """The first `n` training examples of `run`, scored by the original model (through the score
+    cache), with the tokens the run's mask rule drops at its τ marked.
+
+    The mask is recomputed on these examples with the run's own rule; for τ rules it is exactly
+    the training mask (a token's fate depends only on its own perplexity). `lm` defaults to the
+    run's model, loaded here.
+    """
+    from core.masking.rules import compute_masks
+    from core.scoring.cache import ScoreCache
+    from core.scoring.score import score_examples
+    from core.training.config import TrainConfig
+
+    if n < 1:
+        return []
+    examples = training_examples(run.config, n)
+    if lm is None:
+        from core.model.loading import load_model
+
+        lm = load_model(str(run.config.get("model") or "default"), device=device, dtype=dtype)
+    scored = score_examples(lm, examples, cache=ScoreCache(), progress=progress).examples
+    tau = run_tau(run)
+    if run.method in ("gt", "base") or not scored:
+        note = f"{run.label}: every response token trained; underlined: ppl > τ = {tau:g}"
+        return [HeatmapSnapshot(ex, None, tau, note) for ex in scored]
+    config = TrainConfig.from_dict(run.config).mask_config()
+    if config.uses_tau and run.data_record.get("tau") is not None:
+        config = replace(config, tau=tau, target_share=None)
+    result = compute_masks(scored, config)
+    note = f"{run.label}: struck-through tokens are masked by {result.config.describe()}"
+    return [
+        HeatmapSnapshot(ex, [bool(m) for m in mask], result.tau or tau, note)
+        for ex, mask in zip(scored, result.masks, strict=True)
+    ]
+
+
+def _snapshot_html(snapshot: HeatmapSnapshot) -> str:
+    from core.viz.heatmap import render_token_heatmap
+
+    heatmap = render_token_heatmap(
+        snapshot.example, tau=snapshot.tau, masked=snapshot.masked, max_tokens=MAX_SNAPSHOT_TOKENS
+    )
+    caption = f"<p class='note'>{html.escape(snapshot.caption)}</p>" if snapshot.caption else ""
+    return f"<div class='card'>{caption}{heatmap}</div>"
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    """`name`, or `name_2`, `name_3`, ... when taken (so every PNG download has its own name)."""
+    candidate, k = name, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    taken.add(candidate)
+    return candidate
+
+
+def _ppl_change_html(
+    change: PplChange, run: RunView | None, first_chart: bool, taken: set[str]
+) -> str:
+    from core.viz.heatmap import render_delta_heatmap
+    from core.viz.run_charts import ppl_change_histogram
+
+    tau = run_tau(run) if run is not None else DEFAULT_TAU
+    s = change.summary(tau)
+    label = f"{run.label} · {change.run_id}" if run is not None else change.run_id
+    stats = pd.DataFrame(
+        [
+            {
+                "examples": s["examples"],
+                "tokens": s["tokens"],
+                "mean Δ ln ppl": s["mean_delta"],
+                "% tokens harder": s["pct_harder"],
+                f"mean Δ, base ppl ≤ {tau:g}": s["mean_delta_easy"],
+                f"mean Δ, base ppl > {tau:g}": s["mean_delta_hard"],
+                "seq ppl before": s["seq_ppl_base"],
+                "seq ppl after": s["seq_ppl_tuned"],
+            }
+        ]
+    )
+    fig = ppl_change_histogram(change.frame(tau), tau)
+    run_label = run.label if run is not None else change.run_id
+    fig.update_layout(title={"text": f"Token perplexity change · {run_label} · {change.label}"})
+    name = _unique(chart_filename(fig), taken)
+    parts = [
+        f"<h3>{html.escape(label)}: {html.escape(change.label)}</h3>",
+        _table_html(stats),
+        f"<div class='card'>{_figure_html(fig, first_chart, name)}</div>",
+    ]
+    for base, tuned in list(zip(change.base, change.tuned, strict=True))[:MAX_DELTA_EXAMPLES]:
+        parts.append(f"<div class='card'>{render_delta_heatmap(base, tuned)}</div>")
+    return "".join(parts)
+
+
+def build_report(
+    runs: Sequence[RunView],
+    *,
+    title: str = "Perplexity Lens report",
+    examples: Sequence[ScoredExample | HeatmapSnapshot] = (),
+    ppl_changes: Sequence[PplChange] = (),
+    notes: str = "",
+    tables: Sequence[tuple[str, pd.DataFrame]] = (),
+) -> str:
+    """The report as one HTML string.
+
+    `tables`: (heading, table) pairs shown before the runs table (e.g. the protocol summary).
+
+    `examples`: heatmap snapshots (see `heatmap_snapshots`; a bare ScoredExample is drawn with
+    τ = 2.5 and no mask). `ppl_changes`: token-perplexity-change results to show (see
+    `core.diagnostics.saved_ppl_changes`).
+    """
+    from core.viz.run_charts import (
+        bwt_chart,
+        frontier_chart,
+        loss_chart,
+        metric_chart,
+        score_vs_masked_chart,
+    )
+
+    if not runs:
+        raise LensError("A report needs at least one run.")
+    table = runs_table(list(runs))
+    figures = [loss_chart(runs)]
+    tasks: list[tuple[str, str]] = []
+    for run in runs:
+        frame = run.eval_frame()
+        for task, metric in zip(frame.get("task", []), frame.get("metric", []), strict=False):
+            if (task, metric) not in tasks:
+                tasks.append((task, metric))
+    figures += [metric_chart(runs, task, metric) for task, metric in tasks]
+    if any(not run.summary_frame().empty for run in runs):
+        figures.append(bwt_chart(runs))
+    if {"TI", "BWT"} <= set(table.columns) and table[["TI", "BWT"]].notna().all(axis=1).any():
+        figures.append(frontier_chart(table))
+    if "masked %" in table.columns and table["masked %"].notna().sum() >= 2:
+        score_cols = [c for c in table.columns if " " in c and c.split(" ")[0] in dict(tasks)]
+        figures.append(score_vs_masked_chart(table, score_cols))
+
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body><main>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p class='sub'>Generated {stamp} by Perplexity Lens {__version__} · "
+        f"{len(runs)} run(s)</p>",
+    ]
+    if notes:
+        parts.append(f"<p>{html.escape(notes)}</p>")
+    for heading, extra in tables:
+        parts.append(f"<h2>{html.escape(heading)}</h2>" + _table_html(extra))
+    parts.append("<h2>Runs</h2>" + _table_html(table))
+    parts.append(
+        "<p class='note'>Target change (Δ%) and TI compare each run's last evaluation with its "
+        "step-0 evaluation of the base model under the same settings; BWT is the mean relative "
+        "change over the out-of-domain tasks (Wu et al. 2025).</p>"
+    )
+    parts.append("<h2>Charts</h2><div class='grid'>")
+    names: set[str] = set()
+    for i, fig in enumerate(figures):
+        name = _unique(chart_filename(fig, f"chart_{i + 1}"), names)
+        parts.append(f"<div class='card'>{_figure_html(fig, i == 0, name)}</div>")
+    parts.append("</div>")
+    if examples:
+        parts.append(
+            "<h2>Token perplexity of selected examples</h2><p class='note'>Scored by the "
+            "original model. Colour: token perplexity (log scale); underlined: above τ; struck "
+            "through: masked out of the loss.</p>"
+        )
+        for item in examples:
+            snapshot = item if isinstance(item, HeatmapSnapshot) else HeatmapSnapshot(item)
+            parts.append(_snapshot_html(snapshot))
+    if ppl_changes:
+        by_id = {run.run_id: run for run in runs}
+        parts.append(
+            "<h2>Token perplexity change after fine-tuning</h2><p class='note'>The same "
+            "examples scored by the original and the fine-tuned model; Δ = ln ppl after − ln ppl "
+            "before (blue: the token became more expected, red: more surprising).</p>"
+        )
+        inlined = bool(figures)  # plotly.js goes in once, with the first chart
+        for change in ppl_changes:
+            parts.append(_ppl_change_html(change, by_id.get(change.run_id), not inlined, names))
+            inlined = True
+    parts.append("<h2>Configurations and data provenance</h2>")
+    for run in runs:
+        facts = {"config": run.config, "data": run.data_record, "summary": run.summary}
+        parts.append(
+            f"<details><summary>{html.escape(run.label)} · {html.escape(run.run_id)}</summary>"
+            f"<pre>{html.escape(json.dumps(facts, indent=2, default=str))}</pre></details>"
+        )
+    parts.append("</main></body></html>")
+    return "".join(parts)
+
+
+def report_ppl_changes(runs: Sequence[RunView]) -> list[PplChange]:
+    """Every saved token-perplexity-change result of `runs`, run by run."""
+    return [change for run in runs for change in saved_ppl_changes(run.run_dir)]
+
+
+def write_report(
+    run_ids: Sequence[str | Path],
+    out: str | Path,
+    *,
+    title: str = "Perplexity Lens report",
+    n_examples: int = 0,
+    include_ppl_changes: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
+    notes: str = "",
+    tables: Sequence[tuple[str, pd.DataFrame]] = (),
+) -> Path:
+    """Build the report of the named runs and write it atomically to `out`.
+
+    `n_examples` > 0 adds heatmap snapshots of the first run's first N training examples (this
+    loads its model); `include_ppl_changes` adds every saved token-perplexity-change result of
+    the runs.
+    """
+    runs = [load_run(r) for r in run_ids]
+    text = build_report(
+        runs,
+        title=title,
+        examples=heatmap_snapshots(runs[0], n_examples, device=device, dtype=dtype)
+        if runs and n_examples
+        else (),
+        ppl_changes=report_ppl_changes(runs) if include_ppl_changes else (),
+        notes=notes,
+        tables=tables,
+    )
+    target = Path(out)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

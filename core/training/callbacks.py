@@ -1,0 +1,240 @@
+"""Trainer callbacks: metrics.jsonl records, status lines, and evaluation during training."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from core.eval.compare import Comparison, compare_results
+from core.eval.runner import EvalCache, base_suite_result, run_suite
+from core.eval.scorers import SuiteResult
+from core.eval.suites import EvalSuite, suite_from_config
+from core.jobs.runfiles import StatusFn, append_metric
+from core.model.loading import LoadedModel
+from core.training.config import TrainConfig
+
+
+def _metrics_callback(run_dir: Path, status: StatusFn | None) -> Any:
+    """A TrainerCallback writing start/train/checkpoint records to metrics.jsonl and a readable
+    line per log step to stdout (the job's log). Built here so transformers loads lazily."""
+    from transformers import TrainerCallback
+
+    from core.jobs.runfiles import append_metric
+
+    class _MetricsCallback(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                append_metric(
+                    run_dir,
+                    {
+                        "kind": "start",
+                        "step": int(state.global_step),
+                        "max_steps": int(state.max_steps),
+                        "epochs": float(args.num_train_epochs),
+                        "time": time.time(),
+                    },
+                )
+                print(f"training: step {state.global_step} of {state.max_steps}", flush=True)
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
+        ) -> None:
+            logs = logs or {}
+            if not state.is_world_process_zero or "loss" not in logs:
+                return
+            record = {
+                "kind": "train",
+                "step": int(state.global_step),
+                "epoch": float(state.epoch or 0.0),
+                "time": time.time(),
+                "loss": float(logs["loss"]),
+                "lr": float(logs.get("learning_rate", 0.0)),
+            }
+            for key, name in (
+                ("grad_norm", "grad_norm"),
+                ("mean_token_accuracy", "token_accuracy"),
+                ("entropy", "entropy"),
+                ("num_tokens", "num_tokens"),
+            ):
+                if key in logs and logs[key] is not None:
+                    record[name] = float(logs[key])
+            append_metric(run_dir, record)
+            line = (
+                f"step {state.global_step}/{state.max_steps} · epoch {record['epoch']:.2f} · "
+                f"loss {record['loss']:.4f} · lr {record['lr']:.3g}"
+            )
+            print(line, flush=True)
+            if status:
+                status(f"training: step {state.global_step}/{state.max_steps}")
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                append_metric(
+                    run_dir,
+                    {"kind": "checkpoint", "step": int(state.global_step), "time": time.time()},
+                )
+                print(f"checkpoint saved at step {state.global_step}", flush=True)
+
+    return _MetricsCallback()
+
+
+# --------------------------------------------------------------------------- job entry
+
+
+def job_callbacks(config: TrainConfig, run_dir: Path) -> list[Any]:
+    """Extra callbacks of a background run: evaluation every `eval_every` steps."""
+    if not config.eval_every:
+        return []
+    return make_training_callbacks(config, run_dir)
+
+
+@contextlib.contextmanager
+def without_mixed_precision_wrapper(model: Any) -> Iterator[None]:
+    """Run `model` with its own `forward` inside the block, not Accelerate's autocast wrapper
+    (present only while a mixed-precision trainer has prepared it); restored afterwards."""
+    wrapped = model.__dict__.get("forward")
+    original = model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
+class EvalCallback(TrainerCallback):
+    """Evaluate `suite` at step 0, every `every_n_steps` steps and (optionally) at the end.
+
+    `fingerprint` identifies the base model for the evaluation cache (None: no caching).
+    `tokenizer` defaults to the trainer's processing class.
+    """
+
+    def __init__(
+        self,
+        suite: EvalSuite,
+        run_dir: str | Path,
+        every_n_steps: int,
+        *,
+        model_name: str = "model",
+        fingerprint: str | None = None,
+        tokenizer: Any = None,
+        eval_at_end: bool = True,
+        cache: EvalCache | None = None,
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError("every_n_steps must be at least 1")
+        self.suite = suite
+        self.run_dir = Path(run_dir)
+        self.every_n_steps = every_n_steps
+        self.model_name = model_name
+        self.fingerprint = fingerprint
+        self.tokenizer = tokenizer
+        self.eval_at_end = eval_at_end
+        self.cache = cache
+        self.base: SuiteResult | None = None
+        self.last_step: int | None = None
+        self.history: list[tuple[int, SuiteResult, Comparison | None]] = []
+        self.seconds = 0.0
+
+    # -- trainer events -----------------------------------------------------------------------
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Step 0 (or the resumed step): the reference every later round is compared with."""
+        if state.is_world_process_zero:
+            self._round(args, state, kwargs)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Every N steps."""
+        step = state.global_step
+        if state.is_world_process_zero and step % self.every_n_steps == 0:
+            if step != self.last_step:
+                self._round(args, state, kwargs)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The final model, unless the last round already saw it."""
+        if state.is_world_process_zero and self.eval_at_end and state.global_step != self.last_step:
+            self._round(args, state, kwargs)
+
+    def _round(self, args: Any, state: Any, kwargs: dict[str, Any]) -> None:
+        self.evaluate(state.global_step, kwargs["model"], kwargs.get("processing_class"))
+
+    # -- work ---------------------------------------------------------------------------------
+
+    def _loaded(self, model: Any, tokenizer: Any) -> LoadedModel:
+        tokenizer = self.tokenizer or tokenizer
+        if tokenizer is None:
+            raise ValueError("EvalCallback needs a tokenizer (none given, none from the trainer)")
+        param = next(model.parameters())
+        config = getattr(model, "config", None)
+        context = getattr(config, "max_position_embeddings", None) or 2048
+        return LoadedModel(
+            name=self.model_name,
+            model=model,
+            tokenizer=tokenizer,
+            device=param.device,
+            dtype=param.dtype,
+            fingerprint=self.fingerprint or f"training:{self.model_name}",
+            max_length=int(context),
+        )
+
+    def evaluate(self, step: int, model: Any, tokenizer: Any = None) -> SuiteResult:
+        """Run one round on `model` now and append its records; returns the result.
+
+        No autocast, even when training runs under bf16 autocast (see the module docstring).
+        """
+        started = time.monotonic()
+        lm = self._loaded(model, tokenizer)
+        with torch.no_grad(), without_mixed_precision_wrapper(model):
+            cache = self.cache if self.fingerprint else None
+            if step == 0 and self.base is None:
+                result, _ = base_suite_result(lm, self.suite, cache=cache)
+                self.base = result
+            else:
+                if self.base is None and cache is not None:  # resumed run: base from cache
+                    key = EvalCache.key(lm.cache_key, lm.template_fingerprint, self.suite)
+                    self.base = cache.get(key)
+                result = run_suite(lm, self.suite, base=self.base, keep_details=False)
+        now = time.time()
+        for record in result.records(step, now):
+            append_metric(self.run_dir, record)
+        comparison = None
+        seconds = time.monotonic() - started
+        if self.base is not None:
+            comparison = compare_results(self.base, result, self.suite)
+            record = comparison.summary_record(step, now)
+            record["seconds"] = seconds
+            append_metric(self.run_dir, record)
+        self.seconds += seconds
+        self.last_step = step
+        self.history.append((step, result, comparison))
+        return result
+
+
+def make_training_callbacks(config: Any, run_dir: str | Path) -> list[Any]:
+    """Callbacks for `core.training.trainer`: evaluation every `config.eval_every` steps on the suite
+    `config.eval_suite` names (see `suite_from_config`), results in metrics.jsonl."""
+    from core.model.loading import DEFAULT_MODEL, EMBEDDED_FINGERPRINT
+
+    if not getattr(config, "eval_every", None):
+        return []
+    target = getattr(config, "task", None) if not getattr(config, "data", None) else None
+    suite = suite_from_config(getattr(config, "eval_suite", None), target)
+    fingerprint = EMBEDDED_FINGERPRINT if config.model == DEFAULT_MODEL else None
+    return [
+        EvalCallback(
+            suite,
+            run_dir,
+            int(config.eval_every),
+            model_name=str(config.model),
+            fingerprint=fingerprint,
+            cache=EvalCache(),
+        )
+    ]

@@ -1,0 +1,233 @@
+"""`TrainConfig`: every training hyperparameter in one dataclass, its presets, and its command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from core.config import JobConfig, parse_json_or_list
+from core.config import help_meta as _help
+from core.errors import LensError
+
+METHODS = ("gt", "stm", "random", "low", "percentile")
+FINETUNES = ("lora", "dora", "full")
+PRECISIONS = ("auto", "fp32", "bf16")
+REPORTERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's recipe (METHOD.md): LoRA on all linear layers, lr 2e-5, 3 epochs, cosine.
+    "paper": {},
+    # Measured on 2 CPU cores with the embedded model (docs/BENCHMARKS.md, "Training"): 5-8
+    # minutes end to end (the shared host's speed varies), and the model changes measurably.
+    "cpu-quick": {
+        "limit": 48,
+        "max_length": 320,
+        "epochs": 2.0,
+        "learning_rate": 5e-4,
+        "lr_scheduler": "cosine",
+        "batch_size": 8,
+        "lora_r": 16,
+        "lora_alpha": 32,
+    },
+}
+
+
+@dataclass
+class TrainConfig(JobConfig):
+    """Everything one training run needs; defaults are the ``paper`` preset.
+
+    Build one with `TrainConfig.from_preset("cpu-quick", limit=32)`; `to_dict` / `from_dict`
+    round-trip it through `config.json`.
+    """
+
+    COMMAND: ClassVar[str] = "train"
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    DEFAULT_PRESET: ClassVar[str] = "paper"
+    EXCLUSIVE: ClassVar[tuple[tuple[str, ...], ...]] = (("task", "data"),)
+    CONFIG_FILE: ClassVar[bool] = True
+    LABEL: ClassVar[str] = "training"
+
+    preset: str = field(default="paper", metadata=_help("preset the defaults come from"))
+    # model
+    model: str = field(
+        default="default",
+        metadata=_help("'default' (embedded SmolLM2-135M), a Hugging Face id or a local folder"),
+    )
+    device: str = field(default="auto", metadata=_help("auto, cpu, cuda, cuda:N or mps"))
+    precision: str = field(
+        default="auto",
+        metadata=_help(
+            "auto (bf16 on GPUs with bf16 and on CPUs with AMX/AVX512-BF16), fp32, bf16"
+        ),
+    )
+    # data
+    task: str | None = field(default="mbpp", metadata=_help("built-in task to train on"))
+    split: str | None = field(default="train", metadata=_help("task split"))
+    data: str | None = field(
+        default=None,
+        metadata=_help(
+            "instead of a task: JSONL/CSV of prompt/response, a generated-set folder or a "
+            "masked export folder"
+        ),
+    )
+    prompt_col: str = field(default="prompt", metadata=_help("prompt column of a data file"))
+    response_col: str = field(default="response", metadata=_help("response column of a data file"))
+    id_col: str | None = field(
+        default=None, metadata=_help("id column of a data file (default: row numbers)")
+    )
+    limit: int | None = field(default=None, metadata=_help("first N examples only"))
+    max_length: int = field(default=1024, metadata=_help("tokens per example (longer: truncated)"))
+    # mask
+    method: str = field(
+        default="gt", metadata=_help("gt, stm, random (control), low or percentile")
+    )
+    tau: float | None = field(default=2.5, metadata=_help("token-perplexity threshold"))
+    target_share: float | None = field(
+        default=None, metadata=_help("instead of tau: share of response tokens to mask (0-1)")
+    )
+    k_percent: float = field(default=20.0, metadata=_help("percentile method: k%% per example"))
+    percentile_rule: str = field(default="top", metadata=_help("percentile: top, random, bottom"))
+    mask_seed: int = field(default=0, metadata=_help("seed of random masks"))
+    # fine-tuning
+    finetune: str = field(default="lora", metadata=_help("lora, dora or full"))
+    lora_r: int = field(default=16, metadata=_help("LoRA rank"))
+    lora_alpha: int = field(default=32, metadata=_help("LoRA alpha"))
+    lora_dropout: float = field(default=0.05, metadata=_help("LoRA dropout"))
+    lora_target: str = field(
+        default="all-linear", metadata=_help("'all-linear' or comma-separated module names")
+    )
+    learning_rate: float = field(default=2e-5, metadata=_help("peak learning rate"))
+    epochs: float = field(default=3.0, metadata=_help("passes over the data"))
+    max_steps: int | None = field(
+        default=None, metadata=_help("stop after N steps (overrides epochs)")
+    )
+    lr_scheduler: str = field(default="cosine", metadata=_help("cosine, linear, constant, ..."))
+    warmup_ratio: float = field(default=0.0, metadata=_help("share of steps for linear warmup"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    batch_size: int = field(default=8, metadata=_help("examples per device per step"))
+    grad_accum: int = field(default=1, metadata=_help("gradient accumulation steps"))
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("recompute activations (less memory, slower)")
+    )
+    seed: int = field(default=0, metadata=_help("training seed (data order, LoRA init)"))
+    # checkpoints, logging, evaluation
+    save_every: int | None = field(
+        default=None, metadata=_help("checkpoint every N steps (default: every epoch)")
+    )
+    save_total_limit: int = field(default=2, metadata=_help("checkpoints kept"))
+    logging_steps: int = field(default=1, metadata=_help("log the loss every N steps"))
+    report_to: list[str] = field(
+        default_factory=list, metadata=_help("also log to: tensorboard, mlflow, wandb")
+    )
+    eval_every: int | None = field(
+        default=None, metadata=_help("evaluate every N steps (needs core.eval.runner)")
+    )
+    eval_suite: Any = field(
+        default=None,
+        metadata=_help(
+            "what to evaluate (passed to the evaluation callbacks)",
+            parse=parse_json_or_list,
+            metavar="JSON|A,B",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):
+            self.report_to = [r for r in self.report_to.split(",") if r.strip()]
+        self.report_to = [r.strip().lower() for r in self.report_to if r.strip().lower() != "none"]
+        self.validate()
+
+    # -- checks and derived values ----------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise LensError (one line) on any inconsistent setting."""
+        if self.preset not in PRESETS:
+            raise LensError(f"Unknown preset '{self.preset}' (use {', '.join(PRESETS)}).")
+        if self.method not in METHODS:
+            raise LensError(f"Unknown method '{self.method}' (use {', '.join(METHODS)}).")
+        if self.finetune not in FINETUNES:
+            raise LensError(f"Unknown fine-tuning '{self.finetune}' (use {', '.join(FINETUNES)}).")
+        if self.precision not in PRECISIONS:
+            raise LensError(f"Unknown precision '{self.precision}' (use {', '.join(PRECISIONS)}).")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise LensError(
+                f"Unknown lr scheduler '{self.lr_scheduler}' (use {', '.join(SCHEDULERS)})."
+            )
+        if bool(self.task) == bool(self.data):
+            raise LensError("Give exactly one training data source: a task or a data path.")
+        bad = [r for r in self.report_to if r not in REPORTERS]
+        if bad:
+            raise LensError(
+                f"Unknown report_to '{bad[0]}' (use {', '.join(REPORTERS)}, or leave it empty)."
+            )
+        positive = {
+            "learning_rate": self.learning_rate,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "logging_steps": self.logging_steps,
+            "save_total_limit": self.save_total_limit,
+            "lora_r": self.lora_r,
+            "lora_alpha": self.lora_alpha,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise LensError(f"{name} must be a number > 0, got {value!r}.")
+        for name in ("limit", "max_steps", "save_every", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise LensError(f"{name} must be a whole number >= 1, got {value!r}.")
+        if not isinstance(self.max_length, int) or self.max_length < 16:
+            raise LensError(f"max_length must be at least 16 tokens, got {self.max_length!r}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise LensError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise LensError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.method != "gt":
+            self.mask_config()  # validates tau / share / k
+
+    def mask_config(self) -> Any:
+        """The `core.masking.MaskConfig` of a masked method (LensError for method gt)."""
+        from core.masking.rules import MaskConfig
+
+        if self.method == "gt":
+            raise LensError("Method gt trains every response token; it has no mask.")
+        if self.method == "percentile":
+            return MaskConfig(
+                mode="percentile",
+                k_percent=self.k_percent,
+                percentile_rule=self.percentile_rule,
+                seed=self.mask_seed,
+            )
+        mode = {"stm": "high", "random": "random", "low": "low"}[self.method]
+        if self.target_share is not None:
+            return MaskConfig(
+                mode=mode, tau=None, target_share=self.target_share, seed=self.mask_seed
+            )
+        return MaskConfig(mode=mode, tau=self.tau, seed=self.mask_seed)
+
+    def data_label(self) -> str:
+        """Short description of the training data."""
+        head = f"{self.task}/{self.split}" if self.task else Path(str(self.data)).name
+        return head + (f"[:{self.limit}]" if self.limit else "")
+
+    def method_label(self) -> str:
+        """Short description of the mask, e.g. 'stm τ=2.5' or 'gt'."""
+        if self.method == "gt":
+            return "gt"
+        if self.method == "percentile":
+            return f"percentile {self.percentile_rule} {self.k_percent:g}%"
+        if self.target_share is not None:
+            return f"{self.method} share={self.target_share:g}"
+        return f"{self.method} τ={self.tau:g}"
+
+    def describe(self) -> str:
+        """One-line label for job lists."""
+        model = "default" if self.model == "default" else Path(self.model).name
+        return f"{self.method_label()} · {self.finetune} · {self.data_label()} · {model}"
+
+
+# --------------------------------------------------------------------------- CLI flags

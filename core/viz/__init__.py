@@ -1,0 +1,1 @@
+"""Visualisation: pure chart and heatmap builders (plotly figures, HTML strings); no Streamlit."""

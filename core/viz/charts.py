@@ -1,0 +1,524 @@
+"""Plotly figure builders for the paper's views (pure functions: data in, `go.Figure` out).
+
+Each data source keeps one colour in every chart (`SOURCE_COLORS`; unknown sources get a
+stable colour from `FALLBACK_COLORS` picked by a hash of their name, so it does not change with
+the order in which sources appear). Trace names are the sources' display labels
+(`source_label`); the raw key is kept in `trace.meta["source"]`.
+
+Pages show the figures with the modebar's PNG download enabled::
+
+    st.plotly_chart(fig, config=PLOTLY_CONFIG)            # or plotly_config("spike_plot")
+
+The modebar camera button then saves a 2x PNG. Everything needed for a good export (title,
+axis titles, white background, legend) lives in the figure itself, so the PNG looks the same
+as the page.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from core.data.records import ScoredExample
+
+# Okabe-Ito colour-blind-safe palette: GT is the "hot" one, Self-Output the calm one.
+SOURCE_COLORS: dict[str, str] = {
+    "ground_truth": "#D55E00",
+    "self_output": "#0072B2",
+    "rephrase": "#009E73",
+    "generated": "#CC79A7",
+}
+FALLBACK_COLORS: tuple[str, ...] = (
+    "#E69F00",
+    "#56B4E9",
+    "#7F3C8D",
+    "#3B3B3B",
+    "#A5AA99",
+    "#B8860B",
+    "#1D6996",
+    "#94346E",
+)
+SOURCE_LABELS: dict[str, str] = {
+    "ground_truth": "Ground truth",
+    "self_output": "Self-Output",
+    "rephrase": "Rephrase",
+    "generated": "Generated",
+}
+TAU_COLOR = "#24292f"
+
+PLOTLY_CONFIG: dict[str, Any] = {
+    "displaylogo": False,
+    "toImageButtonOptions": {
+        "format": "png",
+        "filename": "perplexity_lens",
+        "scale": 2,
+    },
+    "modeBarButtonsToRemove": ["lasso2d", "select2d"],
+}
+
+
+def plotly_config(filename: str = "perplexity_lens", *, scale: int = 2) -> dict[str, Any]:
+    """`PLOTLY_CONFIG` with the PNG file name (without extension) and scale set."""
+    config = {**PLOTLY_CONFIG}
+    config["toImageButtonOptions"] = {"format": "png", "filename": filename, "scale": scale}
+    return config
+
+
+def source_color(source: str) -> str:
+    """Colour of a data source, the same in every chart."""
+    if source in SOURCE_COLORS:
+        return SOURCE_COLORS[source]
+    return FALLBACK_COLORS[zlib.crc32(source.encode("utf-8")) % len(FALLBACK_COLORS)]
+
+
+def source_label(source: str) -> str:
+    """Display label of a data source ("self_output" -> "Self-Output"; others unchanged)."""
+    return SOURCE_LABELS.get(source, source)
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    r, g, b = (int(hex_color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _base_layout(fig: go.Figure, title: str, x_title: str, y_title: str) -> go.Figure:
+    fig.update_layout(
+        template="plotly_white",
+        title={"text": title, "x": 0.0, "xanchor": "left", "font": {"size": 16}},
+        font={"family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif", "size": 13},
+        legend={
+            "orientation": "h",
+            "yanchor": "bottom",
+            "y": 1.02,
+            "xanchor": "left",
+            "x": 0.0,
+            "title": {"text": ""},
+        },
+        margin={"l": 60, "r": 20, "t": 80, "b": 55},
+        paper_bgcolor="white",
+        plot_bgcolor="white",
+        hoverlabel={"font": {"family": "ui-monospace, Menlo, Consolas, monospace"}},
+    )
+    fig.update_xaxes(title_text=x_title, showline=True, linecolor="#8c959f", ticks="outside")
+    fig.update_yaxes(title_text=y_title, showline=True, linecolor="#8c959f", ticks="outside")
+    return fig
+
+
+def _add_tau_vline(fig: go.Figure, tau: float | None, *, log_x: bool) -> None:
+    """Dashed vertical line at tau, named "tau", labelled at the top of the plot."""
+    if tau is None:
+        return
+    fig.add_shape(
+        type="line",
+        name="tau",
+        x0=tau,
+        x1=tau,
+        xref="x",
+        y0=0,
+        y1=1,
+        yref="paper",
+        line={"color": TAU_COLOR, "width": 1.5, "dash": "dash"},
+    )
+    # Shapes take data values on log axes but annotations take log10 values (plotly.js rule).
+    fig.add_annotation(
+        x=math.log10(tau) if log_x else tau,
+        xref="x",
+        y=1,
+        yref="paper",
+        text=f"τ = {tau:g}",
+        showarrow=False,
+        xanchor="left",
+        yanchor="top",
+        xshift=4,
+        font={"size": 12, "color": TAU_COLOR},
+        name="tau",
+    )
+
+
+def _add_tau_hline(fig: go.Figure, tau: float | None, *, log_y: bool) -> None:
+    """Dashed horizontal line at tau, named "tau", labelled at the right end."""
+    if tau is None:
+        return
+    fig.add_shape(
+        type="line",
+        name="tau",
+        x0=0,
+        x1=1,
+        xref="paper",
+        y0=tau,
+        y1=tau,
+        yref="y",
+        line={"color": TAU_COLOR, "width": 1.5, "dash": "dash"},
+    )
+    fig.add_annotation(
+        x=1,
+        xref="paper",
+        y=math.log10(tau) if log_y else tau,
+        yref="y",
+        text=f"τ = {tau:g}",
+        showarrow=False,
+        xanchor="right",
+        yanchor="bottom",
+        font={"size": 12, "color": TAU_COLOR},
+        name="tau",
+    )
+
+
+def _log_tick_values(lo: float, hi: float) -> list[float] | None:
+    """1-2-5 ticks between lo and hi, or None (plotly's own) when the range is under a decade."""
+    if not (lo > 0 and hi > 0 and math.isfinite(lo) and math.isfinite(hi)) or hi / lo < 10:
+        return None
+    ticks = []
+    # Over more than three decades 1-2-5 ticks crowd and overlap; keep the powers of ten.
+    mantissas = (1, 2, 5) if hi / lo <= 1e3 else (1,)
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    step = max(1, math.ceil((last - first) / 8))  # at most about 8 decades labelled
+    for exponent in range(first, last + 1, step):
+        for mantissa in mantissas:
+            value = mantissa * 10.0**exponent
+            # Ticks below the data sit in plotly's padding or are dropped, so start a decade low.
+            if 10.0 ** math.floor(math.log10(lo)) <= value <= hi * 1.0001:
+                ticks.append(value)
+    return ticks
+
+
+def _tick_text(value: float) -> str:
+    """ "2", "500", "10k", "1M", "1e9": short labels for log-axis ticks."""
+    if value >= 1e7:
+        mantissa, exponent = f"{value:.0e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    if value >= 1e6:
+        return f"{value / 1e6:g}M"
+    if value >= 1e4:
+        return f"{value / 1e3:g}k"
+    return f"{value:g}"
+
+
+def _set_log_axis(fig: go.Figure, axis: str, values: np.ndarray, *, extra: float | None) -> None:
+    """Log axis with readable full-number ticks ("1 2 5 10 20 50 ...") over the data range."""
+    finite = values[np.isfinite(values) & (values > 0)]
+    if extra is not None:
+        finite = np.append(finite, extra)
+    update: dict[str, Any] = {"type": "log"}
+    if finite.size:
+        ticks = _log_tick_values(float(finite.min()), float(finite.max()))
+        if ticks:
+            update.update(tickvals=ticks, ticktext=[_tick_text(t) for t in ticks])
+    if axis == "x":
+        fig.update_xaxes(**update)
+    else:
+        fig.update_yaxes(**update)
+
+
+def _sources(frame: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(frame["source"].tolist()))
+
+
+def spike_plot(
+    examples: Mapping[str, ScoredExample], *, tau: float | None = None, title: str | None = None
+) -> go.Figure:
+    """Per-token perplexity along the response position (log y), one trace per source.
+
+    `examples` maps a source to one scored example (typically the same prompt answered by the
+    ground truth, a rephrase and the model's own output). Hover shows each token.
+    """
+    fig = go.Figure()
+    for source, example in examples.items():
+        ppl = example.ppl_array()
+        tokens = [repr(t) for t in example.response_tokens]
+        fig.add_trace(
+            go.Scatter(
+                x=np.arange(ppl.size),
+                y=ppl,
+                mode="lines+markers",
+                name=source_label(source),
+                meta={"source": source},
+                line={"color": source_color(source), "width": 1.5},
+                marker={"size": 4},
+                customdata=tokens,
+                hovertemplate="pos %{x}<br>%{customdata}<br>ppl %{y:.3g}<extra>%{fullData.name}"
+                "</extra>",
+            )
+        )
+    _base_layout(
+        fig,
+        title or "Per-token perplexity along the response",
+        "response token position",
+        "token perplexity (log scale)",
+    )
+    all_ppl = np.concatenate([ex.ppl_array() for ex in examples.values()] or [np.zeros(0)])
+    _set_log_axis(fig, "y", all_ppl, extra=tau)
+    _add_tau_hline(fig, tau, log_y=True)
+    return fig
+
+
+def _log_edges(values: np.ndarray, bins: int) -> np.ndarray:
+    lo = min(1.0, float(values.min())) if values.size else 1.0
+    hi = max(float(values.max()) if values.size else 10.0, lo * 1.0001, 10.0)
+    return np.logspace(math.log10(lo), math.log10(hi), bins + 1)
+
+
+def ppl_histogram(
+    frame: pd.DataFrame,
+    log_x: bool = True,
+    tau: float | None = None,
+    *,
+    bins: int = 60,
+    normalize: bool = True,
+    title: str | None = None,
+) -> go.Figure:
+    """Distribution of token perplexity per source, as overlaid step histograms.
+
+    `frame` is long-form with columns `source` and `ppl` (`core.analytics.token_ppl_frame`).
+    Bins are shared by all sources and log-spaced when `log_x`. With `normalize`, y is the
+    share of the source's tokens in each bin (sources of different size stay comparable);
+    otherwise the count. Each trace's x holds the bin edges and y the value per bin, repeated
+    for the last edge so the step closes (`trace.meta["counts"]` holds the raw counts).
+    """
+    values = frame["ppl"].to_numpy(dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if log_x:
+        edges = _log_edges(values, bins)
+    else:
+        hi = float(values.max()) if values.size else 10.0
+        edges = np.linspace(min(1.0, float(values.min()) if values.size else 1.0), hi, bins + 1)
+    fig = go.Figure()
+    for source in _sources(frame):
+        ppl = frame.loc[frame["source"] == source, "ppl"].to_numpy(dtype=np.float64)
+        counts, _ = np.histogram(np.clip(ppl, edges[0], edges[-1]), bins=edges)
+        y = counts / counts.sum() if normalize and counts.sum() else counts.astype(np.float64)
+        color = source_color(source)
+        fig.add_trace(
+            go.Scatter(
+                x=edges,
+                y=np.append(y, y[-1]),
+                mode="lines",
+                line={"shape": "hv", "color": color, "width": 1.8},
+                fill="tozeroy",
+                fillcolor=_rgba(color, 0.15),
+                name=source_label(source),
+                meta={"source": source, "counts": counts.tolist(), "n_tokens": int(ppl.size)},
+                hovertemplate="ppl ≥ %{x:.3g}<br>%{y:.2%}<extra>%{fullData.name}</extra>"
+                if normalize
+                else "ppl ≥ %{x:.3g}<br>%{y} tokens<extra>%{fullData.name}</extra>",
+            )
+        )
+    _base_layout(
+        fig,
+        title or "Token perplexity distribution",
+        "token perplexity" + (" (log scale)" if log_x else ""),
+        "share of response tokens" if normalize else "number of response tokens",
+    )
+    if log_x:
+        _set_log_axis(fig, "x", edges, extra=tau)
+    if normalize:
+        fig.update_yaxes(tickformat=".0%", rangemode="tozero")
+    _add_tau_vline(fig, tau, log_x=log_x)
+    return fig
+
+
+def ppl_cdf(
+    frame: pd.DataFrame,
+    tau: float | None = None,
+    *,
+    max_points: int = 4000,
+    title: str | None = None,
+) -> go.Figure:
+    """Empirical CDF of token perplexity per source on a log x axis.
+
+    y at x is the share of the source's response tokens with ppl <= x, so 1 - y at tau is the
+    share STM masks. Sources with more than `max_points` tokens are drawn at `max_points`
+    evenly spaced ranks (last point kept), which is visually identical.
+    """
+    fig = go.Figure()
+    for source in _sources(frame):
+        ppl = np.sort(frame.loc[frame["source"] == source, "ppl"].to_numpy(dtype=np.float64))
+        n = ppl.size
+        share = np.arange(1, n + 1) / n if n else np.zeros(0)
+        if n > max_points:
+            keep = np.unique(np.linspace(0, n - 1, max_points).round().astype(np.int64))
+            ppl, share = ppl[keep], share[keep]
+        fig.add_trace(
+            go.Scatter(
+                x=ppl,
+                y=share,
+                mode="lines",
+                line={"shape": "hv", "color": source_color(source), "width": 2},
+                name=source_label(source),
+                meta={"source": source, "n_tokens": int(n)},
+                hovertemplate="ppl ≤ %{x:.3g}: %{y:.1%}<extra>%{fullData.name}</extra>",
+            )
+        )
+    _base_layout(
+        fig,
+        title or "Cumulative distribution of token perplexity",
+        "token perplexity (log scale)",
+        "share of response tokens with ppl ≤ x",
+    )
+    _set_log_axis(fig, "x", frame["ppl"].to_numpy(dtype=np.float64), extra=tau)
+    fig.update_yaxes(tickformat=".0%", range=[0, 1.02])
+    _add_tau_vline(fig, tau, log_x=True)
+    return fig
+
+
+def share_vs_tau_chart(
+    curves: pd.DataFrame,
+    current_tau: float | None = None,
+    *,
+    y: str = "share",
+    target_band: tuple[float, float] | None = (0.20, 0.25),
+    title: str | None = None,
+) -> go.Figure:
+    """Share of response tokens masked (ppl > tau) against tau, per source, log x axis.
+
+    `curves` has columns source, tau and `y` ("share": pooled, or "mean_example_share"), as
+    made by `core.analytics.share_vs_tau`. The current tau is a dashed vertical line with a
+    marker per source at the share read off the curve. `target_band` shades the paper's rule
+    of thumb (about 20-25% masked works best); pass None to hide it.
+    """
+    fig = go.Figure()
+    if target_band is not None:
+        fig.add_hrect(
+            y0=target_band[0],
+            y1=target_band[1],
+            fillcolor="rgba(9,105,218,0.08)",
+            line_width=0,
+            layer="below",
+            annotation={
+                "text": f"paper's rule of thumb: {target_band[0]:.0%}–{target_band[1]:.0%}",
+                "font": {"size": 11, "color": "#57606a"},
+            },
+            annotation_position="top right",
+        )
+    for source in _sources(curves):
+        part = curves[curves["source"] == source].sort_values("tau")
+        color = source_color(source)
+        fig.add_trace(
+            go.Scatter(
+                x=part["tau"].to_numpy(dtype=np.float64),
+                y=part[y].to_numpy(dtype=np.float64),
+                mode="lines",
+                line={"color": color, "width": 2},
+                name=source_label(source),
+                legendgroup=source,
+                meta={"source": source},
+                hovertemplate="τ = %{x:.3g}: %{y:.1%} masked<extra>%{fullData.name}</extra>",
+            )
+        )
+        if current_tau is not None and len(part):
+            taus = part["tau"].to_numpy(dtype=np.float64)
+            share = float(np.interp(np.log(current_tau), np.log(taus), part[y].to_numpy()))
+            fig.add_trace(
+                go.Scatter(
+                    x=[current_tau],
+                    y=[share],
+                    mode="markers+text",
+                    marker={"color": color, "size": 10, "line": {"color": "white", "width": 1.5}},
+                    text=[f"{share:.1%}"],
+                    textposition="middle right",
+                    textfont={"color": color, "size": 12},
+                    name=f"{source_label(source)} at τ",
+                    legendgroup=source,
+                    showlegend=False,
+                    meta={"source": source, "current_tau": True},
+                    hovertemplate="τ = %{x:.3g}: %{y:.1%} masked<extra>%{fullData.name}</extra>",
+                )
+            )
+    _base_layout(
+        fig,
+        title or "Share of response tokens masked vs τ",
+        "τ (mask tokens with ppl > τ; log scale)",
+        "masked share of response tokens" if y == "share" else "mean per-example masked share",
+    )
+    _set_log_axis(fig, "x", curves["tau"].to_numpy(dtype=np.float64), extra=current_tau)
+    fig.update_yaxes(tickformat=".0%", rangemode="tozero")
+    _add_tau_vline(fig, current_tau, log_x=True)
+    return fig
+
+
+def category_share_chart(df: pd.DataFrame, *, title: str | None = None) -> go.Figure:
+    """Grouped bars: each token category's share among all vs high-perplexity tokens.
+
+    `df` comes from `core.analytics.category_shares` (columns source, category, share_all,
+    share_high, tau). Per source, a pale bar for all response tokens and a solid one for
+    tokens with ppl > tau.
+    """
+    fig = go.Figure()
+    tau = float(df["tau"].iloc[0]) if "tau" in df.columns and len(df) else None
+    high_label = f"ppl > {tau:g}" if tau is not None else "high ppl"
+    categories = list(dict.fromkeys(df["category"].tolist()))
+    for source in _sources(df):
+        part = df[df["source"] == source].set_index("category").reindex(categories)
+        color = source_color(source)
+        label = source_label(source)
+        fig.add_trace(
+            go.Bar(
+                x=categories,
+                y=part["share_all"].to_numpy(dtype=np.float64),
+                name=f"{label} · all tokens",
+                marker={"color": _rgba(color, 0.3), "line": {"color": color, "width": 1.5}},
+                meta={"source": source, "subset": "all"},
+                hovertemplate="%{x}: %{y:.1%} of all tokens<extra>" + label + "</extra>",
+            )
+        )
+        fig.add_trace(
+            go.Bar(
+                x=categories,
+                y=part["share_high"].to_numpy(dtype=np.float64),
+                name=f"{label} · {high_label}",
+                marker={"color": color, "line": {"color": color, "width": 1.5}},
+                meta={"source": source, "subset": "high"},
+                hovertemplate="%{x}: %{y:.1%} of high-ppl tokens<extra>" + label + "</extra>",
+            )
+        )
+    _base_layout(
+        fig,
+        title or f"Token categories: all vs high-perplexity ({high_label}) tokens",
+        "token category",
+        "share of tokens",
+    )
+    fig.update_layout(
+        barmode="group",
+        bargap=0.25,
+        bargroupgap=0.05,
+        legend={"orientation": "v", "x": 1.02, "xanchor": "left", "y": 1.0, "yanchor": "top"},
+        margin={"r": 200, "t": 60},
+    )
+    fig.update_yaxes(tickformat=".0%", rangemode="tozero")
+    return fig
+
+
+def seq_ppl_box(
+    groups: Mapping[str, Sequence[ScoredExample]], *, title: str | None = None
+) -> go.Figure:
+    """Per-example sequence perplexity per source as box plots (log y), mean marked."""
+    fig = go.Figure()
+    for source, examples in groups.items():
+        scored = [ex for ex in examples if ex.n_response > 0]
+        fig.add_trace(
+            go.Box(
+                y=[ex.seq_ppl for ex in scored],
+                text=[ex.id for ex in scored],
+                name=source_label(source),
+                meta={"source": source},
+                marker={"color": source_color(source), "size": 4},
+                boxmean=True,
+                boxpoints="outliers",
+                hovertemplate="%{text}<br>seq ppl %{y:.3g}<extra>%{fullData.name}</extra>",
+            )
+        )
+    _base_layout(
+        fig,
+        title or "Sequence perplexity per data source",
+        "data source",
+        "sequence perplexity (log scale)",
+    )
+    fig.update_yaxes(type="log")
+    fig.update_layout(showlegend=False)
+    return fig
