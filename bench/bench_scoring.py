@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.data.tasks import load_task  # noqa: E402
 from core.model.encoding import encode_pair  # noqa: E402
 from core.model.loading import load_model  # noqa: E402
-from core.scoring.score import score_examples, score_one_reference  # noqa: E402
+from core.scoring.score import score_examples  # noqa: E402
+from tests.reference import score_one_reference
 
 
 def matmul_probe(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> float:

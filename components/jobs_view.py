@@ -125,3 +125,19 @@ def job_picker(jobs: Sequence[Job]) -> str | None:
     )
     st.query_params["job"] = chosen
     return chosen
+
+
+def watched_job(registry: JobRegistry, job_id: str, state_key: str) -> Job | None:
+    """`job_id` fresh from the registry, for a polling fragment (None after its error is shown).
+    When the job leaves queued/running, the whole page reruns once, so what sits outside the
+    fragment (job lists, the sets a generation job made) catches up."""
+    try:
+        job = registry.get(job_id)
+    except LensError as exc:
+        st.error(str(exc))
+        return None
+    was = st.session_state.get(state_key)
+    st.session_state[state_key] = job.status
+    if was in (QUEUED, RUNNING) and job.status not in (QUEUED, RUNNING):
+        st.rerun(scope="app")
+    return job

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 
 from core.data.records import PROMPT_CONDITIONED, Dataset
 from core.errors import LensError
+from core.io import cache_dir
 from core.jobs.background import DONE, FAILED, BackgroundRunner, BackgroundTask
-from core.model.loading import MODEL_SLOT, LoadedModel, cache_dir
+from core.masking import DEFAULT_TAU, TAU_MAX, TAU_MIN, parse_tau
+from core.model.loading import MODEL_SLOT, LoadedModel
 from core.scoring.score import ScoreRun
 
 DEFAULT_LIMIT = 50
@@ -371,14 +374,55 @@ def scores_or_wait(
     task = scoring_task(sel, convention, first=first)
     if task is None:
         return None
+    return task_result(task, early=early)
+
+
+def task_result(task: BackgroundTask, *, early: bool = False) -> Any:
+    """`task`'s result when done; None while it runs (progress shown, polled by a fragment) or
+    after it failed (its error and a Retry button shown). With `early`, a running task's
+    `partial` result is returned as soon as it exists."""
     if task.status == DONE:
         return task.result
     if task.status == FAILED:
         show_task_status(task)
-        if st.button("Retry"):
+        if st.button("Retry", key=f"retry:{task.key}"):
             background_runner().forget(task.key)
             st.rerun()
         return None
     partial = task.partial if early else None
     wait_for(task, rerun_on_partial=early and partial is None)
     return partial
+
+
+def background_result(
+    key: str,
+    label: str,
+    work: Callable[[BackgroundTask], Any] | None = None,
+    *,
+    start: bool = True,
+) -> Any:
+    """Result of the background task `key` (started with `work` when given, `start` is set and
+    it is not running yet), or None while it runs or after it failed (see `task_result`)."""
+    runner = background_runner()
+    task = runner.get(key)
+    if task is None:
+        if work is None or not start:
+            return None
+        task = runner.start(key, label, work)
+    return task_result(task)
+
+
+def url_tau() -> float:
+    """``?tau=`` read the one way every page reads it: a valid τ as given (never clamped to
+    one page's slider), else the default, with a warning for a malformed value."""
+    raw = st.query_params.get("tau")
+    if raw is None or raw == "":
+        return DEFAULT_TAU
+    tau = parse_tau(raw)
+    if tau is None:
+        st.warning(
+            f"Ignored ?tau={raw}: τ must be a number from {TAU_MIN:g} to {TAU_MAX:g}; "
+            f"using {DEFAULT_TAU:g}."
+        )
+        return DEFAULT_TAU
+    return tau

@@ -12,12 +12,11 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import NoReturn
 
 from core.errors import LensError
-from core.io import write_jsonl_atomic
-from core.masking.rules import DEFAULT_TAU
+from core.io import output_path, write_bytes_atomic, write_jsonl_atomic
+from core.masking import DEFAULT_TAU
 
 EXIT_USER_ERROR = 2
 
@@ -65,6 +64,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from core.scoring.cache import ScoreCache
     from core.scoring.score import score_examples
 
+    output_path(args.out)  # a folder, or a folder that cannot be made: say so before any work
     dataset = load_source(
         task=args.task,
         split=args.split,
@@ -272,6 +272,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.examples < 0:
         raise LensError(f"--examples must be 0 or more (got {args.examples}).")
+    output_path(args.out)
     path = write_report(
         args.runs,
         args.out,
@@ -291,8 +292,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from core.eval.config import EvalConfig
     from core.jobs.registry import JobRegistry, run_job_process
 
-    # bad suite, limit or adapter: one line, before a job exists
+    # bad suite, limit, adapter or --out: one line, before a job exists
     config = EvalConfig.from_args(args).resolved()
+    if args.out:
+        output_path(args.out)
     registry = JobRegistry()
     label = config.describe()
     if args.submit:
@@ -307,9 +310,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     code = run_job_process(job.id, registry)
     report = job.path / "eval.json"
     if code == 0 and args.out and report.is_file():
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(report.read_bytes())
+        out = write_bytes_atomic(args.out, report.read_bytes())
         print(f"wrote {out}", file=sys.stderr)
     return code
 
@@ -410,7 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--mode", default="high", choices=["high", "low", "random", "percentile"])
     p.add_argument(
-        "--tau", type=float, default=None, help="token-perplexity threshold (default 2.5)"
+        "--tau",
+        type=float,
+        default=None,
+        help=f"token-perplexity threshold (default {DEFAULT_TAU:g})",
     )
     p.add_argument(
         "--share", type=float, default=None, help="solve tau for this masked share (0-1)"

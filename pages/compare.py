@@ -3,22 +3,20 @@ config diff, a τ-sweep launcher, post-training diagnostics and the HTML report.
 
 import hashlib
 import json
-from collections.abc import Callable
-from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 from components.session import (
+    background_result,
     background_runner,
     ensure_app_navigation,
-    show_task_status,
-    wait_for,
 )
 from core.data.records import Example
 from core.errors import LensError
-from core.jobs.background import DONE, FAILED, BackgroundTask
+from core.jobs.background import BackgroundTask
 from core.jobs.registry import JobRegistry
+from core.masking import DEFAULT_TAU
 from core.study.diagnostics import (
     PplChange,
     compute_ppl_change,
@@ -43,27 +41,6 @@ from core.viz.run_charts import (
 )
 
 MAX_PPL_EXAMPLES = 8
-
-
-def background(key: str, label: str, work: Callable[[BackgroundTask], Any] | None) -> Any:
-    """Result of the background task `key`, or None while it runs (progress shown, polled) or
-    after it failed (error and Retry shown). Started with `work` when given and not running."""
-    runner = background_runner()
-    task = runner.get(key)
-    if task is None:
-        if work is None:
-            return None
-        task = runner.start(key, label, work)
-    if task.status == DONE:
-        return task.result
-    if task.status == FAILED:
-        show_task_status(task)
-        if st.button("Retry", key=f"retry:{key}"):
-            runner.forget(key)
-            st.rerun()
-        return None
-    wait_for(task)
-    return None
 
 
 @st.cache_data(show_spinner="Loading examples…", max_entries=64)
@@ -179,7 +156,7 @@ def ppl_change_section(run: RunView) -> None:
             background_runner().start(task_key, f"Token perplexity change · {run.run_id}", work)
             st.rerun()
     elif change is None:
-        change = background(task_key, f"Token perplexity change · {run.run_id}", None)
+        change = background_result(task_key, f"Token perplexity change · {run.run_id}", None)
     if change is not None:
         show_ppl_change(change, tau)
     others = [c for c in saved if change is None or c.path != change.path]
@@ -221,7 +198,7 @@ with tab_sweep:
         taus_text = st.text_input("τ values", "1.5, 2, 2.5, 3, 10")
         c4, c5, c6 = st.columns(3)
         with_gt = c4.checkbox("Ground truth (no mask)", True)
-        with_random = c5.checkbox("Random-mask control at τ = 2.5", True)
+        with_random = c5.checkbox(f"Random-mask control at τ = {DEFAULT_TAU:g}", True)
         seed = int(c6.number_input("Seed", 0, 10_000, 0))
         eval_every = int(st.number_input("Evaluate every N steps (0 = off)", 0, 10_000, 0))
         submitted = st.form_submit_button("Queue sweep", type="primary")
@@ -236,7 +213,7 @@ with tab_sweep:
         if taus is not None:
             plans = [("gt", None)] if with_gt else []
             plans += [("stm", t) for t in taus]
-            plans += [("random", 2.5)] if with_random else []
+            plans += [("random", DEFAULT_TAU)] if with_random else []
             registry = JobRegistry()
             queued = []
             try:
@@ -359,7 +336,7 @@ with tab_report:
         st.session_state["report_key"] = key
     if "report_key" in st.session_state:
         try:
-            html = background(st.session_state["report_key"], "Building the report", None)
+            html = background_result(st.session_state["report_key"], "Building the report", None)
         except LensError as exc:
             st.error(str(exc))
             html = None

@@ -9,10 +9,8 @@ selected example), ?gen= (generation settings) and ?view= (the open tab).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,38 +19,44 @@ import streamlit as st
 
 from components.session import (
     Selection,
+    background_result,
     background_runner,
     current_model,
     scores_or_wait,
-    show_task_status,
     sidebar_selection,
-    wait_for,
+    url_tau,
 )
 from core.data.records import Example, ScoredExample
 from core.datagen.store import (
     GenerationStore,
     StoredGeneration,
+    answers_by_settings,
+    answers_signature,
     file_data_key,
+    generate_and_score,
     generate_and_store,
     generation_key,
     list_generated_sets,
-    match_examples,
+    score_answers_by_settings,
+    score_generated_sets,
     settings_label,
     task_data_key,
 )
 from core.errors import LensError
-from core.jobs.background import DONE, FAILED, BackgroundTask
-from core.model.generation import GenerationConfig
+from core.jobs.background import DONE, BackgroundTask
+from core.model.generation import GenerationConfig, decode_settings, encode_settings
 from core.model.loading import MODEL_SLOT, LoadedModel, resolve_device, resolve_dtype
 from core.scoring.analytics import (
     category_shares,
+    example_table,
+    scores_signature,
+    seq_ppl_ticks,
     sequence_ppl_table,
     share_above_tau,
     share_vs_tau,
     token_ppl_frame,
 )
 from core.scoring.cache import ScoreCache
-from core.scoring.score import score_examples
 from core.viz.charts import (
     category_share_chart,
     plotly_config,
@@ -65,7 +69,6 @@ from core.viz.charts import (
 )
 from core.viz.heatmap import render_token_heatmap
 
-DEFAULT_TAU = 2.5
 TAU_RANGE = (1.0, 20.0)
 TABS = ("Examples", "GT vs generated", "Dataset analytics")
 MAX_HEATMAP_TOKENS = 3000
@@ -86,29 +89,6 @@ SORTS = {
 # ------------------------------------------------------------------------------------------
 # Background work: one helper for every task on this page
 # ------------------------------------------------------------------------------------------
-
-
-def background(
-    key: str, label: str, work: Callable[[BackgroundTask], Any], *, start: bool = True
-) -> Any:
-    """Result of the background task `key` (started with `work` if needed), or None while it
-    runs (progress shown, polled by a fragment) or after it failed (error and Retry shown)."""
-    runner = background_runner()
-    task = runner.get(key)
-    if task is None:
-        if not start:
-            return None
-        task = runner.start(key, label, work)
-    if task.status == DONE:
-        return task.result
-    if task.status == FAILED:
-        show_task_status(task)
-        if st.button("Retry", key=f"retry:{key}"):
-            runner.forget(key)
-            st.rerun()
-        return None
-    wait_for(task)
-    return None
 
 
 def _loaded_model(sel: Selection) -> LoadedModel | None:
@@ -134,7 +114,7 @@ def model_or_wait(sel: Selection) -> LoadedModel | None:
     if task is not None and task.status == DONE:
         runner.forget(key)  # it was loaded, then another model took the slot: load it again
     # The task returns nothing, so a finished task never keeps an evicted model alive.
-    background(key, f"Loading {sel.model}", lambda task: (current_model(sel), None)[1])
+    background_result(key, f"Loading {sel.model}", lambda task: (current_model(sel), None)[1])
     return None
 
 
@@ -143,26 +123,19 @@ def model_or_wait(sel: Selection) -> LoadedModel | None:
 # ------------------------------------------------------------------------------------------
 
 
-def _url_float(name: str, default: float) -> float:
-    try:
-        value = float(st.query_params.get(name, default))
-    except ValueError:
-        return default
-    return value if math.isfinite(value) else default
-
-
 def tau_slider() -> float:
     """τ slider kept in sync with ?tau= (shared with the other pages)."""
-    url_tau = min(max(_url_float("tau", DEFAULT_TAU), TAU_RANGE[0]), TAU_RANGE[1])
-    if st.session_state.get("tau_slider") != url_tau:
-        st.session_state["tau_slider"] = url_tau
+    tau_url = url_tau()
+    if st.session_state.get("tau_slider") != tau_url:
+        st.session_state["tau_slider"] = tau_url
 
     def on_change() -> None:
         st.query_params["tau"] = f"{st.session_state['tau_slider']:g}"
 
     tau = st.slider(
         "τ: token-perplexity threshold",
-        *TAU_RANGE,
+        TAU_RANGE[0],
+        max(TAU_RANGE[1], tau_url),  # a larger τ from the URL (the masking studio) is kept
         step=0.1,
         key="tau_slider",
         on_change=on_change,
@@ -227,34 +200,6 @@ def example_navigator(ids: Sequence[str], current: str, seq: dict[str, float], k
     )
 
 
-def encode_settings(config: GenerationConfig) -> str:
-    """?gen= value: "greedy-256" or "sample-256-0.7-0.95-0"."""
-    if not config.do_sample:
-        return f"greedy-{config.max_new_tokens}"
-    return f"sample-{config.max_new_tokens}-{config.temperature:g}-{config.top_p:g}-{config.seed}"
-
-
-def decode_settings(value: str | None) -> GenerationConfig:
-    """Inverse of `encode_settings`; raises LensError for a malformed value."""
-    if not value:
-        return GenerationConfig()
-    parts = value.split("-")
-    try:
-        if parts[0] == "greedy" and len(parts) == 2:
-            return GenerationConfig(max_new_tokens=int(parts[1]))
-        if parts[0] == "sample" and len(parts) == 5:
-            return GenerationConfig(
-                max_new_tokens=int(parts[1]),
-                do_sample=True,
-                temperature=float(parts[2]),
-                top_p=float(parts[3]),
-                seed=int(parts[4]),
-            )
-    except ValueError:
-        pass
-    raise LensError(f"Generation settings '{value}' in the URL are not valid; using the defaults.")
-
-
 def url_settings() -> GenerationConfig:
     """Generation settings from ?gen= (defaults, with a warning, if malformed)."""
     try:
@@ -269,52 +214,10 @@ def url_settings() -> GenerationConfig:
 # ------------------------------------------------------------------------------------------
 
 
-def _signature(groups: dict[str, Sequence[ScoredExample]]) -> str:
-    h = hashlib.sha256()
-    for source, examples in groups.items():
-        h.update(source.encode())
-        for ex in examples:
-            h.update(f"{ex.id}\x00{len(ex.logprob)}\x00{ex.seq_ppl!r}".encode())
-    return h.hexdigest()[:16]
-
-
-def shared_prefix_length(texts: Sequence[str], minimum: int = 20) -> int:
-    """Length of the prefix all texts share (cut back to a word boundary), or 0 if shorter than
-    `minimum`: task prompts often open with the same instruction, which hides the part that
-    differs in a one-line preview."""
-    if not texts:
-        return 0
-    first, last = min(texts), max(texts)
-    n = next((i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), len(first))
-    if n >= len(first):
-        return 0  # one prompt is a prefix of all the others: nothing would be left of it
-    n = first.rfind(" ", 0, n + 1) + 1
-    return n if n >= minimum else 0
-
-
 @st.cache_data(show_spinner=False, max_entries=32)
-def example_table(sig: str, tau: float, _examples: Sequence[ScoredExample]) -> pd.DataFrame:
-    """One row per example: id, prompt preview (after the prefix all prompts share), sequence
-    ppl, length, share > τ, max token ppl, truncated."""
-    prompts = [ex.prompt for ex in _examples]
-    skip = shared_prefix_length(prompts) if len(prompts) > 1 else 0
-    rows = []
-    for ex in _examples:
-        ppl = ex.ppl_array()
-        text = ex.prompt[skip:]
-        first_line = next((line for line in text.splitlines() if line.strip()), "")
-        rows.append(
-            {
-                "id": ex.id,
-                "prompt": ("…" if skip else "") + first_line.strip()[:160],
-                "seq ppl": ex.seq_ppl,
-                "tokens": ex.n_response,
-                "share > τ": float((ppl > tau).mean()) if ppl.size else float("nan"),
-                "max token ppl": float(ppl.max()) if ppl.size else float("nan"),
-                "truncated": ex.truncated,
-            }
-        )
-    return pd.DataFrame(rows)
+def cached_example_table(sig: str, tau: float, _examples: Sequence[ScoredExample]) -> pd.DataFrame:
+    """`example_table`, cached per selection (`sig`) and τ."""
+    return example_table(_examples, tau)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -353,30 +256,9 @@ def data_key_of(kind: str, task: str, split: str, data_path: str) -> str:
     return file_data_key(data_path)
 
 
-def seq_ppl_ticks(values: np.ndarray) -> list[float]:
-    """Log-spaced 1-2-2.5-5 stops covering the values, for the range filter."""
-    finite = values[np.isfinite(values)]
-    lo = float(finite.min()) if finite.size else 1.0
-    hi = float(finite.max()) if finite.size else 10.0
-    stops: list[float] = []
-    for exponent in range(math.floor(math.log10(max(lo, 1e-3))), math.ceil(math.log10(hi)) + 1):
-        for mantissa in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 7):
-            stops.append(round(mantissa * 10.0**exponent, 6))
-    below = [s for s in stops if s <= lo]
-    above = [s for s in stops if s >= hi]
-    start = stops.index(below[-1]) if below else 0
-    end = stops.index(above[0]) if above else len(stops) - 1
-    return stops[start : end + 1]
-
-
 # ------------------------------------------------------------------------------------------
 # Generated responses: on-demand answers and stored generated sets, scored in the background
 # ------------------------------------------------------------------------------------------
-
-
-def as_example(ex: ScoredExample) -> Example:
-    """The unscored example behind a scored record."""
-    return Example(id=ex.id, prompt=ex.prompt, response=ex.response, meta=dict(ex.meta))
 
 
 def generation_task_key(sel: Selection, example: Example, config: GenerationConfig) -> str:
@@ -392,16 +274,11 @@ def generation_task(sel: Selection, example: Example, config: GenerationConfig, 
     def work(task: BackgroundTask) -> tuple[StoredGeneration, ScoredExample | None]:
         task.message = f"loading {sel.model}"
         lm = current_model(sel)
-        task.message = f"generating ({settings_label(config)})"
-        [stored] = generate_and_store(lm, [example], config)
-        task.message = "scoring the generated answer"
-        scored = score_examples(
-            lm, [stored.as_example(example)], source="generated", cache=ScoreCache()
-        )
-        return stored, (scored.examples[0] if scored.examples else None)
+        task.message = f"generating ({settings_label(config)}) and scoring the answer"
+        return generate_and_score(lm, example, config, cache=ScoreCache())
 
     key = generation_task_key(sel, example, config)
-    return background(key, f"Generating an answer to {example.id}", work, start=start)
+    return background_result(key, f"Generating an answer to {example.id}", work, start=start)
 
 
 def batch_task_key(sel: Selection, config: GenerationConfig) -> str:
@@ -421,47 +298,24 @@ def batch_generation_task(
         return len(generate_and_store(lm, examples, config, progress=task.progress))
 
     label = f"Generating answers for {len(examples)} examples"
-    return background(batch_task_key(sel, config), label, work, start=start)
-
-
-def group_key(stored: StoredGeneration, n_settings: int) -> str:
-    """Data-source key of a generated answer: "generated", or with its settings if several."""
-    return "generated" if n_settings == 1 else f"generated ({stored.label})"
+    return background_result(batch_task_key(sel, config), label, work, start=start)
 
 
 def scored_generations(
     sel: Selection, gt: Sequence[ScoredExample], found: dict[str, list[StoredGeneration]]
 ) -> dict[str, list[ScoredExample]] | None:
     """Every stored answer for the examples on screen, scored, grouped by settings."""
-    by_settings: dict[str, list[tuple[StoredGeneration, Example]]] = {}
-    source_of = {ex.id: as_example(ex) for ex in gt}
-    for ex_id, stored_list in found.items():
-        for stored in stored_list:
-            by_settings.setdefault(stored.label, []).append((stored, source_of[ex_id]))
+    by_settings = answers_by_settings(found, [ex.to_example() for ex in gt])
     if not by_settings:
         return {}
-    sig = hashlib.sha256(
-        json.dumps(
-            sorted((s.example_id, s.label, s.created) for v in by_settings.values() for s, _ in v)
-        ).encode()
-    ).hexdigest()[:16]
+    sig = answers_signature(by_settings)
 
     def work(task: BackgroundTask) -> dict[str, list[ScoredExample]]:
-        lm = current_model(sel)
-        groups = {}
-        n = len(by_settings)
-        for pairs in by_settings.values():
-            name = group_key(pairs[0][0], n)
-            run = score_examples(
-                lm,
-                [stored.as_example(src) for stored, src in pairs],
-                source=name,
-                cache=ScoreCache(),
-            )
-            groups[name] = run.examples
-        return groups
+        return score_answers_by_settings(current_model(sel), by_settings, cache=ScoreCache())
 
-    return background(f"score-generated:{sel.key()}:{sig}", "Scoring generated answers", work)
+    return background_result(
+        f"score-generated:{sel.key()}:{sig}", "Scoring generated answers", work
+    )
 
 
 def scored_sets(
@@ -479,19 +333,13 @@ def scored_sets(
         newest.setdefault(gset.kind, gset)
     if not newest:
         return {}
-    shown = [as_example(ex) for ex in gt]
+    shown = [ex.to_example() for ex in gt]
     names = ",".join(f"{g.name}@{g.created}" for g in newest.values())
 
     def work(task: BackgroundTask) -> dict[str, list[ScoredExample]]:
-        lm_now = current_model(sel)
-        groups = {}
-        for kind, gset in newest.items():
-            matched = match_examples(gset.load_examples(), shown)
-            run = score_examples(lm_now, list(matched.values()), source=kind, cache=ScoreCache())
-            groups[kind] = run.examples
-        return groups
+        return score_generated_sets(current_model(sel), newest, shown, cache=ScoreCache())
 
-    return background(f"score-sets:{sel.key()}:{names}", "Scoring generated datasets", work)
+    return background_result(f"score-sets:{sel.key()}:{names}", "Scoring generated datasets", work)
 
 
 # ------------------------------------------------------------------------------------------
@@ -523,8 +371,8 @@ def summary_line(gt: Sequence[ScoredExample], tau: float) -> str:
 
 def examples_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, current: str) -> None:
     """Browse: filter / sort / search the examples, pick one, see its heatmap."""
-    sig = _signature({"ground_truth": gt})
-    table = example_table(sig, tau, gt)
+    sig = scores_signature({"ground_truth": gt})
+    table = cached_example_table(sig, tau, gt)
     seq_map = dict(zip(table["id"], table["seq ppl"], strict=True))
 
     c1, c2, c3 = st.columns([3, 3, 2])
@@ -645,7 +493,7 @@ def compare_tab(
     seq = {ex.id: ex.seq_ppl for ex in gt}
     example_navigator(ids, current, seq, key="ex_pick_compare")
     truth = gt[ids.index(current)]
-    source = as_example(truth)
+    source = truth.to_example()
     with st.expander("Prompt", expanded=True):
         st.code(source.prompt, language=None, wrap_lines=True)
 
@@ -735,7 +583,7 @@ def _plural(n: int, word: str) -> str:
 def analytics_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, lm: LoadedModel) -> None:
     """Dataset-level comparison of ground truth and every generated source."""
     store = GenerationStore()
-    found = store.for_examples(lm.cache_key, [as_example(ex) for ex in gt])
+    found = store.for_examples(lm.cache_key, [ex.to_example() for ex in gt])
     generated = scored_generations(sel, gt, found)
     problems: list[str] = []
     sets = scored_sets(sel, lm, gt, problems)
@@ -775,7 +623,7 @@ def analytics_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, lm: L
         st.info("No examples in common between the sources yet.")
         return
 
-    sig = _signature(groups)
+    sig = scores_signature(groups)
     stats = dataset_stats(sig, tau, groups)
     st.subheader("Sequence perplexity per data source")
     left, right = st.columns([3, 2])
@@ -868,7 +716,7 @@ def generation_panel(
     """Coverage of the model's own answers, and a button to generate the missing ones."""
     config = url_settings()
     have = {ex_id for ex_id, gens in found.items() if any(g.config == config for g in gens)}
-    missing = [as_example(ex) for ex in gt if ex.id not in have]
+    missing = [ex.to_example() for ex in gt if ex.id not in have]
     runner = background_runner()
     key = batch_task_key(sel, config)
     task = runner.get(key)

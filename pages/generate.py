@@ -15,6 +15,7 @@ from components.jobs_view import (
     job_log,
     job_picker,
     jobs_table,
+    watched_job,
 )
 from components.session import sidebar_selection
 from core.datagen.config import (
@@ -28,7 +29,7 @@ from core.datagen.config import (
 from core.datagen.run import generation_progress, preflight
 from core.datagen.store import list_generated_sets
 from core.errors import LensError
-from core.jobs.registry import FAILED, QUEUED, RUNNING, SUCCEEDED, JobRegistry
+from core.jobs.registry import FAILED, SUCCEEDED, JobRegistry
 from core.jobs.runfiles import read_metrics
 
 POLL_SECONDS = 2.0
@@ -243,15 +244,9 @@ def job_view(job_id: str) -> None:
 
     @st.fragment(run_every=POLL_SECONDS)
     def view() -> None:
-        try:
-            job = registry.get(job_id)
-        except LensError as exc:
-            st.error(str(exc))
+        job = watched_job(registry, job_id, "gen_view_status")
+        if job is None:
             return
-        was = st.session_state.get("gen_view_status")
-        st.session_state["gen_view_status"] = job.status
-        if was in (QUEUED, RUNNING) and job.status not in (QUEUED, RUNNING):
-            st.rerun(scope="app")  # the sets list below gains the new set
         prog = generation_progress(read_metrics(job.run_dir))
         job_header(registry, job, key_prefix="g-", resume_note="finished prompts are kept.")
         total = prog.get("total")

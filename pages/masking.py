@@ -6,12 +6,10 @@ dataset) and re-colours the example, so struck-out tokens are exactly the ones t
 label -100. Nothing is re-scored on a widget change.
 """
 
-import math
 import shlex
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -21,10 +19,12 @@ from components.session import (
     scores_or_wait,
     scoring_task,
     sidebar_selection,
+    url_tau,
 )
 from core.errors import LensError
 from core.masking.export import (
     export_masked_dataset,
+    export_path,
     mask_cli_command,
     masked_jsonl_bytes,
     scores_fingerprint,
@@ -33,15 +33,20 @@ from core.masking.rules import (
     DEFAULT_K_PERCENT,
     DEFAULT_TAU,
     PERCENTILE_RULES,
+    TAU_GRID,
     MaskConfig,
     MaskResult,
     MaskStats,
     PplIndex,
     compute_masks,
-    share_vs_tau_curve,
+    snap_tau,
 )
-from core.model.loading import cache_dir
-from core.viz.charts import PLOTLY_CONFIG, plotly_config, share_vs_tau_chart
+from core.viz.charts import (
+    PLOTLY_CONFIG,
+    masked_share_histogram,
+    masking_curve_figure,
+    plotly_config,
+)
 from core.viz.heatmap import render_token_heatmap
 
 MODE_LABELS = {
@@ -67,35 +72,8 @@ SIDE_DEFAULTS = {  # (tau, share %, k %) of the two compared settings
 MAX_HEATMAP_TOKENS = 2000
 
 
-def _tau_grid() -> list[float]:
-    """τ values the slider offers: fine near 1-10, where masks change most, coarser above."""
-    parts = [
-        np.arange(1.0, 2.0, 0.05),
-        np.arange(2.0, 10.0, 0.1),
-        np.arange(10.0, 20.0, 0.5),
-        np.arange(20.0, 50.0, 1.0),
-        np.arange(50.0, 100.0, 5.0),
-        np.arange(100.0, 200.0, 10.0),
-        np.arange(200.0, 1000.01, 50.0),
-    ]
-    return sorted({round(float(v), 2) for v in np.concatenate(parts)})
-
-
-TAU_GRID = _tau_grid()
-
-
-def _snap_tau(value: float) -> float:
-    """The grid τ nearest to ``value`` on a log scale."""
-    logs = np.log(np.asarray(TAU_GRID))
-    return TAU_GRID[int(np.argmin(np.abs(logs - math.log(value))))]
-
-
 def _tau_from_query() -> float:
-    try:
-        value = float(st.query_params.get("tau", DEFAULT_TAU))
-    except ValueError:
-        value = DEFAULT_TAU
-    return _snap_tau(value if math.isfinite(value) and value > 0 else DEFAULT_TAU)
+    return snap_tau(url_tau())
 
 
 @st.cache_resource(max_entries=4, show_spinner="Indexing token perplexities…")
@@ -269,139 +247,10 @@ def _curve_figure(run_key: str, mode: str, taus: tuple, _indexes: dict) -> go.Fi
     Cached per (run, mode, τ values): building a plotly figure costs far more than the curve
     itself, and the cached figure is only read (st.plotly_chart does not modify it).
     """
-    curve_mode = "low" if mode == "low" else "high"
-    ppl = _indexes[None].sorted_ppl()
-    finite = ppl[np.isfinite(ppl)]
-    # up to where ~1% of tokens remain above τ (at most 1000): the far tail is flat at ~0%
-    hi = float(np.quantile(finite, 0.99)) if finite.size else 100.0
-    hi = max([100.0, min(hi, 1000.0), *(t * 1.5 for t in taus)])
-    lo = min([1.0, *(t / 1.5 for t in taus)])
-    grid = np.geomspace(lo, hi, 240)
-    frames = []
-    for source, index in _indexes.items():
-        if source is not None:
-            frame = share_vs_tau_curve(index, grid, curve_mode)
-            frame.insert(0, "source", source)
-            frames.append(frame)
-    title = "Share of response tokens masked vs τ"
-    if mode == "percentile":
-        title = "STM share masked vs τ (for reference)"
-    fig = share_vs_tau_chart(
-        pd.concat(frames, ignore_index=True),
-        taus[0] if taus else None,
-        target_band=RULE_OF_THUMB,
-        title=title,
-    )
-    if mode == "low":
-        fig.update_xaxes(title_text="τ (mask tokens with ppl < τ; log scale)")
-    if len(taus) == 2:
-        fig.add_vline(
-            x=taus[1],
-            line={"color": COMPARE_COLORS["B"], "width": 1.5, "dash": "dot"},
-            annotation={"text": f"B: τ = {taus[1]:.3g}", "font": {"color": COMPARE_COLORS["B"]}},
-            annotation_position="bottom right",
-        )
-    fig.update_layout(height=380)
-    return fig
-
-
-def _share_histogram(results: list[tuple[str, MaskStats]]) -> go.Figure:
-    """How the masked share is spread over examples (5%-wide bins), pooled share marked.
-
-    Built from plain dicts without a template object: that keeps it at a few ms per τ change
-    (a plotly template alone costs ~20 ms to validate); colours mimic plotly_white.
-    """
-    edges = np.linspace(0.0, 1.0, 21)
-    two = len(results) > 1
-    traces, shapes, notes = [], [], []
-    for side, stats in results:
-        shares = stats.per_example_share[np.isfinite(stats.per_example_share)]
-        counts, _ = np.histogram(shares, bins=edges)
-        name = f"setting {side}" if two else "examples"
-        color = COMPARE_COLORS[side]
-        traces.append(
-            go.Bar(
-                x=(edges[:-1] + edges[1:]) / 2,
-                y=counts,
-                width=0.024 if two else 0.048,
-                offset=(-0.024 if side == "A" else 0.0) if two else None,
-                marker={"color": color, "opacity": 0.85},
-                name=name,
-                customdata=np.stack([edges[:-1], edges[1:]], axis=1),
-                hovertemplate="%{customdata[0]:.0%}–%{customdata[1]:.0%} masked: "
-                "%{y} examples<extra>" + name + "</extra>",
-            )
-        )
-        x = stats.pooled_share
-        shapes.append(
-            {
-                "type": "line",
-                "x0": x,
-                "x1": x,
-                "y0": 0,
-                "y1": 1,
-                "yref": "paper",
-                "line": {"color": color, "width": 1.5, "dash": "dash"},
-            }
-        )
-        notes.append(
-            {
-                "x": x,
-                "y": 1 if side == "A" else 0.91,  # stacked, so close shares do not collide
-                "yref": "paper",
-                "text": f"{side + ' ' if two else ''}pooled {x:.1%}",
-                "showarrow": False,
-                "xanchor": "left",
-                "xshift": 4,
-                "yanchor": "top",
-                "font": {"size": 12, "color": color},
-                "bgcolor": "rgba(255,255,255,0.8)",
-            }
-        )
-    axis = {"showline": True, "linecolor": "#8c959f", "gridcolor": "#ebf0f8", "zeroline": False}
-    return go.Figure(
-        data=traces,
-        layout={
-            "title": {"text": "Masked share per example", "x": 0.0, "font": {"size": 16}},
-            "font": {
-                "family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif",
-                "size": 13,
-            },
-            "paper_bgcolor": "white",
-            "plot_bgcolor": "white",
-            "margin": {"l": 60, "r": 20, "t": 80, "b": 55},
-            "height": 380,
-            "bargap": 0.05,
-            "barmode": "overlay",
-            "showlegend": two,
-            "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0.0},
-            "shapes": shapes,
-            "annotations": notes,
-            "xaxis": {
-                **axis,
-                "title": {"text": "share of the example's response tokens masked"},
-                "tickformat": ".0%",
-                "range": [-0.02, 1.02],
-            },
-            "yaxis": {**axis, "title": {"text": "examples"}, "rangemode": "tozero"},
-        },
-    )
+    return masking_curve_figure(_indexes, mode, taus, band=RULE_OF_THUMB, colors=COMPARE_COLORS)
 
 
 # --------------------------------------------------------------------------- export
-
-
-def _out_path(name: str) -> Path:
-    """An absolute path as given; a relative name goes under <cache>/masked/."""
-    name = name.strip()
-    if not name:
-        raise LensError("give the export folder a name")
-    path = Path(name).expanduser()
-    if path.is_absolute():
-        return path
-    if ".." in path.parts:
-        raise LensError("a relative export name may not contain '..'; give an absolute path")
-    return cache_dir() / "masked" / path
 
 
 def _score_command(sel) -> str:
@@ -449,7 +298,7 @@ def _export_section(sel, examples: list, settings: list[tuple[str, MaskConfig, M
     )
     overwrite = c2.checkbox("Replace an existing export", key="export_overwrite")
     try:
-        target = _out_path(name)
+        target = export_path(name)
         st.caption(f"Will write to `{target}`")
     except LensError as exc:
         st.error(str(exc))
@@ -576,7 +425,9 @@ left.plotly_chart(
     config=plotly_config("masked_share_vs_tau"),
     key="curve",
 )
-right.plotly_chart(_share_histogram(all_stats), config=PLOTLY_CONFIG, key="hist")
+right.plotly_chart(
+    masked_share_histogram(all_stats, COMPARE_COLORS), config=PLOTLY_CONFIG, key="hist"
+)
 
 st.subheader("Which tokens leave the loss")
 ids = list(index.ids)

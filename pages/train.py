@@ -17,14 +17,14 @@ from components.jobs_view import (
     job_log,
     job_picker,
     jobs_table,
+    watched_job,
 )
-from components.session import sidebar_selection
+from components.session import sidebar_selection, url_tau
 from core.errors import LensError
 from core.eval.suites import SUITES as EVAL_SUITES
 from core.io import read_json
-from core.jobs.registry import FAILED, QUEUED, RUNNING, SUCCEEDED, JobRegistry
+from core.jobs.registry import FAILED, RUNNING, SUCCEEDED, JobRegistry
 from core.jobs.runfiles import SUMMARY_JSON, read_metrics, run_progress
-from core.masking.rules import DEFAULT_TAU
 from core.training.config import FINETUNES, PRESETS, REPORTERS, SCHEDULERS, TrainConfig
 from core.viz.charts import plotly_config
 
@@ -120,7 +120,7 @@ def launch_form() -> None:
                 "Threshold", ["τ", "Target share"], horizontal=True, key="threshold_kind"
             )
             if by_share == "τ":
-                tau_q = float(st.query_params.get("tau", DEFAULT_TAU))
+                tau_q = url_tau()
                 values["tau"] = m2.number_input(
                     "τ (token perplexity)", min_value=1.0, value=tau_q, step=0.1, format="%.2f"
                 )
@@ -321,15 +321,9 @@ def job_view(job_id: str) -> None:
 
     @st.fragment(run_every=POLL_SECONDS)
     def view() -> None:
-        try:
-            job = registry.get(job_id)
-        except LensError as exc:
-            st.error(str(exc))
+        job = watched_job(registry, job_id, "train_view_status")
+        if job is None:
             return
-        was = st.session_state.get("train_view_status")
-        st.session_state["train_view_status"] = job.status
-        if was in (QUEUED, RUNNING) and job.status not in (QUEUED, RUNNING):
-            st.rerun(scope="app")
         records = read_metrics(job.run_dir)
         prog = run_progress(records)
         job_header(registry, job, resume_note="it continues from its last checkpoint.")

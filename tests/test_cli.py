@@ -139,3 +139,64 @@ def test_help_lists_subcommands():
     assert proc.returncode == 0
     for name in ("score", "tasks", "models", "mask"):
         assert name in proc.stdout
+
+
+def test_inputs_that_used_to_end_in_unexpected_errors_give_one_line_reasons(
+    tiny_model_dir, tmp_path, capsys
+):
+    """Each of these once printed "unexpected <Exception>: ..."; each must name the problem,
+    exit 2, and leave what the user had alone."""
+    from transformers import BertConfig, BertModel
+
+    good = _write_jsonl(tmp_path / "good.jsonl", [{"prompt": "q", "response": "a b c"}])
+    gguf = tmp_path / "broken.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
+    bert = tmp_path / "bert"
+    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=32)).save_pretrained(bert)  # fmt: skip
+    binary = tmp_path / "scores.bin.jsonl"
+    binary.write_bytes(bytes(range(256)) * 8)
+    folder = tmp_path / "existing-folder"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    score = ["score", "--model", str(tiny_model_dir), "--data", str(good)]
+    cases = [
+        ([*score, "--top-k", "-1", "--out", str(tmp_path / "o.jsonl")], "top_k must be"),
+        (
+            [
+                "score",
+                "--model",
+                str(gguf),
+                "--data",
+                str(good),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+            ],
+            "not a readable GGUF model file",
+        ),  # fmt: skip
+        (
+            [
+                "score",
+                "--model",
+                str(bert),
+                "--data",
+                str(good),
+                "--out",
+                str(tmp_path / "o.jsonl"),
+            ],
+            "not a causal language model",
+        ),  # fmt: skip
+        ([*score, "--out", str(folder)], "is a folder"),
+        ([*score, "--out", str(blocker / "sub" / "o.jsonl")], "cannot create the folder"),
+        (["mask", "--scores", str(binary), "--out", str(tmp_path / "m")], "binary file"),
+    ]
+    for argv, reason in cases:
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, (argv, err)
+        assert err[-1].startswith("error:") and reason in err[-1], (argv, err)
+        assert "unexpected" not in err[-1]
+    assert (folder / "keep.txt").read_text() == "mine" and blocker.read_text() == "not a folder"
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "m").exists()

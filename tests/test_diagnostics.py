@@ -14,10 +14,32 @@ from core.errors import LensError
 from core.study.diagnostics import (
     effective_rank,
     lora_weight_stats,
-    ppl_change_summary,
     token_ppl_change,
 )
 from core.viz.heatmap import delta_color, render_delta_heatmap
+
+
+def ppl_change_summary(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per source: mean Δ ln ppl on tokens the base model found easy vs hard, and the share of
+    tokens that became harder."""
+    if frame.empty:
+        return pd.DataFrame(
+            columns=["source", "tokens", "mean Δ", "mean Δ easy", "mean Δ hard", "% harder"]
+        )
+    out = []
+    for source, group in frame.groupby("source", sort=False):
+        easy, hard = group[group["base_easy"]], group[~group["base_easy"]]
+        out.append(
+            {
+                "source": source,
+                "tokens": len(group),
+                "mean Δ": float(group["delta"].mean()),
+                "mean Δ easy": float(easy["delta"].mean()) if len(easy) else float("nan"),
+                "mean Δ hard": float(hard["delta"].mean()) if len(hard) else float("nan"),
+                "% harder": 100.0 * float((group["delta"] > 0).mean()),
+            }
+        )
+    return pd.DataFrame(out)
 
 
 def _rec(ex_id, logprob, ids=None, source="ground_truth"):

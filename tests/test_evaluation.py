@@ -49,7 +49,8 @@ from core.eval.suites import (
     get_suite,
 )
 from core.model.loading import load_model
-from core.scoring.score import score_examples, score_one_reference
+from core.scoring.score import score_examples
+from tests.reference import score_one_reference
 
 # ------------------------------------------------------------------------------ code_exec
 

@@ -274,3 +274,10 @@ def test_analytics_table_includes_generated_answers_and_generated_sets(page, exp
         mean_var(expected.values()),
         mean_var(own),
     ]
+
+
+def test_a_tau_above_the_slider_range_from_the_masking_studio_is_kept(page):
+    """τ = 50 set on Masking used to become 20 after a visit to Explore (clamped to its slider)."""
+    at = run_until(page(tau="50"), lambda at: heatmaps(at))
+    assert at.query_params["tau"] == "50"
+    assert at.slider(key="tau_slider").value == 50.0

@@ -10,20 +10,34 @@ import core.datagen.store as generated
 from core.data.records import Example
 from core.datagen.store import (
     GenerationStore,
+    StoredGeneration,
     config_from_settings,
     file_data_key,
     generate_and_store,
     list_generated_sets,
-    load_generations,
     match_examples,
-    save_generation,
     settings_label,
     task_data_key,
     write_generated_set,
 )
 from core.errors import DataError
+from core.io import cache_dir
 from core.model.generation import Generation, GenerationConfig
-from core.model.loading import cache_dir
+
+
+def save_generation(
+    model_key: str, example: Example, config: GenerationConfig, generation: Generation
+) -> StoredGeneration:
+    """Store one generated response in the default store (see `GenerationStore.save`)."""
+    return GenerationStore().save(model_key, example, config, generation)
+
+
+def load_generations(
+    model_key: str, example_id: str, prompt: str | None = None
+) -> list[StoredGeneration]:
+    """Stored generations of one example under `model_key`, newest first."""
+    return GenerationStore().for_example(model_key, example_id, prompt)
+
 
 EX = Example(id="ex-1", prompt="Add 2 and 3.", response="5", meta={"answer": 5})
 GREEDY = GenerationConfig(max_new_tokens=16)

@@ -7,7 +7,8 @@ import pytest
 
 from core.cli import main
 from core.data.tasks import load_task
-from core.scoring.score import score_examples, score_one_reference
+from core.scoring.score import score_examples
+from tests.reference import score_one_reference
 
 pytestmark = pytest.mark.integration
 

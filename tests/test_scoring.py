@@ -8,7 +8,8 @@ import pytest
 from core.data.records import Example
 from core.model.encoding import encode_pair
 from core.scoring.cache import ScoreCache
-from core.scoring.score import CPU_STATS_CHUNK, score_examples, score_one_reference
+from core.scoring.score import CPU_STATS_CHUNK, score_examples
+from tests.reference import score_one_reference
 
 
 def _examples(n=9):

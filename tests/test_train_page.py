@@ -103,3 +103,12 @@ def test_start_runs_a_job_and_a_reload_reattaches(page, tmp_path):
 def test_unknown_job_in_the_url_is_a_clear_message(page):
     at = page(job="20990101-000000-dead")
     assert any("20990101-000000-dead is not in" in w.value for w in at.warning)
+
+
+def test_a_malformed_tau_in_the_url_is_a_warning_not_a_traceback(page):
+    at = page(tau="abc")
+    at.selectbox(key="train_method").set_value("stm").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("Ignored ?tau=abc" in w.value for w in at.warning)
+    config = TrainConfig.from_args(build_parser().parse_args(shlex.split(command(at))[3:]))
+    assert config.method == "stm" and config.tau == 2.5

@@ -124,6 +124,10 @@ class ScoredExample:
             return float("nan")
         return math.exp(-float(np.mean(self.logprob)))
 
+    def to_example(self) -> Example:
+        """The unscored example behind this record."""
+        return Example(id=self.id, prompt=self.prompt, response=self.response, meta=dict(self.meta))
+
     def to_dict(self) -> dict[str, Any]:
         """Storage form (everything needed to rebuild the record)."""
         return asdict(self)
@@ -141,3 +145,8 @@ class ScoredExample:
         row["response_mask"] = self.response_mask
         row["seq_ppl"] = self.seq_ppl
         return row
+
+
+def prompt_hash(prompt: str) -> str:
+    """Short content hash of a prompt: ties a stored or resumed answer to the exact instruction."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]

@@ -27,9 +27,6 @@ No Streamlit imports here.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import random
 import re
 import time
@@ -38,10 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.data.records import Example
+from core.data.records import Example, prompt_hash
 from core.datagen.config import MATH_HINT, SELECTIONS, GenDataConfig
 from core.errors import LensError
 from core.eval.grading import check_answers, resolve_verifier
+from core.io import append_jsonl, read_jsonl
 from core.jobs.runfiles import StatusFn
 
 CANDIDATES_JSONL = "candidates.jsonl"
@@ -122,11 +120,6 @@ class GenerationSummary:
         )
 
 
-def prompt_hash(text: str) -> str:
-    """Short content hash of a prompt (a resumed run only reuses records of the same prompt)."""
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def load_source_examples(config: GenDataConfig) -> list[Example]:
     """The prompts (with their ground truth and meta) the run generates for."""
     from core.data.sources import load_source
@@ -181,35 +174,13 @@ def _hint_text(config: GenDataConfig) -> str:
 
 def read_candidates(run_dir: str | Path) -> list[dict[str, Any]]:
     """The per-prompt records of a run (`candidates.jsonl`), skipping a half-written last line."""
-    path = Path(run_dir) / CANDIDATES_JSONL
-    if not path.is_file():
-        return []
-    records = []
-    for raw in path.read_bytes().split(b"\n"):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and "id" in rec:
-            records.append(rec)
-    return records
+    records = read_jsonl(Path(run_dir) / CANDIDATES_JSONL)
+    return [rec for rec in records if isinstance(rec, dict) and "id" in rec]
 
 
 def _append_candidates(run_dir: Path, record: dict[str, Any]) -> None:
     """Append one record as one whole line, then fsync (a crash loses at most that line)."""
-    path = run_dir / CANDIDATES_JSONL
-    line = json.dumps(record, ensure_ascii=False) + "\n"
-    with open(path, "a+b") as fh:
-        fh.seek(0, 2)
-        if fh.tell():
-            fh.seek(-1, 2)
-            if fh.read(1) != b"\n":
-                line = "\n" + line
-        fh.write(line.encode("utf-8"))
-        fh.flush()
-        os.fsync(fh.fileno())
+    append_jsonl(run_dir / CANDIDATES_JSONL, record)
 
 
 def summarise(records: Sequence[dict[str, Any]], n_prompts: int) -> GenerationSummary:

@@ -29,10 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sqlite3
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,21 +37,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from core.data.records import Example
-from core.errors import DataError
+from core.data.records import Example, prompt_hash
+from core.errors import DataError, LensError
+from core.io import (
+    cache_dir,
+    iter_jsonl,
+    replace_dir_atomic,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from core.model.generation import Generation, GenerationConfig, generate_responses
-from core.model.loading import LoadedModel, cache_dir
+from core.model.loading import LoadedModel
 
 GENERATED_SET_KINDS = ("self_output", "rephrase")
 MANIFEST_FORMAT = 1
 _SETTINGS_FIELDS = tuple(GenerationConfig.__dataclass_fields__)
 
 ProgressFn = Callable[[int, int], None]
-
-
-def prompt_hash(prompt: str) -> str:
-    """Short content hash of a prompt (ties a stored answer to the exact instruction)."""
-    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
 def settings_json(config: GenerationConfig) -> str:
@@ -223,20 +222,6 @@ def _from_row(row: tuple[Any, ...]) -> StoredGeneration:
     )
 
 
-def save_generation(
-    model_key: str, example: Example, config: GenerationConfig, generation: Generation
-) -> StoredGeneration:
-    """Store one generated response in the default store (see `GenerationStore.save`)."""
-    return GenerationStore().save(model_key, example, config, generation)
-
-
-def load_generations(
-    model_key: str, example_id: str, prompt: str | None = None
-) -> list[StoredGeneration]:
-    """Stored generations of one example under `model_key`, newest first."""
-    return GenerationStore().for_example(model_key, example_id, prompt)
-
-
 def generate_and_store(
     lm: LoadedModel,
     examples: Sequence[Example],
@@ -325,11 +310,12 @@ class GeneratedSet:
         if not path.is_file():
             raise DataError(f"Generated set '{self.name}': {self.examples_file} is missing.")
         examples = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
+        try:
+            rows = list(iter_jsonl(path, strict=True))
+        except LensError as exc:
+            raise DataError(f"Generated set '{self.name}': {exc}") from None
+        for n, row in rows:
             try:
-                row = json.loads(line)
                 examples.append(
                     Example(
                         id=str(row["id"]),
@@ -427,9 +413,6 @@ def write_generated_set(
         raise DataError(f"kind must be one of {', '.join(GENERATED_SET_KINDS)}, got {kind!r}.")
     if not name or "/" in name or name.startswith("."):
         raise DataError(f"Invalid generated-set name {name!r}.")
-    root = generated_sets_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
     manifest = {
         "format": MANIFEST_FORMAT,
         "kind": kind,
@@ -444,22 +427,83 @@ def write_generated_set(
     }
     if provenance:
         manifest["provenance"] = dict(provenance)
-    with open(tmp / "examples.jsonl", "w", encoding="utf-8") as fh:
-        for ex in examples:
-            fh.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    target = root / name
-    if target.exists():
-        old = root / f".old-{name}-{os.getpid()}"
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
-    return target
+
+    def build(folder: Path) -> None:
+        write_jsonl_atomic(folder / "examples.jsonl", (ex.to_dict() for ex in examples))
+        write_json_atomic(folder / "manifest.json", manifest)
+
+    return replace_dir_atomic(generated_sets_dir() / name, build)
 
 
 def match_examples(generated: Sequence[Example], shown: Sequence[Example]) -> dict[str, Example]:
     """Generated examples whose id AND prompt match an example in `shown` (id -> example)."""
     wanted = {ex.id: ex.prompt for ex in shown}
     return {ex.id: ex for ex in generated if wanted.get(ex.id) == ex.prompt}
+
+
+def settings_group(stored: StoredGeneration, n_settings: int) -> str:
+    """Data-source name of a generated answer: "generated", or with its settings if several."""
+    return "generated" if n_settings == 1 else f"generated ({stored.label})"
+
+
+def generate_and_score(
+    lm: LoadedModel,
+    example: Example,
+    config: GenerationConfig,
+    *,
+    store: GenerationStore | None = None,
+    cache: Any = None,
+) -> tuple[StoredGeneration, Any]:
+    """Generate (or reuse the stored) answer of `lm` to `example`, store it, and score it:
+    (the stored answer, its `ScoredExample`, or None when it cannot be scored)."""
+    from core.scoring.score import score_examples
+
+    [stored] = generate_and_store(lm, [example], config, store=store)
+    run = score_examples(lm, [stored.as_example(example)], source="generated", cache=cache)
+    return stored, (run.examples[0] if run.examples else None)
+
+
+def answers_by_settings(
+    found: dict[str, list[StoredGeneration]], sources: Sequence[Example]
+) -> dict[str, list[tuple[StoredGeneration, Example]]]:
+    """Stored answers (`found`: example id -> answers) paired with the examples they answer,
+    grouped by generation settings."""
+    source_of = {ex.id: ex for ex in sources}
+    by_settings: dict[str, list[tuple[StoredGeneration, Example]]] = {}
+    for ex_id, stored_list in found.items():
+        for stored in stored_list:
+            by_settings.setdefault(stored.label, []).append((stored, source_of[ex_id]))
+    return by_settings
+
+
+def answers_signature(by_settings: dict[str, list[tuple[StoredGeneration, Example]]]) -> str:
+    """Short fingerprint of grouped answers (which, with which settings, made when)."""
+    keys = sorted((s.example_id, s.label, s.created) for v in by_settings.values() for s, _ in v)
+    return hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:16]
+
+
+def score_answers_by_settings(
+    lm: LoadedModel, by_settings: dict[str, list[tuple[StoredGeneration, Example]]], *, cache: Any
+) -> dict[str, list[Any]]:
+    """Each settings group of stored answers scored as a data source (`settings_group`)."""
+    from core.scoring.score import score_examples
+
+    groups = {}
+    for pairs in by_settings.values():
+        name = settings_group(pairs[0][0], len(by_settings))
+        answers = [stored.as_example(source) for stored, source in pairs]
+        groups[name] = score_examples(lm, answers, source=name, cache=cache).examples
+    return groups
+
+
+def score_generated_sets(
+    lm: LoadedModel, sets: dict[str, GeneratedSet], shown: Sequence[Example], *, cache: Any
+) -> dict[str, list[Any]]:
+    """Each generated set (kind -> set) matched to the examples `shown` and scored."""
+    from core.scoring.score import score_examples
+
+    groups = {}
+    for kind, gset in sets.items():
+        matched = match_examples(gset.load_examples(), shown)
+        groups[kind] = score_examples(lm, list(matched.values()), source=kind, cache=cache).examples
+    return groups

@@ -118,6 +118,47 @@ def _normalise_math(answer: str) -> str:
     return re.sub(r"\s+", "", text).rstrip(".")
 
 
+def grade_number(answer: str, gold: str) -> tuple[str | None, bool]:
+    """(the answer's final number, whether it equals `gold`) — GSM8K's exact match."""
+    found = extract_number(answer)
+    return found, numbers_match(found, str(gold))
+
+
+def grade_boxed(answer: str, gold: str) -> tuple[str | None, bool]:
+    """(the answer's last \\boxed{} content, whether it equals `gold` after loose LaTeX
+    normalisation or as a number) — MATH's answer check."""
+    found = last_boxed(answer)
+    ok = found is not None and (
+        _normalise_math(found) == _normalise_math(gold) or numbers_match(found, gold)
+    )
+    return found, ok
+
+
+def code_program(answer: str, example: Example) -> str:
+    """The program that tests `answer`'s code against `example`'s tests (MBPP: code, setup,
+    asserts; HumanEval: prompt code, completion, tests, check)."""
+    meta = example.meta
+    code = extract_code(answer, meta.get("entry_point"))
+    if "test_list" in meta:
+        return mbpp_program(code, meta)
+    if "test" in meta and "prompt_code" in meta:
+        return humaneval_program(code, meta)
+    raise LensError(f"Example {example.id} has no tests to run the code against.")
+
+
+def run_code_answers(
+    pairs: Sequence[tuple[Example, str]], limits: Any = None, *, workers: int = 2
+) -> list[Any]:
+    """Run each (example, answer)'s program in the sandbox (a separate, limited process;
+    identical programs run once); one `ExecutionResult` per pair, in order."""
+    from core.eval.sandbox import run_programs
+
+    programs = [code_program(answer, example) for example, answer in pairs]
+    unique = list(dict.fromkeys(programs))
+    results = dict(zip(unique, run_programs(unique, limits, workers=workers), strict=True))
+    return [results[p] for p in programs]
+
+
 VERIFIERS = ("auto", "code", "number", "boxed", "none")
 
 
@@ -158,20 +199,8 @@ def check_answers(
         return [Verdict(True, "not verified") for _ in answers]
     meta = example.meta
     if verifier == "code":
-        from core.eval.sandbox import run_programs
-
-        programs = []
-        for answer in answers:
-            code = extract_code(answer, meta.get("entry_point"))
-            if "test_list" in meta:
-                programs.append(mbpp_program(code, meta))
-            elif "test" in meta and "prompt_code" in meta:
-                programs.append(humaneval_program(code, meta))
-            else:
-                raise LensError(f"Example {example.id} has no tests to run the code against.")
-        unique = list(dict.fromkeys(programs))
-        results = dict(zip(unique, run_programs(unique, limits, workers=workers), strict=True))
-        return [Verdict(results[p].passed, results[p].detail) for p in programs]
+        results = run_code_answers([(example, a) for a in answers], limits, workers=workers)
+        return [Verdict(r.passed, r.detail) for r in results]
     if verifier == "number":
         gold = meta.get("gold")
         gold = str(gold) if gold is not None else extract_number(example.response)
@@ -179,8 +208,7 @@ def check_answers(
             raise LensError(f"Example {example.id} has no number in its reference answer.")
         verdicts = []
         for answer in answers:
-            found = extract_number(answer)
-            ok = numbers_match(found, gold)
+            found, ok = grade_number(answer, gold)
             verdicts.append(Verdict(ok, "" if ok else f"answered {found}, expected {gold}"))
         return verdicts
     if verifier == "boxed":
@@ -189,10 +217,7 @@ def check_answers(
             raise LensError(f"Example {example.id} has no \\boxed{{}} answer in its reference.")
         verdicts = []
         for answer in answers:
-            found = last_boxed(answer)
-            ok = found is not None and (
-                _normalise_math(found) == _normalise_math(gold) or numbers_match(found, gold)
-            )
+            found, ok = grade_boxed(answer, gold)
             verdicts.append(Verdict(ok, "" if ok else f"answered {found}, expected {gold}"))
         return verdicts
     raise LensError(f"Unknown verifier '{verifier}' (use {', '.join(VERIFIERS)}).")

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -78,6 +77,8 @@ from core.eval.suites import (
     EvalSuite,
     build_suite,
 )
+from core.io import cache_dir
+from core.kvstore import KVCache
 
 CACHE_SCHEMA = 1
 
@@ -184,41 +185,24 @@ def run_suite(
 # --------------------------------------------------------------------------------------------
 
 
-class EvalCache:
+class EvalCache(KVCache[SuiteResult]):
     """Base-model suite results in `<cache_dir()>/eval_cache.sqlite`, keyed by model
     fingerprint (with dtype), chat template and the suite's settings fingerprint."""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        from core.model.loading import cache_dir
-
-        self.path = Path(path) if path else cache_dir() / "eval_cache.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT)")
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30)
+        super().__init__(
+            Path(path) if path else cache_dir() / "eval_cache.sqlite",
+            "results",
+            encode=lambda result: json.dumps(result.to_dict()),
+            decode=lambda value: SuiteResult.from_dict(json.loads(value)),
+            value_type="TEXT",
+        )
 
     @staticmethod
     def key(model_key: str, template_fp: str, suite: EvalSuite) -> str:
         """Cache key of one (model, suite settings) pair."""
         payload = json.dumps([CACHE_SCHEMA, model_key, template_fp, suite.fingerprint()])
         return hashlib.sha256(payload.encode()).hexdigest()
-
-    def get(self, key: str) -> SuiteResult | None:
-        """The cached result, if any."""
-        with self._connect() as db:
-            row = db.execute("SELECT value FROM results WHERE key = ?", (key,)).fetchone()
-        return SuiteResult.from_dict(json.loads(row[0])) if row else None
-
-    def put(self, key: str, result: SuiteResult) -> None:
-        """Store (or replace) a result."""
-        with self._connect() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO results (key, value) VALUES (?, ?)",
-                (key, json.dumps(result.to_dict())),
-            )
 
 
 def base_suite_result(
@@ -233,7 +217,7 @@ def base_suite_result(
     Returns (result, came_from_cache). `lm` must be the unmodified base model: the cache key is
     its fingerprint, which a fine-tuned copy shares.
     """
-    key = EvalCache.key(lm.cache_key, lm.template_fingerprint, suite) if cache else ""
+    key = EvalCache.key(lm.cache_key, lm.template_fingerprint, suite) if cache is not None else ""
     if cache is not None:
         found = cache.get(key)
         if found is not None:

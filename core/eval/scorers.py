@@ -11,15 +11,7 @@ from typing import Any
 
 from core.data.records import Example
 from core.errors import LensError
-from core.eval.grading import (
-    extract_choice_letter,
-    extract_code,
-    extract_number,
-    humaneval_program,
-    mbpp_program,
-    numbers_match,
-)
-from core.eval.sandbox import run_programs
+from core.eval.grading import extract_choice_letter, grade_number, run_code_answers
 from core.eval.suites import LM_EVAL_METRICS, EvalSuite, EvalTaskSpec
 
 ProgressFn = Callable[[str, int, int], None]
@@ -98,16 +90,8 @@ def _score_code(lm: Any, spec: EvalTaskSpec, examples: list[Example], suite: Eva
     answers = _generate(
         lm, [ex.prompt + spec.instruction for ex in examples], spec, suite.batch_size
     )
-    programs = []
-    for ex, answer in zip(examples, answers, strict=True):
-        code = extract_code(answer, ex.meta.get("entry_point"))
-        if "test_list" in ex.meta:
-            programs.append(mbpp_program(code, ex.meta))
-        elif "test" in ex.meta and "prompt_code" in ex.meta:
-            programs.append(humaneval_program(code, ex.meta))
-        else:
-            raise LensError(f"Task '{spec.task}' has no tests to run generated code against.")
-    results = run_programs(programs, suite.sandbox, workers=suite.workers)
+    results = run_code_answers(list(zip(examples, answers, strict=True)), suite.sandbox,
+                               workers=suite.workers)  # fmt: skip
     details = [
         {"id": ex.id, "passed": r.passed, "status": r.status, "detail": r.detail, "answer": a}
         for ex, r, a in zip(examples, results, answers, strict=True)
@@ -121,8 +105,7 @@ def _score_numeric(lm: Any, spec: EvalTaskSpec, examples: list[Example], suite: 
     )
     details = []
     for ex, answer in zip(examples, answers, strict=True):
-        predicted = extract_number(answer)
-        ok = numbers_match(predicted, str(ex.meta["gold"]))
+        predicted, ok = grade_number(answer, str(ex.meta["gold"]))
         details.append({"id": ex.id, "correct": ok, "predicted": predicted, "answer": answer})
     return {"exact_match": sum(d["correct"] for d in details) / len(details)}, details
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from core.errors import LensError
 from core.eval.sandbox import SandboxLimits
+from core.masking import DEFAULT_TAU
 
 CODE_EXEC, NUMERIC_MATCH, MC_LOGLIK, MC_GENERATIVE, REF_PPL, LM_EVAL = (
     "code_exec",
@@ -31,7 +32,6 @@ PRIMARY_METRIC = {
 # lm-evaluation-harness metrics, in the order one is picked as a task's primary metric.
 LM_EVAL_METRICS = ("acc", "exact_match", "pass@1", "acc_norm", "f1", "mc2", "em", "bleu")
 TARGET, OOD = "target", "ood"
-DEFAULT_TAU = 2.5
 
 GSM8K_INSTRUCTION = (
     "\n\nSolve the problem step by step, then give the final answer on the last line as "

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from core.io import append_jsonl, read_jsonl
 
 CONFIG_JSON = "config.json"
 LOG_TXT = "log.txt"
@@ -52,7 +53,7 @@ def checkpoints(run_dir: str | Path, *, complete: bool = False) -> list[Path]:
 
 def runs_dir() -> Path:
     """Root of all run folders and the registry: $PLENS_RUNS_DIR or <cache_dir()>/runs."""
-    from core.model.loading import cache_dir
+    from core.io import cache_dir
 
     override = os.environ.get("PLENS_RUNS_DIR")
     path = Path(override).expanduser() if override else cache_dir() / "runs"
@@ -68,20 +69,7 @@ def append_metric(run_dir: str | Path, record: dict[str, Any]) -> None:
     If an earlier writer died mid-line, the new record starts on a fresh line so only the broken
     line is lost.
     """
-    path = Path(run_dir) / METRICS_JSONL
-    line = json.dumps(record, ensure_ascii=False, allow_nan=True) + "\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        if size:
-            with open(path, "rb") as fh:
-                fh.seek(size - 1)
-                if fh.read(1) != b"\n":
-                    line = "\n" + line
-        os.write(fd, line.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    append_jsonl(Path(run_dir) / METRICS_JSONL, record)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -90,22 +78,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     A line that is not valid JSON (a record being written right now, or one cut off by a crash)
     is skipped; a missing file gives an empty list.
     """
-    path = Path(run_dir) / METRICS_JSONL
-    try:
-        data = path.read_bytes()
-    except OSError:
-        return []
-    records = []
-    for raw in data.split(b"\n"):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    return [r for r in read_jsonl(Path(run_dir) / METRICS_JSONL) if isinstance(r, dict)]
 
 
 def log_tail(run_dir: str | Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 65536) -> str:

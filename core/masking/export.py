@@ -7,9 +7,7 @@ import hashlib
 import json
 import os
 import platform
-import secrets
 import shlex
-import shutil
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +18,14 @@ import numpy as np
 from core import __version__ as CORE_VERSION
 from core.data.records import ScoredExample
 from core.errors import LensError
+from core.io import (
+    cache_dir,
+    iter_jsonl,
+    read_jsonl,
+    replace_dir_atomic,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from core.masking.rules import (
     DEFAULT_TAU,
     MODES,
@@ -131,29 +137,6 @@ def _build_manifest(
     return manifest
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _make_sibling_dir(out: Path, kind: str) -> Path:
-    """Create a fresh hidden directory next to ``out`` (``.<name>.<kind>-<random>``).
-
-    Plain ``mkdir`` rather than ``tempfile.mkdtemp``: the temporary folder becomes the export,
-    which should get ordinary permissions (0777 minus the umask), not mkdtemp's private 0700.
-    """
-    for _ in range(100):
-        candidate = out.parent / f".{out.name}.{kind}-{secrets.token_hex(4)}"
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return candidate
-    raise FileExistsError(f"no free temporary name next to {out}")
-
-
 def _prepare_target(out: Path, overwrite: bool) -> bool:
     """Check whether ``out`` may be written; return True if an existing export is replaced."""
     if out.exists() and not out.is_dir():
@@ -193,52 +176,21 @@ def export_masked_dataset(
         mask_result, stats, manifest_extra, hashlib.sha256(jsonl).hexdigest()
     )
 
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _make_sibling_dir(out, "tmp")
-    except OSError as err:
-        raise LensError(f"cannot write into {out.parent}: {err.strerror or err}") from None
-    backup: Path | None = None
-    try:
-        _fsync_write(tmp / MASKED_JSONL, jsonl)
+    manifest_bytes = json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+    def build(folder: Path) -> None:
+        write_bytes_atomic(folder / MASKED_JSONL, jsonl)
         bars_were_on = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()
         try:
-            datasets.Dataset.from_list(rows).save_to_disk(str(tmp / HF_DATASET_DIR))
+            datasets.Dataset.from_list(rows).save_to_disk(str(folder / HF_DATASET_DIR))
         finally:
             if bars_were_on:
                 datasets.enable_progress_bars()
-        _fsync_write(
-            tmp / MANIFEST_JSON,
-            (json.dumps(manifest, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode(
-                "utf-8"
-            ),
-        )
-        if _prepare_target(out, overwrite):
-            backup = _make_sibling_dir(out, "old")
-            backup.rmdir()
-            os.rename(out, backup)
-        elif out.exists():
-            out.rmdir()  # empty directory
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if backup is not None:
-                os.rename(backup, out)
-                backup = None
-            raise
-    except LensError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LensError(f"could not write the export to {out}: {err.strerror or err}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-    return out
+        write_text_atomic(folder / MANIFEST_JSON, manifest_bytes)
+        _prepare_target(out, overwrite)  # still allowed now that the export is complete
+
+    return replace_dir_atomic(out, build)
 
 
 def load_masked_dataset(
@@ -253,15 +205,7 @@ def load_masked_dataset(
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise LensError(f"{manifest_path}: not valid JSON ({err.msg})") from None
-    rows = []
-    with open(jsonl_path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise LensError(f"{jsonl_path}:{lineno}: not valid JSON ({err.msg})") from None
+    rows = read_jsonl(jsonl_path, strict=True)
     if manifest.get("n_examples") is not None and manifest["n_examples"] != len(rows):
         raise LensError(
             f"{out}: manifest lists {manifest['n_examples']} examples but the file has {len(rows)}"
@@ -270,11 +214,6 @@ def load_masked_dataset(
 
 
 # --------------------------------------------------------------------------- CLI entry
-
-
-def read_scores_jsonl(scores_path: str | os.PathLike[str]) -> list[ScoredExample]:
-    """Read a scores JSONL (one ``ScoredExample.to_json_row()`` per line) into records."""
-    return _read_scores(scores_path)[0]
 
 
 def _read_scores(scores_path: str | os.PathLike[str]) -> tuple[list[ScoredExample], list[str]]:
@@ -289,31 +228,23 @@ def _read_scores(scores_path: str | os.PathLike[str]) -> tuple[list[ScoredExampl
     required = ("id", "token_ids", "response_start", "logprob")
     examples: list[ScoredExample] = []
     models: set[str] = set()
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LensError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(data, dict):
-                raise LensError(f"{path}:{lineno}: expected a JSON object per line")
-            missing = [k for k in required if k not in data]
-            if missing:
-                raise LensError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
-            try:
-                ex = ScoredExample.from_dict(data)
-            except TypeError as err:
-                raise LensError(f"{path}:{lineno}: not a scored example ({err})") from None
-            if len(ex.logprob) != ex.n_response:
-                raise LensError(
-                    f"{path}:{lineno}: {len(ex.logprob)} log-probs for {ex.n_response} "
-                    "response tokens"
-                )
-            examples.append(ex)
-            if data.get("model"):
-                models.add(str(data["model"]))
+    for lineno, data in iter_jsonl(path, strict=True):
+        if not isinstance(data, dict):
+            raise LensError(f"{path}:{lineno}: expected a JSON object per line")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise LensError(f"{path}:{lineno}: missing field(s) {', '.join(missing)}")
+        try:
+            ex = ScoredExample.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise LensError(f"{path}:{lineno}: not a scored example ({err})") from None
+        if len(ex.logprob) != ex.n_response:
+            raise LensError(
+                f"{path}:{lineno}: {len(ex.logprob)} log-probs for {ex.n_response} response tokens"
+            )
+        examples.append(ex)
+        if data.get("model"):
+            models.add(str(data["model"]))
     if not examples:
         raise LensError(f"{path}: no scored examples")
     return examples, sorted(models)
@@ -408,3 +339,16 @@ def run_mask_cli(
     }
     out = export_masked_dataset(examples, result, out_dir, extra, overwrite=overwrite)
     return load_masked_dataset(out)[1]
+
+
+def export_path(name: str) -> Path:
+    """An absolute path as given; a relative name goes under <cache>/masked/."""
+    name = name.strip()
+    if not name:
+        raise LensError("give the export folder a name")
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return path
+    if ".." in path.parts:
+        raise LensError("a relative export name may not contain '..'; give an absolute path")
+    return cache_dir() / "masked" / path

@@ -40,10 +40,10 @@ import pandas as pd
 
 from core.data.records import ScoredExample
 from core.errors import LensError
+from core.masking import DEFAULT_TAU
 
 MODES = ("high", "low", "random", "percentile")
 PERCENTILE_RULES = ("top", "random", "bottom")
-DEFAULT_TAU = 2.5
 DEFAULT_K_PERCENT = 20.0
 IGNORE_INDEX = -100
 
@@ -605,3 +605,26 @@ def labels_for(example: ScoredExample, masked: np.ndarray) -> list[int]:
     ids = np.asarray(example.token_ids[example.response_start :], dtype=np.int64)
     response = np.where(mask, IGNORE_INDEX, ids)
     return [IGNORE_INDEX] * example.response_start + response.tolist()
+
+
+def tau_grid() -> list[float]:
+    """τ values the slider offers: fine near 1-10, where masks change most, coarser above."""
+    parts = [
+        np.arange(1.0, 2.0, 0.05),
+        np.arange(2.0, 10.0, 0.1),
+        np.arange(10.0, 20.0, 0.5),
+        np.arange(20.0, 50.0, 1.0),
+        np.arange(50.0, 100.0, 5.0),
+        np.arange(100.0, 200.0, 10.0),
+        np.arange(200.0, 1000.01, 50.0),
+    ]
+    return sorted({round(float(v), 2) for v in np.concatenate(parts)})
+
+
+TAU_GRID = tau_grid()
+
+
+def snap_tau(value: float) -> float:
+    """The grid τ nearest to ``value`` on a log scale."""
+    logs = np.log(np.asarray(TAU_GRID))
+    return TAU_GRID[int(np.argmin(np.abs(logs - math.log(value))))]

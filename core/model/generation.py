@@ -189,3 +189,31 @@ def generate_responses(
         if progress:
             progress(min(start + batch_size, len(order)), len(order))
     return results
+
+
+def encode_settings(config: GenerationConfig) -> str:
+    """?gen= value: "greedy-256" or "sample-256-0.7-0.95-0"."""
+    if not config.do_sample:
+        return f"greedy-{config.max_new_tokens}"
+    return f"sample-{config.max_new_tokens}-{config.temperature:g}-{config.top_p:g}-{config.seed}"
+
+
+def decode_settings(value: str | None) -> GenerationConfig:
+    """Inverse of `encode_settings`; raises LensError for a malformed value."""
+    if not value:
+        return GenerationConfig()
+    parts = value.split("-")
+    try:
+        if parts[0] == "greedy" and len(parts) == 2:
+            return GenerationConfig(max_new_tokens=int(parts[1]))
+        if parts[0] == "sample" and len(parts) == 5:
+            return GenerationConfig(
+                max_new_tokens=int(parts[1]),
+                do_sample=True,
+                temperature=float(parts[2]),
+                top_p=float(parts[3]),
+                seed=int(parts[4]),
+            )
+    except ValueError:
+        pass
+    raise LensError(f"Generation settings '{value}' in the URL are not valid; using the defaults.")

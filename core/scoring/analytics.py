@@ -17,6 +17,8 @@ Plain numpy/pandas: no Streamlit, no plotting.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -280,3 +282,68 @@ def category_shares(groups: Groups, tau: float) -> pd.DataFrame:
                 }
             )
     return pd.DataFrame(rows)
+
+
+def scores_signature(groups: dict[str, Sequence[ScoredExample]]) -> str:
+    """Short fingerprint of scored groups (ids, lengths, sequence ppl): a cache key for
+    frames derived from them."""
+    h = hashlib.sha256()
+    for source, examples in groups.items():
+        h.update(source.encode())
+        for ex in examples:
+            h.update(f"{ex.id}\x00{len(ex.logprob)}\x00{ex.seq_ppl!r}".encode())
+    return h.hexdigest()[:16]
+
+
+def shared_prefix_length(texts: Sequence[str], minimum: int = 20) -> int:
+    """Length of the prefix all texts share (cut back to a word boundary), or 0 if shorter than
+    `minimum`: task prompts often open with the same instruction, which hides the part that
+    differs in a one-line preview."""
+    if not texts:
+        return 0
+    first, last = min(texts), max(texts)
+    n = next((i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), len(first))
+    if n >= len(first):
+        return 0  # one prompt is a prefix of all the others: nothing would be left of it
+    n = first.rfind(" ", 0, n + 1) + 1
+    return n if n >= minimum else 0
+
+
+def example_table(examples: Sequence[ScoredExample], tau: float) -> pd.DataFrame:
+    """One row per example: id, prompt preview (after the prefix all prompts share), sequence
+    ppl, length, share > τ, max token ppl, truncated."""
+    prompts = [ex.prompt for ex in examples]
+    skip = shared_prefix_length(prompts) if len(prompts) > 1 else 0
+    rows = []
+    for ex in examples:
+        ppl = ex.ppl_array()
+        text = ex.prompt[skip:]
+        first_line = next((line for line in text.splitlines() if line.strip()), "")
+        rows.append(
+            {
+                "id": ex.id,
+                "prompt": ("…" if skip else "") + first_line.strip()[:160],
+                "seq ppl": ex.seq_ppl,
+                "tokens": ex.n_response,
+                "share > τ": float((ppl > tau).mean()) if ppl.size else float("nan"),
+                "max token ppl": float(ppl.max()) if ppl.size else float("nan"),
+                "truncated": ex.truncated,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def seq_ppl_ticks(values: np.ndarray) -> list[float]:
+    """Log-spaced 1-2-2.5-5 stops covering the values, for the range filter."""
+    finite = values[np.isfinite(values)]
+    lo = float(finite.min()) if finite.size else 1.0
+    hi = float(finite.max()) if finite.size else 10.0
+    stops: list[float] = []
+    for exponent in range(math.floor(math.log10(max(lo, 1e-3))), math.ceil(math.log10(hi)) + 1):
+        for mantissa in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 7):
+            stops.append(round(mantissa * 10.0**exponent, 6))
+    below = [s for s in stops if s <= lo]
+    above = [s for s in stops if s >= hi]
+    start = stops.index(below[-1]) if below else 0
+    end = stops.index(above[0]) if above else len(stops) - 1
+    return stops[start : end + 1]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import zlib
 from pathlib import Path
 
 from core.data.records import Example, ScoredExample
-from core.model.loading import cache_dir
+from core.io import cache_dir
+from core.kvstore import KVCache
 
 SCHEMA_VERSION = 1
 
@@ -36,45 +36,22 @@ def score_key(
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-class ScoreCache:
-    """Key -> ScoredExample store in a single SQLite file."""
+def _encode(record: ScoredExample) -> bytes:
+    return zlib.compress(json.dumps(record.to_dict()).encode(), 3)
+
+
+def _decode(value: bytes | str) -> ScoredExample:
+    raw = value.encode() if isinstance(value, str) else value
+    return ScoredExample.from_dict(json.loads(zlib.decompress(raw)))
+
+
+class ScoreCache(KVCache[ScoredExample]):
+    """Key -> ScoredExample store in `<cache_dir()>/scores.sqlite` (zlib-compressed JSON)."""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        self.path = Path(path) if path else cache_dir() / "scores.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, value BLOB)")
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30)
-
-    def get_many(self, keys: list[str]) -> dict[str, ScoredExample]:
-        """The cached records among `keys`."""
-        found: dict[str, ScoredExample] = {}
-        with self._connect() as db:
-            for start in range(0, len(keys), 500):
-                chunk = keys[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                rows = db.execute(f"SELECT key, value FROM scores WHERE key IN ({marks})", chunk)
-                for key, value in rows:
-                    found[key] = ScoredExample.from_dict(json.loads(zlib.decompress(value)))
-        return found
-
-    def put_many(self, items: dict[str, ScoredExample]) -> None:
-        """Store records (one transaction)."""
-        rows = [
-            (key, zlib.compress(json.dumps(rec.to_dict()).encode(), 3))
-            for key, rec in items.items()
-        ]
-        with self._connect() as db:
-            db.executemany("INSERT OR REPLACE INTO scores (key, value) VALUES (?, ?)", rows)
-
-    def __len__(self) -> int:
-        with self._connect() as db:
-            return int(db.execute("SELECT COUNT(*) FROM scores").fetchone()[0])
-
-    def clear(self) -> None:
-        """Remove every cached score."""
-        with self._connect() as db:
-            db.execute("DELETE FROM scores")
+        super().__init__(
+            Path(path) if path else cache_dir() / "scores.sqlite",
+            "scores",
+            encode=_encode,
+            decode=_decode,
+        )

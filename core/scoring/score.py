@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from core.data.records import PROMPT_CONDITIONED, Example, ScoredExample
+from core.errors import LensError
 from core.model.encoding import EncodedPair, encode_pair
 from core.model.loading import LoadedModel
 from core.scoring.cache import ScoreCache, score_key
@@ -198,6 +199,11 @@ def score_examples(
     batches under inference mode and written back. `progress(done, total)` is called as batches
     finish. Examples whose text cannot be scored are skipped and listed in `ScoreRun.skipped`.
     """
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    if not 0 <= int(top_k) <= vocab:
+        raise LensError(f"top_k must be from 0 to the vocabulary size ({vocab}), got {top_k}.")
+    if max_length is not None and max_length < 2:
+        raise LensError(f"max_length must be at least 2 tokens, got {max_length}.")
     limit = min(max_length or lm.max_length, lm.max_length)
     keys = [
         score_key(lm.cache_key, lm.template_fingerprint, convention, limit, top_k, ex)
@@ -241,28 +247,3 @@ def score_examples(
     run.n_scored = len(new)
     run.n_truncated = sum(r.truncated for r in run.examples)
     return run
-
-
-@torch.inference_mode()
-def score_one_reference(
-    lm: LoadedModel,
-    example: Example,
-    *,
-    convention: str = PROMPT_CONDITIONED,
-    max_length: int | None = None,
-) -> list[float]:
-    """Straightforward one-example scoring (full logits, no batching): the test reference and
-    the benchmark's naive baseline. Returns the response tokens' log-probabilities."""
-    enc = encode_pair(
-        lm.tokenizer,
-        example.prompt,
-        example.response,
-        convention=convention,
-        max_length=min(max_length or lm.max_length, lm.max_length),
-    )
-    ids = torch.tensor([enc.input_ids], device=lm.device)
-    logits = lm.model(input_ids=ids).logits[0].float()
-    logprobs = torch.log_softmax(logits[:-1], dim=-1)
-    targets = ids[0, 1:]
-    lp = logprobs.gather(-1, targets[:, None])[:, 0]
-    return lp[enc.response_start - 1 :].tolist()

@@ -23,6 +23,7 @@ import torch
 
 from core.data.records import Example, ScoredExample
 from core.errors import LensError
+from core.masking import DEFAULT_TAU
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -94,7 +95,7 @@ def lora_weight_stats(adapter_dir: str | Path) -> pd.DataFrame:
 
 
 def token_ppl_change(
-    base: Sequence[ScoredExample], tuned: Sequence[ScoredExample], tau: float = 2.5
+    base: Sequence[ScoredExample], tuned: Sequence[ScoredExample], tau: float = DEFAULT_TAU
 ) -> pd.DataFrame:
     """Per response token: perplexity under the base and the fine-tuned model and the change
     Δ = ln ppl_tuned − ln ppl_base (negative: fine-tuning made the token more expected).
@@ -139,29 +140,6 @@ def token_ppl_change(
     )
 
 
-def ppl_change_summary(frame: pd.DataFrame) -> pd.DataFrame:
-    """Per source: mean Δ ln ppl on tokens the base model found easy vs hard, and the share of
-    tokens that became harder."""
-    if frame.empty:
-        return pd.DataFrame(
-            columns=["source", "tokens", "mean Δ", "mean Δ easy", "mean Δ hard", "% harder"]
-        )
-    out = []
-    for source, group in frame.groupby("source", sort=False):
-        easy, hard = group[group["base_easy"]], group[~group["base_easy"]]
-        out.append(
-            {
-                "source": source,
-                "tokens": len(group),
-                "mean Δ": float(group["delta"].mean()),
-                "mean Δ easy": float(easy["delta"].mean()) if len(easy) else float("nan"),
-                "mean Δ hard": float(hard["delta"].mean()) if len(hard) else float("nan"),
-                "% harder": 100.0 * float((group["delta"] > 0).mean()),
-            }
-        )
-    return pd.DataFrame(out)
-
-
 # --------------------------------------------------------------------------------------------
 # Token perplexity change of a run, computed once and saved in the run folder
 # --------------------------------------------------------------------------------------------
@@ -183,11 +161,11 @@ class PplChange:
     settings: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
-    def frame(self, tau: float = 2.5) -> pd.DataFrame:
+    def frame(self, tau: float = DEFAULT_TAU) -> pd.DataFrame:
         """Per response token: ppl before / after and Δ ln ppl (see `token_ppl_change`)."""
         return token_ppl_change(self.base, self.tuned, tau=tau)
 
-    def summary(self, tau: float = 2.5) -> dict[str, Any]:
+    def summary(self, tau: float = DEFAULT_TAU) -> dict[str, Any]:
         """Examples, tokens, mean Δ ln ppl, share of tokens that got more surprising (%), the
         same means split by whether the base model found the token easy (ppl ≤ τ), and the
         mean sequence perplexity before and after."""

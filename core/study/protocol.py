@@ -45,6 +45,7 @@ from core.config import JobConfig
 from core.config import help_meta as _help
 from core.errors import LensError
 from core.jobs.runfiles import StatusFn
+from core.masking import DEFAULT_TAU
 from core.study.stats import mean_ci
 
 PROTOCOL_KIND = "protocol"
@@ -113,7 +114,9 @@ class ProtocolConfig(JobConfig):
         default_factory=lambda: [0, 1, 2],
         metadata=_help("training seeds, comma-separated", parse=_parse_ints),
     )
-    tau: float = field(default=2.5, metadata=_help("STM threshold of the stm and random arms"))
+    tau: float = field(
+        default=DEFAULT_TAU, metadata=_help("STM threshold of the stm and random arms")
+    )
     target_share: float = field(
         default=0.25, metadata=_help("share of response tokens the stm_share arm masks")
     )

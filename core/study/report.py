@@ -15,9 +15,7 @@ from __future__ import annotations
 import datetime
 import html
 import json
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,10 +26,11 @@ import pandas as pd
 from core import __version__
 from core.data.records import ScoredExample
 from core.errors import LensError
+from core.io import write_text_atomic
+from core.masking import DEFAULT_TAU
 from core.study.diagnostics import PplChange, saved_ppl_changes, training_examples
 from core.study.runs import RunView, load_run, runs_table
 
-DEFAULT_TAU = 2.5
 MAX_SNAPSHOT_TOKENS = 600  # response tokens drawn per heatmap (keeps the file small)
 MAX_DELTA_EXAMPLES = 8  # Δ-perplexity heatmaps per saved result
 
@@ -335,14 +334,4 @@ def write_report(
         notes=notes,
         tables=tables,
     )
-    target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return write_text_atomic(out, text)

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from core.config import JobConfig, parse_json_or_list
 from core.config import help_meta as _help
 from core.errors import LensError
+from core.masking import DEFAULT_TAU
 
 METHODS = ("gt", "stm", "random", "low", "percentile")
 FINETUNES = ("lora", "dora", "full")
@@ -84,7 +85,7 @@ class TrainConfig(JobConfig):
     method: str = field(
         default="gt", metadata=_help("gt, stm, random (control), low or percentile")
     )
-    tau: float | None = field(default=2.5, metadata=_help("token-perplexity threshold"))
+    tau: float | None = field(default=DEFAULT_TAU, metadata=_help("token-perplexity threshold"))
     target_share: float | None = field(
         default=None, metadata=_help("instead of tau: share of response tokens to mask (0-1)")
     )

@@ -39,7 +39,6 @@ Only the main process writes metrics, the summary and the registry row.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -253,13 +252,9 @@ def _versions() -> dict[str, str]:
 
 def _save_final_model(trainer: Any, target: Path) -> None:
     """Save the adapter (or full model) and tokenizer to `target` via a temp folder + rename."""
-    tmp = target.parent / f".{target.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    from core.io import replace_dir_atomic
+
+    replace_dir_atomic(target, lambda folder: trainer.save_model(str(folder)))
 
 
 def run_training(

@@ -522,3 +522,138 @@ def seq_ppl_box(
     fig.update_yaxes(type="log")
     fig.update_layout(showlegend=False)
     return fig
+
+
+def masked_share_histogram(
+    results: Sequence[tuple[str, Any]], colors: Mapping[str, str]
+) -> go.Figure:
+    """How the masked share is spread over examples (5%-wide bins), pooled share marked.
+    `results`: (side "A" or "B", `core.masking.rules.MaskStats`); `colors`: side -> colour.
+
+    Built from plain dicts without a template object: that keeps it at a few ms per τ change
+    (a plotly template alone costs ~20 ms to validate); colours mimic plotly_white.
+    """
+    edges = np.linspace(0.0, 1.0, 21)
+    two = len(results) > 1
+    traces, shapes, notes = [], [], []
+    for side, stats in results:
+        shares = stats.per_example_share[np.isfinite(stats.per_example_share)]
+        counts, _ = np.histogram(shares, bins=edges)
+        name = f"setting {side}" if two else "examples"
+        color = colors[side]
+        traces.append(
+            go.Bar(
+                x=(edges[:-1] + edges[1:]) / 2,
+                y=counts,
+                width=0.024 if two else 0.048,
+                offset=(-0.024 if side == "A" else 0.0) if two else None,
+                marker={"color": color, "opacity": 0.85},
+                name=name,
+                customdata=np.stack([edges[:-1], edges[1:]], axis=1),
+                hovertemplate="%{customdata[0]:.0%}–%{customdata[1]:.0%} masked: "
+                "%{y} examples<extra>" + name + "</extra>",
+            )
+        )
+        x = stats.pooled_share
+        shapes.append(
+            {
+                "type": "line",
+                "x0": x,
+                "x1": x,
+                "y0": 0,
+                "y1": 1,
+                "yref": "paper",
+                "line": {"color": color, "width": 1.5, "dash": "dash"},
+            }
+        )
+        notes.append(
+            {
+                "x": x,
+                "y": 1 if side == "A" else 0.91,  # stacked, so close shares do not collide
+                "yref": "paper",
+                "text": f"{side + ' ' if two else ''}pooled {x:.1%}",
+                "showarrow": False,
+                "xanchor": "left",
+                "xshift": 4,
+                "yanchor": "top",
+                "font": {"size": 12, "color": color},
+                "bgcolor": "rgba(255,255,255,0.8)",
+            }
+        )
+    axis = {"showline": True, "linecolor": "#8c959f", "gridcolor": "#ebf0f8", "zeroline": False}
+    return go.Figure(
+        data=traces,
+        layout={
+            "title": {"text": "Masked share per example", "x": 0.0, "font": {"size": 16}},
+            "font": {
+                "family": "system-ui, -apple-system, Segoe UI, Roboto, sans-serif",
+                "size": 13,
+            },
+            "paper_bgcolor": "white",
+            "plot_bgcolor": "white",
+            "margin": {"l": 60, "r": 20, "t": 80, "b": 55},
+            "height": 380,
+            "bargap": 0.05,
+            "barmode": "overlay",
+            "showlegend": two,
+            "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0.0},
+            "shapes": shapes,
+            "annotations": notes,
+            "xaxis": {
+                **axis,
+                "title": {"text": "share of the example's response tokens masked"},
+                "tickformat": ".0%",
+                "range": [-0.02, 1.02],
+            },
+            "yaxis": {**axis, "title": {"text": "examples"}, "rangemode": "tozero"},
+        },
+    )
+
+
+def masking_curve_figure(
+    indexes: Mapping[str | None, Any],
+    mode: str,
+    taus: Sequence[float],
+    *,
+    band: tuple[float, float] | None = None,
+    colors: Mapping[str, str],
+) -> go.Figure:
+    """Share of response tokens masked vs τ per source (`indexes`: source -> `PplIndex`, with
+    None for all sources pooled), the current τ marked, and the compared τ (B) when two are
+    given; `band` shades the rule-of-thumb share range."""
+    from core.masking.rules import share_vs_tau_curve
+
+    curve_mode = "low" if mode == "low" else "high"
+    ppl = indexes[None].sorted_ppl()
+    finite = ppl[np.isfinite(ppl)]
+    # up to where ~1% of tokens remain above τ (at most 1000): the far tail is flat at ~0%
+    hi = float(np.quantile(finite, 0.99)) if finite.size else 100.0
+    hi = max([100.0, min(hi, 1000.0), *(t * 1.5 for t in taus)])
+    lo = min([1.0, *(t / 1.5 for t in taus)])
+    grid = np.geomspace(lo, hi, 240)
+    frames = []
+    for source, index in indexes.items():
+        if source is not None:
+            frame = share_vs_tau_curve(index, grid, curve_mode)
+            frame.insert(0, "source", source)
+            frames.append(frame)
+    title = "Share of response tokens masked vs τ"
+    if mode == "percentile":
+        title = "STM share masked vs τ (for reference)"
+    fig = share_vs_tau_chart(
+        pd.concat(frames, ignore_index=True),
+        taus[0] if taus else None,
+        target_band=band,
+        title=title,
+    )
+    if mode == "low":
+        fig.update_xaxes(title_text="τ (mask tokens with ppl < τ; log scale)")
+    if len(taus) == 2:
+        fig.add_vline(
+            x=taus[1],
+            line={"color": colors["B"], "width": 1.5, "dash": "dot"},
+            annotation={"text": f"B: τ = {taus[1]:.3g}", "font": {"color": colors["B"]}},
+            annotation_position="bottom right",
+        )
+    fig.update_layout(height=380)
+    return fig

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 import plotly.graph_objects as go
 
+from core.masking import DEFAULT_TAU
 from core.viz.charts import FALLBACK_COLORS, _base_layout
 
 if TYPE_CHECKING:  # only for annotations: core.viz sits below core.study
@@ -163,7 +164,7 @@ def lora_chart(stats: pd.DataFrame, column: str) -> go.Figure:
     return _base_layout(fig, f"{title} per layer", "layer", title)
 
 
-def ppl_change_histogram(frame: pd.DataFrame, tau: float = 2.5) -> go.Figure:
+def ppl_change_histogram(frame: pd.DataFrame, tau: float = DEFAULT_TAU) -> go.Figure:
     """Distribution of the per-token change Δ ln ppl (fine-tuned − original), split by whether
     the original model found the token easy (ppl ≤ τ) or surprising (ppl > τ)."""
     fig = go.Figure()

@@ -1,0 +1,84 @@
+"""One SQLite key-value cache class, behind the score cache and the evaluation cache.
+
+A `KVCache` maps string keys (content hashes the caller builds) to values through an
+encode/decode pair, in one table of one SQLite file. Several processes may read and write at
+once (WAL journal, 30 s busy timeout); a crash mid-write never leaves half a row.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+_CHUNK = 500  # keys per SELECT (SQLite's bound-parameter limit is 999 on old builds)
+
+
+class KVCache(Generic[V]):
+    """Key -> value store in table `table` of the SQLite file `path`."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        table: str,
+        *,
+        encode: Callable[[V], bytes | str],
+        decode: Callable[[bytes | str], V],
+        value_type: str = "BLOB",
+    ) -> None:
+        if not table.isidentifier():
+            raise ValueError(f"bad table name {table!r}")
+        self.path = Path(path)
+        self.table = table
+        self._encode = encode
+        self._decode = decode
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                f"CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, value {value_type})"
+            )
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=30)
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, V]:
+        """The cached values among `keys`."""
+        wanted = list(keys)
+        found: dict[str, V] = {}
+        with self._connect() as db:
+            for start in range(0, len(wanted), _CHUNK):
+                chunk = wanted[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT key, value FROM {self.table} WHERE key IN ({marks})"
+                for key, value in db.execute(query, chunk):
+                    found[key] = self._decode(value)
+        return found
+
+    def get(self, key: str) -> V | None:
+        """The cached value of `key`, if any."""
+        return self.get_many([key]).get(key)
+
+    def put_many(self, items: dict[str, V]) -> None:
+        """Store (or replace) values, in one transaction."""
+        rows = [(key, self._encode(value)) for key, value in items.items()]
+        with self._connect() as db:
+            db.executemany(f"INSERT OR REPLACE INTO {self.table} (key, value) VALUES (?, ?)", rows)
+
+    def put(self, key: str, value: V) -> None:
+        """Store (or replace) one value."""
+        self.put_many({key: value})
+
+    def __bool__(self) -> bool:
+        return True  # an empty cache is still a cache (`if cache:` must not mean "has rows")
+
+    def __len__(self) -> int:
+        with self._connect() as db:
+            return int(db.execute(f"SELECT COUNT(*) FROM {self.table}").fetchone()[0])
+
+    def clear(self) -> None:
+        """Remove every cached value."""
+        with self._connect() as db:
+            db.execute(f"DELETE FROM {self.table}")
