@@ -8,7 +8,6 @@ job view poll the registry every few seconds in fragments and never block the pa
 from pathlib import Path
 
 import pandas as pd
-import plotly.graph_objects as go
 import streamlit as st
 
 from components.jobs_view import (
@@ -23,10 +22,12 @@ from components.session import sidebar_selection, url_tau
 from core.errors import LensError
 from core.eval.suites import SUITES as EVAL_SUITES
 from core.io import read_json
+from core.jobs.metrics import DataRecord, EvalRecord, TrainRecord, latest, of_kind
 from core.jobs.registry import FAILED, RUNNING, SUCCEEDED, JobRegistry
-from core.jobs.runfiles import SUMMARY_JSON, read_metrics, run_progress
+from core.jobs.runfiles import SUMMARY_JSON, read_records, run_progress
 from core.training.config import FINETUNES, PRESETS, REPORTERS, SCHEDULERS, TrainConfig
 from core.viz.charts import plotly_config
+from core.viz.run_charts import training_loss_figure
 
 POLL_SECONDS = 2.0
 METHOD_LABELS = {
@@ -262,7 +263,7 @@ def jobs_frame(jobs: list) -> pd.DataFrame:
     """One row per job: status, progress, ETA, last loss, label."""
     rows = []
     for job in jobs:
-        prog = run_progress(read_metrics(job.run_dir))
+        prog = run_progress(read_records(job.run_dir))
         rows.append(
             {
                 "job": job.id,
@@ -293,29 +294,6 @@ def jobs_list() -> None:
     )
 
 
-def loss_figure(records: list[dict]) -> go.Figure:
-    """Training loss per step (the latest record per step wins, so a resumed run is clean)."""
-    by_step = {}
-    for rec in records:
-        if rec.get("kind") == "train" and rec.get("loss") is not None:
-            by_step[int(rec["step"])] = float(rec["loss"])
-    steps = sorted(by_step)
-    fig = go.Figure(
-        go.Scatter(x=steps, y=[by_step[s] for s in steps], mode="lines+markers", name="loss")
-    )
-    for rec in records:
-        if rec.get("kind") == "start" and rec.get("step"):
-            fig.add_vline(x=rec["step"], line_dash="dot", annotation_text="resumed")
-    fig.update_layout(
-        height=320,
-        margin=dict(l=10, r=10, t=40, b=10),
-        title="Training loss (trained tokens only)",
-        xaxis_title="step",
-        yaxis_title="loss",
-    )
-    return fig
-
-
 def job_view(job_id: str) -> None:
     """Status, progress, loss chart, data facts, log tail and actions of one job."""
 
@@ -324,7 +302,7 @@ def job_view(job_id: str) -> None:
         job = watched_job(registry, job_id, "train_view_status")
         if job is None:
             return
-        records = read_metrics(job.run_dir)
+        records = read_records(job.run_dir)
         prog = run_progress(records)
         job_header(registry, job, resume_note="it continues from its last checkpoint.")
         if job.status == RUNNING or prog.max_steps:
@@ -334,7 +312,8 @@ def job_view(job_id: str) -> None:
             st.progress(prog.fraction, text=text)
         if job.status == FAILED:
             st.error(job.error.splitlines()[0] if job.error else "failed")
-        data = next((r for r in reversed(records) if r.get("kind") == "data"), None)
+        data_record = latest(records, DataRecord)
+        data = data_record.fields if data_record else None
         if data:
             share = data.get("masked_share") or 0.0
             st.caption(
@@ -349,11 +328,11 @@ def job_view(job_id: str) -> None:
                     "in the data but carry no loss. Ids: "
                     + ", ".join(map(str, data.get("fully_masked_ids", [])[:20]))
                 )
-        if any(r.get("kind") == "train" for r in records):
-            st.plotly_chart(loss_figure(records), config=plotly_config(f"loss_{job.id}"))
-        evals = [r for r in records if r.get("kind") == "eval"]
+        if of_kind(records, TrainRecord):
+            st.plotly_chart(training_loss_figure(records), config=plotly_config(f"loss_{job.id}"))
+        evals = of_kind(records, EvalRecord)
         if evals:
-            frame = pd.DataFrame(evals)
+            frame = pd.DataFrame([e.to_dict() for e in evals])
             st.dataframe(
                 frame.pivot_table(index="step", columns=["task", "metric"], values="value"),
                 width="stretch",

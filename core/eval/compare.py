@@ -9,6 +9,7 @@ from typing import Any
 from core.errors import LensError
 from core.eval.scorers import SuiteResult
 from core.eval.suites import REF_PPL, EvalSuite
+from core.jobs.metrics import EvalSummaryRecord
 
 # --------------------------------------------------------------------------------------------
 # TI / BWT
@@ -44,15 +45,14 @@ class Comparison:
 
     def summary_record(self, step: int, when: float | None = None) -> dict[str, Any]:
         """The metrics.jsonl "eval_summary" record."""
-        return {
-            "kind": "eval_summary",
-            "step": step,
-            "time": time.time() if when is None else when,
-            "bwt": self.bwt,
-            "ti": self.ti,
-            "nll_easy_change": self.nll_easy_change,
-            "notes": self.notes,
-        }
+        return EvalSummaryRecord(
+            step=step,
+            time=time.time() if when is None else when,
+            bwt=self.bwt,
+            ti=self.ti,
+            nll_easy_change=self.nll_easy_change,
+            notes=list(self.notes),
+        ).to_dict()
 
 
 def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> Comparison:

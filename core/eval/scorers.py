@@ -13,6 +13,7 @@ from core.data.records import Example
 from core.errors import LensError
 from core.eval.grading import extract_choice_letter, grade_number, run_code_answers
 from core.eval.suites import LM_EVAL_METRICS, EvalSuite, EvalTaskSpec
+from core.jobs.metrics import EvalRecord
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -315,16 +316,9 @@ class SuiteResult:
         for t in self.tasks:
             order = sorted(t.metrics, key=lambda m: m != t.primary)
             for metric, value in ((m, t.metrics[m]) for m in order):
-                rows.append(
-                    {
-                        "kind": "eval",
-                        "step": step,
-                        "time": when,
-                        "task": t.name,
-                        "metric": metric,
-                        "value": value,
-                        "n": t.n,
-                        "role": t.role,
-                    }
-                )
+                record = EvalRecord(
+                    step=step, time=when, task=t.name, metric=metric, value=value, n=t.n,
+                    role=t.role,
+                )  # fmt: skip
+                rows.append(record.to_dict())
         return rows

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core.io import append_jsonl, read_jsonl
+from core.jobs.metrics import (
+    DoneRecord,
+    MetricRecord,
+    StartRecord,
+    TrainRecord,
+    as_records,
+    parse_records,
+)
 
 CONFIG_JSON = "config.json"
 LOG_TXT = "log.txt"
@@ -61,7 +69,7 @@ def runs_dir() -> Path:
     return path
 
 
-def append_metric(run_dir: str | Path, record: dict[str, Any]) -> None:
+def append_metric(run_dir: str | Path, record: dict[str, Any] | MetricRecord) -> None:
     """Append one record as one line to `<run_dir>/metrics.jsonl` (one write, then fsync).
 
     Records carry a "kind": "train" (step, epoch, time, loss, lr, ...), "eval" (step, task,
@@ -69,7 +77,8 @@ def append_metric(run_dir: str | Path, record: dict[str, Any]) -> None:
     If an earlier writer died mid-line, the new record starts on a fresh line so only the broken
     line is lost.
     """
-    append_jsonl(Path(run_dir) / METRICS_JSONL, record)
+    row = record.to_dict() if isinstance(record, MetricRecord) else record
+    append_jsonl(Path(run_dir) / METRICS_JSONL, row)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -117,28 +126,33 @@ class RunProgress:
         return min(1.0, self.step / self.max_steps)
 
 
-def run_progress(records: list[dict[str, Any]]) -> RunProgress:
-    """Progress of a run from its metrics records (the latest "start" record sets the pace)."""
+def read_records(run_dir: str | Path) -> list[MetricRecord]:
+    """The typed records of `<run_dir>/metrics.jsonl` (see `core.jobs.metrics`)."""
+    return parse_records(read_metrics(run_dir))
+
+
+def run_progress(records: Sequence[Any]) -> RunProgress:
+    """Progress of a run from its metrics records (typed or as read): the latest "start"
+    record sets the pace."""
     progress = RunProgress()
-    start: dict[str, Any] | None = None
-    last_train: dict[str, Any] | None = None
-    for rec in records:
-        kind = rec.get("kind")
-        if kind == "start":
+    start: StartRecord | None = None
+    last_train: TrainRecord | None = None
+    for rec in as_records(records):
+        if isinstance(rec, StartRecord):
             start, last_train = rec, None
-            progress.max_steps = rec.get("max_steps")
-            progress.step = int(rec.get("step") or 0)
-        elif kind == "train":
+            progress.max_steps = rec.max_steps
+            progress.step = int(rec.step or 0)
+        elif isinstance(rec, TrainRecord):
             last_train = rec
-            progress.step = int(rec.get("step") or progress.step)
-            if rec.get("loss") is not None:
-                progress.last_loss = float(rec["loss"])
-        elif kind == "done":
+            progress.step = int(rec.step or progress.step)
+            if rec.loss is not None:
+                progress.last_loss = float(rec.loss)
+        elif isinstance(rec, DoneRecord):
             progress.done = True
-            progress.step = int(rec.get("step") or progress.step)
+            progress.step = int(rec.step or progress.step)
     if start and last_train and progress.max_steps and not progress.done:
-        steps = progress.step - int(start.get("step") or 0)
-        elapsed = float(last_train.get("time", 0)) - float(start.get("time", 0))
+        steps = progress.step - int(start.step or 0)
+        elapsed = last_train.time - start.time
         if steps > 0 and elapsed > 0:
             progress.eta_seconds = (progress.max_steps - progress.step) * elapsed / steps
     return progress

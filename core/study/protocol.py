@@ -44,6 +44,7 @@ from typing import Any, ClassVar
 from core.config import JobConfig
 from core.config import help_meta as _help
 from core.errors import LensError
+from core.jobs.metrics import EvalSummaryRecord, latest
 from core.jobs.runfiles import StatusFn
 from core.masking import DEFAULT_TAU
 from core.study.stats import mean_ci
@@ -400,10 +401,11 @@ def _finished(run_dir: Path) -> bool:
 
 def _generated_set(gen_dir: Path) -> str | None:
     """The set folder a finished generation run wrote (its "done" record)."""
-    from core.jobs.runfiles import read_metrics
+    from core.jobs.metrics import DoneRecord, of_kind
+    from core.jobs.runfiles import read_records
 
-    done = [r for r in read_metrics(gen_dir) if r.get("kind") == "done" and r.get("set")]
-    return str(done[-1]["set"]) if done else None
+    done = [r for r in of_kind(read_records(gen_dir), DoneRecord) if r.fields.get("set")]
+    return str(done[-1].fields["set"]) if done else None
 
 
 def _generation_span(folder: Path) -> list[tuple[float, float]]:
@@ -533,11 +535,10 @@ def run_measures(run: Any) -> dict[str, float | None]:
             role = roles.get(task, "ood")
             out[f"{role}:{task}:{metric}"] = value
             out[f"{role}:{task}:{metric}:Δ%"] = relative_change(value, base.get((task, metric)))
-    records = [r for r in run.records if r.get("kind") == "eval_summary"]
-    last_summary = records[-1] if records else {}
-    out["BWT"] = last_summary.get("bwt")
-    out["TI"] = last_summary.get("ti")
-    out[FORGETTING] = last_summary.get("nll_easy_change")
+    last_summary = latest(run.records, EvalSummaryRecord) or EvalSummaryRecord()
+    out["BWT"] = last_summary.bwt
+    out["TI"] = last_summary.ti
+    out[FORGETTING] = last_summary.nll_easy_change
     ood_nll = [v for k, v in out.items() if k.startswith("ood:") and k.endswith(":nll:Δ%")]
     ood_nll = [v for v in ood_nll if v is not None]
     out[OOD_NLL] = sum(ood_nll) / len(ood_nll) if ood_nll else None

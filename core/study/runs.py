@@ -10,7 +10,7 @@ costs).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,16 @@ import pandas as pd
 
 from core.errors import LensError
 from core.io import read_json
-from core.jobs.runfiles import CONFIG_JSON, SUMMARY_JSON, read_metrics, runs_dir
+from core.jobs.metrics import (
+    DataRecord,
+    EvalRecord,
+    EvalSummaryRecord,
+    MetricRecord,
+    TrainRecord,
+    latest,
+    of_kind,
+)
+from core.jobs.runfiles import CONFIG_JSON, SUMMARY_JSON, read_records, runs_dir
 
 GENERATED_KINDS = ("self_output", "rephrase")
 # Run folders that hold no training or evaluation of a model: data generation, protocols.
@@ -33,15 +42,13 @@ class RunView:
     run_dir: Path
     config: dict[str, Any]
     summary: dict[str, Any]
-    records: list[dict[str, Any]] = field(repr=False)
+    records: list[MetricRecord] = field(repr=False)
 
     @property
     def data_record(self) -> dict[str, Any]:
         """The training-data facts (method, tau, masked share, fully masked count)."""
-        for rec in reversed(self.records):
-            if rec.get("kind") == "data":
-                return rec
-        return dict(self.summary.get("data") or {})
+        data = latest(self.records, DataRecord)
+        return dict(data.fields) if data else dict(self.summary.get("data") or {})
 
     @property
     def method(self) -> str:
@@ -78,18 +85,18 @@ class RunView:
 
     def train_frame(self) -> pd.DataFrame:
         """Loss curve: step, epoch, loss, lr, time."""
-        rows = [r for r in self.records if r.get("kind") == "train" and r.get("loss") is not None]
+        rows = [asdict(r) for r in of_kind(self.records, TrainRecord) if r.loss is not None]
         frame = pd.DataFrame(rows, columns=["step", "epoch", "loss", "lr", "time"])
         return frame.astype({"step": "int64"}) if not frame.empty else frame
 
     def eval_frame(self) -> pd.DataFrame:
         """Evaluation records: step, task, metric, value, n, role."""
-        rows = [r for r in self.records if r.get("kind") == "eval"]
+        rows = [asdict(r) for r in of_kind(self.records, EvalRecord)]
         return pd.DataFrame(rows, columns=["step", "task", "metric", "value", "n", "role"])
 
     def summary_frame(self) -> pd.DataFrame:
         """BWT and TI over steps."""
-        rows = [r for r in self.records if r.get("kind") == "eval_summary"]
+        rows = [asdict(r) for r in of_kind(self.records, EvalSummaryRecord)]
         return pd.DataFrame(rows, columns=["step", "bwt", "ti"])
 
     def scores_at(self, which: str = "last") -> dict[tuple[str, str], float]:
@@ -129,11 +136,11 @@ class RunView:
     def prep_seconds(self) -> float | None:
         """Data preparation (loading, scoring under the base model, masking): from the job's
         start to the moment its training data was ready."""
-        data = next((r for r in self.records if r.get("kind") == "data"), None)
+        first = of_kind(self.records, DataRecord)
         finished, wall = self.summary.get("finished"), self.summary.get("wall_time_s")
-        if data is None or finished is None or wall is None:
+        if not first or finished is None or wall is None:
             return None
-        return max(0.0, float(data["time"]) - (float(finished) - float(wall)))
+        return max(0.0, first[0].time - (float(finished) - float(wall)))
 
 
 def resolve_run_dir(run: str | Path) -> Path:
@@ -159,7 +166,7 @@ def load_run(run: str | Path) -> RunView:
         run_dir=folder,
         config=config.get("config", config) if "config" in config else config,
         summary=summary if isinstance(summary, dict) else {},
-        records=read_metrics(folder),
+        records=read_records(folder),
     )
 
 

@@ -15,6 +15,7 @@ from core.eval.compare import Comparison, compare_results
 from core.eval.runner import EvalCache, base_suite_result, run_suite
 from core.eval.scorers import SuiteResult
 from core.eval.suites import EvalSuite, suite_from_config
+from core.jobs.metrics import CheckpointRecord, StartRecord, TrainRecord
 from core.jobs.runfiles import StatusFn, append_metric
 from core.model.loading import LoadedModel
 from core.training.config import TrainConfig
@@ -30,16 +31,12 @@ def _metrics_callback(run_dir: Path, status: StatusFn | None) -> Any:
     class _MetricsCallback(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
-                append_metric(
-                    run_dir,
-                    {
-                        "kind": "start",
-                        "step": int(state.global_step),
-                        "max_steps": int(state.max_steps),
-                        "epochs": float(args.num_train_epochs),
-                        "time": time.time(),
-                    },
+                start = StartRecord(
+                    step=int(state.global_step),
+                    max_steps=int(state.max_steps),
+                    epochs=float(args.num_train_epochs),
                 )
+                append_metric(run_dir, start)
                 print(f"training: step {state.global_step} of {state.max_steps}", flush=True)
 
         def on_log(
@@ -48,26 +45,27 @@ def _metrics_callback(run_dir: Path, status: StatusFn | None) -> Any:
             logs = logs or {}
             if not state.is_world_process_zero or "loss" not in logs:
                 return
-            record = {
-                "kind": "train",
-                "step": int(state.global_step),
-                "epoch": float(state.epoch or 0.0),
-                "time": time.time(),
-                "loss": float(logs["loss"]),
-                "lr": float(logs.get("learning_rate", 0.0)),
+            optional = {
+                name: float(logs[key])
+                for key, name in (
+                    ("grad_norm", "grad_norm"),
+                    ("mean_token_accuracy", "token_accuracy"),
+                    ("entropy", "entropy"),
+                    ("num_tokens", "num_tokens"),
+                )
+                if logs.get(key) is not None
             }
-            for key, name in (
-                ("grad_norm", "grad_norm"),
-                ("mean_token_accuracy", "token_accuracy"),
-                ("entropy", "entropy"),
-                ("num_tokens", "num_tokens"),
-            ):
-                if key in logs and logs[key] is not None:
-                    record[name] = float(logs[key])
+            record = TrainRecord(
+                step=int(state.global_step),
+                epoch=float(state.epoch or 0.0),
+                loss=float(logs["loss"]),
+                lr=float(logs.get("learning_rate", 0.0)),
+                **optional,
+            )
             append_metric(run_dir, record)
             line = (
-                f"step {state.global_step}/{state.max_steps} · epoch {record['epoch']:.2f} · "
-                f"loss {record['loss']:.4f} · lr {record['lr']:.3g}"
+                f"step {state.global_step}/{state.max_steps} · epoch {record.epoch:.2f} · "
+                f"loss {record.loss:.4f} · lr {record.lr:.3g}"
             )
             print(line, flush=True)
             if status:
@@ -75,10 +73,7 @@ def _metrics_callback(run_dir: Path, status: StatusFn | None) -> Any:
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
-                append_metric(
-                    run_dir,
-                    {"kind": "checkpoint", "step": int(state.global_step), "time": time.time()},
-                )
+                append_metric(run_dir, CheckpointRecord(step=int(state.global_step)))
                 print(f"checkpoint saved at step {state.global_step}", flush=True)
 
     return _MetricsCallback()

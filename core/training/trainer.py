@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import LensError
+from core.jobs.metrics import DataRecord, DoneRecord, loss_by_step
 from core.jobs.runfiles import ADAPTER_DIR, CHECKPOINTS_DIR, StatusFn, checkpoints
 from core.training.callbacks import _metrics_callback, job_callbacks
 from core.training.config import REPORTERS, TrainConfig
@@ -217,10 +218,7 @@ def last_complete_checkpoint(folder: str | Path) -> Path | None:
 
 
 def _loss_summary(records: list[dict[str, Any]], n: int = 3) -> dict[str, Any]:
-    by_step: dict[int, float] = {}
-    for rec in records:
-        if rec.get("kind") == "train" and rec.get("loss") is not None:
-            by_step[int(rec["step"])] = float(rec["loss"])
+    by_step = loss_by_step(records)
     losses = [by_step[s] for s in sorted(by_step)]
     if not losses:
         return {"train_loss_first": None, "train_loss_last": None}
@@ -300,7 +298,7 @@ def run_training(
     if resume is not None:
         print(f"resuming from {resume.name}", flush=True)
     if main:
-        append_metric(run, {"kind": "data", "time": time.time(), **data.summary()})
+        append_metric(run, DataRecord(fields=data.summary()))
     if status:
         status("training" if resume is None else f"training (resumed from {resume.name})")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -328,16 +326,11 @@ def run_training(
             "finished": time.time(),
         }
         write_json_atomic(run / SUMMARY_JSON, summary)
-        append_metric(
-            run,
-            {
-                "kind": "done",
-                "step": summary["final_step"],
-                "time": time.time(),
-                "train_loss_first": summary["train_loss_first"],
-                "train_loss_last": summary["train_loss_last"],
-            },
+        done = DoneRecord(
+            step=summary["final_step"],
+            fields={k: summary[k] for k in ("train_loss_first", "train_loss_last")},
         )
+        append_metric(run, done)
         print(
             f"done: step {summary['final_step']}, loss {summary['train_loss_first']:.4f} -> "
             f"{summary['train_loss_last']:.4f}, saved {run / ADAPTER_DIR}",

@@ -7,11 +7,12 @@ share the colour and differ in dash. Used by the Runs and Compare pages and by t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
+from core.jobs.metrics import StartRecord, as_records, loss_by_step, of_kind
 from core.masking import DEFAULT_TAU
 from core.viz.charts import FALLBACK_COLORS, _base_layout
 
@@ -192,3 +193,24 @@ def ppl_change_histogram(frame: pd.DataFrame, tau: float = DEFAULT_TAU) -> go.Fi
         fig, "Token perplexity change after fine-tuning", "Δ ln ppl (< 0: easier, > 0: harder)",
         "tokens",
     )  # fmt: skip
+
+
+def training_loss_figure(records: Sequence[Any]) -> go.Figure:
+    """One run's training loss per step (the latest record per step wins, so a resumed run is
+    clean), with a dotted line where it resumed."""
+    by_step = loss_by_step(records)
+    steps = sorted(by_step)
+    fig = go.Figure(
+        go.Scatter(x=steps, y=[by_step[s] for s in steps], mode="lines+markers", name="loss")
+    )
+    for start in of_kind(as_records(records), StartRecord):
+        if start.step:
+            fig.add_vline(x=start.step, line_dash="dot", annotation_text="resumed")
+    fig.update_layout(
+        height=320,
+        margin=dict(l=10, r=10, t=40, b=10),
+        title="Training loss (trained tokens only)",
+        xaxis_title="step",
+        yaxis_title="loss",
+    )
+    return fig
