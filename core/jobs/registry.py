@@ -311,6 +311,19 @@ class JobRegistry:
         sets = ", ".join(f"{k} = ?" for k in values)
         db.execute(f"UPDATE jobs SET {sets} WHERE id = ?", (*values.values(), job_id))
 
+    def _finish(
+        self,
+        db: sqlite3.Connection,
+        job_id: str,
+        status: str,
+        exit_code: int | None,
+        error: str | None,
+        message: str,
+    ) -> None:
+        """Record a job's end: its final status, exit code, error and one-word message."""
+        self._update(db, job_id, status=status, finished=time.time(), exit_code=exit_code,
+                     error=error, message=message)  # fmt: skip
+
     def _raw(self, job_id: str) -> Job:
         db = self._connect()
         try:
@@ -375,15 +388,7 @@ class JobRegistry:
             status = CANCELLED if job.cancel_requested else FAILED
             reason = "cancelled" if job.cancel_requested else _describe_exit(exit_code)
             error = reason + (f"\n--- last lines of {LOG_TXT} ---\n{tail}" if tail else "")
-            self._update(
-                db,
-                job_id,
-                status=status,
-                finished=time.time(),
-                exit_code=exit_code,
-                error=error,
-                message=reason,
-            )
+            self._finish(db, job_id, status, exit_code, error, reason)
         return True
 
     # -- submitting and the queue -----------------------------------------------------------
@@ -595,15 +600,7 @@ class JobRegistry:
             if jobs[0].cancel_requested and status == FAILED:
                 status = CANCELLED
             message = {SUCCEEDED: "done", CANCELLED: "cancelled"}.get(status, "failed")
-            self._update(
-                db,
-                job_id,
-                status=status,
-                finished=time.time(),
-                exit_code=exit_code,
-                error=error,
-                message=message,
-            )
+            self._finish(db, job_id, status, exit_code, error, message)
 
     # -- user actions -----------------------------------------------------------------------
 
