@@ -18,7 +18,7 @@ samples, their verdicts and perplexities, the chosen one). A restarted run skips
 there, so a cancelled or killed job loses at most the batch that was in flight. The samples of a
 half-finished batch are drawn afresh on restart (the sampling seed is per batch).
 
-The result is written with `core.generated.write_generated_set` under a versioned name
+The result is written with `core.datagen.store.write_generated_set` under a versioned name
 (`<base>-v<N>`, N one more than the newest existing version), with provenance in the manifest:
 models, settings, seed, acceptance rate, prompts kept and dropped, tokens and wall time.
 
@@ -276,7 +276,7 @@ def run_generation(
 ) -> Path:
     """Generate, verify, select and write the set; resumable in `run_dir`. Returns the set folder.
 
-    `student` / `teacher` take already loaded models (`core.models.LoadedModel`; tests pass the
+    `student` / `teacher` take already loaded models (`core.model.loading.LoadedModel`; tests pass the
     tiny model); otherwise they are loaded from `config.model` / `config.teacher`.
     `progress(done, total)` is called after each prompt's record is saved.
     """
@@ -466,7 +466,7 @@ def _version_of(name: str) -> int | None:
 
 
 def run_job(job: Any, registry: Any) -> None:
-    """Entry point of a "generate" job process (see `core.jobs.run_job_process`)."""
+    """Entry point of a "generate" job process (see `core.jobs.registry.run_job_process`)."""
     config = GenDataConfig.from_dict(job.config)
 
     def status(message: str) -> None:

@@ -12,7 +12,7 @@ out-of-domain (OOD) specs. *How* is five scorer kinds:
 - ``numeric_match``: greedy generation; the number after the last "####", else the last number
   in the answer, compared numerically with the gold answer (GSM8K). exact_match.
 - ``mc_loglik``: each choice is scored as the assistant's reply to the question (chat template,
-  `core.encoding.encode_pair`, batched through `core.scoring.score_examples`); the summed log-
+  `core.model.encoding.encode_pair`, batched through `core.scoring.score_examples`); the summed log-
   likelihood of the choice's tokens, end-of-turn token excluded, picks the answer (acc), and the
   same divided by the choice's length in characters gives acc_norm, as lm-evaluation-harness
   does. ARC scores the choice texts after "Question: ...\nAnswer:" (lm-eval's ARC); MMLU scores
@@ -92,7 +92,7 @@ def run_suite(
     progress: ProgressFn | None = None,
     keep_details: bool = True,
 ) -> SuiteResult:
-    """Evaluate `lm` (a `core.models.LoadedModel`, possibly wrapping a fine-tuned model) on
+    """Evaluate `lm` (a `core.model.loading.LoadedModel`, possibly wrapping a fine-tuned model) on
     every spec of `suite`, in order.
 
     `base` is the base model's result on the same suite: reference perplexity then measures the

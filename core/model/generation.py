@@ -1,6 +1,6 @@
 """Batched response generation from chat-templated prompts (greedy or sampled).
 
-Prompts are encoded with `core.encoding.encode_prompt`, the same prefix that scoring and
+Prompts are encoded with `core.model.encoding.encode_prompt`, the same prefix that scoring and
 training put before a response, so a generated answer is later scored in exactly the context it
 was generated in. Batches are left-padded and grouped by prompt length.
 

@@ -230,7 +230,7 @@ def arm_specs(config: ProtocolConfig) -> dict[str, Arm]:
 def train_config(
     config: ProtocolConfig, arm: Arm, seed: int, data: str | None = None
 ) -> dict[str, Any]:
-    """The `core.training.TrainConfig` (as a dict) of one arm and seed."""
+    """The `core.training.config.TrainConfig` (as a dict) of one arm and seed."""
     from core.training.config import TrainConfig
 
     values: dict[str, Any] = {
@@ -285,7 +285,7 @@ def preflight(config: ProtocolConfig) -> None:
 
 
 def generation_config(config: ProtocolConfig) -> dict[str, Any]:
-    """The `core.gendata.GenDataConfig` (as a dict) of the Self-Output data."""
+    """The `core.datagen.config.GenDataConfig` (as a dict) of the Self-Output data."""
     from core.datagen.config import GenDataConfig
 
     return GenDataConfig.from_preset(
@@ -517,7 +517,7 @@ def run_protocol(
 
 
 def run_measures(run: Any) -> dict[str, float | None]:
-    """What the protocol compares for one run (a `core.runs.RunView`): relative changes (%)
+    """What the protocol compares for one run (a `core.study.runs.RunView`): relative changes (%)
     from its step-0 (base) evaluation to its last one, plus BWT, TI and training facts."""
     from core.eval.compare import relative_change
 
@@ -785,7 +785,7 @@ def write_protocol_report(results: dict[str, Any], run_ids: Sequence[str], out: 
 
 
 def run_job(job: Any, registry: Any) -> None:
-    """Entry point of a "protocol" job process (see `core.jobs.run_job_process`)."""
+    """Entry point of a "protocol" job process (see `core.jobs.registry.run_job_process`)."""
     config = ProtocolConfig.from_dict(job.config)
 
     def status(message: str) -> None:

@@ -216,7 +216,7 @@ def build_report(
 
     `examples`: heatmap snapshots (see `heatmap_snapshots`; a bare ScoredExample is drawn with
     τ = 2.5 and no mask). `ppl_changes`: token-perplexity-change results to show (see
-    `core.diagnostics.saved_ppl_changes`).
+    `core.study.diagnostics.saved_ppl_changes`).
     """
     from core.viz.run_charts import (
         bwt_chart,

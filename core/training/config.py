@@ -191,7 +191,7 @@ class TrainConfig(JobConfig):
             self.mask_config()  # validates tau / share / k
 
     def mask_config(self) -> Any:
-        """The `core.masking.MaskConfig` of a masked method (LensError for method gt)."""
+        """The `core.masking.rules.MaskConfig` of a masked method (LensError for method gt)."""
         from core.masking.rules import MaskConfig
 
         if self.method == "gt":

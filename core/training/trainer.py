@@ -2,8 +2,8 @@
 
 What reaches the trainer is decided here and nowhere else:
 
-- Token ids come from `core.encoding.encode_pair` (prompt-conditioned chat template, the same
-  ids scoring used), and labels from `core.masking.labels_for`: -100 on prompt/template tokens
+- Token ids come from `core.model.encoding.encode_pair` (prompt-conditioned chat template, the same
+  ids scoring used), and labels from `core.masking.rules.labels_for`: -100 on prompt/template tokens
   and on masked response tokens, the token id elsewhere.
 - `method` picks the mask: ``gt`` trains every response token; ``stm`` masks tokens whose
   perplexity under the ORIGINAL model exceeds tau (mode high); ``random`` masks as many tokens
@@ -29,7 +29,7 @@ method ``gt``).
 
 Evaluation during training plugs in as extra `transformers.TrainerCallback`s: pass them to
 `build_trainer` / `run_training`; in background jobs, `job_callbacks` asks
-`core.evaluation.make_training_callbacks(config, run_dir)` for them when ``eval_every`` is set.
+`core.training.callbacks_mk.make_training_callbacks(config, run_dir)` for them when ``eval_every`` is set.
 
 Several GPUs: the same command runs under Accelerate, every process writing to one run folder:
 ``accelerate launch -m core train --config run.json --run-dir runs/my-run``.
@@ -133,7 +133,7 @@ def build_trainer(
     """An SFTTrainer ready to `.train()`, and the data it trains on.
 
     `callbacks` are extra `transformers.TrainerCallback`s (e.g. evaluation every N steps).
-    `lm` is a `core.models.LoadedModel` to train (loaded in float32 if not given); masked
+    `lm` is a `core.model.loading.LoadedModel` to train (loaded in float32 if not given); masked
     methods score the data with it BEFORE training, i.e. under the original weights.
     """
     import warnings
@@ -340,7 +340,7 @@ def run_training(
 
 
 def run_job(job: Any, registry: Any) -> None:
-    """Entry point of a "train" job process (see `core.jobs.run_job_process`)."""
+    """Entry point of a "train" job process (see `core.jobs.registry.run_job_process`)."""
     config = TrainConfig.from_dict(job.config)
 
     def status(message: str) -> None:

@@ -275,7 +275,7 @@ def ppl_histogram(
 ) -> go.Figure:
     """Distribution of token perplexity per source, as overlaid step histograms.
 
-    `frame` is long-form with columns `source` and `ppl` (`core.analytics.token_ppl_frame`).
+    `frame` is long-form with columns `source` and `ppl` (`core.scoring.analytics.token_ppl_frame`).
     Bins are shared by all sources and log-spaced when `log_x`. With `normalize`, y is the
     share of the source's tokens in each bin (sources of different size stay comparable);
     otherwise the count. Each trace's x holds the bin edges and y the value per bin, repeated
@@ -378,7 +378,7 @@ def share_vs_tau_chart(
     """Share of response tokens masked (ppl > tau) against tau, per source, log x axis.
 
     `curves` has columns source, tau and `y` ("share": pooled, or "mean_example_share"), as
-    made by `core.analytics.share_vs_tau`. The current tau is a dashed vertical line with a
+    made by `core.scoring.analytics.share_vs_tau`. The current tau is a dashed vertical line with a
     marker per source at the share read off the curve. `target_band` shades the paper's rule
     of thumb (about 20-25% masked works best); pass None to hide it.
     """
@@ -445,7 +445,7 @@ def share_vs_tau_chart(
 def category_share_chart(df: pd.DataFrame, *, title: str | None = None) -> go.Figure:
     """Grouped bars: each token category's share among all vs high-perplexity tokens.
 
-    `df` comes from `core.analytics.category_shares` (columns source, category, share_all,
+    `df` comes from `core.scoring.analytics.category_shares` (columns source, category, share_all,
     share_high, tau). Per source, a pale bar for all response tokens and a solid one for
     tokens with ppl > tau.
     """

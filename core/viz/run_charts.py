@@ -155,7 +155,7 @@ LORA_COLUMNS = {"fro_norm": "‖ΔW‖_F", "effective_rank": "effective rank"}
 
 
 def lora_chart(stats: pd.DataFrame, column: str) -> go.Figure:
-    """One LoRA weight-change statistic (`core.diagnostics.lora_weight_stats`) per layer, a bar
+    """One LoRA weight-change statistic (`core.study.diagnostics.lora_weight_stats`) per layer, a bar
     per adapted module kind."""
     fig = go.Figure()
     for kind, group in stats.groupby("kind", sort=True):
