@@ -101,8 +101,12 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from core.data.tasks import list_tasks
 
     for spec in list_tasks():
+        mirror = (
+            f"  (format {spec.mc_format}: lm-eval {spec.lm_eval_task})" if spec.mc_format else ""
+        )
         print(
-            f"{spec.name:14} {'/'.join(spec.splits):16} {spec.scorer:16} {spec.title} [{spec.license}]"
+            f"{spec.name:14} {'/'.join(spec.splits):16} {spec.scorer:16} {spec.title} "
+            f"[{spec.license}]{mirror}"
         )
     return 0
 

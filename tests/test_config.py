@@ -27,6 +27,7 @@ LIST_ITEMS = {
     "report_to": tuple(REPORTERS),
     "methods": ARMS,
     "lm_eval_tasks": ("arc_easy", "piqa"),
+    "tasks": ("arc_easy:validation", "mmlu", "gsm8k"),
 }
 SPECIAL = {
     "eval_suite": st.sampled_from([None, ["tiny"], {"name": "tiny", "limit": 2}]),

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import LensError
+from core.stats import mean_ci
 from core.study.protocol import (
     REPORT_HTML,
     RESULTS_JSON,
@@ -25,7 +26,6 @@ from core.study.protocol import (
     run_protocol,
     train_config,
 )
-from core.study.stats import mean_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 

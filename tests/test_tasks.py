@@ -73,7 +73,9 @@ def test_catalogue_lists_all_tasks_with_metadata():
     assert {licences[n] for n in ("gsm8k", "mmlu", "math", "humaneval")} == {"MIT"}
     for spec in list_tasks():
         assert spec.title and spec.description and spec.source
-        assert spec.splits == (("train", "test", "all") if spec.name == "mbpp" else ("test",))
+        expected = {"mbpp": ("train", "test", "all"), "arc_easy": ("test", "validation"),
+                    "arc_challenge": ("test", "validation")}  # fmt: skip
+        assert spec.splits == expected.get(spec.name, ("test",))
         assert spec.default_split == spec.splits[0]
 
 

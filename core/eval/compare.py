@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.errors import LensError
-from core.eval.scorers import SuiteResult
+from core.eval.scorers import SuiteResult, TaskResult, item_scores
 from core.eval.suites import REF_PPL, EvalSuite
 from core.jobs.metrics import EvalSummaryRecord
+from core.stats import mean_of_paired_interval, paired_interval
 
 # --------------------------------------------------------------------------------------------
 # TI / BWT
@@ -38,6 +39,10 @@ class Comparison:
     nll_easy_change: float | None
     per_task: dict[str, dict[str, Any]]
     notes: list[str] = field(default_factory=list)
+    #: paired 95% intervals over items (`core.stats.Interval.to_dict()`), None where the
+    #: results carry no per-item scores
+    ti_interval: dict[str, Any] | None = None
+    bwt_interval: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -52,6 +57,8 @@ class Comparison:
             ti=self.ti,
             nll_easy_change=self.nll_easy_change,
             notes=list(self.notes),
+            **_bounds("bwt", self.bwt_interval),
+            **_bounds("ti", self.ti_interval),
         ).to_dict()
 
 
@@ -66,13 +73,15 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
         if b is None or t is None:
             continue
         before, after = b.value, t.value
+        metric = b.primary or t.primary
         per_task[spec.name] = {
             "role": suite.role(spec.name),
-            "metric": b.primary or t.primary,
+            "metric": metric,
             "base": before,
             "tuned": after,
             "delta": None if before is None or after is None else after - before,
             "relative_change": relative_change(after, before),
+            **_paired_intervals(b, t, metric, accuracy=spec.is_accuracy),
         }
     ti = None
     target = next((s for s in suite.target if s.is_accuracy), None)
@@ -106,6 +115,15 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
     if unscored:
         notes.append("BWT leaves out " + ", ".join(unscored) + ": not scored (skipped, see why).")
     bwt = sum(changes) / len(changes) if changes else None
+    bwt_items = [
+        paired_items(base.task(n), tuned.task(n), per_task[n]["metric"]) for n in bwt_tasks
+    ]
+    bwt_interval = None
+    if bwt_tasks and all(items is not None for items in bwt_items):
+        bwt_interval = mean_of_paired_interval([i for i in bwt_items if i]).to_dict()
+    ti_interval = None
+    if target is not None and target.name in per_task:
+        ti_interval = per_task[target.name].get("relative_interval")
     if bwt is None:
         notes.append("BWT undefined: no OOD accuracy task with a non-zero base score.")
     easy_changes = []
@@ -124,4 +142,42 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
         nll_easy_change=nll_easy_change,
         per_task=per_task,
         notes=notes,
+        ti_interval=ti_interval,
+        bwt_interval=bwt_interval,
     )
+
+
+def _bounds(name: str, interval: dict[str, Any] | None) -> dict[str, float | None]:
+    """`<name>_low` / `<name>_high` of an interval dict (None without one)."""
+    interval = interval or {}
+    return {f"{name}_low": interval.get("low"), f"{name}_high": interval.get("high")}
+
+
+def paired_items(
+    base: TaskResult | None, tuned: TaskResult | None, metric: str
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]] | None:
+    """The (numerator, denominator) per item of `metric` on both sides, on the items both
+    scored (in the base's order), or None without per-item scores."""
+    if base is None or tuned is None:
+        return None
+    b, t = item_scores(base, metric), item_scores(tuned, metric)
+    if b is None or t is None:
+        return None
+    common = [i for i in b if i in t]
+    return [b[i] for i in common], [t[i] for i in common]
+
+
+def _paired_intervals(
+    base: TaskResult, tuned: TaskResult, metric: str, *, accuracy: bool
+) -> dict[str, Any]:
+    """The task's absolute change (accuracy in points, NLL in nats) and relative change (%),
+    each with its paired interval over items."""
+    items = paired_items(base, tuned, metric)
+    if items is None:
+        return {"delta_interval": None, "relative_interval": None}
+    b, t = items
+    scale = 100.0 if accuracy else 1.0
+    return {
+        "delta_interval": paired_interval(b, t, scale=scale).to_dict(),
+        "relative_interval": paired_interval(b, t, relative=True).to_dict(),
+    }

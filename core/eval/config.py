@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from core.config import JobConfig
 from core.config import help_meta as _help
 from core.errors import LensError
 from core.jobs.runfiles import checkpoint_step, checkpoints, runs_dir
+
+if TYPE_CHECKING:
+    from core.eval.suites import EvalSuite
 
 #: Values an adapter's run folder brings to the eval config (labels and colours in Runs/Compare).
 RUN_KEYS = ("method", "tau", "target_share", "seed", "task")
@@ -46,6 +49,21 @@ class EvalConfig(JobConfig):
             repeat=True,
         ),
     )
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "instead of a suite: built-in tasks by name, comma-separated, each as task or "
+            "task:split (e.g. arc_easy:validation,mmlu), on --limit items each (all without it)"
+        ),
+    )
+    mc_format: str | None = field(
+        default=None,
+        metadata=_help(
+            "with --tasks: the multiple-choice format (plain = lm-evaluation-harness's, chat or "
+            "letter; default: each task's own)",
+            choices=("plain", "chat", "letter"),
+        ),
+    )
     use_cache: bool = field(
         default=True, metadata=_help("read and write the base-score cache", flag="cache")
     )
@@ -65,13 +83,26 @@ class EvalConfig(JobConfig):
     def validate(self) -> None:
         """Raise `LensError` (one line) on a bad setting: empty model, unknown suite, bad limit
         or lm-eval task name."""
-        from core.eval.suites import build_suite
-
         if not str(self.model).strip():
             raise LensError(
                 "Name a model: 'default', a Hugging Face id, a local folder or a .gguf file."
             )
-        build_suite(self.suite, limit=self.limit, lm_eval_tasks=self.lm_eval_tasks)
+        self.tasks = [n.strip() for n in (self.tasks or ()) if n and n.strip()]
+        if self.tasks and self.suite != "default":
+            raise LensError("Give a suite or --tasks, not both.")
+        if self.mc_format and not self.tasks:
+            raise LensError("--mc-format applies to --tasks (a suite declares its own formats).")
+        self.eval_suite()
+
+    def eval_suite(self) -> EvalSuite:
+        """The suite this config evaluates: the named tasks, or the suite; capped at `limit`,
+        plus any lm-eval tasks."""
+        from core.eval.suites import build_suite, tasks_suite
+
+        if self.tasks:
+            chosen = tasks_suite(self.tasks, limit=self.limit, mc_format=self.mc_format)
+            return build_suite(chosen, lm_eval_tasks=self.lm_eval_tasks)
+        return build_suite(self.suite, limit=self.limit, lm_eval_tasks=self.lm_eval_tasks)
 
     def resolved(self) -> EvalConfig:
         """With the adapter as an absolute folder, its training step, and the trained run's
@@ -96,8 +127,9 @@ class EvalConfig(JobConfig):
     def to_dict(self) -> dict[str, Any]:
         """The job's config.json: "kind": "eval", the settings, and the derived values known."""
         out: dict[str, Any] = {"kind": "eval", **asdict(self)}
-        if not out["lm_eval_tasks"]:
-            del out["lm_eval_tasks"]
+        for key in ("lm_eval_tasks", "tasks", "mc_format"):  # only when used (older configs)
+            if not out[key]:
+                del out[key]
         derived = [
             f for f in type(self).__dataclass_fields__.values() if not f.metadata.get("cli", True)
         ]
@@ -118,7 +150,8 @@ class EvalConfig(JobConfig):
         what = self.evaluates or (Path(self.adapter).name if self.adapter else "")
         target = f"{self.model} + {what}" if self.adapter else f"{self.model} (base)"
         limit = f", limit {self.limit}" if self.limit else ""
-        return f"eval {self.suite}{limit}: {target}"
+        what_suite = f"tasks {','.join(self.tasks)}" if self.tasks else self.suite
+        return f"eval {what_suite}{limit}: {target}"
 
 
 def _adapter_root(path: str | Path) -> Path:

@@ -79,6 +79,7 @@ from core.eval.suites import (
 )
 from core.io import cache_dir
 from core.kvstore import KVCache
+from core.stats import Interval
 
 CACHE_SCHEMA = 1
 
@@ -305,6 +306,22 @@ def _pct(value: float | None) -> str:
     return "undefined" if value is None else f"{value:.2f}%"
 
 
+def _interval_lines(comparison: dict[str, Any]) -> list[str]:
+    """The paired 95% intervals over items: TI, BWT and each task's change."""
+    lines = ["paired 95% intervals over items (bootstrap):"]
+    for label, key in (("TI", "ti_interval"), ("BWT", "bwt_interval")):
+        if comparison.get(key):
+            lines.append(f"  {label:24} {Interval(**comparison[key]).describe('%')}")
+    for name, row in comparison["per_task"].items():
+        if not row.get("delta_interval"):
+            continue
+        unit = " points" if row["metric"] not in ("nll", "nll_easy") else " nats"
+        better = row["metric"] not in ("nll", "nll_easy", "ppl", "ppl_easy")
+        text = Interval(**row["delta_interval"]).describe(unit, higher_is_better=better)
+        lines.append(f"  {name + ' ' + row['metric']:24} {text}")
+    return lines if len(lines) > 1 else []
+
+
 def format_report(report: dict[str, Any]) -> str:
     """A plain-text table of an `evaluate_model` report (plus TI / BWT with an adapter)."""
     base = SuiteResult.from_dict(report["base"])
@@ -341,6 +358,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"TI  = {_pct(ti)}   BWT = {_pct(bwt)} "
             f"(over {', '.join(comparison['bwt_tasks']) or 'none'})"
         )
+        lines += _interval_lines(comparison)
         if comparison["nll_easy_change"] is not None:
             lines.append(
                 f"OOD NLL on base-easy tokens: {comparison['nll_easy_change']:+.2f}% "
@@ -371,15 +389,14 @@ def run_job(job: Any, registry: Any) -> None:
             registry.set_message(job.id, f"evaluating {task} ({done + 1}/{total})")
             print(f"evaluating {task} ({done + 1}/{total})", flush=True)
 
+    chosen = config.eval_suite()
     report = evaluate_model(
         config.model,
         adapter=config.adapter,
-        suite=config.suite,
-        limit=config.limit,
+        suite=chosen,
         device=config.device,
         dtype=config.dtype,
         use_cache=config.use_cache,
-        lm_eval_tasks=config.lm_eval_tasks,
         progress=progress,
     )
     write_json_atomic(Path(job.path) / "eval.json", report)
@@ -391,7 +408,7 @@ def run_job(job: Any, registry: Any) -> None:
     step = max(1, int(config.step or 1))
     if report["adapter"]:
         tuned = SuiteResult.from_dict(report["adapter"])
-        suite = build_suite(config.suite, limit=config.limit, lm_eval_tasks=config.lm_eval_tasks)
+        suite = chosen
         append_metric(job.path, compare_results(base, base, suite).summary_record(0, now))
         for record in tuned.records(step=step, when=now):
             append_metric(job.path, record)

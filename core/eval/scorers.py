@@ -142,11 +142,52 @@ def _continuation_loglik(lm: Any, pairs: list[Example], batch_size: int) -> list
     return out
 
 
+def plain_mc_request(example: Example) -> tuple[str, list[str], list[str]]:
+    """lm-evaluation-harness's request for a built-in multiple-choice example: (context,
+    continuations, the choice strings acc_norm divides by). ARC (lm-eval's `arc_easy` /
+    `arc_challenge`): "Question: {q}\\nAnswer:" and " {choice}". MMLU (lm-eval's `mmlu`, zero-shot):
+    the subject line, the question with its lettered choices, "Answer:", and " A" ... " D"."""
+    meta = example.meta
+    labels, choices = list(meta["labels"]), list(meta["choices"])
+    question = _mc_question(example)
+    if "subject" in meta:
+        subject = str(meta["subject"]).replace("_", " ")
+        lines = [question, *(f"{lab}. {c}" for lab, c in zip(labels, choices, strict=True))]
+        context = (
+            f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+            + "\n".join(lines)
+            + "\nAnswer:"
+        )
+        return context, [f" {lab}" for lab in labels], labels
+    return f"Question: {question}\nAnswer:", [f" {c}" for c in choices], choices
+
+
+def _score_mc_plain(lm: Any, examples: list[Example]) -> Any:
+    """The `plain` format: lm-eval's requests scored as plain text (no chat template), each
+    question's choices batched together."""
+    from core.model.encoding import encode_plain_pair
+    from core.scoring.score import continuation_logprobs
+
+    encs, spans = [], []
+    for ex in examples:
+        context, continuations, norm_by = plain_mc_request(ex)
+        spans.append((len(encs), norm_by))
+        encs += [
+            encode_plain_pair(lm.tokenizer, context, c, max_length=lm.max_length)
+            for c in continuations
+        ]
+    results = continuation_logprobs(lm, encs)
+    return [([ll for ll, _ in results[s : s + len(norm)]], norm) for s, norm in spans]
+
+
 def _score_mc_loglik(lm: Any, spec: EvalTaskSpec, examples: list[Example], suite: EvalSuite) -> Any:
+    if spec.mc_format == "plain":
+        scored = _score_mc_plain(lm, examples)
+        return _mc_results(examples, scored)
     pairs, spans = [], []
     for ex in examples:
         labels, choices = ex.meta["labels"], ex.meta["choices"]
-        if spec.mc_format == "text":
+        if spec.mc_format in ("text", "chat"):
             prompt = f"Question: {_mc_question(ex)}\nAnswer:"
             continuations = list(choices)
         else:
@@ -157,10 +198,15 @@ def _score_mc_loglik(lm: Any, spec: EvalTaskSpec, examples: list[Example], suite
             pairs.append(Example(f"{ex.id}#{k}", prompt, cont))
         spans.append((start, continuations))
     lls = _continuation_loglik(lm, pairs, suite.batch_size)
+    scored = [(lls[start : start + len(conts)], conts) for start, conts in spans]
+    return _mc_results(examples, scored)
+
+
+def _mc_results(examples: list[Example], scored: list[tuple[list[float], list[str]]]) -> Any:
+    """acc and acc_norm (log-likelihood over characters of `norm_by`), with per-item details."""
     details, acc, acc_norm = [], 0, 0
-    for ex, (start, conts) in zip(examples, spans, strict=True):
-        ll = lls[start : start + len(conts)]
-        pick, pick_norm = mc_choice_scores(ll, conts)
+    for ex, (ll, norm_by) in zip(examples, scored, strict=True):
+        pick, pick_norm = mc_choice_scores(ll, norm_by)
         gold = int(ex.meta["gold_index"])
         acc += pick == gold
         acc_norm += pick_norm == gold
@@ -199,7 +245,15 @@ def _score_ref_ppl(
         easy_nll += sum(easy)
         easy_n += len(easy)
         seq_ppls.append(rec.seq_ppl)
-        details.append({"id": rec.id, "tokens": len(nll), "easy_tokens": len(easy)})
+        details.append(
+            {
+                "id": rec.id,
+                "tokens": len(nll),
+                "easy_tokens": len(easy),
+                "nll_sum": sum(nll),
+                "easy_nll_sum": sum(easy),
+            }
+        )
     mean_nll = total_nll / total_n if total_n else None
     mean_easy = easy_nll / easy_n if easy_n else None
     metrics: dict[str, float | None] = {
@@ -322,3 +376,32 @@ class SuiteResult:
                 )  # fmt: skip
                 rows.append(record.to_dict())
         return rows
+
+
+def item_scores(task: TaskResult, metric: str) -> dict[str, tuple[float, float]] | None:
+    """Per item id, the (numerator, denominator) of `metric` on this task, so a paired interval
+    can resample items: accuracies are (correct, 1); pooled NLLs are (summed NLL, tokens).
+    None when the details do not carry it (an lm-eval task, or results from before per-item
+    sums were kept)."""
+    if not task.details:
+        return None
+    out: dict[str, tuple[float, float]] = {}
+    for d in task.details:
+        if "id" not in d:
+            return None
+        if metric == "acc" and "pred" in d:
+            value = (float(d["pred"] == d["gold"]), 1.0)
+        elif metric == "acc_norm" and "pred_norm" in d:
+            value = (float(d["pred_norm"] == d["gold"]), 1.0)
+        elif metric == "pass@1" and "passed" in d:
+            value = (float(bool(d["passed"])), 1.0)
+        elif metric in ("exact_match", "acc") and "correct" in d:
+            value = (float(bool(d["correct"])), 1.0)
+        elif metric == "nll" and "nll_sum" in d:
+            value = (float(d["nll_sum"]), float(d["tokens"]))
+        elif metric == "nll_easy" and "easy_nll_sum" in d:
+            value = (float(d["easy_nll_sum"]), float(d["easy_tokens"]))
+        else:
+            return None
+        out[str(d["id"])] = value
+    return out

@@ -32,6 +32,12 @@ PRIMARY_METRIC = {
 # lm-evaluation-harness metrics, in the order one is picked as a task's primary metric.
 LM_EVAL_METRICS = ("acc", "exact_match", "pass@1", "acc_norm", "f1", "mc2", "em", "bleu")
 TARGET, OOD = "target", "ood"
+#: Multiple-choice formats of ``mc_loglik``: ``plain`` is lm-evaluation-harness's convention (plain
+#: text, no chat template, context "Question: ...\\nAnswer:" and continuation " {choice}";
+#: MMLU: lettered choices and " A".. " D"); ``text`` (also called ``chat``) scores each choice
+#: text as the assistant's reply under the chat template; ``letter`` scores "Answer: A".. the
+#: same way (the paper's lettered prompt).
+MC_FORMATS = ("plain", "text", "chat", "letter")
 
 GSM8K_INSTRUCTION = (
     "\n\nSolve the problem step by step, then give the final answer on the last line as "
@@ -50,7 +56,7 @@ class EvalTaskSpec:
 
     `name` is what results and metrics.jsonl call it (unique in a suite). `n` None means the
     whole split. `instruction` is appended to each prompt of generative scorers. `mc_format`
-    ("text" or "letter") chooses the continuations of ``mc_loglik``. `tau` is the easy-token
+    chooses the requests of ``mc_loglik`` (see `MC_FORMATS`). `tau` is the easy-token
     threshold of ``ref_ppl``. `metric` overrides the scorer's primary metric.
     """
 
@@ -73,8 +79,11 @@ class EvalTaskSpec:
             )
         if self.n is not None and self.n < 1:
             raise LensError(f"'{self.name}': n must be at least 1 (or None for all).")
-        if self.mc_format not in ("text", "letter"):
-            raise LensError(f"'{self.name}': mc_format must be 'text' or 'letter'.")
+        if self.mc_format not in MC_FORMATS:
+            raise LensError(
+                f"'{self.name}': unknown multiple-choice format '{self.mc_format}' "
+                f"(use {', '.join(MC_FORMATS)})."
+            )
 
     @property
     def primary_metric(self) -> str:
@@ -382,3 +391,60 @@ def build_suite(
     if names:
         chosen = chosen.with_lm_eval_tasks(names)
     return chosen.limited(limit) if limit is not None else chosen
+
+
+#: How each kind of built-in task is scored when evaluated by name.
+TASK_SCORERS = {
+    "multiple_choice": MC_LOGLIK,
+    "code_exec": CODE_EXEC,
+    "numeric_match": NUMERIC_MATCH,
+}
+
+
+def parse_task_name(text: str) -> tuple[str, str]:
+    """ "task" or "task:split" -> (task, split), checked against the catalogue (a one-line
+    `LensError` names what exists)."""
+    from core.data.tasks import get_task
+
+    name, _, split = text.strip().partition(":")
+    spec = get_task(name)
+    split = split or spec.default_split
+    if split not in spec.splits:
+        raise LensError(
+            f"Task '{name}' has no split '{split}'. Available splits: {', '.join(spec.splits)}."
+        )
+    return name, split
+
+
+def tasks_suite(
+    names: Sequence[str], *, limit: int | None = None, mc_format: str | None = None
+) -> EvalSuite:
+    """A suite of named built-in tasks ("arc_easy:validation", "mmlu"): each on a seeded
+    subset of `limit` items (the whole split when None), multiple-choice tasks in their own
+    default format unless `mc_format` names one. All count as out-of-domain tasks."""
+    from core.data.tasks import get_task
+
+    if not names:
+        raise LensError("Name at least one task, e.g. --tasks arc_easy:validation,mmlu.")
+    if limit is not None and limit < 1:
+        raise LensError("--limit must be at least 1.")
+    specs = []
+    for text in names:
+        task, split = parse_task_name(text)
+        info = get_task(task)
+        scorer = TASK_SCORERS.get(info.scorer)
+        if scorer is None:
+            raise LensError(
+                f"Task '{task}' cannot be evaluated by name yet (no {info.scorer} scorer)."
+            )
+        extra: dict[str, Any] = {}
+        if scorer == MC_LOGLIK:
+            extra["mc_format"] = mc_format or info.mc_format or "text"
+        elif mc_format:
+            raise LensError(f"Task '{task}' is not multiple choice: --mc-format does not apply.")
+        if scorer == NUMERIC_MATCH:
+            extra.update(instruction=GSM8K_INSTRUCTION, max_new_tokens=320)
+        name = task if split == info.default_split else f"{task}:{split}"
+        specs.append(EvalTaskSpec(name, task, scorer, n=limit, split=split, **extra))
+    label = ",".join(s.name for s in specs)
+    return EvalSuite(f"tasks:{label}", f"Built-in tasks by name: {label}.", (), tuple(specs))

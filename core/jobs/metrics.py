@@ -11,7 +11,7 @@ This module is the one description of those records:
 - ``checkpoint``: a checkpoint written at `step`;
 - ``eval``: one task's metric at a step (`task`, `metric`, `value`, `n` items, `role` "target"
   or "ood");
-- ``eval_summary``: TI / BWT at a step;
+- ``eval_summary``: TI / BWT at a step, with their paired 95% intervals over items;
 - ``data``: what reached the trainer (source, mask, token counts; free-form `fields`);
 - ``generate`` / ``done``: generation progress counts, or the end of a run (free-form
   `fields`, e.g. `set`, `train_loss_last`).
@@ -111,11 +111,17 @@ class EvalRecord(MetricRecord):
 @dataclass(frozen=True)
 class EvalSummaryRecord(MetricRecord):
     KIND: ClassVar[str] = "eval_summary"
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("bwt_low", "bwt_high", "ti_low", "ti_high")
 
     bwt: float | None = None
     ti: float | None = None
     nll_easy_change: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: paired 95% interval over items of BWT and TI (%), when the results carry per-item scores
+    bwt_low: float | None = None
+    bwt_high: float | None = None
+    ti_low: float | None = None
+    ti_high: float | None = None
 
 
 @dataclass(frozen=True)

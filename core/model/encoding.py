@@ -112,3 +112,24 @@ def encode_pair(
         prompt_ids = prompt_ids[len(prompt_ids) - keep_prompt :]
         response_ids = response_ids[: max_length - keep_prompt]
     return EncodedPair(prompt_ids + response_ids, len(prompt_ids), truncated)
+
+
+def encode_plain_pair(
+    tokenizer: Any, context: str, continuation: str, *, max_length: int | None = None
+) -> EncodedPair:
+    """lm-evaluation-harness's loglikelihood request: plain text, no chat template and no
+    special tokens; trailing spaces of `context` move to the continuation; the continuation's
+    ids are those of the whole text after the context's ids. Over `max_length` + 1 tokens, the
+    context is cut from the left (as lm-eval does); the response is the continuation."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    start = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    if start >= len(whole):
+        raise LensError(f"The continuation {continuation!r} adds no token to its context.")
+    truncated = False
+    if max_length is not None and len(whole) > max_length + 1:
+        cut = len(whole) - (max_length + 1)
+        whole, start, truncated = whole[cut:], max(1, start - cut), True
+    return EncodedPair(input_ids=list(whole), response_start=max(1, start), truncated=truncated)

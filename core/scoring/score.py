@@ -160,10 +160,8 @@ def _response_logits(
     return [logits[row, start - first : end - first] for row, (start, end) in enumerate(spans)]
 
 
-@torch.inference_mode()
-def _score_batch(
-    lm: LoadedModel, encs: list[EncodedPair], top_k: int
-) -> list[tuple[list[float], list[int], list[list[int]], list[list[float]]]]:
+def _padded(lm: LoadedModel, encs: Sequence[EncodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and attention mask of a batch."""
     width = max(len(e.input_ids) for e in encs)
     pad = lm.tokenizer.pad_token_id or 0
     ids = torch.full((len(encs), width), pad, dtype=torch.long)
@@ -171,6 +169,14 @@ def _score_batch(
     for row, enc in enumerate(encs):
         ids[row, : len(enc.input_ids)] = torch.tensor(enc.input_ids)
         attn[row, : len(enc.input_ids)] = 1
+    return ids, attn
+
+
+@torch.inference_mode()
+def _score_batch(
+    lm: LoadedModel, encs: list[EncodedPair], top_k: int
+) -> list[tuple[list[float], list[int], list[list[int]], list[list[float]]]]:
+    ids, attn = _padded(lm, encs)
     results = []
     for row, (enc, logits) in enumerate(
         zip(encs, _response_logits(lm, ids, attn, encs), strict=True)
@@ -247,3 +253,45 @@ def score_examples(
     run.n_scored = len(new)
     run.n_truncated = sum(r.truncated for r in run.examples)
     return run
+
+
+@torch.inference_mode()
+def continuation_logprobs(
+    lm: LoadedModel,
+    encs: Sequence[EncodedPair],
+    *,
+    token_budget: int = DEFAULT_TOKEN_BUDGET,
+    max_batch: int = 64,
+) -> list[tuple[float, bool]]:
+    """(summed log-probability of each pair's response tokens, whether every one of them is the
+    model's top choice), for ready-made pairs (e.g. `encode_plain_pair`): lm-evaluation-harness's
+    loglikelihood, batched by length with only the response positions through the output
+    projection, as `score_examples` does."""
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(encs)
+    # One-token continuations of the same context (MMLU's " A".." D") share one forward pass:
+    # the context's last position gives every candidate's log-probability.
+    shared: dict[tuple[int, ...], list[int]] = {}
+    rest = []
+    for i, enc in enumerate(encs):
+        if enc.n_response == 1:
+            shared.setdefault(tuple(enc.input_ids[: enc.response_start]), []).append(i)
+        else:
+            rest.append(i)
+    groups = list(shared.values())
+    heads = [encs[g[0]] for g in groups]
+    for batch in _buckets([len(h.input_ids) for h in heads], token_budget, max_batch):
+        members = [heads[j] for j in batch]
+        ids, attn = _padded(lm, members)
+        for j, logits in zip(batch, _response_logits(lm, ids, attn, members), strict=True):
+            logprobs = torch.log_softmax(logits[-1].float(), dim=-1)
+            best = int(logprobs.argmax())
+            for i in groups[j]:
+                token = encs[i].input_ids[-1]
+                out[i] = (float(logprobs[token]), token == best)
+    lengths = [len(encs[i].input_ids) for i in rest]
+    for batch in _buckets(lengths, token_budget, max_batch):
+        chosen = [rest[k] for k in batch]
+        stats = _score_batch(lm, [encs[i] for i in chosen], top_k=1)
+        for i, (logprob, rank, _, _) in zip(chosen, stats, strict=True):
+            out[i] = (float(sum(logprob)), all(r == 1 for r in rank))
+    return out

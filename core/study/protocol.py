@@ -47,7 +47,7 @@ from core.errors import LensError
 from core.jobs.metrics import EvalSummaryRecord, latest
 from core.jobs.runfiles import StatusFn
 from core.masking import DEFAULT_TAU
-from core.study.stats import mean_ci
+from core.stats import mean_ci
 
 PROTOCOL_KIND = "protocol"
 ARMS = ("gt", "stm", "stm_share", "random", "self_output")

@@ -95,9 +95,11 @@ class RunView:
         return pd.DataFrame(rows, columns=["step", "task", "metric", "value", "n", "role"])
 
     def summary_frame(self) -> pd.DataFrame:
-        """BWT and TI over steps."""
+        """BWT and TI over steps, with their paired 95% interval bounds over items (NaN where
+        the run's results carry none)."""
         rows = [asdict(r) for r in of_kind(self.records, EvalSummaryRecord)]
-        return pd.DataFrame(rows, columns=["step", "bwt", "ti"])
+        columns = ["step", "bwt", "ti", "bwt_low", "bwt_high", "ti_low", "ti_high"]
+        return pd.DataFrame(rows, columns=columns)
 
     def scores_at(self, which: str = "last") -> dict[tuple[str, str], float]:
         """(task, metric) -> value at the first ("base") or last evaluated step."""

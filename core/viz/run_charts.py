@@ -90,14 +90,34 @@ def metric_chart(runs: Sequence[RunView], task: str, metric: str | None = None) 
     return _base_layout(fig, label, "step", metric or "score")
 
 
+def _translucent(color: str, alpha: float = 0.15) -> str:
+    """An rgba() of a "#rrggbb" colour (other colour strings pass through)."""
+    if color.startswith("#") and len(color) == 7:
+        r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+        return f"rgba({r},{g},{b},{alpha})"
+    return color
+
+
 def bwt_chart(runs: Sequence[RunView]) -> go.Figure:
-    """Backward transfer (mean relative change on out-of-domain tasks, %) over steps."""
+    """Backward transfer (mean relative change on out-of-domain tasks, %) over steps, with the
+    paired 95% interval over items as a band where the run has one."""
     fig = go.Figure()
     styles = _styles(runs)
     for run in runs:
         frame = run.summary_frame().dropna(subset=["bwt"])
         if frame.empty:
             continue
+        band = frame.dropna(subset=["bwt_low", "bwt_high"])
+        if not band.empty:  # the paired 95% interval over items, as a shaded band
+            color = styles[run.run_id].get("color", "#6b7280")
+            fig.add_trace(
+                go.Scatter(
+                    x=[*band["step"], *band["step"][::-1]],
+                    y=[*band["bwt_high"], *band["bwt_low"][::-1]],
+                    fill="toself", fillcolor=_translucent(color), line={"width": 0},
+                    hoverinfo="skip", showlegend=False, name=f"{run.run_id} 95% interval",
+                )
+            )  # fmt: skip
         fig.add_trace(
             go.Scatter(
                 x=frame["step"], y=frame["bwt"], mode="lines+markers",
