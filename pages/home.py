@@ -16,7 +16,18 @@ st.markdown(
     "(high perplexity), and that is what makes it forget other skills. Masking those tokens out "
     "of the loss (**Selective Token Masking**, STM) keeps the gain and avoids most of the "
     "forgetting. Perplexity Lens lets you see those tokens, tune the threshold, and train.\n\n"
-    "1. **Explore** — token-perplexity heatmaps of ground-truth vs generated responses."
+    "1. **Explore** — token-perplexity heatmaps of ground-truth vs generated responses, and "
+    "dataset analytics (the paper's Table 1).\n"
+    "2. **Masking studio** — set τ or a target share, see exactly which tokens leave the loss, "
+    "export the masked training set.\n"
+    "3. **Generate data** — Self-Output and Rephrase training sets, checked by the task's "
+    "verifier.\n"
+    "4. **Train** — ground truth, STM, the random-mask control or generated data, as background "
+    "jobs that survive a reload.\n"
+    "5. **Runs** — live loss, target and out-of-domain charts; evaluate a model or an adapter.\n"
+    "6. **Compare & report** — the runs table, the forgetting frontier, diagnostics and an "
+    "offline HTML report.\n"
+    "7. **Reproduce the paper** — every method × seeds as one job, with its table and findings."
 )
 
 left, right = st.columns(2)
@@ -58,6 +69,7 @@ st.dataframe(
                 "title": s.title,
                 "splits": ", ".join(s.splits),
                 "scorer": s.scorer,
+                "MC format": f"{s.mc_format} (lm-eval {s.lm_eval_task})" if s.mc_format else "",
                 "source": s.source,
                 "licence": s.license,
             }

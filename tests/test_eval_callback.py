@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from core.eval.runner import EvalCache
+from core.eval.scorers import SuiteResult
 from core.eval.suites import MC_LOGLIK, REF_PPL, EvalSuite, EvalTaskSpec
-from core.jobs.runfiles import read_metrics
+from core.jobs.runfiles import eval_round_path, eval_round_steps, read_metrics
 from core.model.loading import EMBEDDED_FINGERPRINT
 from core.training.callbacks import EvalCallback, make_training_callbacks
 from core.training.config import TrainConfig
@@ -67,6 +68,14 @@ def test_callback_writes_eval_records_during_training(tiny_model_dir, tmp_path):
     assert ("arc", "acc") in per_step[0] and ("gsm8k_ppl", "nll_easy") in per_step[0]
     assert all(set(s) >= {"kind", "step", "time", "bwt", "ti"} for s in summaries)
     assert summaries[0]["nll_easy_change"] == pytest.approx(0.0, abs=1e-3)  # base vs itself
+    # every round keeps its per-item results, the input of paired intervals
+    assert eval_round_steps(run) == [0, 2, 4, 5]
+    final = SuiteResult.from_dict(json.loads(eval_round_path(run, 5).read_text()))
+    assert [d["id"] for d in final.task("arc").details] == [
+        d["id"] for d in callback.history[0][1].task("arc").details
+    ]
+    assert {"nll_sum", "tokens"} <= set(final.task("mbpp_ppl").details[0])
+    assert summaries[-1].get("ti") is None and "per_task" not in summaries[-1]
 
     def nll(step: int) -> float:
         return next(

@@ -122,3 +122,34 @@ def test_tuned_vs_base_carries_paired_intervals_per_task_and_for_ti_and_bwt():
     assert c.ti_interval["estimate"] == pytest.approx(c.ti)
     record = c.summary_record(step=3)
     assert record["bwt_low"] == c.bwt_interval["low"] and record["ti_high"] == c.ti_interval["high"]
+
+
+def test_a_task_at_chance_shows_its_chance_level_and_stays_out_of_bwt():
+    from core.eval.compare import compare_results
+    from core.eval.scorers import SuiteResult, TaskResult
+    from core.eval.suites import MC_LOGLIK, EvalSuite, EvalTaskSpec
+
+    suite = EvalSuite(
+        "s", "", target=(),
+        ood=(EvalTaskSpec("easy", "arc_easy", MC_LOGLIK, n=120),
+             EvalTaskSpec("hard", "arc_challenge", MC_LOGLIK, n=120)),
+    )  # fmt: skip
+    rng = np.random.default_rng(2)
+
+    def task(name: str, p: float) -> TaskResult:
+        right = rng.random(120) < p
+        details = [{"id": f"{name}{i}", "pred": 0, "gold": 0 if ok else 1, "pred_norm": 0,
+                    "ll": [0.0, -1.0, -2.0, -3.0]} for i, ok in enumerate(right)]  # fmt: skip
+        return TaskResult(name, name, MC_LOGLIK, "ood", "acc", {"acc": right.mean()}, 120, 0.0,
+                          details)  # fmt: skip
+
+    def result() -> SuiteResult:
+        return SuiteResult(
+            "s", suite.fingerprint(), "m", None, [task("easy", 0.6), task("hard", 0.25)], 0.0
+        )
+
+    c = compare_results(result(), result(), suite)
+    assert c.per_task["hard"]["chance"] == pytest.approx(0.25)
+    assert c.per_task["hard"]["at_chance"] and not c.per_task["easy"]["at_chance"]
+    assert c.bwt_tasks == ["easy"]
+    assert any("hard" in note and "chance (0.250)" in note for note in c.notes)

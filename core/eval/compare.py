@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.errors import LensError
-from core.eval.scorers import SuiteResult, TaskResult, item_scores
+from core.eval.scorers import SuiteResult, TaskResult, chance_items, item_scores
 from core.eval.suites import REF_PPL, EvalSuite
 from core.jobs.metrics import EvalSummaryRecord
 from core.stats import mean_of_paired_interval, paired_interval
@@ -74,6 +74,7 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
             continue
         before, after = b.value, t.value
         metric = b.primary or t.primary
+        chance = _chance(b, metric)
         per_task[spec.name] = {
             "role": suite.role(spec.name),
             "metric": metric,
@@ -82,6 +83,7 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
             "delta": None if before is None or after is None else after - before,
             "relative_change": relative_change(after, before),
             **_paired_intervals(b, t, metric, accuracy=spec.is_accuracy),
+            **chance,
         }
     ti = None
     target = next((s for s in suite.target if s.is_accuracy), None)
@@ -94,7 +96,7 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
                 f"TI undefined: the base model scores {per_task[target.name]['base']} on "
                 f"{target.name} {target.primary_metric}, so a relative change has no meaning."
             )
-    bwt_tasks, excluded, unscored = [], [], []
+    bwt_tasks, excluded, unscored, at_chance = [], [], [], []
     changes = []
     for spec in suite.ood:
         if not spec.is_accuracy or spec.name not in per_task:
@@ -102,6 +104,8 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
         change = per_task[spec.name]["relative_change"]
         if per_task[spec.name]["base"] is None or per_task[spec.name]["tuned"] is None:
             unscored.append(spec.name)
+        elif per_task[spec.name].get("at_chance"):
+            at_chance.append(spec.name)
         elif change is None:
             excluded.append(spec.name)
         else:
@@ -114,6 +118,13 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
         )
     if unscored:
         notes.append("BWT leaves out " + ", ".join(unscored) + ": not scored (skipped, see why).")
+    for name in at_chance:
+        row = per_task[name]
+        notes.append(
+            f"BWT leaves out {name}: the base model's {row['metric']} {row['base']:.3f} is within "
+            f"its 95% interval of chance ({row['chance']:.3f}), so a change there says nothing "
+            "about forgetting."
+        )
     bwt = sum(changes) / len(changes) if changes else None
     bwt_items = [
         paired_items(base.task(n), tuned.task(n), per_task[n]["metric"]) for n in bwt_tasks
@@ -125,7 +136,7 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
     if target is not None and target.name in per_task:
         ti_interval = per_task[target.name].get("relative_interval")
     if bwt is None:
-        notes.append("BWT undefined: no OOD accuracy task with a non-zero base score.")
+        notes.append("BWT undefined: no OOD accuracy task with a non-zero base score above chance.")
     easy_changes = []
     for spec in suite.ood:
         if spec.scorer == REF_PPL:
@@ -145,6 +156,21 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
         ti_interval=ti_interval,
         bwt_interval=bwt_interval,
     )
+
+
+def _chance(base: TaskResult, metric: str) -> dict[str, Any]:
+    """The task's chance level (multiple choice: the mean of 1 / choices over its items) and
+    whether the base score is within its paired 95% interval of it."""
+    if metric not in ("acc", "acc_norm"):
+        return {"chance": None, "at_chance": False}
+    guess, scores = chance_items(base), item_scores(base, metric)
+    if guess is None or scores is None:
+        return {"chance": None, "at_chance": False}
+    ids = [i for i in scores if i in guess]
+    chance = sum(guess[i] for i in ids) / len(ids)
+    above = paired_interval([guess[i] for i in ids], [scores[i][0] for i in ids])
+    at_chance = above.low is None or not (above.low > 0)
+    return {"chance": chance, "at_chance": at_chance}
 
 
 def _bounds(name: str, interval: dict[str, Any] | None) -> dict[str, float | None]:

@@ -318,6 +318,10 @@ def _interval_lines(comparison: dict[str, Any]) -> list[str]:
         unit = " points" if row["metric"] not in ("nll", "nll_easy") else " nats"
         better = row["metric"] not in ("nll", "nll_easy", "ppl", "ppl_easy")
         text = Interval(**row["delta_interval"]).describe(unit, higher_is_better=better)
+        if row.get("chance") is not None:
+            text += (
+                f"  (chance {row['chance']:.3f}{': base at chance' if row['at_chance'] else ''})"
+            )
         lines.append(f"  {name + ' ' + row['metric']:24} {text}")
     return lines if len(lines) > 1 else []
 
@@ -379,7 +383,7 @@ def run_job(job: Any, registry: Any) -> None:
     - `summary.json`: suite, TI, BWT and times.
     """
     from core.io import write_json_atomic
-    from core.jobs.runfiles import SUMMARY_JSON, append_metric
+    from core.jobs.runfiles import SUMMARY_JSON, append_metric, eval_round_path
 
     config = EvalConfig.from_dict(job.config)
     started = time.time()
@@ -402,12 +406,14 @@ def run_job(job: Any, registry: Any) -> None:
     write_json_atomic(Path(job.path) / "eval.json", report)
     base = SuiteResult.from_dict(report["base"])
     now = time.time()
+    write_json_atomic(eval_round_path(job.path, 0), report["base"])
     for record in base.records(step=0, when=now):
         append_metric(job.path, record)
     comparison = report.get("comparison")
     step = max(1, int(config.step or 1))
     if report["adapter"]:
         tuned = SuiteResult.from_dict(report["adapter"])
+        write_json_atomic(eval_round_path(job.path, step), report["adapter"])
         suite = chosen
         append_metric(job.path, compare_results(base, base, suite).summary_record(0, now))
         for record in tuned.records(step=step, when=now):

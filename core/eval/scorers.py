@@ -121,7 +121,10 @@ def _score_mc_generative(
     for ex, answer in zip(examples, answers, strict=True):
         letter = extract_choice_letter(answer, ex.meta["labels"])
         ok = letter == ex.meta["gold"]
-        details.append({"id": ex.id, "correct": ok, "predicted": letter, "answer": answer})
+        details.append(
+            {"id": ex.id, "correct": ok, "predicted": letter, "answer": answer,
+             "n_choices": len(ex.meta["labels"])}
+        )  # fmt: skip
     return {"acc": sum(d["correct"] for d in details) / len(details)}, details
 
 
@@ -405,3 +408,15 @@ def item_scores(task: TaskResult, metric: str) -> dict[str, tuple[float, float]]
             return None
         out[str(d["id"])] = value
     return out
+
+
+def chance_items(task: TaskResult) -> dict[str, float] | None:
+    """Per item id, the accuracy a uniform random guess gets (1 / number of choices), for
+    multiple-choice tasks; None for other tasks (or details without the choice count)."""
+    out: dict[str, float] = {}
+    for d in task.details:
+        choices = len(d["ll"]) if "ll" in d else d.get("n_choices")
+        if "id" not in d or not choices:
+            return None
+        out[str(d["id"])] = 1.0 / float(choices)
+    return out or None

@@ -28,9 +28,26 @@ LOG_TAIL_LINES = 30
 #: A job's status-line callback (the registry's progress note).
 StatusFn = Callable[[str], None]
 
+EVAL_DIR = "eval"  # per-item results of each evaluation round: eval/step-<N>.json
 CHECKPOINTS_DIR = "checkpoints"  # a training run's `checkpoint-N/` folders (N = global step)
 ADAPTER_DIR = "adapter"  # a finished training run's final adapter (or full model)
 _CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def eval_round_path(run_dir: str | Path, step: int) -> Path:
+    """Where one evaluation round's full result (per-item details included) is kept."""
+    return Path(run_dir) / EVAL_DIR / f"step-{int(step)}.json"
+
+
+def eval_round_steps(run_dir: str | Path) -> list[int]:
+    """The steps with a saved evaluation round, ascending."""
+    folder = Path(run_dir) / EVAL_DIR
+    steps = []
+    for path in folder.glob("step-*.json") if folder.is_dir() else ():
+        digits = path.stem.removeprefix("step-")
+        if digits.isdigit():
+            steps.append(int(digits))
+    return sorted(steps)
 
 
 def checkpoint_step(folder: str | Path) -> int | None:

@@ -15,8 +15,9 @@ from core.eval.compare import Comparison, compare_results
 from core.eval.runner import EvalCache, base_suite_result, run_suite
 from core.eval.scorers import SuiteResult
 from core.eval.suites import EvalSuite, suite_from_config
+from core.io import write_json_atomic
 from core.jobs.metrics import CheckpointRecord, StartRecord, TrainRecord
-from core.jobs.runfiles import StatusFn, append_metric
+from core.jobs.runfiles import StatusFn, append_metric, eval_round_path
 from core.model.loading import LoadedModel
 from core.training.config import TrainConfig
 
@@ -196,8 +197,10 @@ class EvalCallback(TrainerCallback):
                 if self.base is None and cache is not None:  # resumed run: base from cache
                     key = EvalCache.key(lm.cache_key, lm.template_fingerprint, self.suite)
                     self.base = cache.get(key)
-                result = run_suite(lm, self.suite, base=self.base, keep_details=False)
+                result = run_suite(lm, self.suite, base=self.base)
         now = time.time()
+        # the round's per-item results: paired intervals (step k vs step 0, arm vs arm) need them
+        write_json_atomic(eval_round_path(self.run_dir, step), result.to_dict())
         for record in result.records(step, now):
             append_metric(self.run_dir, record)
         comparison = None
