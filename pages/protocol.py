@@ -174,6 +174,13 @@ with st.expander("Change (%) of every task and metric"):
 st.markdown("**Reading against ground truth**")
 for line in results.get("findings") or ["(nothing to compare)"]:
     st.markdown(f"- {line}")
+if results.get("paired_findings"):
+    st.markdown(
+        "**Each arm against ground truth, paired over seeds and items** (hierarchical "
+        'bootstrap, 95%: "better" / "worse" only where the interval excludes zero)'
+    )
+    for line in results["paired_findings"]:
+        st.markdown(f"- {line}")
 for note in results.get("notes", []):
     st.caption(note)
 failed = [r for r in results.get("runs", []) if r.get("status") != "succeeded"]

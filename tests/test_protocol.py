@@ -162,8 +162,19 @@ def test_tiny_protocol_end_to_end_then_resumes(tiny_model_dir, tmp_path):
     assert results["arms"]["stm_share"]["measures"]["masked %"]["mean"] == pytest.approx(25, abs=3)
     assert any(n.startswith("Self-Output skipped") for n in results["notes"])
 
+    # each arm against ground truth on the same items, over both seeds
+    paired = {(p["task"], p["metric"]): p for p in results["paired"] if p["arm"] == "stm_share"}
+    assert ("mbpp_ppl", "nll") in paired and paired[("mbpp_ppl", "nll")]["seeds"] == 2
+    nll = paired[("mbpp_ppl", "nll")]["interval"]
+    assert nll["method"].startswith("hierarchical") and nll["low"] <= nll["estimate"] <= nll["high"]
+    assert all(p["metric"] != "nll_easy" for p in results["paired"])  # STM lowers it by design
+    assert any(
+        f.startswith("STM 25% masked vs ground truth, mbpp_ppl nll")
+        for f in results["paired_findings"]
+    )
     table = (folder / RESULTS_MD).read_text()
     assert "| ground truth | 2 |" in table and "| STM 25% masked | 2 |" in table
+    assert "paired over seeds and items" in table
     assert "mbpp_ppl nll Δ% (target)" in table and "OOD easy-token NLL Δ%" in table
     saved = json.loads((folder / RESULTS_JSON).read_text())
     assert saved["report"] == str(folder / REPORT_HTML)

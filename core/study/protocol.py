@@ -598,7 +598,100 @@ def aggregate(
         "finished": time.time(),
     }
     results["findings"] = findings(results)
+    results["paired"] = paired_with_gt(config, per_run)
+    results["paired_findings"] = paired_findings(results["paired"])
     return results
+
+
+#: Task metrics compared item by item: accuracies (higher is better) and the full-token
+#: reference NLL (lower is better; not the easy-token NLL, which STM lowers by construction).
+PAIRED_METRICS = {"acc": True, "pass@1": True, "exact_match": True, "nll": False}
+
+
+def _final_round(run_dir: Path) -> Any | None:
+    """The last evaluation round's full result of a run (None for runs without per-item
+    results: made before they were kept, or never evaluated)."""
+    from core.eval.scorers import SuiteResult
+    from core.io import read_json
+    from core.jobs.runfiles import eval_round_path, eval_round_steps
+
+    steps = eval_round_steps(run_dir)
+    data = read_json(eval_round_path(run_dir, steps[-1])) if steps else None
+    return SuiteResult.from_dict(data) if isinstance(data, dict) else None
+
+
+def paired_with_gt(
+    config: ProtocolConfig, per_run: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each arm against ground truth at the end of training, task by task, on the same items:
+    a hierarchical bootstrap over seeds (arm seed s paired with ground-truth seed s) and then
+    items (paired by id). Accuracies in points, the reference NLL in nats."""
+    from core.eval.compare import paired_items
+    from core.stats import hierarchical_interval
+    from core.study.runs import resolve_run_dir
+
+    finals: dict[tuple[str, int], Any] = {}
+    labels: dict[str, str] = {}
+    for entry in per_run:
+        if entry["status"] == "succeeded":
+            result = _final_round(resolve_run_dir(entry["run"]))
+            if result is not None:
+                finals[(entry["arm"], int(entry["seed"]))] = result
+                labels[entry["arm"]] = entry["label"]
+    out: list[dict[str, Any]] = []
+    for arm in config.methods:
+        if arm == "gt":
+            continue
+        seeds = [s for s in config.seeds if (arm, s) in finals and ("gt", s) in finals]
+        if not seeds:
+            continue
+        for task in finals[("gt", seeds[0])].tasks:
+            metric = "nll" if task.scorer == "ref_ppl" else task.primary
+            if metric not in PAIRED_METRICS:
+                continue
+            pairs = [
+                paired_items(
+                    finals[("gt", s)].task(task.name), finals[(arm, s)].task(task.name), metric
+                )
+                for s in seeds
+            ]
+            if any(p is None or not p[0] for p in pairs):
+                continue
+            higher = PAIRED_METRICS[metric]
+            interval = hierarchical_interval(
+                [p[0] for p in pairs], [p[1] for p in pairs], scale=100.0 if higher else 1.0
+            )
+            out.append(
+                {
+                    "arm": arm,
+                    "label": labels.get(arm, arm),
+                    "task": task.name,
+                    "role": task.role,
+                    "metric": metric,
+                    "seeds": len(seeds),
+                    "higher_is_better": higher,
+                    "interval": interval.to_dict(),
+                }
+            )
+    return out
+
+
+def paired_findings(paired: Sequence[dict[str, Any]]) -> list[str]:
+    """One sentence per arm and task: the change against ground truth with its interval over
+    seeds and items, "better" / "worse" only when the interval excludes zero."""
+    from core.stats import Interval
+
+    lines = []
+    for row in paired:
+        unit = " points" if row["higher_is_better"] else " nats"
+        interval = Interval(**row["interval"])
+        text = interval.describe(unit, digits=2 if unit == " nats" else 1,
+                                 higher_is_better=row["higher_is_better"])  # fmt: skip
+        lines.append(
+            f"{row['label']} vs ground truth, {row['task']} {row['metric']} ({row['role']}, "
+            f"{row['seeds']} seed(s) × {interval.n} items): {text}."
+        )
+    return lines
 
 
 def _interval(stat: dict[str, Any]) -> tuple[float, float] | None:
@@ -748,6 +841,17 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += _markdown_table(summary_table(results, detail=True))
     lines += ["", "## Findings", ""]
     lines += [f"- {f}" for f in results["findings"]] or ["- (none)"]
+    paired = results.get("paired_findings") or []
+    lines += ["", "## Each arm against ground truth, paired over seeds and items", ""]
+    lines += [
+        "Hierarchical bootstrap (seeds, then the same evaluation items on both sides), 95%. "
+        '"Better" / "worse" only where the interval excludes zero; otherwise the change '
+        "this design could detect is given.",
+        "",
+    ]
+    lines += [f"- {f}" for f in paired] or [
+        "- (no per-item results: runs made before they were kept)"
+    ]
     if results["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
     failed = [r for r in results["runs"] if r["status"] != "succeeded"]
@@ -769,6 +873,8 @@ def write_protocol_report(results: dict[str, Any], run_ids: Sequence[str], out: 
     from core.study.report import write_report
 
     intro = "Protocol summary: mean ± 95% CI over seeds. " + " ".join(results["findings"])
+    if results.get("paired_findings"):
+        intro += " Paired over seeds and items: " + " ".join(results["paired_findings"])
     return write_report(
         run_ids,
         out,
