@@ -75,7 +75,9 @@ def test_callback_writes_eval_records_during_training(tiny_model_dir, tmp_path):
         d["id"] for d in callback.history[0][1].task("arc").details
     ]
     assert {"nll_sum", "tokens"} <= set(final.task("mbpp_ppl").details[0])
-    assert summaries[-1].get("ti") is None and "per_task" not in summaries[-1]
+    # no target accuracy here: TI is the sign-flipped change of the target's full-token NLL
+    assert summaries[0]["ti"] == pytest.approx(0.0, abs=1e-9)  # base vs itself
+    assert summaries[-1]["ti"] is not None and summaries[-1]["ti_low"] <= summaries[-1]["ti"]
 
     def nll(step: int) -> float:
         return next(

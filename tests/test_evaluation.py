@@ -211,7 +211,9 @@ def _result(values: dict[str, float | None], suite: EvalSuite) -> SuiteResult:
                 spec.scorer,
                 suite.role(spec.name),
                 spec.primary_metric,
-                {spec.primary_metric: values[spec.name]},
+                # reference-NLL tasks: the same value as full-token and base-easy-token NLL
+                {spec.primary_metric: values[spec.name]}
+                | ({"nll_easy": values[spec.name]} if spec.scorer == REF_PPL else {}),
                 10,
                 0.0,
             )

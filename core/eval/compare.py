@@ -85,9 +85,21 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
             **_paired_intervals(b, t, metric, accuracy=spec.is_accuracy),
             **chance,
         }
-    ti = None
+    ti = ti_interval = None
     target = next((s for s in suite.target if s.is_accuracy), None)
-    if target is None:
+    nll_target = next((s for s in suite.target if s.scorer == REF_PPL), None)
+    if target is None and nll_target is not None and nll_target.name in per_task:
+        # No affordable target accuracy: the target's own score is the full-token NLL of its
+        # held-out references (never the easy-token NLL, which STM lowers by construction).
+        row = per_task[nll_target.name]
+        if row["relative_change"] is not None:
+            ti = -row["relative_change"]
+            ti_interval = _negated(row.get("relative_interval"))
+        notes.append(
+            f"TI from {nll_target.name} {row['metric']}: the full-token NLL of held-out "
+            "references, lower is better, so TI = -(its relative change)."
+        )
+    elif target is None:
         notes.append("TI: the suite has no target accuracy task.")
     elif target.name in per_task:
         ti = per_task[target.name]["relative_change"]
@@ -132,7 +144,6 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
     bwt_interval = None
     if bwt_tasks and all(items is not None for items in bwt_items):
         bwt_interval = mean_of_paired_interval([i for i in bwt_items if i]).to_dict()
-    ti_interval = None
     if target is not None and target.name in per_task:
         ti_interval = per_task[target.name].get("relative_interval")
     if bwt is None:
@@ -171,6 +182,18 @@ def _chance(base: TaskResult, metric: str) -> dict[str, Any]:
     above = paired_interval([guess[i] for i in ids], [scores[i][0] for i in ids])
     at_chance = above.low is None or not (above.low > 0)
     return {"chance": chance, "at_chance": at_chance}
+
+
+def _negated(interval: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The interval of minus the change (a lower-is-better metric read as an improvement)."""
+    if not interval:
+        return interval
+    flip = {"estimate": "estimate", "low": "high", "high": "low"}
+    out = dict(interval)
+    for key, source in flip.items():
+        value = interval.get(source)
+        out[key] = None if value is None else -value
+    return out
 
 
 def _bounds(name: str, interval: dict[str, Any] | None) -> dict[str, float | None]:

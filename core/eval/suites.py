@@ -26,7 +26,9 @@ PRIMARY_METRIC = {
     NUMERIC_MATCH: "exact_match",
     MC_LOGLIK: "acc",
     MC_GENERATIVE: "acc",
-    REF_PPL: "nll_easy",
+    # the full-token NLL: the easy-token NLL ("nll_easy") is what STM lowers by construction,
+    # so it is kept as a labelled diagnostic, never a task's score
+    REF_PPL: "nll",
     LM_EVAL: "",  # the first of LM_EVAL_METRICS the task reports, unless the spec names one
 }
 # lm-evaluation-harness metrics, in the order one is picked as a task's primary metric.
