@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.eval.runner import run_suite  # noqa: E402
-from core.eval.scorers import select_examples  # noqa: E402
+from core.eval.scorers import _mc_question, select_examples  # noqa: E402
 from core.eval.suites import tasks_suite  # noqa: E402
 from core.model.loading import load_model  # noqa: E402
 
@@ -61,18 +61,12 @@ MMLU_TEXT = (
 MMLU_CHOICE = '["A", "B", "C", "D"]'
 
 
-def _question(example: object) -> str:
-    from core.eval.scorers import _mc_question
-
-    return _mc_question(example)
-
-
 def write_task(folder: Path, name: str, spec: object) -> int:
     """The items of `spec` as JSONL plus an lm-eval YAML over them; returns the item count."""
     examples = select_examples(spec)
     rows = []
     for ex in examples:
-        row = {"id": ex.id, "question": _question(ex), "choices": ex.meta["choices"]}
+        row = {"id": ex.id, "question": _mc_question(ex), "choices": ex.meta["choices"]}
         row["gold"] = int(ex.meta["gold_index"])
         if "subject" in ex.meta:
             row["subject"] = str(ex.meta["subject"]).replace("_", " ")

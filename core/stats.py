@@ -109,6 +109,30 @@ def _as_items(items: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     return arr[:, 0], arr[:, 1]
 
 
+Pair = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _pair_change(pair: Pair, relative: bool, idx: np.ndarray | None = None) -> np.ndarray:
+    """Change of one paired ratio metric, on all items or on the resampled indices `idx`
+    (the same ones on both sides; a leading bootstrap axis gives one change per draw)."""
+    (bn, bd), (tn, td) = pair
+    if idx is not None:
+        bn, bd, tn, td = bn[idx], bd[idx], tn[idx], td[idx]
+    return _change(_ratio(bn, bd), _ratio(tn, td), relative)
+
+
+def _from_draws(
+    estimate: float, draws: np.ndarray, n: int, level: float, method: str, n_boot: int, why: str
+) -> Interval:
+    """The percentile interval of a bootstrap's finite draws (`why` explains too few of them)."""
+    draws = draws[np.isfinite(draws)]
+    if draws.size < n_boot // 2:
+        return Interval(estimate, None, None, n, level, method, reason=why)
+    alpha = (1.0 - level) / 2
+    low, high = np.quantile(draws, [alpha, 1.0 - alpha])
+    return Interval(estimate, float(low), float(high), n, level, method, detectable_effect(draws))
+
+
 def paired_interval(
     base: Sequence[Any],
     tuned: Sequence[Any],
@@ -128,27 +152,17 @@ def paired_interval(
     n = len(base)
     if n == 0:
         return Interval(None, None, None, 0, level, reason="no items")
-    b_num, b_den = _as_items(base)
-    t_num, t_den = _as_items(tuned)
+    pair = (_as_items(base), _as_items(tuned))
     factor = 1.0 if relative else scale
-    estimate = float(_change(_ratio(b_num, b_den), _ratio(t_num, t_den), relative)) * factor
+    estimate = float(_pair_change(pair, relative)) * factor
     if not math.isfinite(estimate):
         return Interval(None, None, None, n, level, reason="undefined: the base value is 0")
     if n < MIN_ITEMS:
         return Interval(estimate, None, None, n, level, reason=f"{n} item: too few for an interval")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    draws = _change(_ratio(b_num[idx], b_den[idx]), _ratio(t_num[idx], t_den[idx]), relative)
-    draws = draws[np.isfinite(draws)] * factor
-    if draws.size < n_boot // 2:
-        return Interval(
-            estimate, None, None, n, level, reason="unstable: the base value is often 0"
-        )
-    alpha = (1.0 - level) / 2
-    low, high = np.quantile(draws, [alpha, 1.0 - alpha])
-    return Interval(
-        estimate, float(low), float(high), n, level, detectable=detectable_effect(draws)
-    )
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    draws = _pair_change(pair, relative, idx) * factor
+    why = "unstable: the base value is often 0"
+    return _from_draws(estimate, draws, n, level, "paired bootstrap over items", n_boot, why)
 
 
 def detectable_effect(draws: np.ndarray) -> float:
@@ -172,14 +186,9 @@ def hierarchical_interval(
     carries both sources of noise."""
     if len(base) != len(tuned) or not base:
         raise ValueError("need the same, non-zero number of seeds on both sides")
-    seeds = len(base)
     pairs = [(_as_items(b), _as_items(t)) for b, t in zip(base, tuned, strict=True)]
     factor = 1.0 if relative else scale
-    per_seed = [
-        float(_change(_ratio(bn, bd), _ratio(tn, td), relative)) * factor
-        for (bn, bd), (tn, td) in pairs
-    ]
-    estimate = float(np.mean(per_seed))
+    estimate = float(np.mean([float(_pair_change(pair, relative)) * factor for pair in pairs]))
     n_items = min(len(bn) for (bn, _), _ in pairs)
     method = "hierarchical bootstrap over seeds and items"
     if not math.isfinite(estimate):
@@ -193,19 +202,13 @@ def hierarchical_interval(
     rng = np.random.default_rng(seed)
     draws = np.empty(n_boot)
     for k in range(n_boot):
-        picked = rng.integers(0, seeds, size=seeds)
         values = []
-        for s in picked:
-            (bn, bd), (tn, td) = pairs[s]
-            idx = rng.integers(0, len(bn), size=len(bn))
-            values.append(_change(_ratio(bn[idx], bd[idx]), _ratio(tn[idx], td[idx]), relative))
+        for s in rng.integers(0, len(pairs), size=len(pairs)):
+            size = len(pairs[s][0][0])
+            values.append(_pair_change(pairs[s], relative, rng.integers(0, size, size=size)))
         draws[k] = float(np.mean(values)) * factor
-    draws = draws[np.isfinite(draws)]
-    alpha = (1.0 - level) / 2
-    low, high = np.quantile(draws, [alpha, 1.0 - alpha])
-    return Interval(
-        estimate, float(low), float(high), n_items, level, method, detectable_effect(draws)
-    )
+    why = "unstable: a base value is often 0"
+    return _from_draws(estimate, draws, n_items, level, method, n_boot, why)
 
 
 def mean_of_paired_interval(
@@ -221,13 +224,10 @@ def mean_of_paired_interval(
     out-of-domain tasks), items resampled within each task on both sides at once."""
     if not tasks:
         return Interval(None, None, None, 0, level, reason="no tasks")
-    prepared = [(_as_items(b), _as_items(t)) for b, t in tasks]
+    pairs = [(_as_items(b), _as_items(t)) for b, t in tasks]
     factor = 1.0 if relative else scale
-    per_task = [
-        float(_change(_ratio(bn, bd), _ratio(tn, td), relative)) * factor
-        for (bn, bd), (tn, td) in prepared
-    ]
-    n = min(len(bn) for (bn, _), _ in prepared)
+    per_task = [float(_pair_change(pair, relative)) * factor for pair in pairs]
+    n = min(len(bn) for (bn, _), _ in pairs)
     if not all(math.isfinite(v) for v in per_task):
         return Interval(None, None, None, n, level, reason="undefined: a base value is 0")
     estimate = float(np.mean(per_task))
@@ -235,18 +235,12 @@ def mean_of_paired_interval(
         return Interval(estimate, None, None, n, level, reason="too few items for an interval")
     rng = np.random.default_rng(seed)
     total = np.zeros(n_boot)
-    for (bn, bd), (tn, td) in prepared:
-        idx = rng.integers(0, len(bn), size=(n_boot, len(bn)))
-        total += _change(_ratio(bn[idx], bd[idx]), _ratio(tn[idx], td[idx]), relative)
-    draws = total / len(prepared) * factor
-    draws = draws[np.isfinite(draws)]
-    if draws.size < n_boot // 2:
-        return Interval(estimate, None, None, n, level, reason="unstable: a base value is often 0")
-    alpha = (1.0 - level) / 2
-    low, high = np.quantile(draws, [alpha, 1.0 - alpha])
-    return Interval(
-        estimate, float(low), float(high), n, level, detectable=detectable_effect(draws)
-    )
+    for pair in pairs:
+        size = len(pair[0][0])
+        total += _pair_change(pair, relative, rng.integers(0, size, size=(n_boot, size)))
+    draws = total / len(pairs) * factor
+    why = "unstable: a base value is often 0"
+    return _from_draws(estimate, draws, n, level, "paired bootstrap over items", n_boot, why)
 
 
 def mean_ci(values: Sequence[float]) -> dict[str, float | int | None]:

@@ -67,6 +67,7 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
     if base.settings_fingerprint != tuned.settings_fingerprint:
         raise LensError("Base and fine-tuned results come from different suite settings.")
     per_task: dict[str, dict[str, Any]] = {}
+    items: dict[str, Any] = {}  # per task, its paired per-item scores (None without them)
     notes: list[str] = []
     for spec in suite.specs():
         b, t = base.task(spec.name), tuned.task(spec.name)
@@ -74,7 +75,7 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
             continue
         before, after = b.value, t.value
         metric = b.primary or t.primary
-        chance = _chance(b, metric)
+        items[spec.name] = paired_items(b, t, metric)
         per_task[spec.name] = {
             "role": suite.role(spec.name),
             "metric": metric,
@@ -82,8 +83,8 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
             "tuned": after,
             "delta": None if before is None or after is None else after - before,
             "relative_change": relative_change(after, before),
-            **_paired_intervals(b, t, metric, accuracy=spec.is_accuracy),
-            **chance,
+            **_paired_intervals(items[spec.name], accuracy=spec.is_accuracy),
+            **_chance(b, metric),
         }
     ti = ti_interval = None
     target = next((s for s in suite.target if s.is_accuracy), None)
@@ -103,6 +104,7 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
         notes.append("TI: the suite has no target accuracy task.")
     elif target.name in per_task:
         ti = per_task[target.name]["relative_change"]
+        ti_interval = per_task[target.name]["relative_interval"]
         if ti is None:
             notes.append(
                 f"TI undefined: the base model scores {per_task[target.name]['base']} on "
@@ -138,14 +140,9 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
             "about forgetting."
         )
     bwt = sum(changes) / len(changes) if changes else None
-    bwt_items = [
-        paired_items(base.task(n), tuned.task(n), per_task[n]["metric"]) for n in bwt_tasks
-    ]
     bwt_interval = None
-    if bwt_tasks and all(items is not None for items in bwt_items):
-        bwt_interval = mean_of_paired_interval([i for i in bwt_items if i]).to_dict()
-    if target is not None and target.name in per_task:
-        ti_interval = per_task[target.name].get("relative_interval")
+    if bwt_tasks and all(items[n] is not None for n in bwt_tasks):
+        bwt_interval = mean_of_paired_interval([items[n] for n in bwt_tasks]).to_dict()
     if bwt is None:
         notes.append("BWT undefined: no OOD accuracy task with a non-zero base score above chance.")
     easy_changes = []
@@ -216,12 +213,9 @@ def paired_items(
     return [b[i] for i in common], [t[i] for i in common]
 
 
-def _paired_intervals(
-    base: TaskResult, tuned: TaskResult, metric: str, *, accuracy: bool
-) -> dict[str, Any]:
+def _paired_intervals(items: Any, *, accuracy: bool) -> dict[str, Any]:
     """The task's absolute change (accuracy in points, NLL in nats) and relative change (%),
-    each with its paired interval over items."""
-    items = paired_items(base, tuned, metric)
+    each with its paired interval over `items` (from `paired_items`)."""
     if items is None:
         return {"delta_interval": None, "relative_interval": None}
     b, t = items

@@ -77,7 +77,8 @@ class EvalConfig(JobConfig):
     task: str | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
-        self.lm_eval_tasks = [n.strip() for n in (self.lm_eval_tasks or ()) if n and n.strip()]
+        self.lm_eval_tasks = _names(self.lm_eval_tasks)
+        self.tasks = _names(self.tasks)
         self.validate()
 
     def validate(self) -> None:
@@ -87,7 +88,6 @@ class EvalConfig(JobConfig):
             raise LensError(
                 "Name a model: 'default', a Hugging Face id, a local folder or a .gguf file."
             )
-        self.tasks = [n.strip() for n in (self.tasks or ()) if n and n.strip()]
         if self.tasks and self.suite != "default":
             raise LensError("Give a suite or --tasks, not both.")
         if self.mc_format and not self.tasks:
@@ -152,6 +152,11 @@ class EvalConfig(JobConfig):
         limit = f", limit {self.limit}" if self.limit else ""
         what_suite = f"tasks {','.join(self.tasks)}" if self.tasks else self.suite
         return f"eval {what_suite}{limit}: {target}"
+
+
+def _names(values: Any) -> list[str]:
+    """Task names as given, stripped, empty ones dropped."""
+    return [n.strip() for n in (values or ()) if n and n.strip()]
 
 
 def _adapter_root(path: str | Path) -> Path:

@@ -125,27 +125,24 @@ class EvalSummaryRecord(MetricRecord):
 
 
 @dataclass(frozen=True)
-class DataRecord(MetricRecord):
+class FreeFormRecord(MetricRecord):
+    """A record whose facts vary by writer: they are kept in `fields`, written flat."""
+
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("step",)
+
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class DataRecord(FreeFormRecord):
     KIND: ClassVar[str] = "data"
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("step",)
-
-    fields: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class GenerateRecord(MetricRecord):
+class GenerateRecord(FreeFormRecord):
     KIND: ClassVar[str] = "generate"
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("step",)
-
-    fields: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class DoneRecord(MetricRecord):
+class DoneRecord(FreeFormRecord):
     KIND: ClassVar[str] = "done"
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("step",)
-
-    fields: dict[str, Any] = field(default_factory=dict)
 
 
 KINDS: dict[str, type[MetricRecord]] = {
