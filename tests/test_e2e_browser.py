@@ -271,6 +271,7 @@ def test_masking_studio_tau_changes_masked_share(page):
     assert share0 == pytest.approx(100 * masked0 / (masked0 + kept0), abs=0.05)
     assert struck0 == sum(v > tau0 for v in ppl0)  # the heatmap strikes exactly ppl > τ
 
+    share_text0 = _metric(page, "Masked share")  # read before the slider moves, not after
     slider = page.get_by_role("slider").first
     slider.focus()
     for _ in range(20):  # τ 2.5 -> 4.5 on the studio's grid (0.1 steps between 2 and 10)
@@ -278,7 +279,7 @@ def test_masking_studio_tau_changes_masked_share(page):
     page.wait_for_function(
         "() => [...document.querySelectorAll('[data-testid=\"stMetric\"]')].some(m => "
         "m.innerText.includes('Masked share') && !m.innerText.includes("
-        f"'{_metric(page, 'Masked share')}'))",
+        f"'{share_text0}'))",
         timeout=60_000,
     )
     page.wait_for_function(
