@@ -20,6 +20,7 @@ from core.study.protocol import (
     REPORT_HTML,
     ProtocolConfig,
     arm_specs,
+    headline,
     list_protocols,
     load_protocol,
     preflight,
@@ -171,7 +172,14 @@ st.caption(
 st.dataframe(pd.DataFrame(summary_table(results)), hide_index=True, width="stretch")
 with st.expander("Change (%) of every task and metric"):
     st.dataframe(pd.DataFrame(summary_table(results, detail=True)), hide_index=True)
-st.markdown("**Reading against ground truth**")
+st.markdown("**In short** (paired intervals over items and seeds)")
+for line in headline(results):
+    st.markdown(f"- {line}")
+if results.get("paired_base_findings"):
+    with st.expander("Each arm against the base model, task by task"):
+        for line in results["paired_base_findings"]:
+            st.markdown(f"- {line}")
+st.markdown("**Reading against ground truth** (means over seeds)")
 for line in results.get("findings") or ["(nothing to compare)"]:
     st.markdown(f"- {line}")
 if results.get("paired_findings"):

@@ -61,6 +61,43 @@ def test_findings_read_the_intervals_not_the_paper():
     assert any(t.startswith("low") and "worse than ground truth" in t for t in text)
 
 
+def _row(arm, task, estimate, low, high, higher=True, role="ood", against="the base model"):
+    interval = {"estimate": estimate, "low": low, "high": high, "n": 100, "method": "test"}
+    return {"arm": arm, "label": {"gt": "ground truth", "stm": "STM"}[arm], "against": against,
+            "task": task, "role": role, "metric": "acc" if higher else "nll", "seeds": 1,
+            "higher_is_better": higher, "interval": interval}  # fmt: skip
+
+
+def test_headline_says_forgetting_only_where_an_interval_excludes_zero():
+    from core.study.protocol import headline
+
+    results = {
+        "paired_base": [
+            _row("gt", "arc_easy", -6.0, -9.0, -3.0),  # GT lost 6 points: detectable
+            _row("gt", "gsm8k_ppl", 0.05, -0.01, 0.11, higher=False),  # within noise
+            _row("gt", "mbpp_ppl", -0.3, -0.4, -0.2, higher=False, role="target"),
+        ],
+        "paired": [
+            _row("stm", "arc_easy", 4.0, 1.0, 7.0, against="ground truth"),
+            _row("stm", "gsm8k_ppl", 0.02, -0.03, 0.07, higher=False, against="ground truth"),
+        ],
+    }
+    lines = headline(results)
+    assert lines[0].startswith("Ground-truth fine-tuning made the model detectably worse")
+    assert "arc_easy acc" in lines[0] and "gsm8k_ppl" not in lines[0]
+    assert lines[1] == (
+        "STM: forgot less than ground truth on arc_easy acc; no detectable difference from "
+        "ground truth on 1 task(s)."
+    )
+    results["paired_base"][0] = _row("gt", "arc_easy", -2.0, -5.0, 1.0)  # now within noise
+    assert headline(results)[0].startswith(
+        "Ground-truth fine-tuning caused no detectable out-of-domain forgetting"
+    )
+    assert headline({"paired_base": []}) == [
+        "No per-item results yet: nothing can be said with an interval."
+    ]
+
+
 def test_arms_train_what_the_paper_compares():
     config = ProtocolConfig(tau=3.0, target_share=0.2)
     arms = arm_specs(config)
@@ -172,7 +209,36 @@ def test_tiny_protocol_end_to_end_then_resumes(tiny_model_dir, tmp_path):
         f.startswith("STM 25% masked vs ground truth, mbpp_ppl nll")
         for f in results["paired_findings"]
     )
+    # each arm against its own step-0 round (the base model), over both seeds: the same
+    # hierarchical interval as computed here from the stored per-item rounds
+    from core.eval.compare import paired_items
+    from core.eval.scorers import SuiteResult
+    from core.jobs.runfiles import eval_round_path, eval_round_steps
+    from core.stats import hierarchical_interval
+
+    base_rows = {(p["arm"], p["task"]): p for p in results["paired_base"]}
+    row = base_rows[("gt", "mbpp_ppl")]
+    assert row["against"] == "the base model" and row["metric"] == "nll" and row["seeds"] == 2
+    pairs = []
+    for seed in (0, 1):
+        run_dir = runs_dir() / f"proto-gt-s{seed}"
+        steps = eval_round_steps(run_dir)
+        first, last = (
+            SuiteResult.from_dict(json.loads(eval_round_path(run_dir, s).read_text()))
+            for s in (steps[0], steps[-1])
+        )
+        pairs.append(paired_items(first.task("mbpp_ppl"), last.task("mbpp_ppl"), "nll"))
+    direct = hierarchical_interval([p[0] for p in pairs], [p[1] for p in pairs])
+    assert row["interval"]["estimate"] == pytest.approx(direct.estimate)
+    assert (row["interval"]["low"], row["interval"]["high"]) == pytest.approx(
+        (direct.low, direct.high)
+    )
+    assert any(
+        f.startswith("ground truth vs the base model, mbpp_ppl nll")
+        for f in results["paired_base_findings"]
+    )
     table = (folder / RESULTS_MD).read_text()
+    assert "## In short" in table and "against the base model" in table
     assert "| ground truth | 2 |" in table and "| STM 25% masked | 2 |" in table
     assert "paired over seeds and items" in table
     assert "mbpp_ppl nll Δ% (target)" in table and "OOD easy-token NLL Δ%" in table

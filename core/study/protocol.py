@@ -600,6 +600,8 @@ def aggregate(
     results["findings"] = findings(results)
     results["paired"] = paired_with_gt(config, per_run)
     results["paired_findings"] = paired_findings(results["paired"])
+    results["paired_base"] = paired_with_base(config, per_run)
+    results["paired_base_findings"] = paired_findings(results["paired_base"])
     return results
 
 
@@ -608,16 +610,81 @@ def aggregate(
 PAIRED_METRICS = {"acc": True, "pass@1": True, "exact_match": True, "nll": False}
 
 
-def _final_round(run_dir: Path) -> Any | None:
-    """The last evaluation round's full result of a run (None for runs without per-item
-    results: made before they were kept, or never evaluated)."""
+def _round(run_dir: Path, which: str = "last") -> Any | None:
+    """The first (step 0: the base model) or last evaluation round's full result of a run
+    (None for runs without per-item results: made before they were kept, or never evaluated)."""
     from core.eval.scorers import SuiteResult
     from core.io import read_json
     from core.jobs.runfiles import eval_round_path, eval_round_steps
 
     steps = eval_round_steps(run_dir)
-    data = read_json(eval_round_path(run_dir, steps[-1])) if steps else None
+    if not steps or (which == "first" and len(steps) < 2):
+        return None
+    data = read_json(eval_round_path(run_dir, steps[0] if which == "first" else steps[-1]))
     return SuiteResult.from_dict(data) if isinstance(data, dict) else None
+
+
+def _rounds(per_run: Sequence[dict[str, Any]], which: str) -> dict[tuple[str, int], Any]:
+    """(arm, seed) -> that run's first or last evaluation round, for the runs that finished."""
+    from core.study.runs import resolve_run_dir
+
+    out: dict[tuple[str, int], Any] = {}
+    for entry in per_run:
+        if entry["status"] == "succeeded":
+            result = _round(resolve_run_dir(entry["run"]), which)
+            if result is not None:
+                out[(entry["arm"], int(entry["seed"]))] = result
+    return out
+
+
+def _paired_rows(
+    arm: str,
+    label: str,
+    against: str,
+    reference: dict[int, Any],
+    results: dict[int, Any],
+) -> list[dict[str, Any]]:
+    """Task by task, `results` (seed -> SuiteResult) against `reference` on the same items: a
+    hierarchical bootstrap over the seeds both have, then items paired by id."""
+    from core.eval.compare import paired_items
+    from core.stats import hierarchical_interval
+
+    seeds = sorted(s for s in results if s in reference)
+    if not seeds:
+        return []
+    rows = []
+    for task in reference[seeds[0]].tasks:
+        metric = "nll" if task.scorer == "ref_ppl" else task.primary
+        if metric not in PAIRED_METRICS:
+            continue
+        pairs = [
+            paired_items(reference[s].task(task.name), results[s].task(task.name), metric)
+            for s in seeds
+        ]
+        if any(p is None or not p[0] for p in pairs):
+            continue
+        higher = PAIRED_METRICS[metric]
+        interval = hierarchical_interval(
+            [p[0] for p in pairs], [p[1] for p in pairs], scale=100.0 if higher else 1.0
+        )
+        rows.append(
+            {
+                "arm": arm,
+                "label": label,
+                "against": against,
+                "task": task.name,
+                "role": task.role,
+                "metric": metric,
+                "seeds": len(seeds),
+                "higher_is_better": higher,
+                "interval": interval.to_dict(),
+            }
+        )
+    return rows
+
+
+def _labels(per_run: Sequence[dict[str, Any]]) -> dict[str, str]:
+    return {entry["arm"]: entry["label"] for entry in per_run}
 
 
 def paired_with_gt(
@@ -626,59 +693,35 @@ def paired_with_gt(
     """Each arm against ground truth at the end of training, task by task, on the same items:
     a hierarchical bootstrap over seeds (arm seed s paired with ground-truth seed s) and then
     items (paired by id). Accuracies in points, the reference NLL in nats."""
-    from core.eval.compare import paired_items
-    from core.stats import hierarchical_interval
-    from core.study.runs import resolve_run_dir
-
-    finals: dict[tuple[str, int], Any] = {}
-    labels: dict[str, str] = {}
-    for entry in per_run:
-        if entry["status"] == "succeeded":
-            result = _final_round(resolve_run_dir(entry["run"]))
-            if result is not None:
-                finals[(entry["arm"], int(entry["seed"]))] = result
-                labels[entry["arm"]] = entry["label"]
+    finals, labels = _rounds(per_run, "last"), _labels(per_run)
+    gt = {s: r for (a, s), r in finals.items() if a == "gt"}
     out: list[dict[str, Any]] = []
     for arm in config.methods:
-        if arm == "gt":
-            continue
-        seeds = [s for s in config.seeds if (arm, s) in finals and ("gt", s) in finals]
-        if not seeds:
-            continue
-        for task in finals[("gt", seeds[0])].tasks:
-            metric = "nll" if task.scorer == "ref_ppl" else task.primary
-            if metric not in PAIRED_METRICS:
-                continue
-            pairs = [
-                paired_items(
-                    finals[("gt", s)].task(task.name), finals[(arm, s)].task(task.name), metric
-                )
-                for s in seeds
-            ]
-            if any(p is None or not p[0] for p in pairs):
-                continue
-            higher = PAIRED_METRICS[metric]
-            interval = hierarchical_interval(
-                [p[0] for p in pairs], [p[1] for p in pairs], scale=100.0 if higher else 1.0
-            )
-            out.append(
-                {
-                    "arm": arm,
-                    "label": labels.get(arm, arm),
-                    "task": task.name,
-                    "role": task.role,
-                    "metric": metric,
-                    "seeds": len(seeds),
-                    "higher_is_better": higher,
-                    "interval": interval.to_dict(),
-                }
-            )
+        if arm != "gt":
+            mine = {s: r for (a, s), r in finals.items() if a == arm}
+            out += _paired_rows(arm, labels.get(arm, arm), "ground truth", gt, mine)
+    return out
+
+
+def paired_with_base(
+    config: ProtocolConfig, per_run: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each arm at the end of training against the base model (its own step-0 round), task by
+    task on the same items, over seeds then items: the forgetting (OOD) and the gain (target)
+    each arm causes."""
+    firsts, finals, labels = _rounds(per_run, "first"), _rounds(per_run, "last"), _labels(per_run)
+    out: list[dict[str, Any]] = []
+    for arm in config.methods:
+        base = {s: r for (a, s), r in firsts.items() if a == arm}
+        mine = {s: r for (a, s), r in finals.items() if a == arm}
+        out += _paired_rows(arm, labels.get(arm, arm), "the base model", base, mine)
     return out
 
 
 def paired_findings(paired: Sequence[dict[str, Any]]) -> list[str]:
-    """One sentence per arm and task: the change against ground truth with its interval over
-    seeds and items, "better" / "worse" only when the interval excludes zero."""
+    """One sentence per arm and task: the change against ground truth (or the base model) with
+    its interval over seeds and items, "better" / "worse" only when the interval excludes
+    zero."""
     from core.stats import Interval
 
     lines = []
@@ -688,10 +731,62 @@ def paired_findings(paired: Sequence[dict[str, Any]]) -> list[str]:
         text = interval.describe(unit, digits=2 if unit == " nats" else 1,
                                  higher_is_better=row["higher_is_better"])  # fmt: skip
         lines.append(
-            f"{row['label']} vs ground truth, {row['task']} {row['metric']} ({row['role']}, "
-            f"{row['seeds']} seed(s) × {interval.n} items): {text}."
+            f"{row['label']} vs {row.get('against', 'ground truth')}, {row['task']} "
+            f"{row['metric']} ({row['role']}, {row['seeds']} seed(s) × {interval.n} items): "
+            f"{text}."
         )
     return lines
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    from core.stats import Interval
+
+    return Interval(**row["interval"]).verdict(row["higher_is_better"])
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """What a stakeholder reads first, from the paired intervals (over seeds and items): did
+    ground truth forget out of domain, and did each other arm forget less than it."""
+    base_rows = [r for r in results.get("paired_base") or [] if r["role"] == "ood"]
+    if not base_rows:
+        return ["No per-item results yet: nothing can be said with an interval."]
+    out = []
+    gt = [r for r in base_rows if r["arm"] == "gt"]
+    if gt:
+        worse = [f"{r['task']} {r['metric']}" for r in gt if _verdict(r) == "worse"]
+        better = [f"{r['task']} {r['metric']}" for r in gt if _verdict(r) == "better"]
+        if worse:
+            out.append(
+                "Ground-truth fine-tuning made the model detectably worse out of domain on "
+                + ", ".join(worse)
+                + " (95% interval over items and seeds excludes zero): there is forgetting "
+                "to prevent."
+            )
+        else:
+            out.append(
+                "Ground-truth fine-tuning caused no detectable out-of-domain forgetting here "
+                f"(no interval excludes a loss; {len(gt)} tasks), so no arm can be shown to "
+                "forget less in this setting."
+            )
+        if better:
+            out.append("It improved " + ", ".join(better) + ".")
+    for arm in dict.fromkeys(r["arm"] for r in results.get("paired") or []):
+        rows = [r for r in results["paired"] if r["arm"] == arm and r["role"] == "ood"]
+        if not rows:
+            continue
+        label = rows[0]["label"]
+        less = [f"{r['task']} {r['metric']}" for r in rows if _verdict(r) == "better"]
+        more = [f"{r['task']} {r['metric']}" for r in rows if _verdict(r) == "worse"]
+        parts = []
+        if less:
+            parts.append("forgot less than ground truth on " + ", ".join(less))
+        if more:
+            parts.append("forgot more than ground truth on " + ", ".join(more))
+        same = len(rows) - len(less) - len(more)
+        if same:
+            parts.append(f"no detectable difference from ground truth on {same} task(s)")
+        out.append(f"{label}: " + "; ".join(parts) + ".")
+    return out
 
 
 def _interval(stat: dict[str, Any]) -> tuple[float, float] | None:
@@ -841,6 +936,16 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += _markdown_table(summary_table(results, detail=True))
     lines += ["", "## Findings", ""]
     lines += [f"- {f}" for f in results["findings"]] or ["- (none)"]
+    lines += ["", "## In short", ""] + [f"- {h}" for h in headline(results)]
+    lines += ["", "## Each arm against the base model, paired over seeds and items", ""]
+    lines += [
+        "The end of training against the same run's step-0 round (the base model) on the same "
+        "items: out-of-domain tasks show the forgetting, the target the gain.",
+        "",
+    ]
+    lines += [f"- {f}" for f in results.get("paired_base_findings") or []] or [
+        "- (no per-item results: runs made before they were kept)"
+    ]
     paired = results.get("paired_findings") or []
     lines += ["", "## Each arm against ground truth, paired over seeds and items", ""]
     lines += [
@@ -872,7 +977,10 @@ def write_protocol_report(results: dict[str, Any], run_ids: Sequence[str], out: 
 
     from core.study.report import write_report
 
-    intro = "Protocol summary: mean ± 95% CI over seeds. " + " ".join(results["findings"])
+    intro = " ".join(headline(results))
+    intro += " Protocol summary: mean ± 95% CI over seeds. " + " ".join(results["findings"])
+    if results.get("paired_base_findings"):
+        intro += " Against the base model: " + " ".join(results["paired_base_findings"])
     if results.get("paired_findings"):
         intro += " Paired over seeds and items: " + " ".join(results["paired_findings"])
     return write_report(
