@@ -10,6 +10,10 @@ accuracy (570 questions, lm-eval's format) and the full-token reference NLL of e
     python bench/bench_cpu_forgetting.py                # the whole grid, then the table
     python bench/bench_cpu_forgetting.py --only center  # one setting
     python bench/bench_cpu_forgetting.py --table        # the table of what has finished
+    python bench/bench_cpu_forgetting.py --table --write docs/cpu_forgetting.json
+
+`--write` keeps the table (with machine and date) where the Reproduce page reads it
+(`core.study.protocol.CPU_SWEEP_JSON`), so the page says what the cpu preset can show.
 
 The centre is full fine-tuning at lr 1e-4 for 2 epochs over 64 MBPP problems; each other
 setting changes one factor (LoRA, learning rate, epochs, data size).
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -32,10 +38,10 @@ GRID: dict[str, dict[str, object]] = {
     "center": {},
     "lora": {"finetune": "lora", "learning_rate": 1e-3},
     "lr2e-5": {"learning_rate": 2e-5},
-    "lr3e-4": {"learning_rate": 3e-4},
     "epochs1": {"epochs": 1.0},
-    "epochs4": {"epochs": 4.0},
     "n32": {"limit": 32},
+    "lr3e-4": {"learning_rate": 3e-4},
+    "epochs4": {"epochs": 4.0},
 }
 COMMON = ["--methods", "gt", "--seeds", "0", "--suite", "protocol", "--max-length", "256"]
 
@@ -74,44 +80,35 @@ def rows() -> list[dict[str, object]]:
     from core.jobs.runfiles import runs_dir
     from core.study.protocol import RESULTS_JSON
 
-    out = []
+    out: list[dict[str, object]] = []
     for key in GRID:
         path = runs_dir() / folder_name(key) / RESULTS_JSON
         if not path.is_file():
             continue
         results = json.loads(path.read_text())
-        row: dict[str, object] = {"setting": key, **settings(key)}
+        row: dict[str, object] = {"setting": key, **settings(key), "max_length": 256}
         gt = results["arms"].get("gt", {})
         train_s = gt.get("measures", {}).get("train s", {}).get("mean")
         row["train s"] = None if train_s is None else round(train_s)
         row["final loss"] = gt.get("measures", {}).get("final loss", {}).get("mean")
-        for paired in results.get("paired_base", []):
-            iv = paired["interval"]
-            row[f"{paired['task']} {paired['metric']}"] = (iv["estimate"], iv["low"], iv["high"])
+        row["paired"] = {
+            f"{p['task']} {p['metric']}": {**p["interval"], "role": p["role"],
+                                           "higher_is_better": p["higher_is_better"]}
+            for p in results.get("paired_base", [])
+        }  # fmt: skip
         out.append(row)
     return out
 
 
-def _cell(value: object) -> str:
-    if isinstance(value, tuple):
-        est, low, high = value
-        if est is None:
-            return "-"
-        mark = "**" if low is not None and high is not None and (low > 0 or high < 0) else ""
-        return f"{mark}{est:+.2f} [{low:+.2f}, {high:+.2f}]{mark}"
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return "-" if value is None else str(value)
-
-
 def table_markdown(found: list[dict[str, object]]) -> str:
-    if not found:
+    from core.study.protocol import sweep_table
+
+    table = sweep_table(found)
+    if not table:
         return "(no finished setting yet)"
-    head: list[str] = []
-    for row in found:
-        head += [k for k in row if k not in head]
+    head = list(table[0])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(k)) for k in head) + " |" for row in found]
+    lines += ["| " + " | ".join(row.get(k, "-") for k in head) + " |" for row in table]
     return "\n".join(lines)
 
 
@@ -119,12 +116,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=list(GRID), help="run these settings")
     parser.add_argument("--table", action="store_true", help="only print the table")
+    parser.add_argument("--write", type=Path, help="also keep the table as JSON here")
     args = parser.parse_args()
     if not args.table:
         for key in args.only or list(GRID):
             took = run_setting(key)
             print(f"{key}: {took:.0f} s", flush=True)
-    print(table_markdown(rows()))
+    from core.study.protocol import sweep_verdict
+
+    found = rows()
+    print(table_markdown(found))
+    verdict = sweep_verdict(found)
+    print(verdict["text"])
+    if args.write:
+        sweep = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "model": "embedded SmolLM2-135M-Instruct",
+            "suite": "protocol",
+            "seeds": [0],
+            "rows": found,
+            **verdict,
+        }
+        args.write.write_text(json.dumps(sweep, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.write}")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,12 @@ from core.study.protocol import (
     arm_specs,
     headline,
     list_protocols,
+    load_cpu_sweep,
     load_protocol,
     preflight,
     protocol_folder,
     summary_table,
+    sweep_table,
 )
 
 POLL_SECONDS = 3.0
@@ -45,6 +47,21 @@ st.caption(
     "table with 95% confidence intervals, a reading of each method against ground truth, and a "
     "report. It runs in the background and resumes where it stopped."
 )
+
+
+sweep = load_cpu_sweep()
+with st.expander("What the cpu preset can show on the embedded model", expanded=False):
+    if sweep is None:
+        st.caption("No recorded sweep (docs/cpu_forgetting.json; bench/bench_cpu_forgetting.py).")
+    else:
+        st.markdown(sweep["text"])
+        st.dataframe(pd.DataFrame(sweep_table(sweep["rows"])), hide_index=True)
+        st.caption(
+            f"Ground truth alone, one seed, each setting against the base model on the same "
+            f"items of the `{sweep['suite']}` suite (paired 95% bootstrap interval; accuracy in "
+            f"points, reference NLL in nats; * = the interval excludes zero). "
+            f"{sweep['model']}, {sweep['machine']}, {sweep['date']}."
+        )
 
 
 def _start(config: ProtocolConfig, name: str) -> None:
@@ -76,7 +93,10 @@ with st.expander("Start a protocol", expanded=not list_protocols()):
         "Methods", list(ARMS), default=list(ARMS), format_func=labels.get, key="protocol-methods"
     )
     c1, c2, c3, c4 = st.columns(4)
-    seeds = c1.text_input("Seeds", "0,1,2", key="protocol-seeds", help="comma-separated")
+    seeds = c1.text_input(
+        "Seeds", ",".join(map(str, defaults.seeds)), key="protocol-seeds",
+        help="comma-separated; each seed runs every arm again (the time grows with it)",
+    )  # fmt: skip
     tau = c2.number_input("τ (STM, random)", 1.01, 1000.0, defaults.tau, 0.1, key="protocol-tau")
     share = c3.slider(
         "Share masked (STM share arm)", 0.05, 0.6, defaults.target_share, 0.01,

@@ -262,3 +262,34 @@ def test_tiny_protocol_end_to_end_then_resumes(tiny_model_dir, tmp_path):
     assert again["arms"]["gt"]["measures"] == results["arms"]["gt"]["measures"]
     with pytest.raises(LensError, match="other settings"):
         run_protocol(dataclasses.replace(config, tau=3.0), folder)
+
+
+def _sweep_row(setting, arc_low, arc_high):
+    interval = {"estimate": (arc_low + arc_high) / 2, "low": arc_low, "high": arc_high, "n": 570}
+    target = {"estimate": -0.3, "low": -0.4, "high": -0.2, "n": 60}
+    return {"setting": setting, "finetune": "full", "learning_rate": 1e-4,
+            "paired": {"arc_easy acc": {**interval, "role": "ood", "higher_is_better": True},
+                       "mbpp_ppl nll": {**target, "role": "target", "higher_is_better": False}}}  # fmt: skip
+
+
+def test_sweep_verdict_names_only_settings_whose_ood_interval_shows_a_loss(tmp_path):
+    from core.study.protocol import load_cpu_sweep, sweep_table, sweep_verdict
+
+    rows = [_sweep_row("center", -2.8, 0.7), _sweep_row("lr3e-4", -7.0, -2.1)]
+    verdict = sweep_verdict(rows)
+    assert verdict["forgetting"] == {"lr3e-4": ["arc_easy acc"]}  # the target gain is no loss
+    assert verdict["text"] == (
+        "Ground truth forgets detectably out of domain in: lr3e-4 (arc_easy acc)."
+    )
+    none = sweep_verdict(rows[:1])
+    assert not none["forgetting"] and none["text"].startswith("No setting of the sweep (1 tried)")
+    table = sweep_table(rows)
+    assert table[0]["arc_easy acc"] == "-1.05 [-2.80, +0.70]"  # includes zero: no star
+    assert table[1]["arc_easy acc"] == "-4.55 [-7.00, -2.10]*"
+    assert table[1]["learning_rate"] == "0.0001"
+    path = tmp_path / "sweep.json"
+    assert load_cpu_sweep(path) is None  # missing
+    path.write_text("{not json")
+    assert load_cpu_sweep(path) is None  # unreadable: no crash
+    path.write_text(json.dumps({"rows": rows}))
+    assert load_cpu_sweep(path)["rows"][1]["setting"] == "lr3e-4"

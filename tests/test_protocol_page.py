@@ -96,3 +96,27 @@ def test_finished_protocol_shows_table_findings_and_report(runs_root):
     assert any("4 of 4 training runs finished" in str(p.proto) for p in at.get("progress"))
     [download] = at.get("download_button")
     assert "Download the report" in str(download.proto)
+
+
+def test_page_says_what_the_recorded_cpu_sweep_found(runs_root, tmp_path, monkeypatch):
+    import core.study.protocol as protocol
+    from tests.test_protocol import _sweep_row
+
+    rows = [_sweep_row("center", -2.8, 0.7), _sweep_row("lr3e-4", -7.0, -2.1)]
+    path = tmp_path / "sweep.json"
+    sweep = {"date": "2026-12-02", "machine": "test cpu, 2 cores", "model": "tiny",
+             "suite": "protocol", "rows": rows, **protocol.sweep_verdict(rows)}  # fmt: skip
+    path.write_text(json.dumps(sweep))
+    monkeypatch.setattr(protocol, "CPU_SWEEP_JSON", path)
+    at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
+    assert not at.exception
+    assert any(
+        m.value == "Ground truth forgets detectably out of domain in: lr3e-4 (arc_easy acc)."
+        for m in at.markdown
+    )
+    table = at.dataframe[0].value
+    assert list(table["setting"]) == ["center", "lr3e-4"]
+    assert table["arc_easy acc"].iloc[1] == "-4.55 [-7.00, -2.10]*"
+    monkeypatch.setattr(protocol, "CPU_SWEEP_JSON", tmp_path / "missing.json")
+    at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
+    assert not at.exception and any("No recorded sweep" in c.value for c in at.caption)
