@@ -29,11 +29,19 @@ from core.study.diagnostics import (
     training_examples,
 )
 from core.study.report import build_report, heatmap_snapshots, report_ppl_changes, run_tau
-from core.study.runs import RunView, list_runs, runs_table
+from core.study.runs import (
+    RunView,
+    list_runs,
+    run_findings,
+    runs_display_table,
+    runs_table,
+    score_columns,
+)
 from core.viz.charts import plotly_config
 from core.viz.heatmap import render_delta_heatmap
 from core.viz.run_charts import (
     LORA_COLUMNS,
+    figure_notes,
     frontier_chart,
     lora_chart,
     ppl_change_histogram,
@@ -246,19 +254,26 @@ with tab_compare:
     runs = [by_id[r] for r in chosen]
     if runs:
         table = runs_table(runs)
-        st.dataframe(table, hide_index=True, width="stretch")
+        st.dataframe(runs_display_table(table), hide_index=True, width="stretch")
+        st.caption(
+            "Each change is against the run's own step 0 (the base model), with its paired 95% "
+            "interval over evaluation items in brackets: target Δ in points (accuracy) or nats "
+            "(full-token reference NLL, lower is better); BWT and TI in %."
+        )
+        findings = [line for run in runs for line in run_findings(run)]
+        with st.expander("Findings", expanded=len(runs) <= 3):
+            st.markdown("\n".join(f"- {line}" for line in findings))
         left, right = st.columns(2)
         with left:
-            st.plotly_chart(frontier_chart(table), config=plotly_config("frontier"))
+            frontier = frontier_chart(table)
+            st.plotly_chart(frontier, config=plotly_config("frontier"), key="compare-frontier")
+            notes = figure_notes(frontier)
+            if notes:
+                st.caption("  \n".join(notes))
         with right:
-            score_cols = [
-                c
-                for c in table.columns
-                if c not in ("run", "label", "method", "tau", "masked %", "target", "target Δ%")
-                and c not in ("BWT", "TI", "prep s", "train s")
-            ]
             st.plotly_chart(
-                score_vs_masked_chart(table, score_cols), config=plotly_config("score_vs_masked")
+                score_vs_masked_chart(table, score_columns(table)),
+                config=plotly_config("score_vs_masked"),
             )
     st.subheader("Config diff")
     if len(labels) >= 2:

@@ -1,7 +1,10 @@
-"""Runs: live charts of loss, target-task and out-of-domain scores and BWT while runs train,
-and a launcher for standalone evaluation jobs (the base model or a run's adapter on a suite)."""
+"""Runs: while runs train, the target's change vs step 0, BWT and the training loss (every run
+overlaid, each change with its paired 95% interval), then each task's change, then any raw
+metric through one picker; and a launcher for standalone evaluation jobs (the base model or a
+run's adapter on a suite)."""
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from components.session import ensure_app_navigation
@@ -12,13 +15,20 @@ from core.jobs.registry import JobRegistry
 from core.jobs.runfiles import read_metrics, run_progress
 from core.study.runs import RunView, list_runs, load_run
 from core.viz.charts import plotly_config
-from core.viz.run_charts import bwt_chart, loss_chart, metric_chart
+from core.viz.run_charts import (
+    figure_notes,
+    metric_chart,
+    metric_options,
+    task_delta_charts,
+    top_row_charts,
+)
 
 ensure_app_navigation()
 st.title("Runs")
 st.caption(
-    "Training loss, the target task and every out-of-domain task over steps (step 0 is the base "
-    "model), and backward transfer (BWT). Charts follow running jobs live."
+    "The target's change from step 0 (the base model), backward transfer (BWT) and the training "
+    "loss, then every task's change. Bands are paired 95% intervals over evaluation items: a "
+    "change is better or worse only where its band excludes zero. Charts follow running jobs live."
 )
 
 try:
@@ -142,6 +152,15 @@ def _status_table(runs: list[RunView]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _chart(name: str, fig: go.Figure) -> None:
+    """One chart under a stable key (`runs-chart-<name>`), then its notes as a caption."""
+    fig.update_layout(uirevision=name)  # keep the user's zoom across refreshes
+    st.plotly_chart(fig, key=f"runs-chart-{name}", config=plotly_config(f"run_{name}"))
+    notes = figure_notes(fig)
+    if notes:
+        st.caption("  \n".join(notes))
+
+
 def _draw() -> None:
     runs = []
     for run_id in chosen:
@@ -154,27 +173,39 @@ def _draw() -> None:
         return
     st.dataframe(_status_table(runs), hide_index=True, width="stretch")
     trained = any(not run.train_frame().empty for run in runs)  # evaluation jobs have no loss
-    figures = [("loss", loss_chart(runs))] if trained else []
-    tasks: list[tuple[str, str, str]] = []
-    for run in runs:
-        frame = run.eval_frame()
-        for task, metric, role in zip(frame["task"], frame["metric"], frame["role"], strict=True):
-            if (task, metric, role) not in tasks:
-                tasks.append((task, metric, role))
-    tasks.sort(key=lambda t: (t[2] != "target", t[0]))
-    for task, metric, role in tasks:
-        fig = metric_chart(runs, task, metric)
-        fig.update_layout(title=f"{task} {metric} ({'target' if role == 'target' else 'OOD'})")
-        figures.append((f"{task}-{metric}", fig))
-    if any(not run.summary_frame().empty for run in runs):
-        figures.append(("bwt", bwt_chart(runs)))
-    if len(figures) == int(trained):
+    for column, (name, fig) in zip(st.columns(3), top_row_charts(runs), strict=True):
+        with column:
+            if name == "loss" and not trained:
+                st.caption("**Training loss**: none, these are evaluation-only runs.")
+            else:
+                _chart(name, fig)
+    options = metric_options(runs)
+    if not options:
         st.caption("No evaluation records yet: evaluation during training adds them.")
-    cols = st.columns(2)
-    for i, (name, fig) in enumerate(figures):
-        fig.update_layout(uirevision=name)  # keep the user's zoom across refreshes
-        with cols[i % 2]:
-            st.plotly_chart(fig, key=f"runs-chart-{name}", config=plotly_config(f"run_{name}"))
+        return
+    st.subheader("Each task: change vs step 0")
+    if any(run.changes()["step"].nunique() > 1 for run in runs):
+        per_task = task_delta_charts(runs)
+        for i in range(0, len(per_task), 3):
+            for column, (name, fig) in zip(st.columns(3), per_task[i : i + 3], strict=False):
+                with column:
+                    _chart(name, fig)
+    else:
+        st.caption(
+            "Only step 0 (the base model) is evaluated so far: each task's change appears after "
+            "a later round. The raw scores are below."
+        )
+    st.subheader("Raw values")
+    values = {f"{task}|{metric}": (task, metric, role) for task, metric, role in options}
+    pick = st.selectbox(
+        "Task and metric", list(values), key="runs-metric",
+        format_func=lambda v: f"{values[v][0]} · {values[v][1]} "
+        f"({'target' if values[v][2] == 'target' else 'OOD'})",
+        help="Every metric the evaluation recorded, as measured (not a change): one chart for "
+        "the one picked.",
+    )  # fmt: skip
+    task, metric, _ = values[pick]
+    _chart("metric", metric_chart(runs, task, metric))
 
 
 any_active = any(jobs[r].active for r in chosen if r in jobs)

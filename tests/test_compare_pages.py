@@ -1,10 +1,12 @@
 """AppTest smoke tests of the Runs and Compare pages on hand-made run folders."""
 
+import json
 import time
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from tests.eval_runs import BASE, later, make_eval_run
 from tests.test_diagnostics import make_adapter_run
 from tests.test_report import _make_run
 
@@ -34,19 +36,82 @@ def runs_env(tmp_path, monkeypatch):
     return root
 
 
-def test_runs_page_draws_a_chart_per_metric(runs_env):
+def charts(at: AppTest) -> dict[str, dict]:
+    """Chart key (`runs-chart-...`) -> the figure the page drew, in page order."""
+    return {c.proto.id.split("-", 2)[2]: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+
+
+def roles(fig: dict) -> list[tuple[str, str]]:
+    return [(t["meta"]["role"], t["meta"]["run"]) for t in fig["data"] if "meta" in t]
+
+
+@pytest.fixture
+def rounds_env(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
+    make_eval_run(root, "stm1", {0: BASE, 2: later(2), 4: later(4)})
+    make_eval_run(root, "gt1", {0: BASE, 2: later(1)}, method="gt")
+    return root
+
+
+def test_runs_page_top_row_then_each_task_then_one_picked_metric(rounds_env):
     at = AppTest.from_file("../pages/runs.py", default_timeout=60).run()
     assert not at.exception
-    charts = at.get("plotly_chart")
-    assert len(charts) == 4  # loss, mbpp (target), gsm8k (OOD), BWT
+    drawn = charts(at)
+    assert list(drawn) == [
+        "runs-chart-target", "runs-chart-bwt", "runs-chart-loss", "runs-chart-task-mbpp_ppl",
+        "runs-chart-task-arc_easy", "runs-chart-task-gsm8k_ppl", "runs-chart-metric",
+    ]  # fmt: skip
+    for key in ("runs-chart-target", "runs-chart-bwt"):  # every run: its band and its line
+        assert sorted(roles(drawn[key])) == [
+            ("band", "gt1"), ("band", "stm1"), ("line", "gt1"), ("line", "stm1")
+        ]  # fmt: skip
+    assert sorted(roles(drawn["runs-chart-loss"])) == [("line", "gt1"), ("line", "stm1")]
+    captions = [c.value for c in at.caption]
+    assert any("stm τ=2.5 · stm1, step 4:" in c and "nats: better." in c for c in captions)
+    # one picker for the raw values: exactly the chosen metric, one line per run
+    assert drawn["runs-chart-metric"]["layout"]["title"]["text"] == "mbpp_ppl nll"
+    at.selectbox(key="runs-metric").set_value("gsm8k_ppl|ppl").run()
+    assert not at.exception
+    picked = charts(at)["runs-chart-metric"]
+    assert picked["layout"]["title"]["text"] == "gsm8k_ppl ppl"
+    assert sorted(roles(picked)) == [("line", "gt1"), ("line", "stm1")]
+    assert len(at.get("plotly_chart")) == 7  # not one chart per raw metric
+
+
+def test_runs_page_on_runs_without_saved_rounds(runs_env):
+    at = AppTest.from_file("../pages/runs.py", default_timeout=60).run()
+    assert not at.exception
+    drawn = charts(at)
+    assert list(drawn)[:3] == ["runs-chart-target", "runs-chart-bwt", "runs-chart-loss"]
     assert "gt1" in at.dataframe[0].value["run"].tolist()
+    target = drawn["runs-chart-target"]
+    assert sorted(roles(target)) == [("line", "gt1"), ("line", "stm1")]  # no band: no items
+    assert any("no per-item results saved" in c.value for c in at.caption)
+    assert not any("nan" in c.value.lower() for c in at.caption)
+
+
+def test_compare_page_single_run_frontier(rounds_env):
+    at = AppTest.from_file("../pages/compare.py", default_timeout=60)
+    at.query_params["cmp"] = "stm1"
+    at.run()
+    assert not at.exception
+    shown = at.dataframe[0].value.set_index("run")
+    assert list(shown.index) == ["stm1"] and shown.loc["stm1", "BWT %"].count("[") == 1
+    [frontier] = [json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                  if "frontier" in c.proto.spec and "Forgetting" in c.proto.spec]  # fmt: skip
+    [point] = [t for t in frontier["data"] if t.get("meta", {}).get("role") == "line"]
+    assert len(point["x"]) == 1 and point["error_x"]["array"] and point["error_y"]["array"]
+    assert any("A comparison needs a second run." in c.value for c in at.caption)
 
 
 def test_compare_page_table_and_report(runs_env):
     at = AppTest.from_file("../pages/compare.py", default_timeout=60).run()
     assert not at.exception
     table = at.dataframe[0].value.set_index("run")
-    assert table.loc["gt1", "BWT"] == -50.0 and table.loc["stm1", "TI"] == 10.0
+    assert table.loc["gt1", "BWT %"] == "-50.0% (no interval)"
+    assert table.loc["stm1", "TI %"] == "+10.0% (no interval)"
+    assert table.loc["gt1", "target Δ"] == "+5.0 points (no interval)"
     at.number_input(key="report-snapshots").set_value(0).run()
     build = next(b for b in at.button if b.label == "Build report")
     build.click().run()

@@ -41,14 +41,21 @@ MAX_STEPS = 2  # training steps; evaluation runs at step 0 (base model) and afte
 SLOW = 240_000  # ms: model loading, scoring and training on 2 busy CPU cores
 JOB = 600_000  # ms: the whole training job (three evaluation rounds, two steps)
 
-# Points drawn by each plotly chart of the Runs page, by chart key (`runs-chart-<name>`, the
-# `st-key-...` class of its container). `_fullData` holds the decoded arrays plotly drew.
+# What each plotly chart of the Runs page drew, by chart key (`runs-chart-<name>`, the
+# `st-key-...` class of its container): the points of its runs' lines, how many lines and how many
+# interval bands (the builders' `meta.role`). `_fullData` holds the decoded arrays plotly drew.
 CHART_POINTS_JS = """() => {
   const out = {};
   document.querySelectorAll('[class*="st-key-runs-chart-"]').forEach(box => {
     const key = [...box.classList].find(c => c.startsWith('st-key-')).slice(7);
     const plot = box.querySelector('.js-plotly-plot');
-    out[key] = plot ? (plot._fullData || []).reduce((n, t) => n + ((t.x || []).length), 0) : 0;
+    const traces = plot ? (plot._fullData || []) : [];
+    const role = r => traces.filter(t => ((t._input || t).meta || {}).role === r);
+    out[key] = {
+      points: role('line').reduce((n, t) => n + ((t.x || []).length), 0),
+      lines: role('line').length,
+      bands: role('band').length,
+    };
   });
   return out;
 }"""
@@ -313,7 +320,7 @@ def test_train_launches_a_tiny_job(page, workflow):
         ("Batch size", 2),
         ("Max tokens / example", 128),
         ("Evaluate every N steps", 1),
-        ("Examples per eval task", 1),
+        ("Examples per eval task", 2),  # two items: the fewest a paired interval needs
     ):
         box = page.get_by_label(label, exact=True)
         box.fill(str(value))
@@ -344,26 +351,46 @@ def test_train_launches_a_tiny_job(page, workflow):
 def test_runs_live_charts_gain_points(page):
     _open(page, "Runs", "Runs")
     _wait_for_charts(page, 1)
-    loss, target = "runs-chart-loss", "runs-chart-mbpp_ppl-ppl"
+    target, bwt, loss = "runs-chart-target", "runs-chart-bwt", "runs-chart-loss"
 
-    def points() -> dict[str, int]:
+    def points() -> dict[str, dict[str, int]]:
         return page.evaluate(CHART_POINTS_JS)
 
     def wait_until(condition: str, timeout: int) -> None:
-        page.wait_for_function(f"() => {{ const p = ({CHART_POINTS_JS})(); return {condition}; }}",
-                               timeout=timeout)  # fmt: skip
+        page.wait_for_function(
+            f"() => {{ const p = ({CHART_POINTS_JS})(); const n = k => (p[k] || {{}}).points "
+            f"|| 0; return {condition}; }}",
+            timeout=timeout,
+        )
 
     first = points()
     # evaluation runs at steps 0..MAX_STEPS, the loss at 1..MAX_STEPS: the job is not done yet,
     # and the page is never reloaded, so every new point below is the live update
-    assert first.get(target, 0) < MAX_STEPS + 1 and first.get(loss, 0) < MAX_STEPS
-    wait_until(f"(p['{target}'] || 0) > {first.get(target, 0)}", SLOW)
+    assert first.get(target, {}).get("points", 0) < MAX_STEPS + 1
+    assert first.get(loss, {}).get("points", 0) < MAX_STEPS
+    wait_until(f"n('{target}') > {first.get(target, {}).get('points', 0)}", SLOW)
     _shot(page, "08-runs-live-growing")
     _no_errors(page)
-    wait_until(f"p['{target}'] === {MAX_STEPS + 1} && p['{loss}'] === {MAX_STEPS}", JOB)
+    wait_until(f"n('{target}') === {MAX_STEPS + 1} && n('{loss}') === {MAX_STEPS}", JOB)
+    _wait_until_idle(page)
     final = points()
-    assert len(final) > 2  # loss, the target and out-of-domain tasks
-    assert all(final[k] >= first.get(k, 0) for k in final)
+    # the top row: the target's change vs step 0 with its paired band, BWT, the training loss
+    assert list(final)[:3] == [target, bwt, loss]
+    assert final[target] == {"points": MAX_STEPS + 1, "lines": 1, "bands": 1}
+    assert final[loss] == {"points": MAX_STEPS, "lines": 1, "bands": 0}
+    captions = page.get_by_test_id("stCaptionContainer")
+    if final[bwt]["lines"]:  # BWT needs an out-of-domain accuracy the base model is above chance on
+        assert final[bwt] == {"points": MAX_STEPS + 1, "lines": 1, "bands": 1}
+    else:  # two ARC-Easy items cannot show that: the chart says why instead of drawing nothing
+        assert captions.filter(has_text="no BWT. BWT ").count() == 1
+    # then each task's change (a band for every reference NLL), then one picked raw metric
+    tasks = {k: v for k, v in final.items() if k.startswith("runs-chart-task-")}
+    assert {"runs-chart-task-mbpp_ppl", "runs-chart-task-gsm8k_ppl"} <= set(tasks)
+    assert all(v["lines"] == 1 for v in tasks.values())
+    assert tasks["runs-chart-task-mbpp_ppl"]["bands"] == 1
+    assert final["runs-chart-metric"]["lines"] == 1 and len(final) == 3 + len(tasks) + 1
+    assert captions.filter(has_text=re.compile(r"step 2: [-+]\d\.\d{3} \[")).count() >= 1
+    assert not captions.filter(has_text=re.compile(r"\bnan\b", re.I)).count()
     page.get_by_test_id("stDataFrame").get_by_text("succeeded").wait_for(state="attached")
     _shot(page, "09-runs-done")
     _no_errors(page)
@@ -378,11 +405,19 @@ def test_train_page_shows_the_job_succeeded(page):
 
 def test_compare_exports_a_self_contained_report(page, workflow):
     _open(page, "Compare & report", "Compare runs")
+    _wait_for_charts(page, 1)
+    # one run: the frontier draws its point with both intervals, or says why it cannot
+    page.get_by_test_id("stCaptionContainer").filter(
+        has_text=re.compile("A comparison needs a second run|not drawn, no (TI|BWT)")
+    ).first.wait_for()
+    _wait_until_idle(page)
+    _shot(page, "11-compare-single-run")
+    _no_errors(page)
     page.get_by_role("tab", name="Report").click()
     page.get_by_role("button", name="Build report").click()
     button = page.get_by_role("button", name="Download report.html")
     button.wait_for(timeout=SLOW)
-    _shot(page, "11-compare-report-ready")
+    _shot(page, "11b-compare-report-ready")
     _no_errors(page)
     with page.expect_download() as info:
         button.click()

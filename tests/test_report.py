@@ -4,6 +4,7 @@ import json
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from core.errors import LensError
@@ -69,8 +70,12 @@ def test_runs_table_lines_runs_up(runs_root):
     runs = [load_run(runs_root / "gt1"), load_run(runs_root / "stm1")]
     table = runs_table(runs).set_index("run")
     assert table.loc["gt1", "mbpp pass@1"] == pytest.approx(0.25)
-    assert table.loc["gt1", "target Δ%"] == pytest.approx(25.0)
-    assert table.loc["stm1", "target Δ%"] == pytest.approx(10.0)
+    # the target's change from step 0 in points (no saved per-item rounds here: no interval)
+    assert table.loc["gt1", "target"] == "mbpp pass@1"
+    assert table.loc["gt1", "target Δ"] == pytest.approx(5.0)
+    assert table.loc["stm1", "target Δ"] == pytest.approx(2.0)
+    assert table.loc["gt1", "target Δ unit"] == "points"
+    assert pd.isna(table.loc["gt1", "target Δ low"]) and pd.isna(table.loc["gt1", "BWT low"])
     assert table.loc["gt1", "BWT"] == -50.0 and table.loc["stm1", "TI"] == 10.0
     assert table.loc["stm1", "masked %"] == pytest.approx(30.0)
     assert table.loc["stm1", "label"] == "stm τ=2.5"
@@ -89,9 +94,34 @@ def test_report_is_self_contained_and_shows_every_run(runs_root, tmp_path):
     # plotly.js inlined once, nothing fetched from the network
     assert len(re.findall(r"<script[^>]+src=", text)) == 0
     assert "<link" not in text and "@import" not in text
-    assert (
-        text.count('class="plotly-graph-div"') == 6
-    )  # loss, mbpp, gsm8k, BWT, frontier, score vs masked
+    # target Δ, BWT, loss; Δ of mbpp and gsm8k; frontier, score vs masked
+    assert text.count('class="plotly-graph-div"') == 7
+    # the runs table gives each change with its interval, or says it has none
+    assert "-50.0% (no interval)" in text and "+5.0 points (no interval)" in text
+    assert "no per-item results saved for this run: no interval" in text
+
+
+def test_report_carries_the_top_row_per_task_charts_and_findings(tmp_path):
+    from core.viz.run_charts import task_delta_charts, top_row_charts
+    from tests.eval_runs import BASE, later, make_eval_run
+
+    runs = [
+        load_run(make_eval_run(tmp_path, "stm1", {0: BASE, 2: later(2), 4: later(4)})),
+        load_run(make_eval_run(tmp_path, "gt1", {0: BASE, 2: later(1)}, method="gt")),
+    ]
+    text = build_report(runs)
+    for _, fig in [*top_row_charts(runs), *task_delta_charts(runs)]:  # the Runs page's charts
+        assert f'"text":{json.dumps(fig.layout.title.text)}' in text
+    assert text.count('"role":"band"') == 2 * (2 + 3)  # target, BWT, 3 tasks: each run's band
+    # findings with their intervals and verdicts
+    findings = text.split("<h2>Findings</h2>")[1].split("</ul>")[0]
+    assert "stm τ=2.5 · stm1: target mbpp_ppl nll at step 4 vs step 0: -0.240 [" in findings
+    assert "nats: better." in findings and "%: worse." in findings
+    table = text.split("<h2>Runs</h2>")[1].split("</table>")[0]
+    assert "<th>BWT %</th>" in table and re.search(
+        r"<td>-\d+\.\d \[-\d+\.\d, -\d+\.\d\]%</td>", table
+    )
+    assert "nan" not in table.lower()
 
 
 def test_report_errors_are_clear(tmp_path):
@@ -122,11 +152,11 @@ def _chart_configs(text):
 def test_every_report_chart_offers_a_png_download(runs_root, tmp_path):
     text = write_report([runs_root / "gt1", runs_root / "stm1"], tmp_path / "r.html").read_text()
     names = _chart_configs(text)
-    assert len(names) == text.count('class="plotly-graph-div"') == 6
-    assert len(set(names)) == 6 and "forgetting_frontier_up_and_right_is_better" in names
+    assert len(names) == text.count('class="plotly-graph-div"') == 7
+    assert len(set(names)) == 7 and "forgetting_frontier_up_and_right_is_better" in names
     assert '"displayModeBar": false' not in text
     removed = re.findall(r'"modeBarButtonsToRemove":\s*\[([^\]]*)\]', text)
-    assert len(removed) == 6 and not any("toImage" in r for r in removed)
+    assert len(removed) == 7 and not any("toImage" in r for r in removed)
 
 
 def test_report_snapshots_show_the_runs_mask_and_the_ppl_change(tiny_model_dir, tmp_path):
@@ -156,8 +186,11 @@ def test_report_snapshots_show_the_runs_mask_and_the_ppl_change(tiny_model_dir, 
     assert out.count("data-delta=") == sum(ex.n_response for c in changes for ex in c.base) > 0
     assert "% tokens harder" in out
     # still one offline file: plotly.js once, no network references; every chart has its PNG
-    names = _chart_configs(out)  # loss + one Δ histogram per result, each its own PNG name
-    assert out.count("Plotly.newPlot") == len(names) == len(set(names)) == 3
+    # one Δ histogram per result, each its own PNG name (the run has no loss or evaluation to
+    # chart: the findings say so)
+    names = _chart_configs(out)
+    assert out.count("Plotly.newPlot") == len(names) == len(set(names)) == 2
+    assert "stm-run: no evaluation rounds yet." in out
     assert not re.findall(r"<script[^>]+src=|<link|@import|url\(\s*['\"]?https?:", out)
     without = write_report([run_dir], tmp_path / "r2.html", include_ppl_changes=False).read_text()
     assert "data-delta=" not in without and "data-ppl=" not in without
@@ -201,6 +234,6 @@ def test_report_png_buttons_in_a_browser(runs_root, tmp_path):
         page.wait_for_selector(".plotly-graph-div .main-svg")
         buttons = page.locator('.modebar-btn[data-title="Download plot as a PNG"]')
         charts = page.locator(".plotly-graph-div")
-        assert charts.count() == 6 and buttons.count() == 6
+        assert charts.count() == 7 and buttons.count() == 7
         browser.close()
     assert all(url.startswith(("file:", "data:", "about:")) for url in requests), requests

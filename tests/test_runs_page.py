@@ -3,6 +3,8 @@ suite, see the equivalent command, start a queued job that writes results the pa
 
 from __future__ import annotations
 
+import json
+
 from streamlit.testing.v1 import AppTest
 
 from core.jobs.registry import SUCCEEDED, JobRegistry
@@ -37,10 +39,18 @@ def test_evaluate_the_base_model_from_the_page(tiny_model_dir, runs):  # noqa: F
     assert not at.exception
     status = at.dataframe[0].value
     assert status["run"].tolist() == [job.id] and status["status"].tolist() == [SUCCEEDED]
-    titles = [c.proto.spec for c in at.get("plotly_chart")]
-    assert not any("Training loss" in t for t in titles)  # an evaluation job has no loss curve
-    assert any("mbpp pass@1 (target)" in t for t in titles)
-    assert any("arc_challenge acc (OOD)" in t for t in titles)
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert "Training loss" not in titles  # an evaluation job has no loss curve: it says so
+    assert any("Training loss**: none" in c.value for c in at.caption)
+    # the base model alone: no change to chart yet, and the page says so (no NaN, no empty grid)
+    assert titles == ["Target Δ vs step 0", "BWT: out-of-domain change", "mbpp pass@1"]
+    captions = " ".join(c.value for c in at.caption)
+    assert "only step 0 evaluated so far; a change needs a later round." in captions
+    assert "Only step 0 (the base model) is evaluated so far" in captions
+    assert "nan" not in captions.lower()
+    # the raw scores: one picker over every recorded metric
+    options = at.selectbox(key="runs-metric").options
+    assert "mbpp · pass@1 (target)" in options and "arc_challenge · acc (OOD)" in options
 
 
 def test_a_runs_adapter_is_offered_with_its_base_model(trained_run, runs):  # noqa: F811

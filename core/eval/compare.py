@@ -8,7 +8,7 @@ from typing import Any
 
 from core.errors import LensError
 from core.eval.scorers import SuiteResult, TaskResult, chance_items, item_scores
-from core.eval.suites import REF_PPL, EvalSuite
+from core.eval.suites import OOD, REF_PPL, TARGET, EvalSuite, EvalTaskSpec
 from core.jobs.metrics import EvalSummaryRecord
 from core.stats import mean_of_paired_interval, paired_interval
 
@@ -62,6 +62,28 @@ class Comparison:
         ).to_dict()
 
 
+def ti_spec(suite: EvalSuite) -> EvalTaskSpec | None:
+    """The task TI is read from: the suite's first target accuracy task, else its target
+    reference-NLL task (the full-token NLL, lower is better), else None."""
+    accuracy = next((s for s in suite.target if s.is_accuracy), None)
+    return accuracy or next((s for s in suite.target if s.scorer == REF_PPL), None)
+
+
+def recorded_suite(result: SuiteResult) -> EvalSuite:
+    """The suite `result` was scored on, as far as `compare_results` needs it: each task's name,
+    scorer, role and primary metric, read from the result itself (a run folder's
+    eval/step-N.json is compared without knowing the suite's settings of the day)."""
+    specs = {
+        role: tuple(
+            EvalTaskSpec(t.name, t.task, t.scorer, n=None, metric=t.primary or "")
+            for t in result.tasks
+            if (t.role == TARGET) == (role == TARGET)
+        )
+        for role in (TARGET, OOD)
+    }
+    return EvalSuite(result.suite, "", target=specs[TARGET], ood=specs[OOD])
+
+
 def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> Comparison:
     """TI and BWT of `tuned` against `base` (same suite and settings), per METHOD.md."""
     if base.settings_fingerprint != tuned.settings_fingerprint:
@@ -87,20 +109,19 @@ def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> 
             **_chance(b, metric),
         }
     ti = ti_interval = None
-    target = next((s for s in suite.target if s.is_accuracy), None)
-    nll_target = next((s for s in suite.target if s.scorer == REF_PPL), None)
-    if target is None and nll_target is not None and nll_target.name in per_task:
+    target = ti_spec(suite)
+    if target is not None and target.scorer == REF_PPL and target.name in per_task:
         # No affordable target accuracy: the target's own score is the full-token NLL of its
         # held-out references (never the easy-token NLL, which STM lowers by construction).
-        row = per_task[nll_target.name]
+        row = per_task[target.name]
         if row["relative_change"] is not None:
             ti = -row["relative_change"]
             ti_interval = _negated(row.get("relative_interval"))
         notes.append(
-            f"TI from {nll_target.name} {row['metric']}: the full-token NLL of held-out "
+            f"TI from {target.name} {row['metric']}: the full-token NLL of held-out "
             "references, lower is better, so TI = -(its relative change)."
         )
-    elif target is None:
+    elif target is None or target.scorer == REF_PPL:
         notes.append("TI: the suite has no target accuracy task.")
     elif target.name in per_task:
         ti = per_task[target.name]["relative_change"]

@@ -29,7 +29,15 @@ from core.errors import LensError
 from core.io import write_text_atomic
 from core.masking import DEFAULT_TAU
 from core.study.diagnostics import PplChange, saved_ppl_changes, training_examples
-from core.study.runs import RunView, load_run, runs_table
+from core.study.runs import (
+    RunView,
+    load_run,
+    run_findings,
+    runs_display_table,
+    runs_table,
+    score_columns,
+)
+from core.viz.run_charts import figure_notes
 
 MAX_SNAPSHOT_TOKENS = 600  # response tokens drawn per heatmap (keeps the file small)
 MAX_DELTA_EXAMPLES = 8  # Δ-perplexity heatmaps per saved result
@@ -44,10 +52,12 @@ table.runs{border-collapse:collapse;font-size:13px;background:#fff;width:100%}
 table.runs th,table.runs td{border:1px solid #e5e7eb;padding:5px 8px;text-align:right}
 table.runs th{background:#f1f5f9}table.runs td:first-child,table.runs td:nth-child(2),
 table.runs td:nth-child(3){text-align:left}
-.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}.card{background:#fff;border:1px solid
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}.grid3{display:grid;
+grid-template-columns:1fr 1fr 1fr;gap:12px}.card{background:#fff;border:1px solid
 #e5e7eb;border-radius:8px;padding:8px}
 details{background:#fff;border:1px solid #e5e7eb;border-radius:6px;padding:6px 10px;margin:6px 0}
-pre{font-size:12px;overflow:auto}.note{color:#6b7280;font-size:13px}
+pre{font-size:12px;overflow:auto}.note{color:#6b7280;font-size:13px}.card .note{margin:4px 6px;
+font-size:12px}ul.findings{font-size:14px;line-height:1.5}
 """
 
 
@@ -73,6 +83,11 @@ def chart_filename(fig: Any, fallback: str = "chart") -> str:
     title = getattr(getattr(fig.layout, "title", None), "text", None) or fallback
     slug = re.sub(r"[^0-9a-zA-Z]+", "_", title).strip("_").lower()
     return slug[:60] or fallback
+
+
+def _draws(fig: Any) -> bool:
+    """The figure has data (a chart builder's empty state draws only a message)."""
+    return any(not (isinstance(t.meta, dict) and t.meta.get("role") == "band") for t in fig.data)
 
 
 def _figure_html(fig: Any, first: bool, filename: str) -> str:
@@ -219,31 +234,28 @@ def build_report(
     `core.study.diagnostics.saved_ppl_changes`).
     """
     from core.viz.run_charts import (
-        bwt_chart,
         frontier_chart,
-        loss_chart,
-        metric_chart,
         score_vs_masked_chart,
+        task_delta_charts,
+        top_row_charts,
     )
 
     if not runs:
         raise LensError("A report needs at least one run.")
     table = runs_table(list(runs))
-    figures = [loss_chart(runs)]
-    tasks: list[tuple[str, str]] = []
-    for run in runs:
-        frame = run.eval_frame()
-        for task, metric in zip(frame.get("task", []), frame.get("metric", []), strict=False):
-            if (task, metric) not in tasks:
-                tasks.append((task, metric))
-    figures += [metric_chart(runs, task, metric) for task, metric in tasks]
-    if any(not run.summary_frame().empty for run in runs):
-        figures.append(bwt_chart(runs))
-    if {"TI", "BWT"} <= set(table.columns) and table[["TI", "BWT"]].notna().all(axis=1).any():
-        figures.append(frontier_chart(table))
+    # the Runs page's charts, those with something drawn (the findings say what is missing)
+    sections: list[tuple[str, str, list[Any]]] = [
+        ("Target, BWT and training loss", "grid3", [fig for _, fig in top_row_charts(runs)]),
+        ("Each task: change vs step 0", "grid3", [fig for _, fig in task_delta_charts(runs)]),
+    ]
+    comparison = []
+    if any(run.final_summary is not None for run in runs):
+        comparison.append(frontier_chart(table))
     if "masked %" in table.columns and table["masked %"].notna().sum() >= 2:
-        score_cols = [c for c in table.columns if " " in c and c.split(" ")[0] in dict(tasks)]
-        figures.append(score_vs_masked_chart(table, score_cols))
+        comparison.append(score_vs_masked_chart(table, score_columns(table)))
+    sections.append(("Comparison", "grid", comparison))
+    sections = [(h, grid, [f for f in figs if _draws(f)]) for h, grid, figs in sections]
+    figures = [fig for _, _, figs in sections for fig in figs]
 
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     parts = [
@@ -257,18 +269,33 @@ def build_report(
         parts.append(f"<p>{html.escape(notes)}</p>")
     for heading, extra in tables:
         parts.append(f"<h2>{html.escape(heading)}</h2>" + _table_html(extra))
-    parts.append("<h2>Runs</h2>" + _table_html(table))
+    parts.append("<h2>Runs</h2>" + _table_html(runs_display_table(table)))
     parts.append(
-        "<p class='note'>Target change (Δ%) and TI compare each run's last evaluation with its "
-        "step-0 evaluation of the base model under the same settings; BWT is the mean relative "
-        "change over the out-of-domain tasks (Wu et al. 2025).</p>"
+        "<p class='note'>Every change compares a run's last evaluation with its step-0 "
+        "evaluation of the base model under the same settings, with its paired 95% interval over "
+        "evaluation items in brackets: target Δ in points (accuracy) or nats (the full-token "
+        "reference NLL, lower is better); BWT is the mean relative change over the out-of-domain "
+        "accuracy tasks above chance (Wu et al. 2025), TI the target's relative change (%). A "
+        "change is better or worse only when its interval excludes zero.</p>"
     )
-    parts.append("<h2>Charts</h2><div class='grid'>")
+    findings = [line for run in runs for line in run_findings(run)]
+    parts.append(
+        "<h2>Findings</h2><ul class='findings'>"
+        + "".join(f"<li>{html.escape(line)}</li>" for line in findings)
+        + "</ul>"
+    )
     names: set[str] = set()
-    for i, fig in enumerate(figures):
-        name = _unique(chart_filename(fig, f"chart_{i + 1}"), names)
-        parts.append(f"<div class='card'>{_figure_html(fig, i == 0, name)}</div>")
-    parts.append("</div>")
+    drawn = 0
+    for heading, grid, figs in sections:
+        if not figs:
+            continue
+        parts.append(f"<h2>{html.escape(heading)}</h2><div class='{grid}'>")
+        for fig in figs:
+            drawn += 1
+            name = _unique(chart_filename(fig, f"chart_{drawn}"), names)
+            caption = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in figure_notes(fig))
+            parts.append(f"<div class='card'>{_figure_html(fig, drawn == 1, name)}{caption}</div>")
+        parts.append("</div>")
     if examples:
         parts.append(
             "<h2>Token perplexity of selected examples</h2><p class='note'>Scored by the "

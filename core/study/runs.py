@@ -4,19 +4,29 @@ A run folder (written by the job system and training, see core/jobs/) holds `con
 `metrics.jsonl` (train / data / eval / eval_summary / done records) and, once finished,
 `summary.json`. `RunView` turns one folder into tidy frames; `runs_table` lines several runs up
 the way the paper's tables do (target score and its change, each out-of-domain score, BWT, TI,
-costs).
+costs), each change with its paired 95% interval; `run_findings` says the same in sentences.
+
+`RunView.changes()` is the change of every task's primary metric from step 0 (the base model)
+to each later evaluation round, with the paired interval over items that
+`core.eval.compare.compare_results` computes from the rounds' per-item results
+(`eval/step-N.json`); runs without them fall back to the recorded scores, without an interval.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from core.errors import LensError
+from core.eval.compare import compare_results, recorded_suite, ti_spec
+from core.eval.scorers import SuiteResult
+from core.eval.suites import REF_PPL
 from core.io import read_json
 from core.jobs.metrics import (
     DataRecord,
@@ -27,11 +37,32 @@ from core.jobs.metrics import (
     latest,
     of_kind,
 )
-from core.jobs.runfiles import CONFIG_JSON, SUMMARY_JSON, read_records, runs_dir
+from core.jobs.runfiles import (
+    CONFIG_JSON,
+    SUMMARY_JSON,
+    eval_round_path,
+    eval_round_steps,
+    read_records,
+    runs_dir,
+)
+from core.viz.run_charts import change_text, interval_text
 
 GENERATED_KINDS = ("self_output", "rephrase")
 # Run folders that hold no training or evaluation of a model: data generation, protocols.
 NOT_MODEL_RUNS = (*GENERATED_KINDS, "protocol")
+
+#: The columns of `RunView.changes()`: per evaluation round and task, the change of the task's
+#: primary metric from the first round (`base_step`, normally step 0: the base model). `delta`,
+#: `low`, `high` are in `unit`: points for accuracies, nats for the full-token reference NLL;
+#: `low` / `high` are the paired 95% interval over items (None with a `reason`). `chance` is a
+#: multiple-choice task's chance accuracy (0-1), `at_chance` whether the base model is within its
+#: interval of it; `is_ti` marks the task TI is read from (the target's honest metric).
+CHANGE_COLUMNS = [
+    "step", "base_step", "task", "metric", "role", "accuracy", "unit", "base", "value",
+    "delta", "low", "high", "n", "reason", "chance", "at_chance", "is_ti",
+]  # fmt: skip
+NLL_METRIC = "nll"  # the reference-NLL tasks' primary metric (never the easy-token NLL)
+NO_ITEMS = "no per-item results saved for this run: no interval"
 
 
 @dataclass
@@ -115,6 +146,34 @@ class RunView:
         frame = self.eval_frame()
         return dict(zip(frame["task"], frame["role"], strict=False)) if not frame.empty else {}
 
+    def changes(self) -> pd.DataFrame:
+        """The change of every task's primary metric from step 0 to each evaluation round, with
+        its paired 95% interval over items (see `CHANGE_COLUMNS`)."""
+        return self._changes.copy()
+
+    @cached_property
+    def _changes(self) -> pd.DataFrame:
+        rows = _round_changes(self.run_dir)
+        if not rows:
+            rows = _record_changes(self.eval_frame())
+        return pd.DataFrame(rows, columns=CHANGE_COLUMNS)
+
+    def target_task(self) -> tuple[str, str] | None:
+        """(task, metric) TI is read from: the target accuracy task, else the target's
+        full-token reference NLL; None without evaluation records."""
+        frame = self._changes
+        ti = frame[frame["is_ti"].astype(bool)]
+        return None if ti.empty else (str(ti["task"].iloc[0]), str(ti["metric"].iloc[0]))
+
+    @property
+    def final_summary(self) -> EvalSummaryRecord | None:
+        """The last "eval_summary" record (TI, BWT, their intervals and notes) of a round after
+        the first: None while only step 0 (the base model against itself) is evaluated."""
+        found = of_kind(self.records, EvalSummaryRecord)
+        first = min((int(r.step or 0) for r in found), default=0)
+        later = [r for r in found if int(r.step or 0) > first]
+        return later[-1] if later else None
+
     @property
     def final_bwt_ti(self) -> tuple[float | None, float | None]:
         """BWT and TI at the last evaluation round (None when not computable)."""
@@ -143,6 +202,142 @@ class RunView:
         if not first or finished is None or wall is None:
             return None
         return max(0.0, first[0].time - (float(finished) - float(wall)))
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+@lru_cache(maxsize=32)
+def _load_round(path: str, stamp: tuple[int, int]) -> SuiteResult | None:
+    """One round's saved result (cached by file and modification; None when unreadable)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        return None
+    try:
+        result = SuiteResult.from_dict(data)
+    except (TypeError, KeyError, ValueError):
+        return None
+    for task in result.tasks:  # rounds saved before the honest target metric: never nll_easy
+        if task.scorer == REF_PPL and NLL_METRIC in task.metrics:
+            task.primary = NLL_METRIC
+    return result
+
+
+@lru_cache(maxsize=1024)
+def _round_rows(
+    base_path: str, base_stamp: tuple[int, int], path: str, stamp: tuple[int, int], step: int,
+    base_step: int,
+) -> tuple[dict[str, Any], ...]:  # fmt: skip
+    """The `CHANGE_COLUMNS` rows of one round against the base round, from `compare_results`
+    (cached: the Runs page redraws every few seconds while a run trains)."""
+    base, tuned = _load_round(base_path, base_stamp), _load_round(path, stamp)
+    if base is None or tuned is None:
+        return ()
+    suite = recorded_suite(base)
+    try:
+        comparison = compare_results(base, tuned, suite)
+    except LensError:  # rounds of different suite settings: not comparable
+        return ()
+    spec = ti_spec(suite)
+    accuracy = {s.name: s.is_accuracy for s in suite.specs()}
+    rows = []
+    for name, row in comparison.per_task.items():
+        scale = 100.0 if accuracy[name] else 1.0
+        interval = row.get("delta_interval") or {}
+        if row["base"] is None or row["tuned"] is None:
+            delta, reason = None, "not scored in one of the two rounds"
+        elif interval:
+            delta, reason = interval.get("estimate"), str(interval.get("reason") or "")
+        else:
+            delta, reason = scale * row["delta"], "no per-item scores for this task: no interval"
+        rows.append(
+            {
+                "step": step, "base_step": base_step, "task": name, "metric": row["metric"],
+                "role": row["role"], "accuracy": accuracy[name],
+                "unit": "points" if accuracy[name] else "nats", "base": row["base"],
+                "value": row["tuned"], "delta": delta, "low": interval.get("low"),
+                "high": interval.get("high"), "n": interval.get("n"), "reason": reason,
+                "chance": row.get("chance"), "at_chance": bool(row.get("at_chance")),
+                "is_ti": spec is not None and spec.name == name,
+            }
+        )  # fmt: skip
+    return tuple(rows)
+
+
+def _round_changes(run_dir: Path) -> list[dict[str, Any]]:
+    """`CHANGE_COLUMNS` rows from the run's saved rounds (empty without any)."""
+    steps = eval_round_steps(run_dir)
+    stamps = {s: _stamp(eval_round_path(run_dir, s)) for s in steps}
+    steps = [s for s in steps if stamps[s] is not None]
+    if not steps:
+        return []
+    first = steps[0]
+    base_path = str(eval_round_path(run_dir, first))
+    rows: list[dict[str, Any]] = []
+    for step in steps:
+        path = str(eval_round_path(run_dir, step))
+        stamp, base_stamp = stamps[step], stamps[first]
+        assert stamp is not None and base_stamp is not None
+        rows += [dict(r) for r in _round_rows(base_path, base_stamp, path, stamp, step, first)]
+    return rows
+
+
+def _record_changes(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """`CHANGE_COLUMNS` rows from the "eval" records alone (a run without saved rounds): the
+    changes without intervals. A task's first recorded metric is its primary one."""
+    if frame.empty:
+        return []
+    primary: dict[str, str] = {}
+    roles: dict[str, str] = {}
+    recorded = set(zip(frame["task"], frame["metric"], strict=True))
+    for task, metric, role in zip(frame["task"], frame["metric"], frame["role"], strict=True):
+        # records written before the honest target metric put a reference task's nll_easy first
+        if metric == "nll_easy" and (task, NLL_METRIC) in recorded:
+            metric = NLL_METRIC
+        primary.setdefault(task, metric)
+        roles.setdefault(task, role)
+    targets = [t for t in primary if roles[t] == "target"]
+    ti = next((t for t in targets if primary[t] != NLL_METRIC), None)
+    ti = ti or next((t for t in targets if primary[t] == NLL_METRIC), None)
+    values = {
+        (int(step), task, metric): value
+        for step, task, metric, value in zip(
+            frame["step"], frame["task"], frame["metric"], frame["value"], strict=True
+        )
+    }
+    steps = sorted({int(s) for s in frame["step"]})
+    rows = []
+    for step in steps:
+        for task, metric in primary.items():
+            if (step, task, metric) not in values:
+                continue
+            accuracy = metric != NLL_METRIC
+            base, value = values.get((steps[0], task, metric)), values[(step, task, metric)]
+            known = _finite(base) and _finite(value)
+            rows.append(
+                {
+                    "step": step, "base_step": steps[0], "task": task, "metric": metric,
+                    "role": roles[task], "accuracy": accuracy,
+                    "unit": "points" if accuracy else "nats",
+                    "base": float(base) if _finite(base) else None,
+                    "value": float(value) if _finite(value) else None,
+                    "delta": (100.0 if accuracy else 1.0) * (value - base) if known else None,
+                    "low": None, "high": None, "n": None,
+                    "reason": NO_ITEMS if known else "not scored in one of the two rounds",
+                    "chance": None, "at_chance": False, "is_ti": task == ti,
+                }
+            )  # fmt: skip
+    return rows
+
+
+def _finite(value: Any) -> bool:
+    """A real number (numpy's included), not NaN or infinite."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def resolve_run_dir(run: str | Path) -> Path:
@@ -188,42 +383,137 @@ def list_runs(root: str | Path | None = None) -> list[RunView]:
     return [load_run(p) for p in folders]
 
 
-def _pct_change(new: float, old: float) -> float | None:
-    return None if old == 0 else 100.0 * (new - old) / old
+#: runs_table columns that are not a task's score
+TABLE_FACTS = (
+    "run", "label", "method", "tau", "masked %", "target", "target Δ", "target Δ low",
+    "target Δ high", "target Δ unit", "BWT", "BWT low", "BWT high", "TI", "TI low", "TI high",
+    "prep s", "train s", "notes",
+)  # fmt: skip
+
+
+def _clean(value: Any) -> float | None:
+    return float(value) if _finite(value) else None
+
+
+def final_target_change(run: RunView) -> dict[str, Any] | None:
+    """The `changes()` row of the TI task at the run's last evaluation round (None when the run
+    has no evaluation, or only its step-0 round)."""
+    frame = run.changes()
+    frame = frame[frame["is_ti"].astype(bool)]
+    if frame.empty or frame["step"].max() == frame["base_step"].min():
+        return None
+    return frame.sort_values("step").iloc[-1].to_dict()
 
 
 def runs_table(runs: list[RunView]) -> pd.DataFrame:
-    """One row per run: method, τ, % masked, target score and change, OOD scores, BWT, TI, cost.
+    """One row per run: method, τ, % masked, the target's change with its paired 95% interval,
+    each task's score, BWT and TI with theirs, cost, and the last round's notes.
 
-    Scores are those of each run's first metric per task at its last evaluation round; the change
-    is against the same run's step-0 evaluation (the base model under the same settings).
+    Scores are those of each run's primary metric per task at its last evaluation round; the
+    changes are against the same run's step-0 evaluation (the base model under the same
+    settings). "target Δ" is in "target Δ unit": points for an accuracy, nats for the target's
+    full-token reference NLL (lower is better).
     """
     rows = []
     for run in runs:
-        last, base, roles = run.scores_at("last"), run.scores_at("base"), run.roles()
-        bwt, ti = run.final_bwt_ti
+        last = run.scores_at("last")
+        summary = run.final_summary
+        target = run.target_task()
+        change = final_target_change(run)
         row: dict[str, Any] = {
             "run": run.run_id,
             "label": run.label,
             "method": run.method,
             "tau": run.data_record.get("tau", run.config.get("tau")),
             "masked %": None if run.masked_share is None else 100 * run.masked_share,
+            "target": f"{target[0]} {target[1]}" if target else None,
+            "target Δ": _clean(change["delta"]) if change else None,
+            "target Δ low": _clean(change["low"]) if change else None,
+            "target Δ high": _clean(change["high"]) if change else None,
+            "target Δ unit": change["unit"] if change else None,
         }
         seen: set[str] = set()
         for (task, metric), value in last.items():
-            if task in seen:
-                continue
-            seen.add(task)
-            role = roles.get(task, "ood")
-            name = f"{task} {metric}"
-            row[name] = value
-            if role == "target":
-                row["target"] = name
-                if (task, metric) in base:
-                    row["target Δ%"] = _pct_change(value, base[(task, metric)])
-        row["BWT"] = bwt
-        row["TI"] = ti
+            if task not in seen:
+                seen.add(task)
+                row[f"{task} {metric}"] = value
+        for name in ("bwt", "ti"):
+            for suffix, field_name in (
+                ("", name),
+                (" low", f"{name}_low"),
+                (" high", f"{name}_high"),
+            ):
+                value = getattr(summary, field_name) if summary else None
+                row[f"{name.upper()}{suffix}"] = _clean(value)
         row["prep s"] = run.prep_seconds
         row["train s"] = run.train_seconds
+        row["notes"] = " ".join(summary.notes) if summary else ""
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def score_columns(table: pd.DataFrame) -> list[str]:
+    """The "task metric" score columns of a `runs_table`."""
+    return [c for c in table.columns if c not in TABLE_FACTS]
+
+
+def runs_display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A `runs_table` as people read it: each change as one "estimate [95% interval]" column
+    ("target Δ", "BWT %", "TI %"), without the bound, unit and notes columns."""
+    if table.empty:
+        return table
+    out = table.copy()
+    out["target Δ"] = [
+        interval_text(d, lo, hi, u or "")
+        for d, lo, hi, u in zip(
+            table["target Δ"], table["target Δ low"], table["target Δ high"],
+            table["target Δ unit"], strict=True,
+        )
+    ]  # fmt: skip
+    for name in ("BWT", "TI"):
+        out[name] = [
+            interval_text(v, lo, hi, "%")
+            for v, lo, hi in zip(
+                table[name], table[f"{name} low"], table[f"{name} high"], strict=True
+            )
+        ]
+    drop = [c for c in table.columns if c.endswith((" low", " high", " unit")) or c == "notes"]
+    out = out.drop(columns=drop).rename(columns={"BWT": "BWT %", "TI": "TI %"})
+    first = [c for c in out.columns if c not in ("BWT %", "TI %")]
+    at = first.index("target Δ") + 1  # the changes side by side, before the raw scores
+    return out[[*first[:at], "BWT %", "TI %", *first[at:]]]
+
+
+def run_findings(run: RunView) -> list[str]:
+    """What a run's last evaluation round says, each change with its paired 95% interval and a
+    verdict read off it ("better" / "worse" only when the interval excludes zero)."""
+    name = f"{run.label} · {run.run_id}"
+    frame = run.changes()
+    if frame.empty:
+        return [f"{name}: no evaluation rounds yet."]
+    if frame["step"].max() == frame["base_step"].min():
+        return [f"{name}: only step {int(frame['step'].max())} evaluated so far; a change needs a "
+                "later round."]  # fmt: skip
+    out = []
+    change = final_target_change(run)
+    if change is not None:
+        text = change_text(
+            change["delta"], change["low"], change["high"], unit=str(change["unit"]),
+            higher_is_better=bool(change["accuracy"]), n=change["n"], reason=change["reason"],
+        )  # fmt: skip
+        out.append(f"{name}: target {change['task']} {change['metric']} at step "
+                   f"{int(change['step'])} vs step {int(change['base_step'])}: {text}.")  # fmt: skip
+    summary = run.final_summary
+    if summary is not None:
+        for label, value, low, high in (
+            ("BWT", summary.bwt, summary.bwt_low, summary.bwt_high),
+            ("TI", summary.ti, summary.ti_low, summary.ti_high),
+        ):
+            if value is None:
+                why = next((n for n in summary.notes if n.startswith(f"{label} undefined")), "")
+                out.append(f"{name}: {label} at step {summary.step}: {why or 'undefined.'}")
+                continue
+            text = change_text(value, low, high, unit="%",
+                               reason="too few items or no per-item scores")  # fmt: skip
+            out.append(f"{name}: {label} at step {summary.step}: {text}.")
+    return out

@@ -6,14 +6,25 @@ share the colour and differ in dash. Used by the Runs and Compare pages and by t
 
 from __future__ import annotations
 
+import math
+import numbers
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
-from core.jobs.metrics import StartRecord, as_records, loss_by_step, of_kind
+from core.jobs.metrics import (
+    EvalSummaryRecord,
+    StartRecord,
+    as_records,
+    latest,
+    loss_by_step,
+    of_kind,
+)
 from core.masking import DEFAULT_TAU
+from core.stats import Interval
 from core.viz.charts import FALLBACK_COLORS, _base_layout
 
 if TYPE_CHECKING:  # only for annotations: core.viz sits below core.study
@@ -49,25 +60,157 @@ def _styles(runs: Sequence[RunView]) -> dict[str, dict[str, str]]:
     return styles
 
 
+def figure_notes(fig: go.Figure) -> list[str]:
+    """The sentences a chart builder attached to its figure (`layout.meta["notes"]`): what the
+    chart cannot show (no rounds yet, no interval, a run left out) and each run's last change
+    with its interval. Pages show them as a caption under the chart, the report as a note."""
+    meta = fig.layout.meta
+    return list(meta.get("notes", [])) if isinstance(meta, dict) else []
+
+
+def _finish(fig: go.Figure, notes: Sequence[str], empty: str = "") -> go.Figure:
+    """Attach `notes`; with no data trace, say `empty` in the middle of the plot."""
+    fig.update_layout(meta={"notes": list(notes)})
+    if empty and not any(t.meta and t.meta.get("role") == "line" for t in fig.data):
+        fig.layout.shapes = ()  # zero lines on an empty plot point at nothing
+        fig.add_annotation(
+            text=empty, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
+            font={"color": "#6b7280", "size": 13},
+        )  # fmt: skip
+        fig.update_xaxes(showticklabels=False)
+        fig.update_yaxes(showticklabels=False)
+    return fig
+
+
+PANEL_PLOT_PX = 250  # the plot area's height in a panel, whatever the legend takes below it
+
+
+def _panel_layout(
+    fig: go.Figure, title: str, x_title: str, y_title: str, better: str = ""
+) -> go.Figure:
+    """`_base_layout` for a chart a third of the page wide: the legend below the plot (one row
+    per run, so it never covers the title), the figure as tall as the legend needs, and which
+    way is better on a second line of the y-axis title."""
+    _base_layout(fig, title, x_title, f"{y_title}<br>({better} is better)" if better else y_title)
+    rows = sum(1 for t in fig.data if t.showlegend is not False)
+    bottom = 64 + 22 * rows
+    fig.update_layout(
+        height=48 + PANEL_PLOT_PX + bottom,
+        legend={"orientation": "h", "yref": "container", "yanchor": "bottom", "y": 0.0,
+                "x": 0.0, "xanchor": "left", "font": {"size": 12}},
+        margin={"l": 78, "r": 16, "t": 48, "b": bottom},
+        title={"font": {"size": 15}},
+    )  # fmt: skip
+    fig.update_yaxes(title_font={"size": 12})
+    fig.update_xaxes(title_font={"size": 12})
+    steps = [x for t in fig.data if t.x is not None for x in t.x if _finite(x)]
+    whole = all(float(x).is_integer() for x in steps)
+    if steps and whole and max(steps) - min(steps) <= 10:  # a few steps: no ticks between them
+        fig.update_xaxes(dtick=1)
+    fig.update_layout(showlegend=rows > 0)  # also with one run: every panel lines up
+    return fig
+
+
+def _run_name(run: RunView) -> str:
+    return f"{run.label} · {run.run_id}"
+
+
+DIGITS = {"points": 1, "nats": 3, "%": 1}
+
+
+def interval_text(
+    estimate: Any, low: Any = None, high: Any = None, unit: str = "", digits: int | None = None
+) -> str:
+    """ "+5.0 [+1.2, +8.8] points", "+5.0 points (no interval)" or "–" (no estimate)."""
+    digits = DIGITS.get(unit, 1) if digits is None else digits
+    if not _finite(estimate):
+        return "–"
+    unit = f" {unit}" if unit and unit != "%" else unit
+    text = f"{float(estimate):+.{digits}f}"
+    if _finite(low) and _finite(high):
+        return f"{text} [{float(low):+.{digits}f}, {float(high):+.{digits}f}]{unit}"
+    return f"{text}{unit} (no interval)"
+
+
+def change_text(
+    estimate: Any,
+    low: Any,
+    high: Any,
+    *,
+    unit: str,
+    higher_is_better: bool = True,
+    n: Any = None,
+    reason: Any = "",
+) -> str:
+    """One change with its paired 95% interval and the verdict read off it: "better" / "worse"
+    only when the interval excludes zero, else "no detectable difference"; without an interval,
+    the reason (e.g. "1 item: too few for an interval")."""
+    interval = Interval(
+        float(estimate) if _finite(estimate) else None,
+        float(low) if _finite(low) else None,
+        float(high) if _finite(high) else None,
+        int(n) if _finite(n) else 0,
+        reason=str(reason or "no interval"),
+    )
+    space = "" if unit == "%" else " "
+    return interval.describe(f"{space}{unit}", DIGITS.get(unit, 1), higher_is_better)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _band(
+    fig: go.Figure, x: Sequence[Any], low: Sequence[Any], high: Sequence[Any], *, color: str,
+    run: RunView,
+) -> None:  # fmt: skip
+    """The paired 95% interval as a shaded band under a run's line (`meta.role` "band")."""
+    x, low, high = list(x), list(low), list(high)
+    fig.add_trace(
+        go.Scatter(
+            x=[*x, *x[::-1]], y=[*high, *low[::-1]], mode="lines", fill="toself",
+            fillcolor=_translucent(color), line={"width": 0}, hoverinfo="skip",
+            showlegend=False, legendgroup=run.run_id, name=f"{run.run_id} 95% interval",
+            meta={"run": run.run_id, "method": run.method, "role": "band"},
+        )
+    )  # fmt: skip
+
+
+def _line(
+    fig: go.Figure, run: RunView, x: Sequence[Any], y: Sequence[Any], style: dict[str, str],
+    hover: Sequence[str] | None = None,
+) -> None:  # fmt: skip
+    """A run's line (`meta.role` "line"), hovering `hover` per point when given."""
+    extra = {} if hover is None else {"customdata": list(hover),
+                                      "hovertemplate": "%{customdata}<extra></extra>"}  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=list(x), y=list(y), mode="lines+markers", name=_run_name(run), line=style,
+            legendgroup=run.run_id, meta={"run": run.run_id, "method": run.method, "role": "line"},
+            **extra,
+        )
+    )  # fmt: skip
+
+
 def loss_chart(runs: Sequence[RunView]) -> go.Figure:
-    """Training loss over steps, one line per run."""
+    """Training loss over steps, one line per run: the loss on the tokens training kept (a
+    masking method leaves its masked tokens out of it, so methods differ in what it measures)."""
     fig = go.Figure()
     styles = _styles(runs)
+    notes = []
     for run in runs:
         frame = run.train_frame()
         if frame.empty:
+            notes.append(f"{_run_name(run)}: no training steps (an evaluation-only run).")
             continue
-        fig.add_trace(
-            go.Scatter(
-                x=frame["step"], y=frame["loss"], mode="lines", name=f"{run.label} · {run.run_id}",
-                line=styles[run.run_id], meta={"run": run.run_id, "method": run.method},
-            )
-        )  # fmt: skip
-    return _base_layout(fig, "Training loss", "step", "loss")
+        _line(fig, run, frame["step"], frame["loss"], styles[run.run_id])
+    _panel_layout(fig, "Training loss", "step", "loss on trained<br>(unmasked) tokens")
+    return _finish(fig, notes, "No training steps logged yet.")
 
 
 def metric_chart(runs: Sequence[RunView], task: str, metric: str | None = None) -> go.Figure:
-    """One evaluation metric over steps (step 0 = the base model), one line per run."""
+    """One evaluation metric's raw value over steps (step 0 = the base model), one line per
+    run (the Runs page's metric picker)."""
     fig = go.Figure()
     styles = _styles(runs)
     for run in runs:
@@ -79,15 +222,23 @@ def metric_chart(runs: Sequence[RunView], task: str, metric: str | None = None) 
             continue
         name = metric or str(frame["metric"].iloc[0])
         frame = frame[frame["metric"] == name].sort_values("step")
-        fig.add_trace(
-            go.Scatter(
-                x=frame["step"], y=frame["value"], mode="lines+markers",
-                name=f"{run.label} · {run.run_id}", line=styles[run.run_id],
-                meta={"run": run.run_id, "method": run.method},
-            )
-        )  # fmt: skip
+        _line(fig, run, frame["step"], frame["value"], styles[run.run_id])
     label = f"{task} {metric or ''}".strip()
-    return _base_layout(fig, label, "step", metric or "score")
+    _base_layout(fig, label, "step", metric or "score")
+    return _finish(fig, [], f"No {label} records in these runs.")
+
+
+def metric_options(runs: Sequence[RunView]) -> list[tuple[str, str, str]]:
+    """Every (task, metric, role) the runs recorded: target tasks first, a task's primary
+    metric first (the metric picker's choices)."""
+    seen: list[tuple[str, str, str]] = []
+    for run in runs:
+        frame = run.eval_frame()
+        for task, metric, role in zip(frame["task"], frame["metric"], frame["role"], strict=True):
+            if (task, metric, role) not in seen:
+                seen.append((task, metric, role))
+    order = {task: i for i, (task, _, _) in reversed(list(enumerate(seen)))}
+    return sorted(seen, key=lambda t: (t[2] != "target", order[t[0]]))
 
 
 def _translucent(color: str, alpha: float = 0.15) -> str:
@@ -98,57 +249,265 @@ def _translucent(color: str, alpha: float = 0.15) -> str:
     return color
 
 
-def bwt_chart(runs: Sequence[RunView]) -> go.Figure:
-    """Backward transfer (mean relative change on out-of-domain tasks, %) over steps, with the
-    paired 95% interval over items as a band where the run has one."""
+def _delta_chart(
+    runs: Sequence[RunView], rows_of: Any, *, accuracy: bool
+) -> tuple[go.Figure, list[str]]:
+    """Δ of one task's metric vs step 0 per run, each with its paired 95% band; the notes say
+    each run's last change and its verdict, or why there is none."""
     fig = go.Figure()
     styles = _styles(runs)
+    unit = "points" if accuracy else "nats"
+    notes = []
     for run in runs:
-        frame = run.summary_frame().dropna(subset=["bwt"])
+        rows = rows_of(run)
+        name = _run_name(run)
+        if rows is None:
+            continue
+        if rows.empty:
+            notes.append(f"{name}: no evaluation rounds yet.")
+            continue
+        rows = rows.sort_values("step")
+        base_step = int(rows["base_step"].iloc[0])
+        if rows["step"].max() == base_step:
+            notes.append(f"{name}: only step {base_step} evaluated so far; a change needs a "
+                         "later round.")  # fmt: skip
+            continue
+        known = rows[[_finite(v) for v in rows["delta"]]]
+        if known.empty:
+            notes.append(f"{name}: {rows['reason'].iloc[-1] or 'not scored'}.")
+            continue
+        texts = [
+            f"step {int(r.step)}: "
+            + change_text(
+                r.delta, r.low, r.high, unit=unit, higher_is_better=accuracy, n=r.n, reason=r.reason
+            )  # fmt: skip
+            for r in known.itertuples()
+        ]
+        band = known[[_finite(lo) and _finite(hi) for lo, hi in zip(known["low"], known["high"],
+                                                                       strict=True)]]  # fmt: skip
+        if len(band) >= 2:
+            _band(fig, band["step"], band["low"], band["high"],
+                  color=styles[run.run_id]["color"], run=run)  # fmt: skip
+        _line(fig, run, known["step"], known["delta"], styles[run.run_id], texts)
+        vs = f" vs step {base_step}" if base_step else ""
+        notes.append(f"{name}, {texts[-1]}{vs}.")
+    fig.add_hline(y=0, line={"color": "#6b7280", "width": 1})
+    return fig, notes
+
+
+def _task_rows(task: str, metric: str | None = None) -> Any:
+    def rows_of(run: RunView) -> pd.DataFrame | None:
+        frame = run.changes()
+        if frame.empty:
+            return frame
+        frame = frame[frame["task"] == task]
+        if metric is not None:
+            frame = frame[frame["metric"] == metric]
+        return None if frame.empty else frame
+
+    return rows_of
+
+
+def target_delta_chart(runs: Sequence[RunView]) -> go.Figure:
+    """The headline: the change of each run's target metric from step 0 (accuracy in points when
+    the suite has a target accuracy task, else the full-token reference NLL in nats, never the
+    easy-token NLL), with the paired 95% interval over items as a band."""
+    targets = {run.run_id: run.target_task() for run in runs}
+    chosen = next((t for t in targets.values() if t is not None), None)
+    notes = []
+    if chosen is None:
+        fig = go.Figure()
+        fig.add_hline(y=0, line={"color": "#6b7280", "width": 1})
+        _panel_layout(fig, "Target Δ vs step 0", "step", "Δ target")
+        notes = [f"{_run_name(run)}: no evaluation rounds yet." for run in runs]
+        return _finish(fig, notes, "No evaluation rounds yet.")
+    task, metric = chosen
+    accuracy = _is_accuracy(runs, task, metric)
+    drawn = [run for run in runs if targets[run.run_id] in (chosen, None)]
+    fig, notes = _delta_chart(drawn, _task_rows(task, metric), accuracy=accuracy)
+    for run in runs:
+        if run not in drawn:
+            other = targets[run.run_id]
+            notes.append(f"{_run_name(run)}: its target is {other[0]} {other[1]}, another "
+                         "metric: compare it in the per-task charts.")  # fmt: skip
+    unit, better = ("points", "higher") if accuracy else ("nats", "lower")
+    _panel_layout(fig, "Target Δ vs step 0", "step", f"Δ {task} {metric}, {unit}", better)
+    return _finish(fig, notes, "No change to show yet.")
+
+
+def _is_accuracy(runs: Sequence[RunView], task: str, metric: str) -> bool:
+    for run in runs:
+        frame = run.changes()
+        frame = frame[(frame["task"] == task) & (frame["metric"] == metric)]
+        if not frame.empty:
+            return bool(frame["accuracy"].iloc[0])
+    return metric != "nll"
+
+
+def task_delta_chart(runs: Sequence[RunView], task: str) -> go.Figure:
+    """Δ of one task's primary metric vs step 0, one line and paired 95% band per run; for a
+    multiple-choice task, where chance lies on the same scale (Δ = chance − base), and whether
+    the base model is at chance (then the task says nothing about forgetting and stays out of
+    BWT)."""
+    metric, accuracy, role, chance_at, at_chance = "", True, "ood", [], False
+    for run in runs:
+        frame = run.changes()
+        frame = frame[frame["task"] == task] if not frame.empty else frame
         if frame.empty:
             continue
-        band = frame.dropna(subset=["bwt_low", "bwt_high"])
-        if not band.empty:  # the paired 95% interval over items, as a shaded band
-            color = styles[run.run_id].get("color", "#6b7280")
-            fig.add_trace(
-                go.Scatter(
-                    x=[*band["step"], *band["step"][::-1]],
-                    y=[*band["bwt_high"], *band["bwt_low"][::-1]],
-                    fill="toself", fillcolor=_translucent(color), line={"width": 0},
-                    hoverinfo="skip", showlegend=False, name=f"{run.run_id} 95% interval",
-                )
-            )  # fmt: skip
-        fig.add_trace(
-            go.Scatter(
-                x=frame["step"], y=frame["bwt"], mode="lines+markers",
-                name=f"{run.label} · {run.run_id}", line=styles[run.run_id],
-                meta={"run": run.run_id, "method": run.method},
-            )
+        first = frame.sort_values("step").iloc[0]
+        metric = metric or str(first["metric"])
+        accuracy, role = bool(first["accuracy"]), str(first["role"])
+        if _finite(first["chance"]) and _finite(first["base"]):
+            chance_at.append(round(100.0 * (float(first["chance"]) - float(first["base"])), 1))
+        at_chance = at_chance or bool(first["at_chance"])
+    fig, notes = _delta_chart(runs, _task_rows(task), accuracy=accuracy)
+    for y in sorted(set(chance_at)):
+        fig.add_hline(
+            y=y, line={"color": "#9ca3af", "width": 1, "dash": "dot"},
+            annotation_text="chance", annotation_position="bottom right",
         )  # fmt: skip
-    fig.add_hline(y=0, line={"color": "#9ca3af", "width": 1})
-    return _base_layout(fig, "Out-of-domain change (BWT, %)", "step", "BWT %")
+    title = f"{task} {metric} Δ ({'target' if role == 'target' else 'OOD'})"
+    if at_chance:
+        title += " · at chance"
+        notes.insert(0, f"At chance: the base model's {metric} on {task} is within its 95% "
+                     "interval of chance, so a change there says nothing about forgetting "
+                     "(left out of BWT).")  # fmt: skip
+    unit, better = ("points", "higher") if accuracy else ("nats", "lower")
+    _panel_layout(fig, title, "step", f"Δ {metric}, {unit}", better)
+    return _finish(fig, notes, "No change to show yet.")
+
+
+def task_delta_charts(runs: Sequence[RunView]) -> list[tuple[str, go.Figure]]:
+    """(key, chart) per evaluated task, target tasks first: `task_delta_chart` of each."""
+    tasks: list[tuple[str, str]] = []
+    for run in runs:
+        frame = run.changes()
+        for task, role in zip(frame["task"], frame["role"], strict=True):
+            if (task, role) not in tasks and task not in dict(tasks):
+                tasks.append((task, role))
+    tasks.sort(key=lambda t: t[1] != "target")  # stable: first-seen order within a role
+    return [(f"task-{_slug(task)}", task_delta_chart(runs, task)) for task, _ in tasks]
+
+
+def top_row_charts(runs: Sequence[RunView]) -> list[tuple[str, go.Figure]]:
+    """The three charts a reader looks at first, as (key, chart): the target's change vs step 0,
+    BWT and the training loss, every run overlaid."""
+    return [("target", target_delta_chart(runs)), ("bwt", bwt_chart(runs)),
+            ("loss", loss_chart(runs))]  # fmt: skip
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_-]+", "_", text)
+
+
+def bwt_chart(runs: Sequence[RunView]) -> go.Figure:
+    """Backward transfer (mean relative change on out-of-domain accuracy tasks above chance, %)
+    over steps, with the paired 95% interval over items as a band where the run has one."""
+    fig = go.Figure()
+    styles = _styles(runs)
+    notes = []
+    for run in runs:
+        frame = run.summary_frame()
+        known = frame.dropna(subset=["bwt"])
+        name = _run_name(run)
+        if known.empty:
+            summary = latest(run.records, EvalSummaryRecord)
+            why = [n for n in (summary.notes if summary else []) if n.startswith("BWT")]
+            notes.append(f"{name}: no BWT. " + (" ".join(why) if why else "No evaluation "
+                         "rounds with out-of-domain accuracy yet."))  # fmt: skip
+            continue
+        texts = [
+            f"step {int(r.step)}: "
+            + change_text(
+                r.bwt, r.bwt_low, r.bwt_high, unit="%", reason="too few items or no per-item scores"
+            )  # fmt: skip
+            for r in known.itertuples()
+        ]
+        band = known.dropna(subset=["bwt_low", "bwt_high"])
+        if len(band) >= 2:
+            _band(fig, band["step"], band["bwt_low"], band["bwt_high"],
+                  color=styles[run.run_id]["color"], run=run)  # fmt: skip
+        _line(fig, run, known["step"], known["bwt"], styles[run.run_id], texts)
+        if len(known) == 1:
+            notes.append(f"{name}: only step {int(known['step'].iloc[0])} so far; BWT needs a "
+                         "later round.")  # fmt: skip
+        else:
+            notes.append(f"{name}, {texts[-1]}.")
+    fig.add_hline(y=0, line={"color": "#6b7280", "width": 1})
+    _panel_layout(fig, "BWT: out-of-domain change", "step", "BWT, %", "higher")
+    return _finish(fig, notes, "No BWT to draw (see the note below).")
+
+
+def _column(table: pd.DataFrame, name: str) -> pd.Series:
+    return (
+        table[name] if name in table.columns else pd.Series([None] * len(table), index=table.index)
+    )
 
 
 def frontier_chart(table: pd.DataFrame) -> go.Figure:
-    """Forgetting frontier: target change (TI, %) vs out-of-domain change (BWT, %) per run."""
+    """Forgetting frontier: target change (TI, %) vs out-of-domain change (BWT, %) per run, with
+    their paired 95% intervals as error bars in both directions. One run is drawn on its own
+    (its point and intervals), with a note that a comparison needs a second run."""
     fig = go.Figure()
+    notes: list[str] = []
+    data = pd.DataFrame()
     if not table.empty and {"TI", "BWT"} <= set(table.columns):
-        data = table.dropna(subset=["TI", "BWT"])
-        for method, group in data.groupby("method", sort=False):
-            fig.add_trace(
-                go.Scatter(
-                    x=group["BWT"], y=group["TI"], mode="markers", name=str(method),
-                    marker={"size": 12, "color": method_color(str(method))},
-                    text=group["label"] + " · " + group["run"],
-                    hovertemplate="%{text}<br>BWT %{x:.2f}%<br>TI %{y:.2f}%<extra></extra>",
-                )
-            )  # fmt: skip
+        data = table[[_finite(t) and _finite(b) for t, b in zip(table["TI"], table["BWT"],
+                                                                 strict=True)]]  # fmt: skip
+        for row in table.drop(index=data.index).itertuples():
+            why = [n for n in str(getattr(row, "notes", "") or "").split(". ")
+                   if n.startswith(("BWT undefined", "TI undefined", "TI:"))]  # fmt: skip
+            missing = " and ".join(n for n, v in (("TI", row.TI), ("BWT", row.BWT))
+                                   if not _finite(v))  # fmt: skip
+            reason = ". ".join(why).rstrip(".") if why else "see the run's notes"
+            notes.append(f"{row.label} · {row.run}: not drawn, no {missing} ({reason}).")
+    for method, group in data.groupby("method", sort=False) if not data.empty else ():
+        bwt, ti = group["BWT"].astype(float), group["TI"].astype(float)
+        bars = {}
+        for axis, value, name in (("error_x", bwt, "BWT"), ("error_y", ti, "TI")):
+            low, high = _column(group, f"{name} low"), _column(group, f"{name} high")
+            bars[axis] = {
+                "type": "data", "symmetric": False, "thickness": 1.5, "width": 4,
+                "array": [h - v if _finite(h) else None for v, h in zip(value, high, strict=True)],
+                "arrayminus": [v - lo if _finite(lo) else None
+                               for v, lo in zip(value, low, strict=True)],
+            }  # fmt: skip
+        hover = [
+            f"{label} · {run}<br>BWT {interval_text(b, bl, bh, '%')}<br>"
+            f"TI {interval_text(t, tl, th, '%')}"
+            for label, run, b, bl, bh, t, tl, th in zip(
+                group["label"], group["run"], bwt, _column(group, "BWT low"),
+                _column(group, "BWT high"), ti, _column(group, "TI low"),
+                _column(group, "TI high"), strict=True,
+            )
+        ]  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=bwt.tolist(), y=ti.tolist(), mode="markers", name=str(method),
+                marker={"size": 12, "color": method_color(str(method))},
+                customdata=hover, hovertemplate="%{customdata}<extra></extra>",
+                meta={"role": "line", "runs": list(group["run"])}, **bars,
+            )
+        )  # fmt: skip
+    no_interval = [
+        f"{row['label']} · {row['run']}"
+        for _, row in data.iterrows()
+        if not all(_finite(row.get(c)) for c in ("BWT low", "BWT high", "TI low", "TI high"))
+    ]
+    if no_interval:
+        notes.append("No interval (too few items or no per-item scores) for: "
+                     + ", ".join(no_interval) + ".")  # fmt: skip
+    if len(data) == 1:
+        notes.insert(0, "One run: its point with the paired 95% intervals of TI and BWT (each "
+                     "against its own step 0). A comparison needs a second run.")  # fmt: skip
     fig.add_hline(y=0, line={"color": "#9ca3af", "width": 1})
     fig.add_vline(x=0, line={"color": "#9ca3af", "width": 1})
-    return _base_layout(
+    _base_layout(
         fig, "Forgetting frontier (up and right is better)", "BWT: out-of-domain change %",
         "TI: target change %",
     )  # fmt: skip
+    return _finish(fig, notes, "No run has both TI and BWT yet.")
 
 
 def score_vs_masked_chart(table: pd.DataFrame, columns: Sequence[str]) -> go.Figure:
@@ -168,7 +527,7 @@ def score_vs_masked_chart(table: pd.DataFrame, columns: Sequence[str]) -> go.Fig
                     text=part["label"],
                 )
             )  # fmt: skip
-    return _base_layout(fig, "Score vs % tokens masked", "% response tokens masked", "score")
+    return _panel_layout(fig, "Score vs % tokens masked", "% response tokens masked", "score")
 
 
 LORA_COLUMNS = {"fro_norm": "‖ΔW‖_F", "effective_rank": "effective rank"}
