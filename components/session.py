@@ -310,15 +310,19 @@ def scoring_task(
         lm = current_model(sel)
         cache = ScoreCache()
         early = [ex for i, ex in enumerate(examples) if i < FIRST_LOOK or ex.id in wanted]
+        notes: list[str] = []
         if len(early) < len(examples):
             task.message = f"scoring the first {len(early)} examples"
             partial = score_examples(lm, early, convention=convention, cache=cache)
             partial.of_total = len(examples)
             task.partial = partial
+            notes = partial.warnings  # a damaged score file is moved aside by the first call
         task.message = f"scoring {len(examples)} examples"
-        return score_examples(
+        run = score_examples(
             lm, examples, convention=convention, cache=cache, progress=task.progress
         )
+        run.warnings = notes + run.warnings
+        return run
 
     return runner.start(key, f"Scoring {sel.data_label}", work)
 
@@ -374,7 +378,10 @@ def scores_or_wait(
     task = scoring_task(sel, convention, first=first)
     if task is None:
         return None
-    return task_result(task, early=early)
+    run = task_result(task, early=early)
+    for note in run.warnings if run is not None else ():
+        st.warning(note, icon=":material/warning:")
+    return run
 
 
 def task_result(task: BackgroundTask, *, early: bool = False) -> Any:

@@ -89,6 +89,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         progress=_progress_printer("scoring"),
         source=args.source,
     )
+    for note in run.warnings:
+        print(f"warning: {note}", file=sys.stderr)
     # `model` (fingerprint|dtype) lets `mask` record which model's perplexities it thresholded
     rows = ({**ex.to_json_row(), "model": lm.cache_key} for ex in run.examples)
     count = write_jsonl_atomic(args.out, rows)

@@ -2,7 +2,7 @@
 
 The heatmap here IS the training mask: every change of mode, tau or share recomputes the masks
 from the cached scores (`core.masking`, vectorised over a `PplIndex` built once per scored
-dataset) and re-colours the example, so struck-out tokens are exactly the ones that will get
+dataset straight from the score store's columnar `TokenScores`) and re-colours the example, so struck-out tokens are exactly the ones that will get
 label -100. Nothing is re-scored on a widget change.
 """
 
@@ -41,6 +41,8 @@ from core.masking.rules import (
     compute_masks,
     snap_tau,
 )
+from core.scoring.score import ScoreRun
+from core.scoring.tokens import TokenScores
 from core.viz.charts import (
     PLOTLY_CONFIG,
     masked_share_histogram,
@@ -77,17 +79,17 @@ def _tau_from_query() -> float:
 
 
 @st.cache_resource(max_entries=4, show_spinner="Indexing token perplexities…")
-def _ppl_indexes(run_key: str, _examples: tuple) -> dict[str | None, PplIndex]:
-    """PplIndex of the whole run (key None) and of each data source, built once per scored run."""
-    indexes: dict[str | None, PplIndex] = {None: PplIndex.from_examples(_examples)}
-    sources = list(dict.fromkeys(ex.source for ex in _examples))
+def _ppl_indexes(run_key: str, _scores: TokenScores) -> dict[str | None, PplIndex]:
+    """PplIndex of the whole run (key None) and of each data source, built once per scored run
+    from its columns (no per-example records)."""
+    indexes: dict[str | None, PplIndex] = {None: PplIndex.from_scores(_scores)}
+    sources = list(dict.fromkeys(_scores.sources))
     for source in sources:
         if len(sources) == 1:
             indexes[source] = indexes[None]
         else:
-            indexes[source] = PplIndex.from_examples(
-                [ex for ex in _examples if ex.source == source]
-            )
+            rows = [i for i, s in enumerate(_scores.sources) if s == source]
+            indexes[source] = PplIndex.from_scores(_scores.take(rows))
     return indexes
 
 
@@ -213,22 +215,23 @@ def _rule_of_thumb_note(stats: MaskStats, short: bool) -> None:
     st.caption(text + ".")
 
 
-def _fully_masked_list(stats: MaskStats, examples: list) -> None:
+def _fully_masked_list(stats: MaskStats, scores: TokenScores, index: PplIndex) -> None:
     if not stats.n_fully_masked:
         return
-    by_id = {ex.id: ex for ex in examples}
+    rows = [index.index_of(i) for i in stats.fully_masked_ids]
+    seq_ppl, n_response = scores.seq_ppl(), scores.n_response
     with st.expander(f"{stats.n_fully_masked} examples with no trainable token"):
         st.caption("They carry no loss; some trainers drop them silently.")
         st.dataframe(
             pd.DataFrame(
                 [
                     {
-                        "id": i,
-                        "response tokens": by_id[i].n_response,
-                        "seq ppl": by_id[i].seq_ppl,
-                        "response": by_id[i].response[:120],
+                        "id": scores.ids[r],
+                        "response tokens": int(n_response[r]),
+                        "seq ppl": float(seq_ppl[r]),
+                        "response": scores.responses[r][:120],
                     }
-                    for i in stats.fully_masked_ids
+                    for r in rows
                 ]
             ),
             hide_index=True,
@@ -278,7 +281,8 @@ def _default_export_name(sel, config: MaskConfig, result: MaskResult) -> str:
     return f"{data}-{sel.limit}-{config.mode}-tau{result.tau:.3g}"
 
 
-def _export_section(sel, examples: list, settings: list[tuple[str, MaskConfig, MaskResult]]):
+def _export_section(sel, run: ScoreRun, settings: list[tuple[str, MaskConfig, MaskResult]]):
+    """The export form; the examples are built as records (`run.examples`) only to export."""
     st.subheader("Export the masked training set")
     st.caption(
         "Writes `masked.jsonl` (messages plus per-token `input_ids` and `labels`, -100 where "
@@ -309,7 +313,7 @@ def _export_section(sel, examples: list, settings: list[tuple[str, MaskConfig, M
     )
     buttons.download_button(
         "Download masked.jsonl",
-        data=lambda: masked_jsonl_bytes(examples, result),
+        data=lambda: masked_jsonl_bytes(run.examples, result),
         file_name=f"{target.name if target else 'masked'}.jsonl",
         mime="application/jsonl",
         icon=":material/download:",
@@ -319,6 +323,7 @@ def _export_section(sel, examples: list, settings: list[tuple[str, MaskConfig, M
         return
     try:
         with st.spinner("Writing the export…"):
+            examples = run.examples
             lm = current_model(sel)
             extra = {
                 "model": lm.cache_key,
@@ -359,13 +364,13 @@ st.caption(
 run = scores_or_wait(sel)
 if run is None:
     st.stop()
-if not run.examples:
+if not len(run.scores):
     st.warning("Nothing to mask: every example was skipped.")
     st.stop()
-examples = run.examples
+scores = run.scores
 task = scoring_task(sel, start=False)
 run_key = f"{sel.key()}:{task.started if task else id(run)}"
-indexes = _ppl_indexes(run_key, tuple(examples))
+indexes = _ppl_indexes(run_key, scores)
 index = indexes[None]
 if run.skipped:
     st.caption(f"{len(run.skipped)} examples were skipped when scoring (empty response).")
@@ -415,7 +420,7 @@ for (side, _, result), (_, stats), col in zip(settings, all_stats, columns, stri
         reference = all_stats[0][1] if side == "B" else None
         _counters(stats, result, 3 if compare else 5, reference)
         _rule_of_thumb_note(stats, short=compare)
-        _fully_masked_list(stats, examples)
+        _fully_masked_list(stats, scores, index)
 
 left, right = st.columns(2)
 left.plotly_chart(
@@ -441,7 +446,7 @@ chosen = st.selectbox(
 )
 st.query_params["ex"] = chosen
 position = index.index_of(chosen)
-example = examples[position]
+example = scores.example(position)
 heat_columns = st.columns(len(settings), gap="large")
 for (side, _, result), col in zip(settings, heat_columns, strict=True):
     with col:
@@ -475,4 +480,4 @@ with st.expander("Masked share of every example"):
         },
     )
 
-_export_section(sel, examples, settings)
+_export_section(sel, run, settings)

@@ -26,31 +26,19 @@ from core.data.sources import load_source
 from core.masking.export import load_masked_dataset, scores_fingerprint
 from core.masking.rules import MaskConfig, compute_masks, solve_tau_for_share
 from core.scoring.cache import ScoreCache
-from core.scoring.score import score_examples
+from core.scoring.score import score_examples, score_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 8
 FULLY_HIGH = 1  # this example's tokens all get ppl in [3, 50]
 
 
-class _CapturingCache(ScoreCache):
-    """Keeps what scoring would write, so the test can alter it before it reaches the cache."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.items: dict[str, ScoredExample] = {}
-
-    def put_many(self, items: dict[str, ScoredExample]) -> None:
-        self.items.update(items)
-
-
 @pytest.fixture
 def seeded_scores(tiny_lm) -> list[ScoredExample]:
     """Score MBPP train[:8] with the tiny model, give the tokens a known ppl spread, cache it."""
     dataset = load_source(task="mbpp", split="train", limit=LIMIT)
-    capture = _CapturingCache()
-    run = score_examples(tiny_lm, dataset.examples, cache=capture)
-    assert len(run.examples) == LIMIT and len(capture.items) == LIMIT
+    run = score_examples(tiny_lm, dataset.examples)  # no cache: the altered scores go there
+    assert len(run.examples) == LIMIT
     rng = np.random.default_rng(0)
     for i, rec in enumerate(run.examples):
         if i == FULLY_HIGH:
@@ -58,7 +46,7 @@ def seeded_scores(tiny_lm) -> list[ScoredExample]:
         else:
             nll = rng.exponential(1.3, rec.n_response)  # ppl mostly 1-10, tail to ~1000
         rec.logprob = (-nll).tolist()
-    ScoreCache().put_many(capture.items)  # same objects as run.examples
+    ScoreCache().put(score_setting(tiny_lm), run.examples)  # the setting the page scores under
     return run.examples
 
 

@@ -75,7 +75,7 @@ def test_rank_and_top_k_match_full_logits_across_chunks(tiny_lm):
 
 
 def test_cache_makes_second_run_free_and_identical(tiny_lm, tmp_path):
-    cache = ScoreCache(tmp_path / "scores.sqlite")
+    cache = ScoreCache(tmp_path / "scores")
     exs = _examples(5)
     first = score_examples(tiny_lm, exs, cache=cache)
     assert (first.n_cached, first.n_scored) == (0, 5)
@@ -87,7 +87,7 @@ def test_cache_makes_second_run_free_and_identical(tiny_lm, tmp_path):
 
 
 def test_changed_text_is_rescored(tiny_lm, tmp_path):
-    cache = ScoreCache(tmp_path / "s.sqlite")
+    cache = ScoreCache(tmp_path / "s")
     score_examples(tiny_lm, [Example("a", "p", "one")], cache=cache)
     run = score_examples(tiny_lm, [Example("a", "p", "two")], cache=cache)
     assert run.n_scored == 1

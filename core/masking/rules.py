@@ -22,7 +22,8 @@ of pooled response tokens to mask, from which `solve_tau_for_share` derives tau 
 it as ``high`` does, because its count comes from ``high``).
 
 Speed: build a `PplIndex` once (concatenated perplexities plus offsets and a few lazily cached
-orderings) and pass it to `compute_masks`; a tau change is then a few vectorised numpy operations.
+orderings; `PplIndex.from_scores` takes the score store's columnar `TokenScores` as they are) and
+pass it to `compute_masks`; a tau change is then a few vectorised numpy operations.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import pandas as pd
 from core.data.records import ScoredExample
 from core.errors import LensError
 from core.masking import DEFAULT_TAU
+from core.scoring.tokens import TokenScores
 
 MODES = ("high", "low", "random", "percentile")
 PERCENTILE_RULES = ("top", "random", "bottom")
@@ -174,6 +176,16 @@ class PplIndex:
         flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.float64)
         offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
+        self._setup(ids, position, flat, offsets, lengths)
+
+    def _setup(
+        self,
+        ids: list[str],
+        position: dict[str, int],
+        flat: np.ndarray,
+        offsets: np.ndarray,
+        lengths: np.ndarray,
+    ) -> None:
         bad_tokens = np.flatnonzero(np.isnan(flat) | (flat < 0))
         if bad_tokens.size:
             bad = int(np.searchsorted(offsets, bad_tokens[0], side="right")) - 1
@@ -183,7 +195,7 @@ class PplIndex:
         self.offsets: np.ndarray = _readonly(offsets)
         self.n_response: np.ndarray = _readonly(lengths)
         self.example_of: np.ndarray = _readonly(
-            np.repeat(np.arange(len(arrays), dtype=np.int64), lengths)
+            np.repeat(np.arange(len(ids), dtype=np.int64), lengths)
         )
         self.position: np.ndarray = _readonly(
             np.arange(flat.size, dtype=np.int64) - offsets[:-1][self.example_of]
@@ -210,6 +222,22 @@ class PplIndex:
                 )
             ppls.append(ex.ppl_array())
         return cls([ex.id for ex in examples], ppls)
+
+    @classmethod
+    def from_scores(cls, scores: TokenScores) -> PplIndex:
+        """Index columnar scores directly (no per-example arrays): the same index
+        `from_examples` builds from `scores.to_examples()`."""
+        ids = [str(i) for i in scores.ids]
+        position: dict[str, int] = {}
+        for i, ex_id in enumerate(ids):
+            if ex_id in position:
+                raise LensError(f"duplicate example id {ex_id!r}; ids must be unique to mask")
+            position[ex_id] = i
+        index = cls.__new__(cls)
+        flat = np.array(scores.ppl(), dtype=np.float64)
+        offsets = np.array(scores.offsets, dtype=np.int64)
+        index._setup(ids, position, flat, offsets, np.diff(offsets))
+        return index
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -304,9 +332,11 @@ class PplIndex:
         return out
 
 
-def _as_index(data: Sequence[ScoredExample] | PplIndex) -> PplIndex:
+def _as_index(data: Sequence[ScoredExample] | TokenScores | PplIndex) -> PplIndex:
     if isinstance(data, PplIndex):
         return data
+    if isinstance(data, TokenScores):
+        return PplIndex.from_scores(data)
     return PplIndex.from_examples(data)
 
 
@@ -502,10 +532,13 @@ class MaskResult:
         return mask_stats(self)
 
 
-def compute_masks(examples: Sequence[ScoredExample] | PplIndex, config: MaskConfig) -> MaskResult:
+def compute_masks(
+    examples: Sequence[ScoredExample] | TokenScores | PplIndex, config: MaskConfig
+) -> MaskResult:
     """Masks for every example (True = excluded from the loss) under ``config``.
 
-    Pass a prebuilt `PplIndex` for speed when masks are recomputed interactively.
+    Pass a prebuilt `PplIndex` (or columnar `TokenScores`) for speed when masks are recomputed
+    interactively.
     """
     index = _as_index(examples)
     ppl = index.ppl

@@ -1,8 +1,10 @@
 """Dataset-level perplexity statistics behind the paper's tables and figures.
 
 Every function takes `groups`: a mapping from a data-source label ("ground_truth",
-"self_output", "rephrase", ...) to that source's scored examples. The mapping key is the label
-used in the output, so callers can compare e.g. two scorers of the same source. Output rows
+"self_output", "rephrase", ...) to that source's scored examples, either a list of
+`ScoredExample` records or columnar `TokenScores` (what the score store reads: the share and
+sequence statistics then run on its flat arrays, with the same numbers). The mapping key is the
+label used in the output, so callers can compare e.g. two scorers of the same source. Output rows
 follow the mapping's order.
 
 Conventions (the paper leaves these open; see METHOD.md, "Known ambiguities"):
@@ -26,8 +28,10 @@ import numpy as np
 import pandas as pd
 
 from core.data.records import ScoredExample
+from core.scoring.tokens import TokenScores
 
-Groups = Mapping[str, Sequence[ScoredExample]]
+Scored = Sequence[ScoredExample] | TokenScores
+Groups = Mapping[str, Scored]
 
 CATEGORIES = ("number", "symbol", "word", "whitespace")
 
@@ -74,8 +78,41 @@ def token_category(token: str) -> str:
     return "symbol"
 
 
-def _example_ppl(example: ScoredExample) -> np.ndarray:
-    return example.ppl_array()
+def _records(examples: Scored) -> Sequence[ScoredExample]:
+    """Records of either form (the token-text statistics work example by example)."""
+    return examples.to_examples() if isinstance(examples, TokenScores) else examples
+
+
+def _flat_ppl(examples: Scored) -> tuple[np.ndarray, np.ndarray]:
+    """Response-token perplexities of all examples, concatenated, and their offsets."""
+    if isinstance(examples, TokenScores):
+        return examples.ppl(), examples.offsets
+    lengths = np.fromiter((len(ex.logprob) for ex in examples), np.int64, count=len(examples))
+    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    parts = [np.asarray(ex.logprob, dtype=np.float64) for ex in examples]
+    logprob = np.concatenate(parts) if parts else np.zeros(0)
+    return np.exp(-logprob), offsets
+
+
+def _per_example_count(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    lengths = np.diff(offsets)
+    out = np.zeros(lengths.size, dtype=np.int64)
+    nonempty = np.flatnonzero(lengths > 0)
+    if nonempty.size:
+        out[nonempty] = np.add.reduceat(
+            flags.view(np.uint8), offsets[:-1][nonempty], dtype=np.int64
+        )
+    return out
+
+
+def _seq_ppl_and_sizes(examples: Scored) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sequence perplexity and response-token count per example, and the truncated count."""
+    if isinstance(examples, TokenScores):
+        return examples.seq_ppl(), examples.n_response, int(examples.truncated.sum())
+    seq = np.array([ex.seq_ppl for ex in examples], dtype=np.float64)
+    sizes = np.fromiter((ex.n_response for ex in examples), np.int64, count=len(examples))
+    return seq, sizes, int(sum(bool(ex.truncated) for ex in examples))
 
 
 def sequence_ppl_table(groups: Groups, *, ddof: int = 0, decimals: int = 2) -> pd.DataFrame:
@@ -88,8 +125,9 @@ def sequence_ppl_table(groups: Groups, *, ddof: int = 0, decimals: int = 2) -> p
     """
     rows = []
     for source, examples in groups.items():
-        seq = np.array([ex.seq_ppl for ex in examples if ex.n_response > 0], dtype=np.float64)
-        n_tokens = int(sum(ex.n_response for ex in examples))
+        all_seq, sizes, n_truncated = _seq_ppl_and_sizes(examples)
+        seq = all_seq[sizes > 0]
+        n_tokens = int(sizes.sum())
         if seq.size:
             mean = float(seq.mean())
             var = float(seq.var(ddof=ddof)) if seq.size > ddof else float("nan")
@@ -102,7 +140,7 @@ def sequence_ppl_table(groups: Groups, *, ddof: int = 0, decimals: int = 2) -> p
                 "n_examples": len(examples),
                 "n_scored": int(seq.size),
                 "n_tokens": n_tokens,
-                "n_truncated": int(sum(bool(ex.truncated) for ex in examples)),
+                "n_truncated": n_truncated,
                 "seq_ppl_mean": mean,
                 "seq_ppl_var": var,
                 "seq_ppl_median": median,
@@ -149,7 +187,7 @@ def token_ppl_frame(groups: Groups, *, with_category: bool = False) -> pd.DataFr
     logprobs: list[np.ndarray] = []
     ranks: list[np.ndarray] = []
     for source, examples in groups.items():
-        for ex in examples:
+        for ex in _records(examples):
             n = ex.n_response
             sources.extend([source] * n)
             ids.extend([ex.id] * n)
@@ -186,18 +224,13 @@ def share_above_tau(groups: Groups, tau: float) -> pd.DataFrame:
     """
     rows = []
     for source, examples in groups.items():
-        n_tokens = n_above = n_all = n_none = 0
-        per_example: list[float] = []
-        for ex in examples:
-            ppl = _example_ppl(ex)
-            if ppl.size == 0:
-                continue
-            above = int(np.count_nonzero(ppl > tau))
-            n_tokens += ppl.size
-            n_above += above
-            per_example.append(above / ppl.size)
-            n_all += above == ppl.size
-            n_none += above == 0
+        ppl, offsets = _flat_ppl(examples)
+        sizes = np.diff(offsets)
+        above = _per_example_count(ppl > tau, offsets)
+        scored = sizes > 0
+        sizes, above = sizes[scored], above[scored]
+        n_tokens, n_above = int(sizes.sum()), int(above.sum())
+        per_example = above / sizes
         rows.append(
             {
                 "source": source,
@@ -206,9 +239,11 @@ def share_above_tau(groups: Groups, tau: float) -> pd.DataFrame:
                 "n_tokens": n_tokens,
                 "n_above": n_above,
                 "share": n_above / n_tokens if n_tokens else float("nan"),
-                "mean_example_share": float(np.mean(per_example)) if per_example else float("nan"),
-                "n_all_above": n_all,
-                "n_none_above": n_none,
+                "mean_example_share": float(np.mean(per_example))
+                if per_example.size
+                else float("nan"),
+                "n_all_above": int(np.count_nonzero(above == sizes)),
+                "n_none_above": int(np.count_nonzero(above == 0)),
             }
         )
     return pd.DataFrame(rows)
@@ -223,14 +258,30 @@ def share_vs_tau(groups: Groups, taus: Iterable[float]) -> pd.DataFrame:
     taus = np.asarray(sorted(float(t) for t in taus), dtype=np.float64)
     rows = []
     for source, examples in groups.items():
-        sorted_ppl = [np.sort(_example_ppl(ex)) for ex in examples if ex.n_response > 0]
-        pooled = np.sort(np.concatenate(sorted_ppl)) if sorted_ppl else np.zeros(0)
-        n_tokens = pooled.size
-        n_above = n_tokens - np.searchsorted(pooled, taus, side="right")
-        if sorted_ppl:
-            per_ex = np.stack(
-                [1.0 - np.searchsorted(p, taus, side="right") / p.size for p in sorted_ppl]
-            )
+        ppl, offsets = _flat_ppl(examples)
+        if isinstance(examples, TokenScores):
+            sizes = np.diff(offsets)
+        else:  # a record's own count of response tokens decides whether it is scored
+            sizes = np.fromiter((ex.n_response for ex in examples), np.int64, count=len(examples))
+        keep = np.flatnonzero(sizes > 0)
+        lengths = np.diff(offsets)[keep]
+        # Token t of example e is above tau_j exactly for j < bin(t), bin = #taus below its ppl;
+        # per-example counts of each bin, summed from the right, give the count above each tau.
+        bins = np.searchsorted(taus, ppl, side="left")
+        example = np.repeat(np.arange(offsets.size - 1, dtype=np.int64), np.diff(offsets))
+        rank = np.full(offsets.size - 1, -1, dtype=np.int64)
+        rank[keep] = np.arange(keep.size)
+        row_of = rank[example]
+        kept = row_of >= 0
+        width = taus.size + 1
+        counts = np.bincount(
+            row_of[kept] * width + bins[kept], minlength=keep.size * width
+        ).reshape(keep.size, width)
+        above = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1][:, 1:]  # (examples, taus)
+        n_tokens = int(lengths.sum())
+        n_above = above.sum(axis=0) if keep.size else np.zeros(taus.size, dtype=np.int64)
+        if keep.size:
+            per_ex = np.ascontiguousarray(1.0 - (lengths[:, None] - above) / lengths[:, None])
             mean_share = per_ex.mean(axis=0)
         else:
             mean_share = np.full(taus.size, np.nan)
@@ -261,8 +312,8 @@ def category_shares(groups: Groups, tau: float) -> pd.DataFrame:
     for source, examples in groups.items():
         n_all = dict.fromkeys(CATEGORIES, 0)
         n_high = dict.fromkeys(CATEGORIES, 0)
-        for ex in examples:
-            ppl = _example_ppl(ex)
+        for ex in _records(examples):
+            ppl = ex.ppl_array()
             for token, value in zip(ex.response_tokens, ppl, strict=False):
                 category = token_category(token)
                 n_all[category] += 1
@@ -284,14 +335,23 @@ def category_shares(groups: Groups, tau: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def scores_signature(groups: dict[str, Sequence[ScoredExample]]) -> str:
+def scores_signature(groups: Mapping[str, Scored]) -> str:
     """Short fingerprint of scored groups (ids, lengths, sequence ppl): a cache key for
-    frames derived from them."""
+    frames derived from them (the same for records and their columnar form)."""
     h = hashlib.sha256()
     for source, examples in groups.items():
         h.update(source.encode())
-        for ex in examples:
-            h.update(f"{ex.id}\x00{len(ex.logprob)}\x00{ex.seq_ppl!r}".encode())
+        if isinstance(examples, TokenScores):
+            rows = zip(
+                examples.ids,
+                examples.n_response.tolist(),
+                examples.seq_ppl().tolist(),
+                strict=True,
+            )
+        else:
+            rows = ((ex.id, len(ex.logprob), ex.seq_ppl) for ex in examples)
+        for ex_id, n, seq in rows:
+            h.update(f"{ex_id}\x00{n}\x00{seq!r}".encode())
     return h.hexdigest()[:16]
 
 
@@ -309,9 +369,10 @@ def shared_prefix_length(texts: Sequence[str], minimum: int = 20) -> int:
     return n if n >= minimum else 0
 
 
-def example_table(examples: Sequence[ScoredExample], tau: float) -> pd.DataFrame:
+def example_table(examples: Scored, tau: float) -> pd.DataFrame:
     """One row per example: id, prompt preview (after the prefix all prompts share), sequence
     ppl, length, share > τ, max token ppl, truncated."""
+    examples = _records(examples)
     prompts = [ex.prompt for ex in examples]
     skip = shared_prefix_length(prompts) if len(prompts) > 1 else 0
     rows = []

@@ -4,8 +4,10 @@ response token under a model, batched with length bucketing and cached on disk.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -13,7 +15,8 @@ from core.data.records import PROMPT_CONDITIONED, Example, ScoredExample
 from core.errors import LensError
 from core.model.encoding import EncodedPair, encode_pair
 from core.model.loading import LoadedModel
-from core.scoring.cache import ScoreCache, score_key
+from core.scoring.cache import ScoreCache, ScoreSetting, content_key
+from core.scoring.tokens import TokenScores
 
 ProgressFn = Callable[[int, int], None]
 
@@ -26,9 +29,14 @@ DEFAULT_MAX_BATCH = 16
 
 @dataclass
 class ScoreRun:
-    """Result of scoring a list of examples."""
+    """Result of scoring a list of examples.
 
-    examples: list[ScoredExample]
+    `scores` holds every scored example's tokens column by column (numpy arrays and offsets:
+    what dataset-wide statistics read); `examples` the same examples as `ScoredExample`
+    records, built from `scores` on first access (copies: changing one leaves `scores` as it
+    is)."""
+
+    scores: TokenScores
     n_cached: int = 0
     n_scored: int = 0
     n_truncated: int = 0
@@ -36,15 +44,41 @@ class ScoreRun:
     # Set when this is an early look at the first few examples of a larger selection still being
     # scored: that selection's size.
     of_total: int | None = None
+    # Copied from the old SQLite cache into the store (counted in n_cached too).
+    n_migrated: int = 0
+    # What went wrong without stopping the run (an unreadable score file moved aside and its
+    # examples scored again), as sentences to show.
+    warnings: list[str] = field(default_factory=list)
+
+    @cached_property
+    def examples(self) -> list[ScoredExample]:
+        """The scored examples as records, in input order."""
+        return self.scores.to_examples()
 
     def summary(self) -> str:
         """One line for the UI and CLI."""
-        text = f"{len(self.examples)} scored ({self.n_cached} from cache, {self.n_scored} computed)"
+        text = f"{len(self.scores)} scored ({self.n_cached} from cache, {self.n_scored} computed)"
+        if self.n_migrated:
+            text += f", {self.n_migrated} read from the old cache file"
         if self.n_truncated:
             text += f", {self.n_truncated} truncated to the context length"
         if self.skipped:
             text += f", {len(self.skipped)} skipped"
+        if self.warnings:
+            text += f", {len(self.warnings)} warning{'s' if len(self.warnings) > 1 else ''}"
         return text
+
+
+def score_setting(
+    lm: LoadedModel,
+    *,
+    convention: str = PROMPT_CONDITIONED,
+    top_k: int = DEFAULT_TOP_K,
+    max_length: int | None = None,
+) -> ScoreSetting:
+    """The cache setting `score_examples` uses for these arguments."""
+    limit = min(max_length or lm.max_length, lm.max_length)
+    return ScoreSetting(lm.cache_key, lm.template_fingerprint, convention, limit, int(top_k))
 
 
 def _build_record(
@@ -210,48 +244,62 @@ def score_examples(
         raise LensError(f"top_k must be from 0 to the vocabulary size ({vocab}), got {top_k}.")
     if max_length is not None and max_length < 2:
         raise LensError(f"max_length must be at least 2 tokens, got {max_length}.")
-    limit = min(max_length or lm.max_length, lm.max_length)
-    keys = [
-        score_key(lm.cache_key, lm.template_fingerprint, convention, limit, top_k, ex)
-        for ex in examples
-    ]
-    found = cache.get_many(keys) if cache is not None else {}
-    run = ScoreRun(examples=[], n_cached=len(found))
+    setting = score_setting(lm, convention=convention, top_k=top_k, max_length=max_length)
+    limit = setting.max_length
+    keys = [content_key(ex) for ex in examples]
+    hit = cache.lookup(setting, examples, keys) if cache is not None else None
+    found = {key: i for i, key in enumerate(hit.keys)} if hit is not None else {}
+    run = ScoreRun(scores=TokenScores.empty(int(top_k)), n_cached=len(found))
+    if hit is not None:
+        run.n_migrated, run.warnings = hit.n_migrated, list(hit.warnings)
     todo = [i for i, k in enumerate(keys) if k not in found]
-    encs: dict[int, EncodedPair] = {}
+    encs: dict[int, EncodedPair] = {}  # first example of each content still to score
+    first_of: dict[str, int] = {}
     for i in todo:
         ex = examples[i]
         if not ex.response.strip():
             run.skipped.append((ex.id, "empty response"))
             continue
+        if keys[i] in first_of:
+            continue  # the same content twice: scored once
+        first_of[keys[i]] = i
         encs[i] = encode_pair(
             lm.tokenizer, ex.prompt, ex.response, convention=convention, max_length=limit
         )
-    total, done = len(examples), len(found)
+    copies = Counter(keys)
+    total, done = len(examples), sum(copies[k] for k in found)
     if progress:
         progress(done, total)
     index = list(encs)
-    new: dict[str, ScoredExample] = {}
+    new_parts: list[TokenScores] = []
+    new_keys: list[str] = []
     for batch in _buckets([len(encs[i].input_ids) for i in index], token_budget, max_batch):
         members = [index[b] for b in batch]
         stats = _score_batch(lm, [encs[i] for i in members], top_k)
-        for i, (lp, rank, tids, tlp) in zip(members, stats, strict=True):
-            rec = _build_record(lm, examples[i], encs[i], convention, lp, rank, tids, tlp)
-            new[keys[i]] = rec
-        done += len(members)
+        records = [
+            _build_record(lm, examples[i], encs[i], convention, lp, rank, tids, tlp)
+            for i, (lp, rank, tids, tlp) in zip(members, stats, strict=True)
+        ]
+        part = TokenScores.from_examples(records, top_k=int(top_k))
+        new_parts.append(part)
+        new_keys.extend(keys[i] for i in members)
+        done += sum(copies[keys[i]] for i in members)
         if cache is not None:
-            cache.put_many({keys[i]: new[keys[i]] for i in members})
+            run.warnings += cache.put(setting, part)
         if progress:
             progress(done, total)
-    for i, key in enumerate(keys):
-        rec = found.get(key) or new.get(key)
-        if rec is None:
-            continue
-        rec.source = source
-        rec.meta = dict(examples[i].meta)
-        run.examples.append(rec)
-    run.n_scored = len(new)
-    run.n_truncated = sum(r.truncated for r in run.examples)
+    parts = ([hit.scores] if hit is not None else []) + new_parts
+    joined = TokenScores.concat(parts) if parts else TokenScores.empty(int(top_k))
+    position = {key: j for j, key in enumerate((hit.keys if hit is not None else []) + new_keys)}
+    order = [i for i, key in enumerate(keys) if key in position]
+    rows = [position[keys[i]] for i in order]
+    sources, metas = [source] * len(order), [dict(examples[i].meta) for i in order]
+    if rows == list(range(len(joined))):  # e.g. all from one store read, in input order
+        run.scores = joined.with_labels(sources, metas)
+    else:
+        run.scores = joined.take(rows, sources=sources, metas=metas)
+    run.n_scored = len(new_keys)
+    run.n_truncated = int(run.scores.truncated.sum())
     return run
 
 

@@ -1,0 +1,464 @@
+"""The columnar score store: cache semantics on the tiny model, the same statistics as the
+list-based code, the legacy SQLite cache read through, damaged fragments moved aside and
+re-scored, and several processes writing at once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from core.data.records import Example, ScoredExample
+from core.data.sources import load_source
+from core.io import cache_dir
+from core.masking.rules import (
+    MaskConfig,
+    PplIndex,
+    compute_masks,
+    share_vs_tau_curve,
+    solve_tau_for_share,
+)
+from core.scoring import analytics
+from core.scoring import store as store_module
+from core.scoring.cache import (
+    LegacyScoreCache,
+    ScoreCache,
+    ScoreSetting,
+    content_key,
+    score_key,
+)
+from core.scoring.tokens import TokenScores
+from tests.reference_analytics import (
+    sequence_ppl_table_reference,
+    share_above_tau_reference,
+    share_vs_tau_reference,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dicts(records):
+    return [r.to_dict() for r in records]
+
+
+@pytest.fixture(scope="module")
+def mbpp():
+    return load_source(task="mbpp", split="train", limit=12).examples
+
+
+@pytest.fixture
+def count_batches(monkeypatch):
+    """Counts the model's scoring passes (`_score_batch` calls) and the examples in them."""
+    import core.scoring.score as score
+
+    calls = {"batches": 0, "examples": 0}
+    real = score._score_batch
+
+    def counting(lm, encs, top_k):
+        calls["batches"] += 1
+        calls["examples"] += len(encs)
+        return real(lm, encs, top_k)
+
+    monkeypatch.setattr(score, "_score_batch", counting)
+    return calls
+
+
+def _synthetic(n: int, seed: int = 0, k: int = 3, prefix: str = "e") -> list[ScoredExample]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        n_resp = int(rng.integers(0, 25)) if i % 7 else 0
+        start = int(rng.integers(0, 6))
+        ids = rng.integers(0, 300, start + n_resp).tolist()
+        top = rng.integers(0, 300, (n_resp, k)).tolist()
+        out.append(
+            ScoredExample(
+                id=f"{prefix}{i}",
+                prompt=f"prompt {i}",
+                response=f"response {i}",
+                convention="prompt",
+                token_ids=ids,
+                tokens=[f"<{t}>" for t in ids],
+                response_start=start,
+                logprob=(-rng.exponential(1.0, n_resp)).tolist(),
+                rank=rng.integers(1, 50, n_resp).tolist(),
+                top_ids=top,
+                top_tokens=[[f"<{t}>" for t in row] for row in top],
+                top_logprobs=(-rng.exponential(1.0, (n_resp, k))).astype(np.float32).tolist(),
+                truncated=bool(i % 3 == 0),
+            )
+        )
+    return out
+
+
+SETTING = ScoreSetting("model|float32", "tmpl", "prompt", 128, 3)
+
+
+# --------------------------------------------------------------------------- columns
+
+
+def test_token_scores_round_trip_take_and_concat():
+    recs = _synthetic(30)
+    scores = TokenScores.from_examples(recs)
+    assert _dicts(scores.to_examples()) == _dicts(recs)
+    order = [5, 0, 5, 29, 7]
+    assert _dicts(scores.take(order).to_examples()) == _dicts([recs[i] for i in order])
+    joined = TokenScores.concat([scores.take([1, 2]), TokenScores.empty(3), scores.take([3])])
+    assert _dicts(joined.to_examples()) == _dicts(recs[1:4])
+    assert scores.n_tokens == sum(len(r.logprob) for r in recs)
+    np.testing.assert_array_equal(scores.ppl(), np.concatenate([r.ppl_array() for r in recs]))
+    seq = scores.seq_ppl()
+    for i, rec in enumerate(recs):
+        assert (np.isnan(seq[i]) and not rec.logprob) or seq[i] == rec.seq_ppl
+    with pytest.raises(ValueError, match="top-k rows"):
+        TokenScores.from_examples(recs, top_k=2)
+
+
+def test_store_keeps_every_field_and_finds_newest(tmp_path):
+    cache = ScoreCache(tmp_path / "store")
+    recs = _synthetic(40)
+    cache.put(SETTING, recs[:25])
+    cache.put(SETTING, recs[15:])  # overlapping rows: the newest fragment wins, same content
+    found = cache.lookup(SETTING, list(reversed(recs)) + [Example("x", "p", "not stored")])
+    assert found.keys == [content_key(r) for r in reversed(recs)]
+    assert _dicts(found.scores.to_examples()) == _dicts(list(reversed(recs)))
+    assert len(cache) == 40
+    assert cache.compact() == [] and len(cache.store.fragments(SETTING.key())) == 1
+    assert _dicts(cache.lookup(SETTING, recs).scores.to_examples()) == _dicts(recs)
+    other = ScoreSetting("model|float32", "tmpl", "prompt", 128, 5)
+    assert cache.lookup(other, recs).keys == []
+
+
+def test_many_small_writes_are_compacted(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "MAX_FRAGMENTS", 4)
+    cache = ScoreCache(tmp_path / "store")
+    recs = _synthetic(30)
+    for start in range(0, 30, 3):
+        cache.put(SETTING, recs[start : start + 3])
+        assert len(cache.store.fragments(SETTING.key())) <= 4
+    assert _dicts(cache.lookup(SETTING, recs).scores.to_examples()) == _dicts(recs)
+
+
+# --------------------------------------------------------------------------- cache semantics
+
+
+def test_second_run_is_free_superset_scores_only_new(tiny_lm, mbpp, count_batches):
+    from core.scoring.score import score_examples
+
+    cache = ScoreCache()
+    first = score_examples(tiny_lm, mbpp[:8], cache=cache)
+    assert (first.n_cached, first.n_scored) == (0, 8)
+    assert count_batches["examples"] == 8
+    again = score_examples(tiny_lm, mbpp[:8], cache=cache)
+    assert (again.n_cached, again.n_scored, count_batches["examples"]) == (8, 0, 8)
+    assert _dicts(again.examples) == _dicts(first.examples)
+    more = score_examples(tiny_lm, mbpp, cache=cache)
+    assert (more.n_cached, more.n_scored, count_batches["examples"]) == (8, 4, 12)
+    assert [r.id for r in more.examples] == [ex.id for ex in mbpp]
+    assert _dicts(more.examples[:8]) == _dicts(first.examples)
+    # a fresh cache object (another process) reads the same rows
+    assert score_examples(tiny_lm, mbpp, cache=ScoreCache()).n_scored == 0
+    # any change of setting or text misses
+    assert score_examples(tiny_lm, mbpp[:2], cache=cache, top_k=2).n_cached == 0
+    assert score_examples(tiny_lm, mbpp[:2], cache=cache, max_length=64).n_cached == 0
+    assert score_examples(tiny_lm, mbpp[:2], cache=cache, convention="response_only").n_cached == 0
+    edited = Example(mbpp[0].id, mbpp[0].prompt, mbpp[0].response + "\n# edited")
+    assert score_examples(tiny_lm, [edited, mbpp[1]], cache=cache).n_scored == 1
+
+
+def test_the_same_content_twice_is_scored_once(tiny_lm, mbpp, count_batches):
+    from core.scoring.score import score_examples
+
+    run = score_examples(tiny_lm, [mbpp[0], mbpp[1], mbpp[0]], cache=ScoreCache())
+    assert count_batches["examples"] == 2 and run.n_scored == 2
+    assert [r.id for r in run.examples] == [mbpp[0].id, mbpp[1].id, mbpp[0].id]
+    assert run.examples[0].to_dict() == run.examples[2].to_dict()
+
+
+def test_meta_and_source_come_from_the_caller(tiny_lm, mbpp):
+    from core.scoring.score import score_examples
+
+    cache = ScoreCache()
+    score_examples(tiny_lm, mbpp[:2], cache=cache)
+    tagged = [
+        Example(ex.id, ex.prompt, ex.response, meta={"n": i}) for i, ex in enumerate(mbpp[:2])
+    ]
+    run = score_examples(tiny_lm, tagged, cache=cache, source="mine")
+    assert run.n_cached == 2
+    assert [(r.source, r.meta) for r in run.examples] == [("mine", {"n": 0}), ("mine", {"n": 1})]
+    assert run.scores.sources == ("mine", "mine")
+
+
+# --------------------------------------------------------------------------- same numbers
+
+
+def test_columnar_statistics_equal_the_list_based_ones(tiny_lm, mbpp):
+    """On a real scored dataset: masking statistics, share-vs-τ curves and the Table-1 summary
+    from the columnar view are exactly those of the list-based code."""
+    from core.scoring.score import score_examples
+
+    run = score_examples(tiny_lm, mbpp, cache=ScoreCache())
+    records = run.examples
+    scores = ScoreCache().lookup(_setting(tiny_lm), mbpp).scores  # read from disk
+    assert len(scores) == len(records)
+    ppl = np.concatenate([r.ppl_array() for r in records])
+    taus = np.quantile(ppl, [0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95]).tolist()
+    grid = np.geomspace(ppl.min() * 0.9, ppl.max() * 1.1, 60).tolist() + taus
+    new = PplIndex.from_scores(scores)
+    old = PplIndex.from_examples(records)
+    np.testing.assert_array_equal(new.ppl, old.ppl)
+    np.testing.assert_array_equal(new.offsets, old.offsets)
+    assert new.ids == old.ids
+    configs = [MaskConfig(tau=t) for t in taus] + [
+        MaskConfig(mode="low", tau=taus[3]),
+        MaskConfig(mode="random", tau=taus[2], seed=3),
+        MaskConfig(mode="percentile", percentile_rule="top", k_percent=25),
+        MaskConfig(mode="percentile", percentile_rule="random", k_percent=40, seed=1),
+        MaskConfig(tau=None, target_share=0.3),
+    ]
+    for config in configs:
+        a, b = compute_masks(scores, config), compute_masks(records, config)
+        np.testing.assert_array_equal(a.flat, b.flat)
+        sa, sb = a.stats(), b.stats()
+        assert sa.summary() == sb.summary()
+        pd.testing.assert_frame_equal(sa.per_example_frame(), sb.per_example_frame())
+    assert solve_tau_for_share(new, 0.25) == solve_tau_for_share(old, 0.25)
+    pd.testing.assert_frame_equal(share_vs_tau_curve(new, grid), share_vs_tau_curve(old, grid))
+    for groups in ({"ground_truth": scores}, {"ground_truth": records}):
+        two = {**groups, "half": scores.take(range(0, len(scores), 2))}
+        ref = {"ground_truth": records, "half": records[::2]}
+        for tau in taus:
+            pd.testing.assert_frame_equal(
+                analytics.share_above_tau(two, tau), share_above_tau_reference(ref, tau)
+            )
+        pd.testing.assert_frame_equal(
+            analytics.share_vs_tau(two, grid), share_vs_tau_reference(ref, grid)
+        )
+        pd.testing.assert_frame_equal(
+            analytics.sequence_ppl_table(two), sequence_ppl_table_reference(ref)
+        )
+        assert analytics.scores_signature(two) == analytics.scores_signature(ref)
+    pd.testing.assert_frame_equal(
+        analytics.example_table(scores, taus[3]), analytics.example_table(records, taus[3])
+    )
+
+
+def _setting(lm):
+    from core.scoring.score import score_setting
+
+    return score_setting(lm)
+
+
+# --------------------------------------------------------------------------- legacy cache
+
+
+def _legacy_rows(path: Path) -> dict:
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(path)) as db:
+        return dict(db.execute("SELECT key, value FROM scores"))
+
+
+def test_old_sqlite_cache_is_read_through_without_rescoring(tiny_lm, mbpp, count_batches):
+    """Scores written to scores.sqlite by the old cache code are used, and copied once."""
+    from core.scoring.score import score_examples, score_setting
+
+    reference = score_examples(tiny_lm, mbpp[:6]).examples  # no cache
+    setting = score_setting(tiny_lm)
+    old = LegacyScoreCache()  # the old class and encoding, at the old default path
+    assert old.path == cache_dir() / "scores.sqlite"
+    old.put_many(
+        {
+            score_key(
+                setting.model_key,
+                setting.template_fp,
+                setting.convention,
+                setting.max_length,
+                setting.top_k,
+                rec,
+            ): rec
+            for rec in reference
+        }
+    )
+    before = _legacy_rows(old.path)
+    count_batches["examples"] = 0
+    run = score_examples(tiny_lm, mbpp[:8], cache=ScoreCache())
+    assert count_batches["examples"] == 2  # only the two the old cache did not have
+    assert (run.n_cached, run.n_migrated, run.n_scored) == (6, 6, 2)
+    assert "6 read from the old cache file" in run.summary()
+    assert _dicts(run.examples[:6]) == _dicts(reference)
+    assert _legacy_rows(old.path) == before  # the old file is only read
+    # now in the store itself: found without the legacy file
+    again = score_examples(tiny_lm, mbpp[:8], cache=ScoreCache(legacy=None))
+    assert (again.n_cached, again.n_migrated, count_batches["examples"]) == (8, 0, 2)
+
+
+def test_migrated_rows_need_no_legacy_file_afterwards(tiny_lm, mbpp, count_batches):
+    from core.scoring.score import score_examples, score_setting
+
+    reference = score_examples(tiny_lm, mbpp[:3]).examples
+    s = score_setting(tiny_lm)
+    LegacyScoreCache().put_many(
+        {
+            score_key(s.model_key, s.template_fp, s.convention, s.max_length, s.top_k, r): r
+            for r in reference
+        }
+    )
+    score_examples(tiny_lm, mbpp[:3], cache=ScoreCache())
+    (cache_dir() / "scores.sqlite").unlink()
+    count_batches["examples"] = 0
+    run = score_examples(tiny_lm, mbpp[:3], cache=ScoreCache())
+    assert (run.n_cached, run.n_migrated, count_batches["examples"]) == (3, 0, 0)
+
+
+def test_damaged_legacy_rows_are_rescored_with_a_warning(tiny_lm, mbpp, count_batches):
+    import sqlite3
+
+    from core.scoring.score import score_examples, score_setting
+
+    s = score_setting(tiny_lm)
+    reference = score_examples(tiny_lm, mbpp[:2]).examples
+    keys = [
+        score_key(s.model_key, s.template_fp, s.convention, s.max_length, s.top_k, r)
+        for r in reference
+    ]
+    old = LegacyScoreCache()
+    old.put_many(dict(zip(keys, reference, strict=True)))
+    with sqlite3.connect(old.path) as db:
+        db.execute("UPDATE scores SET value = ? WHERE key = ?", (b"not zlib", keys[0]))
+    count_batches["examples"] = 0
+    run = score_examples(tiny_lm, mbpp[:2], cache=ScoreCache())
+    assert (run.n_migrated, run.n_scored, count_batches["examples"]) == (1, 1, 1)
+    assert any("unreadable record" in w for w in run.warnings)
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+def _only_fragment(cache: ScoreCache, setting: ScoreSetting) -> Path:
+    [path] = cache.store.fragments(setting.key())
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "columns"])
+def test_damaged_fragment_is_moved_aside_and_rescored(
+    tiny_lm, mbpp, count_batches, damage, tmp_path
+):
+    from core.scoring.score import score_examples
+
+    cache = ScoreCache()
+    first = score_examples(tiny_lm, mbpp[:4], cache=cache)
+    setting = _setting(tiny_lm)
+    bad = _only_fragment(cache, setting)
+    second = score_examples(tiny_lm, mbpp[4:8], cache=cache)  # a second, healthy fragment
+    data = bad.read_bytes()
+    if damage == "truncate":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        group = pq.ParquetFile(bad).metadata.row_group(0)
+        paths = [group.column(i).path_in_schema for i in range(group.num_columns)]
+        chunk = group.column(paths.index("logprob.list.element"))
+        at = chunk.data_page_offset + chunk.total_compressed_size // 2
+        bad.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :])
+    else:  # a readable Parquet file whose columns disagree: one log-prob missing per row
+        table = pq.read_table(bad)
+        short = pa.array([row[:-1] for row in table.column("logprob").to_pylist()])
+        table = table.set_column(table.schema.get_field_index("logprob"), "logprob", short)
+        pq.write_table(table.replace_schema_metadata(pq.read_schema(bad).metadata), bad)
+    store_module._INDEXES.clear()  # as a fresh process would see it
+    count_batches["examples"] = 0
+    run = score_examples(tiny_lm, mbpp[:8], cache=ScoreCache())
+    assert run.n_cached == 4 and run.n_scored == 4 and count_batches["examples"] == 4
+    assert len(run.warnings) == 1 and bad.name in run.warnings[0]
+    assert "scored again" in run.warnings[0] and "warning" in run.summary()
+    assert not bad.exists()
+    moved = list((cache.path / "quarantine").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith(f"{setting.key()}-{bad.name}")
+    assert _dicts(run.examples) == _dicts(first.examples + second.examples)
+    # the re-scored rows are stored again: nothing left to warn about
+    clean = score_examples(tiny_lm, mbpp[:8], cache=ScoreCache())
+    assert (clean.n_cached, clean.warnings) == (8, [])
+
+
+def test_a_store_that_is_not_a_store_is_reported_not_raised(tmp_path):
+    cache = ScoreCache(tmp_path / "store")
+    cache.put(SETTING, _synthetic(5))
+    folder = cache.store.setting_dir(SETTING.key())
+    (folder / "part-00000000000000000000-1-deadbeef.parquet").write_text("hello")
+    found = cache.lookup(SETTING, _synthetic(5))
+    assert len(found.keys) == 5 and len(found.warnings) == 1
+    assert "deadbeef" in found.warnings[0]
+
+
+# --------------------------------------------------------------------------- processes
+
+_WORKER = textwrap.dedent(
+    """
+    import sys
+    from core.scoring import store
+    store.MAX_FRAGMENTS = 3  # compact often, while the others write and read
+    from core.scoring.cache import ScoreCache, ScoreSetting
+    from tests.test_score_store import SETTING, _synthetic
+    root, worker = sys.argv[1], int(sys.argv[2])
+    cache = ScoreCache(root)
+    recs = _synthetic(24, seed=worker, prefix=f"w{worker}-")
+    for start in range(0, len(recs), 2):
+        cache.put(SETTING, recs[start : start + 2])
+        found = cache.lookup(SETTING, recs[: start + 2])
+        assert found.warnings == [], found.warnings
+        assert [r.to_dict() for r in found.scores.to_examples()] == [
+            r.to_dict() for r in recs[: start + 2]
+        ]
+    """
+)
+
+
+def test_several_processes_write_and_compact_at_once(tmp_path):
+    root = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(root), str(w)],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for w in range(3)
+    ]
+    errors = [p.communicate(timeout=240)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    cache = ScoreCache(root)
+    everything = [r for w in range(3) for r in _synthetic(24, seed=w, prefix=f"w{w}-")]
+    found = cache.lookup(SETTING, everything)
+    assert found.warnings == [] and len(found.keys) == len(everything)
+    assert _dicts(found.scores.to_examples()) == _dicts(everything)
+    assert not list(cache.store.setting_dir(SETTING.key()).glob(".part-*"))
+
+
+def test_damaged_vocabulary_moves_its_setting_aside(tiny_lm, mbpp, count_batches):
+    from core.scoring.score import score_examples
+
+    cache = ScoreCache()
+    first = score_examples(tiny_lm, mbpp[:3], cache=cache)
+    score_examples(tiny_lm, mbpp[3:5], cache=cache)
+    folder = cache.store.setting_dir(_setting(tiny_lm).key())
+    vocab = folder / store_module.VOCAB_FILE
+    vocab.write_bytes(vocab.read_bytes()[:-40])
+    count_batches["examples"] = 0
+    run = score_examples(tiny_lm, mbpp[:5], cache=ScoreCache())
+    assert (run.n_cached, run.n_scored, count_batches["examples"]) == (0, 5, 5)
+    assert len(run.warnings) == 1 and store_module.VOCAB_FILE in run.warnings[0]
+    assert "2 fragment(s)" in run.warnings[0]
+    assert len(list((cache.path / "quarantine").iterdir())) == 3
+    assert _dicts(run.examples[:3]) == _dicts(first.examples)
+    assert score_examples(tiny_lm, mbpp[:5], cache=ScoreCache()).n_cached == 5
