@@ -16,7 +16,8 @@ accuracy (570 questions, lm-eval's format) and the full-token reference NLL of e
 (`core.study.protocol.CPU_SWEEP_JSON`), so the page says what the cpu preset can show.
 
 The centre is full fine-tuning at lr 1e-4 for 2 epochs over 64 MBPP problems; each other
-setting changes one factor (LoRA, learning rate, epochs, data size).
+setting changes one factor (LoRA, learning rate, epochs, data size), and a second round
+combines the factors that forgot most in the first.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ GRID: dict[str, dict[str, object]] = {
     "n32": {"limit": 32},
     "lr3e-4": {"learning_rate": 3e-4},
     "epochs4": {"epochs": 4.0},
+    # a second round around the setting that forgot most in the first
+    "lr3e-4-epochs3": {"learning_rate": 3e-4, "epochs": 3.0},
 }
 COMMON = ["--methods", "gt", "--seeds", "0", "--suite", "protocol", "--max-length", "256"]
 

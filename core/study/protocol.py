@@ -15,9 +15,11 @@ task (MBPP, the fixed train / held-out split of `core.data.tasks`):
    every arm with the embedded model) and at its last step, through `core.training.callbacks`.
 3. Aggregation: per arm, the mean over seeds and a 95% confidence interval (Student t, n - 1
    degrees of freedom) of the target change, each out-of-domain score, BWT and the change of the
-   out-of-domain reference NLL on the tokens the base model found easy (the forgetting signal a
-   135M model still shows). Written to `results.json` and `results.md` in the protocol folder,
-   with a one-line reading per arm against ground truth; then `report.html` over all the runs.
+   out-of-domain reference NLL (all tokens, and the base-easy tokens as a diagnostic); then the
+   paired comparisons, over seeds and then the same evaluation items (hierarchical bootstrap):
+   each arm's end against its own step 0 (the forgetting it causes) and against ground truth
+   (whether it forgets less), with a plain-words headline. Written to `results.json` and
+   `results.md` in the protocol folder; then `report.html` over all the runs.
 
 Everything is resumable: a run folder that already holds a finished run is reused, a partial
 one resumes from its last checkpoint, the generation resumes from its candidates file. Run
@@ -25,8 +27,9 @@ folders are `<runs_dir()>/<protocol id>-<arm>-s<seed>`, so the Runs and Compare 
 beside every other run; the protocol folder itself holds `config.json` (kind "protocol"),
 `results.*`, `report.html` and `log.txt` of its subprocesses' output.
 
-Two presets: ``cpu`` (the embedded model on 2 CPU cores within an hour, sizes in
-docs/BENCHMARKS.md, "Paper protocol") and ``paper`` (the paper's settings for a GPU: all 400
+Two presets: ``cpu`` (the embedded model on 2 CPU cores in about an hour, one seed, in the
+setting where the CPU sweep saw ground truth forget; docs/BENCHMARKS.md, "Paper protocol") and
+``paper`` (the paper's settings for a GPU: all 400
 training problems, lr 2e-5, 3 epochs, N = 32 samples of up to 512 tokens, the full ``paper``
 suite). Every setting is also a flag.
 """
@@ -66,7 +69,10 @@ OOD_NLL = "ood_nll_Δ%"
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Sized for the embedded model on 2 CPU cores: under an hour end to end (docs/BENCHMARKS.md).
+    # The embedded model on 2 CPU cores in about an hour (docs/BENCHMARKS.md, "Paper protocol"):
+    # the setting of the CPU sweep (bench/bench_cpu_forgetting.py, docs/cpu_forgetting.json) in
+    # which ground truth forgets detectably (ARC-Easy accuracy against the base model, paired
+    # over 570 questions): LoRA r 16, lr 1e-3, 2 epochs over 64 MBPP problems; one seed.
     "cpu": {},
     # The paper's setting (METHOD.md) for a GPU: LoRA on all linear layers, lr 2e-5, 3 epochs,
     # cosine, the whole training split, N = 32 samples of up to 512 tokens at T 0.7 / top-p 0.95.
@@ -77,6 +83,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 3.0,
         "learning_rate": 2e-5,
         "suite": "paper",
+        "seeds": [0, 1, 2],
         "gen_samples": 32,
         "gen_max_new_tokens": 512,
         "gen_prompt_batch": 8,
@@ -112,8 +119,10 @@ class ProtocolConfig(JobConfig):
         metadata=_help("arms, comma-separated: gt, stm, stm_share, random, self_output"),
     )
     seeds: list[int] = field(
-        default_factory=lambda: [0, 1, 2],
-        metadata=_help("training seeds, comma-separated", parse=_parse_ints),
+        default_factory=lambda: [0],
+        metadata=_help(
+            "training seeds, comma-separated (each one runs every arm again)", parse=_parse_ints
+        ),
     )
     tau: float = field(
         default=DEFAULT_TAU, metadata=_help("STM threshold of the stm and random arms")
@@ -123,9 +132,9 @@ class ProtocolConfig(JobConfig):
     )
     # training (the train preset's values, then these)
     train_preset: str = field(default="cpu-quick", metadata=_help("core.training.trainer preset"))
-    limit: int | None = field(default=32, metadata=_help("training examples (none = all)"))
+    limit: int | None = field(default=64, metadata=_help("training examples (none = all)"))
     max_length: int = field(default=256, metadata=_help("tokens per training example"))
-    epochs: float = field(default=1.0, metadata=_help("passes over the training data"))
+    epochs: float = field(default=2.0, metadata=_help("passes over the training data"))
     learning_rate: float = field(default=1e-3, metadata=_help("peak learning rate"))
     batch_size: int = field(default=8, metadata=_help("examples per step"))
     lora_r: int = field(default=16, metadata=_help("LoRA rank"))
@@ -997,9 +1006,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         "step-0 (base model) evaluation to the end of training. OOD easy-token NLL Δ%: mean "
         "change of the out-of-domain reference NLL on the tokens the base model found easy; "
         "OOD NLL Δ%: the same on all tokens (> 0: the model got worse there, i.e. forgot). The "
-        "intervals show the spread over training seeds only: the evaluation subsets are fixed, "
-        "so ± 0.00 means every seed gave the same score, not that the score is exact (one "
-        "question of 16 moves an accuracy by 6 points).",
+        "± here is the spread over training seeds only (none with one seed): the evaluation "
+        "items are fixed, so ± 0.00 means every seed gave the same score, not that the score "
+        "is exact. The paired sections below add the items' sampling error.",
         "",
     ]
     lines += _markdown_table(rows)
