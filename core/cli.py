@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -156,9 +155,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune in the foreground (registered as a job), or queue a background job (--submit)."""
     from core.jobs.registry import JobRegistry, run_job_process
     from core.training.config import TrainConfig
-    from core.training.trainer import run_training
+    from core.training.trainer import process_rank, run_training
 
     config = TrainConfig.from_args(args)
+    rank, world_size = process_rank()
+    if world_size > 1:  # under `accelerate launch`: rank 0 registers the job, the others only train
+        if args.submit:
+            raise LensError(
+                "--submit queues a single-process job; under accelerate launch, train in the "
+                "foreground (drop --submit)."
+            )
+        if not args.run_dir:
+            raise LensError("Under accelerate launch, pass --run-dir: all processes share one.")
+        if rank != 0:
+            run_training(config, args.run_dir)
+            return 0
     if args.submit:
         job = JobRegistry().submit(
             "train", config.to_dict(), device=config.device, label=config.describe()
@@ -166,12 +177,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(job.id)
         print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
         return 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under `accelerate launch`
-        if not args.run_dir:
-            raise LensError("Under accelerate launch, pass --run-dir: all processes share one.")
-        if int(os.environ.get("RANK", "0")) != 0:
-            run_training(config, args.run_dir)
-            return 0
     registry = JobRegistry()
     job = registry.register_foreground(
         "train",

@@ -93,6 +93,20 @@ def test_stm_labels_follow_the_mask_of_the_original_model(lm, tiny_model_dir, da
     assert abs(data.masked_share - 0.5) < 0.1
 
 
+def test_labels_sha256_names_the_rows_and_their_mask(lm, tiny_model_dir, data_file):
+    config = tiny_config(tiny_model_dir, data_file, method="stm", tau=None, target_share=0.5)
+    stm = build_training_data(config, lm)
+    again = build_training_data(config, lm)
+    gt = build_training_data(replace(config, method="gt"), lm)
+    assert [r["input_ids"] for r in stm.rows] == [r["input_ids"] for r in gt.rows]
+    assert stm.labels_sha256 == again.labels_sha256 == stm.summary()["labels_sha256"]
+    assert len(stm.labels_sha256) == 64 and stm.labels_sha256 != gt.labels_sha256
+    row = next(r for r in stm.rows if any(t != IGNORE_INDEX for t in r["labels"]))
+    k = next(i for i, t in enumerate(row["labels"]) if t != IGNORE_INDEX)
+    row["labels"][k] = IGNORE_INDEX  # one more masked token: another digest
+    assert stm.labels_sha256 != again.labels_sha256
+
+
 def test_fully_masked_examples_are_counted_and_kept(lm, tiny_model_dir, data_file, tmp_path):
     # A random tiny model finds every token surprising: tau = 2.5 masks everything.
     config = tiny_config(tiny_model_dir, data_file, method="stm", tau=2.5)

@@ -4,8 +4,8 @@ Training, evaluation and data generation append one JSON object per line
 (`core.jobs.runfiles.append_metric`); the pages, the protocol and the report read them back.
 This module is the one description of those records:
 
-- ``start``: a (re)start of training (`step`, `max_steps`, `epochs`) or of a generation run
-  (`done`, `total` prompts);
+- ``start``: a (re)start of training (`step`, `max_steps`, `epochs`, `world_size`: the number
+  of training processes) or of a generation run (`done`, `total` prompts);
 - ``train``: one logged training step (`loss`, `lr`, `epoch`; `grad_norm`, `token_accuracy`,
   `entropy`, `num_tokens` when the trainer logs them);
 - ``checkpoint``: a checkpoint written at `step`;
@@ -70,10 +70,19 @@ class MetricRecord:
 @dataclass(frozen=True)
 class StartRecord(MetricRecord):
     KIND: ClassVar[str] = "start"
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("step", "max_steps", "epochs", "done", "total")
+    OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "step",
+        "max_steps",
+        "epochs",
+        "world_size",
+        "done",
+        "total",
+    )
 
     max_steps: int | None = None
     epochs: float | None = None
+    #: training processes (1 unless launched with `accelerate launch --num_processes N`)
+    world_size: int | None = None
     done: int | None = None
     total: int | None = None
 

@@ -32,13 +32,16 @@ def _metrics_callback(run_dir: Path, status: StatusFn | None) -> Any:
     class _MetricsCallback(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
+                world_size = int(args.world_size)
                 start = StartRecord(
                     step=int(state.global_step),
                     max_steps=int(state.max_steps),
                     epochs=float(args.num_train_epochs),
+                    world_size=world_size,
                 )
                 append_metric(run_dir, start)
-                print(f"training: step {state.global_step} of {state.max_steps}", flush=True)
+                where = f" on {world_size} processes" if world_size > 1 else ""
+                print(f"training: step {state.global_step} of {state.max_steps}{where}", flush=True)
 
         def on_log(
             self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
@@ -143,8 +146,17 @@ class EvalCallback(TrainerCallback):
     # -- trainer events -----------------------------------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Step 0 (or the resumed step): the reference every later round is compared with."""
+        """Step 0 (or the resumed step): the reference every later round is compared with.
+
+        Under several processes only rank 0 evaluates (the whole suite, on its copy of the
+        model); the others wait for each round at their next step."""
         if state.is_world_process_zero:
+            if int(getattr(args, "world_size", 1)) > 1:
+                print(
+                    f"evaluation: rank 0 of {args.world_size} evaluates every "
+                    f"{self.every_n_steps} steps; the other processes wait for each round",
+                    flush=True,
+                )
             self._round(args, state, kwargs)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -39,6 +39,27 @@ class TrainingData:
     scores: str = ""
 
     @property
+    def labels_sha256(self) -> str:
+        """sha256 of the rows the trainer sees: each row's id, input ids and labels, in order.
+
+        Two runs (or the processes of one multi-process run) with the same digest trained on the
+        same tokens under the same mask."""
+        import hashlib
+
+        import numpy as np
+
+        digest = hashlib.sha256()
+        for row in self.rows:
+            ids = np.asarray(row["input_ids"], dtype="<i8")
+            labels = np.asarray(row["labels"], dtype="<i8")
+            name = str(row["id"]).encode("utf-8")
+            digest.update(np.asarray([len(name), ids.size, labels.size], dtype="<i8").tobytes())
+            digest.update(name)
+            digest.update(ids.tobytes())
+            digest.update(labels.tobytes())
+        return digest.hexdigest()
+
+    @property
     def masked_share(self) -> float:
         """Pooled share of response tokens that carry no loss."""
         if not self.n_response_tokens:
@@ -63,6 +84,7 @@ class TrainingData:
             "n_skipped": len(self.skipped),
             "skipped": [{"id": i, "reason": r} for i, r in self.skipped[:100]],
             "scores": self.scores,
+            "labels_sha256": self.labels_sha256,
         }
 
     def describe(self) -> str:

@@ -31,9 +31,14 @@ Evaluation during training plugs in as extra `transformers.TrainerCallback`s: pa
 `build_trainer` / `run_training`; in background jobs, `job_callbacks` asks
 `core.training.callbacks_mk.make_training_callbacks(config, run_dir)` for them when ``eval_every`` is set.
 
-Several GPUs: the same command runs under Accelerate, every process writing to one run folder:
-``accelerate launch -m core train --config run.json --run-dir runs/my-run``.
-Only the main process writes metrics, the summary and the registry row.
+Several processes: the same command runs under Accelerate (DDP), all processes sharing one run
+folder: ``accelerate launch --num_processes N -m core train --config run.json --run-dir runs/x``.
+Every process builds the training data (the main process of each machine first, so its scoring
+fills the score cache the others read), prints the sha256 of its rows (`TrainingData.
+labels_sha256`) and stops with an error unless all processes hold the same rows. Only the
+main process (rank 0) writes config.json, metrics.jsonl, checkpoints' shared files, adapter/,
+summary.json and the registry row, prints the run's progress, and evaluates (`EvalCallback`): the
+other processes wait for its rounds at their next step (`EVAL_WAIT_S`).
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ from core.jobs.runfiles import ADAPTER_DIR, CHECKPOINTS_DIR, StatusFn, checkpoin
 from core.training.callbacks import _metrics_callback, job_callbacks
 from core.training.config import REPORTERS, TrainConfig
 from core.training.data import TrainingData, build_training_data
+
+#: How long the other processes of a multi-process run wait (at their next gradient all-reduce)
+#: for rank 0's evaluation round: torch's default of 30 minutes can be shorter than one round of
+#: a large suite on a large model. Used only when `eval_every` is set.
+EVAL_WAIT_S = 6 * 3600
+DEFAULT_DDP_TIMEOUT_S = 1800
 
 # --------------------------------------------------------------------------- trainer
 
@@ -92,6 +103,36 @@ def _training_device(config: TrainConfig) -> str:
         if torch.cuda.is_available():
             return f"cuda:{int(local_rank)}"
     return config.device
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless started by `accelerate launch` /
+    torchrun, which set RANK and WORLD_SIZE."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_same_data(data: TrainingData, rank: int, world_size: int) -> str:
+    """Under several processes: print this rank's `labels_sha256`, gather every rank's, and
+    raise `LensError` on every rank unless they are all the same (each process trains on its
+    share of ITS rows, so rows that differ would silently train on a mix). Returns the digest."""
+    from accelerate.utils import gather_object
+
+    digest = data.labels_sha256
+    print(
+        f"rank {rank}/{world_size}: training data sha256 {digest} "
+        f"({data.n_examples} examples, {data.n_trainable_tokens} trained tokens"
+        + (f"; {data.scores}" if data.scores else "")
+        + ")",
+        flush=True,
+    )
+    digests = gather_object([digest])
+    if len(set(digests)) > 1:
+        shown = ", ".join(f"rank {i}: {d[:12]}" for i, d in enumerate(digests))
+        raise LensError(
+            f"The {world_size} processes built different training data ({shown}); every process "
+            "must see the same data, models and score cache settings."
+        )
+    return digest
 
 
 def _check_reporters(names: list[str]) -> None:
@@ -150,23 +191,14 @@ def build_trainer(
         if status:
             status(f"loading model {config.model}")
         lm = load_model(config.model, device=_training_device(config), dtype="float32")
-    if data is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
-        # Under Accelerate, the main process scores first and fills the cache for the others.
-        with PartialState().main_process_first():
-            data = build_training_data(config, lm, status=status)
-    elif data is None:
-        data = build_training_data(config, lm, status=status)
     bf16 = resolve_precision(config.precision, lm.device.type)
     if "tensorboard" in config.report_to:
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run / "tensorboard"))
     datasets.disable_progress_bars()
     # transformers 5 deprecation noise from peft/TRL internals, not actionable by the user
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    train_dataset = datasets.Dataset.from_list(
-        [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data.rows]
-    )
+    # The arguments come before the data: they set up the distributed state (gloo on CPU, NCCL
+    # on GPUs, with `ddp_timeout`) that `main_process_first` below waits on.
     args = SFTConfig(
         output_dir=str(run / CHECKPOINTS_DIR),
         per_device_train_batch_size=config.batch_size,
@@ -197,6 +229,17 @@ def build_trainer(
         train_sampling_strategy="group_by_length",
         dataloader_num_workers=0,
         eval_strategy="no",
+        ddp_timeout=EVAL_WAIT_S if config.eval_every else DEFAULT_DDP_TIMEOUT_S,
+    )
+    if data is None:
+        # Several processes: the main process of each machine scores first and fills the score
+        # cache, then the others build the same rows from it (no-op in a single process).
+        with args.main_process_first(desc="building the training data"):
+            data = build_training_data(config, lm, status=status)
+    if args.world_size > 1:
+        check_same_data(data, args.process_index, args.world_size)
+    train_dataset = datasets.Dataset.from_list(
+        [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data.rows]
     )
     trainer = SFTTrainer(
         model=lm.model,
@@ -266,12 +309,15 @@ def run_training(
     summary also written to summary.json.
 
     Writes config.json (or checks that the folder's config is the same), metrics.jsonl (start,
-    train, checkpoint and done records), checkpoints/, adapter/ and summary.json.
+    train, checkpoint and done records), checkpoints/, adapter/ and summary.json. Under several
+    processes only rank 0 writes them and prints the run's lines (see the module docstring); the
+    other ranks return an empty summary.
     """
     from core.io import write_json_atomic
     from core.jobs.runfiles import CONFIG_JSON, SUMMARY_JSON, append_metric, read_metrics
 
     run = Path(run_dir).expanduser().absolute()
+    main = process_rank()[0] == 0
     run.mkdir(parents=True, exist_ok=True)
     existing = run / CONFIG_JSON
     if existing.is_file():
@@ -280,24 +326,25 @@ def run_training(
                 f"{run} holds a run with a different config; use a new run folder or "
                 f"--config {existing}."
             )
-    else:
+    elif main:
         write_json_atomic(existing, config.to_dict())
     started = time.time()
-    print(f"run folder: {run}", flush=True)
-    print(f"config: {config.describe()}", flush=True)
+    if main:
+        print(f"run folder: {run}", flush=True)
+        print(f"config: {config.describe()}", flush=True)
     trainer, data = build_trainer(config, run, callbacks=callbacks, status=status)
     main = trainer.is_world_process_zero()
-    print(f"data: {data.describe()}", flush=True)
-    if data.fully_masked_ids:
-        shown = ", ".join(data.fully_masked_ids[:20])
-        print(f"examples with no trainable token: {shown}", flush=True)
-    if data.skipped:
-        shown = "; ".join(f"{i}: {r}" for i, r in data.skipped[:20])
-        print(f"skipped examples: {shown}", flush=True)
     resume = last_complete_checkpoint(run / CHECKPOINTS_DIR)
-    if resume is not None:
-        print(f"resuming from {resume.name}", flush=True)
     if main:
+        print(f"data: {data.describe()}", flush=True)
+        if data.fully_masked_ids:
+            shown = ", ".join(data.fully_masked_ids[:20])
+            print(f"examples with no trainable token: {shown}", flush=True)
+        if data.skipped:
+            shown = "; ".join(f"{i}: {r}" for i, r in data.skipped[:20])
+            print(f"skipped examples: {shown}", flush=True)
+        if resume is not None:
+            print(f"resuming from {resume.name}", flush=True)
         append_metric(run, DataRecord(fields=data.summary()))
     if status:
         status("training" if resume is None else f"training (resumed from {resume.name})")
@@ -321,6 +368,7 @@ def run_training(
             "resumed_from": resume.name if resume else None,
             "precision": "bf16" if trainer.args.bf16 else "fp32",
             "device": str(trainer.args.device),
+            "world_size": int(trainer.args.world_size),
             **_loss_summary(read_metrics(run)),
             "versions": _versions(),
             "finished": time.time(),
