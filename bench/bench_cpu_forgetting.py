@@ -115,6 +115,17 @@ def table_markdown(found: list[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", choices=list(GRID), help="run these settings")
@@ -134,7 +145,7 @@ def main() -> None:
     if args.write:
         sweep = {
             "date": time.strftime("%Y-%m-%d"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            "machine": f"{cpu_name()}, {os.cpu_count()} cores",
             "model": "embedded SmolLM2-135M-Instruct",
             "suite": "protocol",
             "seeds": [0],

@@ -278,8 +278,9 @@ def test_sweep_verdict_names_only_settings_whose_ood_interval_shows_a_loss(tmp_p
     rows = [_sweep_row("center", -2.8, 0.7), _sweep_row("lr3e-4", -7.0, -2.1)]
     verdict = sweep_verdict(rows)
     assert verdict["forgetting"] == {"lr3e-4": ["arc_easy acc"]}  # the target gain is no loss
-    assert verdict["text"] == (
-        "Ground truth forgets detectably out of domain in: lr3e-4 (arc_easy acc)."
+    assert verdict["text"].startswith(
+        "Ground truth forgets detectably out of domain in: lr3e-4 (arc_easy acc). That is 1 of "
+        "2 settings tried"
     )
     none = sweep_verdict(rows[:1])
     assert not none["forgetting"] and none["text"].startswith("No setting of the sweep (1 tried)")

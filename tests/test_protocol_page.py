@@ -110,10 +110,8 @@ def test_page_says_what_the_recorded_cpu_sweep_found(runs_root, tmp_path, monkey
     monkeypatch.setattr(protocol, "CPU_SWEEP_JSON", path)
     at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
     assert not at.exception
-    assert any(
-        m.value == "Ground truth forgets detectably out of domain in: lr3e-4 (arc_easy acc)."
-        for m in at.markdown
-    )
+    assert any(m.value == sweep["text"] for m in at.markdown)
+    assert sweep["text"].startswith("Ground truth forgets detectably out of domain in: lr3e-4")
     table = at.dataframe[0].value
     assert list(table["setting"]) == ["center", "lr3e-4"]
     assert table["arc_easy acc"].iloc[1] == "-4.55 [-7.00, -2.10]*"
