@@ -20,7 +20,6 @@ import argparse
 import html
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -33,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_name  # noqa: E402
 from core.data.records import Example  # noqa: E402
 from core.data.tasks import load_task  # noqa: E402
 from core.model.loading import load_model  # noqa: E402
@@ -64,15 +64,6 @@ def long_and_short_examples(lm) -> list[Example]:
         Example(id="short", prompt=tasks[0].prompt, response=tasks[0].response),
         Example(id="long", prompt=prompt, response="\n\n".join(parts)),
     ]
-
-
-def cpu_name() -> str:
-    for line in (
-        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    ):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def median_ms(fn, repeats: int) -> float:

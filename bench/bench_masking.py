@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.machine import cpu_name  # noqa: E402
 from core.data.records import ScoredExample  # noqa: E402
 from core.masking.rules import (
     MaskConfig,
@@ -48,19 +49,6 @@ TOKEN_TEXTS = (
     " in", " range", "len", "_", "list", "[", "]", " =", " if", " ==", " 0", "1", ",", " None",
     "print", "'", "a", "<", ">", "&", "\t", " sum",
 )  # fmt: skip
-
-
-def cpu_name() -> str:
-    name = platform.processor()
-    if name:
-        return name
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine() or "unknown"
 
 
 def make_examples(n_examples: int, mean_len: int, seed: int = 0) -> list[ScoredExample]:

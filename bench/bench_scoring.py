@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import cpu_name  # noqa: E402
 from core.data.tasks import load_task  # noqa: E402
 from core.model.encoding import encode_pair  # noqa: E402
 from core.model.loading import load_model  # noqa: E402
@@ -45,16 +45,6 @@ def matmul_probe(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0) -> 
         a @ b
         n += 1
     return 2 * size**3 * n / (time.perf_counter() - start)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,21 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.machine import cpu_name  # noqa: E402
 from core.jobs.runfiles import read_metrics  # noqa: E402
 from core.model.loading import embedded_model_dir, load_model  # noqa: E402
 from core.training.config import TrainConfig  # noqa: E402
 from core.training.data import build_training_data  # noqa: E402
 from core.training.trainer import build_trainer, cpu_has_fast_bf16  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def step_times(config: TrainConfig, run_dir: Path) -> tuple[float, int]:
