@@ -86,7 +86,8 @@ def test_finished_protocol_shows_table_findings_and_report(runs_root):
     assert stm["mean"] == pytest.approx(1.1) and stm["n"] == 2
     at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
     assert not at.exception
-    table = at.dataframe[0].value.set_index("arm")
+    # the first table is the recorded CPU sweep (docs/cpu_forgetting.json); then the results
+    table = next(d.value for d in at.dataframe if "arm" in d.value.columns).set_index("arm")
     assert table.loc["ground truth", "seeds"] == "2"
     assert table.loc["STM τ=2.5", "OOD easy-token NLL Δ%"].startswith("+1.10 ± 1.27")
     assert table.loc["STM τ=2.5", "masked %"].startswith("30.00")

@@ -902,6 +902,11 @@ def findings(results: dict[str, Any]) -> list[str]:
     out: list[str] = []
     if gt is None:
         return ["No ground-truth arm: nothing to compare against."]
+    if all(len(arm["seeds"]) < 2 for arm in arms.values()):
+        return [
+            "One seed per arm: no spread over seeds to compare here; the paired comparisons "
+            "over the evaluation items carry the verdicts."
+        ]
     target = next((m for m in gt["measures"] if m.startswith("target:") and "nll:Δ%" in m), None)
     for key, arm in arms.items():
         if key == "gt":
