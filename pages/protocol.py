@@ -42,7 +42,7 @@ registry = JobRegistry()
 st.title("Reproduce the paper")
 st.caption(
     "One click runs the paper's comparison on MBPP: ground truth, STM at τ and at the τ that "
-    "masks a target share, the random-mask control and Self-Output, each with several seeds, "
+    "masks a target share, the random-mask control and Self-Output, each with one or more seeds, "
     "evaluated on the target and out-of-domain tasks at step 0 and at the end. The result is a "
     "table with 95% confidence intervals, a reading of each method against ground truth, and a "
     "report. It runs in the background and resumes where it stopped."
