@@ -126,7 +126,7 @@ def app_url(tmp_path_factory):
 def _stop_jobs(env: dict) -> None:
     """Cancel any job the app started that is still queued or running (a failed test)."""
     subprocess.run(
-        [sys.executable, "-c", "from core.jobs import JobRegistry\n"
+        [sys.executable, "-c", "from core.jobs.registry import JobRegistry\n"
          "r = JobRegistry()\n"
          "[r.cancel(j.id) for j in r.list() if j.active]"],
         cwd=ROOT, env=env, timeout=60, check=False,
