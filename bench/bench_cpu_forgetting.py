@@ -105,15 +105,10 @@ def rows() -> list[dict[str, object]]:
 
 
 def table_markdown(found: list[dict[str, object]]) -> str:
-    from core.study.protocol import sweep_table
+    """The sweep as a Markdown table (the protocol's own table writer)."""
+    from core.study.protocol import _markdown_table, sweep_table
 
-    table = sweep_table(found)
-    if not table:
-        return "(no finished setting yet)"
-    head = list(table[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(row.get(k, "-") for k in head) + " |" for row in table]
-    return "\n".join(lines)
+    return "\n".join(_markdown_table(sweep_table(found))) or "(no finished setting yet)"
 
 
 def main() -> None:
