@@ -3,13 +3,17 @@
 distributions, share above τ, token categories).
 
 All scores come from background tasks (components.session); widget changes only re-slice
-their cached results and never re-score. URL state: ?tau= (shared with other pages), ?ex= (the
+their cached results and never re-score. Everything that scales with the dataset (the example
+table, search, summary, dataset analytics of the ground truth) reads the score store's columns
+(`TokenScores`); a `ScoredExample` record is built only for the example on screen. The table
+shows one page of `PAGE_SIZE` rows; filtering and sorting run on the whole set. URL state: ?tau= (shared with other pages), ?ex= (the
 selected example), ?gen= (generation settings) and ?view= (the open tab).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,15 +52,16 @@ from core.model.generation import GenerationConfig, decode_settings, encode_sett
 from core.model.loading import MODEL_SLOT, LoadedModel, resolve_device, resolve_dtype
 from core.scoring.analytics import (
     category_shares,
-    example_table,
+    example_columns,
+    example_shares,
     scores_signature,
     seq_ppl_ticks,
     sequence_ppl_table,
     share_above_tau,
     share_vs_tau,
-    token_ppl_frame,
 )
 from core.scoring.cache import ScoreCache
+from core.scoring.tokens import TokenScores
 from core.viz.charts import (
     category_share_chart,
     plotly_config,
@@ -72,6 +77,7 @@ from core.viz.heatmap import render_token_heatmap
 TAU_RANGE = (1.0, 20.0)
 TABS = ("Examples", "GT vs generated", "Dataset analytics")
 MAX_HEATMAP_TOKENS = 3000
+PAGE_SIZE = 50  # rows of the example table on one page
 # Paper, Table 1 (Llama-3-8B-Instruct): sequence perplexity mean (variance) per data source.
 PAPER_TABLE_1 = {
     "mbpp": "GT 4.83 (7.04) · Rephrase 1.69 (0.16) · Self-Output 1.16 (0.01)",
@@ -214,20 +220,58 @@ def url_settings() -> GenerationConfig:
 # ------------------------------------------------------------------------------------------
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def cached_example_table(sig: str, tau: float, _examples: Sequence[ScoredExample]) -> pd.DataFrame:
-    """`example_table`, cached per selection (`sig`) and τ."""
-    return example_table(_examples, tau)
+Group = Sequence[ScoredExample] | TokenScores  # a data source: records or columns
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def search_index(sig: str, _examples: Sequence[ScoredExample]) -> pd.Series:
+@st.cache_data(show_spinner=False, max_entries=8)
+def cached_example_columns(sig: str, _scores: TokenScores) -> pd.DataFrame:
+    """The τ-independent columns of the example table, once per selection (`sig`)."""
+    return example_columns(_scores)
+
+
+def cached_example_table(sig: str, tau: float, scores: TokenScores) -> pd.DataFrame:
+    """`core.scoring.analytics.example_table` from the columns: the cached τ-independent
+    columns plus each example's share > τ (vectorised, a few ms at 10k examples)."""
+    table = cached_example_columns(sig, scores).copy()
+    table.insert(4, "share > τ", example_shares(scores, tau))
+    return table
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def search_index(sig: str, _scores: TokenScores) -> pd.Series:
     """Lower-cased prompt + response text per example, for the text search."""
-    return pd.Series([(ex.prompt + "\n" + ex.response).lower() for ex in _examples])
+    pairs = zip(_scores.prompts, _scores.responses, strict=True)
+    return pd.Series([(prompt + "\n" + response).lower() for prompt, response in pairs])
+
+
+def source_examples(scores: TokenScores) -> list[Example]:
+    """The unscored examples behind the scores (texts and meta, no tokens): what the
+    generation store and generated sets are matched on."""
+    return [
+        Example(id=ex_id, prompt=prompt, response=response, meta=dict(meta))
+        for ex_id, prompt, response, meta in zip(
+            scores.ids, scores.prompts, scores.responses, scores.metas, strict=True
+        )
+    ]
+
+
+def _metas(group: Group) -> Sequence[dict]:
+    return group.metas if isinstance(group, TokenScores) else [ex.meta for ex in group]
+
+
+def _ids(group: Group) -> Sequence[str]:
+    return group.ids if isinstance(group, TokenScores) else [ex.id for ex in group]
+
+
+def _keep(group: Group, keep: Sequence[bool]) -> Group:
+    """The examples of `group` where `keep` is True (columns stay columns)."""
+    if isinstance(group, TokenScores):
+        return group.take(np.flatnonzero(np.asarray(keep, dtype=bool)))
+    return [ex for ex, k in zip(group, keep, strict=True) if k]
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def dataset_stats(sig: str, tau: float, _groups: dict[str, Sequence[ScoredExample]]) -> dict:
+def dataset_stats(sig: str, tau: float, _groups: dict[str, Group]) -> dict:
     """Table 1, share above τ and category shares of the groups."""
     return {
         "table": sequence_ppl_table(_groups),
@@ -236,14 +280,29 @@ def dataset_stats(sig: str, tau: float, _groups: dict[str, Sequence[ScoredExampl
     }
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
-def token_frame(sig: str, _groups: dict[str, Sequence[ScoredExample]]) -> pd.DataFrame:
-    """One row per response token (for histograms and CDFs)."""
-    return token_ppl_frame(_groups)
+@st.cache_data(show_spinner=False, max_entries=8)
+def token_frame(sig: str, _groups: dict[str, Group]) -> pd.DataFrame:
+    """Source and perplexity of every response token (what the histogram and CDF read; the
+    `ppl` column of `token_ppl_frame`, without a text per token)."""
+    sources, ppls = [], []
+    for source, group in _groups.items():
+        if isinstance(group, TokenScores):
+            ppl = np.array(group.ppl())
+        else:
+            parts = [ex.ppl_array() for ex in group]
+            ppl = np.concatenate(parts) if parts else np.zeros(0)
+        sources.append(np.full(ppl.size, source, dtype=object))
+        ppls.append(ppl)
+    return pd.DataFrame(
+        {
+            "source": pd.Series(np.concatenate(sources) if sources else [], dtype=object),
+            "ppl": np.concatenate(ppls) if ppls else np.zeros(0),
+        }
+    )
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def tau_curves(sig: str, _groups: dict[str, Sequence[ScoredExample]]) -> pd.DataFrame:
+def tau_curves(sig: str, _groups: dict[str, Group]) -> pd.DataFrame:
     """Share above τ on a log grid of τ (the '% masked vs τ' curve)."""
     return share_vs_tau(_groups, np.geomspace(1.05, 1000, 120))
 
@@ -302,10 +361,10 @@ def batch_generation_task(
 
 
 def scored_generations(
-    sel: Selection, gt: Sequence[ScoredExample], found: dict[str, list[StoredGeneration]]
+    sel: Selection, gt: Sequence[Example], found: dict[str, list[StoredGeneration]]
 ) -> dict[str, list[ScoredExample]] | None:
     """Every stored answer for the examples on screen, scored, grouped by settings."""
-    by_settings = answers_by_settings(found, [ex.to_example() for ex in gt])
+    by_settings = answers_by_settings(found, list(gt))
     if not by_settings:
         return {}
     sig = answers_signature(by_settings)
@@ -319,7 +378,7 @@ def scored_generations(
 
 
 def scored_sets(
-    sel: Selection, lm: LoadedModel, gt: Sequence[ScoredExample], problems: list[str]
+    sel: Selection, lm: LoadedModel, gt: Sequence[Example], problems: list[str]
 ) -> dict[str, list[ScoredExample]] | None:
     """The newest stored Self-Output / Rephrase set of each kind made by this model from this
     data, matched to the examples on screen and scored (None while scoring)."""
@@ -333,7 +392,7 @@ def scored_sets(
         newest.setdefault(gset.kind, gset)
     if not newest:
         return {}
-    shown = [ex.to_example() for ex in gt]
+    shown = list(gt)
     names = ",".join(f"{g.name}@{g.created}" for g in newest.values())
 
     def work(task: BackgroundTask) -> dict[str, list[ScoredExample]]:
@@ -356,11 +415,11 @@ def show_heatmap(example: ScoredExample, tau: float, *, show_prompt: bool = True
     )
 
 
-def summary_line(gt: Sequence[ScoredExample], tau: float) -> str:
-    """Dataset summary of the ground truth in one line of Markdown."""
-    seq = np.array([ex.seq_ppl for ex in gt if ex.n_response], dtype=np.float64)
-    n_tokens = sum(ex.n_response for ex in gt)
-    above = sum(int((ex.ppl_array() > tau).sum()) for ex in gt)
+def summary_line(gt: TokenScores, tau: float) -> str:
+    """Dataset summary of the ground truth in one line of Markdown (from the columns)."""
+    seq = np.array(gt.seq_ppl()[gt.n_response > 0], dtype=np.float64)
+    n_tokens = gt.n_tokens
+    above = int(np.count_nonzero(gt.ppl() > tau))
     share = above / n_tokens if n_tokens else float("nan")
     return (
         f"**{len(gt)}** examples · **{n_tokens:,}** ground-truth response tokens · "
@@ -369,9 +428,26 @@ def summary_line(gt: Sequence[ScoredExample], tau: float) -> str:
     )
 
 
-def examples_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, current: str) -> None:
-    """Browse: filter / sort / search the examples, pick one, see its heatmap."""
-    sig = scores_signature({"ground_truth": gt})
+def _signature(gt: TokenScores) -> str:
+    """`scores_signature` of the ground truth, once per scores object."""
+    sig = _SIGNATURES.get(gt)
+    if sig is None:
+        sig = _SIGNATURES[gt] = scores_signature({"ground_truth": gt})
+    return sig
+
+
+_SIGNATURES: weakref.WeakKeyDictionary[TokenScores, str] = weakref.WeakKeyDictionary()
+
+
+def _turn_page(step: int, n_pages: int) -> None:
+    page = int(st.session_state.get("explore_page", 1)) + step
+    st.session_state["explore_page"] = min(max(page, 1), n_pages)
+
+
+def examples_tab(sel: Selection, gt: TokenScores, tau: float, current: str) -> None:
+    """Browse: filter / sort / search the examples (on the whole set's columns), one page of
+    the table at a time, pick one, see its heatmap."""
+    sig = _signature(gt)
     table = cached_example_table(sig, tau, gt)
     seq_map = dict(zip(table["id"], table["seq ppl"], strict=True))
 
@@ -402,29 +478,42 @@ def examples_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, curren
         column, ascending = SORTS[sort]
         view = view.sort_values(column, ascending=ascending, kind="stable")
     view = view.reset_index(drop=True)
-    st.session_state["explore_table_ids"] = view["id"].tolist()
+
+    n_pages = max(1, math.ceil(len(view) / PAGE_SIZE))
+    if "explore_page" not in st.session_state:  # open on the page that holds ?ex=
+        hits = np.flatnonzero(view["id"].to_numpy() == current)
+        st.session_state["explore_page"] = int(hits[0]) // PAGE_SIZE + 1 if hits.size else 1
+    if not 1 <= st.session_state["explore_page"] <= n_pages:  # the filter left fewer pages
+        st.session_state["explore_page"] = min(
+            max(int(st.session_state["explore_page"]), 1), n_pages
+        )
+    page = int(st.session_state["explore_page"])
+    shown = view.iloc[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
+    st.session_state["explore_table_ids"] = shown["id"].tolist()
 
     def on_select() -> None:
         rows = st.session_state["explore_table"].selection.rows
-        shown = st.session_state.get("explore_table_ids", [])
-        if rows and rows[0] < len(shown):
-            _set_example(shown[rows[0]])
+        ids_on_page = st.session_state.get("explore_table_ids", [])
+        if rows and rows[0] < len(ids_on_page):
+            _set_example(ids_on_page[rows[0]])
 
+    first = (page - 1) * PAGE_SIZE + 1
     st.caption(
-        f"{len(view)} of {len(table)} examples shown · click a row to open it · "
-        "click a column header to sort"
+        f"{len(view):,} of {len(table):,} examples match"
+        + (f" · rows {first:,}–{first + len(shown) - 1:,}" if len(view) > PAGE_SIZE else "")
+        + " · click a row to open it · **Sort** orders the whole set, a column header this page"
     )
     if view.empty:
         st.info("No example matches the search and the perplexity range.")
     else:
         st.dataframe(
-            view,
+            shown,
             key="explore_table",
             on_select=on_select,
             selection_mode="single-row",
             hide_index=True,
             width="stretch",
-            height=min(38 + 35 * len(view), 320),
+            height=min(38 + 35 * len(shown), 320),
             column_config={
                 "id": st.column_config.TextColumn("id", width="small"),
                 "prompt": st.column_config.TextColumn("prompt", width="large"),
@@ -437,9 +526,30 @@ def examples_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, curren
                 "truncated": st.column_config.CheckboxColumn("truncated"),
             },
         )
+    if n_pages > 1:
+        p1, p2, p3, _ = st.columns([1, 2, 1, 4], vertical_alignment="bottom")
+        p1.button(
+            "Previous page",
+            key="explore_page_prev",
+            icon=":material/chevron_left:",
+            disabled=page == 1,
+            on_click=_turn_page,
+            args=(-1, n_pages),
+            width="stretch",
+        )
+        p2.number_input(f"Page (of {n_pages:,})", 1, n_pages, step=1, key="explore_page")
+        p3.button(
+            "Next page",
+            key="explore_page_next",
+            icon=":material/chevron_right:",
+            disabled=page == n_pages,
+            on_click=_turn_page,
+            args=(1, n_pages),
+            width="stretch",
+        )
     ids = table["id"].tolist()
     example_navigator(ids, current, seq_map, key="ex_pick_browse")
-    show_heatmap(gt[ids.index(current)], tau)
+    show_heatmap(gt.example(ids.index(current)), tau)
 
 
 def generation_form(config: GenerationConfig) -> GenerationConfig | None:
@@ -485,14 +595,12 @@ def source_column(example: ScoredExample, title: str, tau: float, note: str = ""
     show_heatmap(example, tau, show_prompt=False)
 
 
-def compare_tab(
-    sel: Selection, gt: Sequence[ScoredExample], tau: float, current: str, lm: LoadedModel
-) -> None:
+def compare_tab(sel: Selection, gt: TokenScores, tau: float, current: str, lm: LoadedModel) -> None:
     """The same prompt answered by the ground truth, the model itself and any generated sets."""
-    ids = [ex.id for ex in gt]
-    seq = {ex.id: ex.seq_ppl for ex in gt}
+    ids = list(gt.ids)
+    seq = dict(zip(ids, gt.seq_ppl().tolist(), strict=True))
     example_navigator(ids, current, seq, key="ex_pick_compare")
-    truth = gt[ids.index(current)]
+    truth = gt.example(ids.index(current))  # the one record this tab builds
     source = truth.to_example()
     with st.expander("Prompt", expanded=True):
         st.code(source.prompt, language=None, wrap_lines=True)
@@ -538,7 +646,7 @@ def compare_tab(
         )
 
     problems: list[str] = []
-    sets = scored_sets(sel, lm, gt, problems)
+    sets = scored_sets(sel, lm, source_examples(gt), problems)
     for problem in problems:
         st.warning(f"Skipped a generated dataset: {problem}")
     columns: list[tuple[str, ScoredExample, str]] = [("ground_truth", truth, "")]
@@ -580,25 +688,26 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def analytics_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, lm: LoadedModel) -> None:
-    """Dataset-level comparison of ground truth and every generated source."""
+def analytics_tab(sel: Selection, gt: TokenScores, tau: float, lm: LoadedModel) -> None:
+    """Dataset-level comparison of ground truth (its columns) and every generated source."""
     store = GenerationStore()
-    found = store.for_examples(lm.cache_key, [ex.to_example() for ex in gt])
-    generated = scored_generations(sel, gt, found)
+    examples = source_examples(gt)
+    found = store.for_examples(lm.cache_key, examples)
+    generated = scored_generations(sel, examples, found)
     problems: list[str] = []
-    sets = scored_sets(sel, lm, gt, problems)
+    sets = scored_sets(sel, lm, examples, problems)
     for problem in problems:
         st.warning(f"Skipped a generated dataset: {problem}")
     if generated is None or sets is None:
         st.caption("Generated sources appear here once they are scored.")
-    groups: dict[str, list[ScoredExample]] = {"ground_truth": list(gt)}
+    groups: dict[str, Group] = {"ground_truth": gt}
     groups.update(generated or {})
     groups.update(sets or {})
 
-    generation_panel(sel, gt, found)
+    generation_panel(sel, examples, found)
 
     left, right = st.columns(2)
-    n_cut = sum(ex.meta.get("finished") is False for exs in groups.values() for ex in exs)
+    n_cut = sum(m.get("finished") is False for group in groups.values() for m in _metas(group))
     if n_cut and left.toggle(
         f"Leave out {_plural(n_cut, 'answer')} cut at max_new_tokens",
         value=True,
@@ -607,8 +716,8 @@ def analytics_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, lm: L
         "perplexity. The paper keeps only complete, correct generations.",
     ):
         groups = {
-            k: [ex for ex in exs if ex.meta.get("finished") is not False]
-            for k, exs in groups.items()
+            k: _keep(group, [m.get("finished") is not False for m in _metas(group)])
+            for k, group in groups.items()
         }
     if len(groups) > 1 and right.toggle(
         "Compare on shared examples only",
@@ -616,10 +725,13 @@ def analytics_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, lm: L
         help="Keep only examples that every source has, so the sources are compared on the "
         "same prompts (generated answers usually exist for a subset).",
     ):
-        shared = set.intersection(*({ex.id for ex in exs} for exs in groups.values()))
-        groups = {k: [ex for ex in exs if ex.id in shared] for k, exs in groups.items()}
+        shared = set.intersection(*(set(_ids(group)) for group in groups.values()))
+        groups = {
+            k: _keep(group, [ex_id in shared for ex_id in _ids(group)])
+            for k, group in groups.items()
+        }
         st.caption(f"{_plural(len(shared), 'example')} shared by all {len(groups)} sources.")
-    if not any(groups.values()):
+    if not any(len(group) for group in groups.values()):
         st.info("No examples in common between the sources yet.")
         return
 
@@ -711,12 +823,12 @@ def analytics_tab(sel: Selection, gt: Sequence[ScoredExample], tau: float, lm: L
 
 
 def generation_panel(
-    sel: Selection, gt: Sequence[ScoredExample], found: dict[str, list[StoredGeneration]]
+    sel: Selection, gt: Sequence[Example], found: dict[str, list[StoredGeneration]]
 ) -> None:
     """Coverage of the model's own answers, and a button to generate the missing ones."""
     config = url_settings()
     have = {ex_id for ex_id, gens in found.items() if any(g.config == config for g in gens)}
-    missing = [ex.to_example() for ex in gt if ex.id not in have]
+    missing = [ex for ex in gt if ex.id not in have]
     runner = background_runner()
     key = batch_task_key(sel, config)
     task = runner.get(key)
@@ -750,14 +862,14 @@ run = scores_or_wait(sel, early=True, first=[wanted] if wanted else [])
 if run is None:
     st.stop()
 early = run.of_total is not None  # the first few examples, while the rest are scored
-if early and (not run.examples or (wanted and wanted not in {ex.id for ex in run.examples})):
+gt = run.scores  # columns; records are built only for the example on screen
+if early and (not len(gt) or (wanted and wanted not in set(gt.ids))):
     # Nothing to show yet, or not the example the URL asks for (the task was started by another
     # page): wait for the whole selection rather than replace ?ex=. The progress above goes on.
     st.stop()
-if not run.examples:
+if not len(gt):
     st.warning("Nothing to show: every example was skipped (empty responses).")
     st.stop()
-gt = run.examples
 if early:
     st.info(
         f"Showing the first {len(gt)} of {run.of_total} examples while the rest are scored; "
@@ -774,7 +886,7 @@ with head:
 for ex_id, reason in run.skipped:
     st.caption(f"Skipped {ex_id}: {reason}")
 
-current = selected_example_id([ex.id for ex in gt], sel.data_label)
+current = selected_example_id(gt.ids, sel.data_label)
 browse, compare, analytics = st.tabs(list(TABS), key="view", bind="query-params")
 with browse:
     if browse.open:

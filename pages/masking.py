@@ -2,8 +2,10 @@
 
 The heatmap here IS the training mask: every change of mode, tau or share recomputes the masks
 from the cached scores (`core.masking`, vectorised over a `PplIndex` built once per scored
-dataset straight from the score store's columnar `TokenScores`) and re-colours the example, so struck-out tokens are exactly the ones that will get
-label -100. Nothing is re-scored on a widget change.
+dataset straight from the score store's columnar `TokenScores`) and re-colours the example, so
+struck-out tokens are exactly the ones that will get label -100. Nothing is re-scored on a
+widget change. Only the example on screen becomes a `ScoredExample` record: the statistics,
+the curve and the export (`core.masking.export` on `TokenScores`) read the columns.
 """
 
 import shlex
@@ -282,7 +284,7 @@ def _default_export_name(sel, config: MaskConfig, result: MaskResult) -> str:
 
 
 def _export_section(sel, run: ScoreRun, settings: list[tuple[str, MaskConfig, MaskResult]]):
-    """The export form; the examples are built as records (`run.examples`) only to export."""
+    """The export form; it writes from the columns (`run.scores`), no per-example records."""
     st.subheader("Export the masked training set")
     st.caption(
         "Writes `masked.jsonl` (messages plus per-token `input_ids` and `labels`, -100 where "
@@ -313,7 +315,7 @@ def _export_section(sel, run: ScoreRun, settings: list[tuple[str, MaskConfig, Ma
     )
     buttons.download_button(
         "Download masked.jsonl",
-        data=lambda: masked_jsonl_bytes(run.examples, result),
+        data=lambda: masked_jsonl_bytes(run.scores, result),
         file_name=f"{target.name if target else 'masked'}.jsonl",
         mime="application/jsonl",
         icon=":material/download:",
@@ -323,7 +325,7 @@ def _export_section(sel, run: ScoreRun, settings: list[tuple[str, MaskConfig, Ma
         return
     try:
         with st.spinner("Writing the export…"):
-            examples = run.examples
+            examples = run.scores
             lm = current_model(sel)
             extra = {
                 "model": lm.cache_key,
@@ -456,7 +458,7 @@ for (side, _, result), col in zip(settings, heat_columns, strict=True):
             render_token_heatmap(
                 example,
                 tau=result.tau,
-                masked=result.masks[position],
+                masked=result.mask_at(position),
                 max_tokens=MAX_HEATMAP_TOKENS,
             )
         )

@@ -8,7 +8,7 @@ import json
 import os
 import platform
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from core.io import (
 )
 from core.masking.rules import (
     DEFAULT_TAU,
+    IGNORE_INDEX,
     MODES,
     MaskConfig,
     MaskResult,
@@ -36,6 +37,10 @@ from core.masking.rules import (
     labels_for,
     mask_stats,
 )
+from core.scoring.tokens import TokenScores
+
+#: Scored examples as records or as the score store's columns (the app's path: no records).
+Scored = Sequence[ScoredExample] | TokenScores
 
 MANIFEST_VERSION = 1
 
@@ -45,6 +50,103 @@ MANIFEST_JSON = "manifest.json"
 
 
 # --------------------------------------------------------------------------- export
+
+
+def _first_difference(a: np.ndarray, b: np.ndarray, offsets: np.ndarray) -> int:
+    """The example (by `offsets`) of the first position where `a` and `b` differ."""
+    flat = int(np.flatnonzero(a != b)[0])
+    return int(np.searchsorted(offsets, flat, side="right")) - 1
+
+
+def _check_alignment_columns(scores: TokenScores, result: MaskResult) -> None:
+    """`_check_alignment` on columns: the same checks and messages, without records."""
+    if len(scores) != len(result):
+        raise LensError(f"{len(scores)} examples but masks for {len(result)}")
+    for ex_id, mask_id in zip(scores.ids, result.ids, strict=True):
+        if ex_id != mask_id:
+            raise LensError(
+                f"examples and masks are in a different order ({ex_id!r} vs {mask_id!r})"
+            )
+    if not np.array_equal(scores.offsets, result.index.offsets):
+        bad = int(np.flatnonzero(scores.n_response != result.index.n_response)[0])
+        raise LensError(f"example {scores.ids[bad]!r}: mask length does not match its response")
+    if not np.array_equal(scores.ppl(), result.index.ppl):
+        bad = _first_difference(scores.ppl(), result.index.ppl, scores.offsets)
+        raise LensError(f"example {scores.ids[bad]!r}: masks were computed from different scores")
+
+
+def _flat_labels(scores: TokenScores, result: MaskResult) -> np.ndarray:
+    """`labels_for` of every example at once, aligned with `scores.token_ids` (int64)."""
+    labels = scores.token_ids.astype(np.int64)
+    lengths = np.diff(scores.token_offsets)
+    example = np.repeat(np.arange(len(scores), dtype=np.int64), lengths)
+    position = np.arange(labels.size, dtype=np.int64) - scores.token_offsets[:-1][example]
+    labels[position < scores.response_start[example]] = IGNORE_INDEX
+    starts = scores.token_offsets[:-1] + scores.response_start
+    response = np.arange(scores.n_tokens, dtype=np.int64)
+    response += np.repeat(starts - scores.offsets[:-1], scores.n_response)
+    labels[response[result.flat]] = IGNORE_INDEX
+    return labels
+
+
+def _masked_columns(scores: TokenScores, result: MaskResult) -> tuple[np.ndarray, np.ndarray]:
+    """Flat labels and the masked count per example, after the alignment checks."""
+    _check_alignment_columns(scores, result)
+    return _flat_labels(scores, result), scores.per_example_count(result.flat)
+
+
+def _iter_rows_columns(
+    scores: TokenScores, labels: np.ndarray, n_masked: np.ndarray
+) -> Iterator[dict[str, Any]]:
+    """The `masked_rows` rows of columnar scores, one at a time."""
+    off, start, n_resp = scores.token_offsets, scores.response_start, scores.n_response
+    for i in range(len(scores)):
+        a, b = int(off[i]), int(off[i + 1])
+        yield {
+            "id": scores.ids[i],
+            "messages": [
+                {"role": "user", "content": scores.prompts[i]},
+                {"role": "assistant", "content": scores.responses[i]},
+            ],
+            "input_ids": scores.token_ids[a:b].tolist(),
+            "labels": labels[a:b].tolist(),
+            "response_start": int(start[i]),
+            "n_response": int(n_resp[i]),
+            "n_masked": int(n_masked[i]),
+        }
+
+
+def _arrow_columns(scores: TokenScores, labels: np.ndarray, n_masked: np.ndarray) -> Any:
+    """The export rows as one Arrow table, built from the columns (the same table, column
+    types and values as `datasets.Dataset.from_list` of `masked_rows`, which stores the column
+    named input_ids as int32)."""
+    import pyarrow as pa
+
+    n = len(scores)
+    contents = [
+        text for pair in zip(scores.prompts, scores.responses, strict=True) for text in pair
+    ]
+    roles = pa.array(["user", "assistant"] * n, type=pa.string())
+    messages = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)),
+        pa.StructArray.from_arrays(
+            [roles, pa.array(contents, type=pa.string())], ["role", "content"]
+        ),
+    )
+    token_offsets = pa.array(scores.token_offsets.astype(np.int32))
+    return pa.table(
+        {
+            "id": pa.array(list(scores.ids), type=pa.string()),
+            "messages": messages,
+            "input_ids": pa.ListArray.from_arrays(
+                token_offsets, pa.array(scores.token_ids.astype(np.int32))
+            ),
+            "labels": pa.ListArray.from_arrays(token_offsets, pa.array(labels)),
+            "response_start": pa.array(scores.response_start.astype(np.int64)),
+            "n_response": pa.array(scores.n_response.astype(np.int64)),
+            "n_masked": pa.array(n_masked.astype(np.int64)),
+        }
+    )
 
 
 def _check_alignment(examples: Sequence[ScoredExample], result: MaskResult) -> None:
@@ -60,8 +162,11 @@ def _check_alignment(examples: Sequence[ScoredExample], result: MaskResult) -> N
             raise LensError(f"example {ex.id!r}: masks were computed from different scores")
 
 
-def masked_rows(examples: Sequence[ScoredExample], result: MaskResult) -> list[dict[str, Any]]:
-    """The export rows: id, messages, input_ids, labels, response_start, n_response, n_masked."""
+def masked_rows(examples: Scored, result: MaskResult) -> list[dict[str, Any]]:
+    """The export rows: id, messages, input_ids, labels, response_start, n_response, n_masked.
+    Columnar scores give the same rows, their labels computed for all examples at once."""
+    if isinstance(examples, TokenScores):
+        return list(_iter_rows_columns(examples, *_masked_columns(examples, result)))
     _check_alignment(examples, result)
     rows = []
     for ex, mask in zip(examples, result.masks, strict=True):
@@ -82,16 +187,51 @@ def masked_rows(examples: Sequence[ScoredExample], result: MaskResult) -> list[d
     return rows
 
 
-def _jsonl_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
+def _jsonl_bytes(rows: Iterable[Mapping[str, Any]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
-def masked_jsonl_bytes(examples: Sequence[ScoredExample], result: MaskResult) -> bytes:
+def masked_jsonl_bytes(examples: Scored, result: MaskResult) -> bytes:
     """The ``masked.jsonl`` content of an export (UTF-8, one `masked_rows` row per line)."""
+    if isinstance(examples, TokenScores):
+        rows = _iter_rows_columns(examples, *_masked_columns(examples, result))
+        return _jsonl_bytes(rows)
     return _jsonl_bytes(masked_rows(examples, result))
 
 
-def scores_fingerprint(examples: Sequence[ScoredExample]) -> str:
+def _record_dicts(scores: TokenScores) -> Iterator[dict[str, Any]]:
+    """`ScoredExample.to_dict()` of every example, straight from the columns, one at a time
+    (token texts looked up once per distinct id)."""
+    k = scores.top_k
+    ids = np.concatenate([scores.token_ids, scores.top_ids.reshape(-1)])
+    unique = np.unique(ids)
+    texts = np.empty(unique.size, dtype=object)
+    texts[:] = scores.texts(unique) if unique.size else []
+    tok_text = texts[np.searchsorted(unique, scores.token_ids)]
+    top_text = texts[np.searchsorted(unique, scores.top_ids.reshape(-1))].reshape(-1, k)
+    toff, off = scores.token_offsets, scores.offsets
+    for i in range(len(scores)):
+        a, b, lo, hi = int(toff[i]), int(toff[i + 1]), int(off[i]), int(off[i + 1])
+        yield {
+            "id": scores.ids[i],
+            "prompt": scores.prompts[i],
+            "response": scores.responses[i],
+            "convention": scores.conventions[i],
+            "token_ids": scores.token_ids[a:b].tolist(),
+            "tokens": tok_text[a:b].tolist(),
+            "response_start": int(scores.response_start[i]),
+            "logprob": scores.logprob[lo:hi].tolist(),
+            "rank": scores.rank[lo:hi].tolist(),
+            "top_ids": scores.top_ids[lo:hi].tolist(),
+            "top_tokens": top_text[lo:hi].tolist() if k else [[] for _ in range(hi - lo)],
+            "top_logprobs": scores.top_logprobs[lo:hi].tolist(),
+            "truncated": bool(scores.truncated[i]),
+            "source": scores.sources[i],
+            "meta": dict(scores.metas[i]),
+        }
+
+
+def scores_fingerprint(examples: Scored) -> str:
     """sha256 of the scored examples' content (ids, texts, token ids, scores, in order).
 
     Computed from each record's canonical JSON, so scores read back from a ``score`` JSONL and
@@ -99,8 +239,10 @@ def scores_fingerprint(examples: Sequence[ScoredExample]) -> str:
     ``source_fingerprint`` identifies what was masked, whichever way it was produced.
     """
     h = hashlib.sha256()
-    for ex in examples:
-        h.update(json.dumps(ex.to_dict(), sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    dicts = _record_dicts(examples) if isinstance(examples, TokenScores) else examples
+    for ex in dicts:
+        data = ex if isinstance(ex, dict) else ex.to_dict()
+        h.update(json.dumps(data, sort_keys=True, ensure_ascii=False).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
 
@@ -151,7 +293,7 @@ def _prepare_target(out: Path, overwrite: bool) -> bool:
 
 
 def export_masked_dataset(
-    examples: Sequence[ScoredExample],
+    examples: Scored,
     mask_result: MaskResult,
     out_dir: str | os.PathLike[str],
     manifest_extra: Mapping[str, Any] | None = None,
@@ -164,14 +306,23 @@ def export_masked_dataset(
     end, so ``out_dir`` is either absent/unchanged or a complete export. An existing non-empty
     ``out_dir`` is refused unless ``overwrite=True``, and even then only if it holds a previous
     export (a ``manifest.json``), never an arbitrary directory. Returns ``out_dir``.
+    Columnar scores (`TokenScores`) write the same files without building records: labels
+    for all examples at once, the `datasets` table straight from the arrays.
     """
     import datasets  # heavy import, only needed here
 
     out = Path(out_dir).expanduser().absolute()
     _prepare_target(out, overwrite)
-    rows = masked_rows(examples, mask_result)
+    table = None
+    if isinstance(examples, TokenScores):
+        labels, n_masked = _masked_columns(examples, mask_result)
+        jsonl = _jsonl_bytes(_iter_rows_columns(examples, labels, n_masked))
+        table = _arrow_columns(examples, labels, n_masked)
+        rows: list[dict[str, Any]] = []
+    else:
+        rows = masked_rows(examples, mask_result)
+        jsonl = _jsonl_bytes(rows)
     stats = mask_stats(mask_result)
-    jsonl = _jsonl_bytes(rows)
     manifest = _build_manifest(
         mask_result, stats, manifest_extra, hashlib.sha256(jsonl).hexdigest()
     )
@@ -183,7 +334,11 @@ def export_masked_dataset(
         bars_were_on = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()
         try:
-            datasets.Dataset.from_list(rows).save_to_disk(str(folder / HF_DATASET_DIR))
+            if table is not None:
+                dataset = datasets.Dataset(datasets.table.InMemoryTable(table))
+            else:
+                dataset = datasets.Dataset.from_list(rows)
+            dataset.save_to_disk(str(folder / HF_DATASET_DIR))
         finally:
             if bars_were_on:
                 datasets.enable_progress_bars()

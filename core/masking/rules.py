@@ -523,6 +523,12 @@ class MaskResult:
     def __len__(self) -> int:
         return len(self.index)
 
+    def mask_at(self, i: int) -> np.ndarray:
+        """The response-token mask of example number ``i`` (a read-only view of ``flat``, without
+        building every example's view as ``masks`` does)."""
+        offsets = self.index.offsets
+        return self.flat[offsets[i] : offsets[i + 1]]
+
     def mask_for(self, example_id: str) -> np.ndarray:
         """The response-token mask of one example, by id."""
         return self.masks[self.index.index_of(example_id)]

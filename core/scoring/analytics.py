@@ -180,6 +180,14 @@ def token_ppl_frame(groups: Groups, *, with_category: bool = False) -> pd.DataFr
     Columns: source, example_id, position (0-based index within the response), token, ppl,
     logprob, rank; plus category if `with_category`.
     """
+    if any(isinstance(examples, TokenScores) for examples in groups.values()):
+        parts = [
+            _token_frame_of(source, examples, with_category)
+            if isinstance(examples, TokenScores)
+            else token_ppl_frame({source: examples}, with_category=with_category)
+            for source, examples in groups.items()
+        ]
+        return pd.concat(parts, ignore_index=True)
     sources: list[str] = []
     ids: list[str] = []
     positions: list[np.ndarray] = []
@@ -211,6 +219,39 @@ def token_ppl_frame(groups: Groups, *, with_category: bool = False) -> pd.DataFr
     )
     if with_category:
         frame["category"] = [token_category(t) for t in tokens]
+    return frame
+
+
+def _token_texts(scores: TokenScores) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct response-token texts (object array) and each response token's index into it:
+    one vocabulary lookup per distinct id, not per token."""
+    unique, inverse = np.unique(scores.response_token_ids(), return_inverse=True)
+    texts = np.empty(unique.size, dtype=object)
+    texts[:] = scores.texts(unique) if unique.size else []
+    return texts, inverse.reshape(-1)
+
+
+def _token_frame_of(source: str, scores: TokenScores, with_category: bool) -> pd.DataFrame:
+    """`token_ppl_frame` of one columnar group, built from its arrays."""
+    n = scores.n_response
+    texts, inverse = _token_texts(scores)
+    example = np.repeat(np.arange(len(scores), dtype=np.int64), n)
+    ids = np.empty(len(scores), dtype=object)
+    ids[:] = list(scores.ids)
+    frame = pd.DataFrame(
+        {
+            "source": pd.Series(np.full(scores.n_tokens, source, dtype=object), dtype=object),
+            "example_id": pd.Series(ids[example], dtype=object),
+            "position": np.arange(scores.n_tokens, dtype=np.int64) - scores.offsets[:-1][example],
+            "token": pd.Series(texts[inverse], dtype=object),
+            "ppl": np.array(scores.ppl()),
+            "logprob": np.array(scores.logprob, dtype=np.float64),
+            "rank": scores.rank.astype(np.int64),
+        }
+    )
+    if with_category:
+        codes = np.array([token_category(t) for t in texts], dtype=object)
+        frame["category"] = codes[inverse] if inverse.size else np.zeros(0, dtype=object)
     return frame
 
 
@@ -312,7 +353,15 @@ def category_shares(groups: Groups, tau: float) -> pd.DataFrame:
     for source, examples in groups.items():
         n_all = dict.fromkeys(CATEGORIES, 0)
         n_high = dict.fromkeys(CATEGORIES, 0)
-        for ex in _records(examples):
+        if isinstance(examples, TokenScores):  # one category per distinct token id
+            texts, inverse = _token_texts(examples)
+            code = np.array([CATEGORIES.index(token_category(t)) for t in texts], np.int64)
+            per_token = code[inverse] if inverse.size else np.zeros(0, np.int64)
+            all_counts = np.bincount(per_token, minlength=len(CATEGORIES))
+            high_counts = np.bincount(per_token[examples.ppl() > tau], minlength=len(CATEGORIES))
+            for j, category in enumerate(CATEGORIES):
+                n_all[category], n_high[category] = int(all_counts[j]), int(high_counts[j])
+        for ex in () if isinstance(examples, TokenScores) else examples:
             ppl = ex.ppl_array()
             for token, value in zip(ex.response_tokens, ppl, strict=False):
                 category = token_category(token)
@@ -371,8 +420,12 @@ def shared_prefix_length(texts: Sequence[str], minimum: int = 20) -> int:
 
 def example_table(examples: Scored, tau: float) -> pd.DataFrame:
     """One row per example: id, prompt preview (after the prefix all prompts share), sequence
-    ppl, length, share > τ, max token ppl, truncated."""
-    examples = _records(examples)
+    ppl, length, share > τ, max token ppl, truncated. Columnar scores are computed on their
+    arrays (the same numbers): `example_columns` once, `example_shares` per τ."""
+    if isinstance(examples, TokenScores):
+        table = example_columns(examples)
+        table.insert(4, "share > τ", example_shares(examples, tau))
+        return table
     prompts = [ex.prompt for ex in examples]
     skip = shared_prefix_length(prompts) if len(prompts) > 1 else 0
     rows = []
@@ -392,6 +445,40 @@ def example_table(examples: Scored, tau: float) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def prompt_previews(prompts: Sequence[str]) -> list[str]:
+    """The first non-blank line of each prompt after the prefix all prompts share (160
+    characters at most; "…" marks a cut prefix): the example table's prompt column."""
+    skip = shared_prefix_length(prompts) if len(prompts) > 1 else 0
+    out = []
+    for prompt in prompts:
+        first_line = next((line for line in prompt[skip:].splitlines() if line.strip()), "")
+        out.append(("…" if skip else "") + first_line.strip()[:160])
+    return out
+
+
+def example_columns(scores: TokenScores) -> pd.DataFrame:
+    """The τ-independent columns of `example_table` for columnar scores: id, prompt, seq ppl,
+    tokens, max token ppl, truncated (no per-example records)."""
+    return pd.DataFrame(
+        {
+            "id": list(scores.ids),
+            "prompt": prompt_previews(scores.prompts),
+            "seq ppl": np.array(scores.seq_ppl()),
+            "tokens": scores.n_response.astype(np.int64),
+            "max token ppl": scores.per_example_max_ppl(),
+            "truncated": np.asarray(scores.truncated, dtype=bool),
+        }
+    )
+
+
+def example_shares(scores: TokenScores, tau: float) -> np.ndarray:
+    """Each example's share of response tokens with ppl > τ (NaN without response tokens)."""
+    n = scores.n_response
+    above = scores.per_example_count(scores.ppl() > tau)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, above / np.maximum(n, 1), np.nan)
 
 
 def seq_ppl_ticks(values: np.ndarray) -> list[float]:

@@ -304,6 +304,39 @@ class TokenScores:
             self._cache["seq_ppl"] = cached
         return cached
 
+    def response_token_ids(self) -> np.ndarray:
+        """Token ids of all response tokens, example after example (aligned with `logprob`)."""
+        cached = self._cache.get("response_token_ids")
+        if cached is None:
+            n = self.n_response
+            starts = self.token_offsets[:-1] + self.response_start
+            index = np.arange(self.n_tokens, dtype=np.int64)
+            index += np.repeat(starts - self.offsets[:-1], n)
+            cached = self.token_ids[index]
+            cached.flags.writeable = False
+            self._cache["response_token_ids"] = cached
+        return cached
+
+    def per_example_max_ppl(self) -> np.ndarray:
+        """Largest token perplexity per example (NaN without response tokens)."""
+        out = np.full(len(self), np.nan)
+        nonempty = np.flatnonzero(self.n_response > 0)
+        if nonempty.size:
+            out[nonempty] = np.maximum.reduceat(self.ppl(), self.offsets[:-1][nonempty])
+        return out
+
+    def per_example_count(self, flags: np.ndarray) -> np.ndarray:
+        """Per-example count of True in a boolean array aligned with `logprob` (int64)."""
+        out = np.zeros(len(self), dtype=np.int64)
+        nonempty = np.flatnonzero(self.n_response > 0)
+        if nonempty.size:
+            out[nonempty] = np.add.reduceat(
+                np.asarray(flags, dtype=bool).view(np.uint8),
+                self.offsets[:-1][nonempty],
+                dtype=np.int64,
+            )
+        return out
+
     def texts(self, ids: np.ndarray) -> list[str]:
         """Token texts of `ids` (from `vocab`; a store's vocabulary looks them up at once)."""
         vocab = self.vocab

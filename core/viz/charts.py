@@ -26,6 +26,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from core.data.records import ScoredExample
+from core.scoring.tokens import TokenScores
 
 # Okabe-Ito colour-blind-safe palette: GT is the "hot" one, Self-Output the calm one.
 SOURCE_COLORS: dict[str, str] = {
@@ -495,16 +496,23 @@ def category_share_chart(df: pd.DataFrame, *, title: str | None = None) -> go.Fi
 
 
 def seq_ppl_box(
-    groups: Mapping[str, Sequence[ScoredExample]], *, title: str | None = None
+    groups: Mapping[str, Sequence[ScoredExample] | TokenScores], *, title: str | None = None
 ) -> go.Figure:
-    """Per-example sequence perplexity per source as box plots (log y), mean marked."""
+    """Per-example sequence perplexity per source as box plots (log y), mean marked; a source
+    is records or columnar `TokenScores`."""
     fig = go.Figure()
     for source, examples in groups.items():
-        scored = [ex for ex in examples if ex.n_response > 0]
+        if isinstance(examples, TokenScores):  # columns: no per-example records
+            keep = np.flatnonzero(examples.n_response > 0)
+            y = examples.seq_ppl()[keep].tolist()
+            text = [examples.ids[i] for i in keep.tolist()]
+        else:
+            scored = [ex for ex in examples if ex.n_response > 0]
+            y, text = [ex.seq_ppl for ex in scored], [ex.id for ex in scored]
         fig.add_trace(
             go.Box(
-                y=[ex.seq_ppl for ex in scored],
-                text=[ex.id for ex in scored],
+                y=y,
+                text=text,
                 name=source_label(source),
                 meta={"source": source},
                 marker={"color": source_color(source), "size": 4},
