@@ -56,6 +56,27 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N examples only")
 
 
+def _add_submit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--submit", action="store_true", help="queue as a background job and return")
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=["local", "ray"],
+        help="with --submit: where the job runs (default: the saved setting, see `backend`)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="with --backend ray: the Ray dashboard address (default $PLENS_RAY_ADDRESS, "
+        "else the saved one, else http://127.0.0.1:8265)",
+    )
+
+
+def _where(args: argparse.Namespace) -> dict[str, str | None]:
+    """The submit call's backend keywords from `--backend` / `--ray-address`."""
+    return {"backend": args.backend, "address": args.ray_address}
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Score every response token of a dataset and write one JSON object per example."""
     from core.data.sources import load_source
@@ -172,8 +193,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
     if args.submit:
         job = JobRegistry().submit(
-            "train", config.to_dict(), device=config.device, label=config.describe()
-        )
+            "train", config.to_dict(), device=config.device, label=config.describe(),
+            **_where(args),
+        )  # fmt: skip
         print(job.id)
         print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
         return 0
@@ -200,8 +222,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     registry = JobRegistry()
     if args.submit:
         job = registry.submit(
-            "generate", config.to_dict(), device=config.device, label=config.describe()
-        )
+            "generate", config.to_dict(), device=config.device, label=config.describe(),
+            **_where(args),
+        )  # fmt: skip
         print(job.id)
         print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
         return 0
@@ -239,7 +262,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             steps = f"{prog.step}/{prog.max_steps}" if prog.max_steps else "-"
             print(
                 f"{job.id}  {job.status:9}  {steps:>9}  {_format_seconds(job.elapsed):>8}  "
-                f"{job.label}  [{job.message}]"
+                f"{job.label}  [{job.message}]  ({job.where})"
             )
         if not jobs:
             print(f"no jobs in {registry.path}", file=sys.stderr)
@@ -258,6 +281,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     print(f"{job.id}: {job.status} ({job.message}) · {job.label}")
     print(f"run folder: {job.run_dir}")
+    if job.on_cluster:
+        print(f"runs on: {job.where}, as {job.engine_id or '(not handed over yet)'}")
     if prog.max_steps:
         running = job.status == "running" and prog.eta_seconds
         eta = f", ETA {_format_seconds(prog.eta_seconds)}" if running else ""
@@ -267,6 +292,27 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     if args.action == "show":
         print(f"--- last {args.lines} lines of the log ---")
         print(log_tail(job.run_dir, lines=args.lines))
+    return 0
+
+
+def cmd_backend(args: argparse.Namespace) -> int:
+    """Show the job backend, or set it (checking that a Ray cluster answers first)."""
+    from core.jobs.cluster import RAY, RayEngine, current_setting, make_setting, save_setting
+    from core.jobs.runfiles import runs_dir
+
+    root = runs_dir()
+    if args.name is None:
+        if args.address:
+            raise LensError(
+                "--address goes with a backend name: `backend ray --address HOST:PORT`."
+            )
+        print(f"queued jobs run on {current_setting(root).describe()}")
+        return 0
+    setting = make_setting(args.name, args.address)
+    if setting.name == RAY:
+        RayEngine(setting.address or "").check()
+    path = save_setting(root, setting)
+    print(f"queued jobs now run on {setting.describe()} (saved in {path})")
     return 0
 
 
@@ -310,7 +356,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     registry = JobRegistry()
     label = config.describe()
     if args.submit:
-        job = registry.submit("eval", config.to_dict(), device=config.device, label=label)
+        job = registry.submit(
+            "eval", config.to_dict(), device=config.device, label=label, **_where(args)
+        )
         print(job.id)
         print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
         return 0
@@ -338,7 +386,7 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     folder = protocol_folder(config, name=args.name, run_dir=args.run_dir)
     if args.submit:
         job = registry.submit("protocol", config.to_dict(), device=config.device,
-                              label=config.describe(), run_dir=folder)  # fmt: skip
+                              label=config.describe(), run_dir=folder, **_where(args))  # fmt: skip
         print(job.id)
         print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
         return 0
@@ -449,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     TrainConfig.add_arguments(p)
     p.add_argument("--run-dir", default=None, help="run folder (default: a new one under runs/)")
-    p.add_argument("--submit", action="store_true", help="queue as a background job and return")
+    _add_submit_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -460,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     GenDataConfig.add_arguments(p)
     p.add_argument("--run-dir", default=None, help="run folder (default: a new one under runs/)")
-    p.add_argument("--submit", action="store_true", help="queue as a background job and return")
+    _add_submit_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("jobs", help="list, show, cancel or resume background jobs")
@@ -475,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     EvalConfig.add_arguments(p)
     p.add_argument("--out", default=None, help="write the full results as JSON here")
     p.add_argument("--run-dir", default=None, help="run folder (default: a new one under runs/)")
-    p.add_argument("--submit", action="store_true", help="queue as a background job and return")
+    _add_submit_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -494,8 +542,18 @@ def build_parser() -> argparse.ArgumentParser:
         "again reuses its finished runs",
     )
     p.add_argument("--run-dir", default=None, help="protocol folder path (instead of --name)")
-    p.add_argument("--submit", action="store_true", help="queue as a background job and return")
+    _add_submit_args(p)
     p.set_defaults(func=cmd_protocol)
+
+    p = sub.add_parser(
+        "backend",
+        help="show or set where queued jobs run: the local queue or a Ray cluster",
+        description="Kept in <runs folder>/backend.json (the app's Home page sets the same); "
+        "$PLENS_JOB_BACKEND and $PLENS_RAY_ADDRESS override it.",
+    )
+    p.add_argument("name", nargs="?", choices=["local", "ray"], help="set this backend")
+    p.add_argument("--address", default=None, help="Ray dashboard address (host:port or URL)")
+    p.set_defaults(func=cmd_backend)
 
     p = sub.add_parser("job-run", help="(internal) run a queued job in this process")
     p.add_argument("job_id")
@@ -518,6 +576,12 @@ def main(argv: list[str] | None = None) -> int:
         and args.share is None
     ):
         args.tau = DEFAULT_TAU
+    if getattr(args, "submit", True) is False and (
+        getattr(args, "backend", None) or getattr(args, "ray_address", None)
+    ):
+        print("error: --backend and --ray-address choose where a queued job runs; add --submit",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USER_ERROR
     try:
         return int(args.func(args) or 0)
     except LensError as exc:

@@ -58,6 +58,7 @@ from typing import Any
 
 from core.errors import LensError
 from core.io import write_json_atomic
+from core.jobs.cluster import LOCAL, PENDING, RAY, ClusterError, RayEngine, current_setting
 from core.jobs.runfiles import CONFIG_JSON, LOG_TXT, log_tail, runs_dir
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -129,6 +130,9 @@ class Job:
     error: str = ""
     cancel_requested: bool = False
     attempts: int = 0
+    backend: str = LOCAL
+    engine_address: str | None = None
+    engine_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -140,6 +144,18 @@ class Job:
     def active(self) -> bool:
         """Queued or running."""
         return self.status in (QUEUED, RUNNING)
+
+    @property
+    def on_cluster(self) -> bool:
+        """Submitted to a cluster engine (Ray), not the local queue."""
+        return self.backend != LOCAL
+
+    @property
+    def where(self) -> str:
+        """ "local" or "ray <address>" (for job lists)."""
+        return (
+            LOCAL if not self.on_cluster else f"{self.backend} {self.engine_address or ''}".strip()
+        )
 
     @property
     def elapsed(self) -> float | None:
@@ -172,6 +188,9 @@ _COLUMNS = (
     "error",
     "cancel_requested",
     "attempts",
+    "backend",
+    "engine_address",
+    "engine_id",
 )
 
 _SCHEMA = """
@@ -193,9 +212,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     message TEXT NOT NULL DEFAULT '',
     error TEXT NOT NULL DEFAULT '',
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    backend TEXT NOT NULL DEFAULT 'local',
+    engine_address TEXT,
+    engine_id TEXT
 )
 """
+
+#: Columns added after the first release, with their definitions: an older jobs.sqlite gets them
+#: on open (its jobs are local ones).
+_ADDED_COLUMNS = {
+    "backend": "TEXT NOT NULL DEFAULT 'local'",
+    "engine_address": "TEXT",
+    "engine_id": "TEXT",
+}
 
 
 # Pids of jobs this process launched and is waiting on (see `JobRegistry._reap`).
@@ -277,9 +307,15 @@ class JobRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / REGISTRY_DB
         self.max_per_device = max_per_device or _max_per_device_default()
+        self._engines: dict[str, RayEngine] = {}
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
+            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, definition in _ADDED_COLUMNS.items():
+                if name not in have:
+                    with contextlib.suppress(sqlite3.OperationalError):  # added concurrently
+                        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -369,13 +405,103 @@ class JobRegistry:
             db.close()
         # Children of this process are left to their reaper thread, which knows the exit code.
         dead = [
-            j for j in running if j.pid not in _REAPING and not process_alive(j.pid, j.pid_start)
+            j
+            for j in running
+            if not j.on_cluster and j.pid not in _REAPING and not process_alive(j.pid, j.pid_start)
         ]
         changed = []
         for job in dead:
             if self._finish_if_running(job.id, job.pid, exit_code=None):
                 changed.append(job.id)
+        return changed + self._reconcile_cluster()
+
+    # -- cluster jobs -----------------------------------------------------------------------
+
+    def _engine(self, address: str | None) -> RayEngine:
+        """The (cached) Ray Jobs client of one cluster address."""
+        key = address or ""
+        if key not in self._engines:
+            self._engines[key] = RayEngine(key)
+        return self._engines[key]
+
+    def _reconcile_cluster(self) -> list[str]:
+        """Ask the engine about every cluster job it holds that has not recorded its own end:
+        one the engine finished, stopped or no longer knows becomes failed (or cancelled, if a
+        cancel was asked) with the engine's reason and the log tail. A cluster that does not
+        answer leaves its jobs as they are, with a note in their status line."""
+        db = self._connect()
+        try:
+            held = self._select(
+                db,
+                "WHERE backend != ? AND engine_id IS NOT NULL AND status IN (?, ?)",
+                (LOCAL, QUEUED, RUNNING),
+            )
+        finally:
+            db.close()
+        changed: list[str] = []
+        unreachable: dict[str, str] = {}
+        for job in held:
+            address = job.engine_address or ""
+            if address in unreachable:
+                self._note(job, unreachable[address])
+                continue
+            try:
+                state = self._engine(address).state(job.engine_id or "")
+            except ClusterError as exc:
+                unreachable[address] = str(exc)
+                self._note(job, str(exc))
+                continue
+            if state.status == PENDING and job.status == QUEUED:
+                self._note(job, "waiting for the cluster (Ray: PENDING, no free resources yet)")
+            if not state.final:
+                continue
+            if state.status == "MISSING":
+                reason = f"lost by the cluster: {state.message} (was its head restarted?)"
+            else:
+                detail = f": {state.message}" if state.message else ""
+                reason = f"the cluster reports the job {state.status}{detail}"
+            if self._finish_engine_job(job, reason, state.exit_code):
+                changed.append(job.id)
         return changed
+
+    def _note(self, job: Job, message: str) -> None:
+        """Set a job's status line, unless it already says that."""
+        if job.message != message[:300]:
+            with self._transaction() as db:
+                self._update(db, job.id, message=message[:300])
+
+    def _finish_engine_job(self, job: Job, reason: str, exit_code: int | None) -> bool:
+        """Record the end of a cluster job that did not record it itself."""
+        with self._transaction() as db:
+            rows = self._select(db, "WHERE id = ?", (job.id,))
+            if not rows or rows[0].status not in (QUEUED, RUNNING):
+                return False
+            if rows[0].engine_id != job.engine_id:  # resumed meanwhile: a new engine job
+                return False
+            row = rows[0]
+            tail = log_tail(row.run_dir)
+            status = CANCELLED if row.cancel_requested else FAILED
+            why = "cancelled" if row.cancel_requested else reason
+            error = why + (f"\n--- last lines of {LOG_TXT} ---\n{tail}" if tail else "")
+            self._finish(db, job.id, status, exit_code, error, why[:300])
+        return True
+
+    def _hand_to_cluster(self, db: sqlite3.Connection, job: Job) -> None:
+        """Submit a queued cluster job to its engine (inside `kick`'s transaction, so no two
+        processes submit it twice); it stays queued until its process claims it."""
+        engine_id = f"plens-{job.id}-a{job.attempts + 1}"
+        run = Path(job.run_dir)
+        run.mkdir(parents=True, exist_ok=True)
+        with open(run / LOG_TXT, "ab") as log:
+            stamp = datetime.now().isoformat(timespec="seconds")
+            log.write(
+                f"[{stamp}] submitting job {job.id} to Ray at {job.engine_address} as "
+                f"{engine_id} (attempt {job.attempts + 1})\n".encode()
+            )
+        self._engine(job.engine_address).submit(
+            engine_id, job.id, job.kind, job.device, self.root, run / LOG_TXT, PROJECT_ROOT
+        )
+        self._update(db, job.id, engine_id=engine_id, message="submitted to the cluster")
 
     def _finish_if_running(self, job_id: str, pid: int | None, exit_code: int | None) -> bool:
         """Record the end of a job that did not report it itself (still 'running' with `pid`)."""
@@ -402,13 +528,20 @@ class JobRegistry:
         label: str = "",
         start: bool = True,
         run_dir: str | Path | None = None,
+        backend: str | None = None,
+        address: str | None = None,
     ) -> Job:
         """Queue a job: create its run folder with config.json, add the row, kick the queue.
 
         `run_dir` names the folder (default: a new one named by the job id); an existing folder
-        keeps its config.json, so the job resumes the run there (its kind checks the config)."""
+        keeps its config.json, so the job resumes the run there (its kind checks the config).
+        `backend` / `address` pick where it runs (default: `core.jobs.cluster.current_setting`);
+        a cluster that does not answer is a one-line `ClusterError` before anything is written."""
         if kind not in JOB_KINDS:
             raise JobError(f"Unknown job kind '{kind}' (known: {', '.join(JOB_KINDS)}).")
+        setting = current_setting(self.root, backend, address)
+        if setting.name == RAY:
+            self._engine(setting.address).check()
         job_id = _new_job_id()
         run = Path(run_dir).expanduser().absolute() if run_dir else self.root / job_id
         run.mkdir(parents=True, exist_ok=run_dir is not None)
@@ -416,8 +549,8 @@ class JobRegistry:
             write_json_atomic(run / CONFIG_JSON, config)
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO jobs (id, kind, label, config, device, status, run_dir, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, kind, label, config, device, status, run_dir, created, "
+                "backend, engine_address) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job_id,
                     kind,
@@ -427,6 +560,8 @@ class JobRegistry:
                     QUEUED,
                     str(run),
                     time.time(),
+                    setting.name,
+                    setting.address,
                 ),
             )
         if start:
@@ -484,9 +619,18 @@ class JobRegistry:
             )
             running: dict[str, int] = {}
             for job in active:
-                if job.status == RUNNING:
+                if job.status == RUNNING and not job.on_cluster:
                     running[job.device] = running.get(job.device, 0) + 1
             for job in active:
+                if job.on_cluster:  # the engine queues and places it; no per-device cap here
+                    if job.status == QUEUED and not job.engine_id:
+                        try:
+                            self._hand_to_cluster(db, job)
+                        except (ClusterError, OSError) as exc:
+                            self._finish(db, job.id, FAILED, None, str(exc), "failed")
+                            continue
+                        started.append(job.id)
+                    continue
                 if job.status != QUEUED or running.get(job.device, 0) >= self.max_per_device:
                     continue
                 try:
@@ -617,14 +761,16 @@ class JobRegistry:
             job = jobs[0]
             if job.status not in (QUEUED, RUNNING):
                 raise JobError(f"Job {job_id} is already {job.status}.")
-            if job.status == QUEUED:
+            if job.status == QUEUED and not job.engine_id:
                 self._update(
                     db, job_id, status=CANCELLED, finished=time.time(), message="cancelled"
                 )
             else:
                 self._update(db, job_id, cancel_requested=1, message="cancelling")
-        if job.status == QUEUED:
+        if job.status == QUEUED and not job.engine_id:
             return self._raw(job_id)
+        if job.on_cluster:
+            return self._cancel_on_cluster(job, grace, wait)
         self._signal(job, signal.SIGTERM)
         if wait:
             self._escalate(job, grace)
@@ -634,6 +780,23 @@ class JobRegistry:
                 target=self._escalate_then_refresh, args=(job, grace), daemon=True
             ).start()
         return self._raw(job_id)
+
+    def _cancel_on_cluster(self, job: Job, grace: float, wait: bool) -> Job:
+        """Ask the engine to stop a cluster job. One it had not started yet is cancelled at
+        once (should its process start anyway, `claim` refuses it); a running one records
+        "cancelled" itself on SIGTERM, or the next reconcile does once the engine has it."""
+        self._engine(job.engine_address).stop(job.engine_id or "")
+        if job.status == QUEUED:
+            with self._transaction() as db:
+                row = self._select(db, "WHERE id = ?", (job.id,))[0]
+                if row.status == QUEUED:
+                    self._finish(db, job.id, CANCELLED, None, "cancelled", "cancelled")
+            return self._raw(job.id)
+        if wait:
+            deadline = time.monotonic() + grace + 10.0
+            while time.monotonic() < deadline and self.get(job.id).status not in FINAL_STATUSES:
+                time.sleep(0.3)
+        return self._raw(job.id)
 
     def _signal(self, job: Job, sig: signal.Signals) -> None:
         if not process_alive(job.pid, job.pid_start):
@@ -682,6 +845,7 @@ class JobRegistry:
                 pid_start=None,
                 exit_code=None,
                 cancel_requested=0,
+                engine_id=None,
                 message="queued (resume)",
             )
         self.kick()

@@ -450,10 +450,131 @@ def _self_output_data(
     return found, f"Self-Output set generated in {time.monotonic() - started:.0f} s: {found}"
 
 
+@dataclass
+class ClusterTarget:
+    """Where a protocol on a cluster submits its arms: the registry and a backend setting."""
+
+    registry: Any  # core.jobs.registry.JobRegistry
+    backend: str
+    address: str | None
+
+
+def _cluster_jobs(
+    config: ProtocolConfig,
+    folder: Path,
+    arms: dict[str, Arm],
+    target: ClusterTarget,
+    status: StatusFn | None,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every arm and seed as a cluster job at once (the engine runs as many side by side as it
+    has resources for), the Self-Output generation beside them and its arm once its data
+    exists; returns (runs, notes) like the local loop. A cancelled or failed protocol job
+    cancels the child jobs it left running."""
+    from core.jobs.registry import FINAL_STATUSES, SUCCEEDED
+    from core.jobs.runfiles import runs_dir
+
+    registry = target.registry
+    where = {"backend": target.backend, "address": target.address}
+    notes: list[str] = []
+    submitted: dict[str, dict[str, Any]] = {}  # child job id -> its runs entry
+    runs: list[dict[str, Any]] = []
+    total = len(config.seeds) * len(config.methods)
+
+    def submit_arm(arm: Arm, seed: int, data: str | None) -> None:
+        rid = run_id(folder, arm.key, seed)
+        run_dir = runs_dir() / rid
+        entry = {"arm": arm.key, "label": arm.label, "seed": seed, "run": rid}
+        runs.append(entry)
+        if _finished(run_dir):
+            entry.update(status="succeeded", reused=True)
+            _say(folder, f"{arm.label}, seed {seed}: already finished", status)
+            return
+        cfg = train_config(config, arm, seed, data)
+        job = registry.submit("train", cfg, device=config.device, run_dir=run_dir,
+                              label=f"{folder.name}: {arm.label}, seed {seed}", **where)  # fmt: skip
+        entry.update(job=job.id, submitted=time.time())
+        submitted[job.id] = entry
+        _say(
+            folder,
+            f"{arm.label}, seed {seed}: job {job.id} on the cluster, training ({rid})",
+            status,
+        )
+
+    gen_job = None
+    so_data: str | None = None
+    if "self_output" in config.methods:
+        gen_dir = folder / GENERATION_DIR
+        found = _generated_set(gen_dir)
+        if found and Path(found).is_dir():
+            so_data = found
+            notes.append(f"Self-Output set reused: {found}")
+        else:
+            gen_dir.mkdir(parents=True, exist_ok=True)
+            gen_job = registry.submit("generate", generation_config(config), device=config.device,
+                                      run_dir=gen_dir, label=f"{folder.name}: Self-Output data",
+                                      **where)  # fmt: skip
+            _say(folder, f"Self-Output: generating training data as job {gen_job.id}", status)
+    try:
+        for seed in config.seeds:
+            for key in config.methods:
+                if key != "self_output":
+                    submit_arm(arms[key], seed, None)
+        if gen_job is not None:
+            done = registry.wait(gen_job.id, poll=2.0)
+            found = _generated_set(folder / GENERATION_DIR)
+            if done.status == SUCCEEDED and found:
+                so_data = found
+                notes.append(f"Self-Output set generated on the cluster: {found}")
+            else:
+                reason = (done.error or done.status).splitlines()[0]
+                notes.append(
+                    f"Self-Output skipped: generation job {done.id} {done.status} ({reason})"
+                )
+            _say(folder, notes[-1], status)
+        if so_data:
+            for seed in config.seeds:
+                submit_arm(arms["self_output"], seed, so_data)
+        waiting = dict(submitted)
+        while waiting:
+            for job_id in list(waiting):
+                job = registry.get(job_id)
+                if job.status not in FINAL_STATUSES:
+                    continue
+                entry = waiting.pop(job_id)
+                entry["seconds"] = (job.finished or time.time()) - entry.pop("submitted")
+                if job.status == SUCCEEDED and _finished(runs_dir() / entry["run"]):
+                    entry["status"] = "succeeded"
+                    _say(folder, f"{entry['label']}, seed {entry['seed']}: done", status)
+                else:
+                    entry.update(status="failed", error=(job.error or job.status).splitlines()[0])
+                    _say(folder, f"{entry['label']}, seed {entry['seed']}: {job.status} "
+                                 f"({entry['error']})", status)  # fmt: skip
+            if waiting:
+                if status:
+                    status(f"{total - len(waiting)} of {total} runs finished on the cluster")
+                time.sleep(2.0)
+    except BaseException:  # cancelled or failed: leave no orphan on the cluster
+        for job_id in [*submitted, *([gen_job.id] if gen_job else [])]:
+            try:
+                if registry.get(job_id, refresh=False).active:
+                    registry.cancel(job_id, wait=False)
+            except LensError:
+                pass
+        raise
+    return runs, notes
+
+
 def run_protocol(
-    config: ProtocolConfig, folder: str | Path, *, status: StatusFn | None = None
+    config: ProtocolConfig,
+    folder: str | Path,
+    *,
+    status: StatusFn | None = None,
+    cluster: ClusterTarget | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the protocol in `folder`; returns the results also written there.
+
+    Locally every arm and seed trains in turn in a child process; with `cluster`, all of them
+    are submitted as jobs at once and run side by side on the cluster.
 
     Raises `LensError` when no arm produced a run; an arm that failed for some seeds is
     reported with the failures and the seeds that did finish.
@@ -468,6 +589,9 @@ def run_protocol(
     started = time.monotonic()
     _say(folder, config.describe(), status)
     arms = arm_specs(config)
+    if cluster is not None:
+        runs, notes = _cluster_jobs(config, folder, arms, cluster, status)
+        return _conclude(config, folder, runs, notes, started, status)
     notes: list[str] = []
     data: dict[str, str | None] = {}
     if "self_output" in config.methods:
@@ -506,6 +630,21 @@ def run_protocol(
             reason = _last_error(run_dir / "log.txt")
             runs.append({**entry, "status": "failed", "seconds": took, "error": reason})
             _say(folder, f"[{i}/{len(plan)}] failed ({code}): {reason}", status)
+    return _conclude(config, folder, runs, notes, started, status)
+
+
+def _conclude(
+    config: ProtocolConfig,
+    folder: Path,
+    runs: list[dict[str, Any]],
+    notes: list[str],
+    started: float,
+    status: StatusFn | None,
+) -> dict[str, Any]:
+    """Aggregate the finished runs, write results.json / results.md and the report."""
+    from core.io import write_json_atomic
+    from core.jobs.runfiles import runs_dir
+
     finished = [r["run"] for r in runs if r["status"] == "succeeded"]
     if not finished:
         raise LensError(f"No protocol run finished; see the logs under {runs_dir()}.")
@@ -1092,7 +1231,10 @@ def run_job(job: Any, registry: Any) -> None:
     def status(message: str) -> None:
         registry.set_message(job.id, message)
 
-    run_protocol(config, job.path, status=status)
+    cluster = None
+    if getattr(job, "on_cluster", False):  # its arms go to the same cluster, all at once
+        cluster = ClusterTarget(registry, job.backend, job.engine_address)
+    run_protocol(config, job.path, status=status, cluster=cluster)
 
 
 # --------------------------------------------------------------------------- reading (app)

@@ -1,0 +1,307 @@
+"""Where jobs run: the embedded local queue (default) or a Ray cluster, through the Ray Jobs API.
+
+The backend is a setting with three layers, the first one set wins:
+
+1. per submission (`JobRegistry.submit(..., backend=...)`, the CLI's `--backend` / `--ray-address`);
+2. the environment: `$PLENS_JOB_BACKEND` (``local`` or ``ray``) and `$PLENS_RAY_ADDRESS`;
+3. the file `<runs root>/backend.json`, which the app's Home page and `python -m core backend`
+   write;
+
+else ``local``. Every job row records the backend it was submitted to, so changing the setting
+never changes how an existing job is watched or cancelled.
+
+A Ray job is the same `python -m core job-run JOB_ID` command the local queue starts, submitted
+as a Ray job's entrypoint (`ray.job_submission.JobSubmissionClient`), with the job's output
+appended to the run folder's `log.txt` as for a local job. That makes three demands on a
+multi-node cluster, the same ones the paper-scale setups have anyway:
+
+- the runs root (`$PLENS_RUNS_DIR`, else `$PLENS_CACHE_DIR/runs`) and the cache folder are on
+  storage every node mounts at the same path (NFS, Lustre, a cloud file system): run folders,
+  `jobs.sqlite`, the score store and the embedded model are read and written there;
+- every node has the project and its virtual environment at the same path as the submitting
+  machine (or set `$PLENS_RAY_PROJECT_DIR` and `$PLENS_RAY_PYTHON` to where they are there);
+- the submitting machine reaches the head's dashboard port (8265 by default).
+
+Ray schedules: a queued Ray job is handed to the cluster at once (no per-device cap; Ray holds it
+PENDING until a node has `entrypoint_num_cpus` free CPUs, or a GPU for a CUDA job), so a
+protocol's arms and a τ sweep fan out over the cluster. The registry still watches each job: it
+asks Ray for the job's state where it would look at a local pid, so a job Ray reports FAILED or
+STOPPED before it recorded its own end, or one Ray no longer knows (a restarted head), shows as
+failed with Ray's reason and the log tail.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import LensError
+from core.io import read_json, write_json_atomic
+
+LOCAL, RAY = "local", "ray"
+BACKENDS = (LOCAL, RAY)
+BACKEND_ENV = "PLENS_JOB_BACKEND"
+ADDRESS_ENV = "PLENS_RAY_ADDRESS"
+CPUS_ENV = "PLENS_RAY_CPUS_PER_JOB"
+PYTHON_ENV = "PLENS_RAY_PYTHON"
+PROJECT_ENV = "PLENS_RAY_PROJECT_DIR"
+SETTING_FILE = "backend.json"
+DEFAULT_RAY_ADDRESS = "http://127.0.0.1:8265"
+
+#: Environment variables a Ray job inherits from the submitting process (besides PYTHONPATH):
+#: the app's own settings and the Hugging Face / threading ones that change results or speed.
+_FORWARDED_PREFIXES = ("PLENS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
+_FORWARDED_NAMES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+
+# Ray's job states (ray.job_submission.JobStatus values), kept as text so this module imports
+# without Ray.
+PENDING, RUNNING, STOPPED, SUCCEEDED, FAILED = (
+    "PENDING",
+    "RUNNING",
+    "STOPPED",
+    "SUCCEEDED",
+    "FAILED",
+)
+ENGINE_FINAL = (STOPPED, SUCCEEDED, FAILED)
+
+
+class ClusterError(LensError):
+    """The cluster backend is misconfigured, or its engine does not answer."""
+
+
+@dataclass(frozen=True)
+class BackendSetting:
+    """Which backend new jobs go to, and the Ray address for ``ray``."""
+
+    name: str = LOCAL
+    address: str | None = None
+
+    def describe(self) -> str:
+        """ "the local queue" or "Ray at http://…"."""
+        return "the local queue" if self.name == LOCAL else f"Ray at {self.address}"
+
+
+def normalise_address(address: str | None) -> str:
+    """A Ray dashboard address as a URL: "host:port" gets "http://"; empty gives the default."""
+    address = (address or "").strip() or DEFAULT_RAY_ADDRESS
+    if "://" not in address:
+        address = "http://" + address
+    return address.rstrip("/")
+
+
+def make_setting(name: str | None, address: str | None = None) -> BackendSetting:
+    """A checked setting: the name is one of `BACKENDS`; ``ray`` gets a URL address."""
+    name = (name or LOCAL).strip().lower()
+    if name not in BACKENDS:
+        raise ClusterError(f"Unknown job backend '{name}' (known: {', '.join(BACKENDS)}).")
+    if name == LOCAL:
+        return BackendSetting(LOCAL)
+    return BackendSetting(RAY, normalise_address(address))
+
+
+def saved_setting(root: Path) -> BackendSetting:
+    """The setting kept in `<root>/backend.json` (local when absent or unreadable)."""
+    data = read_json(Path(root) / SETTING_FILE)
+    if not isinstance(data, dict):
+        return BackendSetting(LOCAL)
+    try:
+        return make_setting(data.get("backend"), data.get("address"))
+    except ClusterError:
+        return BackendSetting(LOCAL)
+
+
+def save_setting(root: Path, setting: BackendSetting) -> Path:
+    """Keep the setting for the app and the CLI (atomic write)."""
+    path = Path(root) / SETTING_FILE
+    write_json_atomic(path, {"backend": setting.name, "address": setting.address})
+    return path
+
+
+def current_setting(
+    root: Path, name: str | None = None, address: str | None = None
+) -> BackendSetting:
+    """The backend new jobs go to: `name` / `address` if given, else the environment, else the
+    saved file, else local."""
+    if name:
+        return make_setting(name, address or os.environ.get(ADDRESS_ENV))
+    env = os.environ.get(BACKEND_ENV, "").strip()
+    if env:
+        return make_setting(env, address or os.environ.get(ADDRESS_ENV))
+    saved = saved_setting(root)
+    if address and saved.name == RAY:
+        return make_setting(RAY, address)
+    return saved
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@dataclass
+class EngineState:
+    """What the engine says of one job: a Ray job status (or "MISSING") and its message."""
+
+    status: str
+    message: str = ""
+    exit_code: int | None = None
+
+    @property
+    def final(self) -> bool:
+        """The engine has finished with the job (or no longer knows it)."""
+        return self.status in ENGINE_FINAL or self.status == "MISSING"
+
+
+def _client(address: str) -> Any:
+    """A Ray Jobs client; a cluster that does not answer is a one-line `ClusterError`."""
+    try:
+        from ray.job_submission import JobSubmissionClient
+    except ImportError:  # pragma: no cover - ray is in requirements.txt
+        raise ClusterError(
+            "The ray backend needs Ray: pip install 'ray[default]' (see requirements.txt)."
+        ) from None
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
+        raise ClusterError(
+            f"The Ray cluster at {address} does not answer ({_first(exc)}); start it "
+            "(`ray start --head`) or set the job backend to local."
+        ) from None
+
+
+def job_resources(kind: str, device: str) -> dict[str, float]:
+    """What a job asks Ray for: a coordinating protocol job nothing (it waits on its arms),
+    others `$PLENS_RAY_CPUS_PER_JOB` CPUs (default 1), plus one GPU on CUDA."""
+    if kind == "protocol":
+        return {"entrypoint_num_cpus": 0}
+    raw = os.environ.get(CPUS_ENV, "1")
+    try:
+        cpus = float(raw)
+    except ValueError:
+        raise ClusterError(f"{CPUS_ENV} must be a number, got {raw!r}.") from None
+    out = {"entrypoint_num_cpus": cpus}
+    if device.startswith("cuda"):
+        out["entrypoint_num_gpus"] = 1
+    return out
+
+
+def job_environment(runs_root: Path, project_root: Path) -> dict[str, str]:
+    """The environment variables a Ray job starts with: the forwarded settings, the runs root,
+    the backend (so a protocol job fans its arms out on the same cluster) and PYTHONPATH."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(_FORWARDED_PREFIXES) or k in _FORWARDED_NAMES
+    }
+    env.update(
+        PLENS_RUNS_DIR=str(runs_root),
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(project_root),
+        HF_HUB_DISABLE_TELEMETRY=env.get("HF_HUB_DISABLE_TELEMETRY", "1"),
+        TOKENIZERS_PARALLELISM=env.get("TOKENIZERS_PARALLELISM", "false"),
+    )
+    return env
+
+
+class RayEngine:
+    """The Ray Jobs API of one cluster (its dashboard address)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = normalise_address(address)
+        self._jobs: Any = None
+
+    @property
+    def client(self) -> Any:
+        """The connected client (connecting on first use; `ClusterError` if it does not answer)."""
+        if self._jobs is None:
+            self._jobs = _client(self.address)
+        return self._jobs
+
+    def check(self) -> None:
+        """Raise `ClusterError` (one line) unless the cluster answers."""
+        _ = self.client
+
+    def submit(
+        self,
+        engine_id: str,
+        job_id: str,
+        kind: str,
+        device: str,
+        runs_root: Path,
+        log_path: Path,
+        project_root: Path,
+    ) -> str:
+        """Hand `python -m core job-run JOB_ID` to Ray as job `engine_id`; output goes to
+        `log_path` (the run folder's log.txt)."""
+        python = os.environ.get(PYTHON_ENV) or sys.executable
+        project = Path(os.environ.get(PROJECT_ENV) or project_root)
+        entrypoint = (
+            f"cd {shlex.quote(str(project))} && exec {shlex.quote(python)} -m core job-run "
+            f"{shlex.quote(job_id)} >> {shlex.quote(str(log_path))} 2>&1"
+        )
+        try:
+            return self.client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=engine_id,
+                runtime_env={"env_vars": job_environment(runs_root, project)},
+                metadata={"perplexity_lens_job": job_id, "kind": kind},
+                **job_resources(kind, device),
+            )
+        except ClusterError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray raises RuntimeError / ConnectionError
+            raise ClusterError(
+                f"Ray at {self.address} refused job {job_id}: {_first(exc)}"
+            ) from None
+
+    def state(self, engine_id: str) -> EngineState:
+        """The job's state; "MISSING" when the cluster answers but does not know the job."""
+        try:
+            info = self.client.get_job_info(engine_id)
+        except ClusterError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            text = str(exc)
+            if "does not exist" in text or "404" in text:
+                return EngineState(
+                    "MISSING", f"Ray at {self.address} does not know job {engine_id}"
+                )
+            raise ClusterError(
+                f"The Ray cluster at {self.address} does not answer ({_first(exc)}); the job's "
+                "state is unknown until it does"
+            ) from None
+        status = str(getattr(info.status, "value", info.status))
+        return EngineState(status, info.message or "", getattr(info, "driver_exit_code", None))
+
+    def stop(self, engine_id: str) -> None:
+        """Ask Ray to stop the job (SIGTERM to its process, SIGKILL a few seconds later)."""
+        try:
+            self.client.stop_job(engine_id)
+        except ClusterError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if "does not exist" not in str(exc):
+                raise ClusterError(
+                    f"Ray at {self.address} could not stop {engine_id}: {_first(exc)}"
+                ) from None
+
+    def logs(self, engine_id: str) -> str:
+        """What Ray kept of the job's output (the entrypoint redirects to log.txt, so this holds
+        only what Ray itself printed, e.g. a runtime-environment failure)."""
+        try:
+            return self.client.get_job_logs(engine_id)
+        except Exception:  # noqa: BLE001 - best effort, for an error message
+            return ""
+
+
+def _first(exc: BaseException) -> str:
+    """A short reason: "connection refused" for the usual refusal, else the first line, cut."""
+    text = str(exc).strip()
+    if "Connection refused" in text or "Errno 111" in text:
+        return "connection refused"
+    if "timed out" in text.lower():
+        return "timed out"
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 160 else line[:157] + "..."

@@ -1,0 +1,274 @@
+"""Jobs on a real Ray cluster: a head started on 127.0.0.1 by this module (`ray start --head`),
+jobs through the Ray Jobs API. Train, eval and generate jobs run there and the registry shows
+them like local ones; cancel goes through Ray; a job whose process dies, or that a restarted
+head no longer knows, shows as failed with the engine's reason; a cluster that does not answer
+is a one-line error at submit time; and the paper's protocol fans its arms out on the cluster
+on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.eval.config import eval_job_config
+from core.jobs.cluster import (
+    RAY,
+    ClusterError,
+    RayEngine,
+    current_setting,
+    make_setting,
+    save_setting,
+)
+from core.jobs.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, JobRegistry
+from core.training.config import TrainConfig
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY_BIN = Path(sys.executable).with_name("ray")
+ROWS = [
+    {"prompt": "Square a number.", "response": "def square(x):\n    return x * x"},
+    {"prompt": "What is 7 times 8?", "response": "7 times 8 is 56."},
+    {"prompt": "Capital of France?", "response": "The capital of France is Paris."},
+    {"prompt": "Add two numbers.", "response": "def add(a, b):\n    return a + b"},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayHead:
+    """A single-node Ray cluster on loopback, started and stopped with Ray's own CLI."""
+
+    def __init__(self, temp_dir: Path) -> None:
+        self.temp_dir = temp_dir
+        self.port, self.dashboard, self.client_port = _free_port(), _free_port(), _free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard}"
+
+    def start(self) -> None:
+        cmd = [
+            str(RAY_BIN), "start", "--head", "--node-ip-address", "127.0.0.1",
+            "--port", str(self.port), "--dashboard-host", "127.0.0.1",
+            "--dashboard-port", str(self.dashboard), "--ray-client-server-port",
+            str(self.client_port), "--num-cpus", "2", "--include-dashboard", "true",
+            "--disable-usage-stats", "--temp-dir", str(self.temp_dir),
+        ]  # fmt: skip
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        deadline = time.monotonic() + 60
+        while True:  # the dashboard's job API answers a little after `ray start` returns
+            try:
+                RayEngine(self.address).client.list_jobs()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+
+    def stop(self) -> None:
+        subprocess.run([str(RAY_BIN), "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    head = RayHead(tmp_path_factory.mktemp("ray"))
+    head.start()
+    yield head
+    head.stop()
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
+    monkeypatch.delenv("PLENS_JOB_BACKEND", raising=False)
+    monkeypatch.delenv("PLENS_RAY_ADDRESS", raising=False)
+    return root
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    return path
+
+
+def train_config(model_dir, data_file, **overrides) -> dict:
+    return TrainConfig.from_preset(
+        "paper",
+        **{
+            "model": str(model_dir), "device": "cpu", "task": None, "data": str(data_file),
+            "max_length": 48, "batch_size": 2, "learning_rate": 1e-3, "precision": "fp32",
+            "max_steps": 2, **overrides,
+        },
+    ).to_dict()  # fmt: skip
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_the_backend_setting_layers_and_an_unreachable_cluster_is_one_line(runs, monkeypatch):
+    registry = JobRegistry(runs)
+    assert current_setting(runs).name == "local"
+    save_setting(runs, make_setting("ray", "127.0.0.1:9"))
+    assert current_setting(runs).address == "http://127.0.0.1:9"  # the app's saved setting
+    monkeypatch.setenv("PLENS_JOB_BACKEND", "local")
+    assert current_setting(runs).name == "local"  # the environment wins over the file
+    assert current_setting(runs, "ray", "10.0.0.1:8265").address == "http://10.0.0.1:8265"
+    with pytest.raises(ClusterError, match="Unknown job backend 'slurmx'"):
+        current_setting(runs, "slurmx")
+
+    port = _free_port()  # nothing listens there
+    with pytest.raises(ClusterError, match=f"Ray cluster at http://127.0.0.1:{port} does not"):
+        registry.submit("train", {}, device="cpu", backend="ray", address=f"127.0.0.1:{port}")
+    assert registry.list() == []  # nothing was written
+    assert [p.name for p in runs.iterdir() if p.is_dir()] == []
+
+    out = subprocess.run(
+        [sys.executable, "-m", "core", "train", "--submit", "--task", "mbpp", "--backend",
+         "ray", "--ray-address", f"127.0.0.1:{port}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: The Ray cluster at"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_train_and_eval_jobs_run_on_ray_and_show_in_the_registry(
+    ray_head, runs, tiny_model_dir, data_file
+):
+    registry = JobRegistry(runs)
+    train = registry.submit(
+        "train", train_config(tiny_model_dir, data_file), device="cpu", label="on ray",
+        backend="ray", address=ray_head.address,
+    )  # fmt: skip
+    evaluation = registry.submit(
+        "eval", eval_job_config(str(tiny_model_dir), suite="tiny", limit=1, device="cpu"),
+        device="cpu", backend="ray", address=ray_head.address,
+    )  # fmt: skip
+    for job in (train, evaluation):
+        assert job.backend == RAY and job.engine_id == f"plens-{job.id}-a1"
+        assert job.where == f"ray {ray_head.address}"
+
+    for job in (train, evaluation):
+        done = registry.wait(job.id, timeout=400)
+        assert done.status == SUCCEEDED, done.error
+        engine = RayEngine(ray_head.address)  # Ray sees the process exit a moment later
+        wait_for(lambda: engine.state(done.engine_id).final, 60, "Ray to see the end")
+        assert engine.state(done.engine_id).status == "SUCCEEDED"
+    assert (train.path / "adapter").is_dir() and (train.path / "summary.json").is_file()
+    assert (evaluation.path / "eval.json").is_file()
+    log = (train.path / "log.txt").read_text()
+    assert "submitting job" in log and "done: step 2" in log  # the job's output, as locally
+    meta = RayEngine(ray_head.address).client.get_job_info(train.engine_id).metadata
+    assert meta["perplexity_lens_job"] == train.id
+
+    # the CLI lists it with where it ran
+    out = subprocess.run([sys.executable, "-m", "core", "jobs", "list"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PLENS_RUNS_DIR=str(runs)))  # fmt: skip
+    assert out.returncode == 0 and f"ray {ray_head.address}" in out.stdout
+
+
+def test_cancel_goes_through_ray(ray_head, runs, tiny_model_dir, data_file):
+    registry = JobRegistry(runs)
+    job = registry.submit("train", train_config(tiny_model_dir, data_file, max_steps=5000),
+                          device="cpu", backend="ray", address=ray_head.address)  # fmt: skip
+    wait_for(lambda: "step" in (job.path / "metrics.jsonl").read_text()
+             if (job.path / "metrics.jsonl").exists() else False, 240, "training to start")  # fmt: skip
+    done = registry.cancel(job.id, grace=5)
+    assert done.status == CANCELLED, (done.status, done.error)
+    engine = RayEngine(ray_head.address)
+    assert wait_for(lambda: engine.state(job.engine_id).final, 60, "Ray to stop it")
+    assert engine.state(job.engine_id).status in ("STOPPED", "FAILED")
+
+
+def test_a_killed_job_shows_failed_with_the_engines_reason(
+    ray_head, runs, tiny_model_dir, data_file
+):
+    registry = JobRegistry(runs)
+    job = registry.submit("train", train_config(tiny_model_dir, data_file, max_steps=5000),
+                          device="cpu", backend="ray", address=ray_head.address)  # fmt: skip
+    running = wait_for(
+        lambda: (j := registry.get(job.id)).status == RUNNING and j.pid and j, 240, "a pid"
+    )
+    os.kill(running.pid, signal.SIGKILL)  # out-of-memory kill, say: no chance to report
+    done = wait_for(lambda: (j := registry.get(job.id)).status != RUNNING and j, 120, "failed")
+    assert done.status == FAILED
+    assert done.error.startswith("the cluster reports the job FAILED"), done.error
+    assert "last lines of log.txt" in done.error
+
+
+def test_the_protocol_fans_its_arms_out_on_ray(ray_head, runs, tiny_model_dir):
+    """GT and STM-25% on the tiny model as one protocol job on Ray: the arms run as Ray jobs
+    side by side (their running times overlap on the 2-CPU head), the Self-Output generation
+    runs there too (the random model keeps no sample, so that arm is skipped with its reason),
+    and the results and the report are written as for a local protocol."""
+    from core.study.protocol import RESULTS_JSON, ProtocolConfig, protocol_folder
+
+    config = ProtocolConfig.from_preset(
+        "cpu", model=str(tiny_model_dir), methods=["gt", "stm_share", "self_output"], seeds=[0],
+        limit=8, max_length=96, epochs=1.0, batch_size=4, learning_rate=1e-2, suite="tiny",
+        gen_samples=2, gen_max_new_tokens=8, gen_prompt_batch=4,
+    )  # fmt: skip
+    registry = JobRegistry(runs)
+    folder = protocol_folder(config, name="proto-ray")
+    job = registry.submit("protocol", config.to_dict(), device="cpu", run_dir=folder,
+                          backend="ray", address=ray_head.address)  # fmt: skip
+    done = registry.wait(job.id, timeout=900)
+    assert done.status == SUCCEEDED, done.error
+
+    results = json.loads((folder / RESULTS_JSON).read_text())
+    assert set(results["arms"]) == {"gt", "stm_share"}
+    assert any(n.startswith("Self-Output skipped") for n in results["notes"])
+    children = [j for j in registry.list() if j.id != job.id]
+    assert {j.kind for j in children} == {"train", "generate"}
+    assert all(j.backend == RAY for j in children)
+    (generation,) = [j for j in children if j.kind == "generate"]
+    assert generation.status == FAILED and "No prompt had a correct sample" in generation.error
+    assert any(generation.id in n and "skipped" in n for n in results["notes"])
+    arms = sorted((j for j in children if j.kind == "train"), key=lambda j: j.started)
+    assert len(arms) == 2 and all(j.status == SUCCEEDED for j in arms), [j.error for j in arms]
+    assert arms[1].started < arms[0].finished  # side by side, not one after the other
+    assert (folder / "report.html").is_file()
+
+
+def test_a_job_the_restarted_head_no_longer_knows_is_failed_as_lost(
+    ray_head, runs, tiny_model_dir, data_file
+):
+    """Last in this module: it restarts the head. While the head is down, the job keeps its
+    status with a note; once a new head answers and does not know the job, it is failed."""
+    registry = JobRegistry(runs)
+    job = registry.submit("train", train_config(tiny_model_dir, data_file, max_steps=5000),
+                          device="cpu", backend="ray", address=ray_head.address)  # fmt: skip
+    running = wait_for(
+        lambda: (j := registry.get(job.id)).status == RUNNING and j.pid and j, 240, "a pid"
+    )
+    ray_head.stop()
+    with __import__("contextlib").suppress(ProcessLookupError):
+        os.kill(running.pid, signal.SIGKILL)  # the node went down with the head
+    down = registry.get(job.id)
+    assert down.status == RUNNING and "does not answer" in down.message
+    ray_head.start()
+    lost = wait_for(lambda: (j := registry.get(job.id)).status != RUNNING and j, 60, "lost")
+    assert lost.status == FAILED and lost.error.startswith("lost by the cluster"), lost.error
