@@ -16,6 +16,17 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import LensError
+from core.jobs.cluster import (
+    BACKENDS,
+    DEFAULT_RAY_ADDRESS,
+    LOCAL,
+    RAY,
+    RayEngine,
+    current_setting,
+    make_setting,
+    save_setting,
+    saved_setting,
+)
 from core.jobs.registry import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobRegistry
 from core.jobs.runfiles import log_tail
 
@@ -85,7 +96,8 @@ def job_header(
     cancelled job); `resume_note` says what a resumed job keeps."""
     head, actions = st.columns([4, 1])
     head.markdown(f"{STATUS_BADGES.get(job.status, job.status)} **{job.label}**")
-    head.caption(f"`{job.id}` · run folder `{job.run_dir}` · {job.message}")
+    where = f" · on {job.where} as `{job.engine_id}`" if job.on_cluster else ""
+    head.caption(f"`{job.id}` · run folder `{job.run_dir}`{where} · {job.message}")
     if job.active:
         actions.button(
             "Cancel",
@@ -141,3 +153,80 @@ def watched_job(registry: JobRegistry, job_id: str, state_key: str) -> Job | Non
     if was in (QUEUED, RUNNING) and job.status not in (QUEUED, RUNNING):
         st.rerun(scope="app")
     return job
+
+
+# --------------------------------------------------------------------------- where jobs run
+
+
+def backend_caption(registry: JobRegistry) -> None:
+    """One line under a page's start button: where a job started now will run."""
+    try:
+        setting = current_setting(registry.root)
+    except LensError as exc:
+        st.error(str(exc))
+        return
+    st.caption(
+        f":material/dns: New jobs run on {setting.describe()} (change it on the Start page, "
+        "*Where jobs run*)."
+    )
+
+
+def _save_backend(registry: JobRegistry, name: str, address: str | None) -> None:
+    """Check a Ray address answers, then save the setting; the outcome shows on the next run."""
+    try:
+        setting = make_setting(name, address)
+        if setting.name == RAY:
+            RayEngine(setting.address or "").check()
+        save_setting(registry.root, setting)
+        st.session_state["backend-outcome"] = ("ok", f"New jobs now run on {setting.describe()}.")
+    except LensError as exc:
+        st.session_state["backend-outcome"] = ("error", str(exc))
+
+
+def backend_panel(registry: JobRegistry) -> None:
+    """Pick the job backend (the local queue or a Ray cluster), check a Ray address answers
+    before saving it, and say when the environment overrides the saved choice."""
+    import os
+
+    from core.jobs.cluster import ADDRESS_ENV, BACKEND_ENV
+
+    saved = saved_setting(registry.root)
+    labels = {LOCAL: "This machine (local queue)", RAY: "A Ray cluster (Ray Jobs API)"}
+    name = st.radio(
+        "Run background jobs on",
+        list(BACKENDS),
+        index=list(BACKENDS).index(saved.name),
+        format_func=labels.get,
+        horizontal=True,
+        key="backend-name",
+    )
+    address = None
+    if name == RAY:
+        address = st.text_input(
+            "Ray dashboard address",
+            saved.address or DEFAULT_RAY_ADDRESS,
+            key="backend-address",
+            help="host:port of the head's dashboard (`ray start --head` prints it; 8265 by "
+            "default). Run folders must sit on storage every node mounts at the same path "
+            "(PLENS_CACHE_DIR / PLENS_RUNS_DIR); see the README.",
+        )
+    # a callback, not `if st.button(...)`: a rerun the sidebar asks for cannot swallow the click
+    st.button(
+        "Check and save",
+        key="backend-save",
+        icon=":material/save:",
+        on_click=_save_backend,
+        args=(registry, name, address),
+    )
+    outcome = st.session_state.pop("backend-outcome", None)
+    if outcome:
+        (st.success if outcome[0] == "ok" else st.error)(outcome[1])
+    if os.environ.get(BACKEND_ENV):
+        st.info(
+            f"${BACKEND_ENV}={os.environ[BACKEND_ENV]} (and ${ADDRESS_ENV}) is set for this app, "
+            "so it overrides the saved choice."
+        )
+    try:
+        st.caption(f"Now: new jobs run on {current_setting(registry.root).describe()}.")
+    except LensError as exc:
+        st.error(str(exc))

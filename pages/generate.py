@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from components.jobs_view import (
+    backend_caption,
     fmt_seconds,
     job_header,
     job_log,
@@ -185,7 +186,9 @@ def launch_form() -> None:
             return
         st.caption("Same job from the command line:")
         st.code(config.command(submit=True), language="bash")
-        if st.button("Start generation", type="primary", icon=":material/auto_awesome:"):
+        start = st.button("Start generation", type="primary", icon=":material/auto_awesome:")
+        backend_caption(registry)
+        if start:
             try:
                 n = preflight(config)
                 job = registry.submit(
@@ -220,6 +223,7 @@ def jobs_frame(jobs: list) -> pd.DataFrame:
                 "accepted": _pct(prog.get("acceptance_rate")),
                 "elapsed": fmt_seconds(job.elapsed),
                 "run": job.label,
+                "where": job.where,
                 "now": job.message,
             }
         )

@@ -3,6 +3,7 @@
 import pandas as pd
 import streamlit as st
 
+from components.jobs_view import backend_panel
 from components.session import current_model, load_dataset_cached, sidebar_selection
 from core.data.tasks import list_tasks
 from core.errors import LensError
@@ -59,6 +60,11 @@ with right:
             st.warning(note)
     except LensError as exc:
         st.error(str(exc))
+
+with st.expander("Where jobs run", icon=":material/dns:"):
+    from core.jobs.registry import JobRegistry
+
+    backend_panel(JobRegistry())
 
 st.subheader("Built-in tasks (offline)")
 st.dataframe(

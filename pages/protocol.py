@@ -9,7 +9,13 @@ view polls the run folders in a fragment and never blocks the page.
 import pandas as pd
 import streamlit as st
 
-from components.jobs_view import STATUS_BADGES, fmt_seconds, job_header, job_log
+from components.jobs_view import (
+    STATUS_BADGES,
+    backend_caption,
+    fmt_seconds,
+    job_header,
+    job_log,
+)
 from components.session import ensure_app_navigation
 from core.errors import LensError
 from core.jobs.registry import JobRegistry
@@ -122,6 +128,7 @@ with st.expander("Start a protocol", expanded=not list_protocols()):
             "Start protocol", type="primary", icon=":material/play_arrow:", on_click=_start,
             args=(config, folder.name), key="protocol-start",
         )  # fmt: skip
+        backend_caption(registry)
     if st.session_state.get("protocol_start_error"):
         st.error(st.session_state.pop("protocol_start_error"))
 

@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from components.jobs_view import (
+    backend_caption,
     fmt_seconds,
     job_header,
     job_log,
@@ -245,6 +246,7 @@ def launch_form() -> None:
             on_click=_start_job,
             args=(config.to_dict(), config.device, config.describe()),
         )
+        backend_caption(registry)
         if st.session_state.get("train_start_error"):
             st.error(st.session_state.pop("train_start_error"))
 
@@ -274,6 +276,7 @@ def jobs_frame(jobs: list) -> pd.DataFrame:
                 "loss": prog.last_loss,
                 "elapsed": fmt_seconds(job.elapsed),
                 "run": job.label,
+                "where": job.where,
                 "now": job.message,
             }
         )

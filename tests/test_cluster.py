@@ -170,12 +170,13 @@ def test_train_and_eval_jobs_run_on_ray_and_show_in_the_registry(
         assert job.backend == RAY and job.engine_id == f"plens-{job.id}-a1"
         assert job.where == f"ray {ray_head.address}"
 
+    engine = RayEngine(ray_head.address)
     for job in (train, evaluation):
         done = registry.wait(job.id, timeout=400)
         assert done.status == SUCCEEDED, done.error
-        engine = RayEngine(ray_head.address)  # Ray sees the process exit a moment later
-        wait_for(lambda: engine.state(done.engine_id).final, 60, "Ray to see the end")
-        assert engine.state(done.engine_id).status == "SUCCEEDED"
+        engine_id = done.engine_id  # Ray sees the process exit a moment later
+        wait_for(lambda e=engine_id: engine.state(e).final, 60, "Ray to see the end")
+        assert engine.state(engine_id).status == "SUCCEEDED"
     assert (train.path / "adapter").is_dir() and (train.path / "summary.json").is_file()
     assert (evaluation.path / "eval.json").is_file()
     log = (train.path / "log.txt").read_text()
@@ -272,3 +273,33 @@ def test_a_job_the_restarted_head_no_longer_knows_is_failed_as_lost(
     ray_head.start()
     lost = wait_for(lambda: (j := registry.get(job.id)).status != RUNNING and j, 60, "lost")
     assert lost.status == FAILED and lost.error.startswith("lost by the cluster"), lost.error
+
+
+def test_the_start_page_checks_a_ray_address_before_saving_it(ray_head, runs, monkeypatch):
+    """Where jobs run, on the Start page: an address that does not answer is refused with the
+    reason and the saved choice stays; a live head is saved and the Train page says so."""
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.chdir(ROOT)
+
+    def start_page() -> AppTest:
+        at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        return at
+
+    at = start_page()
+    at.radio(key="backend-name").set_value("ray").run()
+    at.text_input(key="backend-address").set_value(f"127.0.0.1:{_free_port()}").run()
+    at.button(key="backend-save").click().run()
+    assert any("does not answer" in e.value for e in at.error), [e.value for e in at.error]
+    assert current_setting(runs).name == "local"  # nothing saved
+
+    at.text_input(key="backend-address").set_value(ray_head.address).run()
+    at.button(key="backend-save").click().run()
+    assert any(f"Ray at {ray_head.address}" in s.value for s in at.success)
+    assert current_setting(runs) == make_setting("ray", ray_head.address)
+
+    at = start_page()  # a fresh session reads the saved choice back
+    assert at.radio(key="backend-name").value == "ray"
+    assert at.text_input(key="backend-address").value == ray_head.address

@@ -303,5 +303,5 @@ def _first(exc: BaseException) -> str:
         return "connection refused"
     if "timed out" in text.lower():
         return "timed out"
-    line = text.splitlines()[0] if text else type(exc).__name__
+    line = (text.splitlines()[0] if text else type(exc).__name__).rstrip(".")
     return line if len(line) <= 160 else line[:157] + "..."
