@@ -422,7 +422,7 @@ def summary_line(gt: TokenScores, tau: float) -> str:
     above = int(np.count_nonzero(gt.ppl() > tau))
     share = above / n_tokens if n_tokens else float("nan")
     return (
-        f"**{len(gt)}** examples · **{n_tokens:,}** ground-truth response tokens · "
+        f"**{len(gt):,}** examples · **{n_tokens:,}** ground-truth response tokens · "
         f"sequence ppl **{seq.mean():.2f}** (var {seq.var():.2f}) · "
         f"**{share:.1%}** of tokens have ppl > τ = {tau:g}"
     )
@@ -480,6 +480,11 @@ def examples_tab(sel: Selection, gt: TokenScores, tau: float, current: str) -> N
     view = view.reset_index(drop=True)
 
     n_pages = max(1, math.ceil(len(view) / PAGE_SIZE))
+    view_key = (query.strip().lower(), lo, hi, sort)
+    if st.session_state.get("explore_view") != view_key:  # a new filter or order: page 1
+        if "explore_view" in st.session_state:
+            st.session_state["explore_page"] = 1
+        st.session_state["explore_view"] = view_key
     if "explore_page" not in st.session_state:  # open on the page that holds ?ex=
         hits = np.flatnonzero(view["id"].to_numpy() == current)
         st.session_state["explore_page"] = int(hits[0]) // PAGE_SIZE + 1 if hits.size else 1
@@ -527,7 +532,7 @@ def examples_tab(sel: Selection, gt: TokenScores, tau: float, current: str) -> N
             },
         )
     if n_pages > 1:
-        p1, p2, p3, _ = st.columns([1, 2, 1, 4], vertical_alignment="bottom")
+        p1, p2, p3, _ = st.columns([1.5, 1.6, 1.5, 3.4], vertical_alignment="bottom")
         p1.button(
             "Previous page",
             key="explore_page_prev",

@@ -177,7 +177,7 @@ def _counters(
         ),
         (
             "Fully masked",
-            f"{stats.n_fully_masked} / {stats.n_examples}",
+            f"{stats.n_fully_masked:,} / {stats.n_examples:,}",
             delta(stats.n_fully_masked, ref.n_fully_masked, "{:+d}") if ref else None,
             "inverse",
             "Examples left with no trainable token (every response token masked): they carry "
