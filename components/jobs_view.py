@@ -21,7 +21,7 @@ from core.jobs.cluster import (
     DEFAULT_RAY_ADDRESS,
     LOCAL,
     RAY,
-    RayEngine,
+    check_setting,
     current_setting,
     make_setting,
     save_setting,
@@ -175,8 +175,7 @@ def _save_backend(registry: JobRegistry, name: str, address: str | None) -> None
     """Check a Ray address answers, then save the setting; the outcome shows on the next run."""
     try:
         setting = make_setting(name, address)
-        if setting.name == RAY:
-            RayEngine(setting.address or "").check()
+        check_setting(setting)
         save_setting(registry.root, setting)
         st.session_state["backend-outcome"] = ("ok", f"New jobs now run on {setting.describe()}.")
     except LensError as exc:

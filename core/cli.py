@@ -297,7 +297,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_backend(args: argparse.Namespace) -> int:
     """Show the job backend, or set it (checking that a Ray cluster answers first)."""
-    from core.jobs.cluster import RAY, RayEngine, current_setting, make_setting, save_setting
+    from core.jobs.cluster import check_setting, current_setting, make_setting, save_setting
     from core.jobs.runfiles import runs_dir
 
     root = runs_dir()
@@ -309,8 +309,7 @@ def cmd_backend(args: argparse.Namespace) -> int:
         print(f"queued jobs run on {current_setting(root).describe()}")
         return 0
     setting = make_setting(args.name, args.address)
-    if setting.name == RAY:
-        RayEngine(setting.address or "").check()
+    check_setting(setting)
     path = save_setting(root, setting)
     print(f"queued jobs now run on {setting.describe()} (saved in {path})")
     return 0

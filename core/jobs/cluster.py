@@ -205,7 +205,60 @@ def job_environment(runs_root: Path, project_root: Path) -> dict[str, str]:
     return env
 
 
-class RayEngine:
+class Engine:
+    """What the registry needs of a cluster engine (one per backend name, see `engine_for`):
+    `check` that it answers, `submit` a job (returning the engine's id for it), its `state`,
+    `stop` it, and what it kept of the output (`logs`). Errors are one-line `ClusterError`s."""
+
+    address: str
+
+    def check(self) -> None:  # pragma: no cover - interface
+        """Raise `ClusterError` unless the engine answers."""
+        raise NotImplementedError
+
+    def submit(
+        self,
+        engine_id: str,
+        job_id: str,
+        kind: str,
+        device: str,
+        runs_root: Path,
+        log_path: Path,
+        project_root: Path,
+    ) -> str:  # pragma: no cover - interface
+        """Start `python -m core job-run JOB_ID` there; returns the engine's id of the job
+        (`engine_id` is a suggested name the engine may use or replace)."""
+        raise NotImplementedError
+
+    def state(self, engine_id: str) -> EngineState:  # pragma: no cover - interface
+        """The job's state (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED or MISSING)."""
+        raise NotImplementedError
+
+    def stop(self, engine_id: str) -> None:  # pragma: no cover - interface
+        """Ask the engine to stop the job (SIGTERM first, so it records "cancelled")."""
+        raise NotImplementedError
+
+    def logs(self, engine_id: str) -> str:
+        """What the engine kept of the job's output besides log.txt ("" if nothing)."""
+        return ""
+
+
+def engine_for(backend: str, address: str | None) -> Engine:
+    """The engine of a cluster backend at `address`."""
+    if backend == RAY:
+        return RayEngine(address or "")
+    raise ClusterError(
+        f"No cluster engine for backend '{backend}' (known: {', '.join(BACKENDS[1:])})."
+    )
+
+
+def check_setting(setting: BackendSetting) -> None:
+    """Raise a one-line `ClusterError` unless the setting's engine answers (local always does)."""
+    if setting.name != LOCAL:
+        engine_for(setting.name, setting.address).check()
+
+
+class RayEngine(Engine):
     """The Ray Jobs API of one cluster (its dashboard address)."""
 
     def __init__(self, address: str) -> None:

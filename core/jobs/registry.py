@@ -58,7 +58,14 @@ from typing import Any
 
 from core.errors import LensError
 from core.io import write_json_atomic
-from core.jobs.cluster import LOCAL, PENDING, RAY, ClusterError, RayEngine, current_setting
+from core.jobs.cluster import (
+    LOCAL,
+    PENDING,
+    ClusterError,
+    Engine,
+    current_setting,
+    engine_for,
+)
 from core.jobs.runfiles import CONFIG_JSON, LOG_TXT, log_tail, runs_dir
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -307,7 +314,7 @@ class JobRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / REGISTRY_DB
         self.max_per_device = max_per_device or _max_per_device_default()
-        self._engines: dict[str, RayEngine] = {}
+        self._engines: dict[tuple[str, str], Engine] = {}
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(_SCHEMA)
@@ -417,11 +424,11 @@ class JobRegistry:
 
     # -- cluster jobs -----------------------------------------------------------------------
 
-    def _engine(self, address: str | None) -> RayEngine:
-        """The (cached) Ray Jobs client of one cluster address."""
-        key = address or ""
+    def _engine(self, backend: str, address: str | None) -> Engine:
+        """The (cached) client of one cluster engine."""
+        key = (backend, address or "")
         if key not in self._engines:
-            self._engines[key] = RayEngine(key)
+            self._engines[key] = engine_for(backend, address)
         return self._engines[key]
 
     def _reconcile_cluster(self) -> list[str]:
@@ -441,12 +448,12 @@ class JobRegistry:
         changed: list[str] = []
         unreachable: dict[str, str] = {}
         for job in held:
-            address = job.engine_address or ""
+            address = f"{job.backend} {job.engine_address or ''}"
             if address in unreachable:
                 self._note(job, unreachable[address])
                 continue
             try:
-                state = self._engine(address).state(job.engine_id or "")
+                state = self._engine(job.backend, job.engine_address).state(job.engine_id or "")
             except ClusterError as exc:
                 unreachable[address] = str(exc)
                 self._note(job, str(exc))
@@ -495,10 +502,10 @@ class JobRegistry:
         with open(run / LOG_TXT, "ab") as log:
             stamp = datetime.now().isoformat(timespec="seconds")
             log.write(
-                f"[{stamp}] submitting job {job.id} to Ray at {job.engine_address} as "
-                f"{engine_id} (attempt {job.attempts + 1})\n".encode()
+                f"[{stamp}] submitting job {job.id} to {job.where} "
+                f"(attempt {job.attempts + 1})\n".encode()
             )
-        self._engine(job.engine_address).submit(
+        engine_id = self._engine(job.backend, job.engine_address).submit(
             engine_id, job.id, job.kind, job.device, self.root, run / LOG_TXT, PROJECT_ROOT
         )
         self._update(db, job.id, engine_id=engine_id, message="submitted to the cluster")
@@ -540,8 +547,8 @@ class JobRegistry:
         if kind not in JOB_KINDS:
             raise JobError(f"Unknown job kind '{kind}' (known: {', '.join(JOB_KINDS)}).")
         setting = current_setting(self.root, backend, address)
-        if setting.name == RAY:
-            self._engine(setting.address).check()
+        if setting.name != LOCAL:
+            self._engine(setting.name, setting.address).check()
         job_id = _new_job_id()
         run = Path(run_dir).expanduser().absolute() if run_dir else self.root / job_id
         run.mkdir(parents=True, exist_ok=run_dir is not None)
@@ -785,7 +792,7 @@ class JobRegistry:
         """Ask the engine to stop a cluster job. One it had not started yet is cancelled at
         once (should its process start anyway, `claim` refuses it); a running one records
         "cancelled" itself on SIGTERM, or the next reconcile does once the engine has it."""
-        self._engine(job.engine_address).stop(job.engine_id or "")
+        self._engine(job.backend, job.engine_address).stop(job.engine_id or "")
         if job.status == QUEUED:
             with self._transaction() as db:
                 row = self._select(db, "WHERE id = ?", (job.id,))[0]
