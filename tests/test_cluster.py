@@ -254,27 +254,6 @@ def test_the_protocol_fans_its_arms_out_on_ray(ray_head, runs, tiny_model_dir):
     assert (folder / "report.html").is_file()
 
 
-def test_a_job_the_restarted_head_no_longer_knows_is_failed_as_lost(
-    ray_head, runs, tiny_model_dir, data_file
-):
-    """Last in this module: it restarts the head. While the head is down, the job keeps its
-    status with a note; once a new head answers and does not know the job, it is failed."""
-    registry = JobRegistry(runs)
-    job = registry.submit("train", train_config(tiny_model_dir, data_file, max_steps=5000),
-                          device="cpu", backend="ray", address=ray_head.address)  # fmt: skip
-    running = wait_for(
-        lambda: (j := registry.get(job.id)).status == RUNNING and j.pid and j, 240, "a pid"
-    )
-    ray_head.stop()
-    with __import__("contextlib").suppress(ProcessLookupError):
-        os.kill(running.pid, signal.SIGKILL)  # the node went down with the head
-    down = registry.get(job.id)
-    assert down.status == RUNNING and "does not answer" in down.message
-    ray_head.start()
-    lost = wait_for(lambda: (j := registry.get(job.id)).status != RUNNING and j, 60, "lost")
-    assert lost.status == FAILED and lost.error.startswith("lost by the cluster"), lost.error
-
-
 def test_the_start_page_checks_a_ray_address_before_saving_it(ray_head, runs, monkeypatch):
     """Where jobs run, on the Start page: an address that does not answer is refused with the
     reason and the saved choice stays; a live head is saved and the Train page says so."""
@@ -303,3 +282,46 @@ def test_the_start_page_checks_a_ray_address_before_saving_it(ray_head, runs, mo
     at = start_page()  # a fresh session reads the saved choice back
     assert at.radio(key="backend-name").value == "ray"
     assert at.text_input(key="backend-address").value == ray_head.address
+
+
+def test_cancelling_a_protocol_on_ray_cancels_its_arms(ray_head, runs, tiny_model_dir):
+    """No orphans: a protocol cancelled while its arms train on Ray takes them down with it."""
+    from core.study.protocol import ProtocolConfig, protocol_folder
+
+    config = ProtocolConfig.from_preset(
+        "cpu", model=str(tiny_model_dir), methods=["gt", "stm_share"], seeds=[0], limit=8,
+        max_length=96, epochs=500.0, batch_size=4, suite="tiny",
+    )  # fmt: skip
+    registry = JobRegistry(runs)
+    folder = protocol_folder(config, name="proto-cancel")
+    job = registry.submit("protocol", config.to_dict(), device="cpu", run_dir=folder,
+                          backend="ray", address=ray_head.address)  # fmt: skip
+    arms = wait_for(
+        lambda: len(a := [j for j in registry.list() if j.kind == "train"]) == 2
+        and all(j.status == RUNNING for j in a) and a, 240, "both arms running",
+    )  # fmt: skip
+    assert registry.cancel(job.id, grace=5).status == CANCELLED
+    for arm in arms:
+        done = wait_for(lambda a=arm: (j := registry.get(a.id)).status != RUNNING and j, 60, "arm")
+        assert done.status == CANCELLED, (done.status, done.error)
+
+
+def test_a_job_the_restarted_head_no_longer_knows_is_failed_as_lost(
+    ray_head, runs, tiny_model_dir, data_file
+):
+    """Last in this module: it restarts the head. While the head is down, the job keeps its
+    status with a note; once a new head answers and does not know the job, it is failed."""
+    registry = JobRegistry(runs)
+    job = registry.submit("train", train_config(tiny_model_dir, data_file, max_steps=5000),
+                          device="cpu", backend="ray", address=ray_head.address)  # fmt: skip
+    running = wait_for(
+        lambda: (j := registry.get(job.id)).status == RUNNING and j.pid and j, 240, "a pid"
+    )
+    ray_head.stop()
+    with __import__("contextlib").suppress(ProcessLookupError):
+        os.kill(running.pid, signal.SIGKILL)  # the node went down with the head
+    down = registry.get(job.id)
+    assert down.status == RUNNING and "does not answer" in down.message
+    ray_head.start()
+    lost = wait_for(lambda: (j := registry.get(job.id)).status != RUNNING and j, 60, "lost")
+    assert lost.status == FAILED and lost.error.startswith("lost by the cluster"), lost.error
