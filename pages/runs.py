@@ -11,7 +11,7 @@ from components.session import ensure_app_navigation
 from core.errors import LensError
 from core.eval.config import EvalConfig, eval_job_config, resolve_adapter_path
 from core.eval.suites import SUITES, get_suite
-from core.jobs.registry import JobRegistry
+from core.jobs.registry import JobRegistry, jobs_by_run
 from core.jobs.runfiles import read_metrics, run_progress
 from core.study.runs import RunView, list_runs, load_run
 from core.viz.charts import plotly_config
@@ -33,7 +33,7 @@ st.caption(
 
 try:
     registry = JobRegistry()
-    jobs = {job.id: job for job in registry.list()}
+    jobs = jobs_by_run(registry.list())
     available = list_runs()
 except LensError as exc:
     st.error(str(exc))
@@ -133,7 +133,7 @@ paused = st.toggle("Pause live updates", value=False)
 
 
 def _status_table(runs: list[RunView]) -> pd.DataFrame:
-    current = {job.id: job for job in registry.list()}  # read again: the live fragment calls this
+    current = jobs_by_run(registry.list())  # read again: the live fragment calls this
     rows = []
     for run in runs:
         job = current.get(run.run_id)

@@ -74,3 +74,20 @@ def test_a_bad_limit_or_model_shows_one_line(runs):  # noqa: F811
     assert at.error and "model" in at.error[0].value.lower()
     assert code_blocks(at) == [] and not [b for b in at.button if b.key == "eval-start"]
     assert JobRegistry(runs).list(refresh=False) == []
+
+
+def test_a_run_whose_folder_is_not_named_by_its_job_shows_the_jobs_status(trained_run, runs):  # noqa: F811
+    """A protocol arm trains in `<protocol>-<arm>-s<seed>/` under a job id of its own: the
+    status table finds its job by the folder (it used to say "–")."""
+    registry = JobRegistry(runs)
+    job = registry.submit("train", {"method": "stm"}, device="cpu", run_dir=trained_run,
+                          start=False)  # fmt: skip
+    assert job.id != trained_run.name
+    registry.cancel(job.id)  # a queued job: cancelled at once, nothing runs
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.query_params["runs"] = trained_run.name
+    at.run()
+    assert not at.exception
+    status = at.dataframe[0].value
+    assert status["run"].tolist() == [trained_run.name]
+    assert status["status"].tolist() == ["cancelled"]

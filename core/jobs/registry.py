@@ -239,6 +239,18 @@ _ADDED_COLUMNS = {
 _REAPING: set[int] = set()
 
 
+def jobs_by_run(jobs: list[Job]) -> dict[str, Job]:
+    """Jobs by the name of their run folder (and by job id, where it differs): a protocol's arm
+    runs in `<protocol>-<arm>-s<seed>/` under a job id of its own. Of several jobs in one
+    folder (a resumed run), the newest wins; `jobs` is newest first, as `JobRegistry.list`
+    gives them."""
+    found: dict[str, Job] = {}
+    for job in jobs:
+        found.setdefault(job.id, job)
+        found.setdefault(Path(job.run_dir).name, job)
+    return found
+
+
 def _row_to_job(row: tuple[Any, ...]) -> Job:
     data = dict(zip(_COLUMNS, row, strict=True))
     data["config"] = json.loads(data["config"])
