@@ -95,7 +95,7 @@ def run_ray(model: Path, arms: str, root: Path, cpus: int) -> tuple[float, float
         str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
         "--ray-client-server-port", str(client), "--num-cpus", str(cpus),
-        "--disable-usage-stats", "--temp-dir", str(root / "ray"),
+        "--disable-usage-stats", "--temp-dir", tempfile.mkdtemp(prefix="plray-", dir="/tmp"),
     ]  # fmt: skip
     subprocess.run(
         start, check=True, capture_output=True, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0")

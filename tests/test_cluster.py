@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,11 +84,14 @@ class RayHead:
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    head = RayHead(tmp_path_factory.mktemp("ray"))
+def ray_head():
+    # a short temp folder: Ray's unix sockets live under it (paths are limited to 107 bytes)
+    temp = Path(tempfile.mkdtemp(prefix="plray-", dir="/tmp"))
+    head = RayHead(temp)
     head.start()
     yield head
     head.stop()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture
