@@ -21,6 +21,7 @@ from core.jobs.cluster import (
     DEFAULT_RAY_ADDRESS,
     LOCAL,
     RAY,
+    SLURM,
     check_setting,
     current_setting,
     make_setting,
@@ -172,7 +173,7 @@ def backend_caption(registry: JobRegistry) -> None:
 
 
 def _save_backend(registry: JobRegistry, name: str, address: str | None) -> None:
-    """Check a Ray address answers, then save the setting; the outcome shows on the next run."""
+    """Check the cluster answers, then save the setting; the outcome shows on the next run."""
     try:
         setting = make_setting(name, address)
         check_setting(setting)
@@ -183,14 +184,18 @@ def _save_backend(registry: JobRegistry, name: str, address: str | None) -> None
 
 
 def backend_panel(registry: JobRegistry) -> None:
-    """Pick the job backend (the local queue or a Ray cluster), check a Ray address answers
-    before saving it, and say when the environment overrides the saved choice."""
+    """Pick the job backend (the local queue, a Ray cluster or SLURM), check the cluster
+    answers before saving it, and say when the environment overrides the saved choice."""
     import os
 
-    from core.jobs.cluster import ADDRESS_ENV, BACKEND_ENV
+    from core.jobs.cluster import ADDRESS_ENV, BACKEND_ENV, PARTITION_ENV
 
     saved = saved_setting(registry.root)
-    labels = {LOCAL: "This machine (local queue)", RAY: "A Ray cluster (Ray Jobs API)"}
+    labels = {
+        LOCAL: "This machine (local queue)",
+        RAY: "A Ray cluster (Ray Jobs API)",
+        SLURM: "A SLURM cluster (sbatch, through submitit)",
+    }
     name = st.radio(
         "Run background jobs on",
         list(BACKENDS),
@@ -209,6 +214,17 @@ def backend_panel(registry: JobRegistry) -> None:
             "default). Run folders must sit on storage every node mounts at the same path "
             "(PLENS_CACHE_DIR / PLENS_RUNS_DIR); see the README.",
         )
+    elif name == SLURM:
+        address = st.text_input(
+            "SLURM partition",
+            (saved.address or "") if saved.name == SLURM else "",
+            key="backend-partition",
+            placeholder="the cluster's default partition",
+            help="Jobs are submitted with sbatch from this machine (SLURM's client commands and "
+            "its slurm.conf, or $SLURM_CONF, must be here). Run folders must sit on storage "
+            "every node mounts at the same path (PLENS_CACHE_DIR / PLENS_RUNS_DIR); see the "
+            "README.",
+        )
     # a callback, not `if st.button(...)`: a rerun the sidebar asks for cannot swallow the click
     st.button(
         "Check and save",
@@ -222,8 +238,8 @@ def backend_panel(registry: JobRegistry) -> None:
         (st.success if outcome[0] == "ok" else st.error)(outcome[1])
     if os.environ.get(BACKEND_ENV):
         st.info(
-            f"${BACKEND_ENV}={os.environ[BACKEND_ENV]} (and ${ADDRESS_ENV}) is set for this app, "
-            "so it overrides the saved choice."
+            f"${BACKEND_ENV}={os.environ[BACKEND_ENV]} (and ${ADDRESS_ENV} / ${PARTITION_ENV}) "
+            "is set for this app, so it overrides the saved choice."
         )
     try:
         st.caption(f"Now: new jobs run on {current_setting(registry.root).describe()}.")

@@ -61,7 +61,7 @@ def _add_submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default=None,
-        choices=["local", "ray"],
+        choices=["local", "ray", "slurm"],
         help="with --submit: where the job runs (default: the saved setting, see `backend`)",
     )
     p.add_argument(
@@ -70,11 +70,24 @@ def _add_submit_args(p: argparse.ArgumentParser) -> None:
         help="with --backend ray: the Ray dashboard address (default $PLENS_RAY_ADDRESS, "
         "else the saved one, else http://127.0.0.1:8265)",
     )
+    p.add_argument(
+        "--slurm-partition",
+        default=None,
+        help="with --backend slurm: the SLURM partition (default $PLENS_SLURM_PARTITION, else "
+        "the saved one, else the cluster's default partition)",
+    )
 
 
 def _where(args: argparse.Namespace) -> dict[str, str | None]:
-    """The submit call's backend keywords from `--backend` / `--ray-address`."""
-    return {"backend": args.backend, "address": args.ray_address}
+    """The submit call's backend keywords from `--backend` / `--ray-address` /
+    `--slurm-partition` (either address flag alone implies its backend)."""
+    ray, partition = args.ray_address, args.slurm_partition
+    backend = args.backend or ("ray" if ray else "slurm" if partition else None)
+    if (ray and backend != "ray") or (partition and backend != "slurm"):
+        raise LensError(
+            "--ray-address goes with --backend ray and --slurm-partition with --backend slurm."
+        )
+    return {"backend": backend, "address": ray or partition}
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -296,7 +309,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_backend(args: argparse.Namespace) -> int:
-    """Show the job backend, or set it (checking that a Ray cluster answers first)."""
+    """Show the job backend, or set it (checking that the cluster answers first)."""
     from core.jobs.cluster import check_setting, current_setting, make_setting, save_setting
     from core.jobs.runfiles import runs_dir
 
@@ -304,7 +317,8 @@ def cmd_backend(args: argparse.Namespace) -> int:
     if args.name is None:
         if args.address:
             raise LensError(
-                "--address goes with a backend name: `backend ray --address HOST:PORT`."
+                "--address goes with a backend name: `backend ray --address HOST:PORT` or "
+                "`backend slurm --partition NAME`."
             )
         print(f"queued jobs run on {current_setting(root).describe()}")
         return 0
@@ -546,12 +560,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "backend",
-        help="show or set where queued jobs run: the local queue or a Ray cluster",
+        help="show or set where queued jobs run: the local queue, a Ray cluster or SLURM",
         description="Kept in <runs folder>/backend.json (the app's Home page sets the same); "
-        "$PLENS_JOB_BACKEND and $PLENS_RAY_ADDRESS override it.",
+        "$PLENS_JOB_BACKEND and $PLENS_RAY_ADDRESS / $PLENS_SLURM_PARTITION override it.",
     )
-    p.add_argument("name", nargs="?", choices=["local", "ray"], help="set this backend")
-    p.add_argument("--address", default=None, help="Ray dashboard address (host:port or URL)")
+    p.add_argument("name", nargs="?", choices=["local", "ray", "slurm"], help="set this backend")
+    p.add_argument(
+        "--address",
+        "--partition",
+        dest="address",
+        default=None,
+        help="ray: the dashboard address (host:port or URL); slurm: the partition (default: "
+        "the cluster's default partition)",
+    )
     p.set_defaults(func=cmd_backend)
 
     p = sub.add_parser("job-run", help="(internal) run a queued job in this process")
@@ -576,10 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     ):
         args.tau = DEFAULT_TAU
     if getattr(args, "submit", True) is False and (
-        getattr(args, "backend", None) or getattr(args, "ray_address", None)
+        getattr(args, "backend", None)
+        or getattr(args, "ray_address", None)
+        or getattr(args, "slurm_partition", None)
     ):
-        print("error: --backend and --ray-address choose where a queued job runs; add --submit",
-              file=sys.stderr)  # fmt: skip
+        print("error: --backend, --ray-address and --slurm-partition choose where a queued job "
+              "runs; add --submit", file=sys.stderr)  # fmt: skip
         return EXIT_USER_ERROR
     try:
         return int(args.func(args) or 0)

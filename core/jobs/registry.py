@@ -465,17 +465,19 @@ class JobRegistry:
                 self._note(job, unreachable[address])
                 continue
             try:
-                state = self._engine(job.backend, job.engine_address).state(job.engine_id or "")
+                engine = self._engine(job.backend, job.engine_address)
+                state = engine.state(job.engine_id or "")
             except ClusterError as exc:
                 unreachable[address] = str(exc)
                 self._note(job, str(exc))
                 continue
             if state.status == PENDING and job.status == QUEUED:
-                self._note(job, "waiting for the cluster (Ray: PENDING, no free resources yet)")
+                why = state.message or "no free resources yet"
+                self._note(job, f"waiting for the cluster ({engine.label}: PENDING, {why})")
             if not state.final:
                 continue
             if state.status == "MISSING":
-                reason = f"lost by the cluster: {state.message} (was its head restarted?)"
+                reason = f"lost by the cluster: {state.message} ({engine.lost_hint})"
             else:
                 detail = f": {state.message}" if state.message else ""
                 reason = f"the cluster reports the job {state.status}{detail}"
@@ -897,8 +899,12 @@ def run_job_process(job_id: str, registry: JobRegistry | None = None) -> int:
     registry = registry or JobRegistry()
     job = registry.claim(job_id)
 
+    terminated: list[int] = []
+
     def on_sigterm(signum: int, frame: object) -> None:
-        raise JobCancelled()
+        if not terminated:  # a second SIGTERM (SLURM's cancel sends two) must not interrupt
+            terminated.append(signum)  # the handling of the first
+            raise JobCancelled()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     status, code, error = FAILED, 1, ""
@@ -922,6 +928,16 @@ def run_job_process(job_id: str, registry: JobRegistry | None = None) -> int:
         error = f"unexpected {type(exc).__name__}: {exc}\n{trace[-4000:]}"
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if (
+        status == CANCELLED
+        and job.on_cluster
+        and not registry.get(job_id, refresh=False).cancel_requested
+    ):
+        # The engine stopped the job without a cancel from us (an outside `scancel`, a time
+        # limit, preemption): leave the row running, so the registry's next look at the engine
+        # records it as failed with the engine's reason.
+        print("job stopped by the cluster (SIGTERM) without a cancel from the registry", flush=True)
+        return code
     registry.finish(job_id, status, code, error)
     try:
         registry.kick()
