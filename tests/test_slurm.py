@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,8 +123,11 @@ class SlurmCluster:
         (self.folder / state).mkdir(exist_ok=True)
         self.conf.write_text(
             CONF.format(
-                dir=self.folder, state=state, ctld_port=self.ctld_port,
-                slurmd_port=self.slurmd_port, first_job_id=1 + 10000 * self.restarts,
+                dir=self.folder,
+                state=state,
+                ctld_port=self.ctld_port,
+                slurmd_port=self.slurmd_port,
+                first_job_id=1 + 10000 * self.restarts,
             )  # fmt: skip
         )
 
@@ -187,7 +191,7 @@ def slurm_conf_env():
 
 
 @pytest.fixture(scope="module")
-def cluster(slurm_conf_env, tmp_path_factory):
+def cluster(slurm_conf_env):
     started_munge = None
     if not _munge_answers():
         run = Path("/run/munge")
@@ -197,11 +201,14 @@ def cluster(slurm_conf_env, tmp_path_factory):
         assert _munge_answers(), "munged did not start (is /etc/munge/munge.key there?)"
         with contextlib.suppress(OSError, ValueError):
             started_munge = int((run / "munged.pid").read_text().strip())
-    slurm = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    # a short temp folder: slurmd's step sockets live in its spool (paths are limited to 107 bytes)
+    temp = Path(tempfile.mkdtemp(prefix="plslurm-", dir="/tmp"))
+    slurm = SlurmCluster(temp)
     slurm_conf_env.setenv("SLURM_CONF", str(slurm.conf))
     slurm.start()
     yield slurm
     slurm.stop()
+    shutil.rmtree(temp, ignore_errors=True)
     if started_munge:
         with contextlib.suppress(ProcessLookupError):
             os.kill(started_munge, signal.SIGTERM)
@@ -387,7 +394,8 @@ def test_the_protocol_fans_its_arms_out_on_slurm(cluster, runs, tiny_model_dir):
     assert all(j.backend == SLURM and j.engine_id.isdigit() for j in arms)
     assert all(j.status == SUCCEEDED for j in arms), [j.error for j in arms]
     assert arms[1].started < arms[0].finished  # side by side, not one after the other
-    assert scontrol_job(done.engine_id)["JobState"] == "COMPLETED"
+    coordinator = done.engine_id  # SLURM sees its end a moment after it recorded it
+    wait_for(lambda: scontrol_job(coordinator)["JobState"] == "COMPLETED", 60, "COMPLETED")
     assert (folder / "report.html").is_file()
 
 

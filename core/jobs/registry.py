@@ -352,7 +352,10 @@ class JobRegistry:
             yield db
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            # a SIGTERM (JobCancelled) can land after COMMIT or before BEGIN took effect: then
+            # there is nothing to roll back, and the cancel must not turn into an sqlite error
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
         finally:
             db.close()
