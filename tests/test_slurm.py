@@ -367,6 +367,7 @@ def test_cancel_kill_and_an_outside_scancel(cluster, runs, tiny_model_dir, data_
         assert end.error.startswith(f"the cluster reports the job {state}: SLURM job "), end.error
         assert "last lines of log.txt" in end.error
     assert "NonZeroExitCode" in registry.get(killed.id).error
+    assert "FailedJobError" in engine.logs(killed.engine_id)  # submitit's launcher saw it fail
     assert "CANCELLED" in registry.get(outside.id).error
     assert "without a cancel from the registry" in (outside.path / "log.txt").read_text()
 
@@ -415,6 +416,19 @@ def test_the_start_page_checks_a_slurm_partition_before_saving_it(cluster, runs,
     at.button(key="backend-save").click().run()
     assert any("SLURM (partition debug)" in s.value for s in at.success)
     assert current_setting(runs) == make_setting("slurm", "debug")
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "core", *args], cwd=ROOT, text=True,
+                              capture_output=True, timeout=120,
+                              env=dict(os.environ, PLENS_RUNS_DIR=str(runs)))  # fmt: skip
+
+    out = cli("backend", "slurm")  # `python -m core backend` checks and saves the same way
+    assert out.returncode == 0 and "SLURM (the default partition)" in out.stdout, out.stderr
+    assert current_setting(runs) == make_setting("slurm")
+    out = cli("backend", "slurm", "--partition", "nope")
+    assert out.returncode == 2 and out.stderr.startswith("error: SLURM has no partition 'nope'")
+    out = cli("train", "--submit", "--task", "mbpp", "--backend", "slurm", "--ray-address", "x:1")
+    assert out.returncode == 2 and "--ray-address goes with --backend ray" in out.stderr
 
 
 def test_a_job_the_restarted_controller_no_longer_knows_is_failed_as_lost(
