@@ -340,7 +340,7 @@ def _export_section(sel, run: ScoreRun, settings: list[tuple[str, MaskConfig, Ma
         return
     stats = result.stats()
     st.success(
-        f"Wrote {stats.n_examples} examples ({stats.pooled_share:.1%} of response tokens "
+        f"Wrote {stats.n_examples:,} examples ({stats.pooled_share:.1%} of response tokens "
         f"masked) to `{out}`",
         icon=":material/check_circle:",
     )
