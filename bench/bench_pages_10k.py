@@ -17,8 +17,17 @@ the same core calls the pages make (the page scripts themselves run Streamlit at
 - share-vs-τ: the studio's curve data (`share_vs_tau_curve`, 200 τ) and figure
   (`masking_curve_figure`), and Explore's analytics curve (`analytics.share_vs_tau`, 120 τ);
 - export: `scores_fingerprint` + `export_masked_dataset` (masked.jsonl, hf_dataset/, manifest)
-  of the τ = 2.5 masks into a temp folder;
+  of the τ = 2.5 masks into a temp folder (`datasets` imported before, as a second export
+  finds it; its import is reported apart);
 - disk: bytes of the store; RSS: VmRSS after opening and VmHWM (peak) at the end.
+
+`--apptest N` runs the Explore page itself in Streamlit's AppTest on N synthetic examples stored
+under the embedded model's real scoring setting (the model is loaded first, as a running app has
+it): time to the first heatmap (the first examples, shown while the rest are read), to the whole
+selection's first table page, a rerun, a τ change, and that process's RSS (model included).
+`BENCH_KEEP_APP_DATA=1` keeps that cache folder (store + data.jsonl) to open it in the app:
+`PLENS_CACHE_DIR=<folder> streamlit run app.py`, then Explore with
+`?kind=file&data=<folder>/data.jsonl&limit=10000`.
 
     python bench/bench_pages_10k.py                        # 1k, 3k, 10k synthetic
     python bench/bench_pages_10k.py --real /tmp/plens-real # MBPP all + GSM8K test, scored there
@@ -30,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -181,6 +191,10 @@ def pages(path: Path, setting, examples: list) -> dict:
 
     result = compute_masks(index, MaskConfig(tau=TAU))
     out["masked_share"] = result.stats().pooled_share
+    t0 = time.perf_counter()
+    import datasets  # noqa: F401  (the export's heavy import: once per app process)
+
+    out["datasets_import_s"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(prefix="bench-pages-export-") as tmp:
         t0 = time.perf_counter()
         extra = {"source_fingerprint": scores_fingerprint(scores)}
@@ -270,7 +284,10 @@ def _apptest_child(n: int) -> dict:
     tau = time.perf_counter() - t0
     rows = len(at.dataframe[0].value)
     rss, peak = _rss()
-    print(f"app data kept in {tmp}", file=sys.stderr)
+    if os.environ.get("BENCH_KEEP_APP_DATA"):  # e.g. to open the same store in a browser
+        print(f"app data kept in {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {
         "examples": n,
         "model_load_s": model_s,
@@ -282,7 +299,6 @@ def _apptest_child(n: int) -> dict:
         "table_rows": rows,
         "rss_mib": rss,
         "peak_mib": peak,
-        "cache": str(tmp),
     }
 
 
