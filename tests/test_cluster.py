@@ -139,6 +139,7 @@ def test_the_backend_setting_layers_and_an_unreachable_cluster_is_one_line(runs,
     monkeypatch.setenv("PLENS_JOB_BACKEND", "local")
     assert current_setting(runs).name == "local"  # the environment wins over the file
     assert current_setting(runs, "ray", "10.0.0.1:8265").address == "http://10.0.0.1:8265"
+    assert current_setting(runs, "ray").address == "http://127.0.0.1:9"  # `--backend ray` alone
     with pytest.raises(ClusterError, match="Unknown job backend 'slurmx'"):
         current_setting(runs, "slurmx")
 

@@ -147,7 +147,11 @@ def current_setting(
     name = name or os.environ.get(BACKEND_ENV, "").strip()
     if name:
         key = name.strip().lower()
-        return make_setting(name, address or os.environ.get(ADDRESS_ENVS.get(key, ""), ""))
+        fallback = os.environ.get(ADDRESS_ENVS.get(key, ""), "")
+        if not address and not fallback:  # the saved address of the same backend, if any
+            saved = saved_setting(root)
+            fallback = (saved.address or "") if saved.name == key else ""
+        return make_setting(name, address or fallback)
     saved = saved_setting(root)
     if address and saved.name != LOCAL:
         return make_setting(saved.name, address)
