@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,24 +29,12 @@ from core.jobs.cluster import (
     save_setting,
 )
 from core.jobs.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, JobRegistry
-from core.training.config import TrainConfig
+from tests.job_fixtures import BACKEND_ENV_VARS, free_port, train_config, wait_for, write_rows
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = Path(sys.executable).with_name("ray")
-ROWS = [
-    {"prompt": "Square a number.", "response": "def square(x):\n    return x * x"},
-    {"prompt": "What is 7 times 8?", "response": "7 times 8 is 56."},
-    {"prompt": "Capital of France?", "response": "The capital of France is Paris."},
-    {"prompt": "Add two numbers.", "response": "def add(a, b):\n    return a + b"},
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RayHead:
@@ -55,7 +42,7 @@ class RayHead:
 
     def __init__(self, temp_dir: Path) -> None:
         self.temp_dir = temp_dir
-        self.port, self.dashboard, self.client_port = _free_port(), _free_port(), _free_port()
+        self.port, self.dashboard, self.client_port = free_port(), free_port(), free_port()
         self.address = f"http://127.0.0.1:{self.dashboard}"
 
     def start(self) -> None:
@@ -98,37 +85,14 @@ def ray_head():
 def runs(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
-    monkeypatch.delenv("PLENS_JOB_BACKEND", raising=False)
-    monkeypatch.delenv("PLENS_RAY_ADDRESS", raising=False)
+    for name in BACKEND_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
     return root
 
 
 @pytest.fixture
 def data_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
-    return path
-
-
-def train_config(model_dir, data_file, **overrides) -> dict:
-    return TrainConfig.from_preset(
-        "paper",
-        **{
-            "model": str(model_dir), "device": "cpu", "task": None, "data": str(data_file),
-            "max_length": 48, "batch_size": 2, "learning_rate": 1e-3, "precision": "fp32",
-            "max_steps": 2, **overrides,
-        },
-    ).to_dict()  # fmt: skip
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+    return write_rows(tmp_path / "train.jsonl")
 
 
 def test_the_backend_setting_layers_and_an_unreachable_cluster_is_one_line(runs, monkeypatch):
@@ -143,7 +107,7 @@ def test_the_backend_setting_layers_and_an_unreachable_cluster_is_one_line(runs,
     with pytest.raises(ClusterError, match="Unknown job backend 'slurmx'"):
         current_setting(runs, "slurmx")
 
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     with pytest.raises(ClusterError, match=f"Ray cluster at http://127.0.0.1:{port} does not"):
         registry.submit("train", {}, device="cpu", backend="ray", address=f"127.0.0.1:{port}")
     assert registry.list() == []  # nothing was written
@@ -275,7 +239,7 @@ def test_the_start_page_checks_a_ray_address_before_saving_it(ray_head, runs, mo
 
     at = start_page()
     at.radio(key="backend-name").set_value("ray").run()
-    at.text_input(key="backend-address").set_value(f"127.0.0.1:{_free_port()}").run()
+    at.text_input(key="backend-address").set_value(f"127.0.0.1:{free_port()}").run()
     at.button(key="backend-save").click().run()
     assert any("does not answer" in e.value for e in at.error), [e.value for e in at.error]
     assert current_setting(runs).name == "local"  # nothing saved

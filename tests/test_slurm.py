@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from core.eval.config import eval_job_config
 from core.jobs.cluster import SLURM, ClusterError, current_setting, make_setting
 from core.jobs.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, JobRegistry
 from core.jobs.slurm import SlurmEngine, parse_fields
-from core.training.config import TrainConfig
+from tests.job_fixtures import BACKEND_ENV_VARS, free_port, train_config, wait_for, write_rows
 
 pytestmark = pytest.mark.integration
 
@@ -38,12 +37,6 @@ SBIN = Path("/usr/sbin")
 SLURMCTLD = shutil.which("slurmctld") or str(SBIN / "slurmctld")
 SLURMD = shutil.which("slurmd") or str(SBIN / "slurmd")
 MUNGED = shutil.which("munged") or str(SBIN / "munged")
-ROWS = [
-    {"prompt": "Square a number.", "response": "def square(x):\n    return x * x"},
-    {"prompt": "What is 7 times 8?", "response": "7 times 8 is 56."},
-    {"prompt": "Capital of France?", "response": "The capital of France is Paris."},
-    {"prompt": "Add two numbers.", "response": "def add(a, b):\n    return a + b"},
-]
 # One node with 4 CPU slots on whatever the machine has (config_overrides: slurmd trusts the
 # config, not the hardware), so a protocol's coordinator (1 CPU) and its two arms fit at once.
 CONF = """\
@@ -78,12 +71,6 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _require_slurm() -> None:
     """Skip (locally) or fail (CI) unless this machine can run a SLURM cluster."""
     why = None
@@ -111,7 +98,7 @@ class SlurmCluster:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.ctld_port, self.slurmd_port = _free_port(), _free_port()
+        self.ctld_port, self.slurmd_port = free_port(), free_port()
         self.conf = folder / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
         self.restarts = 0
@@ -214,47 +201,24 @@ def cluster(slurm_conf_env):
             os.kill(started_munge, signal.SIGTERM)
 
 
+def scontrol_job(engine_id: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", engine_id], capture_output=True,
+                         text=True, timeout=60, check=True)  # fmt: skip
+    return parse_fields(out.stdout)
+
+
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
-    for name in ("PLENS_JOB_BACKEND", "PLENS_RAY_ADDRESS", "PLENS_SLURM_PARTITION"):
+    for name in BACKEND_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
     return root
 
 
 @pytest.fixture
 def data_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
-    return path
-
-
-def train_config(model_dir, data_file, **overrides) -> dict:
-    return TrainConfig.from_preset(
-        "paper",
-        **{
-            "model": str(model_dir), "device": "cpu", "task": None, "data": str(data_file),
-            "max_length": 48, "batch_size": 2, "learning_rate": 1e-3, "precision": "fp32",
-            "max_steps": 2, **overrides,
-        },
-    ).to_dict()  # fmt: skip
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def scontrol_job(engine_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", engine_id], capture_output=True,
-                         text=True, timeout=60, check=True)  # fmt: skip
-    return parse_fields(out.stdout)
+    return write_rows(tmp_path / "train.jsonl")
 
 
 def test_the_slurm_setting_and_an_unreachable_controller_is_one_line(
@@ -270,8 +234,8 @@ def test_the_slurm_setting_and_an_unreachable_controller_is_one_line(
 
     dead = tmp_path / "dead"
     dead.mkdir()
-    conf = CONF.format(dir=dead, state="state", ctld_port=_free_port(),
-                       slurmd_port=_free_port(), first_job_id=1)  # fmt: skip
+    conf = CONF.format(dir=dead, state="state", ctld_port=free_port(),
+                       slurmd_port=free_port(), first_job_id=1)  # fmt: skip
     (dead / "slurm.conf").write_text(conf)
     monkeypatch.setenv("SLURM_CONF", str(dead / "slurm.conf"))
     registry = JobRegistry(runs)

@@ -287,6 +287,21 @@ def check_setting(setting: BackendSetting) -> None:
         engine_for(setting.name, setting.address).check()
 
 
+def job_command(
+    job_id: str, log_path: Path, project_root: Path, python_env: str, project_env: str
+) -> tuple[str, Path]:
+    """(the shell command a cluster job runs, the project folder it runs in): `cd PROJECT &&
+    exec PYTHON -m core job-run JOB_ID >> LOG 2>&1`, with PYTHON and PROJECT from the engine's
+    environment variables (`python_env`, `project_env`) where the nodes keep them elsewhere."""
+    python = os.environ.get(python_env) or sys.executable
+    project = Path(os.environ.get(project_env) or project_root)
+    command = (
+        f"cd {shlex.quote(str(project))} && exec {shlex.quote(python)} -m core job-run "
+        f"{shlex.quote(job_id)} >> {shlex.quote(str(log_path))} 2>&1"
+    )
+    return command, project
+
+
 class RayEngine(Engine):
     """The Ray Jobs API of one cluster (its dashboard address)."""
 
@@ -320,12 +335,7 @@ class RayEngine(Engine):
     ) -> str:
         """Hand `python -m core job-run JOB_ID` to Ray as job `engine_id`; output goes to
         `log_path` (the run folder's log.txt)."""
-        python = os.environ.get(PYTHON_ENV) or sys.executable
-        project = Path(os.environ.get(PROJECT_ENV) or project_root)
-        entrypoint = (
-            f"cd {shlex.quote(str(project))} && exec {shlex.quote(python)} -m core job-run "
-            f"{shlex.quote(job_id)} >> {shlex.quote(str(log_path))} 2>&1"
-        )
+        entrypoint, project = job_command(job_id, log_path, project_root, PYTHON_ENV, PROJECT_ENV)
         try:
             return self.client.submit_job(
                 entrypoint=entrypoint,

@@ -40,6 +40,7 @@ from core.jobs.cluster import (
     ClusterError,
     Engine,
     EngineState,
+    job_command,
     job_environment,
 )
 
@@ -228,12 +229,8 @@ class SlurmEngine(Engine):
         """sbatch `python -m core job-run JOB_ID` (named `engine_id`) through submitit; returns
         SLURM's job id. Output goes to `log_path` (the run folder's log.txt)."""
         self.ping()
-        python = os.environ.get(PYTHON_ENV) or sys.executable
-        project = Path(os.environ.get(PROJECT_ENV) or project_root)
-        command = (
-            f"cd {shlex.quote(str(project))} && exec {shlex.quote(python)} -m core job-run "
-            f"{shlex.quote(job_id)} >> {shlex.quote(str(log_path))} 2>&1"
-        )
+        command, project = job_command(job_id, log_path, project_root, PYTHON_ENV, PROJECT_ENV)
+        python = os.environ.get(PYTHON_ENV) or sys.executable  # submitit's own launcher too
         env = job_environment(runs_root, project)
         params: dict[str, Any] = {
             "job_name": engine_id,
