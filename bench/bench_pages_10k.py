@@ -57,19 +57,7 @@ TAU, TAU2 = 2.5, 3.0
 PAGE_SIZE = 50
 COLORS = {"A": "#D55E00", "B": "#8250df"}  # the studio's
 
-
-def _rss() -> tuple[float, float]:
-    """(VmRSS, VmHWM) of this process in MiB."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields["VmRSS"], fields["VmHWM"]
-
-
-def _disk(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+from bench_score_store import _disk, _rss  # noqa: E402 - this folder is on sys.path (a script)
 
 
 def _synthetic_examples(n: int) -> list:
