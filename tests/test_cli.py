@@ -128,6 +128,21 @@ def test_cli_process_prints_no_traceback(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: Unknown model")
 
 
+def test_output_piped_into_a_reader_that_leaves_is_not_an_error(tmp_path):
+    """`python -m core tasks | head -1`: the reader closes the pipe before the command writes;
+    that ends the command quietly, not with "error: unexpected BrokenPipeError"."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes a line
+    try:
+        proc = subprocess.run([sys.executable, "-m", "core", "tasks"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, timeout=120)  # fmt: skip
+    finally:
+        os.close(write)
+    assert proc.returncode == 0, proc.stderr
+    assert "unexpected" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_help_lists_subcommands():
     proc = subprocess.run(
         [sys.executable, "-m", "core", "--help"],

@@ -368,7 +368,10 @@ class RayEngine(Engine):
                 "state is unknown until it does"
             ) from None
         status = str(getattr(info.status, "value", info.status))
-        return EngineState(status, info.message or "", getattr(info, "driver_exit_code", None))
+        message = info.message or ""
+        if status == PENDING:  # Ray's long "may be waiting for ..." text, in a few words
+            message = "waiting for free CPUs / GPUs or its runtime environment"
+        return EngineState(status, message, getattr(info, "driver_exit_code", None))
 
     def stop(self, engine_id: str) -> None:
         """Ask Ray to stop the job (SIGTERM to its process, SIGKILL a few seconds later)."""
