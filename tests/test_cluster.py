@@ -43,6 +43,7 @@ class RayHead:
     def __init__(self, temp_dir: Path) -> None:
         self.temp_dir = temp_dir
         self.port, self.dashboard, self.client_port = free_port(), free_port(), free_port()
+        self.agent_port = free_port()  # Ray's default (52365) clashes with another head here
         self.address = f"http://127.0.0.1:{self.dashboard}"
 
     def start(self) -> None:
@@ -50,10 +51,13 @@ class RayHead:
             str(RAY_BIN), "start", "--head", "--node-ip-address", "127.0.0.1",
             "--port", str(self.port), "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(self.dashboard), "--ray-client-server-port",
-            str(self.client_port), "--num-cpus", "2", "--include-dashboard", "true",
+            str(self.client_port), "--dashboard-agent-listen-port", str(self.agent_port),
+            "--num-cpus", "2", "--include-dashboard", "true",
             "--disable-usage-stats", "--temp-dir", str(self.temp_dir),
         ]  # fmt: skip
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        # Ray drops a job still PENDING after this many seconds (900 by default): short here,
+        # so the hand-over-again path runs whenever a test queues more jobs than CPUs
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_JOB_START_TIMEOUT_SECONDS="8")
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
         assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
         deadline = time.monotonic() + 60
@@ -137,7 +141,7 @@ def test_train_and_eval_jobs_run_on_ray_and_show_in_the_registry(
         device="cpu", backend="ray", address=ray_head.address,
     )  # fmt: skip
     for job in (train, evaluation):
-        assert job.backend == RAY and job.engine_id == f"plens-{job.id}-a1"
+        assert job.backend == RAY and job.engine_id.startswith(f"plens-{job.id}-a1-")
         assert job.where == f"ray {ray_head.address}"
 
     engine = RayEngine(ray_head.address)
@@ -159,6 +163,29 @@ def test_train_and_eval_jobs_run_on_ray_and_show_in_the_registry(
                          capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PLENS_RUNS_DIR=str(runs)))  # fmt: skip
     assert out.returncode == 0 and f"ray {ray_head.address}" in out.stdout
+
+
+def test_jobs_waiting_longer_than_rays_start_timeout_are_handed_over_again(
+    ray_head, runs, tiny_model_dir, data_file
+):
+    """Three jobs on the 2-CPU head: the third waits for a CPU longer than the head's start
+    timeout (8 s here, 15 min by default), Ray drops it unstarted, and the registry hands it
+    over again instead of failing it; all three finish."""
+    registry = JobRegistry(runs)
+    jobs = [
+        registry.submit(
+            "train",
+            train_config(tiny_model_dir, data_file, max_steps=40),
+            device="cpu",
+            backend="ray",
+            address=ray_head.address,
+        )  # fmt: skip
+        for _ in range(3)
+    ]
+    done = [registry.wait(j.id, timeout=600) for j in jobs]
+    assert [d.status for d in done] == [SUCCEEDED] * 3, [d.error for d in done]
+    logs = [(d.path / "log.txt").read_text() for d in done]
+    assert any("dropped it unstarted after its start timeout" in log for log in logs)
 
 
 def test_cancel_goes_through_ray(ray_head, runs, tiny_model_dir, data_file):

@@ -168,6 +168,10 @@ class EngineState:
     status: str
     message: str = ""
     exit_code: int | None = None
+    #: The engine gave up on the job before starting it only because it waited too long for
+    #: resources (Ray fails a job PENDING longer than its start timeout, 15 min by default):
+    #: the registry hands such a job over again instead of failing it.
+    start_timed_out: bool = False
 
     @property
     def final(self) -> bool:
@@ -371,7 +375,10 @@ class RayEngine(Engine):
         message = info.message or ""
         if status == PENDING:  # Ray's long "may be waiting for ..." text, in a few words
             message = "waiting for free CPUs / GPUs or its runtime environment"
-        return EngineState(status, message, getattr(info, "driver_exit_code", None))
+        # "Job supervisor actor failed to start within 900.0 seconds" ($RAY_JOB_START_TIMEOUT_
+        # SECONDS on the head): a queue longer than the timeout, not a broken job
+        timed_out = status == FAILED and "failed to start within" in message
+        return EngineState(status, message, getattr(info, "driver_exit_code", None), timed_out)
 
     def stop(self, engine_id: str) -> None:
         """Ask Ray to stop the job (SIGTERM to its process, SIGKILL a few seconds later)."""

@@ -479,6 +479,10 @@ class JobRegistry:
                 self._note(job, f"waiting for the cluster ({engine.label}: PENDING, {why})")
             if not state.final:
                 continue
+            if state.start_timed_out and job.status == QUEUED and not job.cancel_requested:
+                if self._hand_over_again(job, engine.label):
+                    changed.append(job.id)
+                continue
             if state.status == "MISSING":
                 reason = f"lost by the cluster: {state.message} ({engine.lost_hint})"
             else:
@@ -487,6 +491,20 @@ class JobRegistry:
             if self._finish_engine_job(job, reason, state.exit_code):
                 changed.append(job.id)
         return changed
+
+    def _hand_over_again(self, job: Job, label: str) -> bool:
+        """A job the engine dropped unstarted after waiting too long for resources goes back to
+        this queue (engine id cleared), so the next `kick` hands it over again."""
+        with self._transaction() as db:
+            rows = self._select(db, "WHERE id = ?", (job.id,))
+            if not rows or rows[0].status != QUEUED or rows[0].engine_id != job.engine_id:
+                return False
+            note = f"{label} dropped it unstarted after its start timeout; handing it over again"
+            self._update(db, job.id, engine_id=None, message=note)
+        with contextlib.suppress(OSError), open(Path(job.run_dir) / LOG_TXT, "ab") as log:
+            stamp = datetime.now().isoformat(timespec="seconds")
+            log.write(f"[{stamp}] {note} (was {job.engine_id})\n".encode())
+        return True
 
     def _note(self, job: Job, message: str) -> None:
         """Set a job's status line, unless it already says that."""
@@ -513,7 +531,9 @@ class JobRegistry:
     def _hand_to_cluster(self, db: sqlite3.Connection, job: Job) -> None:
         """Submit a queued cluster job to its engine (inside `kick`'s transaction, so no two
         processes submit it twice); it stays queued until its process claims it."""
-        engine_id = f"plens-{job.id}-a{job.attempts + 1}"
+        engine_id = (
+            f"plens-{job.id}-a{job.attempts + 1}-{secrets.token_hex(2)}"  # one per hand-over
+        )
         run = Path(job.run_dir)
         run.mkdir(parents=True, exist_ok=True)
         with open(run / LOG_TXT, "ab") as log:
