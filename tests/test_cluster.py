@@ -37,6 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY_BIN = Path(sys.executable).with_name("ray")
 
 
+#: The test head's CPU slots (logical: Ray does not check them against the cores): a protocol's
+#: Self-Output generation and its two arms fit at once.
+CPUS = 3
+
+
 class RayHead:
     """A single-node Ray cluster on loopback, started and stopped with Ray's own CLI."""
 
@@ -52,7 +57,7 @@ class RayHead:
             "--port", str(self.port), "--dashboard-host", "127.0.0.1",
             "--dashboard-port", str(self.dashboard), "--ray-client-server-port",
             str(self.client_port), "--dashboard-agent-listen-port", str(self.agent_port),
-            "--num-cpus", "2", "--include-dashboard", "true",
+            "--num-cpus", str(CPUS), "--include-dashboard", "true",
             "--disable-usage-stats", "--temp-dir", str(self.temp_dir),
         ]  # fmt: skip
         # Ray drops a job still PENDING after this many seconds (900 by default): short here,
@@ -168,9 +173,9 @@ def test_train_and_eval_jobs_run_on_ray_and_show_in_the_registry(
 def test_jobs_waiting_longer_than_rays_start_timeout_are_handed_over_again(
     ray_head, runs, tiny_model_dir, data_file
 ):
-    """Three jobs on the 2-CPU head: the third waits for a CPU longer than the head's start
-    timeout (8 s here, 15 min by default), Ray drops it unstarted, and the registry hands it
-    over again instead of failing it; all three finish."""
+    """One job more than the head has CPU slots: the last waits for a slot longer than the
+    head's start timeout (8 s here, 15 min by default), Ray drops it unstarted, and the registry
+    hands it over again instead of failing it; all of them finish."""
     registry = JobRegistry(runs)
     jobs = [
         registry.submit(
@@ -180,10 +185,10 @@ def test_jobs_waiting_longer_than_rays_start_timeout_are_handed_over_again(
             backend="ray",
             address=ray_head.address,
         )  # fmt: skip
-        for _ in range(3)
+        for _ in range(CPUS + 1)
     ]
     done = [registry.wait(j.id, timeout=600) for j in jobs]
-    assert [d.status for d in done] == [SUCCEEDED] * 3, [d.error for d in done]
+    assert [d.status for d in done] == [SUCCEEDED] * (CPUS + 1), [d.error for d in done]
     logs = [(d.path / "log.txt").read_text() for d in done]
     assert any("dropped it unstarted after its start timeout" in log for log in logs)
 
@@ -219,9 +224,10 @@ def test_a_killed_job_shows_failed_with_the_engines_reason(
 
 def test_the_protocol_fans_its_arms_out_on_ray(ray_head, runs, tiny_model_dir):
     """GT and STM-25% on the tiny model as one protocol job on Ray: the arms run as Ray jobs
-    side by side (their running times overlap on the 2-CPU head), the Self-Output generation
-    runs there too (the random model keeps no sample, so that arm is skipped with its reason),
-    and the results and the report are written as for a local protocol."""
+    side by side (their running times overlap; the head has a slot for each and for the
+    generation), the Self-Output generation runs there too (the random model keeps no sample,
+    so that arm is skipped with its reason), and the results and the report are written as for
+    a local protocol."""
     from core.study.protocol import RESULTS_JSON, ProtocolConfig, protocol_folder
 
     config = ProtocolConfig.from_preset(
