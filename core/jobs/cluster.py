@@ -212,6 +212,10 @@ def job_resources(kind: str, device: str) -> dict[str, float]:
     return out
 
 
+#: What every job process gets unless the environment says otherwise (local and cluster jobs).
+JOB_ENV_DEFAULTS = {"HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def job_environment(runs_root: Path, project_root: Path) -> dict[str, str]:
     """The environment variables a Ray job starts with: the forwarded settings, the runs root,
     the backend (so a protocol job fans its arms out on the same cluster) and PYTHONPATH."""
@@ -220,13 +224,8 @@ def job_environment(runs_root: Path, project_root: Path) -> dict[str, str]:
         for k, v in os.environ.items()
         if k.startswith(_FORWARDED_PREFIXES) or k in _FORWARDED_NAMES
     }
-    env.update(
-        PLENS_RUNS_DIR=str(runs_root),
-        PYTHONUNBUFFERED="1",
-        PYTHONPATH=str(project_root),
-        HF_HUB_DISABLE_TELEMETRY=env.get("HF_HUB_DISABLE_TELEMETRY", "1"),
-        TOKENIZERS_PARALLELISM=env.get("TOKENIZERS_PARALLELISM", "false"),
-    )
+    env = {**JOB_ENV_DEFAULTS, **env}
+    env.update(PLENS_RUNS_DIR=str(runs_root), PYTHONUNBUFFERED="1", PYTHONPATH=str(project_root))
     return env
 
 

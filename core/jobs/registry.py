@@ -59,6 +59,7 @@ from typing import Any
 from core.errors import LensError
 from core.io import write_json_atomic
 from core.jobs.cluster import (
+    JOB_ENV_DEFAULTS,
     LOCAL,
     PENDING,
     ClusterError,
@@ -154,12 +155,12 @@ class Job:
 
     @property
     def on_cluster(self) -> bool:
-        """Submitted to a cluster engine (Ray), not the local queue."""
+        """Submitted to a cluster engine (Ray, SLURM), not the local queue."""
         return self.backend != LOCAL
 
     @property
     def where(self) -> str:
-        """ "local" or "ray <address>" (for job lists)."""
+        """ "local", or the backend and its address ("ray http://…", "slurm gpu") for job lists."""
         return (
             LOCAL if not self.on_cluster else f"{self.backend} {self.engine_address or ''}".strip()
         )
@@ -249,6 +250,15 @@ def jobs_by_run(jobs: list[Job]) -> dict[str, Job]:
         found.setdefault(job.id, job)
         found.setdefault(Path(job.run_dir).name, job)
     return found
+
+
+def _log_line(run_dir: str | Path, text: str) -> Path:
+    """Append "[time] text" to the run folder's log.txt (the folder made if needed); its path."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / LOG_TXT, "ab") as log:
+        log.write(f"[{datetime.now().isoformat(timespec='seconds')}] {text}\n".encode())
+    return run / LOG_TXT
 
 
 def _row_to_job(row: tuple[Any, ...]) -> Job:
@@ -501,9 +511,8 @@ class JobRegistry:
                 return False
             note = f"{label} dropped it unstarted after its start timeout; handing it over again"
             self._update(db, job.id, engine_id=None, message=note)
-        with contextlib.suppress(OSError), open(Path(job.run_dir) / LOG_TXT, "ab") as log:
-            stamp = datetime.now().isoformat(timespec="seconds")
-            log.write(f"[{stamp}] {note} (was {job.engine_id})\n".encode())
+        with contextlib.suppress(OSError):
+            _log_line(job.run_dir, f"{note} (was {job.engine_id})")
         return True
 
     def _note(self, job: Job, message: str) -> None:
@@ -520,12 +529,7 @@ class JobRegistry:
                 return False
             if rows[0].engine_id != job.engine_id:  # resumed meanwhile: a new engine job
                 return False
-            row = rows[0]
-            tail = log_tail(row.run_dir)
-            status = CANCELLED if row.cancel_requested else FAILED
-            why = "cancelled" if row.cancel_requested else reason
-            error = why + (f"\n--- last lines of {LOG_TXT} ---\n{tail}" if tail else "")
-            self._finish(db, job.id, status, exit_code, error, why[:300])
+            self._record_unreported_end(db, rows[0], reason, exit_code)
         return True
 
     def _hand_to_cluster(self, db: sqlite3.Connection, job: Job) -> None:
@@ -534,16 +538,11 @@ class JobRegistry:
         engine_id = (
             f"plens-{job.id}-a{job.attempts + 1}-{secrets.token_hex(2)}"  # one per hand-over
         )
-        run = Path(job.run_dir)
-        run.mkdir(parents=True, exist_ok=True)
-        with open(run / LOG_TXT, "ab") as log:
-            stamp = datetime.now().isoformat(timespec="seconds")
-            log.write(
-                f"[{stamp}] submitting job {job.id} to {job.where} "
-                f"(attempt {job.attempts + 1})\n".encode()
-            )
+        log = _log_line(
+            job.run_dir, f"submitting job {job.id} to {job.where} (attempt {job.attempts + 1})"
+        )
         engine_id = self._engine(job.backend, job.engine_address).submit(
-            engine_id, job.id, job.kind, job.device, self.root, run / LOG_TXT, PROJECT_ROOT
+            engine_id, job.id, job.kind, job.device, self.root, log, PROJECT_ROOT
         )
         self._update(db, job.id, engine_id=engine_id, message="submitted to the cluster")
 
@@ -553,13 +552,19 @@ class JobRegistry:
             jobs = self._select(db, "WHERE id = ?", (job_id,))
             if not jobs or jobs[0].status != RUNNING or jobs[0].pid != pid:
                 return False
-            job = jobs[0]
-            tail = log_tail(job.run_dir)
-            status = CANCELLED if job.cancel_requested else FAILED
-            reason = "cancelled" if job.cancel_requested else _describe_exit(exit_code)
-            error = reason + (f"\n--- last lines of {LOG_TXT} ---\n{tail}" if tail else "")
-            self._finish(db, job_id, status, exit_code, error, reason)
+            self._record_unreported_end(db, jobs[0], _describe_exit(exit_code), exit_code)
         return True
+
+    def _record_unreported_end(
+        self, db: sqlite3.Connection, job: Job, reason: str, exit_code: int | None
+    ) -> None:
+        """Finish a job that ended without recording it: cancelled if a cancel was asked, else
+        failed with `reason` and the tail of its log."""
+        tail = log_tail(job.run_dir)
+        status = CANCELLED if job.cancel_requested else FAILED
+        why = "cancelled" if job.cancel_requested else reason
+        error = why + (f"\n--- last lines of {LOG_TXT} ---\n{tail}" if tail else "")
+        self._finish(db, job.id, status, exit_code, error, why[:300])
 
     # -- submitting and the queue -----------------------------------------------------------
 
@@ -706,10 +711,7 @@ class JobRegistry:
 
     def _launch(self, job: Job) -> subprocess.Popen:
         """Start `python -m core job-run ID` in a new session, output appended to log.txt."""
-        env = core_process_env()
-        env["PLENS_RUNS_DIR"] = str(self.root)
-        env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env = {**JOB_ENV_DEFAULTS, **core_process_env(), "PLENS_RUNS_DIR": str(self.root)}
         run = Path(job.run_dir)
         run.mkdir(parents=True, exist_ok=True)
         with open(run / LOG_TXT, "ab") as log:
