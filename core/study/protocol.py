@@ -417,6 +417,12 @@ def _generated_set(gen_dir: Path) -> str | None:
     return str(done[-1].fields["set"]) if done else None
 
 
+def _existing_set(gen_dir: Path) -> str | None:
+    """The set a finished generation run wrote, if it is still there (a protocol reuses it)."""
+    found = _generated_set(gen_dir)
+    return found if found and Path(found).is_dir() else None
+
+
 def _generation_span(folder: Path) -> list[tuple[float, float]]:
     """(first, last) record time of the Self-Output generation run, if any."""
     from core.jobs.runfiles import read_metrics
@@ -432,8 +438,8 @@ def _self_output_data(
     from core.io import write_json_atomic
 
     gen_dir = folder / GENERATION_DIR
-    found = _generated_set(gen_dir)
-    if found and Path(found).is_dir():
+    found = _existing_set(gen_dir)
+    if found:
         return found, f"Self-Output set reused: {found}"
     gen_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = gen_dir / "protocol-generate.json"
@@ -504,10 +510,9 @@ def _cluster_jobs(
     so_data: str | None = None
     if "self_output" in config.methods:
         gen_dir = folder / GENERATION_DIR
-        found = _generated_set(gen_dir)
-        if found and Path(found).is_dir():
-            so_data = found
-            notes.append(f"Self-Output set reused: {found}")
+        so_data = _existing_set(gen_dir)
+        if so_data:
+            notes.append(f"Self-Output set reused: {so_data}")
         else:
             gen_dir.mkdir(parents=True, exist_ok=True)
             gen_job = registry.submit("generate", generation_config(config), device=config.device,
@@ -536,8 +541,9 @@ def _cluster_jobs(
                 submit_arm(arms["self_output"], seed, so_data)
         waiting = dict(submitted)
         while waiting:
+            registry.refresh()  # one look at the engine per pass, not one per job
             for job_id in list(waiting):
-                job = registry.get(job_id)
+                job = registry.get(job_id, refresh=False)
                 if job.status not in FINAL_STATUSES:
                     continue
                 entry = waiting.pop(job_id)
