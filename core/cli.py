@@ -15,6 +15,7 @@ from typing import NoReturn
 
 from core.errors import LensError
 from core.io import output_path, write_bytes_atomic, write_jsonl_atomic
+from core.jobs.cluster import BACKENDS
 from core.masking import DEFAULT_TAU
 
 EXIT_USER_ERROR = 2
@@ -61,7 +62,7 @@ def _add_submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default=None,
-        choices=["local", "ray", "slurm"],
+        choices=BACKENDS,
         help="with --submit: where the job runs (default: the saved setting, see `backend`)",
     )
     p.add_argument(
@@ -564,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Kept in <runs folder>/backend.json (the app's Home page sets the same); "
         "$PLENS_JOB_BACKEND and $PLENS_RAY_ADDRESS / $PLENS_SLURM_PARTITION override it.",
     )
-    p.add_argument("name", nargs="?", choices=["local", "ray", "slurm"], help="set this backend")
+    p.add_argument("name", nargs="?", choices=BACKENDS, help="set this backend")
     p.add_argument(
         "--address",
         "--partition",
