@@ -28,6 +28,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +184,14 @@ class SlurmEngine(Engine):
     label = "SLURM"
     lost_hint = "was the controller restarted without its state, or did it forget the job?"
 
+    #: a controller that answered this recently is not pinged again: one ping serves a whole
+    #: reconcile pass over many jobs instead of one subprocess per job
+    PING_FRESH_S = 2.0
+
     def __init__(self, partition: str | None = None) -> None:
         self.partition = (partition or "").strip() or None
         self.address = self.partition or ""
+        self._answered_at: float | None = None
 
     def _where(self) -> str:
         return f"partition {self.partition}" if self.partition else "the default partition"
@@ -193,6 +199,9 @@ class SlurmEngine(Engine):
     def ping(self) -> None:
         """Raise a one-line `ClusterError` unless the controller answers (`scontrol ping` gives
         its answer at once, where other commands retry for a while)."""
+        now = time.monotonic()
+        if self._answered_at is not None and now - self._answered_at < self.PING_FRESH_S:
+            return
         out = _run(["scontrol", "ping"])
         text = (out.stdout + out.stderr).strip()
         if out.returncode != 0 or " is UP" not in text:
@@ -202,6 +211,7 @@ class SlurmEngine(Engine):
                 f"The SLURM controller does not answer ({said}; config {conf}); start "
                 "slurmctld or set the job backend to local."
             )
+        self._answered_at = now
 
     def check(self) -> None:
         """Raise `ClusterError` (one line) unless the controller answers and the partition, if
