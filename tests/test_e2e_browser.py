@@ -13,6 +13,7 @@ Locally the test is skipped when Chromium is missing; in CI (CI=true) a missing 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -250,7 +251,15 @@ def test_explore_shows_heatmap_and_tau_changes_highlights(page):
     _shot(page, "03-explore-tau-moved")
     tau = float(page.get_by_test_id("stSliderThumbValue").first.inner_text())
     assert tau == pytest.approx(5.5)
-    assert page.locator("span.pl-t.pl-hi").count() == sum(v > tau for v in ppl)
+    expected = sum(v > tau for v in ppl)
+    # the thumb shows 5.5 before the last rerun has redrawn the heatmap: wait for that redraw
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    with contextlib.suppress(PlaywrightTimeout):
+        page.wait_for_function(
+            f"document.querySelectorAll('span.pl-t.pl-hi').length === {expected}", timeout=30_000
+        )
+    assert page.locator("span.pl-t.pl-hi").count() == expected
 
 
 def _studio_state(page) -> tuple[float, int, int, float, int, list[float]]:
