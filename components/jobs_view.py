@@ -16,6 +16,7 @@ import pandas as pd
 import streamlit as st
 
 from core.errors import LensError
+from core.fmt import duration
 from core.jobs.cluster import (
     BACKENDS,
     DEFAULT_RAY_ADDRESS,
@@ -42,13 +43,8 @@ STATUS_BADGES = {
 
 
 def fmt_seconds(seconds: float | None) -> str:
-    """Durations as "1h05m" or "3m07s" ("" when unknown)."""
-    if seconds is None:
-        return ""
-    seconds = int(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+    """Durations as "1h05m", "3m07s" or "42s" ("" when unknown): `core.fmt.duration`."""
+    return duration(seconds)
 
 
 @st.fragment(run_every=POLL_SECONDS)

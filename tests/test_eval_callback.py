@@ -4,13 +4,15 @@ agreed metrics.jsonl records at step 0 (the base), every N steps and at the end.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
+from core.eval.probes import PROBE_OOD
 from core.eval.runner import EvalCache
 from core.eval.scorers import SuiteResult
-from core.eval.suites import MC_LOGLIK, REF_PPL, EvalSuite, EvalTaskSpec
+from core.eval.suites import DRIFT, MC_LOGLIK, REF_PPL, EvalSuite, EvalTaskSpec
 from core.jobs.runfiles import eval_round_path, eval_round_steps, read_metrics
 from core.model.loading import EMBEDDED_FINGERPRINT
 from core.training.callbacks import EvalCallback, make_training_callbacks
@@ -25,6 +27,7 @@ SUITE = EvalSuite(
     ood=(
         EvalTaskSpec("arc", "arc_easy", MC_LOGLIK, n=2),
         EvalTaskSpec("gsm8k_ppl", "gsm8k", REF_PPL, n=2, tau=50_000.0),
+        EvalTaskSpec("ood_drift", PROBE_OOD, DRIFT, n=2, max_new_tokens=6),
     ),
 )
 ROWS = [
@@ -87,6 +90,10 @@ def test_callback_writes_eval_records_during_training(tiny_model_dir, tmp_path):
         )
 
     assert nll(5) != pytest.approx(nll(0), rel=1e-4)  # it evaluated the model being trained
+    # drift from the base: exactly 0 at step 0 (a fresh LoRA adapter), then the adapter moves it
+    kl = {r["step"]: r["value"] for r in evals if (r["task"], r["metric"]) == ("ood_drift", "kl")}
+    assert kl[0] == 0.0 and kl[5] > 0.0
+    assert not (run / "eval_progress.json").exists()  # no round is in progress after training
     # evaluation never leaves the model in eval mode for training, and the run finished
     assert records[-1]["kind"] == "done"
     assert callback.seconds > 0 and [h[0] for h in callback.history] == [0, 2, 4, 5]
@@ -100,7 +107,8 @@ def test_training_config_gets_the_during_suite_with_its_own_target():
     assert callback.suite.target[0].name == "mbpp_ppl"
     gsm = TrainConfig.from_preset("cpu-quick", eval_every=5, task="gsm8k", split="test")
     (callback,) = make_training_callbacks(gsm, "/tmp/unused")
-    assert [s.name for s in callback.suite.target] == ["gsm8k_ppl"]
+    assert [s.name for s in callback.suite.target] == ["gsm8k_ppl", "target_drift"]
+    assert callback.suite.target[1].task == "gsm8k"  # drift on the training task's prompts
     assert all(s.task != "gsm8k" for s in callback.suite.ood)
     limited = TrainConfig.from_preset(
         "cpu-quick", eval_every=5, eval_suite={"suite": "default", "limit": 3}
@@ -158,3 +166,45 @@ def test_rounds_under_bf16_training_score_in_float32(tiny_model_dir, tiny_lm, tm
     # bit-for-bit up to float32 summation order (this random model's near-uniform logits make
     # bf16's error small too: about 5e-5 here)
     assert max(diffs.values()) < 1e-6, diffs
+
+
+def test_a_full_fine_tune_measures_drift_against_a_frozen_base_copy(
+    tiny_model_dir, tmp_path, capsys
+):
+    from core.model.loading import load_model
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    config = TrainConfig.from_preset(
+        "paper",
+        model=str(tiny_model_dir),
+        device="cpu",
+        task=None,
+        data=str(data),
+        max_length=64,
+        batch_size=3,
+        learning_rate=1e-2,
+        max_steps=2,
+        precision="fp32",
+        finetune="full",
+    )
+    suite = EvalSuite(
+        "full-drift", "", (), (EvalTaskSpec("ood_drift", PROBE_OOD, DRIFT, n=2, max_new_tokens=6),)
+    )
+    loads = []
+
+    def load_reference():
+        loads.append(1)
+        return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+
+    run = tmp_path / "run"
+    callback = EvalCallback(suite, run, every_n_steps=1, model_name="tiny",
+                            load_reference=load_reference)  # fmt: skip
+    run_training(config, run, callbacks=[callback])
+    kls = [h[1].task("ood_drift").value for h in callback.history]
+    assert kls[0] == 0.0 and all(k > 0 for k in kls[1:])
+    assert loads == [1]  # one frozen copy for the whole run
+    # the job log states the memory the copy costs
+    assert re.search(
+        r"frozen copy of the base model for reference \(\d+ MiB\)", capsys.readouterr().out
+    )

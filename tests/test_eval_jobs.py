@@ -96,7 +96,7 @@ def test_an_eval_job_runs_through_the_registry_and_writes_its_results(
     assert table.loc[0, "BWT"] == view.final_bwt_ti[0] == report["comparison"]["bwt"]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["kind"] == "eval" and summary["step"] == 3
-    assert "evaluating mbpp" in (folder / "log.txt").read_text()
+    assert "evaluating: mbpp (task 1 of" in (folder / "log.txt").read_text()
 
 
 def test_cli_eval_submit_queues_a_job_and_bad_input_makes_none(

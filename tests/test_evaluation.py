@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -296,7 +297,9 @@ def test_suites_validate_their_specs():
     assert all(s.n <= 3 for s in limited.specs())
     assert limited.fingerprint() != get_suite("default").fingerprint()
     math_target = get_suite("during").with_target("math", generative=False)
-    assert [s.name for s in math_target.target] == ["math_ppl"]
+    assert [s.name for s in math_target.target] == ["math_ppl", "target_drift"]
+    # the target probe follows the training task: its held-out prompts
+    assert math_target.target[1].task == "math"
 
 
 TINY = EvalSuite(
@@ -409,4 +412,7 @@ def test_eval_job_body_writes_the_report_and_records(tiny_model_dir, tmp_path):
     assert report["suite"]["name"] == "tiny@1"
     records = read_metrics(tmp_path)
     assert {r["task"] for r in records} == {s.name for s in get_suite("tiny").specs()}
-    assert messages[0].startswith("evaluating mbpp")
+    assert messages[0].startswith("evaluating: mbpp (task 1 of ")
+    # drift tasks count their items as they go
+    assert any(re.search(r"ood_drift \(task \d+ of \d+\) · 1/1 items", m) for m in messages)
+    assert not (tmp_path / "eval_progress.json").exists()  # the round ended

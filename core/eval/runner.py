@@ -54,6 +54,7 @@ from typing import Any
 from core.errors import LensError
 from core.eval.compare import compare_results, relative_change
 from core.eval.config import EvalConfig, resolve_adapter_path
+from core.eval.drift import drift_task
 from core.eval.scorers import (
     ProgressFn,
     SuiteResult,
@@ -69,6 +70,7 @@ from core.eval.scorers import (
 )
 from core.eval.suites import (
     CODE_EXEC,
+    DRIFT,
     LM_EVAL,
     MC_GENERATIVE,
     MC_LOGLIK,
@@ -77,7 +79,9 @@ from core.eval.suites import (
     EvalSuite,
     build_suite,
 )
+from core.fmt import duration
 from core.io import cache_dir
+from core.jobs.runfiles import write_eval_progress
 from core.kvstore import KVCache
 from core.stats import Interval
 
@@ -92,6 +96,7 @@ def run_suite(
     adapter: str | None = None,
     progress: ProgressFn | None = None,
     keep_details: bool = True,
+    reference: Any | None = None,
 ) -> SuiteResult:
     """Evaluate `lm` (a `core.model.loading.LoadedModel`, possibly wrapping a fine-tuned model) on
     every spec of `suite`, in order.
@@ -99,6 +104,11 @@ def run_suite(
     `base` is the base model's result on the same suite: reference perplexity then measures the
     tokens the base found easy. Without it, this run is taken as the base run and its own easy
     tokens are recorded. The model is put in eval mode and its previous mode restored.
+
+    Drift tasks need the base model's logits: a PEFT model's adapter is disabled for them; a
+    full fine-tune needs `reference`, a loaded copy of the base model (`core.eval.drift`).
+    `progress(task, i, n, items_done, items_total)` reports the task and, for tasks that count
+    them, items as they finish (items_total 0 when not counted).
     """
     if base is not None and base.settings_fingerprint != suite.fingerprint():
         raise LensError("The base result was computed with different suite settings.")
@@ -112,7 +122,7 @@ def run_suite(
     try:
         for i, spec in enumerate(specs):
             if progress:
-                progress(spec.name, i, len(specs))
+                progress(spec.name, i, len(specs), 0, 0)
             t0 = time.monotonic()
             if spec.scorer == LM_EVAL:
                 try:
@@ -132,6 +142,31 @@ def run_suite(
                         n=n,
                         seconds=time.monotonic() - t0,
                         skipped=skipped,
+                    )
+                )
+                continue
+            notes: list[str] = []
+            if spec.scorer == DRIFT:
+
+                def items(done: int, total: int, name: str = spec.name, k: int = i) -> None:
+                    if progress:
+                        progress(name, k, len(specs), done, total)
+
+                metrics, details, n_items, notes = drift_task(
+                    lm, spec, suite, is_base=base is None, reference=reference, progress=items
+                )
+                results.append(
+                    TaskResult(
+                        name=spec.name,
+                        task=spec.task,
+                        scorer=spec.scorer,
+                        role=suite.role(spec.name),
+                        primary=spec.primary_metric,
+                        metrics=metrics,
+                        n=n_items,
+                        seconds=time.monotonic() - t0,
+                        details=details if keep_details else [],
+                        notes=notes,
                     )
                 )
                 continue
@@ -166,7 +201,7 @@ def run_suite(
                 )
             )
         if progress:
-            progress("", len(specs), len(specs))
+            progress("", len(specs), len(specs), 0, 0)
     finally:
         if was_training:
             model.train()
@@ -179,6 +214,66 @@ def run_suite(
         seconds=time.monotonic() - started,
         easy_tokens=easy_tokens,
     )
+
+
+class RoundProgress:
+    """What an evaluation round is doing now, for the job log, the registry's status line and
+    the pages (`core.jobs.runfiles.write_eval_progress`): the step, the task (i of n), items
+    done of total where the task counts them, the elapsed time and, from the task's own rate,
+    the time it has left. Pass it as `run_suite`'s `progress`; `close()` ends the round."""
+
+    LOG_EVERY_S = 10.0
+
+    def __init__(
+        self,
+        run_dir: str | Path | None,
+        step: int | None,
+        *,
+        status: Any = None,
+        echo: bool = True,
+    ) -> None:
+        self.run_dir, self.step, self.status, self.echo = run_dir, step, status, echo
+        self.started = time.monotonic()
+        self._task, self._task_started, self._logged = "", self.started, 0.0
+
+    def line(self, task: str, index: int, total: int, done: int, items: int) -> str:
+        """The one-line description ("evaluating step 8: ood_drift (task 3 of 5) · 40/200
+        items · 1m12s, about 2m50s left in this task")."""
+        now = time.monotonic()
+        at = "" if self.step is None else f" step {self.step}"
+        text = f"evaluating{at}: {task} (task {index + 1} of {total})"
+        if items:
+            text += f" · {done}/{items} items"
+        text += f" · {duration(now - self.started)}"
+        if items and 0 < done < items:
+            left = (now - self._task_started) / done * (items - done)
+            text += f", about {duration(left)} left in this task"
+        return text
+
+    def __call__(self, task: str, index: int, total: int, done: int, items: int) -> None:
+        if not task:
+            return
+        now = time.monotonic()
+        if task != self._task:
+            self._task, self._task_started, self._logged = task, now, 0.0
+        text = self.line(task, index, total, done, items)
+        if self.run_dir is not None:
+            write_eval_progress(
+                self.run_dir,
+                {"step": self.step, "task": task, "task_index": index, "tasks": total,
+                 "items_done": done, "items": items, "elapsed_s": now - self.started,
+                 "time": time.time(), "line": text},
+            )  # fmt: skip
+        if self.status is not None:
+            self.status(text)
+        if self.echo and (done == 0 or now - self._logged >= self.LOG_EVERY_S or done == items):
+            self._logged = now
+            print(text, flush=True)
+
+    def close(self) -> None:
+        """The round ended: its progress file goes."""
+        if self.run_dir is not None:
+            write_eval_progress(self.run_dir, None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,10 +483,7 @@ def run_job(job: Any, registry: Any) -> None:
     config = EvalConfig.from_dict(job.config)
     started = time.time()
 
-    def progress(task: str, done: int, total: int) -> None:
-        if task:
-            registry.set_message(job.id, f"evaluating {task} ({done + 1}/{total})")
-            print(f"evaluating {task} ({done + 1}/{total})", flush=True)
+    progress = RoundProgress(job.path, None, status=lambda text: registry.set_message(job.id, text))
 
     chosen = config.eval_suite()
     report = evaluate_model(
@@ -403,6 +495,7 @@ def run_job(job: Any, registry: Any) -> None:
         use_cache=config.use_cache,
         progress=progress,
     )
+    progress.close()
     write_json_atomic(Path(job.path) / "eval.json", report)
     base = SuiteResult.from_dict(report["base"])
     now = time.time()

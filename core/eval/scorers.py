@@ -11,11 +11,13 @@ from typing import Any
 
 from core.data.records import Example
 from core.errors import LensError
+from core.eval.drift import drift_item_scores
 from core.eval.grading import extract_choice_letter, grade_number, run_code_answers
-from core.eval.suites import LM_EVAL_METRICS, EvalSuite, EvalTaskSpec
+from core.eval.suites import DRIFT, LM_EVAL_METRICS, EvalSuite, EvalTaskSpec
 from core.jobs.metrics import EvalRecord
 
-ProgressFn = Callable[[str, int, int], None]
+#: progress(task, task index, tasks, items done, items in the task (0: not counted))
+ProgressFn = Callable[[str, int, int, int, int], None]
 
 
 def mc_choice_scores(loglikelihoods: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
@@ -56,6 +58,7 @@ class TaskResult:
     seconds: float
     details: list[dict[str, Any]] = field(default_factory=list)
     skipped: str = ""  # why the task could not run (then `metrics` is empty)
+    notes: list[str] = field(default_factory=list)  # what a reader should know (items left out)
 
     @property
     def value(self) -> float | None:
@@ -388,6 +391,8 @@ def item_scores(task: TaskResult, metric: str) -> dict[str, tuple[float, float]]
     sums were kept)."""
     if not task.details:
         return None
+    if task.scorer == DRIFT:
+        return drift_item_scores(task.details, metric)
     out: dict[str, tuple[float, float]] = {}
     for d in task.details:
         if "id" not in d:

@@ -12,15 +12,16 @@ from core.errors import LensError
 from core.eval.sandbox import SandboxLimits
 from core.masking import DEFAULT_TAU
 
-CODE_EXEC, NUMERIC_MATCH, MC_LOGLIK, MC_GENERATIVE, REF_PPL, LM_EVAL = (
+CODE_EXEC, NUMERIC_MATCH, MC_LOGLIK, MC_GENERATIVE, REF_PPL, LM_EVAL, DRIFT = (
     "code_exec",
     "numeric_match",
     "mc_loglik",
     "mc_generative",
     "ref_ppl",
     "lm_eval",
+    "drift",
 )
-SCORER_KINDS = (CODE_EXEC, NUMERIC_MATCH, MC_LOGLIK, MC_GENERATIVE, REF_PPL, LM_EVAL)
+SCORER_KINDS = (CODE_EXEC, NUMERIC_MATCH, MC_LOGLIK, MC_GENERATIVE, REF_PPL, LM_EVAL, DRIFT)
 PRIMARY_METRIC = {
     CODE_EXEC: "pass@1",
     NUMERIC_MATCH: "exact_match",
@@ -30,6 +31,9 @@ PRIMARY_METRIC = {
     # so it is kept as a labelled diagnostic, never a task's score
     REF_PPL: "nll",
     LM_EVAL: "",  # the first of LM_EVAL_METRICS the task reports, unless the spec names one
+    # drift from the base model (core.eval.drift): the mean token KL(base || tuned), 0 for the
+    # base itself; lower is less drift
+    DRIFT: "kl",
 }
 # lm-evaluation-harness metrics, in the order one is picked as a task's primary metric.
 LM_EVAL_METRICS = ("acc", "exact_match", "pass@1", "acc_norm", "f1", "mc2", "em", "bleu")
@@ -95,8 +99,9 @@ class EvalTaskSpec:
 
     @property
     def is_accuracy(self) -> bool:
-        """Higher is better and it enters TI / BWT (every scorer but reference perplexity)."""
-        return self.scorer != REF_PPL
+        """Higher is better and it enters TI / BWT (every scorer but reference perplexity and
+        drift)."""
+        return self.scorer not in (REF_PPL, DRIFT)
 
 
 @dataclass(frozen=True)
@@ -169,12 +174,43 @@ class EvalSuite:
         """The same suite with another built-in task as target: its accuracy spec and reference
         perplexity (only the latter, or log-likelihood accuracy, when `generative` is False).
         The task's own OOD specs are dropped."""
-        n = next((s.n for s in self.target), 20)
+        n = next((s.n for s in self.target if s.scorer != DRIFT), 20)
         target = _target_specs(task, n=n)
         if not generative:
             target = tuple(s for s in target if s.scorer in (MC_LOGLIK, REF_PPL))
+        split = "test" if task == "mbpp" else None
+        target += tuple(
+            replace(s, task=task, split=split) for s in self.target if s.scorer == DRIFT
+        )
         ood = tuple(s for s in self.ood if s.task != task)
         return replace(self, name=f"{self.name}:{task}", target=target, ood=ood)
+
+
+#: Tokens of the base model's answer that drift is measured on (per probe prompt).
+DRIFT_TOKENS = 64
+
+
+def drift_specs(
+    target_task: str | None, *, target_n: int, ood_n: int, text_n: int, tokens: int = DRIFT_TOKENS
+) -> tuple[tuple[EvalTaskSpec, ...], tuple[EvalTaskSpec, ...]]:
+    """(target, ood) drift specs: the training task's held-out prompts (none when `target_task`
+    is None or `target_n` 0), the mixed OOD probe and the general-text probe (each left out at
+    n 0). See `core.eval.probes`."""
+    from core.eval.probes import PROBE_OOD, PROBE_TEXT
+
+    target = ()
+    if target_task and target_n:
+        split = "test" if target_task == "mbpp" else None
+        target = (
+            EvalTaskSpec("target_drift", target_task, DRIFT, n=target_n, split=split,
+                         max_new_tokens=tokens),
+        )  # fmt: skip
+    ood = []
+    if ood_n:
+        ood.append(EvalTaskSpec("ood_drift", PROBE_OOD, DRIFT, n=ood_n, max_new_tokens=tokens))
+    if text_n:
+        ood.append(EvalTaskSpec("text_drift", PROBE_TEXT, DRIFT, n=text_n, max_new_tokens=tokens))
+    return target, tuple(ood)
 
 
 def _target_specs(task: str, n: int | None, ppl_n: int | None = None) -> tuple[EvalTaskSpec, ...]:
@@ -203,6 +239,7 @@ def _target_specs(task: str, n: int | None, ppl_n: int | None = None) -> tuple[E
 def _suite_default() -> EvalSuite:
     """CPU-sized: small seeded subsets (one generation batch per generative task); its run time
     with the embedded model is in docs/BENCHMARKS.md."""
+    drift_target, drift_ood = drift_specs("mbpp", target_n=24, ood_n=200, text_n=100)
     return EvalSuite(
         name="default",
         description=(
@@ -213,6 +250,7 @@ def _suite_default() -> EvalSuite:
         target=(
             EvalTaskSpec("mbpp", "mbpp", CODE_EXEC, n=8, split="test", max_new_tokens=256),
             EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=24, split="test"),
+            *drift_target,
         ),
         ood=(
             EvalTaskSpec(
@@ -230,6 +268,7 @@ def _suite_default() -> EvalSuite:
             EvalTaskSpec("arc_challenge_ppl", "arc_challenge", REF_PPL, n=30),
             EvalTaskSpec("arc_easy_ppl", "arc_easy", REF_PPL, n=30),
             EvalTaskSpec("mmlu_ppl", "mmlu", REF_PPL, n=30),
+            *drift_ood,
         ),
     )
 
@@ -239,6 +278,7 @@ def _suite_during() -> EvalSuite:
     round costs a few training steps (docs/BENCHMARKS.md); generation-based scores come from
     `python -m core eval`. Small on purpose: its accuracy detects only large changes (the Runs
     page draws its paired intervals), its reference NLLs carry the finer signal."""
+    drift_target, drift_ood = drift_specs("mbpp", target_n=12, ood_n=40, text_n=0)
     return EvalSuite(
         name="during",
         description=(
@@ -246,13 +286,14 @@ def _suite_during() -> EvalSuite:
             "ARC-Easy validation accuracy (lm-eval format) and reference NLL on GSM8K and "
             "MMLU; forward passes only, small subsets (wide intervals)."
         ),
-        target=(EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=8, split="test"),),
+        target=(EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=8, split="test"), *drift_target),
         ood=(
             EvalTaskSpec(
                 "arc_easy", "arc_easy", MC_LOGLIK, n=24, split="validation", mc_format="plain"
             ),
             EvalTaskSpec("gsm8k_ppl", "gsm8k", REF_PPL, n=8),
             EvalTaskSpec("mmlu_ppl", "mmlu", REF_PPL, n=12),
+            *drift_ood,
         ),
     )
 
@@ -267,6 +308,7 @@ def _suite_protocol() -> EvalSuite:
     above chance, so it is scored on its whole validation split (570 questions, lm-eval's
     format: about a 5-point paired change detectable, docs/BENCHMARKS.md); ARC-Challenge and
     MMLU sit at chance at 135M and are tracked by reference NLL only."""
+    drift_target, drift_ood = drift_specs("mbpp", target_n=60, ood_n=200, text_n=100)
     return EvalSuite(
         name="protocol",
         description=(
@@ -274,7 +316,10 @@ def _suite_protocol() -> EvalSuite:
             "OOD ARC-Easy validation accuracy (all 570, lm-eval's format) and reference NLL on "
             "GSM8K, ARC-Challenge and MMLU; forward passes only."
         ),
-        target=(EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=PROTOCOL_PPL_N, split="test"),),
+        target=(
+            EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=PROTOCOL_PPL_N, split="test"),
+            *drift_target,
+        ),
         ood=(
             EvalTaskSpec(
                 "arc_easy", "arc_easy", MC_LOGLIK, n=None, split="validation", mc_format="plain"
@@ -282,12 +327,14 @@ def _suite_protocol() -> EvalSuite:
             EvalTaskSpec("gsm8k_ppl", "gsm8k", REF_PPL, n=PROTOCOL_PPL_N),
             EvalTaskSpec("arc_challenge_ppl", "arc_challenge", REF_PPL, n=PROTOCOL_PPL_N),
             EvalTaskSpec("mmlu_ppl", "mmlu", REF_PPL, n=PROTOCOL_PPL_N),
+            *drift_ood,
         ),
     )
 
 
 def _suite_paper() -> EvalSuite:
     """The paper's tasks at full size (hours on a CPU; meant for a GPU)."""
+    drift_target, drift_ood = drift_specs("mbpp", target_n=100, ood_n=300, text_n=300)
     return EvalSuite(
         name="paper",
         description=(
@@ -298,6 +345,7 @@ def _suite_paper() -> EvalSuite:
         target=(
             EvalTaskSpec("mbpp", "mbpp", CODE_EXEC, n=None, split="test", max_new_tokens=512),
             EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=None, split="test"),
+            *drift_target,
         ),
         ood=(
             EvalTaskSpec(
@@ -318,18 +366,21 @@ def _suite_paper() -> EvalSuite:
             EvalTaskSpec("gsm8k_ppl", "gsm8k", REF_PPL, n=200),
             EvalTaskSpec("arc_challenge_ppl", "arc_challenge", REF_PPL, n=200),
             EvalTaskSpec("mmlu_ppl", "mmlu", REF_PPL, n=200),
+            *drift_ood,
         ),
     )
 
 
 def _suite_tiny() -> EvalSuite:
     """Every scorer kind on 2-3 examples with short generations: for tests and smoke checks."""
+    drift_target, drift_ood = drift_specs("mbpp", target_n=2, ood_n=3, text_n=2, tokens=8)
     return EvalSuite(
         name="tiny",
         description="Every scorer kind on a few examples with short generations (tests).",
         target=(
             EvalTaskSpec("mbpp", "mbpp", CODE_EXEC, n=2, split="test", max_new_tokens=8),
             EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=2, split="test"),
+            *drift_target,
         ),
         ood=(
             EvalTaskSpec("gsm8k", "gsm8k", NUMERIC_MATCH, n=2, max_new_tokens=8),
@@ -337,6 +388,7 @@ def _suite_tiny() -> EvalSuite:
             EvalTaskSpec("mmlu", "mmlu", MC_LOGLIK, n=3, mc_format="letter"),
             EvalTaskSpec("arc_easy_gen", "arc_easy", MC_GENERATIVE, n=2, max_new_tokens=6),
             EvalTaskSpec("gsm8k_ppl", "gsm8k", REF_PPL, n=2),
+            *drift_ood,
         ),
         batch_size=4,
         sandbox=SandboxLimits(cpu_seconds=5, timeout=15.0),

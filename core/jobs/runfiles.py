@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.io import append_jsonl, read_jsonl
+from core.io import append_jsonl, read_json, read_jsonl, write_json_atomic
 from core.jobs.metrics import (
     DoneRecord,
     MetricRecord,
@@ -29,6 +29,9 @@ LOG_TAIL_LINES = 30
 StatusFn = Callable[[str], None]
 
 EVAL_DIR = "eval"  # per-item results of each evaluation round: eval/step-<N>.json
+#: the evaluation round in progress (step, task i of n, items done of total, elapsed); removed
+#: when the round ends, so its presence means "evaluating now"
+EVAL_PROGRESS_JSON = "eval_progress.json"
 CHECKPOINTS_DIR = "checkpoints"  # a training run's `checkpoint-N/` folders (N = global step)
 ADAPTER_DIR = "adapter"  # a finished training run's final adapter (or full model)
 _CHECKPOINT_PREFIX = "checkpoint-"
@@ -173,3 +176,18 @@ def run_progress(records: Sequence[Any]) -> RunProgress:
         if steps > 0 and elapsed > 0:
             progress.eta_seconds = (progress.max_steps - progress.step) * elapsed / steps
     return progress
+
+
+def write_eval_progress(run_dir: str | Path, progress: dict[str, Any] | None) -> None:
+    """Record the evaluation round in progress (None: the round ended, the file goes)."""
+    path = Path(run_dir) / EVAL_PROGRESS_JSON
+    if progress is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_json_atomic(path, progress)
+
+
+def read_eval_progress(run_dir: str | Path) -> dict[str, Any] | None:
+    """The evaluation round in progress, as `write_eval_progress` left it (None: none)."""
+    data = read_json(Path(run_dir) / EVAL_PROGRESS_JSON)
+    return data if isinstance(data, dict) else None

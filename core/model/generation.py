@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import DynamicCache
@@ -59,6 +59,8 @@ class Generation:
     text: str
     n_tokens: int
     finished: bool  # False when it stopped at max_new_tokens
+    #: the generated ids, the stop token included when it `finished` (drift teacher-forces them)
+    token_ids: list[int] = field(default_factory=list)
 
 
 THREADS_ENV = "PLENS_THREADS"
@@ -185,7 +187,11 @@ def generate_responses(
             cut = next((k for k, t in enumerate(seq) if t in stop), None)
             tokens = seq if cut is None else seq[:cut]
             text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
-            results[i].append(Generation(text=text, n_tokens=len(tokens), finished=cut is not None))
+            ids_out = seq if cut is None else seq[: cut + 1]
+            results[i].append(
+                Generation(text=text, n_tokens=len(tokens), finished=cut is not None,
+                           token_ids=ids_out)
+            )  # fmt: skip
         if progress:
             progress(min(start + batch_size, len(order)), len(order))
     return results

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +12,10 @@ import torch
 from transformers import TrainerCallback
 
 from core.eval.compare import Comparison, compare_results
-from core.eval.runner import EvalCache, base_suite_result, run_suite
+from core.eval.drift import reference_bytes
+from core.eval.runner import EvalCache, RoundProgress, base_suite_result, run_suite
 from core.eval.scorers import SuiteResult
-from core.eval.suites import EvalSuite, suite_from_config
+from core.eval.suites import DRIFT, EvalSuite, suite_from_config
 from core.io import write_json_atomic
 from core.jobs.metrics import CheckpointRecord, StartRecord, TrainRecord
 from core.jobs.runfiles import StatusFn, append_metric, eval_round_path
@@ -86,11 +87,11 @@ def _metrics_callback(run_dir: Path, status: StatusFn | None) -> Any:
 # --------------------------------------------------------------------------- job entry
 
 
-def job_callbacks(config: TrainConfig, run_dir: Path) -> list[Any]:
+def job_callbacks(config: TrainConfig, run_dir: Path, status: StatusFn | None = None) -> list[Any]:
     """Extra callbacks of a background run: evaluation every `eval_every` steps."""
     if not config.eval_every:
         return []
-    return make_training_callbacks(config, run_dir)
+    return make_training_callbacks(config, run_dir, status=status)
 
 
 @contextlib.contextmanager
@@ -127,6 +128,8 @@ class EvalCallback(TrainerCallback):
         tokenizer: Any = None,
         eval_at_end: bool = True,
         cache: EvalCache | None = None,
+        status: StatusFn | None = None,
+        load_reference: Callable[[], LoadedModel] | None = None,
     ) -> None:
         if every_n_steps < 1:
             raise ValueError("every_n_steps must be at least 1")
@@ -138,6 +141,9 @@ class EvalCallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.eval_at_end = eval_at_end
         self.cache = cache
+        self.status = status
+        self.load_reference = load_reference
+        self.reference: LoadedModel | None = None
         self.base: SuiteResult | None = None
         self.last_step: int | None = None
         self.history: list[tuple[int, SuiteResult, Comparison | None]] = []
@@ -173,6 +179,8 @@ class EvalCallback(TrainerCallback):
 
     def _round(self, args: Any, state: Any, kwargs: dict[str, Any]) -> None:
         self.evaluate(state.global_step, kwargs["model"], kwargs.get("processing_class"))
+        if self.status is not None and state.global_step < state.max_steps:
+            self.status(f"training: step {state.global_step}/{state.max_steps}")
 
     # -- work ---------------------------------------------------------------------------------
 
@@ -193,23 +201,48 @@ class EvalCallback(TrainerCallback):
             max_length=int(context),
         )
 
+    def _reference(self, model: Any) -> LoadedModel | None:
+        """The frozen base copy drift needs for a full fine-tune (a PEFT model disables its
+        adapter instead): loaded once, on the first round after step 0."""
+        needs = any(s.scorer == DRIFT for s in self.suite.specs())
+        if not needs or hasattr(model, "disable_adapter") or self.load_reference is None:
+            return None
+        if self.reference is None:
+            self.reference = self.load_reference()
+            self.reference.model.requires_grad_(False)
+            size = reference_bytes(self.reference.model) / 2**20
+            print(f"drift: a frozen copy of the base model for reference ({size:.0f} MiB)",
+                  flush=True)  # fmt: skip
+        return self.reference
+
     def evaluate(self, step: int, model: Any, tokenizer: Any = None) -> SuiteResult:
         """Run one round on `model` now and append its records; returns the result.
 
         No autocast, even when training runs under bf16 autocast (see the module docstring).
+        The round's progress goes to the log, the status line and `eval_progress.json`.
         """
         started = time.monotonic()
         lm = self._loaded(model, tokenizer)
-        with torch.no_grad(), without_mixed_precision_wrapper(model):
-            cache = self.cache if self.fingerprint else None
-            if step == 0 and self.base is None:
-                result, _ = base_suite_result(lm, self.suite, cache=cache)
-                self.base = result
-            else:
-                if self.base is None and cache is not None:  # resumed run: base from cache
-                    key = EvalCache.key(lm.cache_key, lm.template_fingerprint, self.suite)
-                    self.base = cache.get(key)
-                result = run_suite(lm, self.suite, base=self.base)
+        progress = RoundProgress(self.run_dir, step, status=self.status)
+        try:
+            with torch.no_grad(), without_mixed_precision_wrapper(model):
+                cache = self.cache if self.fingerprint else None
+                if step == 0 and self.base is None:
+                    result, _ = base_suite_result(lm, self.suite, cache=cache, progress=progress)
+                    self.base = result
+                else:
+                    if self.base is None and cache is not None:  # resumed run: base from cache
+                        key = EvalCache.key(lm.cache_key, lm.template_fingerprint, self.suite)
+                        self.base = cache.get(key)
+                    result = run_suite(
+                        lm,
+                        self.suite,
+                        base=self.base,
+                        progress=progress,
+                        reference=self._reference(model),
+                    )
+        finally:
+            progress.close()
         now = time.time()
         # the round's per-item results: paired intervals (step k vs step 0, arm vs arm) need them
         write_json_atomic(eval_round_path(self.run_dir, step), result.to_dict())
@@ -228,10 +261,12 @@ class EvalCallback(TrainerCallback):
         return result
 
 
-def make_training_callbacks(config: Any, run_dir: str | Path) -> list[Any]:
+def make_training_callbacks(
+    config: Any, run_dir: str | Path, status: StatusFn | None = None
+) -> list[Any]:
     """Callbacks for `core.training.trainer`: evaluation every `config.eval_every` steps on the suite
     `config.eval_suite` names (see `suite_from_config`), results in metrics.jsonl."""
-    from core.model.loading import DEFAULT_MODEL, EMBEDDED_FINGERPRINT
+    from core.model.loading import DEFAULT_MODEL, EMBEDDED_FINGERPRINT, load_model
 
     if not getattr(config, "eval_every", None):
         return []
@@ -246,5 +281,7 @@ def make_training_callbacks(config: Any, run_dir: str | Path) -> list[Any]:
             model_name=str(config.model),
             fingerprint=fingerprint,
             cache=EvalCache(),
+            status=status,
+            load_reference=lambda: load_model(config.model, device=config.device),
         )
     ]

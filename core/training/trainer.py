@@ -394,4 +394,4 @@ def run_job(job: Any, registry: Any) -> None:
     def status(message: str) -> None:
         registry.set_message(job.id, message)
 
-    run_training(config, job.path, callbacks=job_callbacks(config, job.path), status=status)
+    run_training(config, job.path, callbacks=job_callbacks(config, job.path, status), status=status)
