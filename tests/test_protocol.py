@@ -83,19 +83,56 @@ def test_headline_says_forgetting_only_where_an_interval_excludes_zero():
         ],
     }
     lines = headline(results)
-    assert lines[0].startswith("Ground-truth fine-tuning made the model detectably worse")
+    assert lines[0].startswith(
+        "Benchmarks: ground-truth fine-tuning made the model detectably worse"
+    )
     assert "arc_easy acc" in lines[0] and "gsm8k_ppl" not in lines[0]
     assert lines[1] == (
         "STM: forgot less than ground truth on arc_easy acc; no detectable difference from "
-        "ground truth on 1 task(s)."
+        "ground truth on 1 benchmark task(s)."
     )
     results["paired_base"][0] = _row("gt", "arc_easy", -2.0, -5.0, 1.0)  # now within noise
     assert headline(results)[0].startswith(
-        "Ground-truth fine-tuning caused no detectable out-of-domain forgetting"
+        "Benchmarks: ground-truth fine-tuning caused no detectable out-of-domain loss"
     )
     assert headline({"paired_base": []}) == [
         "No per-item results yet: nothing can be said with an interval."
     ]
+
+
+def _drift_row(arm, metric, estimate, low, high, against="the base model"):
+    row = _row(arm, "ood_drift", estimate, low, high, higher=metric == "top1_agree",
+               against=against)  # fmt: skip
+    return {**row, "metric": metric, "drift": True}
+
+
+def test_the_headline_leads_with_drift_and_tells_sharpening_from_moving_away():
+    from core.study.protocol import headline
+
+    results = {
+        "paired_base": [
+            _drift_row("gt", "kl", 0.176, 0.163, 0.189),
+            _drift_row("gt", "top1_agree", -15.7, -17.0, -14.1),
+            _drift_row("gt", "dnll", 0.15, 0.12, 0.18),
+            _row("gt", "arc_easy", -2.0, -5.0, 1.0),
+        ],
+        "paired": [
+            _drift_row("stm", "kl", -0.091, -0.102, -0.080, against="ground truth"),
+            _drift_row("stm", "top1_agree", 7.4, 6.0, 8.9, against="ground truth"),
+            _drift_row("stm", "dnll", -0.23, -0.27, -0.19, against="ground truth"),
+            _row("stm", "arc_easy", 1.0, -1.0, 3.0, against="ground truth"),
+        ],
+    }
+    lines = headline(results)
+    assert lines[0].startswith("Drift (ood_drift, 1 seed(s)): ground-truth fine-tuning moved")
+    assert "token KL +0.176 [+0.163, +0.189] nats" in lines[0]
+    assert "top-1 agreement -15.7 [-17.0, -14.1] points" in lines[0]
+    assert lines[1].startswith("STM drifted less than ground truth on ood_drift")
+    assert "sharpening toward them" in lines[1]  # its Δ NLL fell: it kept the base's answers
+    assert lines[2].startswith("Benchmarks: ground-truth fine-tuning caused no detectable")
+    # an interval that reaches zero is no verdict
+    results["paired"][0] = _drift_row("stm", "kl", -0.01, -0.03, 0.01, against="ground truth")
+    assert "no detectable difference in drift" in headline(results)[1]
 
 
 def test_arms_train_what_the_paper_compares():

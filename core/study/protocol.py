@@ -47,6 +47,8 @@ from typing import Any, ClassVar
 from core.config import JobConfig
 from core.config import help_meta as _help
 from core.errors import LensError
+from core.eval.drift import DRIFT_LABELS
+from core.eval.suites import DRIFT
 from core.jobs.metrics import EvalSummaryRecord, latest
 from core.jobs.runfiles import StatusFn
 from core.masking import DEFAULT_TAU
@@ -66,6 +68,8 @@ EVAL_AT_START_AND_END = 1_000_000
 # out-of-domain reference NLL on the tokens the base model found easy, and on all tokens.
 FORGETTING = "ood_nll_easy_Δ%"
 OOD_NLL = "ood_nll_Δ%"
+#: The OOD probe's mean token KL(base || tuned) at the end of a run (core/eval/drift.py).
+OOD_DRIFT = "ood:ood_drift:kl"
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -681,12 +685,15 @@ def run_measures(run: Any) -> dict[str, float | None]:
         base, tuned = run.scores_at("base"), run.scores_at("last")
         roles = run.roles()
         for (task, metric), value in tuned.items():
+            role = roles.get(task, "ood")
+            if metric in ("kl", "top1_agree") and task.endswith("_drift"):
+                out[f"{role}:{task}:{metric}"] = value  # 0 / 1 at the base: no relative change
+                continue
             keep = metric in ("acc", "pass@1", "exact_match") or (
                 metric in ("nll", "nll_easy") and task.endswith("_ppl")
             )
             if not keep:
                 continue
-            role = roles.get(task, "ood")
             out[f"{role}:{task}:{metric}"] = value
             out[f"{role}:{task}:{metric}:Δ%"] = relative_change(value, base.get((task, metric)))
     last_summary = latest(run.records, EvalSummaryRecord) or EvalSummaryRecord()
@@ -759,9 +766,22 @@ def aggregate(
     return results
 
 
-#: Task metrics compared item by item: accuracies (higher is better) and the full-token
-#: reference NLL (lower is better; not the easy-token NLL, which STM lowers by construction).
-PAIRED_METRICS = {"acc": True, "pass@1": True, "exact_match": True, "nll": False}
+#: Task metrics compared item by item: accuracies (higher is better), the full-token reference
+#: NLL (lower is better; not the easy-token NLL, which STM lowers by construction), and drift from
+#: the base model (core/eval/drift.py): token KL (lower is less drift), top-1 agreement with the
+#: base (higher is less drift) and the change in NLL of the base's own answers (lower: the model
+#: kept or sharpened the base's behaviour).
+PAIRED_METRICS = {
+    "acc": True,
+    "pass@1": True,
+    "exact_match": True,
+    "nll": False,
+    "kl": False,
+    "top1_agree": True,
+    "dnll": False,
+}
+#: The drift metrics each drift task is compared on, in the order findings list them.
+DRIFT_PAIRED = ("kl", "top1_agree", "dnll")
 
 
 def _round(run_dir: Path, which: str = "last") -> Any | None:
@@ -808,32 +828,37 @@ def _paired_rows(
         return []
     rows = []
     for task in reference[seeds[0]].tasks:
-        metric = "nll" if task.scorer == "ref_ppl" else task.primary
-        if metric not in PAIRED_METRICS:
-            continue
-        pairs = [
-            paired_items(reference[s].task(task.name), results[s].task(task.name), metric)
-            for s in seeds
-        ]
-        if any(p is None or not p[0] for p in pairs):
-            continue
-        higher = PAIRED_METRICS[metric]
-        interval = hierarchical_interval(
-            [p[0] for p in pairs], [p[1] for p in pairs], scale=100.0 if higher else 1.0
-        )
-        rows.append(
-            {
-                "arm": arm,
-                "label": label,
-                "against": against,
-                "task": task.name,
-                "role": task.role,
-                "metric": metric,
-                "seeds": len(seeds),
-                "higher_is_better": higher,
-                "interval": interval.to_dict(),
-            }
-        )
+        if task.scorer == DRIFT:
+            metrics: tuple[str, ...] = DRIFT_PAIRED
+        else:
+            metrics = ("nll" if task.scorer == "ref_ppl" else task.primary,)
+        for metric in metrics:
+            if metric not in PAIRED_METRICS:
+                continue
+            pairs = [
+                paired_items(reference[s].task(task.name), results[s].task(task.name), metric)
+                for s in seeds
+            ]
+            if any(p is None or not p[0] for p in pairs):
+                continue
+            higher = PAIRED_METRICS[metric]
+            interval = hierarchical_interval(
+                [p[0] for p in pairs], [p[1] for p in pairs], scale=100.0 if higher else 1.0
+            )
+            rows.append(
+                {
+                    "arm": arm,
+                    "label": label,
+                    "against": against,
+                    "task": task.name,
+                    "role": task.role,
+                    "metric": metric,
+                    "drift": task.scorer == DRIFT,
+                    "seeds": len(seeds),
+                    "higher_is_better": higher,
+                    "interval": interval.to_dict(),
+                }
+            )
     return rows
 
 
@@ -882,14 +907,19 @@ def paired_findings(paired: Sequence[dict[str, Any]]) -> list[str]:
     for row in paired:
         unit = " points" if row["higher_is_better"] else " nats"
         interval = Interval(**row["interval"])
-        text = interval.describe(unit, digits=2 if unit == " nats" else 1,
-                                 higher_is_better=row["higher_is_better"])  # fmt: skip
+        digits = (3 if row["metric"] == "kl" else 2) if unit == " nats" else 1
+        text = interval.describe(unit, digits=digits, higher_is_better=row["higher_is_better"])
         lines.append(
             f"{row['label']} vs {row.get('against', 'ground truth')}, {row['task']} "
-            f"{row['metric']} ({row['role']}, {row['seeds']} seed(s) × {interval.n} items): "
-            f"{text}."
+            f"{metric_name(row['metric'], row.get('drift', False))} ({row['role']}, "
+            f"{row['seeds']} seed(s) × {interval.n} items): {text}."
         )
     return lines
+
+
+def metric_name(metric: str, drift: bool = False) -> str:
+    """A paired row's metric as a reader names it (drift metrics by their label)."""
+    return DRIFT_LABELS.get(metric, metric) if drift else metric
 
 
 def _verdict(row: dict[str, Any]) -> str:
@@ -898,34 +928,99 @@ def _verdict(row: dict[str, Any]) -> str:
     return Interval(**row["interval"]).verdict(row["higher_is_better"])
 
 
-def headline(results: dict[str, Any]) -> list[str]:
-    """What a stakeholder reads first, from the paired intervals (over seeds and items): did
-    ground truth forget out of domain, and did each other arm forget less than it."""
-    base_rows = [r for r in results.get("paired_base") or [] if r["role"] == "ood"]
-    if not base_rows:
-        return ["No per-item results yet: nothing can be said with an interval."]
+def _drift_sentence(rows: Sequence[dict[str, Any]]) -> str:
+    """ "token KL +0.176 [+0.163, +0.189] nats, top-1 agreement -15.7 [...] points, ..." for
+    the drift rows of one arm and task."""
+    from core.stats import Interval
+
+    parts = []
+    for row in rows:
+        unit = " points" if row["higher_is_better"] else " nats"
+        digits = (3 if row["metric"] == "kl" else 2) if unit == " nats" else 1
+        interval = Interval(**row["interval"])
+        if interval.estimate is None:
+            continue
+        text = f"{interval.estimate:+.{digits}f}"
+        if interval.low is not None and interval.high is not None:
+            text += f" [{interval.low:+.{digits}f}, {interval.high:+.{digits}f}]"
+        short = {"kl": "token KL", "top1_agree": "top-1 agreement", "dnll": "Δ NLL of its answers"}
+        parts.append(f"{short.get(row['metric'], row['metric'])} {text}{unit}")
+    return ", ".join(parts)
+
+
+def _drift_headline(results: dict[str, Any]) -> list[str]:
+    """The verdict on drift from the base model (the OOD probe; the sharper forgetting signal at
+    CPU scale): how far ground truth drifted, and which arms drifted less or more than it."""
+    base_rows = [
+        r for r in results.get("paired_base") or [] if r.get("drift") and r["role"] == "ood"
+    ]
+    gt_rows = [r for r in results.get("paired") or [] if r.get("drift") and r["role"] == "ood"]
     out = []
+    for task in dict.fromkeys(r["task"] for r in base_rows if r["arm"] == "gt"):
+        mine = [r for r in base_rows if r["arm"] == "gt" and r["task"] == task]
+        seeds = mine[0]["seeds"]
+        out.append(
+            f"Drift ({task}, {seeds} seed(s)): ground-truth fine-tuning moved the model away from "
+            f"the base model's own answers by {_drift_sentence(mine)} (95% intervals over seeds "
+            "and probe items)."
+        )
+    for arm in dict.fromkeys(r["arm"] for r in gt_rows):
+        for task in dict.fromkeys(r["task"] for r in gt_rows if r["arm"] == arm):
+            rows = [r for r in gt_rows if r["arm"] == arm and r["task"] == task]
+            kl = next((r for r in rows if r["metric"] == "kl"), None)
+            if kl is None:
+                continue
+            verdict = _verdict(kl)
+            word = {
+                "better": "drifted less than ground truth",
+                "worse": "drifted more than ground truth",
+            }.get(verdict, "showed no detectable difference in drift from ground truth")
+            sharpened = next((r for r in rows if r["metric"] == "dnll"), None)
+            tail = ""
+            if sharpened is not None and _verdict(sharpened) == "better":
+                tail = (
+                    " It kept the base model's own answers more likely than ground truth did, "
+                    "so part of its remaining KL is sharpening toward them, not moving away."
+                )
+            out.append(
+                f"{rows[0]['label']} {word} on {task} (vs ground truth: "
+                f"{_drift_sentence(rows)}).{tail}"
+            )
+    return out
+
+
+def headline(results: dict[str, Any]) -> list[str]:
+    """What a stakeholder reads first, from the paired intervals (over seeds and items): how far
+    each arm drifted from the base model (the verdict), then the benchmark view: did ground truth
+    forget out of domain, and did each other arm forget less than it."""
+    drift = _drift_headline(results)
+    base_rows = [
+        r for r in results.get("paired_base") or [] if r["role"] == "ood" and not r.get("drift")
+    ]
+    if not base_rows and not drift:
+        return ["No per-item results yet: nothing can be said with an interval."]
+    out = list(drift)
     gt = [r for r in base_rows if r["arm"] == "gt"]
     if gt:
         worse = [f"{r['task']} {r['metric']}" for r in gt if _verdict(r) == "worse"]
         better = [f"{r['task']} {r['metric']}" for r in gt if _verdict(r) == "better"]
         if worse:
             out.append(
-                "Ground-truth fine-tuning made the model detectably worse out of domain on "
-                + ", ".join(worse)
-                + " (95% interval over items and seeds excludes zero): there is forgetting "
-                "to prevent."
+                "Benchmarks: ground-truth fine-tuning made the model detectably worse out of "
+                "domain on " + ", ".join(worse) + " (95% interval over items and seeds excludes "
+                "zero): there is forgetting to prevent."
             )
         else:
             out.append(
-                "Ground-truth fine-tuning caused no detectable out-of-domain forgetting here "
-                f"(no interval excludes a loss; {len(gt)} tasks), so no arm can be shown to "
-                "forget less in this setting."
+                "Benchmarks: ground-truth fine-tuning caused no detectable out-of-domain loss on "
+                f"the benchmark tasks here (no interval excludes a loss; {len(gt)} tasks), so "
+                "on benchmarks no arm can be shown to forget less in this setting."
             )
         if better:
             out.append("It improved " + ", ".join(better) + ".")
-    for arm in dict.fromkeys(r["arm"] for r in results.get("paired") or []):
-        rows = [r for r in results["paired"] if r["arm"] == arm and r["role"] == "ood"]
+    paired = [r for r in results.get("paired") or [] if not r.get("drift")]
+    for arm in dict.fromkeys(r["arm"] for r in paired):
+        rows = [r for r in paired if r["arm"] == arm and r["role"] == "ood"]
         if not rows:
             continue
         label = rows[0]["label"]
@@ -938,7 +1033,7 @@ def headline(results: dict[str, Any]) -> list[str]:
             parts.append("forgot more than ground truth on " + ", ".join(more))
         same = len(rows) - len(less) - len(more)
         if same:
-            parts.append(f"no detectable difference from ground truth on {same} task(s)")
+            parts.append(f"no detectable difference from ground truth on {same} benchmark task(s)")
         out.append(f"{label}: " + "; ".join(parts) + ".")
     return out
 
@@ -1095,6 +1190,8 @@ def measure_label(measure: str) -> str:
         return "OOD easy-token NLL Δ%"
     if measure == OOD_NLL:
         return "OOD NLL Δ%"
+    if measure == OOD_DRIFT:
+        return "OOD drift (token KL)"
     parts = measure.split(":")
     if len(parts) >= 3 and parts[0] in ("target", "ood"):
         text = " ".join(parts[1:]).replace(" Δ%", " Δ%")
@@ -1122,14 +1219,16 @@ def summary_table(results: dict[str, Any], detail: bool = False) -> list[dict[st
     else:
         changes = [m for m in sorted(measures, key=order) if m.startswith("target:")]
         changes = [m for m in changes if m.endswith("Δ%")]
-        shown = ["masked %", *changes, FORGETTING, OOD_NLL, "BWT", "TI", "final loss"]
+        shown = ["masked %", *changes, OOD_DRIFT, FORGETTING, OOD_NLL, "BWT", "TI", "final loss"]
+        shown = [m for m in shown if m != OOD_DRIFT or m in measures]
     rows = []
     for arm in results["arms"].values():
         row = {"arm": arm["label"], "seeds": str(len(arm["seeds"]))}
         for m in shown:
             stat = arm["measures"].get(m)
-            text = _fmt_stat(stat, 3 if m == "final loss" else 2)
-            row[measure_label(m)] = text.lstrip("+") if m in ("masked %", "final loss") else text
+            text = _fmt_stat(stat, 3 if m in ("final loss", OOD_DRIFT) else 2)
+            plain = m in ("masked %", "final loss", OOD_DRIFT)
+            row[measure_label(m)] = text.lstrip("+") if plain else text
         if arm["failed"]:
             row["seeds"] += f" ({len(arm['failed'])} failed)"
         rows.append(row)
