@@ -217,7 +217,7 @@ class JobConfig:
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif meta.get("repeat"):
                 kwargs["action"] = "append"
-                kwargs["metavar"] = "NAME"
+                kwargs["metavar"] = meta.get("metavar", "NAME")
             else:
                 kwargs["type"] = meta.get("parse", parse)
                 if "choices" in meta:

@@ -226,3 +226,22 @@ def test_bad_probe_files_get_one_line(tmp_path, tiny_lm):
             tiny_lm,
             EvalSuite("f", "", (), (EvalTaskSpec("mine", f"file:{long}", DRIFT, n=None),)),
         )
+
+
+def test_cli_eval_measures_drift_on_a_users_probe_file(tiny_model_dir, tmp_path, capsys):
+    from core.cli import main
+
+    probe = tmp_path / "my_prompts.txt"
+    probe.write_text("What is the boiling point of water?\n\nName three primary colours.\n")
+    out = tmp_path / "r.json"
+    args = ["eval", "--model", str(tiny_model_dir), "--tasks", "arc_easy", "--limit", "2"]
+    assert main([*args, "--probe", str(probe), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    task = next(t for t in report["base"]["tasks"] if t["name"] == "drift:my_prompts")
+    assert task["scorer"] == DRIFT and task["n"] == 2 and task["metrics"]["kl"] == 0.0
+    assert "drift:my_prompts" in capsys.readouterr().out
+    empty = tmp_path / "empty.csv"
+    empty.write_text("prompt\n\n")
+    assert main([*args, "--probe", str(empty)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: Probe file 'empty.csv' has no usable prompts") and "\n" not in err

@@ -49,6 +49,16 @@ class EvalConfig(JobConfig):
             repeat=True,
         ),
     )
+    probes: list[str] = field(
+        default_factory=list,
+        metadata=_help(
+            "also measure drift from the base model on your own prompts: a .txt file with one "
+            "prompt a line, or .jsonl / .csv with a 'prompt' column (repeatable)",
+            flag="probe",
+            repeat=True,
+            metavar="FILE",
+        ),
+    )
     tasks: list[str] = field(
         default_factory=list,
         metadata=_help(
@@ -79,6 +89,7 @@ class EvalConfig(JobConfig):
     def __post_init__(self) -> None:
         self.lm_eval_tasks = _names(self.lm_eval_tasks)
         self.tasks = _names(self.tasks)
+        self.probes = [str(Path(p).expanduser().absolute()) for p in _names(self.probes)]
         self.validate()
 
     def validate(self) -> None:
@@ -101,8 +112,10 @@ class EvalConfig(JobConfig):
 
         if self.tasks:
             chosen = tasks_suite(self.tasks, limit=self.limit, mc_format=self.mc_format)
-            return build_suite(chosen, lm_eval_tasks=self.lm_eval_tasks)
-        return build_suite(self.suite, limit=self.limit, lm_eval_tasks=self.lm_eval_tasks)
+            return build_suite(chosen, lm_eval_tasks=self.lm_eval_tasks, probes=self.probes)
+        return build_suite(
+            self.suite, limit=self.limit, lm_eval_tasks=self.lm_eval_tasks, probes=self.probes
+        )
 
     def resolved(self) -> EvalConfig:
         """With the adapter as an absolute folder, its training step, and the trained run's

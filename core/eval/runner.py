@@ -410,9 +410,11 @@ def _interval_lines(comparison: dict[str, Any]) -> list[str]:
     for name, row in comparison["per_task"].items():
         if not row.get("delta_interval"):
             continue
-        unit = " points" if row["metric"] not in ("nll", "nll_easy") else " nats"
-        better = row["metric"] not in ("nll", "nll_easy", "ppl", "ppl_easy")
-        text = Interval(**row["delta_interval"]).describe(unit, higher_is_better=better)
+        nats = ("nll", "nll_easy", "kl", "dnll", "dentropy", "kl_toward", "kl_away")
+        unit = " nats" if row["metric"] in nats else " points"
+        better = row["metric"] not in (*nats, "ppl", "ppl_easy")
+        digits = 3 if unit == " nats" else 1
+        text = Interval(**row["delta_interval"]).describe(unit, digits, higher_is_better=better)
         if row.get("chance") is not None:
             text += (
                 f"  (chance {row['chance']:.3f}{': base at chance' if row['at_chance'] else ''})"

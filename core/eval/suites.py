@@ -244,8 +244,9 @@ def _suite_default() -> EvalSuite:
         name="default",
         description=(
             "Target MBPP (held-out split) pass@1 and reference perplexity; OOD GSM8K, "
-            "ARC-Challenge, ARC-Easy, MMLU and reference perplexity on each; small seeded subsets "
-            "sized for a CPU."
+            "ARC-Challenge, ARC-Easy, MMLU and reference perplexity on each; drift from the base "
+            "model on 24 held-out MBPP prompts, 200 mixed OOD prompts and 100 LAMBADA passages; "
+            "small seeded subsets sized for a CPU."
         ),
         target=(
             EvalTaskSpec("mbpp", "mbpp", CODE_EXEC, n=8, split="test", max_new_tokens=256),
@@ -284,7 +285,9 @@ def _suite_during() -> EvalSuite:
         description=(
             "For evaluation during training: target MBPP (held-out) reference NLL; OOD "
             "ARC-Easy validation accuracy (lm-eval format) and reference NLL on GSM8K and "
-            "MMLU; forward passes only, small subsets (wide intervals)."
+            "MMLU; drift from the base model on 12 held-out MBPP prompts and 40 mixed OOD "
+            "prompts; forward passes only (the base's probe answers are generated once and "
+            "cached), small subsets (wide intervals)."
         ),
         target=(EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=8, split="test"), *drift_target),
         ood=(
@@ -314,7 +317,8 @@ def _suite_protocol() -> EvalSuite:
         description=(
             "For the paper protocol on a CPU: target MBPP (held-out) full-token reference NLL; "
             "OOD ARC-Easy validation accuracy (all 570, lm-eval's format) and reference NLL on "
-            "GSM8K, ARC-Challenge and MMLU; forward passes only."
+            "GSM8K, ARC-Challenge and MMLU; drift from the base model on 60 held-out MBPP "
+            "prompts, 200 mixed OOD prompts and 100 LAMBADA passages; forward passes only."
         ),
         target=(
             EvalTaskSpec("mbpp_ppl", "mbpp", REF_PPL, n=PROTOCOL_PPL_N, split="test"),
@@ -340,7 +344,8 @@ def _suite_paper() -> EvalSuite:
         description=(
             "Full sizes: MBPP held-out (100) pass@1, HumanEval (164) pass@1, GSM8K (1319), "
             "ARC-Challenge generative (1172) and log-likelihood, ARC-Easy, MMLU (14042), and "
-            "reference perplexity on 200 examples of each."
+            "reference perplexity on 200 examples of each; drift from the base model on the "
+            "100 held-out MBPP prompts, all 300 OOD probe prompts and 300 LAMBADA passages."
         ),
         target=(
             EvalTaskSpec("mbpp", "mbpp", CODE_EXEC, n=None, split="test", max_new_tokens=512),
@@ -448,14 +453,30 @@ def suite_from_config(value: Any, target_task: str | None = None) -> EvalSuite:
 
 
 def build_suite(
-    suite: EvalSuite | str, *, limit: int | None = None, lm_eval_tasks: Sequence[str] = ()
+    suite: EvalSuite | str,
+    *,
+    limit: int | None = None,
+    lm_eval_tasks: Sequence[str] = (),
+    probes: Sequence[str] = (),
 ) -> EvalSuite:
-    """A suite by name (or as given), plus lm-eval tasks (20 documents each), capped at
-    `limit` examples per task."""
+    """A suite by name (or as given), plus lm-eval tasks (20 documents each) and drift on the
+    user's probe files (checked here, before any work), capped at `limit` examples per task."""
+    from core.eval.probes import FILE_PREFIX, load_probe
+
     chosen = get_suite(suite) if isinstance(suite, str) else suite
     names = [n.strip() for n in lm_eval_tasks if n.strip()]
     if names:
         chosen = chosen.with_lm_eval_tasks(names)
+    extra = []
+    for path in probes:
+        task = f"{FILE_PREFIX}{path}"
+        load_probe(task)  # a file with no usable prompt fails now, with one line
+        stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        extra.append(
+            EvalTaskSpec(f"drift:{stem}", task, DRIFT, n=None, max_new_tokens=DRIFT_TOKENS)
+        )
+    if extra:
+        chosen = replace(chosen, name=f"{chosen.name}+probes", ood=(*chosen.ood, *extra))
     return chosen.limited(limit) if limit is not None else chosen
 
 
