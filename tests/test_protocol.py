@@ -331,3 +331,18 @@ def test_sweep_verdict_names_only_settings_whose_ood_interval_shows_a_loss(tmp_p
     assert load_cpu_sweep(path) is None  # unreadable: no crash
     path.write_text(json.dumps({"rows": rows}))
     assert load_cpu_sweep(path)["rows"][1]["setting"] == "lr3e-4"
+
+
+def test_the_summary_table_shows_drift_and_leaves_out_columns_no_arm_measured():
+    from core.study.protocol import FORGETTING, OOD_DRIFT, summary_table
+
+    def arm(label, kl):
+        return {"label": label, "seeds": [0, 1, 2], "failed": [],
+                "measures": {OOD_DRIFT: mean_ci(kl), FORGETTING: mean_ci([None, None, None]),
+                             "BWT": mean_ci([-1.0, 0.5, 0.2])}}  # fmt: skip
+
+    rows = summary_table({"arms": {"gt": arm("ground truth", [0.17, 0.13, 0.15]),
+                                   "stm": arm("STM", [0.08, 0.11, 0.09])}})  # fmt: skip
+    assert rows[0]["OOD drift (token KL)"].startswith("0.150 ± ")
+    assert rows[1]["OOD drift (token KL)"].startswith("0.093 ± ")
+    assert "OOD easy-token NLL Δ%" not in rows[0] and "BWT" in rows[0]

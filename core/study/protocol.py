@@ -1220,7 +1220,15 @@ def summary_table(results: dict[str, Any], detail: bool = False) -> list[dict[st
         changes = [m for m in sorted(measures, key=order) if m.startswith("target:")]
         changes = [m for m in changes if m.endswith("Δ%")]
         shown = ["masked %", *changes, OOD_DRIFT, FORGETTING, OOD_NLL, "BWT", "TI", "final loss"]
-        shown = [m for m in shown if m != OOD_DRIFT or m in measures]
+        # a suite without drift (or without OOD reference NLLs) has no such column
+        measured = {
+            m
+            for arm in results["arms"].values()
+            for m, stat in arm["measures"].items()
+            if (stat or {}).get("mean") is not None
+        }
+        optional = (OOD_DRIFT, FORGETTING, OOD_NLL)
+        shown = [m for m in shown if m not in optional or m in measured]
     rows = []
     for arm in results["arms"].values():
         row = {"arm": arm["label"], "seeds": str(len(arm["seeds"]))}
