@@ -9,7 +9,9 @@ only reads the job registry (core.jobs) and never blocks: the table polls in a f
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -30,7 +32,7 @@ from core.jobs.cluster import (
     saved_setting,
 )
 from core.jobs.registry import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobRegistry
-from core.jobs.runfiles import log_tail
+from core.jobs.runfiles import log_tail, read_eval_progress
 
 POLL_SECONDS = 2.0
 STATUS_BADGES = {
@@ -40,6 +42,47 @@ STATUS_BADGES = {
     FAILED: ":red-badge[:material/error: failed]",
     CANCELLED: ":orange-badge[:material/stop: cancelled]",
 }
+
+
+#: Without a job row to say the run is alive, an evaluation progress file older than this is a
+#: left-over of a process that died mid-round, not a round in progress.
+EVAL_PROGRESS_STALE_S = 600.0
+
+
+def eval_progress_fraction(progress: Mapping[str, Any]) -> float:
+    """How far an evaluation round is, 0-1: items done of the task's items where the task
+    counts them, else tasks done of the round's tasks."""
+    items, tasks = int(progress.get("items") or 0), int(progress.get("tasks") or 0)
+    if items > 0:
+        done, total = int(progress.get("items_done") or 0), items
+    else:
+        done, total = int(progress.get("task_index") or 0), tasks
+    return min(1.0, max(0.0, done / total)) if total > 0 else 0.0
+
+
+def current_eval_progress(run_dir: str | Path, job: Job | None) -> dict[str, Any] | None:
+    """The evaluation round in progress in `run_dir` (`core.jobs.runfiles.read_eval_progress`),
+    only while its `job` runs (a job that died mid-round leaves the file behind); a run without
+    a job row counts only a file written in the last `EVAL_PROGRESS_STALE_S` seconds."""
+    if job is not None and job.status != RUNNING:
+        return None
+    progress = read_eval_progress(run_dir)
+    if progress is None or not progress.get("line"):
+        return None
+    if job is None and time.time() - float(progress.get("time") or 0.0) > EVAL_PROGRESS_STALE_S:
+        return None
+    return progress
+
+
+def eval_progress_bar(run_dir: str | Path, job: Job | None, *, prefix: str = "") -> bool:
+    """A progress bar with the evaluation round's one-line description ("evaluating step 8:
+    ood_drift (task 3 of 5) · 40/200 items · ..."), `prefix` before it, when a round is in
+    progress in `run_dir`; whether one was drawn."""
+    progress = current_eval_progress(run_dir, job)
+    if progress is None:
+        return False
+    st.progress(eval_progress_fraction(progress), text=f"{prefix}{progress['line']}")
+    return True
 
 
 def fmt_seconds(seconds: float | None) -> str:
@@ -90,11 +133,17 @@ def job_header(
     registry: JobRegistry, job: Job, *, key_prefix: str = "", resume_note: str = ""
 ) -> None:
     """Status badge, label, id and run folder, with Cancel (active job) or Resume (failed or
-    cancelled job); `resume_note` says what a resumed job keeps."""
+    cancelled job); `resume_note` says what a resumed job keeps. While the job evaluates, the
+    round's progress as a bar with its one-line description (the status message says the same,
+    so the caption leaves it out then)."""
     head, actions = st.columns([4, 1])
     head.markdown(f"{STATUS_BADGES.get(job.status, job.status)} **{job.label}**")
     where = f" · on {job.where} as `{job.engine_id}`" if job.on_cluster else ""
-    head.caption(f"`{job.id}` · run folder `{job.run_dir}`{where} · {job.message}")
+    progress = current_eval_progress(job.run_dir, job)
+    message = f" · {job.message}" if job.message and progress is None else ""
+    head.caption(f"`{job.id}` · run folder `{job.run_dir}`{where}{message}")
+    if progress is not None:
+        head.progress(eval_progress_fraction(progress), text=str(progress["line"]))
     if job.active:
         actions.button(
             "Cancel",

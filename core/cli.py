@@ -261,23 +261,35 @@ def _format_seconds(seconds: float | None) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    """List, show, cancel or resume background jobs."""
-    from core.jobs.registry import JobRegistry
-    from core.jobs.runfiles import log_tail, read_metrics, run_progress
+    """List, show, cancel or resume background jobs. A running job that is evaluating says which
+    round, task and items (`eval_progress.json` in its run folder) on a line of its own."""
+    from core.jobs.registry import RUNNING, Job, JobRegistry
+    from core.jobs.runfiles import log_tail, read_eval_progress, read_metrics, run_progress
+
+    def evaluating(job: Job) -> dict | None:
+        """The evaluation round in progress, only while the job runs (a job that died
+        mid-round leaves its progress file behind)."""
+        return read_eval_progress(job.run_dir) if job.status == RUNNING else None
 
     registry = JobRegistry()
     if args.action == "list":
         jobs = registry.list()
         if args.json:
-            print(json.dumps([j.to_dict() for j in jobs], indent=2))
+            print(json.dumps([{**j.to_dict(), "eval_progress": evaluating(j)} for j in jobs],
+                             indent=2))  # fmt: skip
             return 0
         for job in jobs:
             prog = run_progress(read_metrics(job.run_dir))
             steps = f"{prog.step}/{prog.max_steps}" if prog.max_steps else "-"
+            progress = evaluating(job)
+            line = str(progress.get("line") or "") if progress else ""
+            message = "" if line and job.message == line else f"  [{job.message}]"
             print(
                 f"{job.id}  {job.status:9}  {steps:>9}  {_format_seconds(job.elapsed):>8}  "
-                f"{job.label}  [{job.message}]  ({job.where})"
+                f"{job.label}{message}  ({job.where})"
             )
+            if line:
+                print(f"    {line}")
         if not jobs:
             print(f"no jobs in {registry.path}", file=sys.stderr)
         return 0
@@ -290,8 +302,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     else:
         job = registry.get(args.job_id)
     prog = run_progress(read_metrics(job.run_dir))
+    progress = evaluating(job)
     if args.json:
-        print(json.dumps({**job.to_dict(), "progress": prog.__dict__}, indent=2))
+        print(json.dumps({**job.to_dict(), "progress": prog.__dict__, "eval_progress": progress},
+                         indent=2))  # fmt: skip
         return 0
     print(f"{job.id}: {job.status} ({job.message}) · {job.label}")
     print(f"run folder: {job.run_dir}")
@@ -301,6 +315,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         running = job.status == "running" and prog.eta_seconds
         eta = f", ETA {_format_seconds(prog.eta_seconds)}" if running else ""
         print(f"step {prog.step}/{prog.max_steps}, last loss {prog.last_loss}{eta}")
+    if progress and progress.get("line"):
+        print(progress["line"])
     if job.error:
         print(f"error: {job.error.splitlines()[0]}")
     if args.action == "show":

@@ -1,5 +1,6 @@
-"""Compare runs and present findings: runs table, forgetting frontier, score vs % masked,
-config diff, a τ-sweep launcher, post-training diagnostics and the HTML report."""
+"""Compare runs and present findings: runs table, the drift frontier (target gain vs OOD drift
+from the base model) beside the forgetting frontier, score vs % masked, config diff, a τ-sweep
+launcher, post-training diagnostics and the HTML report."""
 
 import hashlib
 import json
@@ -31,6 +32,8 @@ from core.study.diagnostics import (
 from core.study.report import build_report, heatmap_snapshots, report_ppl_changes, run_tau
 from core.study.runs import (
     RunView,
+    drift_missing,
+    drift_table,
     list_runs,
     run_findings,
     runs_display_table,
@@ -41,6 +44,7 @@ from core.viz.charts import plotly_config
 from core.viz.heatmap import render_delta_heatmap
 from core.viz.run_charts import (
     LORA_COLUMNS,
+    drift_frontier_chart,
     figure_notes,
     frontier_chart,
     lora_chart,
@@ -265,12 +269,23 @@ with tab_compare:
             st.markdown("\n".join(f"- {line}" for line in findings))
         left, right = st.columns(2)
         with left:
+            drift = drift_frontier_chart(table, drift_table(runs), drift_missing(runs))
+            st.plotly_chart(drift, config=plotly_config("drift_frontier"),
+                            key="compare-drift-frontier")  # fmt: skip
+            notes = figure_notes(drift)
+            st.caption(
+                "Target gain against drift from the base model: token KL on mixed out-of-domain "
+                "prompts at each run's latest round, with 95% intervals both ways. Low drift with "
+                "a target gain is the aim." + ("  \n" + "  \n".join(notes) if notes else "")
+            )
+        with right:
             frontier = frontier_chart(table)
             st.plotly_chart(frontier, config=plotly_config("frontier"), key="compare-frontier")
             notes = figure_notes(frontier)
             if notes:
                 st.caption("  \n".join(notes))
-        with right:
+        left, _ = st.columns(2)
+        with left:
             st.plotly_chart(
                 score_vs_masked_chart(table, score_columns(table)),
                 config=plotly_config("score_vs_masked"),

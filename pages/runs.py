@@ -1,24 +1,39 @@
-"""Runs: while runs train, the target's change vs step 0, BWT and the training loss (every run
-overlaid, each change with its paired 95% interval), then each task's change, then any raw
-metric through one picker; and a launcher for standalone evaluation jobs (the base model or a
-run's adapter on a suite)."""
+"""Runs: while runs train, the target's change vs step 0, BWT, drift from the base model (OOD and
+target probes) and the training loss (every run overlaid, each with its paired 95% interval),
+the latest round's drift in a table, then each task's change, then any raw metric through one
+picker; an evaluation round in progress as a progress bar; and a launcher for standalone
+evaluation jobs (the base model or a run's adapter on a suite)."""
 
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from components.jobs_view import eval_progress_bar
 from components.session import ensure_app_navigation
 from core.errors import LensError
 from core.eval.config import EvalConfig, eval_job_config, resolve_adapter_path
 from core.eval.suites import SUITES, get_suite
 from core.jobs.registry import JobRegistry, jobs_by_run
 from core.jobs.runfiles import read_metrics, run_progress
-from core.study.runs import RunView, list_runs, load_run
+from core.study.runs import (
+    DRIFT_READING,
+    RunView,
+    drift_display_table,
+    drift_notes,
+    drift_table,
+    list_runs,
+    load_run,
+)
 from core.viz.charts import plotly_config
 from core.viz.run_charts import (
+    OOD_DRIFT,
+    TARGET_DRIFT,
+    drift_charts,
     figure_notes,
     metric_chart,
+    metric_label,
     metric_options,
+    no_loss_reason,
     task_delta_charts,
     top_row_charts,
 )
@@ -26,9 +41,10 @@ from core.viz.run_charts import (
 ensure_app_navigation()
 st.title("Runs")
 st.caption(
-    "The target's change from step 0 (the base model), backward transfer (BWT) and the training "
-    "loss, then every task's change. Bands are paired 95% intervals over evaluation items: a "
-    "change is better or worse only where its band excludes zero. Charts follow running jobs live."
+    "The target's change from step 0 (the base model), backward transfer (BWT), drift from the "
+    "base model (token KL on out-of-domain and on target prompts) and the training loss, then "
+    "every task's change. Bands are paired 95% intervals over evaluation items: a change is "
+    "better or worse only where its band excludes zero. Charts follow running jobs live."
 )
 
 try:
@@ -132,8 +148,8 @@ st.query_params["runs"] = ",".join(chosen)
 paused = st.toggle("Pause live updates", value=False)
 
 
-def _status_table(runs: list[RunView]) -> pd.DataFrame:
-    current = jobs_by_run(registry.list())  # read again: the live fragment calls this
+def _status_table(runs: list[RunView], current: dict) -> pd.DataFrame:
+    """One row per run: its job's status and message, training step, last loss, rounds."""
     rows = []
     for run in runs:
         job = current.get(run.run_id)
@@ -150,6 +166,17 @@ def _status_table(runs: list[RunView]) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def labels_of(run: RunView) -> str:
+    """A run as the page names it: "label · run id"."""
+    return f"{run.label} · {run.run_id}"
+
+
+def _job_kind(current: dict, run: RunView) -> str | None:
+    """The kind of the run's job ("train", "eval", ...), None without one."""
+    job = current.get(run.run_id)
+    return job.kind if job else None
 
 
 def _chart(name: str, fig: go.Figure) -> None:
@@ -171,21 +198,47 @@ def _draw() -> None:
     if not runs:
         st.info("Pick one or more runs.")
         return
-    st.dataframe(_status_table(runs), hide_index=True, width="stretch")
-    trained = any(not run.train_frame().empty for run in runs)  # evaluation jobs have no loss
-    for column, (name, fig) in zip(st.columns(3), top_row_charts(runs), strict=True):
-        with column:
-            if name == "loss" and not trained:
-                st.caption("**Training loss**: none, these are evaluation-only runs.")
-            else:
-                _chart(name, fig)
+    current = jobs_by_run(registry.list())  # read again: the live fragment calls this
+    st.dataframe(_status_table(runs, current), hide_index=True, width="stretch")
+    for run in runs:  # an evaluation round in progress: which task, how many items, time left
+        eval_progress_bar(run.run_dir, current.get(run.run_id), prefix=f"{labels_of(run)}: ")
+    statuses = {r: job.status for r, job in current.items()}
+    top = dict(top_row_charts(runs, statuses))
+    panels = [("target", top["target"]), ("bwt", top["bwt"]), *drift_charts(runs),
+              ("loss", top["loss"])]  # fmt: skip
+    trained = any(not run.train_frame().empty for run in runs)
+    for i in range(0, len(panels), 3):
+        for column, (name, fig) in zip(st.columns(3), panels[i : i + 3], strict=False):
+            with column:
+                if name == "loss" and not trained:  # no line to draw: say what each run is
+                    st.caption(
+                        "**Training loss**: none yet.  \n"
+                        + "  \n".join(
+                            f"{labels_of(run)}: "
+                            + no_loss_reason(run, statuses.get(run.run_id),
+                                             _job_kind(current, run))
+                            for run in runs
+                        )
+                    )  # fmt: skip
+                else:
+                    _chart(name, fig)
+    drift = drift_table(runs)
+    st.markdown("**Drift from the base model at the latest round**")
+    if drift.empty:
+        st.caption("No drift measured after step 0 in these runs yet.")
+    else:
+        st.dataframe(drift_display_table(drift), hide_index=True, width="stretch")
+        st.caption(DRIFT_READING)
+    missing = drift_notes(runs)
+    if missing:
+        st.caption("No drift row: " + " ".join(missing))
     options = metric_options(runs)
     if not options:
         st.caption("No evaluation records yet: evaluation during training adds them.")
         return
     st.subheader("Each task: change vs step 0")
     if any(run.changes()["step"].nunique() > 1 for run in runs):
-        per_task = task_delta_charts(runs)
+        per_task = task_delta_charts(runs, skip=(OOD_DRIFT, TARGET_DRIFT))  # drawn above
         for i in range(0, len(per_task), 3):
             for column, (name, fig) in zip(st.columns(3), per_task[i : i + 3], strict=False):
                 with column:
@@ -199,8 +252,8 @@ def _draw() -> None:
     values = {f"{task}|{metric}": (task, metric, role) for task, metric, role in options}
     pick = st.selectbox(
         "Task and metric", list(values), key="runs-metric",
-        format_func=lambda v: f"{values[v][0]} · {values[v][1]} "
-        f"({'target' if values[v][2] == 'target' else 'OOD'})",
+        format_func=lambda v: metric_label(values[v][0], values[v][1], sep=" · ")
+        + f" ({'target' if values[v][2] == 'target' else 'OOD'})",
         help="Every metric the evaluation recorded, as measured (not a change): one chart for "
         "the one picked.",
     )  # fmt: skip

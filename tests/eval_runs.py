@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from core.eval.compare import compare_results, recorded_suite
+from core.eval.drift import drift_metrics
 from core.eval.scorers import SuiteResult, TaskResult
 from core.io import write_json_atomic
 from core.jobs.runfiles import append_metric, eval_round_path
@@ -23,9 +24,34 @@ TASKS: dict[str, tuple[str, str]] = {
 }
 
 
+DRIFT_TOKENS = 10  # answer tokens per drift probe item
+
+
+def drift_details(name: str, items: Sequence[Any]) -> list[dict[str, Any]]:
+    """A drift task's per-item details from (kl per token, tokens agreeing with the base's top-1,
+    Δ NLL of the base's answer per token, share of the KL toward the base's answer) per item,
+    each item `DRIFT_TOKENS` tokens long, the way `core.eval.drift.item_details` saves them."""
+    details = []
+    for i, (kl, agree, dnll, toward) in enumerate(items):
+        kl_sum, tokens = float(kl) * DRIFT_TOKENS, DRIFT_TOKENS
+        details.append(
+            {"id": f"{name}-{i}", "domain": "mix", "tokens": tokens, "kl_sum": kl_sum,
+             "kl_max": float(kl), "agree": int(agree), "nll_base_sum": 1.0 * tokens,
+             "nll_tuned_sum": (1.0 + float(dnll)) * tokens, "ent_base_sum": 2.0 * tokens,
+             "ent_tuned_sum": 2.0 * tokens, "kl_toward_sum": float(toward) * kl_sum,
+             "kl_away_sum": (1.0 - float(toward)) * kl_sum, "ids": list(range(tokens)),
+             "token_kl": [float(kl)] * tokens, "token_dlp": [-float(dnll)] * tokens}
+        )  # fmt: skip
+    return details
+
+
 def task_result(name: str, items: Sequence[Any], scorer: str, role: str) -> TaskResult:
     """A task's result from per-item values: 0/1 correctness for multiple choice and code,
-    (summed NLL, tokens) pairs for reference NLL."""
+    (summed NLL, tokens) pairs for reference NLL, `drift_details` tuples for drift."""
+    if scorer == "drift":
+        details = drift_details(name, items)
+        return TaskResult(name, name, scorer, role, "kl", drift_metrics(details), len(items),
+                          0.1, details)  # fmt: skip
     if scorer == "ref_ppl":
         details = [
             {"id": f"{name}-{i}", "tokens": int(tok), "easy_tokens": int(tok), "nll_sum": float(s),
@@ -105,4 +131,32 @@ def later(step: int) -> dict[str, list[Any]]:
         "mbpp_ppl": [(s - step * (0.5 + 0.1 * (i % 3)), t) for i, (s, t) in enumerate(BASE["mbpp_ppl"])],
         "arc_easy": [ok and i >= step * 2 for i, ok in enumerate(BASE["arc_easy"])],
         "gsm8k_ppl": [(s + 0.2 * step * (i % 2), t) for i, (s, t) in enumerate(BASE["gsm8k_ppl"])],
+    }  # fmt: skip
+
+
+#: `TASKS` and the drift probes every built-in suite now has: the target's held-out prompts
+#: (role "target") and the mixed out-of-domain prompts (role "ood")
+DRIFT_TASKS: dict[str, tuple[str, str]] = {
+    **TASKS,
+    "target_drift": ("drift", "target"),
+    "ood_drift": ("drift", "ood"),
+}
+#: the base model against itself: no drift (KL 0, every top-1 agrees, Δ NLL 0)
+BASE_DRIFT = {
+    **BASE,
+    "target_drift": [(0.0, DRIFT_TOKENS, 0.0, 0.0)] * N,
+    "ood_drift": [(0.0, DRIFT_TOKENS, 0.0, 0.0)] * N,
+}
+
+
+def later_drift(step: int) -> dict[str, list[Any]]:
+    """`later(step)` plus drift growing with `step`: on the target's prompts mostly sharpening
+    toward the base's own answers (Δ NLL < 0, 80% of the KL toward), on OOD prompts mostly moving
+    away (Δ NLL > 0, 20% toward)."""
+    return {
+        **later(step),
+        "target_drift": [(0.02 * step * (1 + i % 3), DRIFT_TOKENS - (i % 2) * min(step, 5),
+                          -0.01 * step * (1 + i % 2), 0.8) for i in range(N)],
+        "ood_drift": [(0.01 * step * (1 + i % 4), DRIFT_TOKENS - (i % 3 == 0) * min(step, 5),
+                       0.005 * step * (i % 3), 0.2) for i in range(N)],
     }  # fmt: skip

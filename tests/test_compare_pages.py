@@ -6,7 +6,8 @@ import time
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from tests.eval_runs import BASE, later, make_eval_run
+from core.eval.drift import DRIFT_LABELS
+from tests.eval_runs import BASE, BASE_DRIFT, DRIFT_TASKS, later, later_drift, make_eval_run
 from tests.test_diagnostics import make_adapter_run
 from tests.test_report import _make_run
 
@@ -59,8 +60,9 @@ def test_runs_page_top_row_then_each_task_then_one_picked_metric(rounds_env):
     assert not at.exception
     drawn = charts(at)
     assert list(drawn) == [
-        "runs-chart-target", "runs-chart-bwt", "runs-chart-loss", "runs-chart-task-mbpp_ppl",
-        "runs-chart-task-arc_easy", "runs-chart-task-gsm8k_ppl", "runs-chart-metric",
+        "runs-chart-target", "runs-chart-bwt", "runs-chart-ood-drift", "runs-chart-target-drift",
+        "runs-chart-loss", "runs-chart-task-mbpp_ppl", "runs-chart-task-arc_easy",
+        "runs-chart-task-gsm8k_ppl", "runs-chart-metric",
     ]  # fmt: skip
     for key in ("runs-chart-target", "runs-chart-bwt"):  # every run: its band and its line
         assert sorted(roles(drawn[key])) == [
@@ -76,14 +78,18 @@ def test_runs_page_top_row_then_each_task_then_one_picked_metric(rounds_env):
     picked = charts(at)["runs-chart-metric"]
     assert picked["layout"]["title"]["text"] == "gsm8k_ppl ppl"
     assert sorted(roles(picked)) == [("line", "gt1"), ("line", "stm1")]
-    assert len(at.get("plotly_chart")) == 7  # not one chart per raw metric
+    assert len(at.get("plotly_chart")) == 9  # not one chart per raw metric
 
 
 def test_runs_page_on_runs_without_saved_rounds(runs_env):
     at = AppTest.from_file("../pages/runs.py", default_timeout=60).run()
     assert not at.exception
     drawn = charts(at)
-    assert list(drawn)[:3] == ["runs-chart-target", "runs-chart-bwt", "runs-chart-loss"]
+    assert list(drawn)[:5] == ["runs-chart-target", "runs-chart-bwt", "runs-chart-ood-drift",
+                               "runs-chart-target-drift", "runs-chart-loss"]  # fmt: skip
+    # runs from before drift: the drift charts are empty and say why
+    assert not roles(drawn["runs-chart-ood-drift"])
+    assert any("gt1: no OOD drift measured" in c.value for c in at.caption)
     assert "gt1" in at.dataframe[0].value["run"].tolist()
     target = drawn["runs-chart-target"]
     assert sorted(roles(target)) == [("line", "gt1"), ("line", "stm1")]  # no band: no items
@@ -165,3 +171,114 @@ def test_token_ppl_change_needs_a_finished_run(runs_env):
     at.run()
     assert not at.exception
     assert any("has no saved final model yet" in i.value for i in at.info)
+
+
+@pytest.fixture
+def drift_env(tmp_path, monkeypatch):
+    """Runs evaluated with drift probes (stm1: three rounds, gt1: one after step 0) and an old
+    run whose rounds predate drift."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
+    make_eval_run(root, "stm1", {0: BASE_DRIFT, 2: later_drift(2), 4: later_drift(4)},
+                  tasks=DRIFT_TASKS)  # fmt: skip
+    make_eval_run(root, "gt1", {0: BASE_DRIFT, 3: later_drift(3)}, method="gt", tasks=DRIFT_TASKS)
+    make_eval_run(root, "old1", {0: BASE, 2: later(2)}, method="random")
+    return root
+
+
+def test_runs_page_charts_drift_beside_target_and_bwt_and_tables_the_latest_round(drift_env):
+    at = AppTest.from_file("../pages/runs.py", default_timeout=60)
+    at.query_params["runs"] = "stm1,gt1,old1"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    drawn = charts(at)
+    assert list(drawn)[:5] == [
+        "runs-chart-target", "runs-chart-bwt", "runs-chart-ood-drift", "runs-chart-target-drift",
+        "runs-chart-loss",
+    ]  # fmt: skip
+    # each drift probe is drawn once: at the top, not again among the per-task charts
+    assert "runs-chart-task-ood_drift" not in drawn and "runs-chart-task-target_drift" not in drawn
+    for key, title in (("runs-chart-ood-drift", "OOD drift"),
+                       ("runs-chart-target-drift", "Target drift")):  # fmt: skip
+        fig = drawn[key]
+        assert fig["layout"]["title"]["text"] == f"{title}: KL from the base model"
+        assert fig["layout"]["yaxis"]["title"]["text"] == "token KL from base, nats"
+        assert fig["layout"]["yaxis"]["range"][0] == 0
+        assert sorted(roles(fig)) == [("band", "stm1"), ("line", "gt1"), ("line", "stm1")]
+        [gt] = [t for t in fig["data"] if t.get("meta", {}).get("run") == "gt1"]
+        assert gt["error_y"]["array"][-1] > 0  # one round after step 0: an interval bar
+    captions = " ".join(c.value for c in at.caption)
+    assert "old1: no OOD drift measured" in captions
+    # the latest round's drift, one row per run and probe, under readable names only
+    [table] = [d.value for d in at.dataframe if DRIFT_LABELS["kl"] in d.value.columns]
+    assert set(table["run"]) == {"stm τ=2.5 · stm1", "gt · gt1"} and len(table) == 4
+    assert set(table.columns) >= {DRIFT_LABELS["top1_agree"], DRIFT_LABELS["dnll"]}
+    assert not {"kl", "top1_agree", "dnll", "kl_toward", "kl_away"} & set(table.columns)
+    assert "sharpening toward the base's own answer as drift just as it counts moving away" in (
+        captions
+    )
+    assert "random τ=2.5 · old1: no drift probes in its rounds" in captions
+    options = at.selectbox(key="runs-metric").options
+    assert "OOD drift: top-1 agreement with the base (OOD)" in options
+    assert not any("dbpb" in o or "Δ bits per byte" in o for o in options)
+    assert "nan" not in captions.lower()
+
+
+def test_runs_page_shows_an_evaluation_round_in_progress_and_what_a_run_without_loss_is(
+    tmp_path, monkeypatch
+):
+    from core.jobs.registry import JobRegistry
+    from core.jobs.runfiles import write_eval_progress
+
+    root = tmp_path / "runs"
+    monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
+    folder = make_eval_run(root, "live", {0: BASE_DRIFT}, tasks=DRIFT_TASKS, losses=())
+    registry = JobRegistry(root)
+    job = registry.register_foreground("train", {"method": "stm"}, device="cpu", run_dir=folder)
+    line = ("evaluating step 0: ood_drift (task 3 of 5) · 40/200 items · 1m12s, about 2m50s "
+            "left in this task")  # fmt: skip
+    write_eval_progress(folder, {"step": 0, "task": "ood_drift", "task_index": 2, "tasks": 5,
+                                 "items_done": 40, "items": 200, "elapsed_s": 72.0,
+                                 "time": time.time(), "line": line})  # fmt: skip
+    registry.set_message(job.id, line)
+    at = AppTest.from_file("../pages/runs.py", default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    [bar] = at.get("progress")
+    assert bar.proto.value == 20 and bar.proto.text == f"stm τ=2.5 · live: {line}"
+    captions = " ".join(c.value for c in at.caption)
+    assert "evaluation-only" not in captions  # a training run that is running
+    assert "live: a training run, running: no training step logged yet" in captions
+    # a training run that failed before its first step says so, never "evaluation-only"
+    registry.finish(job.id, "failed", 1, "boom")
+    at = AppTest.from_file("../pages/runs.py", default_timeout=60)
+    at.query_params["runs"] = "live"
+    at.run()
+    assert not at.exception
+    assert not at.get("progress")  # the job ended: its left-over progress file is not shown
+    captions = " ".join(c.value for c in at.caption)
+    assert "live: a training run that failed before logging a training step" in captions
+    assert "evaluation-only" not in captions
+
+
+def test_compare_page_draws_the_drift_frontier_beside_the_forgetting_frontier(drift_env):
+    at = AppTest.from_file("../pages/compare.py", default_timeout=60)
+    at.query_params["cmp"] = "stm1,gt1,old1"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    figures = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    titles = [f["layout"]["title"]["text"] for f in figures]
+    assert titles.index("Target gain vs OOD drift") < titles.index(
+        "Forgetting frontier (up and right is better)"
+    )
+    drift = figures[titles.index("Target gain vs OOD drift")]
+    points = [t for t in drift["data"] if t.get("meta", {}).get("role") == "line"]
+    assert sorted(r for t in points for r in t["meta"]["runs"]) == ["gt1", "stm1"]
+    for trace in points:
+        assert trace["error_x"]["array"][0] > 0 and trace["error_y"]["array"][0] > 0
+        assert trace["text"] == [trace["name"] if trace["name"] == "gt" else "stm τ=2.5"]
+    assert drift["layout"]["yaxis"]["range"][0] == 0
+    captions = " ".join(c.value for c in at.caption)
+    assert "Not drawn, no drift probes in its rounds: evaluated before drift was measured: " in (
+        captions
+    )
+    assert "random τ=2.5 · old1" in captions

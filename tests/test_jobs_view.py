@@ -11,7 +11,8 @@ from components.jobs_view import fmt_seconds
 
 def test_fmt_seconds():
     assert fmt_seconds(None) == ""
-    assert fmt_seconds(7.9) == "0m07s"
+    assert fmt_seconds(7.9) == "8s"  # under a minute: seconds, rounded (core.fmt.duration)
+    assert fmt_seconds(59.6) == "1m00s"
     assert fmt_seconds(187) == "3m07s"
     assert fmt_seconds(3900) == "1h05m"
 

@@ -9,23 +9,40 @@ import math
 
 import pytest
 
+from core.eval.drift import DRIFT_LABELS
 from core.eval.scorers import SuiteResult, item_scores
 from core.jobs.runfiles import eval_round_path
 from core.stats import paired_interval
-from core.study.runs import load_run, run_findings, runs_display_table, runs_table
+from core.study.runs import (
+    drift_display_table,
+    drift_missing,
+    drift_notes,
+    drift_table,
+    load_run,
+    run_findings,
+    runs_display_table,
+    runs_table,
+)
 from core.viz.run_charts import (
     METHOD_COLORS,
     bwt_chart,
+    drift_chart,
+    drift_charts,
+    drift_frontier_chart,
     figure_notes,
     frontier_chart,
+    loss_chart,
     metric_chart,
+    metric_label,
     metric_options,
+    no_loss_reason,
     target_delta_chart,
     task_delta_chart,
     task_delta_charts,
     top_row_charts,
+    value_text,
 )
-from tests.eval_runs import BASE, later, make_eval_run
+from tests.eval_runs import BASE, BASE_DRIFT, DRIFT_TASKS, later, later_drift, make_eval_run
 
 
 def traces(fig, role: str, run: str | None = None) -> list:
@@ -282,3 +299,194 @@ def test_rounds_saved_before_the_honest_metric_still_chart_the_full_token_nll(tm
     run = load_run(folder)
     assert run.target_task() == ("mbpp_ppl", "nll")
     assert set(run.changes()["metric"]) == {"nll", "acc"}
+
+
+# ----------------------------------------------------------------------- drift from the base
+
+
+@pytest.fixture
+def drift_runs(tmp_path):
+    """Three rounds of stm, two of gt (a single round after step 0) and an old run whose rounds
+    predate drift."""
+    stm = make_eval_run(tmp_path, "stm1", {0: BASE_DRIFT, 2: later_drift(2), 4: later_drift(4)},
+                        tasks=DRIFT_TASKS)  # fmt: skip
+    gt = make_eval_run(tmp_path, "gt1", {0: BASE_DRIFT, 3: later_drift(3)}, method="gt",
+                       tasks=DRIFT_TASKS)  # fmt: skip
+    old = make_eval_run(tmp_path, "old1", {0: BASE, 2: later(2)}, method="random")
+    return [load_run(stm), load_run(gt), load_run(old)]
+
+
+def test_changes_give_drift_rows_with_the_paired_interval_of_the_stored_items(drift_runs):
+    stm = drift_runs[0]
+    frame = stm.changes()
+    rows = frame[frame["task"] == "ood_drift"].sort_values("step")
+    assert set(rows["metric"]) == {"kl"} and set(rows["unit"]) == {"nats"}
+    assert not rows["accuracy"].any() and not rows["is_ti"].any()
+    assert stm.target_task() == ("mbpp_ppl", "nll")  # drift never becomes the target metric
+    base = stored_items(stm.run_dir, 0, "ood_drift", "kl")
+    for r in rows.itertuples():
+        value = SuiteResult.from_dict(json.loads(eval_round_path(stm.run_dir, r.step).read_text()))
+        assert r.delta == pytest.approx(value.task("ood_drift").metrics["kl"])  # KL is 0 at step 0
+        direct = paired_interval(base, stored_items(stm.run_dir, r.step, "ood_drift", "kl"))
+        assert (r.low, r.high) == pytest.approx((direct.low, direct.high))
+
+
+def test_drift_charts_draw_each_runs_kl_with_its_band_from_zero(drift_runs):
+    charts = dict(drift_charts(drift_runs))
+    assert list(charts) == ["ood-drift", "target-drift"]
+    fig = charts["ood-drift"]
+    assert fig.layout.title.text == "OOD drift: KL from the base model"
+    assert charts["target-drift"].layout.title.text == "Target drift: KL from the base model"
+    assert fig.layout.yaxis.title.text == "token KL from base, nats"
+    assert fig.layout.xaxis.title.text == "step" and fig.layout.xaxis.dtick == 1  # whole steps
+    stm, gt, old = drift_runs
+    [line], [band] = traces(fig, "line", "stm1"), traces(fig, "band", "stm1")
+    steps, low, high = band_bounds(band)
+    assert steps == list(line.x) == [0, 2, 4] and line.y[0] == 0.0
+    base = stored_items(stm.run_dir, 0, "ood_drift", "kl")
+    for k, step in enumerate(steps):
+        direct = paired_interval(base, stored_items(stm.run_dir, step, "ood_drift", "kl"))
+        assert line.y[k] == pytest.approx(direct.estimate)
+        assert (low[k], high[k]) == pytest.approx((direct.low, direct.high))
+    # a KL is never negative: the axis starts at 0 and holds every band
+    y0, y1 = fig.layout.yaxis.range
+    assert y0 == 0 and y1 >= max(high) and min(low) >= 0
+    # gt has one round after step 0: an interval bar on that point, not a band
+    [gt_line] = traces(fig, "line", "gt1")
+    assert not traces(fig, "band", "gt1") and list(gt_line.x) == [0, 3]
+    [row] = gt.changes().query("task == 'ood_drift' and step == 3").itertuples()
+    assert list(gt_line.error_y.array) == pytest.approx([0.0, row.high - row.delta])
+    assert list(gt_line.error_y.arrayminus) == pytest.approx([0.0, row.delta - row.low])
+    # the old run is left out and the notes say why; each drawn run's last KL, readable
+    notes = figure_notes(fig)
+    assert any(n.startswith("stm τ=2.5 · stm1, step 4: KL 0.100 [") and n.endswith("] nats.")
+               for n in notes)  # fmt: skip
+    assert any("old1: no OOD drift measured (its rounds were evaluated before drift" in n
+               for n in notes)  # fmt: skip
+    assert not traces(fig, "line", "old1")
+    assert "nan" not in " ".join(notes).lower()
+    fig.to_json()
+
+
+def test_drift_chart_states_without_a_later_round(tmp_path):
+    only_base = load_run(make_eval_run(tmp_path, "z", {0: BASE_DRIFT}, tasks=DRIFT_TASKS))
+    fig = drift_chart([only_base], "ood_drift")
+    assert not traces(fig, "line")
+    assert fig.layout.annotations[0].text == "No OOD drift to show yet."
+    [note] = figure_notes(fig)
+    assert "only step 0 evaluated so far (the base model: no drift by definition)" in note
+
+
+def test_per_task_charts_draw_drift_probes_as_drift_and_skip_what_is_drawn_above(drift_runs):
+    charts = dict(task_delta_charts(drift_runs))
+    assert charts["task-target_drift"].layout.title.text == "Target drift: KL from the base model"
+    assert charts["task-ood_drift"].layout.yaxis.title.text == "token KL from base, nats"
+    skipped = [k for k, _ in task_delta_charts(drift_runs, skip=("ood_drift", "target_drift"))]
+    assert skipped == ["task-mbpp_ppl", "task-arc_easy", "task-gsm8k_ppl"]
+
+
+def test_drift_table_gives_the_latest_round_with_intervals_and_readable_names(drift_runs):
+    table = drift_table(drift_runs)
+    assert set(table["run"]) == {"stm1", "gt1"}  # the old run has no drift round
+    stm = table[table["run"] == "stm1"]
+    assert set(stm["step"]) == {4} and list(dict.fromkeys(stm["task"])) == [
+        "target_drift", "ood_drift"
+    ]  # fmt: skip
+    data = json.loads(eval_round_path(drift_runs[0].run_dir, 4).read_text())
+    ood = SuiteResult.from_dict(data).task("ood_drift")
+    for metric in ("kl", "top1_agree", "dnll", "kl_toward", "kl_away"):
+        [row] = stm[(stm["task"] == "ood_drift") & (stm["metric"] == metric)].itertuples()
+        assert row.value == pytest.approx(ood.metrics[metric])
+        items = list(item_scores(ood, metric).values())
+        direct = paired_interval([(0.0, d) for _, d in items], items)
+        assert (row.low, row.high) == pytest.approx((direct.low, direct.high))
+        assert row.low <= row.value <= row.high
+    shown = drift_display_table(table)
+    assert list(shown.columns) == [
+        "run", "probe", "step", DRIFT_LABELS["kl"], DRIFT_LABELS["top1_agree"],
+        DRIFT_LABELS["dnll"], "KL toward / away from the base's answer, nats",
+    ]  # fmt: skip
+    row = shown[(shown["run"] == "stm τ=2.5 · stm1") & shown["probe"].str.startswith("OOD")]
+    [row] = row.to_dict("records")
+    assert row["probe"] == "OOD drift (mixed out-of-domain prompts)"
+    assert row[DRIFT_LABELS["kl"]].startswith("0.100 [")
+    assert row[DRIFT_LABELS["top1_agree"]].startswith("86.7% [")
+    assert row[DRIFT_LABELS["dnll"]].startswith("+0.020 [")  # moved away from the base's answers
+    assert row["KL toward / away from the base's answer, nats"] == "0.020 / 0.080 (20% toward)"
+    target = shown[(shown["run"] == "stm τ=2.5 · stm1") & shown["probe"].str.startswith("Target")]
+    assert target.iloc[0][DRIFT_LABELS["dnll"]].startswith("-0.060 [")  # sharpening
+    assert "80% toward" in target.iloc[0]["KL toward / away from the base's answer, nats"]
+    assert drift_notes(drift_runs) == [
+        "random τ=2.5 · old1: no drift probes in its rounds: evaluated before drift was measured."
+    ]
+    assert drift_display_table(drift_table(drift_runs[2:])).empty
+
+
+def test_drift_frontier_has_error_bars_both_ways_and_leaves_old_runs_out(drift_runs):
+    table, drift = runs_table(drift_runs), drift_table(drift_runs)
+    fig = drift_frontier_chart(table, drift, drift_missing(drift_runs))
+    assert fig.layout.title.text == "Target gain vs OOD drift"
+    assert fig.layout.yaxis.title.text.startswith("OOD drift: token KL from base, nats")
+    assert "nats (left is better)" in fig.layout.xaxis.title.text  # the target is an NLL here
+    points = traces(fig, "line")
+    assert sorted(r for t in points for r in t.meta["runs"]) == ["gt1", "stm1"]
+    for trace in points:
+        run = trace.meta["runs"][0]
+        facts = table.set_index("run").loc[run]
+        kl = drift[(drift["run"] == run) & (drift["task"] == "ood_drift")
+                   & (drift["metric"] == "kl")].iloc[0]  # fmt: skip
+        assert list(trace.x) == pytest.approx([facts["target Δ"]])
+        assert list(trace.y) == pytest.approx([kl["value"]])
+        assert trace.error_x.array[0] == pytest.approx(facts["target Δ high"] - facts["target Δ"])
+        assert trace.error_x.arrayminus[0] == pytest.approx(
+            facts["target Δ"] - facts["target Δ low"]
+        )
+        assert trace.error_y.array[0] == pytest.approx(kl["high"] - kl["value"])
+        assert trace.error_y.arrayminus[0] == pytest.approx(kl["value"] - kl["low"])
+        assert list(trace.text) == [facts["label"]] and trace.mode == "markers+text"
+    assert fig.layout.yaxis.range[0] == 0
+    ood_kl = drift[(drift["task"] == "ood_drift") & (drift["metric"] == "kl")]
+    assert fig.layout.yaxis.range[1] >= max(ood_kl["high"])
+    notes = figure_notes(fig)
+    assert notes == ["Not drawn, no drift probes in its rounds: evaluated before drift was "
+                     "measured: random τ=2.5 · old1."]  # fmt: skip
+    one = drift_frontier_chart(runs_table(drift_runs[:1]), drift_table(drift_runs[:1]))
+    assert "A comparison needs a second run." in figure_notes(one)[0]
+    none = drift_frontier_chart(runs_table(drift_runs[2:]), drift_table(drift_runs[2:]))
+    assert not traces(none, "line")
+    assert none.layout.annotations[0].text == "No run has both a target change and OOD drift yet."
+    fig.to_json()
+
+
+def test_readable_drift_names_and_loss_reasons(drift_runs, tmp_path):
+    assert metric_label("ood_drift", "top1_agree") == "OOD drift: top-1 agreement with the base"
+    assert metric_label("mbpp_ppl", "nll", sep=" · ") == "mbpp_ppl · nll"
+    options = metric_options(drift_runs)
+    assert ("ood_drift", "kl", "ood") in options
+    assert ("ood_drift", "dbpb", "ood") not in options  # never defined on prompt probes
+    fig = metric_chart(drift_runs, "ood_drift", "kl")
+    assert fig.layout.title.text == "OOD drift: token KL(base ‖ tuned), nats"
+    # only an evaluation job's run is "evaluation-only"; a training run says where it is
+    stm = drift_runs[0]
+    assert "running: no training step logged yet" in no_loss_reason(stm, "running")
+    assert "failed before" in no_loss_reason(stm, "failed")
+    assert "cancelled before" in no_loss_reason(stm, "cancelled")
+    assert "evaluation-only" not in " ".join(
+        no_loss_reason(stm, s) for s in ("queued", "running", "failed", "cancelled", None)
+    )
+    folder = make_eval_run(tmp_path / "e", "ev", {0: BASE}, losses=())
+    (folder / "config.json").write_text(json.dumps({"kind": "eval", "model": "default"}))
+    assert no_loss_reason(load_run(folder)) == "an evaluation-only run (no training)"
+    evaluation = load_run(folder)
+    notes = figure_notes(loss_chart([evaluation]))
+    assert notes == [f"{evaluation.label} · ev: an evaluation-only run (no training)."]
+    notes = figure_notes(loss_chart([evaluation, stm], {"stm1": "failed"}))  # stm1 has a loss
+    assert notes == [f"{evaluation.label} · ev: an evaluation-only run (no training)."]
+
+
+def test_value_text():
+    assert value_text(0.04213, 0.035, 0.0501, "nats") == "0.042 [0.035, 0.050] nats"
+    assert value_text(0.9333, 0.91, 0.954, percent=True) == "93.3% [91.0, 95.4]"
+    assert value_text(-0.02, -0.03, -0.01, signed=True) == "-0.020 [-0.030, -0.010]"
+    assert value_text(0.1, None, None, "nats") == "0.100 nats (no interval)"
+    assert value_text(float("nan")) == "–"

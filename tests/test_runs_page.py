@@ -43,9 +43,15 @@ def test_evaluate_the_base_model_from_the_page(tiny_model_dir, runs):  # noqa: F
     assert "Training loss" not in titles  # an evaluation job has no loss curve: it says so
     assert any("Training loss**: none" in c.value for c in at.caption)
     # the base model alone: no change to chart yet, and the page says so (no NaN, no empty grid)
-    assert titles == ["Target Δ vs step 0", "BWT: out-of-domain change", "mbpp pass@1"]
+    assert titles == [
+        "Target Δ vs step 0", "BWT: out-of-domain change", "OOD drift: KL from the base model",
+        "Target drift: KL from the base model", "mbpp pass@1",
+    ]  # fmt: skip
+    # an evaluation job's run is what the loss panel calls "evaluation-only", and only that
+    assert any(f"{job.id}: an evaluation-only run (no training)" in c.value for c in at.caption)
     captions = " ".join(c.value for c in at.caption)
     assert "only step 0 evaluated so far; a change needs a later round." in captions
+    assert "only step 0 evaluated so far (the base model: no drift by definition)" in captions
     assert "Only step 0 (the base model) is evaluated so far" in captions
     assert "nan" not in captions.lower()
     # the raw scores: one picker over every recorded metric

@@ -25,8 +25,9 @@ import pandas as pd
 
 from core.errors import LensError
 from core.eval.compare import compare_results, recorded_suite, ti_spec
-from core.eval.scorers import SuiteResult
-from core.eval.suites import REF_PPL
+from core.eval.drift import DRIFT_LABELS
+from core.eval.scorers import SuiteResult, item_scores
+from core.eval.suites import DRIFT, REF_PPL, TARGET
 from core.io import read_json
 from core.jobs.metrics import (
     DataRecord,
@@ -45,7 +46,15 @@ from core.jobs.runfiles import (
     read_records,
     runs_dir,
 )
-from core.viz.run_charts import change_text, interval_text
+from core.stats import paired_interval
+from core.viz.run_charts import (
+    DRIFT_METRIC,
+    change_text,
+    interval_text,
+    probe_description,
+    probe_title,
+    value_text,
+)
 
 GENERATED_KINDS = ("self_output", "rephrase")
 # Run folders that hold no training or evaluation of a model: data generation, protocols.
@@ -302,7 +311,8 @@ def _record_changes(frame: pd.DataFrame) -> list[dict[str, Any]]:
         primary.setdefault(task, metric)
         roles.setdefault(task, role)
     targets = [t for t in primary if roles[t] == "target"]
-    ti = next((t for t in targets if primary[t] != NLL_METRIC), None)
+    # drift ("kl") is never a task's score: TI comes from an accuracy, else the reference NLL
+    ti = next((t for t in targets if primary[t] not in (NLL_METRIC, DRIFT_METRIC)), None)
     ti = ti or next((t for t in targets if primary[t] == NLL_METRIC), None)
     values = {
         (int(step), task, metric): value
@@ -316,7 +326,7 @@ def _record_changes(frame: pd.DataFrame) -> list[dict[str, Any]]:
         for task, metric in primary.items():
             if (step, task, metric) not in values:
                 continue
-            accuracy = metric != NLL_METRIC
+            accuracy = metric not in (NLL_METRIC, DRIFT_METRIC)
             base, value = values.get((steps[0], task, metric)), values[(step, task, metric)]
             known = _finite(base) and _finite(value)
             rows.append(
@@ -517,3 +527,162 @@ def run_findings(run: RunView) -> list[str]:
                                reason="too few items or no per-item scores")  # fmt: skip
             out.append(f"{name}: {label} at step {summary.step}: {text}.")
     return out
+
+
+# ------------------------------------------------------------------------ drift from the base
+
+#: The drift metrics `drift_table` gives at a run's latest round, each with its 95% interval.
+DRIFT_TABLE_METRICS = ("kl", "top1_agree", "dnll", "kl_toward", "kl_away")
+#: The columns of `drift_table`: one row per run, drift probe and metric at the run's latest
+#: round with drift; `value` is the metric at that round (a drift metric is measured against the
+#: base model itself), `low` / `high` its 95% interval over probe items (None with a `reason`).
+DRIFT_COLUMNS = [
+    "run", "label", "method", "task", "role", "step", "metric", "value", "low", "high", "n",
+    "reason",
+]  # fmt: skip
+#: `drift_display_table`'s column of the KL split
+SPLIT_COLUMN = "KL toward / away from the base's answer, nats"
+#: How to read the drift table (under it on the Runs page).
+DRIFT_READING = (
+    "Drift from the base model at each run's latest evaluation round, on the base model's own "
+    "greedy answers to each probe's prompts; brackets are 95% intervals over probe items. KL "
+    "counts sharpening toward the base's own answer as drift just as it counts moving away from "
+    "it, so read the split and the Δ NLL: KL toward is where the base's answer gained "
+    "probability (sharpening), KL away where it lost some (toward + away = KL); a negative Δ NLL "
+    "of the base's answers means the tuned model became more sure of them (sharpening), a "
+    "positive one that it moved away. Top-1 agreement: the share of answer tokens whose most "
+    "likely next token is still the base's."
+)
+
+
+def _round_stamps(run_dir: Path) -> tuple[tuple[int, tuple[int, int]], ...]:
+    """(step, file stamp) of each saved round, ascending."""
+    stamps = ((step, _stamp(eval_round_path(run_dir, step))) for step in eval_round_steps(run_dir))
+    return tuple((step, stamp) for step, stamp in stamps if stamp is not None)
+
+
+@lru_cache(maxsize=256)
+def _latest_drift_step(run_dir: str, stamps: tuple[tuple[int, tuple[int, int]], ...]) -> int | None:
+    """The newest saved round holding drift tasks (None: none does), searched from the newest
+    back, so a run with drift reads one round; cached until a round file changes."""
+    for step, stamp in reversed(stamps):
+        result = _load_round(str(eval_round_path(run_dir, step)), stamp)
+        if result is not None and any(t.scorer == DRIFT and t.details for t in result.tasks):
+            return step
+    return None
+
+
+@lru_cache(maxsize=256)
+def _drift_round_rows(path: str, stamp: tuple[int, int], step: int) -> tuple[dict[str, Any], ...]:
+    """`DRIFT_COLUMNS` rows (without the run's columns) of one saved round: each drift task's
+    `DRIFT_TABLE_METRICS` with a 95% bootstrap interval over its items (cached per file)."""
+    result = _load_round(path, stamp)
+    if result is None:
+        return ()
+    rows = []
+    tasks = sorted((t for t in result.tasks if t.scorer == DRIFT and t.details),
+                   key=lambda t: t.role != TARGET)  # fmt: skip
+    for task in tasks:
+        for metric in DRIFT_TABLE_METRICS:
+            items = item_scores(task, metric)
+            value = task.metrics.get(metric)
+            interval = None
+            if items:  # the value's interval: its change from an item-wise zero, paired
+                tuned = list(items.values())
+                interval = paired_interval([(0.0, den) for _, den in tuned], tuned)
+            rows.append(
+                {"task": task.name, "role": task.role, "step": step, "metric": metric,
+                 "value": float(value) if _finite(value) else None,
+                 "low": interval.low if interval else None,
+                 "high": interval.high if interval else None,
+                 "n": interval.n if interval else task.n,
+                 "reason": (interval.reason if interval else "no per-item sums saved") or ""}
+            )  # fmt: skip
+    return tuple(rows)
+
+
+def drift_rows(run: RunView) -> list[dict[str, Any]]:
+    """`DRIFT_COLUMNS` rows of one run at its latest round with drift after its first round
+    (empty when it has none: see `drift_missing`)."""
+    stamps = _round_stamps(run.run_dir)
+    step = _latest_drift_step(str(run.run_dir), stamps) if stamps else None
+    if step is None or step == stamps[0][0]:
+        return []
+    path = eval_round_path(run.run_dir, step)
+    stamp = dict(stamps)[step]
+    facts = {"run": run.run_id, "label": run.label, "method": run.method}
+    return [{**facts, **row} for row in _drift_round_rows(str(path), stamp, step)]
+
+
+def drift_table(runs: list[RunView]) -> pd.DataFrame:
+    """Drift from the base model at each run's latest round with drift (`DRIFT_COLUMNS`): per
+    drift probe (target first), token KL, top-1 agreement, Δ NLL of the base's answers and the
+    KL split toward / away from them, each with its 95% interval over probe items."""
+    rows = [row for run in runs for row in drift_rows(run)]
+    return pd.DataFrame(rows, columns=DRIFT_COLUMNS)
+
+
+def drift_missing(runs: list[RunView]) -> dict[str, str]:
+    """Run id -> why the run has no row in `drift_table` (only runs without one)."""
+    out = {}
+    for run in runs:
+        if drift_rows(run):
+            continue
+        stamps = _round_stamps(run.run_dir)
+        if not stamps:
+            out[run.run_id] = ("no saved evaluation rounds yet" if run.eval_frame().empty
+                               else "no per-item rounds saved: evaluated before drift was "
+                               "measured")  # fmt: skip
+        elif _latest_drift_step(str(run.run_dir), stamps) is None:
+            out[run.run_id] = "no drift probes in its rounds: evaluated before drift was measured"
+        else:
+            out[run.run_id] = (f"only step {stamps[0][0]} evaluated so far (the base model: no "
+                               "drift by definition)")  # fmt: skip
+    return out
+
+
+def drift_notes(runs: list[RunView]) -> list[str]:
+    """One sentence per run without drift in `drift_table`, saying why."""
+    by_id = {run.run_id: run for run in runs}
+    return [f"{by_id[r].label} · {r}: {why}." for r, why in drift_missing(runs).items()]
+
+
+def drift_display_table(table: pd.DataFrame) -> pd.DataFrame:
+    """A `drift_table` as people read it: one row per run and probe, each metric under its
+    readable name (`DRIFT_LABELS`) as "value [95% interval]", and the KL split toward / away
+    from the base's answers with the share toward."""
+    columns = ["run", "probe", "step", DRIFT_LABELS["kl"], DRIFT_LABELS["top1_agree"],
+               DRIFT_LABELS["dnll"], SPLIT_COLUMN]  # fmt: skip
+    if table.empty:
+        return pd.DataFrame(columns=columns)
+    out = []
+    for (run, task), group in table.groupby(["run", "task"], sort=False):
+        at = {str(r.metric): r for r in group.itertuples()}
+        toward, away = at.get("kl_toward"), at.get("kl_away")
+        split = "–"
+        if (
+            toward is not None
+            and away is not None
+            and _finite(toward.value)
+            and _finite(away.value)
+        ):
+            total = float(toward.value) + float(away.value)
+            share = f" ({100 * float(toward.value) / total:.0f}% toward)" if total > 0 else ""
+            split = f"{float(toward.value):.3f} / {float(away.value):.3f}{share}"
+        first = group.iloc[0]
+        out.append(
+            {"run": f"{first['label']} · {run}",
+             "probe": f"{probe_title(str(task))} ({probe_description(str(task))})",
+             "step": int(first["step"]),
+             DRIFT_LABELS["kl"]: _cell(at, "kl"),
+             DRIFT_LABELS["top1_agree"]: _cell(at, "top1_agree", percent=True),
+             DRIFT_LABELS["dnll"]: _cell(at, "dnll", signed=True),
+             SPLIT_COLUMN: split}
+        )  # fmt: skip
+    return pd.DataFrame(out, columns=columns)
+
+
+def _cell(at: dict[str, Any], metric: str, **kw: Any) -> str:
+    """One `drift_table` metric of one run and probe as "value [interval]" ("–" if absent)."""
+    row = at.get(metric)
+    return "–" if row is None else value_text(row.value, row.low, row.high, **kw)

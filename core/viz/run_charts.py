@@ -9,12 +9,14 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
+from core.eval.drift import DRIFT_LABELS
+from core.eval.suites import DRIFT, PRIMARY_METRIC
 from core.jobs.metrics import (
     EvalSummaryRecord,
     StartRecord,
@@ -178,11 +180,14 @@ def _band(
 
 def _line(
     fig: go.Figure, run: RunView, x: Sequence[Any], y: Sequence[Any], style: dict[str, str],
-    hover: Sequence[str] | None = None,
+    hover: Sequence[str] | None = None, error_y: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
-    """A run's line (`meta.role` "line"), hovering `hover` per point when given."""
-    extra = {} if hover is None else {"customdata": list(hover),
-                                      "hovertemplate": "%{customdata}<extra></extra>"}  # fmt: skip
+    """A run's line (`meta.role` "line"), hovering `hover` per point when given, with
+    `error_y` bars when given."""
+    extra: dict[str, Any] = {} if hover is None else {
+        "customdata": list(hover), "hovertemplate": "%{customdata}<extra></extra>"}  # fmt: skip
+    if error_y is not None:
+        extra["error_y"] = error_y
     fig.add_trace(
         go.Scatter(
             x=list(x), y=list(y), mode="lines+markers", name=_run_name(run), line=style,
@@ -192,20 +197,43 @@ def _line(
     )  # fmt: skip
 
 
-def loss_chart(runs: Sequence[RunView]) -> go.Figure:
+def loss_chart(runs: Sequence[RunView], statuses: Mapping[str, str] | None = None) -> go.Figure:
     """Training loss over steps, one line per run: the loss on the tokens training kept (a
-    masking method leaves its masked tokens out of it, so methods differ in what it measures)."""
+    masking method leaves its masked tokens out of it, so methods differ in what it measures).
+    `statuses` (run id -> job status) lets a run without loss say why (`no_loss_reason`)."""
     fig = go.Figure()
     styles = _styles(runs)
     notes = []
     for run in runs:
         frame = run.train_frame()
         if frame.empty:
-            notes.append(f"{_run_name(run)}: no training steps (an evaluation-only run).")
+            notes.append(
+                f"{_run_name(run)}: {no_loss_reason(run, (statuses or {}).get(run.run_id))}."
+            )
             continue
         _line(fig, run, frame["step"], frame["loss"], styles[run.run_id])
     _panel_layout(fig, "Training loss", "step", "loss on trained<br>(unmasked) tokens")
     return _finish(fig, notes, "No training steps logged yet.")
+
+
+def is_evaluation_only(run: RunView, kind: str | None = None) -> bool:
+    """An evaluation job's run (its config, or its job `kind`, says "eval"): no training."""
+    return kind == "eval" or run.config.get("kind") == "eval"
+
+
+def no_loss_reason(run: RunView, status: str | None = None, kind: str | None = None) -> str:
+    """Why a run has no training loss to draw, from what the run is and its job's `status`
+    (None: no job known): only an evaluation job's run is "evaluation-only"; a training run is
+    queued, running (not past its first logged step: preparing data or evaluating step 0),
+    failed or cancelled before its first step, or finished without a logged loss."""
+    if is_evaluation_only(run, kind):
+        return "an evaluation-only run (no training)"
+    return {
+        "queued": "a training run, queued: no step yet",
+        "running": "a training run, running: no training step logged yet",
+        "failed": "a training run that failed before logging a training step",
+        "cancelled": "a training run cancelled before logging a training step",
+    }.get(str(status), "a training run with no training loss logged")
 
 
 def metric_chart(runs: Sequence[RunView], task: str, metric: str | None = None) -> go.Figure:
@@ -223,20 +251,28 @@ def metric_chart(runs: Sequence[RunView], task: str, metric: str | None = None) 
         name = metric or str(frame["metric"].iloc[0])
         frame = frame[frame["metric"] == name].sort_values("step")
         _line(fig, run, frame["step"], frame["value"], styles[run.run_id])
-    label = f"{task} {metric or ''}".strip()
-    _base_layout(fig, label, "step", metric or "score")
+    label = metric_label(task, metric) if metric else task
+    drift = bool(metric) and is_drift_task(task) and metric in DRIFT_LABELS
+    _base_layout(fig, label, "step", DRIFT_LABELS[str(metric)] if drift else metric or "score")
     return _finish(fig, [], f"No {label} records in these runs.")
 
 
 def metric_options(runs: Sequence[RunView]) -> list[tuple[str, str, str]]:
-    """Every (task, metric, role) the runs recorded: target tasks first, a task's primary
-    metric first (the metric picker's choices)."""
+    """Every (task, metric, role) the runs recorded a number for (a metric that is always
+    undefined, such as Δ bits per byte on prompt probes, is left out): target tasks first, a
+    task's primary metric first (the metric picker's choices)."""
     seen: list[tuple[str, str, str]] = []
+    measured: set[tuple[str, str, str]] = set()  # with a number at some step (not only NaN)
     for run in runs:
         frame = run.eval_frame()
-        for task, metric, role in zip(frame["task"], frame["metric"], frame["role"], strict=True):
+        for task, metric, role, value in zip(
+            frame["task"], frame["metric"], frame["role"], frame["value"], strict=True
+        ):
             if (task, metric, role) not in seen:
                 seen.append((task, metric, role))
+            if _finite(value):
+                measured.add((task, metric, role))
+    seen = [key for key in seen if key in measured]
     order = {task: i for i, (task, _, _) in reversed(list(enumerate(seen)))}
     return sorted(seen, key=lambda t: (t[2] != "target", order[t[0]]))
 
@@ -378,23 +414,35 @@ def task_delta_chart(runs: Sequence[RunView], task: str) -> go.Figure:
     return _finish(fig, notes, "No change to show yet.")
 
 
-def task_delta_charts(runs: Sequence[RunView]) -> list[tuple[str, go.Figure]]:
-    """(key, chart) per evaluated task, target tasks first: `task_delta_chart` of each."""
+def task_delta_charts(
+    runs: Sequence[RunView], skip: Collection[str] = ()
+) -> list[tuple[str, go.Figure]]:
+    """(key, chart) per evaluated task, target tasks first: `task_delta_chart` of each, or
+    `drift_chart` for a drift probe; tasks in `skip` (charted elsewhere) are left out."""
     tasks: list[tuple[str, str]] = []
+    drift: set[str] = set()
     for run in runs:
         frame = run.changes()
-        for task, role in zip(frame["task"], frame["role"], strict=True):
-            if (task, role) not in tasks and task not in dict(tasks):
+        for task, role, metric in zip(frame["task"], frame["role"], frame["metric"], strict=True):
+            if (task, role) not in tasks and task not in dict(tasks) and task not in skip:
                 tasks.append((task, role))
+            if metric == DRIFT_METRIC:
+                drift.add(task)
     tasks.sort(key=lambda t: t[1] != "target")  # stable: first-seen order within a role
-    return [(f"task-{_slug(task)}", task_delta_chart(runs, task)) for task, _ in tasks]
+    return [
+        (f"task-{_slug(task)}",
+         drift_chart(runs, task) if task in drift else task_delta_chart(runs, task))
+        for task, _ in tasks
+    ]  # fmt: skip
 
 
-def top_row_charts(runs: Sequence[RunView]) -> list[tuple[str, go.Figure]]:
+def top_row_charts(
+    runs: Sequence[RunView], statuses: Mapping[str, str] | None = None
+) -> list[tuple[str, go.Figure]]:
     """The three charts a reader looks at first, as (key, chart): the target's change vs step 0,
-    BWT and the training loss, every run overlaid."""
+    BWT and the training loss, every run overlaid (`statuses`: see `loss_chart`)."""
     return [("target", target_delta_chart(runs)), ("bwt", bwt_chart(runs)),
-            ("loss", loss_chart(runs))]  # fmt: skip
+            ("loss", loss_chart(runs, statuses))]  # fmt: skip
 
 
 def _slug(text: str) -> str:
@@ -437,6 +485,253 @@ def bwt_chart(runs: Sequence[RunView]) -> go.Figure:
     fig.add_hline(y=0, line={"color": "#6b7280", "width": 1})
     _panel_layout(fig, "BWT: out-of-domain change", "step", "BWT, %", "higher")
     return _finish(fig, notes, "No BWT to draw (see the note below).")
+
+
+# --------------------------------------------------------------------------- drift from the base
+
+DRIFT_METRIC = PRIMARY_METRIC[DRIFT]  # "kl": a drift task's primary metric (0 at the base)
+OOD_DRIFT, TARGET_DRIFT, TEXT_DRIFT = "ood_drift", "target_drift", "text_drift"
+#: What each built-in drift probe measures on, for titles and tables (a user's probe file,
+#: "drift:NAME", is "prompts of NAME").
+PROBE_TITLES = {
+    OOD_DRIFT: "OOD drift",
+    TARGET_DRIFT: "Target drift",
+    TEXT_DRIFT: "Text drift",
+}
+PROBE_DESCRIPTIONS = {
+    OOD_DRIFT: "mixed out-of-domain prompts",
+    TARGET_DRIFT: "held-out prompts of the training task",
+    TEXT_DRIFT: "LAMBADA text passages",
+}
+KL_AXIS = "token KL from base, nats"
+
+
+def is_drift_task(task: str) -> bool:
+    """A built-in suite's drift probe, or a user's probe file ("drift:NAME")."""
+    return task in PROBE_TITLES or task.startswith("drift:")
+
+
+def probe_title(task: str) -> str:
+    """A drift task's readable name: "OOD drift", "Target drift", "Text drift", or
+    "Drift on NAME" for a user's probe file."""
+    if task in PROBE_TITLES:
+        return PROBE_TITLES[task]
+    return f"Drift on {task.removeprefix('drift:')}"
+
+
+def probe_noun(task: str) -> str:
+    """`probe_title` inside a sentence ("no OOD drift measured", "no target drift ...")."""
+    title = probe_title(task)
+    return title if title.startswith("OOD") else title[0].lower() + title[1:]
+
+
+def probe_description(task: str) -> str:
+    """What a drift task's probe items are ("mixed out-of-domain prompts", ...)."""
+    return PROBE_DESCRIPTIONS.get(task, f"prompts of {task.removeprefix('drift:')}")
+
+
+def metric_label(task: str, metric: str, sep: str = " ") -> str:
+    """A (task, metric) pair as a reader names it: a drift metric by its `DRIFT_LABELS` text
+    under the probe's readable name, any other as "task{sep}metric"."""
+    if metric in DRIFT_LABELS and is_drift_task(task):
+        return f"{probe_title(task)}: {DRIFT_LABELS[metric]}"
+    return f"{task}{sep}{metric}"
+
+
+def value_text(
+    value: Any, low: Any = None, high: Any = None, unit: str = "", digits: int = 3,
+    *, percent: bool = False, signed: bool = False,
+) -> str:  # fmt: skip
+    """A measured value (not a change) with its 95% interval: "0.042 [0.035, 0.050] nats",
+    "93.3% [91.0, 95.4]" (`percent`: a share 0-1 shown in %), "0.042 nats (no interval)" or
+    "–"; `signed` writes the sign (a Δ such as the Δ NLL of the base's answers)."""
+    if not _finite(value):
+        return "–"
+    scale, digits = (100.0, 1) if percent else (1.0, digits)
+    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
+    unit = "%" if percent else (f" {unit}" if unit else "")
+    text = fmt.format(scale * float(value))
+    if _finite(low) and _finite(high):
+        bounds = f"[{fmt.format(scale * float(low))}, {fmt.format(scale * float(high))}]"
+        return f"{text}{'%' if percent else ''} {bounds}{'' if percent else unit}"
+    return f"{text}{unit} (no interval)"
+
+
+def _drift_rows(run: RunView, task: str) -> pd.DataFrame:
+    frame = run.changes()
+    if frame.empty:
+        return frame
+    return frame[(frame["task"] == task) & (frame["metric"] == DRIFT_METRIC)]
+
+
+def drift_chart(runs: Sequence[RunView], task: str = OOD_DRIFT) -> go.Figure:
+    """A drift probe's token KL(base ‖ tuned) over training steps, one line per run (0 at step 0,
+    the base model), with its paired 95% interval over probe items as a band, or as an interval
+    bar when the run has a single round after step 0. The axis starts at 0 (a KL is never
+    negative). Runs whose rounds hold no such probe (evaluated before drift was measured) are
+    named in the notes."""
+    fig = go.Figure()
+    styles = _styles(runs)
+    title = probe_title(task)
+    notes: list[str] = []
+    values: list[float] = []
+    for run in runs:
+        name = _run_name(run)
+        rows = _drift_rows(run, task)
+        if run.changes().empty:
+            notes.append(f"{name}: no evaluation rounds yet.")
+            continue
+        if rows.empty:
+            notes.append(f"{name}: no {probe_noun(task)} measured (its rounds were evaluated "
+                         "before drift was measured, or without this probe).")  # fmt: skip
+            continue
+        rows = rows.sort_values("step")
+        base_step = int(rows["base_step"].iloc[0])
+        known = rows[[_finite(v) for v in rows["delta"]]]
+        if rows["step"].max() == base_step:
+            notes.append(f"{name}: only step {base_step} evaluated so far (the base model: no "
+                         "drift by definition); drift needs a later round.")  # fmt: skip
+            continue
+        if known.empty:
+            notes.append(f"{name}: {rows['reason'].iloc[-1] or 'not scored'}.")
+            continue
+        texts = [
+            f"step {int(r.step)}: KL "
+            + (value_text(r.delta, r.low, r.high, "nats") if _finite(r.low) and _finite(r.high)
+               else f"{float(r.delta):.3f} nats ({r.reason or 'no interval'})")
+            for r in known.itertuples()
+        ]  # fmt: skip
+        bounded = [_finite(lo) and _finite(hi) for lo, hi in zip(known["low"], known["high"],
+                                                                  strict=True)]  # fmt: skip
+        after = known[known["step"] > base_step]
+        error_y = None
+        if len(after) >= 2:
+            band = known[bounded]
+            if len(band) >= 2:
+                _band(fig, band["step"], band["low"], band["high"],
+                      color=styles[run.run_id]["color"], run=run)  # fmt: skip
+        elif len(after) == 1 and _finite(after["low"].iloc[0]) and _finite(after["high"].iloc[0]):
+            last = after.index[0]  # the one round after step 0: an interval bar on its point
+            error_y = {
+                "type": "data", "symmetric": False, "thickness": 1.5, "width": 5,
+                "array": [float(r.high - r.delta) if r.Index == last else 0.0
+                          for r in known.itertuples()],
+                "arrayminus": [float(r.delta - r.low) if r.Index == last else 0.0
+                               for r in known.itertuples()],
+            }  # fmt: skip
+        _line(fig, run, known["step"], known["delta"], styles[run.run_id], texts, error_y)
+        values += [float(v) for v in (*known["delta"], *known["low"], *known["high"])
+                   if _finite(v)]  # fmt: skip
+        base = rows["base"].iloc[0]
+        if _finite(base) and float(base) > 0:
+            notes.append(f"{name}: its first round (step {base_step}) already differs from the "
+                         "base model, so the line is the change of KL from that round.")  # fmt: skip
+        notes.append(f"{name}, {texts[-1]}.")
+    _panel_layout(fig, f"{title}: KL from the base model", "step", KL_AXIS)
+    if values and min(values) >= 0:  # a KL: the axis starts at 0 (the base model)
+        top = max(values)
+        fig.update_yaxes(range=[0.0, 1.1 * top if top > 0 else 1.0], rangemode="tozero")
+        fig.update_xaxes(rangemode="nonnegative")
+    return _finish(fig, notes, f"No {probe_noun(task)} to show yet.")
+
+
+def drift_charts(runs: Sequence[RunView]) -> list[tuple[str, go.Figure]]:
+    """(key, chart) of the two drift probes a reader looks at beside the target's change and
+    BWT: OOD drift ("ood_drift") and target drift ("target_drift"), every run overlaid."""
+    return [("ood-drift", drift_chart(runs, OOD_DRIFT)),
+            ("target-drift", drift_chart(runs, TARGET_DRIFT))]  # fmt: skip
+
+
+def _error_bars(values: pd.Series, low: pd.Series, high: pd.Series) -> dict[str, Any]:
+    """Asymmetric error bars from each value to its interval's bounds (none where unknown)."""
+    return {
+        "type": "data", "symmetric": False, "thickness": 1.5, "width": 4,
+        "array": [h - v if _finite(h) else None for v, h in zip(values, high, strict=True)],
+        "arrayminus": [v - lo if _finite(lo) else None for v, lo in zip(values, low, strict=True)],
+    }  # fmt: skip
+
+
+def drift_frontier_chart(
+    table: pd.DataFrame, drift: pd.DataFrame, missing: Mapping[str, str] | None = None,
+    task: str = OOD_DRIFT,
+) -> go.Figure:  # fmt: skip
+    """Target gain against drift: each run's target Δ vs step 0 (x, from a `runs_table`, with its
+    paired 95% interval) against its token KL from the base on the `task` probe at its latest
+    drift round (y, from `core.study.runs.drift_table`, with its 95% interval over probe items),
+    error bars both ways, one marker per run labelled by its method. Runs without a drift round
+    after step 0 are left out and named in the notes, with the reason `missing` gives (run id ->
+    why)."""
+    fig = go.Figure()
+    notes: list[str] = []
+    missing = dict(missing or {})
+    kl = pd.DataFrame()
+    if not drift.empty:
+        kl = drift[(drift["task"] == task) & (drift["metric"] == DRIFT_METRIC)]
+    by_run = {str(r["run"]): r for _, r in kl.iterrows()}
+    rows: list[dict[str, Any]] = []
+    left_out: dict[str, list[str]] = {}
+    unit = None
+    title = probe_title(task)
+    for _, row in table.iterrows() if not table.empty else ():
+        name = f"{row['label']} · {row['run']}"
+        found = by_run.get(str(row["run"]))
+        if found is None:
+            why = missing.get(str(row["run"]), f"no {probe_noun(task)} measured after step 0")
+            left_out.setdefault(why, []).append(name)
+            continue
+        if not _finite(row.get("target Δ")):
+            left_out.setdefault("no target change yet", []).append(name)
+            continue
+        unit = unit or str(row.get("target Δ unit") or "")
+        if str(row.get("target Δ unit") or "") != unit:
+            left_out.setdefault(f"its target Δ is not in {unit} like the others",
+                                []).append(name)  # fmt: skip
+            continue
+        rows.append({"run": row["run"], "label": row["label"], "method": row["method"],
+                     "target": row.get("target"), "x": float(row["target Δ"]),
+                     "x_low": row.get("target Δ low"), "x_high": row.get("target Δ high"),
+                     "y": float(found["value"]), "y_low": found["low"],
+                     "y_high": found["high"], "step": int(found["step"])})  # fmt: skip
+    data = pd.DataFrame(rows)
+    for method, group in data.groupby("method", sort=False) if not data.empty else ():
+        hover = [
+            f"{r.label} · {r.run}<br>target Δ {interval_text(r.x, r.x_low, r.x_high, unit)}<br>"
+            f"{title} at step {r.step}: KL {value_text(r.y, r.y_low, r.y_high, 'nats')}"
+            for r in group.itertuples()
+        ]  # fmt: skip
+        fig.add_trace(
+            go.Scatter(
+                x=group["x"].tolist(), y=group["y"].tolist(), mode="markers+text",
+                name=str(method), text=group["label"].tolist(), textposition="top center",
+                marker={"size": 12, "color": method_color(str(method))},
+                customdata=hover, hovertemplate="%{customdata}<extra></extra>",
+                error_x=_error_bars(group["x"], group["x_low"], group["x_high"]),
+                error_y=_error_bars(group["y"], group["y_low"], group["y_high"]),
+                meta={"role": "line", "runs": list(group["run"])},
+            )
+        )  # fmt: skip
+    for why, names in left_out.items():
+        notes.append(f"Not drawn, {why}: {', '.join(names)}.")
+    no_interval = [f"{r.label} · {r.run}" for r in data.itertuples()
+                   if not all(_finite(v) for v in (r.x_low, r.x_high, r.y_low, r.y_high))]  # fmt: skip
+    if no_interval:
+        notes.append("No interval (too few items or no per-item scores) for: "
+                     + ", ".join(no_interval) + ".")  # fmt: skip
+    if len(data) == 1:
+        notes.insert(0, "One run: its point with the 95% intervals of its target change and its "
+                     "drift. A comparison needs a second run.")  # fmt: skip
+    accuracy = unit == "points"
+    target = data["target"].iloc[0] if not data.empty else ""
+    target = target if isinstance(target, str) else ""
+    x_title = f"target Δ{f' ({target})' if target else ''}, {unit or 'vs step 0'}"
+    x_title += " (right is better)" if accuracy else (" (left is better)" if unit else "")
+    fig.add_vline(x=0, line={"color": "#9ca3af", "width": 1})
+    _base_layout(fig, f"Target gain vs {probe_noun(task)}", x_title,
+                 f"{title}: {KL_AXIS}<br>(lower: closer to the base)")  # fmt: skip
+    if not data.empty:
+        top = max(float(v) for v in (*data["y"], *data["y_high"]) if _finite(v))
+        fig.update_yaxes(range=[0.0, 1.15 * top if top > 0 else 1.0], rangemode="tozero")
+    return _finish(fig, notes, f"No run has both a target change and {probe_noun(task)} yet.")
 
 
 def _column(table: pd.DataFrame, name: str) -> pd.Series:
