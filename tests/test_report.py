@@ -237,3 +237,23 @@ def test_report_png_buttons_in_a_browser(runs_root, tmp_path):
         assert charts.count() == 7 and buttons.count() == 7
         browser.close()
     assert all(url.startswith(("file:", "data:", "about:")) for url in requests), requests
+
+
+def test_report_carries_drift_charts_table_and_frontier(tmp_path):
+    from core.viz.run_charts import drift_charts
+    from tests.eval_runs import BASE_DRIFT, DRIFT_TASKS, later_drift, make_eval_run
+
+    rounds = {0: BASE_DRIFT, 2: later_drift(2), 4: later_drift(4)}
+    runs = [
+        load_run(make_eval_run(tmp_path, "stm1", rounds, tasks=DRIFT_TASKS)),
+        load_run(make_eval_run(tmp_path, "gt1", {0: BASE_DRIFT, 4: later_drift(8)}, method="gt",
+                               tasks=DRIFT_TASKS)),
+    ]  # fmt: skip
+    text = build_report(runs)
+    for _, fig in drift_charts(runs):
+        assert f'"text":{json.dumps(fig.layout.title.text)}' in text
+    table = text.split("<h2>Drift from the base model</h2>")[1].split("</table>")[0]
+    assert "token KL(base ‖ tuned), nats" in table and "top-1 agreement" in table
+    assert re.search(r"<td>\d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]</td>", table)
+    assert "sharpening toward the base" in text  # how to read KL
+    assert "nan" not in table.lower()

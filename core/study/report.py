@@ -30,7 +30,11 @@ from core.io import write_text_atomic
 from core.masking import DEFAULT_TAU
 from core.study.diagnostics import PplChange, saved_ppl_changes, training_examples
 from core.study.runs import (
+    DRIFT_READING,
     RunView,
+    drift_display_table,
+    drift_missing,
+    drift_table,
     load_run,
     run_findings,
     runs_display_table,
@@ -234,6 +238,10 @@ def build_report(
     `core.study.diagnostics.saved_ppl_changes`).
     """
     from core.viz.run_charts import (
+        OOD_DRIFT,
+        TARGET_DRIFT,
+        drift_charts,
+        drift_frontier_chart,
         frontier_chart,
         score_vs_masked_chart,
         task_delta_charts,
@@ -244,11 +252,19 @@ def build_report(
         raise LensError("A report needs at least one run.")
     table = runs_table(list(runs))
     # the Runs page's charts, those with something drawn (the findings say what is missing)
+    drift = drift_table(list(runs))
     sections: list[tuple[str, str, list[Any]]] = [
         ("Target, BWT and training loss", "grid3", [fig for _, fig in top_row_charts(runs)]),
-        ("Each task: change vs step 0", "grid3", [fig for _, fig in task_delta_charts(runs)]),
+        ("Drift from the base model", "grid", [fig for _, fig in drift_charts(runs)]),
+        (
+            "Each task: change vs step 0",
+            "grid3",
+            [fig for _, fig in task_delta_charts(runs, skip=(OOD_DRIFT, TARGET_DRIFT))],
+        ),
     ]
     comparison = []
+    if not drift.empty:
+        comparison.append(drift_frontier_chart(table, drift, drift_missing(list(runs))))
     if any(run.final_summary is not None for run in runs):
         comparison.append(frontier_chart(table))
     if "masked %" in table.columns and table["masked %"].notna().sum() >= 2:
@@ -278,6 +294,12 @@ def build_report(
         "accuracy tasks above chance (Wu et al. 2025), TI the target's relative change (%). A "
         "change is better or worse only when its interval excludes zero.</p>"
     )
+    if not drift.empty:
+        parts.append(
+            "<h2>Drift from the base model</h2>"
+            + _table_html(drift_display_table(drift))
+            + f"<p class='note'>{html.escape(DRIFT_READING)}</p>"
+        )
     findings = [line for run in runs for line in run_findings(run)]
     parts.append(
         "<h2>Findings</h2><ul class='findings'>"
