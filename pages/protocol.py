@@ -191,15 +191,19 @@ if view.results is None:
 results = view.results
 st.subheader("Results")
 st.caption(
-    "Mean ± 95% confidence half-width over seeds (Student t). Δ% is the relative change from "
-    "the base model (step 0) to the end of training; OOD easy-token NLL Δ% > 0 means the model "
-    "got worse at out-of-domain tokens it already predicted well, OOD NLL Δ% at all of them "
-    "(forgetting)."
+    "Mean ± 95% confidence half-width over seeds (Student t). OOD drift is the mean token "
+    "KL(base ‖ tuned) on the base model's own answers to 200 out-of-domain prompts (0 = the "
+    "base model's behaviour; higher = further from it). Δ% is the relative change from the base "
+    "model (step 0) to the end of training; OOD easy-token NLL Δ% > 0 means the model got worse "
+    "at out-of-domain tokens it already predicted well, OOD NLL Δ% at all of them."
 )
 st.dataframe(pd.DataFrame(summary_table(results)), hide_index=True, width="stretch")
 with st.expander("Change (%) of every task and metric"):
     st.dataframe(pd.DataFrame(summary_table(results, detail=True)), hide_index=True)
-st.markdown("**In short** (paired intervals over items and seeds)")
+st.markdown(
+    "**In short** (paired intervals over items and seeds; drift from the base model first, "
+    "the benchmarks after)"
+)
 for line in headline(results):
     st.markdown(f"- {line}")
 if results.get("paired_base_findings"):

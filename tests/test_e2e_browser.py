@@ -383,11 +383,18 @@ def test_runs_live_charts_gain_points(page):
     wait_until(f"n('{target}') === {MAX_STEPS + 1} && n('{loss}') === {MAX_STEPS}", JOB)
     _wait_until_idle(page)
     final = points()
-    # the top row: the target's change vs step 0 with its paired band, BWT, the training loss
-    assert list(final)[:3] == [target, bwt, loss]
+    # the top rows: the target's change vs step 0 with its paired band, BWT, drift from the base
+    # model on the OOD and the target probes (each with its band over probe items), the loss
+    ood, tgt = "runs-chart-ood-drift", "runs-chart-target-drift"
+    assert list(final)[:5] == [target, bwt, ood, tgt, loss]
     assert final[target] == {"points": MAX_STEPS + 1, "lines": 1, "bands": 1}
+    assert final[ood] == {"points": MAX_STEPS + 1, "lines": 1, "bands": 1}
+    assert final[tgt] == {"points": MAX_STEPS + 1, "lines": 1, "bands": 1}
     assert final[loss] == {"points": MAX_STEPS, "lines": 1, "bands": 0}
     captions = page.get_by_test_id("stCaptionContainer")
+    # the drift table of the latest round, with its intervals and how to read it
+    page.get_by_text("Drift from the base model at the latest round").wait_for()
+    assert captions.filter(has_text="sharpening toward").count() >= 1
     if final[bwt]["lines"]:  # BWT needs an out-of-domain accuracy the base model is above chance on
         assert final[bwt] == {"points": MAX_STEPS + 1, "lines": 1, "bands": 1}
     else:  # two ARC-Easy items cannot show that: the chart says why instead of drawing nothing
@@ -397,7 +404,7 @@ def test_runs_live_charts_gain_points(page):
     assert {"runs-chart-task-mbpp_ppl", "runs-chart-task-gsm8k_ppl"} <= set(tasks)
     assert all(v["lines"] == 1 for v in tasks.values())
     assert tasks["runs-chart-task-mbpp_ppl"]["bands"] == 1
-    assert final["runs-chart-metric"]["lines"] == 1 and len(final) == 3 + len(tasks) + 1
+    assert final["runs-chart-metric"]["lines"] == 1 and len(final) == 5 + len(tasks) + 1
     assert captions.filter(has_text=re.compile(r"step 2: [-+]\d\.\d{3} \[")).count() >= 1
     assert not captions.filter(has_text=re.compile(r"\bnan\b", re.I)).count()
     page.get_by_test_id("stDataFrame").get_by_text("succeeded").wait_for(state="attached")
