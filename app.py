@@ -11,6 +11,7 @@ pages = [
     st.Page("pages/generate.py", title="Generate data", icon=":material/auto_awesome:"),
     st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
     st.Page("pages/runs.py", title="Runs", icon=":material/monitoring:"),
+    st.Page("pages/drift.py", title="Where it forgot", icon=":material/troubleshoot:"),
     st.Page("pages/compare.py", title="Compare & report", icon=":material/compare_arrows:"),
     st.Page("pages/protocol.py", title="Reproduce the paper", icon=":material/science:"),
 ]

@@ -406,3 +406,46 @@ def render_delta_heatmap(base: ScoredExample, tuned: ScoredExample, limit: float
         )
     parts.append("</div></div></div>")
     return "".join(parts)
+
+
+# ------------------------------------------------------------------ shared with other token views
+
+
+def heatmap_css() -> str:
+    """The heatmaps' stylesheet as a `<style>` element, for other token views that draw
+    `token_span`s (the drift view) and so share the look and the CSS-only hover."""
+    return f"<style>{_CSS}</style>"
+
+
+def token_repr(token: str) -> str:
+    """A token as a hover names it: its Python repr, shortened in the middle when long."""
+    return _token_repr(token)
+
+
+def token_span(
+    token: str, index: int, background: str, tip: str, *, right: bool = False,
+    data: dict[str, str] | None = None,
+) -> str:  # fmt: skip
+    """One coloured, hoverable token (`span.pl-t`) as the heatmaps draw it: its exact text
+    (line breaks kept, whitespace marked, control tokens dimmed), `background` with a readable
+    text colour, `tip` shown on hover (pure CSS, several lines; `right` opens it leftwards for
+    tokens far right on their line) and `data-*` attributes (`data-i` = `index`)."""
+    classes = "pl-t" + _whitespace_class(token)
+    if is_control_token(token):
+        classes += " pl-sp"
+    if right:
+        classes += " pl-r"
+    attrs = "".join(f' data-{k}="{_escape_attr(v)}"' for k, v in (data or {}).items())
+    style = f"--c:{background};background:{background};color:{_text_color(background)}"
+    return (
+        f'<span class="{classes}" data-i="{index}"{attrs} style="{style}" '
+        f'data-tip="{_escape_attr(tip)}">{_escape_text(token)}</span>'
+    )
+
+
+def prompt_span(token: str) -> str:
+    """One prompt token as the heatmaps show prompts: dimmed, uncoloured, not hoverable."""
+    classes = "pl-p" + _whitespace_class(token)
+    if is_control_token(token):
+        classes += " pl-sp"
+    return f'<span class="{classes}">{_escape_text(token)}</span>'
