@@ -218,3 +218,13 @@ def iter_jsonl(path: str | Path, *, strict: bool = False) -> Iterator[tuple[int,
 def read_jsonl(path: str | Path, *, strict: bool = False) -> list[Any]:
     """The values of a JSONL file's lines (see `iter_jsonl`)."""
     return [value for _, value in iter_jsonl(path, strict=strict)]
+
+
+def file_stamp(path: str | Path) -> tuple[int, int] | None:
+    """(modification time in ns, size) of a file, None when it is missing: a cache key that
+    changes whenever the file does."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size

@@ -23,15 +23,17 @@ from core.study.drift import (
     drift_steps,
     drift_tasks,
     high_ppl_share,
-    item_alternatives,
     item_table,
     load_round,
-    load_tokenizer,
     probe_kl,
     probe_label,
     round_version,
-    round_weights,
     token_frame,
+)
+from core.study.drift_tokens import (
+    item_alternatives,
+    load_tokenizer,
+    round_weights,
     token_texts,
 )
 from core.study.runs import list_runs

@@ -23,6 +23,7 @@ from core.io import write_json_atomic
 from core.jobs.runfiles import append_metric, eval_round_path
 from core.model.encoding import encode_prompt
 from core.study import drift as sd
+from core.study import drift_tokens as sdt
 from core.study.runs import load_run
 from core.viz import drift as vd
 from tests import eval_runs
@@ -95,7 +96,7 @@ def test_token_alternatives_agree_with_the_round_and_a_naive_reference(tiny_lm):
     _, details, _ = score_drift(tuned, probe, max_new_tokens=10, is_base=False)
     for prompt, detail in zip(PROMPTS, details, strict=True):
         prefix = encode_prompt(tuned.tokenizer, prompt)
-        alt = sd.token_alternatives(tuned, prefix, detail["ids"], k=5)
+        alt = sdt.token_alternatives(tuned, prefix, detail["ids"], k=5)
         # the same KL as the saved round, and the probability ratio its Δ log-prob gives
         np.testing.assert_allclose(alt.kl, detail["token_kl"], atol=1e-5)
         np.testing.assert_allclose(np.log(alt.tuned_p / alt.base_p), detail["token_dlp"],
@@ -120,16 +121,16 @@ def test_token_alternatives_agree_with_the_round_and_a_naive_reference(tiny_lm):
 
 def test_token_alternatives_of_the_base_itself_and_bad_input(tiny_lm):
     prefix = encode_prompt(tiny_lm.tokenizer, PROMPTS[0])
-    same = sd.token_alternatives(tiny_lm, prefix, [42, 43, 44], is_base=True)
+    same = sdt.token_alternatives(tiny_lm, prefix, [42, 43, 44], is_base=True)
     assert (same.kl == 0).all() and (same.base_ids == same.tuned_ids).all()
     with pytest.raises(LensError, match="no answer tokens"):
-        sd.token_alternatives(tiny_lm, prefix, [], is_base=True)
+        sdt.token_alternatives(tiny_lm, prefix, [], is_base=True)
     with pytest.raises(LensError, match="at least one token"):
-        sd.token_alternatives(tiny_lm, [], [1, 2], is_base=True)
+        sdt.token_alternatives(tiny_lm, [], [1, 2], is_base=True)
     with pytest.raises(LensError, match="context"):
-        sd.token_alternatives(tiny_lm, prefix, [5] * tiny_lm.max_length, is_base=True)
+        sdt.token_alternatives(tiny_lm, prefix, [5] * tiny_lm.max_length, is_base=True)
     with pytest.raises(LensError, match="no adapter to disable"):  # a full fine-tune, no base
-        sd.token_alternatives(tiny_lm, prefix, [42])
+        sdt.token_alternatives(tiny_lm, prefix, [42])
 
 
 def test_the_text_probe_prefix_is_the_one_the_rounds_teacher_force(tiny_lm):
@@ -142,11 +143,11 @@ def test_the_text_probe_prefix_is_the_one_the_rounds_teacher_force(tiny_lm):
         ex = probe.items[seq.item]
         answer = seq.enc.input_ids[seq.enc.response_start :]
         assert (
-            sd.prefix_ids(tiny_lm.tokenizer, ex, True, answer)
+            sdt.prefix_ids(tiny_lm.tokenizer, ex, True, answer)
             == seq.enc.input_ids[: seq.enc.response_start]
         )
     with pytest.raises(LensError, match="tokenizes differently"):
-        sd.prefix_ids(tiny_lm.tokenizer, probe.items[0], True, [1, 2, 3])
+        sdt.prefix_ids(tiny_lm.tokenizer, probe.items[0], True, [1, 2, 3])
 
 
 def test_item_alternatives_finds_the_rounds_adapter_and_agrees_with_it(tiny_model_dir, tmp_path):
@@ -156,8 +157,8 @@ def test_item_alternatives_finds_the_rounds_adapter_and_agrees_with_it(tiny_mode
     items, notes = sd.drift_items(task)
     assert notes == [] and len(items) == len(PROMPTS)
     early = []
-    sd.TUNED_SLOT.clear()
-    out = sd.item_alternatives(run, str(tiny_model_dir), 3, "drift:probe", items[1].id,
+    sdt.TUNED_SLOT.clear()
+    out = sdt.item_alternatives(run, str(tiny_model_dir), 3, "drift:probe", items[1].id,
                                device="cpu", on_prompt=early.append)  # fmt: skip
     assert out.prompt == PROMPTS[1] and not out.plain_text
     assert early and early[0].prompt == PROMPTS[1] and early[0].alternatives is None
@@ -168,21 +169,21 @@ def test_item_alternatives_finds_the_rounds_adapter_and_agrees_with_it(tiny_mode
     assert len(hovers) == items[1].tokens and len(hovers[0].base_top) == sd.TOP_K
     assert hovers[0].base_top[0][0] == out.base_texts[0][0]
     # step 0 is the base model: both sides the same, no adapter needed
-    base = sd.item_alternatives(run, str(tiny_model_dir), 0, "drift:probe", items[1].id,
+    base = sdt.item_alternatives(run, str(tiny_model_dir), 0, "drift:probe", items[1].id,
                                 device="cpu")  # fmt: skip
     assert base.weights == "the base model (step 0)" and (base.alternatives.kl == 0).all()
     # the alternatives of a round whose weights are not kept: the reason, no top-k
     save_round(run, 2, result.tasks)
-    missing = sd.item_alternatives(run, str(tiny_model_dir), 2, "drift:probe", items[1].id)
+    missing = sdt.item_alternatives(run, str(tiny_model_dir), 2, "drift:probe", items[1].id)
     assert missing.alternatives is None and missing.hovers() is None
     assert (
         "keeps no weights of step 2" in missing.note and "final adapter of step 3" in missing.note
     )
     with pytest.raises(LensError, match="no drift task 'nope'"):
-        sd.item_alternatives(run, str(tiny_model_dir), 3, "nope", items[1].id)
+        sdt.item_alternatives(run, str(tiny_model_dir), 3, "nope", items[1].id)
     with pytest.raises(LensError, match="no usable item 'x'"):
-        sd.item_alternatives(run, str(tiny_model_dir), 3, "drift:probe", "x")
-    sd.TUNED_SLOT.clear()
+        sdt.item_alternatives(run, str(tiny_model_dir), 3, "drift:probe", "x")
+    sdt.TUNED_SLOT.clear()
 
 
 def test_round_weights_checkpoint_final_adapter_eval_job_or_why(tmp_path):
@@ -194,22 +195,22 @@ def test_round_weights_checkpoint_final_adapter_eval_job_or_why(tmp_path):
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_config.json").write_text("{}")
     (run / "summary.json").write_text(json.dumps({"final_step": 8}))
-    assert sd.round_weights(run, 0).kind == "base"
-    w4 = sd.round_weights(run, 4)
+    assert sdt.round_weights(run, 0).kind == "base"
+    w4 = sdt.round_weights(run, 4)
     assert (w4.kind, w4.path.name) == ("adapter", "checkpoint-4")
-    assert sd.round_weights(run, 6).kind == "full"
-    w8 = sd.round_weights(run, 8)
+    assert sdt.round_weights(run, 6).kind == "full"
+    w8 = sdt.round_weights(run, 8)
     assert (w8.kind, w8.path.name, w8.describe) == (
         "adapter",
         "adapter",
         "the final adapter (step 8)",
     )
-    w5 = sd.round_weights(run, 5)
+    w5 = sdt.round_weights(run, 5)
     assert w5.kind == "" and "checkpoints of step 4, 6" in w5.reason and "step 8" in w5.reason
     job = SuiteResult("s", "fp", "m", str(run / "adapter"), [], 1.0)
-    assert sd.round_weights(tmp_path / "eval-run", 1, job).path == run / "adapter"
+    assert sdt.round_weights(tmp_path / "eval-run", 1, job).path == run / "adapter"
     gone = SuiteResult("s", "fp", "m", str(tmp_path / "gone"), [], 1.0)
-    assert "is gone" in sd.round_weights(tmp_path / "eval-run", 1, gone).reason
+    assert "is gone" in sdt.round_weights(tmp_path / "eval-run", 1, gone).reason
 
 
 # --------------------------------------------------------------------------- items, aggregates
@@ -313,11 +314,11 @@ def test_rounds_with_drift_and_unreadable_rounds(tmp_path):
 
 
 def test_token_texts_and_a_foreign_round(tiny_lm):
-    assert sd.token_texts(tiny_lm.tokenizer, [28, 28]) == tiny_lm.token_texts([28, 28])
+    assert sdt.token_texts(tiny_lm.tokenizer, [28, 28]) == tiny_lm.token_texts([28, 28])
     with pytest.raises(LensError, match="outside this tokenizer"):
-        sd.token_texts(tiny_lm.tokenizer, [10**7])
+        sdt.token_texts(tiny_lm.tokenizer, [10**7])
     with pytest.raises(LensError, match="cannot be loaded"):
-        sd.load_tokenizer("/no/such/model-folder-here")
+        sdt.load_tokenizer("/no/such/model-folder-here")
 
 
 # --------------------------------------------------------------------------- high-ppl share

@@ -28,7 +28,7 @@ from core.eval.compare import compare_results, recorded_suite, ti_spec
 from core.eval.drift import DRIFT_LABELS
 from core.eval.scorers import SuiteResult, item_scores
 from core.eval.suites import DRIFT, REF_PPL, TARGET
-from core.io import read_json
+from core.io import file_stamp, read_json
 from core.jobs.metrics import (
     DataRecord,
     EvalRecord,
@@ -213,14 +213,6 @@ class RunView:
         return max(0.0, first[0].time - (float(finished) - float(wall)))
 
 
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
-
-
 @lru_cache(maxsize=32)
 def _load_round(path: str, stamp: tuple[int, int]) -> SuiteResult | None:
     """One round's saved result (cached by file and modification; None when unreadable)."""
@@ -281,7 +273,7 @@ def _round_rows(
 def _round_changes(run_dir: Path) -> list[dict[str, Any]]:
     """`CHANGE_COLUMNS` rows from the run's saved rounds (empty without any)."""
     steps = eval_round_steps(run_dir)
-    stamps = {s: _stamp(eval_round_path(run_dir, s)) for s in steps}
+    stamps = {s: file_stamp(eval_round_path(run_dir, s)) for s in steps}
     steps = [s for s in steps if stamps[s] is not None]
     if not steps:
         return []
@@ -557,7 +549,9 @@ DRIFT_READING = (
 
 def _round_stamps(run_dir: Path) -> tuple[tuple[int, tuple[int, int]], ...]:
     """(step, file stamp) of each saved round, ascending."""
-    stamps = ((step, _stamp(eval_round_path(run_dir, step))) for step in eval_round_steps(run_dir))
+    stamps = (
+        (step, file_stamp(eval_round_path(run_dir, step))) for step in eval_round_steps(run_dir)
+    )
     return tuple((step, stamp) for step, stamp in stamps if stamp is not None)
 
 
