@@ -55,10 +55,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="answer tokens per prompt")
     parser.add_argument("--arc", type=int, default=None, help="ARC-Easy questions (all: 570)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--answers", type=Path, default=None,
+        help="the base answers' cache file to reuse (default: a fresh one, so they are generated)",
+    )  # fmt: skip
     args = parser.parse_args()
 
     lm = load_model(args.model, device="cpu", dtype="float32")
-    cache = ProbeAnswerCache(Path(tempfile.mkdtemp()) / "answers.sqlite")
+    cache = ProbeAnswerCache(args.answers or Path(tempfile.mkdtemp()) / "answers.sqlite")
     probes = {
         "ood_drift": load_probe(PROBE_OOD, n=args.ood),
         "text_drift": load_probe(PROBE_TEXT, n=args.text),
@@ -75,11 +79,13 @@ def main() -> None:
              "items": len(details), "tokens": sum(d["tokens"] for d in details),
              "seconds": time.perf_counter() - t0}
         )  # fmt: skip
+        print(rows[-1], flush=True)
     t0 = time.perf_counter()
     arc = run_suite(lm, tasks_suite(["arc_easy:validation"], limit=args.arc)).tasks[0]
     arc_s = time.perf_counter() - t0
     rows.append({"what": "ARC-Easy round (mc_loglik, plain)", "items": arc.n, "tokens": None,
                  "seconds": arc_s})  # fmt: skip
+    print(rows[-1], flush=True)
     tuned = lora(lm)
     for name, probe in probes.items():
         t0 = time.perf_counter()
@@ -92,6 +98,7 @@ def main() -> None:
              "tokens": sum(d["tokens"] for d in details), "seconds": seconds,
              "vs_arc": seconds / arc_s, "kl": metrics["kl"]}
         )  # fmt: skip
+        print(rows[-1], flush=True)
     result = {
         "date": date.today().isoformat(),
         "cpu": cpu_name(),

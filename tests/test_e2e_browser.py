@@ -3,7 +3,8 @@ Chromium driven by Playwright, in the order a user goes:
 
 Start (pick the default model and MBPP) -> Explore (heatmap, τ highlights) -> Masking studio
 (τ changes the masked share) -> Train (a tiny job with evaluation every step) -> Runs (the live
-charts gain points) -> Compare & report (download a self-contained HTML report) -> Reproduce
+charts gain points, drift from the base model among them) -> Where it forgot (the tokens that
+moved, with base vs tuned top-5) -> Compare & report (download a self-contained HTML report) -> Reproduce
 the paper (the protocol's launch form and command).
 
 The tests share one app server and one browser page and must run in file order. Screenshots of
@@ -409,6 +410,28 @@ def test_runs_live_charts_gain_points(page):
     assert not captions.filter(has_text=re.compile(r"\bnan\b", re.I)).count()
     page.get_by_test_id("stDataFrame").get_by_text("succeeded").wait_for(state="attached")
     _shot(page, "09-runs-done")
+    _no_errors(page)
+
+
+def test_where_it_forgot_shows_the_tokens_that_moved(page):
+    _open(page, "Where it forgot", "Where it forgot")
+    # the run just trained, its last round and the OOD probe's largest-KL item by default: the
+    # base model's own answer, every token coloured by how far its distribution moved
+    tokens = page.locator(".pd-root span.pl-t[data-kl]")
+    tokens.first.wait_for(timeout=SLOW)
+    kls = [float(k) for k in tokens.evaluate_all("els => els.map(e => e.dataset.kl)")]
+    assert kls and all(k >= 0 for k in kls) and max(kls) > 0
+    # base vs tuned top-5 arrive from a background task and fill every token's hover
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.pd-root span.pl-t[data-kl]')]"
+        ".every(s => (s.dataset.tip || '').includes('p of this token: base'))",
+        timeout=SLOW,
+    )
+    # the probe-wide view: drift by token category, position and domain
+    page.get_by_role("heading", name=re.compile(r"^Across the probe")).wait_for()
+    page.locator('[class*="st-key-drift-chart-"] .main-svg').first.wait_for(timeout=60_000)
+    _wait_until_idle(page)
+    _shot(page, "10-where-it-forgot")
     _no_errors(page)
 
 
