@@ -128,7 +128,16 @@ def main() -> None:
                 )
                 for s in samples
             }
+            # lm-eval's acc_norm pick: log-likelihood over the characters of each choice
+            letters = json.loads(MMLU_CHOICE) if spec.task == "mmlu" else None
+            their_norm = {}
+            for s in samples:
+                lls = [r[0] for r in s["filtered_resps"]]
+                chars = [len(c) for c in (letters or s["doc"]["choices"])]
+                norm = [ll / n for ll, n in zip(lls, chars, strict=True)]
+                their_norm[int(s["doc_id"])] = max(range(len(norm)), key=lambda i: norm[i])
             agree = sum(their_pred[i] == d["pred"] for i, d in enumerate(ours.details))
+            agree_norm = sum(their_norm[i] == d["pred_norm"] for i, d in enumerate(ours.details))
             rows.append(
                 {
                     "task": task_name,
@@ -138,6 +147,7 @@ def main() -> None:
                     "ours_acc_norm": ours.metrics["acc_norm"],
                     "lm_eval_acc_norm": metrics["acc_norm,none"],
                     "same_pick": agree / count,
+                    "same_pick_norm": agree_norm / count,
                     "ours_s": ours_s,
                     "lm_eval_s": theirs_s,
                 }
@@ -147,13 +157,14 @@ def main() -> None:
 
     print(f"\n{date.today()} · {platform.processor() or platform.machine()} · "
           f"torch threads {torch.get_num_threads()} · lm-eval {md.version('lm_eval')} · {lm.display_name}")  # fmt: skip
-    print("| task | n | acc (ours / lm-eval) | acc_norm (ours / lm-eval) | same pick | s (ours / lm-eval) |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    print("| task | n | acc (ours / lm-eval) | acc_norm (ours / lm-eval) | same pick (acc / acc_norm) | s (ours / lm-eval) | speed |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['task']} | {r['n']} | {r['ours_acc']:.4f} / {r['lm_eval_acc']:.4f} | "
-            f"{r['ours_acc_norm']:.4f} / {r['lm_eval_acc_norm']:.4f} | {100 * r['same_pick']:.1f}% | "
-            f"{r['ours_s']:.1f} / {r['lm_eval_s']:.1f} |"
+            f"{r['ours_acc_norm']:.4f} / {r['lm_eval_acc_norm']:.4f} | "
+            f"{100 * r['same_pick']:.1f}% / {100 * r['same_pick_norm']:.1f}% | "
+            f"{r['ours_s']:.1f} / {r['lm_eval_s']:.1f} | {r['lm_eval_s'] / r['ours_s']:.2f}x |"
         )
 
 

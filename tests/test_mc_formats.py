@@ -1,10 +1,12 @@
 """Multiple-choice formats: `plain` is lm-evaluation-harness's request (plain text, no chat
 template) and scores the same log-likelihoods as a straightforward full forward pass; tasks are
-evaluated by name (`eval --tasks`), with one-line errors for what does not exist."""
+evaluated by name (`eval --tasks`), with one-line errors for what does not exist. Choices that
+share a context are scored on a copy of its KV cache, and that scores what full sequences do."""
 
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ from core.data.tasks import get_task, load_task
 from core.eval.runner import run_suite
 from core.eval.scorers import plain_mc_request
 from core.eval.suites import tasks_suite
+from core.model.encoding import EncodedPair
+from core.scoring import score
 
 
 def _reference_loglik(lm, context: str, continuation: str) -> float:
@@ -93,3 +97,104 @@ def test_eval_named_tasks_from_the_command_line(tiny_model_dir, tmp_path, monkey
             code = exc.code
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and reason in err[0], (args, err)
+
+
+def _greedy_tokens(lm, context: list[int], n: int) -> list[int]:
+    """The model's own top tokens after `context`, one at a time: a choice whose every token
+    is greedy."""
+    ids = list(context)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(lm.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(context) :]
+
+
+def _mc_pairs(lm, seed: int) -> list[EncodedPair]:
+    """Random contexts (3 to 40 tokens) with 1 to 5 choices each: choices of 1 to 12 tokens,
+    some sharing their first token, some one token, some the model's greedy tokens, a context
+    with one-token choices only and lone pairs (single-choice groups), shuffled."""
+    rng = random.Random(seed)
+    pairs = []
+    for q in range(14):
+        context = [rng.randrange(100, 5000) for _ in range(rng.randint(3, 40))]
+        choices = [[rng.randrange(100, 5000) for _ in range(rng.randint(1, 12))]
+                   for _ in range(rng.randint(1, 5))]  # fmt: skip
+        if q % 3 == 0:  # same first token as the first choice
+            choices.append(choices[0][:1] + [rng.randrange(100, 5000) for _ in range(3)])
+        if q % 4 == 1:
+            choices += [_greedy_tokens(lm, context, 1), _greedy_tokens(lm, context, 3)]
+        if q == 5:
+            choices = [[rng.randrange(100, 5000)] for _ in range(4)]
+        pairs += [EncodedPair(context + c, len(context)) for c in choices]
+    rng.shuffle(pairs)
+    return pairs
+
+
+@pytest.mark.parametrize(("budget", "max_batch"), [(2048, 64), (96, 3)])
+def test_shared_context_scores_what_full_sequences_score(tiny_lm, budget, max_batch):
+    """Each context run once, its choices on copies of its cache (several batches with the small
+    budget): the same summed log-probs within 1e-4 and the same greedy flags as scoring every
+    pair as a whole sequence, through the cache for every multi-choice context."""
+    cached: list[bool] = []
+
+    def note(module, args, kwargs):
+        cached.append(kwargs.get("past_key_values") is not None)
+
+    hook = tiny_lm.model.register_forward_pre_hook(note, with_kwargs=True)
+    try:
+        for seed in range(3):
+            pairs = _mc_pairs(tiny_lm, seed)
+            cached.clear()
+            new = score.continuation_logprobs(
+                tiny_lm, pairs, token_budget=budget, max_batch=max_batch
+            )
+            assert any(cached)
+            cached.clear()
+            old = score.continuation_logprobs(tiny_lm, pairs, share_context=False)
+            assert not any(cached)
+            assert [lp for lp, _ in new] == pytest.approx([lp for lp, _ in old], abs=1e-4)
+            assert [g for _, g in new] == [g for _, g in old]
+            assert any(g for _, g in old)  # the greedy choices are flagged, both ways
+    finally:
+        hook.remove()
+    assert type(tiny_lm.model) not in score._NO_SHARED_CONTEXT
+
+
+def test_shared_context_falls_back_to_full_sequences(tiny_lm, monkeypatch):
+    """A model whose forward cannot continue a copied cache (here: an error on first use) is
+    scored as full sequences, the same numbers, and not tried again."""
+    calls = []
+
+    def fails(*args, **kwargs):
+        calls.append(1)
+        raise TypeError("forward() got an unexpected keyword argument 'past_key_values'")
+
+    monkeypatch.setattr(score, "_NO_SHARED_CONTEXT", set())
+    monkeypatch.setattr(score, "_shared_context_batch", fails)
+    pairs = _mc_pairs(tiny_lm, 7)
+    first = score.continuation_logprobs(tiny_lm, pairs)
+    again = score.continuation_logprobs(tiny_lm, pairs)
+    old = score.continuation_logprobs(tiny_lm, pairs, share_context=False)
+    assert first == old and again == old  # the same batches: the same numbers
+    assert calls == [1] and type(tiny_lm.model) in score._NO_SHARED_CONTEXT
+
+
+def test_split_by_length_pays_a_pass_only_for_enough_padding():
+    assert score._split_by_length([9, 9, 1, 1], 4) == [(0, 2), (2, 4)]
+    assert score._split_by_length([9, 9, 1, 1], 100) == [(0, 4)]
+    assert score._split_by_length([3], 48) == [(0, 1)]
+    assert score._split_by_length([], 48) == []
+
+
+def test_arc_picks_are_those_of_full_sequences(tiny_lm, monkeypatch):
+    """`run_suite` on ARC-Easy in the `plain` format: the same per-item picks (acc and acc_norm)
+    and log-likelihoods with each question's context shared as with every choice scored whole."""
+    suite = tasks_suite(["arc_easy:validation"], limit=24, mc_format="plain")
+    shared = run_suite(tiny_lm, suite).tasks[0].details
+    monkeypatch.setattr(score, "_NO_SHARED_CONTEXT", {type(tiny_lm.model)})
+    whole = run_suite(tiny_lm, suite).tasks[0].details
+    assert [(d["id"], d["pred"], d["pred_norm"]) for d in shared] == [
+        (d["id"], d["pred"], d["pred_norm"]) for d in whole
+    ]
+    for a, b in zip(shared, whole, strict=True):
+        assert a["ll"] == pytest.approx(b["ll"], abs=1e-4)
