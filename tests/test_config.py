@@ -7,6 +7,7 @@ from __future__ import annotations
 import shlex
 import typing
 from dataclasses import MISSING
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -28,6 +29,11 @@ LIST_ITEMS = {
     "methods": ARMS,
     "lm_eval_tasks": ("arc_easy", "piqa"),
     "tasks": ("arc_easy:validation", "mmlu", "gsm8k"),
+    # probe files must exist and hold prompts (checked when the config is made)
+    "probes": tuple(
+        str(Path(__file__).parent / "data" / name)
+        for name in ("probe_prompts.txt", "probe dir/my probe.jsonl")
+    ),
 }
 SPECIAL = {
     "eval_suite": st.sampled_from([None, ["tiny"], {"name": "tiny", "limit": 2}]),

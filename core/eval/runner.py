@@ -88,6 +88,35 @@ from core.stats import Interval
 CACHE_SCHEMA = 1
 
 
+def _score_examples_task(
+    lm: Any,
+    spec: Any,
+    suite: EvalSuite,
+    base: SuiteResult | None,
+    easy_tokens: dict[str, dict[str, list[bool]]],
+) -> tuple[dict[str, float | None], list[dict[str, Any]], int]:
+    """(metrics, details, items) of a spec scored on its examples; a reference-perplexity spec
+    records its easy-token mask in `easy_tokens` (the base's, or its own for a base run)."""
+    examples = select_examples(spec)
+    if not examples:
+        raise LensError(f"'{spec.name}': the task has no examples.")
+    if spec.scorer == CODE_EXEC:
+        metrics, details = _score_code(lm, spec, examples, suite)
+    elif spec.scorer == NUMERIC_MATCH:
+        metrics, details = _score_numeric(lm, spec, examples, suite)
+    elif spec.scorer == MC_LOGLIK:
+        metrics, details = _score_mc_loglik(lm, spec, examples, suite)
+    elif spec.scorer == MC_GENERATIVE:
+        metrics, details = _score_mc_generative(lm, spec, examples, suite)
+    else:
+        base_easy = base.easy_tokens.get(spec.name) if base is not None else None
+        if base is not None and base_easy is None:
+            raise LensError(f"The base result has no easy-token mask for '{spec.name}'.")
+        metrics, details, own_easy = _score_ref_ppl(lm, spec, examples, suite, base_easy)
+        easy_tokens[spec.name] = base_easy if base_easy is not None else own_easy
+    return metrics, details, len(examples)
+
+
 def run_suite(
     lm: Any,
     suite: EvalSuite,
@@ -155,38 +184,8 @@ def run_suite(
                 metrics, details, n_items, notes = drift_task(
                     lm, spec, suite, is_base=base is None, reference=reference, progress=items
                 )
-                results.append(
-                    TaskResult(
-                        name=spec.name,
-                        task=spec.task,
-                        scorer=spec.scorer,
-                        role=suite.role(spec.name),
-                        primary=spec.primary_metric,
-                        metrics=metrics,
-                        n=n_items,
-                        seconds=time.monotonic() - t0,
-                        details=details if keep_details else [],
-                        notes=notes,
-                    )
-                )
-                continue
-            examples = select_examples(spec)
-            if not examples:
-                raise LensError(f"'{spec.name}': the task has no examples.")
-            if spec.scorer == CODE_EXEC:
-                metrics, details = _score_code(lm, spec, examples, suite)
-            elif spec.scorer == NUMERIC_MATCH:
-                metrics, details = _score_numeric(lm, spec, examples, suite)
-            elif spec.scorer == MC_LOGLIK:
-                metrics, details = _score_mc_loglik(lm, spec, examples, suite)
-            elif spec.scorer == MC_GENERATIVE:
-                metrics, details = _score_mc_generative(lm, spec, examples, suite)
             else:
-                base_easy = base.easy_tokens.get(spec.name) if base is not None else None
-                if base is not None and base_easy is None:
-                    raise LensError(f"The base result has no easy-token mask for '{spec.name}'.")
-                metrics, details, own_easy = _score_ref_ppl(lm, spec, examples, suite, base_easy)
-                easy_tokens[spec.name] = base_easy if base_easy is not None else own_easy
+                metrics, details, n_items = _score_examples_task(lm, spec, suite, base, easy_tokens)
             results.append(
                 TaskResult(
                     name=spec.name,
@@ -195,9 +194,10 @@ def run_suite(
                     role=suite.role(spec.name),
                     primary=spec.primary_metric,
                     metrics=metrics,
-                    n=len(examples),
+                    n=n_items,
                     seconds=time.monotonic() - t0,
                     details=details if keep_details else [],
+                    notes=notes,
                 )
             )
         if progress:
