@@ -323,10 +323,9 @@ def _text_sequences(lm: Any, probe: Probe) -> Any:
 
 
 def _logits(lm: Any, encs: list[EncodedPair]) -> list[Any]:
-    from core.scoring.score import _padded, _response_logits
+    from core.scoring.score import response_logits
 
-    ids, attn = _padded(lm, encs)
-    return _response_logits(lm, ids, attn, encs)
+    return response_logits(lm, encs)
 
 
 def score_drift(

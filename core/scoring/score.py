@@ -207,6 +207,15 @@ def _padded(lm: LoadedModel, encs: Sequence[EncodedPair]) -> tuple[torch.Tensor,
     return ids, attn
 
 
+def response_logits(lm: LoadedModel, encs: Sequence[EncodedPair]) -> list[torch.Tensor]:
+    """Per example of a batch, the logits of the positions that predict its response tokens
+    (one right-padded forward pass; the projection only on those positions). Used by scoring
+    and by drift from the base model (core/eval/drift.py)."""
+    encs = list(encs)
+    ids, attn = _padded(lm, encs)
+    return _response_logits(lm, ids, attn, encs)
+
+
 @torch.inference_mode()
 def _score_batch(
     lm: LoadedModel, encs: list[EncodedPair], top_k: int
