@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from core import fmt
 from core.data.records import ScoredExample
 from core.scoring.tokens import TokenScores
 
@@ -111,8 +112,39 @@ def _base_layout(fig: go.Figure, title: str, x_title: str, y_title: str) -> go.F
     return fig
 
 
-def _add_tau_vline(fig: go.Figure, tau: float | None, *, log_x: bool) -> None:
-    """Dashed vertical line at tau, named "tau", labelled at the top of the plot."""
+#: `trace.meta["role"]` of traces that only label something in the legend (no data).
+LEGEND_ONLY = frozenset({"tau", "tau_b", "rule_of_thumb", "pooled"})
+
+
+def data_traces(fig: go.Figure) -> list[Any]:
+    """The figure's traces that draw data (not the legend-only labels of τ lines and bands)."""
+    return [
+        t for t in fig.data if not (isinstance(t.meta, dict) and t.meta.get("role") in LEGEND_ONLY)
+    ]
+
+
+def _tau_legend_entry(fig: go.Figure, tau: float, name: str | None = None) -> None:
+    """The τ line's label as a legend entry (a dashed line named "τ = 2.5"), so no label sits
+    over the data (`trace.meta["role"]` "tau")."""
+    fig.add_trace(
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="lines",
+            line={"color": TAU_COLOR, "width": 1.5, "dash": "dash"},
+            name=name or f"τ = {fmt.tau(tau)}",
+            hoverinfo="skip",
+            meta={"role": "tau"},
+        )
+    )
+
+
+def _add_tau_vline(
+    fig: go.Figure, tau: float | None, *, log_x: bool, label_tau: float | None = None
+) -> None:
+    """Dashed vertical line at x = tau, named "tau", labelled in the legend (never over the
+    data) as "τ = `label_tau`" (default: tau itself). Shapes take data values on log axes too,
+    so `log_x` changes nothing for the line."""
     if tau is None:
         return
     fig.add_shape(
@@ -126,24 +158,11 @@ def _add_tau_vline(fig: go.Figure, tau: float | None, *, log_x: bool) -> None:
         yref="paper",
         line={"color": TAU_COLOR, "width": 1.5, "dash": "dash"},
     )
-    # Shapes take data values on log axes but annotations take log10 values (plotly.js rule).
-    fig.add_annotation(
-        x=math.log10(tau) if log_x else tau,
-        xref="x",
-        y=1,
-        yref="paper",
-        text=f"τ = {tau:g}",
-        showarrow=False,
-        xanchor="left",
-        yanchor="top",
-        xshift=4,
-        font={"size": 12, "color": TAU_COLOR},
-        name="tau",
-    )
+    _tau_legend_entry(fig, tau if label_tau is None else label_tau)
 
 
 def _add_tau_hline(fig: go.Figure, tau: float | None, *, log_y: bool) -> None:
-    """Dashed horizontal line at tau, named "tau", labelled at the right end."""
+    """Dashed horizontal line at tau, named "tau", labelled in the legend."""
     if tau is None:
         return
     fig.add_shape(
@@ -157,24 +176,27 @@ def _add_tau_hline(fig: go.Figure, tau: float | None, *, log_y: bool) -> None:
         yref="y",
         line={"color": TAU_COLOR, "width": 1.5, "dash": "dash"},
     )
-    fig.add_annotation(
-        x=1,
-        xref="paper",
-        y=math.log10(tau) if log_y else tau,
-        yref="y",
-        text=f"τ = {tau:g}",
-        showarrow=False,
-        xanchor="right",
-        yanchor="bottom",
-        font={"size": 12, "color": TAU_COLOR},
-        name="tau",
-    )
+    _tau_legend_entry(fig, tau)
 
 
 def _log_tick_values(lo: float, hi: float) -> list[float] | None:
-    """1-2-5 ticks between lo and hi, or None (plotly's own) when the range is under a decade."""
-    if not (lo > 0 and hi > 0 and math.isfinite(lo) and math.isfinite(hi)) or hi / lo < 10:
+    """Ticks for a log axis from lo to hi: 1-2-5 per decade (powers of ten alone over more than
+    three decades), finer steps within a range under a decade; None without a usable range.
+
+    Every tick is given explicitly (with `_tick_text`), so all labels share one font size:
+    plotly's own log ticks print the powers of ten larger than the 2s and 5s between them."""
+    if not (lo > 0 and hi > 0 and math.isfinite(lo) and math.isfinite(hi)):
         return None
+    if hi / lo < 10:
+        narrow = (
+            (1, 1.2, 1.5, 2, 3, 4, 5, 7)
+            if hi / lo >= 2
+            else (1, 1.1, 1.2, 1.3, 1.5, 1.7, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)
+        )
+        first = math.floor(math.log10(lo))
+        ticks = [m * 10.0**e for e in (first, first + 1) for m in narrow]
+        ticks = [t for t in ticks if lo / 1.0001 <= t <= hi * 1.0001]
+        return ticks if len(ticks) >= 2 else None
     ticks = []
     # Over more than three decades 1-2-5 ticks crowd and overlap; keep the powers of ten.
     mantissas = (1, 2, 5) if hi / lo <= 1e3 else (1,)
@@ -198,7 +220,7 @@ def _tick_text(value: float) -> str:
         return f"{value / 1e6:g}M"
     if value >= 1e4:
         return f"{value / 1e3:g}k"
-    return f"{value:g}"
+    return f"{value:.4g}"
 
 
 def _set_log_axis(fig: go.Figure, axis: str, values: np.ndarray, *, extra: float | None) -> None:
@@ -259,10 +281,20 @@ def spike_plot(
     return fig
 
 
-def _log_edges(values: np.ndarray, bins: int) -> np.ndarray:
-    lo = min(1.0, float(values.min())) if values.size else 1.0
-    hi = max(float(values.max()) if values.size else 10.0, lo * 1.0001, 10.0)
-    return np.logspace(math.log10(lo), math.log10(hi), bins + 1)
+#: Perplexities labelled on the histogram's surprisal axis (positions are ln ppl, log scale).
+SURPRISAL_TICKS = (1.0001, 1.001, 1.01, 1.1, 2.0, 10.0, 100.0, 1e4, 1e8)
+#: Lowest surprisal (nats) the histogram resolves: tokens below it (ppl < 1.00001) share its
+#: first bin.
+MIN_SURPRISAL = 1e-5
+
+
+def _surprisal_edges(nll: np.ndarray, bins: int) -> np.ndarray:
+    """Log-spaced bin edges over token surprisal ln ppl (nats), from the data's 0.5% quantile
+    (at least `MIN_SURPRISAL`) to its maximum (at least ln 10)."""
+    positive = nll[nll > 0]
+    lo = max(float(np.quantile(positive, 0.005)) if positive.size else 1e-3, MIN_SURPRISAL)
+    hi = max(float(nll.max()) if nll.size else math.log(10.0), math.log(10.0), lo * 10.0)
+    return np.geomspace(lo, hi, bins + 1)
 
 
 def ppl_histogram(
@@ -277,24 +309,41 @@ def ppl_histogram(
     """Distribution of token perplexity per source, as overlaid step histograms.
 
     `frame` is long-form with columns `source` and `ppl` (`core.scoring.analytics.token_ppl_frame`).
-    Bins are shared by all sources and log-spaced when `log_x`. With `normalize`, y is the
-    share of the source's tokens in each bin (sources of different size stay comparable);
-    otherwise the count. Each trace's x holds the bin edges and y the value per bin, repeated
-    for the last edge so the step closes (`trace.meta["counts"]` holds the raw counts).
+    Bins are shared by all sources. With `log_x` they are log-spaced over the surprisal
+    ln ppl (x is ln ppl on a log axis, labelled in perplexity): most response tokens have a
+    perplexity within a few percent of 1, which log-spaced bins over ppl itself put in one first
+    bin, while here ppl 1.001, 1.01 and 1.1 are as far apart as 10 and 10^4 (tokens below the
+    first edge are counted in the first bin, those above the last in the last). Without
+    `log_x`, linear bins over ppl. With `normalize`, y is the share of the source's tokens in
+    each bin (sources of different size stay comparable); otherwise the count. Each trace's x
+    holds the bin edges and y the value per bin, repeated for the last edge so the step closes
+    (`trace.meta["counts"]` holds the raw counts, `meta["edges_ppl"]` the edges as perplexity).
     """
     values = frame["ppl"].to_numpy(dtype=np.float64)
     values = values[np.isfinite(values)]
     if log_x:
-        edges = _log_edges(values, bins)
+        edges = _surprisal_edges(np.log(np.maximum(values, 1.0)), bins)
+        edges_ppl = np.exp(edges)
     else:
         hi = float(values.max()) if values.size else 10.0
         edges = np.linspace(min(1.0, float(values.min()) if values.size else 1.0), hi, bins + 1)
+        edges_ppl = edges
+    low_text = [fmt.num(v, 4) for v in edges_ppl[:-1]]
+    high_text = [fmt.num(v, 4) for v in edges_ppl[1:]]
     fig = go.Figure()
     for source in _sources(frame):
         ppl = frame.loc[frame["source"] == source, "ppl"].to_numpy(dtype=np.float64)
-        counts, _ = np.histogram(np.clip(ppl, edges[0], edges[-1]), bins=edges)
+        x = np.log(np.maximum(ppl, 1.0)) if log_x else ppl
+        counts, _ = np.histogram(np.clip(x, edges[0], edges[-1]), bins=edges)
         y = counts / counts.sum() if normalize and counts.sum() else counts.astype(np.float64)
         color = source_color(source)
+        shown = [fmt.share(v) for v in y] if normalize else [fmt.count(c) for c in counts]
+        unit = "of tokens" if normalize else "tokens"
+        hover = [f"ppl {lo}–{hi}: {v} {unit}" for lo, hi, v in zip(low_text, high_text, shown,
+                                                                   strict=True)]  # fmt: skip
+        if log_x and hover:
+            hover[0] = f"ppl ≤ {high_text[0]}: {shown[0]} {unit}"
+            hover[-1] = f"ppl ≥ {low_text[-1]}: {shown[-1]} {unit}"
         fig.add_trace(
             go.Scatter(
                 x=edges,
@@ -304,23 +353,37 @@ def ppl_histogram(
                 fill="tozeroy",
                 fillcolor=_rgba(color, 0.15),
                 name=source_label(source),
-                meta={"source": source, "counts": counts.tolist(), "n_tokens": int(ppl.size)},
-                hovertemplate="ppl ≥ %{x:.3g}<br>%{y:.2%}<extra>%{fullData.name}</extra>"
-                if normalize
-                else "ppl ≥ %{x:.3g}<br>%{y} tokens<extra>%{fullData.name}</extra>",
+                meta={
+                    "source": source,
+                    "counts": counts.tolist(),
+                    "n_tokens": int(ppl.size),
+                    "edges_ppl": edges_ppl.tolist(),
+                },
+                customdata=[*hover, hover[-1]],
+                hovertemplate="%{customdata}<extra>%{fullData.name}</extra>",
             )
         )
     _base_layout(
         fig,
         title or "Token perplexity distribution",
-        "token perplexity" + (" (log scale)" if log_x else ""),
+        "token perplexity (log scale of ln ppl: spreads out the tokens near 1)"
+        if log_x
+        else "token perplexity",
         "share of response tokens" if normalize else "number of response tokens",
     )
     if log_x:
-        _set_log_axis(fig, "x", edges, extra=tau)
+        ticks = [t for t in SURPRISAL_TICKS if edges_ppl[0] <= t <= edges_ppl[-1] * 1.0001]
+        fig.update_xaxes(
+            type="log",
+            tickvals=[math.log(t) for t in ticks],
+            ticktext=[_tick_text(t) if t >= 2 else f"{t:g}" for t in ticks],
+        )
     if normalize:
         fig.update_yaxes(tickformat=".0%", rangemode="tozero")
-    _add_tau_vline(fig, tau, log_x=log_x)
+    else:
+        fig.update_yaxes(rangemode="tozero")
+    if tau is not None:  # on the surprisal axis the line sits at ln τ, named by τ
+        _add_tau_vline(fig, math.log(tau) if log_x else tau, log_x=log_x, label_tau=tau)
     return fig
 
 
@@ -353,9 +416,11 @@ def ppl_cdf(
                 line={"shape": "hv", "color": source_color(source), "width": 2},
                 name=source_label(source),
                 meta={"source": source, "n_tokens": int(n)},
-                hovertemplate="ppl ≤ %{x:.3g}: %{y:.1%}<extra>%{fullData.name}</extra>",
+                customdata=[f"ppl ≤ {fmt.num(p)}: {fmt.share(v)}" for p, v in zip(ppl, share,
+                                                                                  strict=True)],
+                hovertemplate="%{customdata}<extra>%{fullData.name}</extra>",
             )
-        )
+        )  # fmt: skip
     _base_layout(
         fig,
         title or "Cumulative distribution of token perplexity",
@@ -368,6 +433,22 @@ def ppl_cdf(
     return fig
 
 
+RULE_OF_THUMB_FILL = "rgba(9,105,218,0.08)"
+
+
+def share_at_tau(curve: pd.DataFrame, tau: float, y: str = "share") -> float:
+    """A curve's value at `tau`: its own row when the curve holds `tau`, else read off the curve
+    (log-interpolated between the neighbouring rows; a page that shows the number elsewhere
+    passes the exact value to `share_vs_tau_chart` as `at_tau` instead)."""
+    part = curve.sort_values("tau")
+    taus = part["tau"].to_numpy(dtype=np.float64)
+    values = part[y].to_numpy(dtype=np.float64)
+    exact = np.flatnonzero(np.isclose(taus, tau, rtol=1e-12, atol=0.0))
+    if exact.size:
+        return float(values[exact[0]])
+    return float(np.interp(np.log(tau), np.log(taus), values))
+
+
 def share_vs_tau_chart(
     curves: pd.DataFrame,
     current_tau: float | None = None,
@@ -375,60 +456,89 @@ def share_vs_tau_chart(
     y: str = "share",
     target_band: tuple[float, float] | None = (0.20, 0.25),
     title: str | None = None,
+    at_tau: Mapping[str, float] | None = None,
 ) -> go.Figure:
     """Share of response tokens masked (ppl > tau) against tau, per source, log x axis.
 
     `curves` has columns source, tau and `y` ("share": pooled, or "mean_example_share"), as
     made by `core.scoring.analytics.share_vs_tau`. The current tau is a dashed vertical line with a
-    marker per source at the share read off the curve. `target_band` shades the paper's rule
-    of thumb (about 20-25% masked works best); pass None to hide it.
+    marker per source, labelled with `core.fmt.share`. The marker's value is `at_tau[source]`
+    when given: the exact share the page shows in its cards and tables, computed from the same
+    tokens with the same rule (the curve gets that point too, so the line passes through the
+    marker); otherwise the curve's own row at τ, or the curve read at τ. `target_band` shades
+    the paper's rule of thumb (about 20-25% masked works best), named in the legend; pass None
+    to hide it.
     """
     fig = go.Figure()
     if target_band is not None:
         fig.add_hrect(
             y0=target_band[0],
             y1=target_band[1],
-            fillcolor="rgba(9,105,218,0.08)",
+            fillcolor=RULE_OF_THUMB_FILL,
             line_width=0,
             layer="below",
-            annotation={
-                "text": f"paper's rule of thumb: {target_band[0]:.0%}–{target_band[1]:.0%}",
-                "font": {"size": 11, "color": "#57606a"},
-            },
-            annotation_position="top right",
+            name="rule_of_thumb",
+        )
+        band_name = (
+            f"paper's rule of thumb: {fmt.share(target_band[0], 0)}–"
+            f"{fmt.share(target_band[1], 0)} masked"
+        )
+        fig.add_trace(  # the band's label, in the legend rather than over the curves
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="markers",
+                marker={"symbol": "square", "size": 14, "color": "rgba(9,105,218,0.25)"},
+                name=band_name,
+                hoverinfo="skip",
+                meta={"role": "rule_of_thumb"},
+            )
         )
     for source in _sources(curves):
         part = curves[curves["source"] == source].sort_values("tau")
         color = source_color(source)
+        taus = part["tau"].to_numpy(dtype=np.float64)
+        values = part[y].to_numpy(dtype=np.float64)
+        exact = None if at_tau is None or current_tau is None else at_tau.get(source)
+        if exact is not None and len(part):
+            share = float(exact)
+            keep = ~np.isclose(taus, current_tau, rtol=1e-12, atol=0.0)
+            taus, values = np.append(taus[keep], current_tau), np.append(values[keep], share)
+            order = np.argsort(taus, kind="stable")
+            taus, values = taus[order], values[order]
+        elif current_tau is not None and len(part):
+            share = share_at_tau(part, current_tau, y)
         fig.add_trace(
             go.Scatter(
-                x=part["tau"].to_numpy(dtype=np.float64),
-                y=part[y].to_numpy(dtype=np.float64),
+                x=taus,
+                y=values,
                 mode="lines",
                 line={"color": color, "width": 2},
                 name=source_label(source),
                 legendgroup=source,
                 meta={"source": source},
-                hovertemplate="τ = %{x:.3g}: %{y:.1%} masked<extra>%{fullData.name}</extra>",
+                customdata=[f"τ = {fmt.tau(t)}: {fmt.share(v)} masked" for t, v in zip(
+                    taus, values, strict=True)],
+                hovertemplate="%{customdata}<extra>%{fullData.name}</extra>",
             )
-        )
+        )  # fmt: skip
         if current_tau is not None and len(part):
-            taus = part["tau"].to_numpy(dtype=np.float64)
-            share = float(np.interp(np.log(current_tau), np.log(taus), part[y].to_numpy()))
+            text = fmt.share(share)
             fig.add_trace(
                 go.Scatter(
                     x=[current_tau],
                     y=[share],
                     mode="markers+text",
                     marker={"color": color, "size": 10, "line": {"color": "white", "width": 1.5}},
-                    text=[f"{share:.1%}"],
+                    text=[text],
                     textposition="middle right",
                     textfont={"color": color, "size": 12},
                     name=f"{source_label(source)} at τ",
                     legendgroup=source,
                     showlegend=False,
                     meta={"source": source, "current_tau": True},
-                    hovertemplate="τ = %{x:.3g}: %{y:.1%} masked<extra>%{fullData.name}</extra>",
+                    customdata=[f"τ = {fmt.tau(current_tau)}: {text} masked"],
+                    hovertemplate="%{customdata}<extra>%{fullData.name}</extra>",
                 )
             )
     _base_layout(
@@ -438,7 +548,7 @@ def share_vs_tau_chart(
         "masked share of response tokens" if y == "share" else "mean per-example masked share",
     )
     _set_log_axis(fig, "x", curves["tau"].to_numpy(dtype=np.float64), extra=current_tau)
-    fig.update_yaxes(tickformat=".0%", rangemode="tozero")
+    fig.update_yaxes(tickformat=".0%", range=[0.0, 1.05])
     _add_tau_vline(fig, current_tau, log_x=True)
     return fig
 
@@ -452,7 +562,7 @@ def category_share_chart(df: pd.DataFrame, *, title: str | None = None) -> go.Fi
     """
     fig = go.Figure()
     tau = float(df["tau"].iloc[0]) if "tau" in df.columns and len(df) else None
-    high_label = f"ppl > {tau:g}" if tau is not None else "high ppl"
+    high_label = f"ppl > {fmt.tau(tau)}" if tau is not None else "high ppl"
     categories = list(dict.fromkeys(df["category"].tolist()))
     for source in _sources(df):
         part = df[df["source"] == source].set_index("category").reindex(categories)
@@ -465,7 +575,8 @@ def category_share_chart(df: pd.DataFrame, *, title: str | None = None) -> go.Fi
                 name=f"{label} · all tokens",
                 marker={"color": _rgba(color, 0.3), "line": {"color": color, "width": 1.5}},
                 meta={"source": source, "subset": "all"},
-                hovertemplate="%{x}: %{y:.1%} of all tokens<extra>" + label + "</extra>",
+                customdata=[fmt.share(v) for v in part["share_all"]],
+                hovertemplate="%{x}: %{customdata} of all tokens<extra>" + label + "</extra>",
             )
         )
         fig.add_trace(
@@ -475,7 +586,8 @@ def category_share_chart(df: pd.DataFrame, *, title: str | None = None) -> go.Fi
                 name=f"{label} · {high_label}",
                 marker={"color": color, "line": {"color": color, "width": 1.5}},
                 meta={"source": source, "subset": "high"},
-                hovertemplate="%{x}: %{y:.1%} of high-ppl tokens<extra>" + label + "</extra>",
+                customdata=[fmt.share(v) for v in part["share_high"]],
+                hovertemplate="%{x}: %{customdata} of high-ppl tokens<extra>" + label + "</extra>",
             )
         )
     _base_layout(
@@ -501,6 +613,7 @@ def seq_ppl_box(
     """Per-example sequence perplexity per source as box plots (log y), mean marked; a source
     is records or columnar `TokenScores`."""
     fig = go.Figure()
+    values = []
     for source, examples in groups.items():
         if isinstance(examples, TokenScores):  # columns: no per-example records
             keep = np.flatnonzero(examples.n_response > 0)
@@ -509,6 +622,7 @@ def seq_ppl_box(
         else:
             scored = [ex for ex in examples if ex.n_response > 0]
             y, text = [ex.seq_ppl for ex in scored], [ex.id for ex in scored]
+        values += y
         fig.add_trace(
             go.Box(
                 y=y,
@@ -518,7 +632,8 @@ def seq_ppl_box(
                 marker={"color": source_color(source), "size": 4},
                 boxmean=True,
                 boxpoints="outliers",
-                hovertemplate="%{text}<br>seq ppl %{y:.3g}<extra>%{fullData.name}</extra>",
+                customdata=[fmt.num(v) for v in y],
+                hovertemplate="%{text}<br>seq ppl %{customdata}<extra>%{fullData.name}</extra>",
             )
         )
     _base_layout(
@@ -527,7 +642,8 @@ def seq_ppl_box(
         "data source",
         "sequence perplexity (log scale)",
     )
-    fig.update_yaxes(type="log")
+    # explicit ticks: plotly's own log ticks print "10" larger than the 2s and 5s
+    _set_log_axis(fig, "y", np.asarray(values, dtype=np.float64), extra=None)
     fig.update_layout(showlegend=False)
     return fig
 
@@ -557,9 +673,11 @@ def masked_share_histogram(
                 offset=(-0.024 if side == "A" else 0.0) if two else None,
                 marker={"color": color, "opacity": 0.85},
                 name=name,
-                customdata=np.stack([edges[:-1], edges[1:]], axis=1),
-                hovertemplate="%{customdata[0]:.0%}–%{customdata[1]:.0%} masked: "
-                "%{y} examples<extra>" + name + "</extra>",
+                customdata=[
+                    f"{fmt.share(a, 0)}–{fmt.share(b, 0)} masked: {fmt.count(c)}"
+                    for a, b, c in zip(edges[:-1], edges[1:], counts, strict=True)
+                ],
+                hovertemplate="%{customdata} examples<extra>" + name + "</extra>",
             )
         )
         x = stats.pooled_share
@@ -574,23 +692,21 @@ def masked_share_histogram(
                 "line": {"color": color, "width": 1.5, "dash": "dash"},
             }
         )
+        # the pooled share's label goes in the legend, so it never covers a bar
         notes.append(
-            {
-                "x": x,
-                "y": 1 if side == "A" else 0.91,  # stacked, so close shares do not collide
-                "yref": "paper",
-                "text": f"{side + ' ' if two else ''}pooled {x:.1%}",
-                "showarrow": False,
-                "xanchor": "left",
-                "xshift": 4,
-                "yanchor": "top",
-                "font": {"size": 12, "color": color},
-                "bgcolor": "rgba(255,255,255,0.8)",
-            }
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="lines",
+                line={"color": color, "width": 1.5, "dash": "dash"},
+                name=f"{side + ' ' if two else ''}pooled {fmt.share(x)}",
+                hoverinfo="skip",
+                meta={"role": "pooled", "side": side, "text": fmt.share(x)},
+            )
         )
     axis = {"showline": True, "linecolor": "#8c959f", "gridcolor": "#ebf0f8", "zeroline": False}
     return go.Figure(
-        data=traces,
+        data=traces + notes,
         layout={
             "title": {"text": "Masked share per example", "x": 0.0, "font": {"size": 16}},
             "font": {
@@ -603,10 +719,9 @@ def masked_share_histogram(
             "height": 380,
             "bargap": 0.05,
             "barmode": "overlay",
-            "showlegend": two,
+            "showlegend": True,
             "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0.0},
             "shapes": shapes,
-            "annotations": notes,
             "xaxis": {
                 **axis,
                 "title": {"text": "share of the example's response tokens masked"},
@@ -639,12 +754,14 @@ def masking_curve_figure(
     hi = max([100.0, min(hi, 1000.0), *(t * 1.5 for t in taus)])
     lo = min([1.0, *(t / 1.5 for t in taus)])
     grid = np.geomspace(lo, hi, 240)
-    frames = []
+    frames, at_tau = [], {}
     for source, index in indexes.items():
         if source is not None:
             frame = share_vs_tau_curve(index, grid, curve_mode)
             frame.insert(0, "source", source)
             frames.append(frame)
+            if taus:  # the marker: the card's rule on the same tokens, not a curve reading
+                at_tau[source] = float(share_vs_tau_curve(index, [taus[0]], curve_mode)["share"][0])
     title = "Share of response tokens masked vs τ"
     if mode == "percentile":
         title = "STM share masked vs τ (for reference)"
@@ -653,15 +770,32 @@ def masking_curve_figure(
         taus[0] if taus else None,
         target_band=band,
         title=title,
+        at_tau=at_tau,
     )
     if mode == "low":
         fig.update_xaxes(title_text="τ (mask tokens with ppl < τ; log scale)")
     if len(taus) == 2:
-        fig.add_vline(
-            x=taus[1],
-            line={"color": colors["B"], "width": 1.5, "dash": "dot"},
-            annotation={"text": f"B: τ = {taus[1]:.3g}", "font": {"color": colors["B"]}},
-            annotation_position="bottom right",
+        fig.add_vline(x=taus[1], line={"color": colors["B"], "width": 1.5, "dash": "dot"})
+        fig.add_trace(  # B's label in the legend, not over the curve
+            go.Scatter(
+                x=[None],
+                y=[None],
+                mode="lines",
+                line={"color": colors["B"], "width": 1.5, "dash": "dot"},
+                name=f"B: τ = {fmt.tau(taus[1])}",
+                hoverinfo="skip",
+                meta={"role": "tau_b"},
+            )
         )
     fig.update_layout(height=380)
     return fig
+
+
+def masked_share_marker_text(fig: go.Figure, source: str | None = None) -> list[str]:
+    """The text of the current-τ markers of a share-vs-τ figure (of one source, or all): what a
+    reader sees beside the curve, for checks against the page's cards."""
+    return [
+        str(t.text[0])
+        for t in fig.data
+        if (t.meta or {}).get("current_tau") and source in (None, t.meta.get("source"))
+    ]
