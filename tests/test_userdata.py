@@ -226,7 +226,10 @@ def test_missing_columns_lists_available(tmp_path):
 def test_prompt_and_response_column_the_same(tmp_path):
     path = write(tmp_path, "d.jsonl", jsonl({"text": "a"}))
     message = error_of(load_user_data, path, prompt_col="text", response_col="text")
-    assert message == "The prompt and response columns must be different (both are 'text')."
+    assert message == (
+        "The prompt and response must come from different columns of d.jsonl (both are 'text'). "
+        "Available columns: text."
+    )
 
 
 def test_duplicate_and_empty_ids(tmp_path):

@@ -433,7 +433,8 @@ def _build_dataset(
 
     if use_messages is None and prompt_col == response_col:
         raise DataError(
-            f"The prompt and response columns must be different (both are '{prompt_col}')."
+            f"The prompt and response must come from different columns of {where} (both are "
+            f"'{prompt_col}'). Available columns: {available}."
         )
     needed = [use_messages] if use_messages is not None else [prompt_col, response_col]
     if id_col:
