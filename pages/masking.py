@@ -23,6 +23,7 @@ from components.session import (
     sidebar_selection,
     url_tau,
 )
+from core import fmt
 from core.errors import LensError
 from core.masking.export import (
     export_masked_dataset,
@@ -133,7 +134,7 @@ def _threshold_widget(
     tau = st.select_slider(
         f"τ — token-perplexity threshold{suffix}",
         options=TAU_GRID,
-        format_func=lambda t: f"{t:g}",
+        format_func=fmt.tau,
         key=key,
         help="Log-like scale: fine steps between 1 and 10, where most tokens lie.",
     )
@@ -145,47 +146,49 @@ def _counters(
 ) -> None:
     """Metric tiles; with ``reference`` (setting A), deltas show how this setting differs."""
 
-    def delta(value: float, ref: float, fmt: str) -> str | None:
+    def delta(value: float, ref: float, unit: str = "") -> str | None:
         if reference is None or value == ref:
             return None
-        return fmt.format(value - ref)
+        if unit:  # a share: signed percentage points
+            return f"{fmt.signed(value - ref, 1)}{unit}"
+        change = value - ref  # a count: signed, with thousands separators
+        return f"{'+' if change > 0 else '-'}{fmt.count(abs(change))}"
 
     ref = reference
-    share = stats.pooled_share
     tiles = [
         (
             "Masked share",
-            f"{share:.1%}",
-            delta(100 * share, 100 * ref.pooled_share, "{:+.1f} pts") if ref else None,
+            masked_share_text(stats),
+            delta(100 * stats.pooled_share, 100 * ref.pooled_share, " pts") if ref else None,
             "off",
-            f"Masked response tokens / all {stats.n_response_tokens:,} response tokens, pooled "
-            "over the dataset (end-of-turn token included). Prompt tokens never train.",
+            f"Masked response tokens / all {fmt.count(stats.n_response_tokens)} response tokens, "
+            "pooled over the dataset (end-of-turn token included). Prompt tokens never train.",
         ),
         (
             "Tokens masked",
-            f"{stats.n_masked:,}",
-            delta(stats.n_masked, ref.n_masked, "{:+,}") if ref else None,
+            fmt.count(stats.n_masked),
+            delta(stats.n_masked, ref.n_masked) if ref else None,
             "off",
             "Response tokens that get label -100: they stay in the input but carry no loss.",
         ),
         (
             "Tokens kept",
-            f"{stats.n_kept:,}",
-            delta(stats.n_kept, ref.n_kept, "{:+,}") if ref else None,
+            fmt.count(stats.n_kept),
+            delta(stats.n_kept, ref.n_kept) if ref else None,
             "off",
             "Response tokens that are trained on.",
         ),
         (
             "Fully masked",
-            f"{stats.n_fully_masked:,} / {stats.n_examples:,}",
-            delta(stats.n_fully_masked, ref.n_fully_masked, "{:+d}") if ref else None,
+            f"{fmt.count(stats.n_fully_masked)} / {fmt.count(stats.n_examples)}",
+            delta(stats.n_fully_masked, ref.n_fully_masked) if ref else None,
             "inverse",
             "Examples left with no trainable token (every response token masked): they carry "
             "no loss, and some trainers drop them silently.",
         ),
         (
             "τ",
-            "—" if result.tau is None else f"{result.tau:.4g}",
+            fmt.tau(result.tau),
             None,
             "off",
             "The threshold in use (solved from the target share when one is set). "
@@ -200,21 +203,35 @@ def _counters(
             col.metric(label, value, d, delta_color=color, help=help_text, border=True)
 
 
-def _rule_of_thumb_note(stats: MaskStats, short: bool) -> None:
+def masked_share_text(stats: MaskStats) -> str:
+    """The "Masked share" card's text; the curve's marker at τ prints the same."""
+    return fmt.share(stats.pooled_share)
+
+
+def rule_of_thumb_note(config: MaskConfig, stats: MaskStats, short: bool = False) -> str:
+    """Where the masked share stands against the paper's rule of thumb (masking about 20-25%
+    of response tokens works best), as a caption. The rule is about STM (mode high): only STM
+    gets the green "within"; a control (low ppl, random, percentile) is told plainly how much
+    it masks, with no verdict."""
     lo, hi = RULE_OF_THUMB
     share = stats.pooled_share
+    band = f"{fmt.share(lo, 0)}–{fmt.share(hi, 0)}"
+    if config.mode != "high":
+        what = MODE_LABELS.get(config.mode, config.mode)
+        return (
+            f":gray[:material/science: {what} is a control: it masks {fmt.share(share)} of "
+            f"response tokens. The paper's rule of thumb ({band} masked) is for STM.]"
+        )
     if lo <= share <= hi:
         verdict = ":green[:material/check_circle: within]"
     elif share < lo:
         verdict = ":orange[:material/arrow_downward: below]"
     else:
         verdict = ":orange[:material/arrow_upward: above]"
-    text = (
-        f"{verdict} the paper's rule of thumb: masking about {lo:.0%}–{hi:.0%} of response tokens"
-    )
+    text = f"{verdict} the paper's rule of thumb: masking about {band} of response tokens"
     if not short:
-        text += " works best (Llama-3-8B on MBPP: τ = 2.5 masked 21.2%)"
-    st.caption(text + ".")
+        text += f" works best (Llama-3-8B on MBPP: τ = {fmt.tau(2.5)} masked {fmt.share(0.212)})"
+    return text + "."
 
 
 def _fully_masked_list(stats: MaskStats, scores: TokenScores, index: PplIndex) -> None:
@@ -230,7 +247,7 @@ def _fully_masked_list(stats: MaskStats, scores: TokenScores, index: PplIndex) -
                     {
                         "id": scores.ids[r],
                         "response tokens": int(n_response[r]),
-                        "seq ppl": float(seq_ppl[r]),
+                        "seq ppl": fmt.num(float(seq_ppl[r])),
                         "response": scores.responses[r][:120],
                     }
                     for r in rows
@@ -280,7 +297,7 @@ def _default_export_name(sel, config: MaskConfig, result: MaskResult) -> str:
     if config.mode == "percentile":
         rule = f"{config.percentile_rule}{config.k_percent:g}pct"
         return f"{data}-{sel.limit}-percentile-{rule}"
-    return f"{data}-{sel.limit}-{config.mode}-tau{result.tau:.3g}"
+    return f"{data}-{sel.limit}-{config.mode}-tau{fmt.tau(result.tau).replace(',', '')}"
 
 
 def _export_section(sel, run: ScoreRun, settings: list[tuple[str, MaskConfig, MaskResult]]):
@@ -340,8 +357,8 @@ def _export_section(sel, run: ScoreRun, settings: list[tuple[str, MaskConfig, Ma
         return
     stats = result.stats()
     st.success(
-        f"Wrote {stats.n_examples:,} examples ({stats.pooled_share:.1%} of response tokens "
-        f"masked) to `{out}`",
+        f"Wrote {fmt.count(stats.n_examples)} examples ({fmt.share(stats.pooled_share)} of "
+        f"response tokens masked) to `{out}`",
         icon=":material/check_circle:",
     )
     st.caption("The same export from the command line:")
@@ -414,14 +431,14 @@ for side, col in zip(sides, columns, strict=True):
         config = _threshold_widget(side, mode, kind, rule, seed, compare)
         settings.append((side, config, compute_masks(index, config)))
 if mode != "percentile" and kind == "tau":
-    st.query_params["tau"] = f"{settings[0][1].tau:g}"
+    st.query_params["tau"] = f"{settings[0][1].tau:g}"  # the URL keeps the exact value
 
 all_stats = [(side, result.stats()) for side, _, result in settings]
 for (side, _, result), (_, stats), col in zip(settings, all_stats, columns, strict=True):
     with col:
         reference = all_stats[0][1] if side == "B" else None
         _counters(stats, result, 3 if compare else 5, reference)
-        _rule_of_thumb_note(stats, short=compare)
+        st.caption(rule_of_thumb_note(result.config, stats, short=compare))
         _fully_masked_list(stats, scores, index)
 
 left, right = st.columns(2)

@@ -21,6 +21,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from components.session import background_runner
+from core import fmt
 from core.data.records import ScoredExample
 from core.data.sources import load_source
 from core.masking.export import load_masked_dataset, scores_fingerprint
@@ -102,12 +103,28 @@ def _expected_tiles(examples: list[ScoredExample], config: MaskConfig) -> dict[s
     result = compute_masks(examples, config)
     stats = result.stats()
     return {
-        "Masked share": f"{stats.pooled_share:.1%}",
-        "Tokens masked": f"{stats.n_masked:,}",
-        "Tokens kept": f"{stats.n_kept:,}",
+        "Masked share": fmt.share(stats.pooled_share),
+        "Tokens masked": fmt.count(stats.n_masked),
+        "Tokens kept": fmt.count(stats.n_kept),
         "Fully masked": f"{stats.n_fully_masked} / {stats.n_examples}",
-        "τ": "—" if result.tau is None else f"{result.tau:.4g}",
+        "τ": fmt.tau(result.tau),
     }
+
+
+def _curve_markers(at: AppTest) -> list[str]:
+    """The text beside the current-τ marker(s) of the share-vs-τ chart, as the reader sees it."""
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    return [t["text"][0] for t in spec["data"] if (t.get("meta") or {}).get("current_tau")]
+
+
+def _assert_card_matches_marker(at: AppTest) -> None:
+    """Setting A's "Masked share" card and the curve's marker print the same text."""
+    card = _metrics(at)[0]["Masked share"]
+    assert _curve_markers(at) == [card]
+
+
+def _rule_captions(at: AppTest) -> list[str]:
+    return [c.value for c in at.caption if "rule of thumb" in c.value]
 
 
 def _curve_tau_lines(at: AppTest) -> list[float]:
@@ -137,6 +154,14 @@ def test_page_counters_heatmap_and_compare_follow_core_masking(tiny_model_dir, s
     assert tiles == [_expected_tiles(examples, MaskConfig(tau=2.5))]
     assert tiles[0]["Fully masked"] == f"1 / {LIMIT}"
     assert any("1 examples with no trainable token" in e.label for e in at.expander)
+    _assert_card_matches_marker(at)
+
+    # at τ = 1 nearly every token is above τ: the marker reads the card's share, not a point
+    # interpolated on the curve (which read 94.0% beside a 99.9% card)
+    at.select_slider(key="tau_A").set_value(1.0).run()
+    assert _metrics(at) == [_expected_tiles(examples, MaskConfig(tau=1.0))]
+    _assert_card_matches_marker(at)
+    at.select_slider(key="tau_A").set_value(2.5).run()
 
     # the heatmap strikes out exactly the masked tokens of the chosen example
     at.selectbox(key="example").set_value(examples[3].id).run()
@@ -152,6 +177,7 @@ def test_page_counters_heatmap_and_compare_follow_core_masking(tiny_model_dir, s
     assert tiles[0]["Fully masked"] == f"0 / {LIMIT}"
     assert at.query_params["tau"] == "10"
     assert _curve_tau_lines(at) == [10.0]
+    _assert_card_matches_marker(at)
     mask10 = compute_masks(examples, MaskConfig(tau=10.0)).masks[3]
     assert _heatmap_masked_indices(at) == np.flatnonzero(mask10).tolist()
     assert mask10.sum() < mask.sum()
@@ -165,18 +191,29 @@ def test_page_counters_heatmap_and_compare_follow_core_masking(tiny_model_dir, s
     solved = compute_masks(examples, cfg)
     assert solved.tau == solve_tau_for_share([ex.ppl_array() for ex in examples], 0.30)
     assert abs(solved.stats().n_masked - 0.30 * n_tokens) <= 1
+    _assert_card_matches_marker(at)  # at the solved τ, which is no point of the curve's grid
+    assert _metrics(at)[0]["τ"] == fmt.tau(solved.tau)
 
     # random control: as many tokens as STM at the same tau, elsewhere
     at.segmented_control(key="mask_mode").set_value("random").run()
     random_tiles = _metrics(at)[0]
     assert random_tiles == _expected_tiles(examples, MaskConfig(mode="random", **_share(0.30)))
     assert random_tiles["Tokens masked"] == _expected_tiles(examples, cfg)["Tokens masked"]
+    _assert_card_matches_marker(at)
+    assert not any(":green[" in c for c in _rule_captions(at))  # a control gets no verdict
 
     # low: the share is solved for ppl < tau instead
     at.segmented_control(key="mask_mode").set_value("low").run()
     low = MaskConfig(mode="low", **_share(0.30))
     assert _metrics(at) == [_expected_tiles(examples, low)]
     assert compute_masks(examples, low).tau < solved.tau
+    _assert_card_matches_marker(at)
+    # low ppl is a control: inside the 20-25% band it still gets no green "within"
+    at.slider(key="share_A").set_value(22.5).run()
+    assert _metrics(at)[0]["Masked share"] == "22.5%"
+    _assert_card_matches_marker(at)
+    (note,) = _rule_captions(at)
+    assert "control" in note and ":green[" not in note and "within" not in note
 
     # percentile: k% per example, no tau
     at.segmented_control(key="mask_mode").set_value("percentile").run()
@@ -186,7 +223,7 @@ def test_page_counters_heatmap_and_compare_follow_core_masking(tiny_model_dir, s
         examples, MaskConfig(mode="percentile", percentile_rule="bottom", k_percent=40.0)
     )
     assert _metrics(at) == [expected]
-    assert expected["τ"] == "—"
+    assert expected["τ"] == fmt.MISSING
 
     # compare two taus side by side: two sets of counters and two heatmaps
     at.segmented_control(key="mask_mode").set_value("high").run()
