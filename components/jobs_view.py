@@ -9,8 +9,7 @@ only reads the job registry (core.jobs) and never blocks: the table polls in a f
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,8 @@ from core.jobs.cluster import (
     saved_setting,
 )
 from core.jobs.registry import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobRegistry
-from core.jobs.runfiles import log_tail, read_eval_progress
+from core.jobs.runfiles import log_tail
+from core.jobs.state import RunState, live_state
 
 POLL_SECONDS = 2.0
 STATUS_BADGES = {
@@ -44,45 +44,23 @@ STATUS_BADGES = {
 }
 
 
-#: Without a job row to say the run is alive, an evaluation progress file older than this is a
-#: left-over of a process that died mid-round, not a round in progress.
-EVAL_PROGRESS_STALE_S = 600.0
+def current_state(run_dir: str | Path, job: Job | None) -> RunState | None:
+    """What the job running in `run_dir` is doing (`core.jobs.state.live_state`): preparing
+    data, evaluating step k, training step k/N, the final evaluation, saving, generating, a
+    protocol's arms; only while its `job` runs (a job that died leaves the file behind); a run
+    without a job row counts only a recent state."""
+    return live_state(run_dir, job.status if job is not None else None)
 
 
-def eval_progress_fraction(progress: Mapping[str, Any]) -> float:
-    """How far an evaluation round is, 0-1: items done of the task's items where the task
-    counts them, else tasks done of the round's tasks."""
-    items, tasks = int(progress.get("items") or 0), int(progress.get("tasks") or 0)
-    if items > 0:
-        done, total = int(progress.get("items_done") or 0), items
-    else:
-        done, total = int(progress.get("task_index") or 0), tasks
-    return min(1.0, max(0.0, done / total)) if total > 0 else 0.0
-
-
-def current_eval_progress(run_dir: str | Path, job: Job | None) -> dict[str, Any] | None:
-    """The evaluation round in progress in `run_dir` (`core.jobs.runfiles.read_eval_progress`),
-    only while its `job` runs (a job that died mid-round leaves the file behind); a run without
-    a job row counts only a file written in the last `EVAL_PROGRESS_STALE_S` seconds."""
-    if job is not None and job.status != RUNNING:
+def state_bar(run_dir: str | Path, job: Job | None, *, prefix: str = "") -> RunState | None:
+    """A progress bar with the job's state line ("evaluating step 8 of 16: ood_drift (task 3 of
+    5) · 40/200 items · 1m12s, about 2m50s left in this task"; "training: step 5/16 · ...,
+    about 3m40s left"), `prefix` before it, while the job runs; the state shown, or None."""
+    state = current_state(run_dir, job)
+    if state is None:
         return None
-    progress = read_eval_progress(run_dir)
-    if progress is None or not progress.get("line"):
-        return None
-    if job is None and time.time() - float(progress.get("time") or 0.0) > EVAL_PROGRESS_STALE_S:
-        return None
-    return progress
-
-
-def eval_progress_bar(run_dir: str | Path, job: Job | None, *, prefix: str = "") -> bool:
-    """A progress bar with the evaluation round's one-line description ("evaluating step 8:
-    ood_drift (task 3 of 5) · 40/200 items · ..."), `prefix` before it, when a round is in
-    progress in `run_dir`; whether one was drawn."""
-    progress = current_eval_progress(run_dir, job)
-    if progress is None:
-        return False
-    st.progress(eval_progress_fraction(progress), text=f"{prefix}{progress['line']}")
-    return True
+    st.progress(state.fraction, text=f"{prefix}{state.line()}")
+    return state
 
 
 def fmt_seconds(seconds: float | None) -> str:
@@ -133,17 +111,17 @@ def job_header(
     registry: JobRegistry, job: Job, *, key_prefix: str = "", resume_note: str = ""
 ) -> None:
     """Status badge, label, id and run folder, with Cancel (active job) or Resume (failed or
-    cancelled job); `resume_note` says what a resumed job keeps. While the job evaluates, the
-    round's progress as a bar with its one-line description (the status message says the same,
-    so the caption leaves it out then)."""
+    cancelled job); `resume_note` says what a resumed job keeps. While the job runs, its state
+    (`core.jobs.state`: phase, where in it, time left) as a bar with its line (the status
+    message says the same, so the caption leaves it out then)."""
     head, actions = st.columns([4, 1])
     head.markdown(f"{STATUS_BADGES.get(job.status, job.status)} **{job.label}**")
     where = f" · on {job.where} as `{job.engine_id}`" if job.on_cluster else ""
-    progress = current_eval_progress(job.run_dir, job)
-    message = f" · {job.message}" if job.message and progress is None else ""
+    state = current_state(job.run_dir, job)
+    message = f" · {job.message}" if job.message and state is None else ""
     head.caption(f"`{job.id}` · run folder `{job.run_dir}`{where}{message}")
-    if progress is not None:
-        head.progress(eval_progress_fraction(progress), text=str(progress["line"]))
+    if state is not None:
+        head.progress(state.fraction, text=state.line())
     if job.active:
         actions.button(
             "Cancel",

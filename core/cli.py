@@ -261,29 +261,33 @@ def _format_seconds(seconds: float | None) -> str:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    """List, show, cancel or resume background jobs. A running job that is evaluating says which
-    round, task and items (`eval_progress.json` in its run folder) on a line of its own."""
-    from core.jobs.registry import RUNNING, Job, JobRegistry
-    from core.jobs.runfiles import log_tail, read_eval_progress, read_metrics, run_progress
+    """List, show, cancel or resume background jobs. A running job says what it does now (its
+    state: preparing data, evaluating step k, training step k/N, final evaluation, ... with the
+    time left; `run_state.json` in its run folder) on a line of its own."""
+    from core.jobs.registry import Job, JobRegistry
+    from core.jobs.runfiles import log_tail, read_metrics, run_progress
+    from core.jobs.state import live_state
 
-    def evaluating(job: Job) -> dict | None:
-        """The evaluation round in progress, only while the job runs (a job that died
-        mid-round leaves its progress file behind)."""
-        return read_eval_progress(job.run_dir) if job.status == RUNNING else None
+    def now_line(job: Job) -> str:
+        """The job's state line, only while it runs (a job that died leaves its file behind)."""
+        state = live_state(job.run_dir, job.status)
+        return state.line() if state is not None else ""
+
+    def state_dict(job: Job) -> dict | None:
+        state = live_state(job.run_dir, job.status)
+        return None if state is None else {**state.to_dict(), "line": state.line()}
 
     registry = JobRegistry()
     if args.action == "list":
         jobs = registry.list()
         if args.json:
-            print(json.dumps([{**j.to_dict(), "eval_progress": evaluating(j)} for j in jobs],
-                             indent=2))  # fmt: skip
+            print(json.dumps([{**j.to_dict(), "state": state_dict(j)} for j in jobs], indent=2))
             return 0
         for job in jobs:
             prog = run_progress(read_metrics(job.run_dir))
             steps = f"{prog.step}/{prog.max_steps}" if prog.max_steps else "-"
-            progress = evaluating(job)
-            line = str(progress.get("line") or "") if progress else ""
-            message = "" if line and job.message == line else f"  [{job.message}]"
+            line = now_line(job)
+            message = "" if line else f"  [{job.message}]"
             print(
                 f"{job.id}  {job.status:9}  {steps:>9}  {_format_seconds(job.elapsed):>8}  "
                 f"{job.label}{message}  ({job.where})"
@@ -302,9 +306,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     else:
         job = registry.get(args.job_id)
     prog = run_progress(read_metrics(job.run_dir))
-    progress = evaluating(job)
+    line = now_line(job)
     if args.json:
-        print(json.dumps({**job.to_dict(), "progress": prog.__dict__, "eval_progress": progress},
+        print(json.dumps({**job.to_dict(), "progress": prog.__dict__, "state": state_dict(job)},
                          indent=2))  # fmt: skip
         return 0
     print(f"{job.id}: {job.status} ({job.message}) · {job.label}")
@@ -315,8 +319,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         running = job.status == "running" and prog.eta_seconds
         eta = f", ETA {_format_seconds(prog.eta_seconds)}" if running else ""
         print(f"step {prog.step}/{prog.max_steps}, last loss {prog.last_loss}{eta}")
-    if progress and progress.get("line"):
-        print(progress["line"])
+    if line:
+        print(line)
     if job.error:
         print(f"error: {job.error.splitlines()[0]}")
     if args.action == "show":

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from components.jobs_view import eval_progress_bar
+from components.jobs_view import current_state, state_bar
 from components.session import ensure_app_navigation
 from core.errors import LensError
 from core.eval.config import EvalConfig, eval_job_config, resolve_adapter_path
@@ -149,17 +149,19 @@ paused = st.toggle("Pause live updates", value=False)
 
 
 def _status_table(runs: list[RunView], current: dict) -> pd.DataFrame:
-    """One row per run: its job's status and message, training step, last loss, rounds."""
+    """One row per run: its job's status and what it does now (its state line while it runs,
+    else its last message), training step, last loss, rounds."""
     rows = []
     for run in runs:
         job = current.get(run.run_id)
         prog = run_progress(run.records)
+        state = current_state(run.run_dir, job) if job is not None else None
         rows.append(
             {
                 "run": run.run_id,
                 "label": run.label,
                 "status": job.status if job else "–",
-                "message": job.message if job else "",
+                "now": state.line() if state is not None else (job.message if job else ""),
                 "step": f"{prog.step}/{prog.max_steps}" if prog.max_steps else "–",
                 "last loss": prog.last_loss,
                 "eval rounds": int(run.eval_frame()["step"].nunique()),
@@ -200,8 +202,8 @@ def _draw() -> None:
         return
     current = jobs_by_run(registry.list())  # read again: the live fragment calls this
     st.dataframe(_status_table(runs, current), hide_index=True, width="stretch")
-    for run in runs:  # an evaluation round in progress: which task, how many items, time left
-        eval_progress_bar(run.run_dir, current.get(run.run_id), prefix=f"{labels_of(run)}: ")
+    for run in runs:  # what each running job does now: phase, where in it, time left
+        state_bar(run.run_dir, current.get(run.run_id), prefix=f"{labels_of(run)}: ")
     statuses = {r: job.status for r, job in current.items()}
     top = dict(top_row_charts(runs, statuses))
     panels = [("target", top["target"]), ("bwt", top["bwt"]), *drift_charts(runs),

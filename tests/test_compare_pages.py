@@ -228,18 +228,17 @@ def test_runs_page_shows_an_evaluation_round_in_progress_and_what_a_run_without_
     tmp_path, monkeypatch
 ):
     from core.jobs.registry import JobRegistry
-    from core.jobs.runfiles import write_eval_progress
+    from core.jobs.state import Phase, RunState, write_state
 
     root = tmp_path / "runs"
     monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
     folder = make_eval_run(root, "live", {0: BASE_DRIFT}, tasks=DRIFT_TASKS, losses=())
     registry = JobRegistry(root)
     job = registry.register_foreground("train", {"method": "stm"}, device="cpu", run_dir=folder)
-    line = ("evaluating step 0: ood_drift (task 3 of 5) · 40/200 items · 1m12s, about 2m50s "
-            "left in this task")  # fmt: skip
-    write_eval_progress(folder, {"step": 0, "task": "ood_drift", "task_index": 2, "tasks": 5,
-                                 "items_done": 40, "items": 200, "elapsed_s": 72.0,
-                                 "time": time.time(), "line": line})  # fmt: skip
+    state = RunState(Phase.EVALUATING, step=0, max_steps=16, task="ood_drift", task_index=2,
+                     tasks=5, done=40, total=200, unit="items", elapsed_s=72.0)  # fmt: skip
+    line = "evaluating step 0 of 16: ood_drift (task 3 of 5) · 40/200 items · 1m12s"
+    write_state(folder, state)
     registry.set_message(job.id, line)
     at = AppTest.from_file("../pages/runs.py", default_timeout=60).run()
     assert not at.exception, [e.value for e in at.exception]

@@ -14,6 +14,7 @@ from core.eval.runner import EvalCache
 from core.eval.scorers import SuiteResult
 from core.eval.suites import DRIFT, MC_LOGLIK, REF_PPL, EvalSuite, EvalTaskSpec
 from core.jobs.runfiles import eval_round_path, eval_round_steps, read_metrics
+from core.jobs.state import Phase, read_state
 from core.model.loading import EMBEDDED_FINGERPRINT
 from core.training.callbacks import EvalCallback, make_training_callbacks
 from core.training.config import TrainConfig
@@ -53,7 +54,8 @@ def test_callback_writes_eval_records_during_training(tiny_model_dir, tmp_path):
         precision="fp32",
     )
     run = tmp_path / "run"
-    callback = EvalCallback(SUITE, run, every_n_steps=2, model_name="tiny")
+    messages: list[str] = []
+    callback = EvalCallback(SUITE, run, every_n_steps=2, model_name="tiny", status=messages.append)
     run_training(config, run, callbacks=[callback])
 
     records = read_metrics(run)
@@ -93,7 +95,14 @@ def test_callback_writes_eval_records_during_training(tiny_model_dir, tmp_path):
     # drift from the base: exactly 0 at step 0 (a fresh LoRA adapter), then the adapter moves it
     kl = {r["step"]: r["value"] for r in evals if (r["task"], r["metric"]) == ("ood_drift", "kl")}
     assert kl[0] == 0.0 and kl[5] > 0.0
-    assert not (run / "eval_progress.json").exists()  # no round is in progress after training
+    # the status line says which state the job is in: round k of 5, training, the final round
+    said = [m.split(":")[0] for m in messages]
+    assert "evaluating step 0 of 5" in said and "evaluating step 4 of 5" in said
+    assert "training" in said and "final evaluation (step 5)" in said
+    assert "evaluating step 5 of 5" not in said and not any(
+        m.startswith("training: step 5/") for m in messages
+    )
+    assert read_state(run).phase == Phase.FINAL_EVAL  # run_state.json: the last report
     # evaluation never leaves the model in eval mode for training, and the run finished
     assert records[-1]["kind"] == "done"
     assert callback.seconds > 0 and [h[0] for h in callback.history] == [0, 2, 4, 5]

@@ -415,4 +415,8 @@ def test_eval_job_body_writes_the_report_and_records(tiny_model_dir, tmp_path):
     assert messages[0].startswith("evaluating: mbpp (task 1 of ")
     # drift tasks count their items as they go
     assert any(re.search(r"ood_drift \(task \d+ of \d+\) · 1/1 items", m) for m in messages)
-    assert not (tmp_path / "eval_progress.json").exists()  # the round ended
+    # the job's state (run_state.json) is the round's last report, read by the views and the CLI
+    from core.jobs.state import Phase, read_state
+
+    state = read_state(tmp_path)
+    assert state.phase == Phase.EVALUATING and state.line().startswith("evaluating: ")

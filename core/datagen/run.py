@@ -42,6 +42,7 @@ from core.eval.grading import check_answers, resolve_verifier
 from core.io import append_jsonl, read_jsonl
 from core.jobs.metrics import DoneRecord, GenerateRecord, StartRecord, as_records
 from core.jobs.runfiles import StatusFn
+from core.jobs.state import StateReporter, as_reporter
 
 CANDIDATES_JSONL = "candidates.jsonl"
 STATE_JSON = "gendata.json"
@@ -291,7 +292,7 @@ def run_generation(
     threads = set_torch_threads(config.threads)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    say = status or (lambda message: None)
+    reporter = as_reporter(status)
     t0 = time.monotonic()
     state = _run_state(config, run)
     examples = load_source_examples(config)
@@ -316,7 +317,8 @@ def run_generation(
         run,
         StartRecord(done=len(records), total=total),
     )
-    say("loading models")
+    if reporter is not None:
+        reporter.preparing("loading models")
     student = student or load_model(config.model, device=config.device, dtype=config.dtype)
     if config.teacher and teacher is None:
         teacher = load_model(config.teacher, device=config.device, dtype=config.dtype)
@@ -335,7 +337,8 @@ def run_generation(
     order = {ex.id: i for i, ex in enumerate(examples)}
     for start in range(0, len(todo), config.prompt_batch):
         chunk = todo[start : start + config.prompt_batch]
-        say(f"generating: {len(records)}/{total} prompts done")
+        if reporter is not None:  # "generating · 40/400 prompts · 3m10s, about 28m left"
+            reporter.generating(len(records), total, "prompts")
         t_gen = time.monotonic()
         # seed per batch from the first prompt's position: a resumed run draws new batches the
         # same way a fresh run would from that point
@@ -416,7 +419,8 @@ def run_generation(
             f"No prompt had a correct sample ({summary.n_correct} of {summary.n_samples} samples "
             f"correct): nothing to write. The samples are in {run / CANDIDATES_JSONL}."
         )
-    say("writing the set")
+    if reporter is not None:
+        reporter.saving("the generated set")
     provenance = {
         "version": _version_of(state["name"]),
         "student_model": config.model,
@@ -469,8 +473,6 @@ def run_job(job: Any, registry: Any) -> None:
     """Entry point of a "generate" job process (see `core.jobs.registry.run_job_process`)."""
     config = GenDataConfig.from_dict(job.config)
 
-    def status(message: str) -> None:
-        registry.set_message(job.id, message)
-
+    status = StateReporter(job.path, lambda message: registry.set_message(job.id, message))
     run_generation(config, job.path, status=status)
     registry.set_message(job.id, "done")

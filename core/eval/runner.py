@@ -79,9 +79,8 @@ from core.eval.suites import (
     EvalSuite,
     build_suite,
 )
-from core.fmt import duration
 from core.io import cache_dir
-from core.jobs.runfiles import write_eval_progress
+from core.jobs.state import StateReporter, as_reporter
 from core.kvstore import KVCache
 from core.stats import Interval
 
@@ -217,12 +216,14 @@ def run_suite(
 
 
 class RoundProgress:
-    """What an evaluation round is doing now, for the job log, the registry's status line and
-    the pages (`core.jobs.runfiles.write_eval_progress`): the step, the task (i of n), items
-    done of total where the task counts them, the elapsed time and, from the task's own rate,
-    the time it has left. Pass it as `run_suite`'s `progress`; `close()` ends the round."""
+    """What an evaluation round is doing now, reported as the job's state
+    (`core.jobs.state`: the job log, the registry's status line and `run_state.json`, which the
+    pages and `jobs list` read): the step, the task (i of n), items done of total where the task
+    counts them, the elapsed time and, from the task's measured items a second, the time it has
+    left. Pass it as `run_suite`'s `progress`; `close()` ends the round.
 
-    LOG_EVERY_S = 10.0
+    `status` is the job's `StateReporter` (or a plain line callback); `final` marks the round
+    after the last training step, `max_steps` the run's length."""
 
     def __init__(
         self,
@@ -231,49 +232,24 @@ class RoundProgress:
         *,
         status: Any = None,
         echo: bool = True,
+        max_steps: int | None = None,
+        final: bool = False,
     ) -> None:
-        self.run_dir, self.step, self.status, self.echo = run_dir, step, status, echo
-        self.started = time.monotonic()
-        self._task, self._task_started, self._logged = "", self.started, 0.0
-
-    def line(self, task: str, index: int, total: int, done: int, items: int) -> str:
-        """The one-line description ("evaluating step 8: ood_drift (task 3 of 5) · 40/200
-        items · 1m12s, about 2m50s left in this task")."""
-        now = time.monotonic()
-        at = "" if self.step is None else f" step {self.step}"
-        text = f"evaluating{at}: {task} (task {index + 1} of {total})"
-        if items:
-            text += f" · {done}/{items} items"
-        text += f" · {duration(now - self.started)}"
-        if items and 0 < done < items:
-            left = (now - self._task_started) / done * (items - done)
-            text += f", about {duration(left)} left in this task"
-        return text
+        self.step, self.max_steps, self.final = step, max_steps, final
+        reporter = as_reporter(status, run_dir, echo=echo)
+        self.reporter = reporter if reporter is not None else StateReporter(None, echo=echo)
+        self.run_dir = run_dir
 
     def __call__(self, task: str, index: int, total: int, done: int, items: int) -> None:
         if not task:
             return
-        now = time.monotonic()
-        if task != self._task:
-            self._task, self._task_started, self._logged = task, now, 0.0
-        text = self.line(task, index, total, done, items)
-        if self.run_dir is not None:
-            write_eval_progress(
-                self.run_dir,
-                {"step": self.step, "task": task, "task_index": index, "tasks": total,
-                 "items_done": done, "items": items, "elapsed_s": now - self.started,
-                 "time": time.time(), "line": text},
-            )  # fmt: skip
-        if self.status is not None:
-            self.status(text)
-        if self.echo and (done == 0 or now - self._logged >= self.LOG_EVERY_S or done == items):
-            self._logged = now
-            print(text, flush=True)
+        self.reporter.evaluating(
+            self.step, task, index, total, done, items, max_steps=self.max_steps, final=self.final
+        )
 
     def close(self) -> None:
-        """The round ended: its progress file goes."""
-        if self.run_dir is not None:
-            write_eval_progress(self.run_dir, None)
+        """The round ended."""
+        self.reporter.round_ended()
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ This module is the one description of those records:
 - ``checkpoint``: a checkpoint written at `step`;
 - ``eval``: one task's metric at a step (`task`, `metric`, `value`, `n` items, `role` "target"
   or "ood");
-- ``eval_summary``: TI / BWT at a step, with their paired 95% intervals over items;
+- ``eval_summary``: TI / BWT at a step, with their paired 95% intervals over items, and the
+  round's `seconds`;
 - ``data``: what reached the trainer (source, mask, token counts; free-form `fields`);
 - ``generate`` / ``done``: generation progress counts, or the end of a run (free-form
   `fields`, e.g. `set`, `train_loss_last`).
@@ -120,7 +121,7 @@ class EvalRecord(MetricRecord):
 @dataclass(frozen=True)
 class EvalSummaryRecord(MetricRecord):
     KIND: ClassVar[str] = "eval_summary"
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("bwt_low", "bwt_high", "ti_low", "ti_high")
+    OPTIONAL: ClassVar[tuple[str, ...]] = ("bwt_low", "bwt_high", "ti_low", "ti_high", "seconds")
 
     bwt: float | None = None
     ti: float | None = None
@@ -131,6 +132,8 @@ class EvalSummaryRecord(MetricRecord):
     bwt_high: float | None = None
     ti_low: float | None = None
     ti_high: float | None = None
+    #: how long the round took (the training callback's rounds; training ETAs leave it out)
+    seconds: float | None = None
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.io import append_jsonl, read_json, read_jsonl, write_json_atomic
+from core.io import append_jsonl, read_jsonl
 from core.jobs.metrics import (
     DoneRecord,
+    EvalSummaryRecord,
     MetricRecord,
     StartRecord,
     TrainRecord,
@@ -29,9 +30,6 @@ LOG_TAIL_LINES = 30
 StatusFn = Callable[[str], None]
 
 EVAL_DIR = "eval"  # per-item results of each evaluation round: eval/step-<N>.json
-#: the evaluation round in progress (step, task i of n, items done of total, elapsed); removed
-#: when the round ends, so its presence means "evaluating now"
-EVAL_PROGRESS_JSON = "eval_progress.json"
 CHECKPOINTS_DIR = "checkpoints"  # a training run's `checkpoint-N/` folders (N = global step)
 ADAPTER_DIR = "adapter"  # a finished training run's final adapter (or full model)
 _CHECKPOINT_PREFIX = "checkpoint-"
@@ -153,17 +151,22 @@ def read_records(run_dir: str | Path) -> list[MetricRecord]:
 
 def run_progress(records: Sequence[Any]) -> RunProgress:
     """Progress of a run from its metrics records (typed or as read): the latest "start"
-    record sets the pace."""
+    record sets the pace; the ETA is the remaining steps at the measured seconds a step, the
+    evaluation rounds' time (their `seconds`) left out."""
     progress = RunProgress()
     start: StartRecord | None = None
     last_train: TrainRecord | None = None
+    evaluating = evaluated = 0.0  # seconds of evaluation rounds since the start (up to the
+    # last training record): not training time
     for rec in as_records(records):
         if isinstance(rec, StartRecord):
-            start, last_train = rec, None
+            start, last_train, evaluating = rec, None, 0.0
             progress.max_steps = rec.max_steps
             progress.step = int(rec.step or 0)
+        elif isinstance(rec, EvalSummaryRecord) and start is not None and rec.seconds:
+            evaluating += min(float(rec.seconds), max(0.0, rec.time - start.time))
         elif isinstance(rec, TrainRecord):
-            last_train = rec
+            last_train, evaluated = rec, evaluating
             progress.step = int(rec.step or progress.step)
             if rec.loss is not None:
                 progress.last_loss = float(rec.loss)
@@ -172,22 +175,7 @@ def run_progress(records: Sequence[Any]) -> RunProgress:
             progress.step = int(rec.step or progress.step)
     if start and last_train and progress.max_steps and not progress.done:
         steps = progress.step - int(start.step or 0)
-        elapsed = last_train.time - start.time
+        elapsed = last_train.time - start.time - evaluated
         if steps > 0 and elapsed > 0:
             progress.eta_seconds = (progress.max_steps - progress.step) * elapsed / steps
     return progress
-
-
-def write_eval_progress(run_dir: str | Path, progress: dict[str, Any] | None) -> None:
-    """Record the evaluation round in progress (None: the round ended, the file goes)."""
-    path = Path(run_dir) / EVAL_PROGRESS_JSON
-    if progress is None:
-        path.unlink(missing_ok=True)
-    else:
-        write_json_atomic(path, progress)
-
-
-def read_eval_progress(run_dir: str | Path) -> dict[str, Any] | None:
-    """The evaluation round in progress, as `write_eval_progress` left it (None: none)."""
-    data = read_json(Path(run_dir) / EVAL_PROGRESS_JSON)
-    return data if isinstance(data, dict) else None

@@ -19,6 +19,7 @@ from core.eval.suites import DRIFT, EvalSuite, suite_from_config
 from core.io import write_json_atomic
 from core.jobs.metrics import CheckpointRecord, StartRecord, TrainRecord
 from core.jobs.runfiles import StatusFn, append_metric, eval_round_path
+from core.jobs.state import as_reporter
 from core.model.loading import LoadedModel
 from core.training.config import TrainConfig
 
@@ -29,6 +30,8 @@ def _metrics_callback(run_dir: Path, status: StatusFn | None) -> Any:
     from transformers import TrainerCallback
 
     from core.jobs.runfiles import append_metric
+
+    reporter = as_reporter(status)
 
     class _MetricsCallback(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -43,6 +46,8 @@ def _metrics_callback(run_dir: Path, status: StatusFn | None) -> Any:
                 append_metric(run_dir, start)
                 where = f" on {world_size} processes" if world_size > 1 else ""
                 print(f"training: step {state.global_step} of {state.max_steps}{where}", flush=True)
+                if reporter is not None:
+                    reporter.training(int(state.global_step), int(state.max_steps))
 
         def on_log(
             self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any
@@ -73,8 +78,8 @@ def _metrics_callback(run_dir: Path, status: StatusFn | None) -> Any:
                 f"loss {record.loss:.4f} · lr {record.lr:.3g}"
             )
             print(line, flush=True)
-            if status:
-                status(f"training: step {state.global_step}/{state.max_steps}")
+            if reporter is not None:
+                reporter.training(int(state.global_step), int(state.max_steps))
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.is_world_process_zero:
@@ -141,7 +146,7 @@ class EvalCallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.eval_at_end = eval_at_end
         self.cache = cache
-        self.status = status
+        self.status = as_reporter(status, run_dir)
         self.load_reference = load_reference
         self.reference: LoadedModel | None = None
         self.base: SuiteResult | None = None
@@ -178,9 +183,11 @@ class EvalCallback(TrainerCallback):
             self._round(args, state, kwargs)
 
     def _round(self, args: Any, state: Any, kwargs: dict[str, Any]) -> None:
-        self.evaluate(state.global_step, kwargs["model"], kwargs.get("processing_class"))
-        if self.status is not None and state.global_step < state.max_steps:
-            self.status(f"training: step {state.global_step}/{state.max_steps}")
+        step, max_steps = int(state.global_step), int(state.max_steps)
+        self.evaluate(step, kwargs["model"], kwargs.get("processing_class"),
+                      max_steps=max_steps, final=step >= max_steps > 0)  # fmt: skip
+        if self.status is not None and step < max_steps:
+            self.status.training(step, max_steps)
 
     # -- work ---------------------------------------------------------------------------------
 
@@ -215,15 +222,26 @@ class EvalCallback(TrainerCallback):
                   flush=True)  # fmt: skip
         return self.reference
 
-    def evaluate(self, step: int, model: Any, tokenizer: Any = None) -> SuiteResult:
+    def evaluate(
+        self,
+        step: int,
+        model: Any,
+        tokenizer: Any = None,
+        *,
+        max_steps: int | None = None,
+        final: bool = False,
+    ) -> SuiteResult:
         """Run one round on `model` now and append its records; returns the result.
 
         No autocast, even when training runs under bf16 autocast (see the module docstring).
-        The round's progress goes to the log, the status line and `eval_progress.json`.
+        The round's progress is the job's state (`core.jobs.state`: the log, the status line and
+        `run_state.json`): "evaluating step k of N", or "final evaluation" when `final`.
         """
         started = time.monotonic()
         lm = self._loaded(model, tokenizer)
-        progress = RoundProgress(self.run_dir, step, status=self.status)
+        progress = RoundProgress(
+            self.run_dir, step, status=self.status, max_steps=max_steps, final=final
+        )
         try:
             with torch.no_grad(), without_mixed_precision_wrapper(model):
                 cache = self.cache if self.fingerprint else None

@@ -12,6 +12,7 @@ from typing import Any
 
 from core.errors import DataError, LensError
 from core.jobs.runfiles import StatusFn
+from core.jobs.state import as_reporter
 from core.training.config import TrainConfig
 
 IGNORE_INDEX = -100
@@ -191,10 +192,11 @@ def _score_for_training(
     from core.scoring.score import score_examples
 
     cache = ScoreCache()
+    reporter = as_reporter(status)
 
     def progress(done: int, total: int) -> None:
-        if status:
-            status(f"scoring {done}/{total} examples with the original model")
+        if reporter is not None:
+            reporter.preparing("scoring with the original model", done, total, "examples")
 
     full = score_examples(lm, examples, cache=cache, progress=progress)
     by_id = {rec.id: rec for rec in full.examples}

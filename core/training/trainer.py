@@ -53,6 +53,7 @@ from typing import Any
 from core.errors import LensError
 from core.jobs.metrics import DataRecord, DoneRecord, loss_by_step
 from core.jobs.runfiles import ADAPTER_DIR, CHECKPOINTS_DIR, StatusFn, checkpoints
+from core.jobs.state import StateReporter, as_reporter
 from core.training.callbacks import _metrics_callback, job_callbacks
 from core.training.config import REPORTERS, TrainConfig
 from core.training.data import TrainingData, build_training_data
@@ -346,11 +347,10 @@ def run_training(
         if resume is not None:
             print(f"resuming from {resume.name}", flush=True)
         append_metric(run, DataRecord(fields=data.summary()))
-    if status:
-        status("training" if resume is None else f"training (resumed from {resume.name})")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    if status:
-        status("saving")
+    reporter = as_reporter(status)
+    if reporter is not None:
+        reporter.saving("the final model")
     summary: dict[str, Any] = {}
     if main:
         _save_final_model(trainer, run / ADAPTER_DIR)
@@ -391,7 +391,7 @@ def run_job(job: Any, registry: Any) -> None:
     """Entry point of a "train" job process (see `core.jobs.registry.run_job_process`)."""
     config = TrainConfig.from_dict(job.config)
 
-    def status(message: str) -> None:
-        registry.set_message(job.id, message)
-
+    # the job's state (preparing data, evaluating step k, training step k/N, final evaluation,
+    # saving): run_state.json, the status line and the log, with ETAs from measured rates
+    status = StateReporter(job.path, lambda message: registry.set_message(job.id, message))
     run_training(config, job.path, callbacks=job_callbacks(config, job.path, status), status=status)
