@@ -4,6 +4,8 @@ launcher, post-training diagnostics and the HTML report."""
 
 import hashlib
 import json
+from collections import Counter
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -13,6 +15,7 @@ from components.session import (
     background_runner,
     ensure_app_navigation,
 )
+from core import fmt
 from core.data.records import Example
 from core.errors import LensError
 from core.jobs.background import BackgroundTask
@@ -29,13 +32,24 @@ from core.study.diagnostics import (
     saved_ppl_changes,
     training_examples,
 )
-from core.study.report import build_report, heatmap_snapshots, report_ppl_changes, run_tau
+from core.study.report import (
+    build_report,
+    heatmap_snapshots,
+    ppl_change_stats,
+    report_ppl_changes,
+    run_tau,
+)
 from core.study.runs import (
+    FINISHED,
+    NOT_APPLICABLE,
+    PINNED_COLUMNS,
     RunView,
     drift_missing,
     drift_table,
     list_runs,
     run_findings,
+    run_statuses,
+    runs_columns,
     runs_display_table,
     runs_table,
     score_columns,
@@ -74,16 +88,21 @@ def cached_lora_stats(adapter: str, modified: float) -> pd.DataFrame:
 def show_ppl_change(change: PplChange, tau: float) -> None:
     """Summary numbers, the Δ histogram and one Δ heatmap per example."""
     s = change.summary(tau)
+    text = ppl_change_stats(change, tau)
     c1, c2, c3, c4 = st.columns(4)
-    c1.metric("Mean Δ ln ppl", f"{s['mean_delta']:+.3f}", help="ln ppl after − ln ppl before")
-    c2.metric("Tokens more surprising", f"{s['pct_harder']:.1f}%", help="Δ ln ppl > 0")
-    c3.metric("Sequence ppl before → after", f"{s['seq_ppl_base']:.2f} → {s['seq_ppl_tuned']:.2f}")
-    c4.metric(f"Tokens ({s['examples']} examples)", s["tokens"])
+    c1.metric("Mean Δ ln ppl", text["mean Δ ln ppl"], help="ln ppl after − ln ppl before")
+    c2.metric("Tokens more surprising", text["tokens more surprising"], help="Δ ln ppl > 0")
+    c3.metric(
+        "Sequence ppl before → after",
+        f"{text['sequence ppl before']} → {text['sequence ppl after']}",
+    )
+    c4.metric(f"Tokens ({text['examples']} examples)", text["tokens"])
     st.caption(
-        f"Mean Δ ln ppl on tokens the original model found easy (ppl ≤ {tau:g}): "
-        f"{s['mean_delta_easy']:+.3f}; on surprising ones (ppl > {tau:g}): "
-        f"{s['mean_delta_hard']:+.3f}. {change.label} · computed {change.settings.get('created')} "
-        f"({change.settings.get('dtype')}, {change.settings.get('device')})."
+        f"Mean Δ ln ppl on tokens the original model found easy (ppl ≤ {fmt.tau(tau)}): "
+        f"{fmt.signed(s['mean_delta_easy'], 3)}; on surprising ones (ppl > {fmt.tau(tau)}): "
+        f"{fmt.signed(s['mean_delta_hard'], 3)}. {change.label} · computed "
+        f"{change.settings.get('created')} ({change.settings.get('dtype')}, "
+        f"{change.settings.get('device')})."
     )
     st.plotly_chart(
         ppl_change_histogram(change.frame(tau), tau), config=plotly_config("ppl_change_histogram")
@@ -179,21 +198,164 @@ def ppl_change_section(run: RunView) -> None:
             show_ppl_change(next(c for c in others if str(c.path) == pick), tau)
 
 
+LORA_TABLE_COLUMNS = {
+    "module": st.column_config.TextColumn(
+        "Module", help="The adapted weight matrix, by its name in the model.", pinned=True
+    ),
+    "layer": st.column_config.TextColumn("Layer", help="Transformer layer (0 = first)."),
+    "kind": st.column_config.TextColumn("Kind", help="Which projection of the layer."),
+    "rank": st.column_config.TextColumn("LoRA rank r", help="Rank of the adapter's A·B."),
+    "fro_norm": st.column_config.TextColumn(
+        LORA_COLUMNS["fro_norm"], help="Frobenius norm of the weight change ΔW = s·B·A: how much "
+        "fine-tuning moved this matrix.",
+    ),
+    "effective_rank": st.column_config.TextColumn(
+        LORA_COLUMNS["effective_rank"], help="exp of the entropy of ΔW's normalised singular "
+        "values: in how many directions it moved (at most r).",
+    ),
+}  # fmt: skip
+
+
+def lora_display_table(stats: pd.DataFrame) -> pd.DataFrame:
+    """`lora_weight_stats` with its numbers as `core.fmt` text."""
+    out = stats.astype(object).copy()
+    for column in ("layer", "rank"):
+        out[column] = [fmt.count(v) if v >= 0 else fmt.MISSING for v in stats[column]]
+    for column in ("fro_norm", "effective_rank"):
+        out[column] = [fmt.num(float(v)) for v in stats[column]]
+    return out
+
+
+def runs_column_config(table: pd.DataFrame) -> dict[str, Any]:
+    """Every column of a `runs_display_table` under its readable title with its help text; the
+    run's id and setup pinned, so they stay in view when a wide table scrolls sideways."""
+    return {
+        column: st.column_config.TextColumn(title, help=tip, pinned=column in PINNED_COLUMNS)
+        for column, (title, tip) in runs_columns(table).items()
+    }
+
+
+def findings_markdown(runs: list[RunView]) -> str:
+    """Each run's findings as a list under the run's name."""
+    lines = []
+    for run in runs:
+        name = f"{run.label} · {run.run_id}"
+        lines.append(f"- **{name}**")
+        for line in run_findings(run):
+            lines.append(f"    - {line.removeprefix(f'{name}: ')}")
+    return "\n".join(lines)
+
+
+def compare_runs(runs: list[RunView], statuses: dict[str, str] | None) -> None:
+    """Findings first, then the two frontiers, then the runs table and score vs % masked."""
+    table = runs_table(runs, statuses)
+    st.subheader("Findings")
+    st.markdown(findings_markdown(runs))
+    left, right = st.columns(2)
+    with left:
+        drift = drift_frontier_chart(table, drift_table(runs), drift_missing(runs))
+        st.plotly_chart(drift, config=plotly_config("drift_frontier"),
+                        key="compare-drift-frontier")  # fmt: skip
+        notes = figure_notes(drift)
+        st.caption(
+            "Target gain against drift from the base model: token KL on mixed out-of-domain "
+            "prompts at each run's latest round, with 95% intervals both ways. Low drift with "
+            "a target gain is the aim." + ("  \n" + "  \n".join(notes) if notes else "")
+        )
+    with right:
+        frontier = frontier_chart(table)
+        st.plotly_chart(frontier, config=plotly_config("frontier"), key="compare-frontier")
+        notes = figure_notes(frontier)
+        if notes:
+            st.caption("  \n".join(notes))
+    st.subheader("Runs")
+    shown_table = runs_display_table(table)
+    st.dataframe(
+        shown_table, hide_index=True, width="stretch",
+        column_config=runs_column_config(shown_table),
+    )  # fmt: skip
+    st.caption(
+        "Each change is against the run's own step 0 (the base model), with its paired 95% "
+        "interval over evaluation items in brackets: target Δ in points (accuracy) or nats "
+        "(full-token reference NLL, lower is better); BWT and TI in %. "
+        f"{NOT_APPLICABLE}: does not apply to the run's method; {fmt.MISSING}: not measured. "
+        "Hover a column's title for what it means."
+    )
+    left, _ = st.columns(2)
+    with left:
+        st.plotly_chart(
+            score_vs_masked_chart(table, score_columns(table)),
+            config=plotly_config("score_vs_masked"),
+        )
+
+
+def config_diff(labels: dict[str, str]) -> None:
+    """The settings in which two runs' configurations differ."""
+    st.subheader("Config diff")
+    c1, c2 = st.columns(2)
+    a = c1.selectbox("Run A", list(labels), format_func=labels.get, key="diff-a")
+    b = c2.selectbox("Run B", list(labels), index=1, format_func=labels.get, key="diff-b")
+    ca, cb = by_id[a].config, by_id[b].config
+    diff = [
+        {"setting": k, "A": json.dumps(ca.get(k)), "B": json.dumps(cb.get(k))}
+        for k in sorted(set(ca) | set(cb))
+        if ca.get(k) != cb.get(k)
+    ]
+    if not diff:
+        st.caption("The two configurations are identical.")
+        return
+    st.dataframe(
+        pd.DataFrame(diff), hide_index=True, width="stretch",
+        column_config={
+            "setting": st.column_config.TextColumn(
+                "Setting", help="A configuration field whose value differs.", pinned=True
+            ),
+            "A": st.column_config.TextColumn(f"Run A · {a}", help="Run A's value, as saved."),
+            "B": st.column_config.TextColumn(f"Run B · {b}", help="Run B's value, as saved."),
+        },
+    )  # fmt: skip
+
+
 ensure_app_navigation()
 st.title("Compare runs")
 
 try:
     available = list_runs()
+    statuses = run_statuses(available)
 except LensError as exc:
     st.error(str(exc))
     st.stop()
 
+by_id = {run.run_id: run for run in available}
+labels = {run.run_id: f"{run.label} · {run.run_id}" for run in available}
+wanted = [r for r in st.query_params.get("cmp", "").split(",") if r in by_id]
+unfinished = Counter(statuses[r.run_id] for r in available if statuses[r.run_id] != FINISHED)
+hidden = ", ".join(f"{n} {status}" for status, n in sorted(unfinished.items()))
+if available:
+    # a link that names unfinished runs opens with them shown
+    linked = st.query_params.get("all") == "1" or any(statuses[r] != FINISHED for r in wanted)
+    show_all = st.toggle(
+        "Include running, failed and cancelled runs", value=linked, key="cmp-all",
+        help="Off: Compare and the report offer finished runs only. On: every run, its status "
+        "in its name and in the table's Status column.",
+    )  # fmt: skip
+    st.query_params["all"] = "1" if show_all else "0"
+    n_finished = len(available) - sum(unfinished.values())
+    if unfinished and not show_all:
+        st.caption(f"{fmt.count(n_finished)} finished runs; not shown: {hidden}.")
+    elif unfinished:
+        st.caption(f"{fmt.count(n_finished)} finished runs and {hidden}.")
+else:
+    show_all = False
+shown = {
+    r: label + ("" if statuses[r] == FINISHED else f" ({statuses[r]})")
+    for r, label in labels.items()
+    if show_all or statuses[r] == FINISHED
+}
+
 tab_compare, tab_sweep, tab_diag, tab_report = st.tabs(
     ["Compare", "τ sweep", "Diagnostics", "Report"]
 )
-
-labels = {run.run_id: f"{run.label} · {run.run_id}" for run in available}
-by_id = {run.run_id: run for run in available}
 
 with tab_sweep:
     st.markdown(
@@ -250,61 +412,20 @@ if not available:
     st.stop()
 
 with tab_compare:
-    wanted = [r for r in st.query_params.get("cmp", "").split(",") if r in labels]
-    chosen = st.multiselect(
-        "Runs", list(labels), default=wanted or list(labels)[:6], format_func=labels.get
-    )
-    st.query_params["cmp"] = ",".join(chosen)
-    runs = [by_id[r] for r in chosen]
-    if runs:
-        table = runs_table(runs)
-        st.dataframe(runs_display_table(table), hide_index=True, width="stretch")
-        st.caption(
-            "Each change is against the run's own step 0 (the base model), with its paired 95% "
-            "interval over evaluation items in brackets: target Δ in points (accuracy) or nats "
-            "(full-token reference NLL, lower is better); BWT and TI in %."
+    if not shown:
+        st.info(
+            f"No finished runs yet ({hidden}). Turn on **Include running, failed and cancelled "
+            "runs** above to compare them as they are."
         )
-        findings = [line for run in runs for line in run_findings(run)]
-        with st.expander("Findings", expanded=len(runs) <= 3):
-            st.markdown("\n".join(f"- {line}" for line in findings))
-        left, right = st.columns(2)
-        with left:
-            drift = drift_frontier_chart(table, drift_table(runs), drift_missing(runs))
-            st.plotly_chart(drift, config=plotly_config("drift_frontier"),
-                            key="compare-drift-frontier")  # fmt: skip
-            notes = figure_notes(drift)
-            st.caption(
-                "Target gain against drift from the base model: token KL on mixed out-of-domain "
-                "prompts at each run's latest round, with 95% intervals both ways. Low drift with "
-                "a target gain is the aim." + ("  \n" + "  \n".join(notes) if notes else "")
-            )
-        with right:
-            frontier = frontier_chart(table)
-            st.plotly_chart(frontier, config=plotly_config("frontier"), key="compare-frontier")
-            notes = figure_notes(frontier)
-            if notes:
-                st.caption("  \n".join(notes))
-        left, _ = st.columns(2)
-        with left:
-            st.plotly_chart(
-                score_vs_masked_chart(table, score_columns(table)),
-                config=plotly_config("score_vs_masked"),
-            )
-    st.subheader("Config diff")
-    if len(labels) >= 2:
-        c1, c2 = st.columns(2)
-        a = c1.selectbox("Run A", list(labels), format_func=labels.get, key="diff-a")
-        b = c2.selectbox("Run B", list(labels), index=1, format_func=labels.get, key="diff-b")
-        ca, cb = by_id[a].config, by_id[b].config
-        diff = [
-            {"setting": k, "A": json.dumps(ca.get(k)), "B": json.dumps(cb.get(k))}
-            for k in sorted(set(ca) | set(cb))
-            if ca.get(k) != cb.get(k)
-        ]
-        if diff:
-            st.dataframe(pd.DataFrame(diff), hide_index=True, width="stretch")
-        else:
-            st.caption("The two configurations are identical.")
+    else:
+        default = [r for r in wanted if r in shown] or list(shown)[:6]
+        chosen = st.multiselect("Runs", list(shown), default=default, format_func=shown.get)
+        st.query_params["cmp"] = ",".join(chosen)
+        runs = [by_id[r] for r in chosen]
+        if runs:
+            compare_runs(runs, statuses if show_all else None)
+        if len(shown) >= 2:
+            config_diff(shown)
 
 with tab_diag:
     st.markdown(
@@ -326,14 +447,17 @@ with tab_diag:
     else:
         for column in LORA_COLUMNS:
             st.plotly_chart(lora_chart(stats, column), config=plotly_config(f"lora_{column}"))
-        st.dataframe(stats, hide_index=True, width="stretch")
+        st.dataframe(
+            lora_display_table(stats), hide_index=True, width="stretch",
+            column_config=LORA_TABLE_COLUMNS,
+        )  # fmt: skip
     st.subheader("Token perplexity change")
     ppl_change_section(by_id[run_id])
 
 with tab_report:
     chosen_report = st.multiselect(
-        "Runs in the report", list(labels), default=list(labels)[:6], format_func=labels.get,
-        key="report-runs",
+        "Runs in the report", list(shown), default=list(shown)[:6], format_func=shown.get,
+        key="report-runs", help="Finished runs, unless the toggle above includes the others.",
     )  # fmt: skip
     title = st.text_input("Title", "Perplexity Lens: fine-tuning with selective token masking")
     c1, c2 = st.columns(2)

@@ -118,7 +118,7 @@ def test_report_carries_the_top_row_per_task_charts_and_findings(tmp_path):
     assert "stm τ=2.5 · stm1: target mbpp_ppl nll at step 4 vs step 0: -0.240 [" in findings
     assert "nats: better." in findings and "%: worse." in findings
     table = text.split("<h2>Runs</h2>")[1].split("</table>")[0]
-    assert "<th>BWT %</th>" in table and re.search(
+    assert ">BWT (forgetting)</th>" in table and re.search(
         r"<td>-\d+\.\d \[-\d+\.\d, -\d+\.\d\]%</td>", table
     )
     assert "nan" not in table.lower()
@@ -184,7 +184,7 @@ def test_report_snapshots_show_the_runs_mask_and_the_ppl_change(tiny_model_dir, 
     assert len(re.findall(r'class="pl-t[^"]*\bpl-m\b', out)) == n_masked
     assert "Token perplexity change after fine-tuning" in out and "3 training examples" in out
     assert out.count("data-delta=") == sum(ex.n_response for c in changes for ex in c.base) > 0
-    assert "% tokens harder" in out
+    assert "tokens more surprising" in out
     # still one offline file: plotly.js once, no network references; every chart has its PNG
     # one Δ histogram per result, each its own PNG name (the run has no loss or evaluation to
     # chart: the findings say so)

@@ -15,15 +15,16 @@ from __future__ import annotations
 import datetime
 import html
 import json
+import numbers
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from core import __version__
+from core import __version__, fmt
 from core.data.records import ScoredExample
 from core.errors import LensError
 from core.io import write_text_atomic
@@ -37,6 +38,7 @@ from core.study.runs import (
     drift_table,
     load_run,
     run_findings,
+    runs_columns,
     runs_display_table,
     runs_table,
     score_columns,
@@ -66,20 +68,51 @@ font-size:12px}ul.findings{font-size:14px;line-height:1.5}
 
 
 def _fmt(value: object) -> str:
+    """A table cell as HTML text, by the rule every page uses (`core.fmt`): text as it is (a
+    display table's cells are already `core.fmt` text), whole numbers as counts, other numbers
+    as plain values, `fmt.MISSING` for unknowns."""
     if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return fmt.MISSING
+    if isinstance(value, bool | str):
+        return html.escape(str(value))
+    if isinstance(value, numbers.Integral):
+        return fmt.count(int(value))
+    if isinstance(value, numbers.Real):
+        return html.escape(fmt.num(float(value)))
     return html.escape(str(value))
 
 
-def _table_html(table: pd.DataFrame) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in table.columns)
+def _table_html(table: pd.DataFrame, columns: Mapping[str, tuple[str, str]] | None = None) -> str:
+    """A plain HTML table; `columns` (column -> (title, help text)) gives the headers the page
+    shows, each with its help text as a tooltip."""
+    heads = []
+    for column in table.columns:
+        title, tip = (columns or {}).get(column, (str(column), ""))
+        attr = f' title="{html.escape(tip)}"' if tip else ""
+        heads.append(f"<th{attr}>{html.escape(title)}</th>")
     body = "".join(
         "<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
         for row in table.itertuples(index=False)
     )
-    return f'<table class="runs"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return (
+        f'<table class="runs"><thead><tr>{"".join(heads)}</tr></thead><tbody>{body}</tbody></table>'
+    )
+
+
+def ppl_change_stats(change: PplChange, tau: float) -> dict[str, str]:
+    """A token-perplexity-change result's summary numbers as text (`core.fmt`), under the names
+    the Compare page's cards and the report's table both use."""
+    s = change.summary(tau)
+    return {
+        "examples": fmt.count(s["examples"]),
+        "tokens": fmt.count(s["tokens"]),
+        "mean Δ ln ppl": fmt.signed(s["mean_delta"], 3),
+        "tokens more surprising": fmt.share(s["pct_harder"] / 100),
+        f"mean Δ, base ppl ≤ {fmt.tau(tau)}": fmt.signed(s["mean_delta_easy"], 3),
+        f"mean Δ, base ppl > {fmt.tau(tau)}": fmt.signed(s["mean_delta_hard"], 3),
+        "sequence ppl before": fmt.num(s["seq_ppl_base"]),
+        "sequence ppl after": fmt.num(s["seq_ppl_tuned"]),
+    }
 
 
 def chart_filename(fig: Any, fallback: str = "chart") -> str:
@@ -190,22 +223,8 @@ def _ppl_change_html(
     from core.viz.run_charts import ppl_change_histogram
 
     tau = run_tau(run) if run is not None else DEFAULT_TAU
-    s = change.summary(tau)
     label = f"{run.label} · {change.run_id}" if run is not None else change.run_id
-    stats = pd.DataFrame(
-        [
-            {
-                "examples": s["examples"],
-                "tokens": s["tokens"],
-                "mean Δ ln ppl": s["mean_delta"],
-                "% tokens harder": s["pct_harder"],
-                f"mean Δ, base ppl ≤ {tau:g}": s["mean_delta_easy"],
-                f"mean Δ, base ppl > {tau:g}": s["mean_delta_hard"],
-                "seq ppl before": s["seq_ppl_base"],
-                "seq ppl after": s["seq_ppl_tuned"],
-            }
-        ]
-    )
+    stats = pd.DataFrame([ppl_change_stats(change, tau)])
     fig = ppl_change_histogram(change.frame(tau), tau)
     run_label = run.label if run is not None else change.run_id
     fig.update_layout(title={"text": f"Token perplexity change · {run_label} · {change.label}"})
@@ -285,7 +304,8 @@ def build_report(
         parts.append(f"<p>{html.escape(notes)}</p>")
     for heading, extra in tables:
         parts.append(f"<h2>{html.escape(heading)}</h2>" + _table_html(extra))
-    parts.append("<h2>Runs</h2>" + _table_html(runs_display_table(table)))
+    shown = runs_display_table(table)
+    parts.append("<h2>Runs</h2>" + _table_html(shown, runs_columns(shown)))
     parts.append(
         "<p class='note'>Every change compares a run's last evaluation with its step-0 "
         "evaluation of the base model under the same settings, with its paired 95% interval over "
