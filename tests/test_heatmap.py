@@ -194,7 +194,7 @@ def test_tooltip_shows_token_stats_and_top5():
     tip = response_spans(render_token_heatmap(ex))[1].attrs["data-tip"]
     lines = tip.split("\n")
     assert lines[0] == "'return'"  # repr-style, so whitespace would be visible
-    assert "ppl 40.0" in tip and "p 0.025" in tip and "rank 2" in tip
+    assert "ppl 40  ·" in tip and "p 0.025" in tip and "rank 2" in tip  # core.fmt.num
     assert "top-5" in tip
     for alt, prob in zip(alts[:5], probs[:5], strict=True):
         assert re.search(re.escape(repr(alt)) + rf"\s+{prob:.3f}", tip)
@@ -275,3 +275,21 @@ def test_thousand_token_response_renders_every_token():
     out = render_token_heatmap(ex, tau=2.5, masked=[v > 2.5 for v in ppl])
     assert out.count("data-i=") == 1000
     assert len(response_spans(out)) == 1000
+
+
+def test_tau_and_shares_print_as_on_the_cards():
+    """A solved τ (many digits) prints as the Masking studio's τ card does, in the header, the
+    colour legend and the tooltips; the header's shares print as its share cards do."""
+    from core import fmt
+
+    ex = make_example(CODE_TOKENS, CODE_PPL)
+    tau = 5.24648
+    masked = [p > tau for p in CODE_PPL]
+    out = render_token_heatmap(ex, tau=tau, masked=masked)
+    above = sum(p > tau for p in CODE_PPL)
+    assert (
+        f"ppl &gt; τ = {fmt.tau(tau)}: <b>{above}</b> ({fmt.share(above / len(CODE_PPL))})" in out
+    )
+    assert f'<span class="pl-tau-label">τ = {fmt.tau(tau)}</span>' in out
+    assert "5.24648" not in out.replace('data-tau="5.24648"', "")
+    assert f"τ = {fmt.tau(tau)}" in response_spans(out)[0].attrs["data-tip"]

@@ -26,6 +26,7 @@ import html
 import math
 from collections.abc import Sequence
 
+from core import fmt
 from core.data.records import ScoredExample
 from core.scoring.analytics import is_control_token
 
@@ -89,13 +90,12 @@ def _text_color(background: str) -> str:
 
 
 def _format_ppl(ppl: float) -> str:
-    if not math.isfinite(ppl):
+    """A perplexity as every page prints a value (`core.fmt.num`); "inf" when infinite."""
+    if math.isinf(ppl):
         return "inf"
     if ppl >= 1e5:
         return f"{ppl:.2e}"
-    if ppl >= 100:
-        return f"{ppl:,.0f}"
-    return f"{ppl:.2f}" if ppl < 10 else f"{ppl:.1f}"
+    return fmt.num(ppl)
 
 
 def _format_tick(value: float) -> str:
@@ -135,7 +135,7 @@ def _tooltip(example: ScoredExample, i: int, ppl: float, masked: bool, tau: floa
     lines.append(stats)
     lines.append(f"response token {i}")
     if tau is not None:
-        lines.append(f"ppl > τ = {tau:g}" if ppl > tau else f"ppl ≤ τ = {tau:g}")
+        lines.append(f"ppl > τ = {fmt.tau(tau)}" if ppl > tau else f"ppl ≤ τ = {fmt.tau(tau)}")
     if masked:
         lines.append("masked (excluded from loss)")
     alternatives = example.top_tokens[i] if i < len(example.top_tokens) else []
@@ -175,7 +175,7 @@ def heatmap_legend_html(
         left = 100 * ppl_position(tau, vmin, vmax)
         tau_html = (
             f'<span class="pl-tau" data-tau="{tau:g}" style="left:{left:.2f}%">'
-            f'<span class="pl-tau-label">τ = {tau:g}</span></span>'
+            f'<span class="pl-tau-label">τ = {fmt.tau(tau)}</span></span>'
         )
     masked_html = (
         '<span class="pl-leg-item"><span class="pl-swatch pl-m">abc</span>'
@@ -283,15 +283,18 @@ def _header_html(
     items = [
         f'<span class="pl-src">{html.escape(example.source)}</span>',
         f"<span>{html.escape(example.id)}</span>",
-        f"<span>{n} response tokens</span>",
+        f"<span>{fmt.count(n)} response tokens</span>",
         f"<span>sequence ppl <b>{_format_ppl(example.seq_ppl)}</b></span>",
     ]
     if tau is not None and n:
         above = sum(1 for v in ppl if v > tau)
-        items.append(f"<span>ppl &gt; {tau:g}: <b>{above}</b> ({100 * above / n:.1f}%)</span>")
+        items.append(
+            f"<span>ppl &gt; τ = {fmt.tau(tau)}: <b>{fmt.count(above)}</b> "
+            f"({fmt.share(above / n)})</span>"
+        )
     if masked is not None and n:
         k = sum(1 for m in masked if m)
-        items.append(f"<span>masked: <b>{k}</b> ({100 * k / n:.1f}%)</span>")
+        items.append(f"<span>masked: <b>{fmt.count(k)}</b> ({fmt.share(k / n)})</span>")
     if example.truncated:
         items.append('<span class="pl-warn">truncated</span>')
     return '<div class="pl-head">' + "".join(items) + "</div>"
