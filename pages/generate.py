@@ -18,7 +18,12 @@ from components.jobs_view import (
     jobs_table,
     watched_job,
 )
-from components.session import sidebar_selection
+from components.session import (
+    NO_FILE,
+    load_dataset_cached,
+    missing_data_message,
+    sidebar_selection,
+)
 from core.datagen.config import (
     CONVENTIONS,
     DEFAULT_REPHRASE_TEMPLATE,
@@ -30,8 +35,16 @@ from core.datagen.config import (
 from core.datagen.run import generation_progress, preflight
 from core.datagen.store import list_generated_sets
 from core.errors import LensError
+from core.fmt import count, share
 from core.jobs.registry import FAILED, SUCCEEDED, JobRegistry
-from core.jobs.runfiles import read_metrics
+from core.jobs.runfiles import read_metrics, runs_dir
+from core.study.estimates import (
+    Estimate,
+    device_note,
+    estimate_generation,
+    preset_for_device,
+    runs_fingerprint,
+)
 
 POLL_SECONDS = 2.0
 KIND_LABELS = {
@@ -68,7 +81,32 @@ st.caption(
 
 
 def _pct(value: float | None) -> str:
-    return "" if value is None else f"{100 * value:.1f}%"
+    return "" if value is None else share(value)
+
+
+def _runs_key() -> tuple[str, str]:
+    """The runs root and its fingerprint: the estimate's cache key."""
+    return str(runs_dir()), runs_fingerprint()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _estimate(config: dict, n_prompts: int | None, root: str, stamp: str) -> Estimate:
+    """The form's time estimate from the run folders under `root` (read again when `stamp`,
+    their fingerprint, changes)."""
+    return estimate_generation(GenDataConfig.from_dict(config), n_prompts, root=root)
+
+
+def _n_prompts(limit: int | None) -> int | None:
+    """Prompts the job will generate for (the sidebar's data cut at `limit`), when known."""
+    try:
+        n = len(load_dataset_cached(sel).examples)
+    except LensError:
+        return None
+    if limit and limit <= sel.limit:
+        return min(n, limit)
+    if n < sel.limit:  # the sidebar's selection already holds every row
+        return min(n, limit) if limit else n
+    return None
 
 
 def _data_values() -> dict:
@@ -76,7 +114,7 @@ def _data_values() -> dict:
     if sel.kind == "task":
         return {"task": sel.task, "split": sel.split, "data": None}
     if not sel.data_path:
-        raise LensError("Upload a data file in the sidebar, or pick a built-in task.")
+        raise LensError(missing_data_message(sel) or NO_FILE)
     return {
         "task": None,
         "data": sel.data_path,
@@ -94,29 +132,40 @@ def launch_form() -> None:
         kind = c1.radio(
             "Kind", list(KIND_LABELS), format_func=KIND_LABELS.get, key="gen_kind", horizontal=True
         )
+        fitting = preset_for_device(sel.device)
         preset = c2.selectbox(
             "Preset",
             list(PRESETS),
+            index=list(PRESETS).index(fitting),
             key="gen_preset",
-            help="**paper**: N=32, T=0.7, top-p 0.95, up to 512 new tokens, every prompt. "
-            "**cpu-quick**: 8 prompts, N=4, 192 tokens: a few minutes on 2 CPU cores.",
+            help="**paper**: N=32, T=0.7, top-p 0.95, up to 512 new tokens (for a GPU). "
+            "**cpu-quick**: N=4, 192 tokens, 2 prompts per batch: sized for 2 CPU cores. The "
+            f"form opens on **{fitting}**: {device_note(sel.device)}.",
         )
         base = GenDataConfig.from_preset(preset)
         st.caption(
-            f"Data: **{sel.data_label.split(' (first')[0]}** from the sidebar · scoring model "
-            f"**{sel.model}**"
+            f"Data: **{sel.data_label.split(' (first')[0]}** from the sidebar, first "
+            f"{count(sel.limit)} · scoring model **{sel.model}**"
         )
         c1, c2, c3, c4 = st.columns(4)
         limit = c1.number_input(
-            "Prompts (first N, 0 = all)", 0, 100000, base.limit or 0, key=f"gen_limit_{preset}"
+            "Prompts (first N, 0 = all)",
+            0,
+            100000,
+            sel.limit,
+            key=f"gen_limit_{sel.limit}",
+            help="The sidebar's selection (its 'Examples (first N)').",
         )
+        if base.limit and int(limit) != base.limit:
+            c1.caption(f"The {preset} preset is sized for {count(base.limit)} prompts.")
+        rephrase = kind == "rephrase"
         n_samples = c2.number_input(
             "Samples per prompt (N)",
             1,
             256,
             base.n_samples,
             key=f"gen_n_{preset}",
-            disabled=kind == "rephrase",
+            disabled=rephrase,
             help="Rephrase writes one answer per prompt.",
         )
         max_new = c3.number_input(
@@ -140,13 +189,31 @@ def launch_form() -> None:
             placeholder="none: the model generates",
             help="Distillation: this model generates; the sidebar model still ranks samples.",
         ).strip()
+        one_answer = rephrase or int(n_samples) == 1
+        nothing_to_rank = (
+            "Rephrase writes one answer per prompt: there is nothing to choose among."
+            if rephrase
+            else "One sample per prompt: there is nothing to choose among."
+        )
         c1, c2, c3 = st.columns(3)
-        verify = c1.selectbox("Correctness check", VERIFIERS, format_func=VERIFY_LABELS.get)
+        verify = c1.selectbox(
+            "Correctness check", VERIFIERS, format_func=VERIFY_LABELS.get, key="gen_verify"
+        )
         selection = c2.selectbox(
-            "Label among correct samples", SELECTIONS, format_func=SELECTION_LABELS.get
+            "Label among correct samples",
+            SELECTIONS,
+            format_func=SELECTION_LABELS.get,
+            disabled=one_answer,
+            help=nothing_to_rank if one_answer else None,
+            key="gen_selection",
         )
         convention = c3.selectbox(
-            "Perplexity for ranking", CONVENTIONS, format_func=CONVENTION_LABELS.get
+            "Perplexity for ranking",
+            CONVENTIONS,
+            format_func=CONVENTION_LABELS.get,
+            disabled=one_answer,
+            help=(nothing_to_rank + " Its perplexity is still recorded.") if one_answer else None,
+            key="gen_convention",
         )
         template = DEFAULT_REPHRASE_TEMPLATE
         if kind == "rephrase":
@@ -184,6 +251,7 @@ def launch_form() -> None:
         except LensError as exc:
             st.error(str(exc))
             return
+        st.caption(_estimate(config.to_dict(), _n_prompts(config.limit), *_runs_key()).text())
         st.caption("Same job from the command line:")
         st.code(config.command(submit=True), language="bash")
         start = st.button("Start generation", type="primary", icon=":material/auto_awesome:")
@@ -218,7 +286,7 @@ def jobs_frame(jobs: list) -> pd.DataFrame:
                 "job": job.id,
                 "status": job.status,
                 "progress": (prog["done"] / total) if total else 0.0,
-                "prompts": f"{prog['done']}/{total}" if total else "",
+                "prompts": f"{count(prog['done'])}/{count(total)}" if total else "",
                 "kept": prog.get("kept"),
                 "accepted": _pct(prog.get("acceptance_rate")),
                 "elapsed": fmt_seconds(job.elapsed),
@@ -256,14 +324,15 @@ def job_view(job_id: str) -> None:
         total = prog.get("total")
         if total:
             st.progress(
-                min(1.0, prog["done"] / total), text=f"{prog['done']} of {total} prompts done"
+                min(1.0, prog["done"] / total),
+                text=f"{count(prog['done'])} of {count(total)} prompts done",
             )
         if prog.get("samples"):
             c1, c2, c3, c4 = st.columns(4)
-            c1.metric("Prompts kept", prog.get("kept", 0))
-            c2.metric("Dropped (no correct sample)", prog.get("dropped", 0))
+            c1.metric("Prompts kept", count(prog.get("kept", 0)))
+            c2.metric("Dropped (no correct sample)", count(prog.get("dropped", 0)))
             c3.metric("Samples correct", _pct(prog.get("acceptance_rate")))
-            c4.metric("Tokens generated", prog.get("tokens", 0))
+            c4.metric("Tokens generated", count(prog.get("tokens", 0)))
         if job.status == FAILED:
             st.error(job.error.splitlines()[0] if job.error else "failed")
         if job.status == SUCCEEDED and prog.get("set"):
@@ -295,7 +364,9 @@ def sets_section() -> None:
                 "generated by": s.model,
                 "N": s.settings.get("num_return_sequences"),
                 "accepted": _pct(p.get("acceptance_rate")),
-                "kept / prompts": f"{p['n_kept']}/{p['n_done']}" if "n_kept" in p else "",
+                "kept / prompts": f"{count(p['n_kept'])}/{count(p['n_done'])}"
+                if "n_kept" in p
+                else "",
                 "label": (p.get("scoring") or {}).get("selection", ""),
                 "seed": p.get("seed", s.settings.get("seed")),
                 "time": fmt_seconds(p.get("wall_seconds")),
@@ -336,7 +407,7 @@ def sets_section() -> None:
         column_config={"ppl": st.column_config.NumberColumn("ppl", format="%.3f")},
     )
     st.caption(
-        f"{len(examples)} examples (first 100 shown). Use it as data: choose **Generated set** in "
+        f"{count(len(examples))} examples (first 100 shown). Use it as data: choose **Generated set** in "
         f"the sidebar, or train on `{gset.path}`."
     )
     with st.expander("manifest.json"):

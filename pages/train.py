@@ -19,13 +19,27 @@ from components.jobs_view import (
     jobs_table,
     watched_job,
 )
-from components.session import sidebar_selection, url_tau
+from components.session import (
+    NO_FILE,
+    load_dataset_cached,
+    missing_data_message,
+    sidebar_selection,
+    url_tau,
+)
 from core.errors import LensError
 from core.eval.suites import SUITES as EVAL_SUITES
+from core.fmt import count, num, share
 from core.io import read_json
 from core.jobs.metrics import DataRecord, EvalRecord, TrainRecord, latest, of_kind
 from core.jobs.registry import FAILED, RUNNING, SUCCEEDED, JobRegistry
-from core.jobs.runfiles import SUMMARY_JSON, read_records, run_progress
+from core.jobs.runfiles import SUMMARY_JSON, read_records, run_progress, runs_dir
+from core.study.estimates import (
+    Estimate,
+    device_note,
+    estimate_training,
+    preset_for_device,
+    runs_fingerprint,
+)
 from core.training.config import FINETUNES, PRESETS, REPORTERS, SCHEDULERS, TrainConfig
 from core.viz.charts import plotly_config
 from core.viz.run_charts import training_loss_figure
@@ -56,13 +70,35 @@ st.caption(
 )
 
 
+def _runs_key() -> tuple[str, str]:
+    """The runs root and its fingerprint: the estimate's cache key."""
+    return str(runs_dir()), runs_fingerprint()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _estimate(config: dict, n_examples: int | None, root: str, stamp: str) -> Estimate:
+    """The form's time estimate from the run folders under `root` (read again when `stamp`,
+    their fingerprint, changes)."""
+    return estimate_training(TrainConfig.from_dict(config), n_examples, root=root)
+
+
+def _n_examples(kind: str, values: dict) -> int | None:
+    """How many examples the run will train on, when it is known before it starts."""
+    if kind == "sidebar":
+        try:
+            return len(load_dataset_cached(sel).examples)
+        except LensError:
+            return None
+    return values.pop("_n_examples", None)
+
+
 def _data_values(kind: str) -> dict:
     """Data settings of the config, from the sidebar or a chosen set/path."""
     if kind == "sidebar":
         if sel.kind == "task":
             return {"task": sel.task, "split": sel.split, "data": None, "limit": sel.limit}
         if not sel.data_path:
-            raise LensError("Upload a data file in the sidebar, or pick another data source.")
+            raise LensError(missing_data_message(sel) or NO_FILE)
         return {
             "task": None,
             "data": sel.data_path,
@@ -77,9 +113,10 @@ def _data_values(kind: str) -> dict:
         sets = list_generated_sets()
         if not sets:
             raise LensError("No generated sets yet: make one on the Generate page first.")
-        names = {str(s.path): f"{s.name} · {s.kind} · {s.n_examples} examples" for s in sets}
+        names = {str(s.path): f"{s.name} · {s.kind} · {count(s.n_examples)} examples" for s in sets}
         path = st.selectbox("Generated set", list(names), format_func=names.get)
-        return {"task": None, "data": path, "id_col": "id", "limit": None}
+        size = next(s.n_examples for s in sets if str(s.path) == path)
+        return {"task": None, "data": path, "id_col": "id", "limit": None, "_n_examples": size}
     path = st.text_input(
         "Path", placeholder="/path/to/masked-export  or  /path/to/data.jsonl", key="data_path"
     ).strip()
@@ -95,12 +132,15 @@ def launch_form() -> None:
     with st.container(border=True):
         st.subheader("New training run")
         c1, c2, c3 = st.columns(3)
+        fitting = preset_for_device(sel.device)
         preset = c1.selectbox(
             "Preset",
             list(PRESETS),
+            index=list(PRESETS).index(fitting),
             key="train_preset",
-            help="**paper**: lr 2e-5, 3 epochs, cosine, LoRA on all linear layers. **cpu-quick**: "
-            "about 5 minutes on 2 CPU cores with the embedded model (48 examples).",
+            help="**paper**: lr 2e-5, 3 epochs, cosine, LoRA on all linear layers (for a GPU). "
+            "**cpu-quick**: 48 examples, 2 epochs, lr 5e-4: 5-8 minutes on 2 CPU cores with the "
+            f"embedded model. The form opens on **{fitting}**: {device_note(sel.device)}.",
         )
         base = TrainConfig.from_preset(preset)
         method = c2.selectbox(
@@ -147,6 +187,7 @@ def launch_form() -> None:
         except LensError as exc:
             st.error(str(exc))
             return
+        n_examples = _n_examples(kind, values)
         if kind == "sidebar" and base.limit and sel.limit != base.limit:
             st.caption(
                 f"The {preset} preset is sized for {base.limit} examples; the sidebar selects "
@@ -215,26 +256,37 @@ def launch_form() -> None:
                 value=None,
                 placeholder="off",
                 key="eval_every" + k,
-                help="Target and out-of-domain scores during training (step 0 = base model); "
-                "the Runs page charts them live.",
+                help="Target and out-of-domain scores during training: at step 0 (the base "
+                "model), every N steps and at the end. The Runs page charts them live.",
             )
-            eval_suite = h2.selectbox(
-                "Evaluation suite", list(EVAL_SUITES), index=list(EVAL_SUITES).index("during"),
-                key="eval_suite" + k,
-                help="during: forward passes only (fast). tiny: every scorer on 2-3 examples.",
-            )  # fmt: skip
-            eval_limit = h3.number_input(
-                "Examples per eval task", min_value=1, value=None, placeholder="suite's",
-                key="eval_limit" + k,
-            )  # fmt: skip
             if values["eval_every"]:
+                eval_suite = h2.selectbox(
+                    "Evaluation suite", list(EVAL_SUITES),
+                    index=list(EVAL_SUITES).index("during"), key="eval_suite" + k,
+                    help="during: forward passes only (fast). tiny: every scorer on 2-3 examples.",
+                )  # fmt: skip
+                eval_limit = h3.number_input(
+                    "Examples per eval task", min_value=1, value=None, placeholder="suite's",
+                    key="eval_limit" + k,
+                )  # fmt: skip
                 values["eval_suite"] = {"suite": eval_suite, "limit": eval_limit}
+                st.caption(
+                    f"The **{eval_suite}** suite runs at step 0, every "
+                    f"{count(values['eval_every'])} steps and at the end."
+                )
+            else:
+                h2.caption(
+                    "Evaluation is off: no suite runs during training. Set N to evaluate at "
+                    "step 0, every N steps and at the end, or evaluate the finished adapter on "
+                    "the Runs page."
+                )
 
         try:
             config = TrainConfig.from_preset(preset, **values)
         except LensError as exc:
             st.error(str(exc))
             return
+        st.caption(_estimate(config.to_dict(), n_examples, *_runs_key()).text())
         st.caption("Equivalent command (runs in the foreground; add `--submit` to queue it):")
         st.code(config.command(), language="bash", wrap_lines=True)
         # A callback (not `if st.button`): it runs before the script, so a rerun early in the
@@ -311,24 +363,24 @@ def job_view(job_id: str) -> None:
         if job.status == RUNNING or prog.max_steps:
             running = job.status == RUNNING and prog.eta_seconds
             eta = f" · about {fmt_seconds(prog.eta_seconds)} left" if running else ""
-            text = f"step {prog.step} of {prog.max_steps or '?'}{eta}"
+            text = f"step {count(prog.step)} of {count(prog.max_steps)}{eta}"
             st.progress(prog.fraction, text=text)
         if job.status == FAILED:
             st.error(job.error.splitlines()[0] if job.error else "failed")
         data_record = latest(records, DataRecord)
         data = data_record.fields if data_record else None
         if data:
-            share = data.get("masked_share") or 0.0
             st.caption(
-                f"Data: {data.get('n_examples')} examples, {data.get('n_trainable_tokens')} of "
-                f"{data.get('n_response_tokens')} response tokens trained "
-                f"({100 * share:.1f}% masked: {data.get('mask')}); "
-                f"{data.get('n_truncated', 0)} truncated."
+                f"Data: {count(data.get('n_examples'))} examples, "
+                f"{count(data.get('n_trainable_tokens'))} of "
+                f"{count(data.get('n_response_tokens'))} response tokens trained "
+                f"({share(data.get('masked_share') or 0.0)} masked: {data.get('mask')}); "
+                f"{count(data.get('n_truncated', 0))} truncated."
             )
             if data.get("n_fully_masked"):
                 st.warning(
-                    f"{data['n_fully_masked']} examples have no trainable token left: they stay "
-                    "in the data but carry no loss. Ids: "
+                    f"{count(data['n_fully_masked'])} examples have no trainable token left: "
+                    "they stay in the data but carry no loss. Ids: "
                     + ", ".join(map(str, data.get("fully_masked_ids", [])[:20]))
                 )
         if of_kind(records, TrainRecord):
@@ -345,8 +397,8 @@ def job_view(job_id: str) -> None:
             first, last = summary.get("train_loss_first"), summary.get("train_loss_last")
             if first is not None and last is not None:
                 st.success(
-                    f"Done in {fmt_seconds(summary.get('wall_time_s'))}: loss {first:.3f} → "
-                    f"{last:.3f}. Adapter: `{summary.get('adapter_dir')}`"
+                    f"Done in {fmt_seconds(summary.get('wall_time_s'))}: loss {num(first)} → "
+                    f"{num(last)}. Adapter: `{summary.get('adapter_dir')}`"
                 )
         job_log(job, lines=40)
 

@@ -356,10 +356,12 @@ def test_generate_page_shows_the_cli_command_and_the_sets(tmp_path, monkeypatch)
     assert not at.exception, [e.value for e in at.exception]
     [cmd] = [c.value for c in at.code if c.value.startswith("python -m core generate")]
     config = GenDataConfig.from_args(build_parser().parse_args(shlex.split(cmd)[3:]))
-    assert (config.task, config.split, config.n_samples) == ("gsm8k", "test", 32)
-    at.selectbox(key="gen_preset").set_value("cpu-quick").run()
+    # the sidebar's "first 5" carries into the job
+    assert (config.task, config.split, config.limit) == ("gsm8k", "test", 5)
+    at.selectbox(key="gen_preset").set_value("paper").run()
     [cmd] = [c.value for c in at.code if c.value.startswith("python -m core generate")]
-    assert "--preset cpu-quick" in cmd
+    config = GenDataConfig.from_args(build_parser().parse_args(shlex.split(cmd)[3:]))
+    assert (config.preset, config.n_samples, config.limit) == ("paper", 32, 5)
     sets = at.dataframe[-2].value  # the sets table, then the preview
     assert list(sets["set"]) == ["demo-v1"] and list(sets["accepted"]) == ["25.0%"]
     assert list(at.dataframe[-1].value["response"]) == ["#### 2"]

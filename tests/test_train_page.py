@@ -74,9 +74,10 @@ def test_form_shows_the_command_the_cli_runs(page, tiny_model_dir):
 
 def test_start_runs_a_job_and_a_reload_reattaches(page, tmp_path):
     at = page()
-    at.number_input(key="steps-paper").set_value(2).run()
-    at.number_input(key="len-paper").set_value(48).run()
-    at.number_input(key="bs-paper").set_value(2).run()
+    assert at.selectbox(key="train_preset").value == "cpu-quick"  # the device is the CPU
+    at.number_input(key="steps-cpu-quick").set_value(2).run()
+    at.number_input(key="len-cpu-quick").set_value(48).run()
+    at.number_input(key="bs-cpu-quick").set_value(2).run()
     [start] = [b for b in at.button if b.label == "Start training"]
     start.click().run()
     job_id = at.query_params["job"]

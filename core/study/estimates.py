@@ -146,6 +146,22 @@ def _run_folders(root: Path) -> Iterable[Path]:
     return found
 
 
+def runs_fingerprint(root: str | Path | None = None) -> str:
+    """Changes whenever a run folder's measurements change (a cache key for the estimates):
+    the names and modification times of their metrics and candidates files."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for folder in sorted(_run_folders(_runs_root(root))):
+        for name in ("metrics.jsonl", "candidates.jsonl"):
+            try:
+                stamp = (folder / name).stat().st_mtime_ns
+            except OSError:
+                continue
+            digest.update(f"{folder}/{name}:{stamp};".encode())
+    return digest.hexdigest()[:16]
+
+
 def _runs_root(root: str | Path | None) -> Path:
     if root is not None:
         return Path(root)
@@ -252,8 +268,9 @@ def training_steps(config: Any, n_examples: int | None) -> int | None:
         return int(config.max_steps)
     if not n_examples:
         return None
-    per_step = int(config.batch_size) * int(config.grad_accum)
-    return max(1, math.ceil(n_examples / per_step * float(config.epochs)))
+    # as the trainer counts them: batches per epoch, then optimizer steps per epoch
+    per_epoch = max(1, math.ceil(n_examples / int(config.batch_size)) // int(config.grad_accum))
+    return max(1, math.ceil(per_epoch * float(config.epochs)))
 
 
 def eval_rounds(config: Any, steps: int | None) -> int:
@@ -325,6 +342,8 @@ def estimate_training(
             basis=f"{plan}: no run of {config.model} on the {device.upper()} has been measured "
             "here yet; the first steps of this run set the rate (the job view shows its ETA).",
         )
+    if config.method != "gt":
+        basis += " A masked method first scores its examples (free when already scored)."
     if rounds:
         if round_s is not None:
             seconds += rounds * round_s
@@ -433,7 +452,7 @@ def estimate_generation(
     generator = config.teacher or config.model
     device = resolved_device(config.device)
     plan = (
-        f"{count(n_prompts)} prompts x {count(config.samples_per_prompt)} samples x at most "
+        f"{count(n_prompts)} prompts × {count(config.samples_per_prompt)} samples × at most "
         f"{count(config.max_new_tokens)} tokens"
     )
     runs = generation_runs(model=generator, device=config.device, root=root)
