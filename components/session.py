@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,7 +55,18 @@ class Selection:
             return f"{self.task} / {self.split} (first {self.limit})"
         if self.kind == "generated":
             return f"{Path(self.data_path).parent.name} (generated, first {self.limit})"
-        return f"{Path(self.data_path).name.split('-', 1)[-1]} (first {self.limit})"
+        return f"{upload_name(self.data_path)} (first {self.limit})"
+
+
+#: Uploads saved before 2026-12-03 were named "<12 hex digits>-<the user's name>".
+_OLD_UPLOAD = re.compile(r"^[0-9a-f]{12}-(.+)$")
+
+
+def upload_name(path: str | Path) -> str:
+    """The name the user gave a data file (an upload's content hash left out)."""
+    name = Path(path).name
+    old = _OLD_UPLOAD.match(name)
+    return old.group(1) if old and Path(path).parent.name == "uploads" else name
 
 
 @st.cache_resource
@@ -63,9 +75,37 @@ def background_runner() -> BackgroundRunner:
     return BackgroundRunner()
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
+#: Why the sidebar's data is not usable yet (set by the sidebar, read by `load_dataset_cached`).
+DATA_PROBLEM = "_plens_data_problem"
+NO_FILE = "Upload a JSONL or CSV file in the sidebar, or choose a built-in task or a generated set."
+NO_GENERATED_SET = (
+    "No generated set yet: make one on the Generate data page, or choose a built-in task or "
+    "your own file in the sidebar."
+)
+
+
+def missing_data_message(sel: Selection) -> str | None:
+    """What the user still has to do in the sidebar before the data can load, in terms of the
+    sources the sidebar offers (None when a file or set is chosen)."""
+    if sel.kind == "task" or sel.data_path:
+        return None
+    problem = st.session_state.get(DATA_PROBLEM)
+    if problem:
+        return problem
+    return NO_GENERATED_SET if sel.kind == "generated" else NO_FILE
+
+
 def load_dataset_cached(sel: Selection) -> Dataset:
-    """Load the selected examples (raises LensError on bad input)."""
+    """Load the selected examples (raises LensError on bad input, and when the sidebar still
+    needs a file, a set or a column choice)."""
+    message = missing_data_message(sel)
+    if message:
+        raise LensError(message)
+    return _load_dataset(sel)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _load_dataset(sel: Selection) -> Dataset:
     from core.data.sources import load_source
 
     if sel.kind == "task":
@@ -97,10 +137,12 @@ def _load_generated_set(sel: Selection) -> Dataset:
 
 
 def _save_upload(name: str, data: bytes) -> Path:
+    """Keep an upload as `uploads/<content hash>/<its own name>`: two files of the same name
+    never collide, and every message names the file as the user named it."""
     digest = hashlib.sha256(data).hexdigest()[:12]
-    folder = cache_dir() / "uploads"
+    folder = cache_dir() / "uploads" / digest
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{digest}-{Path(name).name}"
+    path = folder / (Path(name).name or "upload")
     if not path.exists():
         path.write_bytes(data)
     return path
@@ -200,42 +242,116 @@ def sidebar_selection() -> Selection:
             "limit": str(sel.limit),
         }
     )
+    if sel.kind == "file" and sel.data_path:
+        st.query_params.update(
+            {"pcol": sel.prompt_col, "rcol": sel.response_col, "idcol": sel.id_col}
+        )
     st.session_state[REMEMBERED_SELECTION] = st.query_params.to_dict()
     return sel
 
 
-def _file_picker(sel: Selection) -> Selection:
-    from core.data.userdata import read_columns
+#: Column names a prompt / response column often has, in order of preference.
+PROMPT_GUESSES = ("prompt", "instruction", "question", "input", "query", "problem", "text")
+RESPONSE_GUESSES = ("response", "output", "answer", "completion", "solution", "target")
 
+
+def guess_column(columns: Sequence[str], guesses: Sequence[str], taken: str = "") -> str | None:
+    """The first of `guesses` among `columns` (case-insensitive), other than `taken`."""
+    lower = {c.lower(): c for c in columns if c != taken}
+    return next((lower[g] for g in guesses if g in lower), None)
+
+
+def _file_picker(sel: Selection) -> Selection:
+    """Upload (or the file in the URL), then its columns. An upload that cannot be read is
+    reported by the name the user gave it, and the file in use before stays in use."""
+    from core.data.userdata import MESSAGES_COLUMN, read_columns
+
+    st.session_state.pop(DATA_PROBLEM, None)
     upload = st.file_uploader(
         "JSONL or CSV with prompt/response columns", type=["jsonl", "json", "csv"]
     )
-    path = _save_upload(upload.name, upload.getvalue()) if upload else None
+    path_q = _qp("data", "")
+    previous = Path(path_q) if path_q and Path(path_q).is_file() else None
+    path = None
+    columns: list[str] = []
+    if upload is not None:
+        path = _save_upload(upload.name, upload.getvalue())
+        try:
+            columns = read_columns(path)
+        except LensError as exc:
+            st.error(str(exc))
+            path = None
+            if previous is not None:
+                st.caption(f"Still using **{upload_name(previous)}**.")
+    if path is None and previous is not None:
+        try:
+            columns = read_columns(previous)
+            path = previous
+        except LensError as exc:
+            st.error(str(exc))
     if path is None:
-        path_q = _qp("data", "")
-        path = Path(path_q) if path_q and Path(path_q).is_file() else None
-    if path is None:
-        st.info("Upload a file to use your own data.")
-        return sel
-    try:
-        columns = read_columns(path)
-    except LensError as exc:
-        st.error(str(exc))
+        if upload is None:
+            st.info("Upload a file to use your own data.")
         return sel
     st.query_params["data"] = str(path)
+    name = upload_name(path)
 
-    def pick(label: str, wanted: str, optional: bool = False) -> str:
-        options = ([""] if optional else []) + columns
-        index = options.index(wanted) if wanted in options else 0
-        return st.selectbox(label, options, index=index, format_func=lambda c: c or "(row number)")
+    chat = MESSAGES_COLUMN in columns and "prompt" not in columns and "response" not in columns
+    if chat:
+        st.caption(
+            f"Chat format: the '{MESSAGES_COLUMN}' column gives the prompt (first user turn) and "
+            "the response (first assistant turn after it)."
+        )
+        prompt_col, response_col = "prompt", "response"
+    else:
+        known = "prompt" in columns and "response" in columns
+        if not known:
+            st.caption(
+                f"**{name}** has no 'prompt' and 'response' columns: choose which of its columns "
+                "hold them."
+            )
 
+        def pick(label: str, wanted: str, guesses: Sequence[str], taken: str = "") -> str | None:
+            choice = wanted if wanted in columns else guess_column(columns, guesses, taken)
+            return st.selectbox(
+                label,
+                columns,
+                index=columns.index(choice) if choice in columns else None,
+                placeholder="choose a column",
+            )
+
+        prompt_col = pick("Prompt column", _qp("pcol", "prompt"), PROMPT_GUESSES)
+        response_col = pick(
+            "Response column", _qp("rcol", "response"), RESPONSE_GUESSES, taken=prompt_col or ""
+        )
+        if prompt_col is None or response_col is None:
+            st.session_state[DATA_PROBLEM] = (
+                f"Choose the prompt and response columns of {name} in the sidebar."
+            )
+            return sel
+        if prompt_col == response_col:
+            message = (
+                f"Choose two different columns of {name}: the prompt and the response are both "
+                f"'{prompt_col}'."
+            )
+            st.warning(message)
+            st.session_state[DATA_PROBLEM] = message
+            return sel
+    id_options = [""] + [c for c in columns if c not in (prompt_col, response_col)]
+    wanted_id = _qp("idcol", "id")
+    id_col = st.selectbox(
+        "Id column",
+        id_options,
+        index=id_options.index(wanted_id) if wanted_id in id_options else 0,
+        format_func=lambda c: c or "(row number)",
+    )
     return Selection(
         **{
             **asdict(sel),
             "data_path": str(path),
-            "prompt_col": pick("Prompt column", "prompt"),
-            "response_col": pick("Response column", "response"),
-            "id_col": pick("Id column", "id", optional=True),
+            "prompt_col": prompt_col,
+            "response_col": response_col,
+            "id_col": id_col,
         }
     )
 

@@ -1,4 +1,6 @@
-"""Start page: what the tool does, the selected model and data, the task catalogue."""
+"""Start page: what the tool does, what the app's own measurements show of the paper's claim
+(read from the protocol results and the recorded CPU sweep, never written in here), the selected
+model and data, the task catalogue."""
 
 import pandas as pd
 import streamlit as st
@@ -7,16 +9,19 @@ from components.jobs_view import backend_panel
 from components.session import current_model, load_dataset_cached, sidebar_selection
 from core.data.tasks import list_tasks
 from core.errors import LensError
+from core.fmt import count, num
 from core.model.loading import MODEL_SLOT, describe_model
+from core.study.protocol import headline, list_protocols, load_cpu_sweep, sweep_verdict
 
 sel = sidebar_selection()
 
 st.title("Perplexity Lens")
 st.markdown(
     "Fine-tuning on ground-truth answers teaches a model the tokens it finds **surprising** "
-    "(high perplexity), and that is what makes it forget other skills. Masking those tokens out "
-    "of the loss (**Selective Token Masking**, STM) keeps the gain and avoids most of the "
-    "forgetting. Perplexity Lens lets you see those tokens, tune the threshold, and train.\n\n"
+    "(high perplexity). The Selective Token Masking paper (STM) argues that this is what makes "
+    "it forget other skills, and that masking those tokens out of the loss keeps the gain with "
+    "less forgetting. Perplexity Lens lets you see those tokens, tune the threshold, train, and "
+    "**test that claim on your own model and machine**.\n\n"
     "1. **Explore** — token-perplexity heatmaps of ground-truth vs generated responses, and "
     "dataset analytics (the paper's Table 1).\n"
     "2. **Masking studio** — set τ or a target share, see exactly which tokens leave the loss, "
@@ -30,6 +35,48 @@ st.markdown(
     "offline HTML report.\n"
     "7. **Reproduce the paper** — every method × seeds as one job, with its table and findings."
 )
+
+
+def measured_here() -> None:
+    """What this app has measured of the paper's claim: the newest protocol's headline on this
+    machine (or that none has finished), and the recorded CPU sweep, read from their files."""
+    st.subheader("What the app has measured so far")
+    protocols = list_protocols()
+    done = [p for p in protocols if p.results]
+    running = [p for p in protocols if not p.results]
+    if done:
+        view = done[0]
+        finished, planned = len(view.finished_runs()), len(view.planned_runs())
+        st.markdown(
+            f"**{view.name}** ({view.config.describe()}; {count(finished)} of {count(planned)} "
+            "training runs finished), in short:"
+        )
+        for line in headline(view.results or {}):
+            st.markdown(f"- {line}")
+    else:
+        st.markdown(
+            "No protocol has finished on this machine yet, so the app has no measurement of "
+            "its own of whether STM forgets less than ground truth here."
+        )
+    for view in running[:1]:
+        st.caption(
+            f"Running or unfinished: **{view.name}**, {count(len(view.finished_runs()))} of "
+            f"{count(len(view.planned_runs()))} training runs finished."
+        )
+    sweep = load_cpu_sweep()
+    if sweep is not None:
+        st.markdown(
+            f"**Ground truth alone on a CPU** ({sweep['model']}, {sweep['machine']}, "
+            f"{sweep['date']}): {sweep_verdict(sweep['rows'])['text']}"
+        )
+    st.markdown(
+        ":material/science: [Reproduce the paper](protocol): run the comparison, with every "
+        "table and interval. Method and recorded numbers: `docs/BENCHMARKS.md`, section "
+        '"Paper protocol".'
+    )
+
+
+measured_here()
 
 left, right = st.columns(2)
 with left:
@@ -46,7 +93,7 @@ with left:
                 lm = None
     if lm is not None and lm.name == sel.model:
         facts = describe_model(lm)
-        facts["parameters"] = f"{facts['parameters'] / 1e6:.1f} M"
+        facts["parameters"] = f"{num(facts['parameters'] / 1e6)} M"
         rows = [(k, str(v)) for k, v in facts.items()]
         st.table(pd.DataFrame(rows, columns=["", "value"]).set_index(""))
         for note in lm.warnings:
