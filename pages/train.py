@@ -205,8 +205,15 @@ def launch_form() -> None:
                 step=base.learning_rate / 2,
                 key="lr" + k,
             )
+            by_steps = st.session_state.get("steps" + k) is not None
             values["epochs"] = h2.number_input(
-                "Epochs", min_value=0.1, value=base.epochs, step=1.0, key="epochs" + k
+                "Epochs",
+                min_value=0.1,
+                value=base.epochs,
+                step=1.0,
+                key="epochs" + k,
+                disabled=by_steps,
+                help="Max steps is set: it decides the run's length." if by_steps else None,
             )
             values["max_steps"] = h3.number_input(
                 "Max steps", min_value=1, value=None, placeholder="from epochs", key="steps" + k

@@ -113,3 +113,11 @@ def test_train_estimate_rests_on_a_run_measured_here(runs_root):
     # 6 examples, batch 8, 2 epochs: 2 steps at the 16 s a step measured in the run folder
     assert text.startswith("Estimated time: about 32s.")
     assert "2 steps of 8 at 16 s per step, measured on this machine (1 earlier run" in text
+
+
+def test_train_disables_epochs_when_max_steps_decides(runs_root):
+    at = open_page("pages/train.py")
+    assert not at.number_input(key="epochs-cpu-quick").disabled
+    at.number_input(key="steps-cpu-quick").set_value(3).run()
+    assert at.number_input(key="epochs-cpu-quick").disabled
+    assert "2 steps" not in estimate_caption(at) and "3 steps of 8" in estimate_caption(at)
