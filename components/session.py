@@ -19,6 +19,7 @@ import streamlit as st
 
 from core.data.records import PROMPT_CONDITIONED, Dataset
 from core.errors import LensError
+from core.fmt import count, duration
 from core.io import cache_dir
 from core.jobs.background import DONE, FAILED, BackgroundRunner, BackgroundTask
 from core.masking import DEFAULT_TAU, TAU_MAX, TAU_MIN, parse_tau
@@ -52,10 +53,10 @@ class Selection:
     def data_label(self) -> str:
         """Short description of the data source."""
         if self.kind == "task":
-            return f"{self.task} / {self.split} (first {self.limit})"
+            return f"{self.task} / {self.split} (first {count(self.limit)})"
         if self.kind == "generated":
-            return f"{Path(self.data_path).parent.name} (generated, first {self.limit})"
-        return f"{upload_name(self.data_path)} (first {self.limit})"
+            return f"{Path(self.data_path).parent.name} (generated, first {count(self.limit)})"
+        return f"{upload_name(self.data_path)} (first {count(self.limit)})"
 
 
 #: Uploads saved before 2026-12-03 were named "<12 hex digits>-<the user's name>".
@@ -374,7 +375,7 @@ def _generated_set_picker(sel: Selection) -> Selection:
         "Generated set",
         names,
         index=names.index(wanted) if wanted in names else 0,
-        format_func=lambda n: f"{n} ({sets[n].n_examples})",
+        format_func=lambda n: f"{n} ({count(sets[n].n_examples)})",
     )
     st.query_params["gset"] = name
     gset = sets[name]
@@ -453,8 +454,10 @@ def show_task_status(task: BackgroundTask) -> None:
         return
     if task.status != DONE:
         label = task.message or task.label
-        counts = f": {task.done}/{task.total}" if task.total else ""  # no count for one-off work
-        st.progress(task.fraction, text=f"{label}{counts} · {task.elapsed:.0f}s")
+        counts = (
+            f": {count(task.done)}/{count(task.total)}" if task.total else ""
+        )  # no count for one-off work
+        st.progress(task.fraction, text=f"{label}{counts} · {duration(task.elapsed)}")
 
 
 def wait_for(task: BackgroundTask, rerun_on_partial: bool = False) -> None:

@@ -190,8 +190,8 @@ def launch_form() -> None:
         n_examples = _n_examples(kind, values)
         if kind == "sidebar" and base.limit and sel.limit != base.limit:
             st.caption(
-                f"The {preset} preset is sized for {base.limit} examples; the sidebar selects "
-                f"the first {sel.limit}."
+                f"The {preset} preset is sized for {count(base.limit)} examples; the sidebar "
+                f"selects the first {count(sel.limit)}."
             )
 
         with st.expander("Hyperparameters"):
