@@ -309,7 +309,10 @@ def estimate_training(
         )
         used = timed
         lengths = ", ".join(sorted({str(r.max_length) for r in timed}))
-        note = f", scaled from max_length {lengths} to {config.max_length}"
+        note = (
+            f", scaled from max_length {lengths} to {config.max_length}: an upper bound when "
+            "the examples are shorter"
+        )
     else:
         used = []
         rate = None
@@ -331,9 +334,14 @@ def estimate_training(
             for r in BENCH_TRAIN_SECONDS_PER_SEQUENCE
         )
         seconds, high = sequences * low_rate, sequences * high_rate
+        scaled = (
+            ""
+            if int(config.max_length) == BENCH_TRAIN_MAX_LENGTH
+            else f", scaled from max_length {BENCH_TRAIN_MAX_LENGTH} to {config.max_length}"
+        )
         basis = (
-            f"{plan} at the rate of {BENCH_SOURCE}, scaled to max_length {config.max_length}: "
-            "no training run has been measured on this machine yet."
+            f"{plan} at the rate of {BENCH_SOURCE}{scaled}: no training run has been measured "
+            "on this machine yet."
         )
         measured = False
     else:
