@@ -296,8 +296,12 @@ def config_diff(labels: dict[str, str]) -> None:
     a = c1.selectbox("Run A", list(labels), format_func=labels.get, key="diff-a")
     b = c2.selectbox("Run B", list(labels), index=1, format_func=labels.get, key="diff-b")
     ca, cb = by_id[a].config, by_id[b].config
+
+    def text(value: Any) -> str:
+        return fmt.MISSING if value is None else json.dumps(value, ensure_ascii=False)
+
     diff = [
-        {"setting": k, "A": json.dumps(ca.get(k)), "B": json.dumps(cb.get(k))}
+        {"setting": k, "A": text(ca.get(k)), "B": text(cb.get(k))}
         for k in sorted(set(ca) | set(cb))
         if ca.get(k) != cb.get(k)
     ]
@@ -310,8 +314,8 @@ def config_diff(labels: dict[str, str]) -> None:
             "setting": st.column_config.TextColumn(
                 "Setting", help="A configuration field whose value differs.", pinned=True
             ),
-            "A": st.column_config.TextColumn(f"Run A · {a}", help="Run A's value, as saved."),
-            "B": st.column_config.TextColumn(f"Run B · {b}", help="Run B's value, as saved."),
+            "A": st.column_config.TextColumn(f"Run A · {a}", help=f"Run A's value, as saved ({fmt.MISSING}: not set)."),
+            "B": st.column_config.TextColumn(f"Run B · {b}", help=f"Run B's value, as saved ({fmt.MISSING}: not set)."),
         },
     )  # fmt: skip
 

@@ -204,3 +204,18 @@ def test_runs_columns_name_score_columns_readably(tmp_path):
     columns = runs_columns(shown)
     assert columns["mbpp pass@1"][0] == "mbpp pass@1"
     assert "last evaluation round" in columns["mbpp pass@1"][1]
+
+
+def test_config_diff_says_not_set_with_the_one_missing_marker(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
+    _finished(root, "gt1", "gt", None, None)
+    _finished(root, "stm1", "stm", 2.5, 0.3)
+    at = page().run()
+    assert not at.exception
+    frame = next(d for d in at.dataframe if "setting" in d.value.columns)
+    diff = frame.value.set_index("setting")
+    pair = {diff.loc["tau", "A"], diff.loc["tau", "B"]}
+    assert pair == {fmt.MISSING, "2.5"} and "null" not in frame.value.to_numpy().ravel()
+    config = column_config(frame)
+    assert config["setting"]["pinned"] and all(spec["help"] for spec in config.values())
