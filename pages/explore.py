@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from components.live_generation import live_answer
 from components.session import (
     Selection,
     background_result,
@@ -30,14 +31,15 @@ from components.session import (
     sidebar_selection,
     url_tau,
 )
+from core import fmt
 from core.data.records import Example, ScoredExample
+from core.datagen.live import LiveResult, verdict_line
 from core.datagen.store import (
     GenerationStore,
     StoredGeneration,
     answers_by_settings,
     answers_signature,
     file_data_key,
-    generate_and_score,
     generate_and_store,
     generation_key,
     list_generated_sets,
@@ -326,18 +328,22 @@ def generation_task_key(sel: Selection, example: Example, config: GenerationConf
     return "generate:" + generation_key(model, example.id, example.prompt, config)
 
 
-def generation_task(sel: Selection, example: Example, config: GenerationConfig, start: bool) -> Any:
-    """Generate (or reuse) the model's answer to one example and score it: returns
-    (StoredGeneration, ScoredExample | None), or None while running / if not started."""
-
-    def work(task: BackgroundTask) -> tuple[StoredGeneration, ScoredExample | None]:
-        task.message = f"loading {sel.model}"
-        lm = current_model(sel)
-        task.message = f"generating ({settings_label(config)}) and scoring the answer"
-        return generate_and_score(lm, example, config, cache=ScoreCache())
-
-    key = generation_task_key(sel, example, config)
-    return background_result(key, f"Generating an answer to {example.id}", work, start=start)
+def generation_task(
+    sel: Selection, example: Example, config: GenerationConfig, start: bool, restart: bool = False
+) -> LiveResult | None:
+    """The model's answer to one example, streamed onto the page while it is generated (a Stop
+    button ends it), then stored, scored and checked against the task's verifier
+    (`components.live_generation`); None while running or if not started."""
+    return live_answer(
+        generation_task_key(sel, example, config),
+        f"Generating an answer to {example.id}",
+        load=lambda: current_model(sel),
+        example=example,
+        config=config,
+        task=sel.task if sel.kind == "task" else None,
+        start=start,
+        restart=restart,
+    )
 
 
 def batch_task_key(sel: Selection, config: GenerationConfig) -> str:
@@ -422,9 +428,9 @@ def summary_line(gt: TokenScores, tau: float) -> str:
     above = int(np.count_nonzero(gt.ppl() > tau))
     share = above / n_tokens if n_tokens else float("nan")
     return (
-        f"**{len(gt):,}** examples · **{n_tokens:,}** ground-truth response tokens · "
-        f"sequence ppl **{seq.mean():.2f}** (var {seq.var():.2f}) · "
-        f"**{share:.1%}** of tokens have ppl > τ = {tau:g}"
+        f"**{fmt.count(len(gt))}** examples · **{fmt.count(n_tokens)}** ground-truth response "
+        f"tokens · sequence ppl **{fmt.num(seq.mean())}** (var {fmt.num(seq.var())}) · "
+        f"**{fmt.share(share)}** of tokens have ppl > τ = {fmt.tau(tau)}"
     )
 
 
@@ -560,7 +566,10 @@ def examples_tab(sel: Selection, gt: TokenScores, tau: float, current: str) -> N
 def generation_form(config: GenerationConfig) -> GenerationConfig | None:
     """Settings form; returns the new settings when submitted (None otherwise)."""
     with st.form("generation_form"):
-        st.markdown("**Generate the model's own answer** to this prompt (runs in the background)")
+        st.markdown(
+            "**Generate the model's own answer** to this prompt (streams here as it is "
+            "generated, can be stopped, and is checked against the task's tests)"
+        )
         c = st.columns([1.6, 1, 1, 1, 1])
         mode = c[0].radio(
             "Decoding",
@@ -635,11 +644,26 @@ def compare_tab(sel: Selection, gt: TokenScores, tau: float, current: str, lm: L
 
     key = generation_task_key(sel, source, config)
     started = submitted is not None or stored is not None or background_runner().get(key)
-    result = generation_task(sel, source, config, start=bool(started))
-    generated = None
-    if result is not None:
-        stored, generated = result
-        if generated is None:
+    result = generation_task(
+        sel, source, config, start=bool(started), restart=submitted is not None
+    )
+    generated = check = None
+    if result is not None and result.stopped:
+        stored = None
+        st.markdown("**Model's own answer** · :gray[stopped]")
+        st.code(result.text or "(nothing yet)", language=None, wrap_lines=True)
+        st.info(
+            f"Stopped after {fmt.count(result.n_tokens)} tokens, so it was not kept, scored or "
+            "checked. Press **Generate** to start again."
+        )
+    elif result is not None:
+        stored, generated, check = result.stored, result.scored, result.check
+        if result.tokens_per_s is not None:
+            st.caption(
+                f"Generated {fmt.count(result.n_tokens)} tokens in {fmt.duration(result.seconds)} "
+                f"({fmt.num(result.tokens_per_s, 3)} tokens/s)."
+            )
+        if generated is None and stored is not None:
             st.warning(
                 f"The model's answer {stored.text[:60]!r} is empty or only whitespace, so there "
                 "is nothing to score. Try sampling or more new tokens."
@@ -659,6 +683,8 @@ def compare_tab(sel: Selection, gt: TokenScores, tau: float, current: str, lm: L
         note = settings_label(stored.config)
         if not stored.finished:
             note += " · stopped at max_new_tokens (cut off)"
+        if check is not None:  # the task's verifier: "passes its tests" / "fails its tests"
+            note += f" · {verdict_line(check, generated.seq_ppl, truth.seq_ppl) or check.label}"
         columns.append(("generated", generated, note))
     for kind, examples in (sets or {}).items():
         match = next((ex for ex in examples if ex.id == current), None)
@@ -690,7 +716,66 @@ def _set_settings(value: str) -> None:
 
 
 def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
+    return f"{fmt.count(n)} {word}" + ("" if n == 1 else "s")
+
+
+def shared_by_default(n_shared: int, n_total: int) -> bool:
+    """Whether "Compare on shared examples only" starts on: when at least half of the selection
+    (and at least 2 examples) is shared by every source, so one generated answer never shrinks
+    every table to one example."""
+    return n_shared >= max(2, math.ceil(n_total / 2))
+
+
+def coverage_text(groups: dict[str, Group], n_total: int, shared_only: bool) -> str:
+    """How many of the selection's examples each analytics table stands on: "n = 2 of 50
+    examples, shared by all 3 sources", or each source's own n when they are not paired."""
+    if shared_only:
+        n = max((len(group) for group in groups.values()), default=0)
+        return (
+            f"n = {fmt.count(n)} of {fmt.count(n_total)} examples, shared by all "
+            f"{len(groups)} sources."
+        )
+    parts = [f"{source_label(source)} {fmt.count(len(group))}" for source, group in groups.items()]
+    if len(groups) == 1:
+        return (
+            f"n = {fmt.count(len(next(iter(groups.values()))))} of {fmt.count(n_total)} examples."
+        )
+    return (
+        f"n of {fmt.count(n_total)} examples per source (each on the examples it has, so they "
+        "are not paired): " + " · ".join(parts) + "."
+    )
+
+
+def sequence_table_display(table: pd.DataFrame, above: pd.DataFrame, tau: float) -> pd.DataFrame:
+    """The paper's Table 1 as shown: every number written by `core.fmt` (mean and population
+    variance of per-example sequence perplexity, median, the pooled share above τ)."""
+    share = above.set_index("source")["share"]
+    return pd.DataFrame(
+        {
+            "data source": [source_label(s) for s in table["source"]],
+            "examples": [fmt.count(n) for n in table["n_scored"]],
+            "response tokens": [fmt.count(n) for n in table["n_tokens"]],
+            "seq ppl mean (var)": [
+                f"{fmt.num(m)} ({fmt.num(v)})"
+                for m, v in zip(table["seq_ppl_mean"], table["seq_ppl_var"], strict=True)
+            ],
+            "median": [fmt.num(v) for v in table["seq_ppl_median"]],
+            f"tokens > τ = {fmt.tau(tau)}": [fmt.share(share.loc[s]) for s in table["source"]],
+        }
+    )
+
+
+def above_table_display(above: pd.DataFrame) -> pd.DataFrame:
+    """Tokens above τ per source as shown (shares and counts written by `core.fmt`)."""
+    return pd.DataFrame(
+        {
+            "data source": [source_label(s) for s in above["source"]],
+            "tokens > τ": [fmt.count(n) for n in above["n_above"]],
+            "share (pooled)": [fmt.share(v) for v in above["share"]],
+            "mean per example": [fmt.share(v) for v in above["mean_example_share"]],
+            "examples fully > τ": [fmt.count(n) for n in above["n_all_above"]],
+        }
+    )
 
 
 def analytics_tab(sel: Selection, gt: TokenScores, tau: float, lm: LoadedModel) -> None:
@@ -724,21 +809,24 @@ def analytics_tab(sel: Selection, gt: TokenScores, tau: float, lm: LoadedModel) 
             k: _keep(group, [m.get("finished") is not False for m in _metas(group)])
             for k, group in groups.items()
         }
-    if len(groups) > 1 and right.toggle(
-        "Compare on shared examples only",
-        value=True,
+    shared = set.intersection(*(set(_ids(group)) for group in groups.values()))
+    shared_only = len(groups) > 1 and right.toggle(
+        f"Compare on shared examples only ({fmt.count(len(shared))} of {fmt.count(len(gt))})",
+        value=shared_by_default(len(shared), len(gt)),
+        key="explore_shared_only",
         help="Keep only examples that every source has, so the sources are compared on the "
-        "same prompts (generated answers usually exist for a subset).",
-    ):
-        shared = set.intersection(*(set(_ids(group)) for group in groups.values()))
+        "same prompts (generated answers usually exist for a subset). On by default only when "
+        "at least half of the examples are shared.",
+    )
+    if shared_only:
         groups = {
             k: _keep(group, [ex_id in shared for ex_id in _ids(group)])
             for k, group in groups.items()
         }
-        st.caption(f"{_plural(len(shared), 'example')} shared by all {len(groups)} sources.")
     if not any(len(group) for group in groups.values()):
         st.info("No examples in common between the sources yet.")
         return
+    coverage = coverage_text(groups, len(gt), shared_only)
 
     sig = scores_signature(groups)
     stats = dataset_stats(sig, tau, groups)
@@ -746,25 +834,11 @@ def analytics_tab(sel: Selection, gt: TokenScores, tau: float, lm: LoadedModel) 
     left, right = st.columns([3, 2])
     with left:
         table = stats["table"]
-        above = stats["above"].set_index("source")
-        shown = pd.DataFrame(
-            {
-                "data source": [source_label(s) for s in table["source"]],
-                "examples": table["n_scored"],
-                "response tokens": table["n_tokens"],
-                "seq ppl mean (var)": table["mean (var)"],
-                "median": table["seq_ppl_median"],
-                f"tokens > τ={tau:g}": [above.loc[s, "share"] for s in table["source"]],
-            }
-        )
+        st.caption(coverage)
         st.dataframe(
-            shown,
+            sequence_table_display(table, stats["above"], tau),
             hide_index=True,
             width="stretch",
-            column_config={
-                "median": st.column_config.NumberColumn(format="%.2f"),
-                f"tokens > τ={tau:g}": st.column_config.NumberColumn(format="percent"),
-            },
         )
         truncated = [
             f"{source_label(src)} {n}"
@@ -791,34 +865,22 @@ def analytics_tab(sel: Selection, gt: TokenScores, tau: float, lm: LoadedModel) 
     left.plotly_chart(ppl_histogram(frame, tau=tau), config=plotly_config("token_ppl_histogram"))
     right.plotly_chart(ppl_cdf(frame, tau=tau), config=plotly_config("token_ppl_cdf"))
 
-    st.subheader(f"Tokens above τ = {tau:g}")
+    st.subheader(f"Tokens above τ = {fmt.tau(tau)}")
     left, right = st.columns(2)
     with left:
         above = stats["above"]
-        st.dataframe(
-            pd.DataFrame(
-                {
-                    "data source": [source_label(s) for s in above["source"]],
-                    "tokens > τ": above["n_above"],
-                    "share (pooled)": above["share"],
-                    "mean per example": above["mean_example_share"],
-                    "examples fully > τ": above["n_all_above"],
-                }
-            ),
-            hide_index=True,
-            width="stretch",
-            column_config={
-                "share (pooled)": st.column_config.NumberColumn(format="percent"),
-                "mean per example": st.column_config.NumberColumn(format="percent"),
-            },
-        )
+        st.caption(coverage)
+        st.dataframe(above_table_display(above), hide_index=True, width="stretch")
         st.caption(
             "STM masks exactly these tokens (ppl > τ). The paper found masking about 20–25% of "
             "response tokens works best. Examples fully above τ would carry no loss at all."
         )
     with right:
+        # the markers print the table's pooled shares: the same tokens, the same rule
+        at_tau = dict(zip(above["source"], above["share"], strict=True))
         st.plotly_chart(
-            share_vs_tau_chart(tau_curves(sig, groups), tau), config=plotly_config("share_vs_tau")
+            share_vs_tau_chart(tau_curves(sig, groups), tau, at_tau=at_tau),
+            config=plotly_config("share_vs_tau"),
         )
 
     st.subheader("What kind of tokens are surprising?")

@@ -7,6 +7,7 @@ after a reload / server restart), generated datasets in the analytics, and the e
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -16,11 +17,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from components.session import background_runner
+from core import fmt
 from core.data.records import Example
 from core.data.sources import load_source
 from core.datagen.store import GenerationStore, file_data_key, write_generated_set
 from core.model.generation import Generation, GenerationConfig
-from core.scoring.analytics import sequence_ppl_table
+from core.scoring.analytics import sequence_ppl_table, share_above_tau
 from core.scoring.score import score_examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +101,7 @@ def test_url_picks_example_and_tau_and_search_filters_the_table(page, expected):
     at = run_until(page(ex="ex-3", tau="5"), lambda at: heatmaps(at))
     [html] = heatmaps(at)
     assert token_spans(html) == expected["ex-3"].n_response
-    assert "ex-3" in html and "ppl &gt; 5:" in html
+    assert "ex-3" in html and "ppl &gt; τ = 5:" in html
     at.text_input(key="explore_search").input("PARIS").run()
     assert at.dataframe[0].value["id"].tolist() == ["ex-3"]
     at.text_input(key="explore_search").input("no such text anywhere").run()
@@ -250,13 +252,14 @@ def test_analytics_table_includes_generated_answers_and_generated_sets(page, exp
         return next(d.value for d in at.dataframe if "seq ppl mean (var)" in d.value.columns)
 
     def mean_var(examples) -> str:
-        return sequence_ppl_table({"any": list(examples)})["mean (var)"].iloc[0]
+        row = sequence_ppl_table({"any": list(examples)}).iloc[0]
+        return f"{fmt.num(row['seq_ppl_mean'])} ({fmt.num(row['seq_ppl_var'])})"
 
     at = run_until(page(view="Dataset analytics"), table_with_three_sources, timeout=180)
     table = table_1(at)
     assert table["data source"].tolist() == ["Ground truth", "Generated", "Self-Output"]
     # The cut-off answer (ex-3) is left out, and sources are paired on ex-1 and ex-2.
-    assert table["examples"].tolist() == [2, 2, 2]
+    assert table["examples"].tolist() == ["2", "2", "2"]
     assert table["seq ppl mean (var)"].tolist()[:2] == [
         mean_var([expected["ex-1"], expected["ex-2"]]),
         mean_var(own[:2]),
@@ -266,8 +269,11 @@ def test_analytics_table_includes_generated_answers_and_generated_sets(page, exp
 
     [cut, paired] = at.toggle
     assert cut.label == "Leave out 1 answer cut at max_new_tokens"
+    # 2 of 3 examples are shared (more than half): paired by default, and the tables say so
+    assert paired.label == "Compare on shared examples only (2 of 3)" and paired.value
+    assert "n = 2 of 3 examples, shared by all 3 sources." in [c.value for c in at.caption]
     cut.set_value(False).run()
-    assert table_1(at)["examples"].tolist() == [3, 3, 3]
+    assert table_1(at)["examples"].tolist() == ["3", "3", "3"]
     at.toggle[1].set_value(False).run()
     table = table_1(at)
     assert table["seq ppl mean (var)"].tolist()[:2] == [
@@ -281,3 +287,48 @@ def test_a_tau_above_the_slider_range_from_the_masking_studio_is_kept(page):
     at = run_until(page(tau="50"), lambda at: heatmaps(at))
     assert at.query_params["tau"] == "50"
     assert at.slider(key="tau_slider").value == 50.0
+
+
+def test_one_generated_answer_does_not_shrink_the_analytics_to_one_example(page, expected, tiny_lm):
+    """With the model's own answer to one of 3 examples, the tables stay on all 3 ground-truth
+    examples and say how many each source has; the share-vs-τ markers print the table's
+    shares."""
+    examples = load_source(data=str(DATA), id_col="id", limit=3).examples
+    config = GenerationConfig()
+    GenerationStore().save(tiny_lm.cache_key, examples[0], config, Generation("x * x", 3, True))
+
+    def two_sources(at: AppTest) -> bool:
+        return any("data source" in d.value.columns and len(d.value) == 2 for d in at.dataframe)
+
+    at = run_until(page(view="Dataset analytics", tau="2.5"), two_sources, timeout=180)
+    (paired,) = at.toggle
+    assert paired.label == "Compare on shared examples only (1 of 3)" and not paired.value
+    table = next(d.value for d in at.dataframe if "seq ppl mean (var)" in d.value.columns)
+    assert table["examples"].tolist() == ["3", "1"]
+    captions = [c.value for c in at.caption]
+    assert (
+        "n of 3 examples per source (each on the examples it has, so they are not paired): "
+        "Ground truth 3 · Generated 1." in captions
+    )
+
+    # the pooled share above τ: the same text in both tables and beside the curve's marker
+    gt_share = share_above_tau({"ground_truth": list(expected.values())}, 2.5)["share"].iloc[0]
+    above = next(d.value for d in at.dataframe if "share (pooled)" in d.value.columns)
+    assert above["share (pooled)"].iloc[0] == fmt.share(gt_share)
+    assert table["tokens > τ = 2.5"].iloc[0] == fmt.share(gt_share)
+    spec = next(
+        json.loads(c.proto.spec)
+        for c in at.get("plotly_chart")
+        if "masked vs τ" in json.loads(c.proto.spec)["layout"]["title"]["text"]
+    )
+    markers = {
+        t["meta"]["source"]: t["text"][0]
+        for t in spec["data"]
+        if (t.get("meta") or {}).get("current_tau")
+    }
+    assert markers == dict(zip(["ground_truth", "generated"], above["share (pooled)"], strict=True))
+
+    paired.set_value(True).run()
+    table = next(d.value for d in at.dataframe if "seq ppl mean (var)" in d.value.columns)
+    assert table["examples"].tolist() == ["1", "1"]
+    assert "n = 1 of 3 examples, shared by all 2 sources." in [c.value for c in at.caption]
