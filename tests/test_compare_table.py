@@ -219,3 +219,21 @@ def test_config_diff_says_not_set_with_the_one_missing_marker(tmp_path, monkeypa
     assert pair == {fmt.MISSING, "2.5"} and "null" not in frame.value.to_numpy().ravel()
     config = column_config(frame)
     assert config["setting"]["pinned"] and all(spec["help"] for spec in config.values())
+
+
+def test_the_lora_table_is_titled_explained_and_rounded(tmp_path, monkeypatch, tiny_model_dir):
+    from tests.test_diagnostics import make_adapter_run
+
+    root = tmp_path / "runs"
+    monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
+    make_adapter_run(root, "stm-tiny", tiny_model_dir)
+    at = page()
+    at.query_params["drun"] = "stm-tiny"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    frame = next(d for d in at.dataframe if "fro_norm" in d.value.columns)
+    config = column_config(frame)
+    assert config["fro_norm"]["label"] == "‖ΔW‖_F" and config["module"]["pinned"]
+    assert all(spec["label"] and spec["help"] for spec in config.values())
+    for cell in [*frame.value["fro_norm"], *frame.value["effective_rank"]]:  # 3 significant digits
+        assert cell == fmt.num(float(cell.replace(",", "")))
