@@ -237,3 +237,15 @@ def test_the_lora_table_is_titled_explained_and_rounded(tmp_path, monkeypatch, t
     assert all(spec["label"] and spec["help"] for spec in config.values())
     for cell in [*frame.value["fro_norm"], *frame.value["effective_rank"]]:  # 3 significant digits
         assert cell == fmt.num(float(cell.replace(",", "")))
+
+
+def test_turning_the_toggle_off_hides_a_linked_failed_run_again(mixed_env):
+    at = page()
+    at.query_params["cmp"] = "fail1,gt1"
+    at.run()
+    at.toggle(key="cmp-all").set_value(False).run()
+    assert not at.exception
+    assert not at.toggle[0].value
+    assert list(runs_frame(at).value["run"]) == ["gt1"]
+    at.run()  # and it stays off on the next rerun
+    assert not at.toggle[0].value and list(runs_frame(at).value["run"]) == ["gt1"]
