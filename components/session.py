@@ -269,7 +269,8 @@ def _file_picker(sel: Selection) -> Selection:
 
     st.session_state.pop(DATA_PROBLEM, None)
     upload = st.file_uploader(
-        "JSONL or CSV with prompt/response columns", type=["jsonl", "json", "csv"]
+        "JSONL or CSV with prompt/response columns",
+        type=["jsonl", "json", "ndjson", "csv", "tsv"],
     )
     path_q = _qp("data", "")
     previous = Path(path_q) if path_q and Path(path_q).is_file() else None
@@ -284,6 +285,11 @@ def _file_picker(sel: Selection) -> Selection:
             path = None
             if previous is not None:
                 st.caption(f"Still using **{upload_name(previous)}**.")
+            else:
+                st.session_state[DATA_PROBLEM] = (
+                    f"{upload_name(upload.name)} cannot be used: {exc} Upload another file, or "
+                    "choose a built-in task or a generated set."
+                )
     if path is None and previous is not None:
         try:
             columns = read_columns(previous)

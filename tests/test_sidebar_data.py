@@ -57,7 +57,11 @@ def test_nothing_chosen_names_only_what_the_sidebar_offers():
 
 def test_an_empty_upload_is_named_as_uploaded_and_the_file_in_use_stays():
     at = upload(start_page(), "empty.jsonl", b"")
-    assert "empty.jsonl is empty." in [e.value for e in at.error]
+    assert "empty.jsonl is empty." in [e.value for e in at.error]  # in the sidebar
+    assert (  # and in the main area, instead of "upload a file"
+        "empty.jsonl cannot be used: empty.jsonl is empty. Upload another file, or choose a "
+        "built-in task or a generated set." in [e.value for e in at.error]
+    )
     assert "e3b0c44298fc" not in everything(at)  # no content hash in what the user reads
 
     at = upload(start_page(data=str(SAMPLE)), "broken.jsonl", b"{not json\n")
