@@ -350,6 +350,7 @@ def estimate_training(
             basis=f"{plan}: no run of {config.model} on the {device.upper()} has been measured "
             "here yet; the first steps of this run set the rate (the job view shows its ETA).",
         )
+    basis += " Loading the model and the data come on top."
     if config.method != "gt":
         basis += " A masked method first scores its examples (free when already scored)."
     if rounds:
