@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from core import fmt
 from core.eval.drift import DRIFT_LABELS
 from core.eval.scorers import SuiteResult, item_scores
 from core.jobs.runfiles import eval_round_path
@@ -76,7 +77,7 @@ def test_target_band_is_the_paired_interval_of_the_stored_items(two_runs):
     fig = target_delta_chart(two_runs)
     assert fig.layout.title.text == "Target Δ vs step 0"
     # no target accuracy in this suite: the full-token NLL, never the easy-token one
-    assert "mbpp_ppl nll" in fig.layout.yaxis.title.text.replace(
+    assert "mbpp_ppl NLL per token" in fig.layout.yaxis.title.text.replace(
         "<br>", " "
     ) and "lower is better" in (fig.layout.yaxis.title.text.replace("<br>", " "))
     for run in two_runs:
@@ -166,7 +167,7 @@ def test_per_task_charts_show_chance_and_mark_tasks_at_chance(tmp_path):
     keys = [k for k, _ in task_delta_charts([run])]
     assert keys == ["task-mbpp_ppl", "task-arc_easy", "task-gsm8k_ppl"]  # target first
     fig = task_delta_chart([run], "arc_easy")
-    assert fig.layout.title.text == "arc_easy acc Δ (OOD) · at chance"
+    assert fig.layout.title.text == "arc_easy accuracy Δ (OOD) · at chance"
     assert figure_notes(fig)[0].startswith("At chance:")
     [chance] = [s for s in fig.layout.shapes if s.line.dash == "dot"]
     assert chance.y0 == pytest.approx(100 * (0.25 - 0.25))
@@ -176,6 +177,9 @@ def test_per_task_charts_show_chance_and_mark_tasks_at_chance(tmp_path):
     assert "at chance" not in fig.layout.title.text
     [chance] = [s for s in fig.layout.shapes if s.line.dash == "dot"]
     assert chance.y0 == pytest.approx(100 * (0.25 - 0.75))
+    # the chance line is named in the legend, not by a label over the lines
+    assert not fig.layout.annotations
+    assert [t.name for t in traces(fig, "chance")] == ["chance (Δ -50.0 points)"]
     assert "points (higher is better)" in fig.layout.yaxis.title.text.replace("<br>", " ")
 
 
@@ -217,7 +221,7 @@ def test_the_picker_draws_exactly_the_chosen_metric(two_runs):
         "ood",
     ) in options
     fig = metric_chart(two_runs, "gsm8k_ppl", "ppl")
-    assert fig.layout.title.text == "gsm8k_ppl ppl"
+    assert fig.layout.title.text == "gsm8k_ppl perplexity"
     for run, line in zip(two_runs, traces(fig, "line"), strict=True):
         frame = run.eval_frame()
         want = frame[(frame["task"] == "gsm8k_ppl") & (frame["metric"] == "ppl")]
@@ -460,7 +464,7 @@ def test_drift_frontier_has_error_bars_both_ways_and_leaves_old_runs_out(drift_r
 
 def test_readable_drift_names_and_loss_reasons(drift_runs, tmp_path):
     assert metric_label("ood_drift", "top1_agree") == "OOD drift: top-1 agreement with the base"
-    assert metric_label("mbpp_ppl", "nll", sep=" · ") == "mbpp_ppl · nll"
+    assert metric_label("mbpp_ppl", "nll", sep=" · ") == "mbpp_ppl · NLL per token"
     options = metric_options(drift_runs)
     assert ("ood_drift", "kl", "ood") in options
     assert ("ood_drift", "dbpb", "ood") not in options  # never defined on prompt probes
@@ -490,3 +494,54 @@ def test_value_text():
     assert value_text(-0.02, -0.03, -0.01, signed=True) == "-0.020 [-0.030, -0.010]"
     assert value_text(0.1, None, None, "nats") == "0.100 nats (no interval)"
     assert value_text(float("nan")) == "–"
+
+
+@pytest.mark.parametrize("fixture", ["two_runs", "drift_runs"])
+def test_every_metric_in_the_picker_has_a_readable_name(fixture, request):
+    """No internal key (nll_easy, easy_share, acc_norm, ...) reaches the picker or a title."""
+    runs = request.getfixturevalue(fixture)
+    for task, metric, _ in metric_options(runs):
+        label = metric_label(task, metric, sep=" · ")
+        assert "_" not in label.removeprefix(f"{task} · "), label
+        assert metric_chart(runs, task, metric).layout.title.text == metric_label(task, metric)
+    assert metric_label("gsm8k_ppl", "nll_easy") == (
+        "gsm8k_ppl NLL on base-easy tokens (diagnostic)"
+    )
+    assert metric_label("gsm8k_ppl", "easy_share") == "gsm8k_ppl share of base-easy tokens"
+
+
+def test_a_single_round_gets_whole_steps_a_0_1_accuracy_axis_and_chance(tmp_path):
+    """One evaluation round (step 0): no step -1..1 axis and no accuracy -0.5..1.5 axis; the
+    accuracy's chance level (ARC-Easy, 4 choices) is drawn and named."""
+    run = load_run(make_eval_run(tmp_path, "one", {0: BASE}))
+    fig = metric_chart([run], "arc_easy", "acc")
+    assert fig.layout.xaxis.dtick == 1 and tuple(fig.layout.xaxis.range) == (-0.5, 0.5)
+    assert tuple(fig.layout.yaxis.range) == (-0.02, 1.02)
+    [chance] = traces(fig, "chance")
+    assert chance.name == "chance (25.0%)"
+    assert any(s.y0 == s.y1 == pytest.approx(0.25) for s in fig.layout.shapes)
+    [line] = traces(fig, "line")
+    assert f"step 0: {fmt.share(line.y[0])}" in line.customdata[0]
+    # a perplexity is not a share: no 0-1 axis, no chance
+    fig = metric_chart([run], "gsm8k_ppl", "ppl")
+    assert fig.layout.yaxis.range is None and not traces(fig, "chance")
+
+
+def test_a_single_accuracy_point_has_its_interval_bar(tmp_path):
+    """A raw accuracy is a proportion of n items: every point, a single round's too, carries its
+    95% (Wilson) interval as a bar, and the hover prints it with the app's number rule."""
+    run = load_run(make_eval_run(tmp_path, "one", {0: BASE}))
+    fig = metric_chart([run], "arc_easy", "acc")
+    [line] = traces(fig, "line")
+    frame = run.eval_frame()
+    row = frame[(frame["task"] == "arc_easy") & (frame["metric"] == "acc")].iloc[0]
+    p, n = float(row["value"]), int(row["n"])
+    z = 1.959964
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert line.error_y.array[0] == pytest.approx(centre + half - p)
+    assert line.error_y.arrayminus[0] == pytest.approx(p - (centre - half))
+    assert line.error_y.arrayminus[0] > 0
+    assert line.customdata[0].endswith(
+        f"{fmt.share(p)} [{fmt.share(centre - half)}, {fmt.share(centre + half)}] of {n} items"
+    )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from core import fmt
 from core.eval.drift import DRIFT_LABELS
 from core.eval.suites import DRIFT, PRIMARY_METRIC
 from core.jobs.metrics import (
@@ -105,12 +106,23 @@ def _panel_layout(
     )  # fmt: skip
     fig.update_yaxes(title_font={"size": 12})
     fig.update_xaxes(title_font={"size": 12})
-    steps = [x for t in fig.data if t.x is not None for x in t.x if _finite(x)]
-    whole = all(float(x).is_integer() for x in steps)
-    if steps and whole and max(steps) - min(steps) <= 10:  # a few steps: no ticks between them
-        fig.update_xaxes(dtick=1)
+    fit_step_axis(fig)
     fig.update_layout(showlegend=rows > 0)  # also with one run: every panel lines up
     return fig
+
+
+def fit_step_axis(fig: go.Figure) -> None:
+    """An x axis of training steps fitted to the steps drawn: whole steps only (a tick per step
+    over up to 10 steps), and a single round's axis half a step either side of it (plotly's own
+    would run from step -1 to 1)."""
+    steps = [float(x) for t in fig.data if t.x is not None for x in t.x if _finite(x)]
+    if not steps or not all(x.is_integer() for x in steps):
+        return
+    lo, hi = min(steps), max(steps)
+    if hi - lo <= 10:  # a few steps: no ticks between them
+        fig.update_xaxes(dtick=1, range=[lo - 0.5, hi + 0.5])
+    else:
+        fig.update_xaxes(tickformat="d", rangemode="nonnegative")
 
 
 def _run_name(run: RunView) -> str:
@@ -236,11 +248,73 @@ def no_loss_reason(run: RunView, status: str | None = None, kind: str | None = N
     }.get(str(status), "a training run with no training loss logged")
 
 
+#: Readable names of the evaluation metrics, for pickers, chart titles, axes and tables (a
+#: drift task's metrics: `DRIFT_LABELS`). One mapping: `metric_name` reads it.
+METRIC_LABELS = {
+    "acc": "accuracy",
+    "acc_norm": "accuracy (length-normalised)",
+    "exact_match": "exact match",
+    "em": "exact match",
+    "pass@1": "pass@1",
+    "f1": "F1",
+    "mc2": "MC2 accuracy",
+    "bleu": "BLEU",
+    "nll": "NLL per token",
+    "ppl": "perplexity",
+    "nll_easy": "NLL on base-easy tokens (diagnostic)",
+    "ppl_easy": "perplexity on base-easy tokens (diagnostic)",
+    "seq_ppl_mean": "mean sequence perplexity",
+    "easy_share": "share of base-easy tokens",
+}
+#: Metrics that are shares of items or tokens: their axes run from 0 to 1.
+UNIT_METRICS = frozenset(
+    {"acc", "acc_norm", "exact_match", "em", "pass@1", "f1", "mc2", "easy_share", "top1_agree"}
+)
+#: Of those, the accuracies (higher is better; a multiple-choice task's chance level applies).
+ACCURACY_METRICS = frozenset({"acc", "acc_norm", "exact_match", "em", "pass@1", "f1", "mc2"})
+#: Accuracies that are a mean of right/wrong items: a raw value's 95% interval is the Wilson
+#: score interval of that proportion over its n items.
+BINARY_METRICS = frozenset({"acc", "acc_norm", "exact_match", "em", "pass@1"})
+
+
+def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion `p` of `n` right/wrong items."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def metric_name(metric: str, task: str = "") -> str:
+    """A metric key as a reader names it ("nll_easy" -> "NLL on base-easy tokens
+    (diagnostic)"); a drift task's metric by `DRIFT_LABELS`; an unknown key with spaces."""
+    if task and is_drift_task(task) and metric in DRIFT_LABELS:
+        return DRIFT_LABELS[metric]
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+
+def _chance_of(runs: Sequence[RunView], task: str) -> float | None:
+    """A multiple-choice task's chance accuracy (0-1) as the runs' evaluation rounds know it
+    (the mean of 1 / choices over its items), or None."""
+    for run in runs:
+        frame = run.changes()
+        if frame.empty:
+            continue
+        known = [float(c) for t, c in zip(frame["task"], frame["chance"], strict=True)
+                 if t == task and _finite(c)]  # fmt: skip
+        if known:
+            return known[0]
+    return None
+
+
 def metric_chart(runs: Sequence[RunView], task: str, metric: str | None = None) -> go.Figure:
     """One evaluation metric's raw value over steps (step 0 = the base model), one line per
-    run (the Runs page's metric picker)."""
+    run (the Runs page's metric picker). A share (accuracy, agreement) gets a 0-1 axis and an
+    accuracy its task's chance level as a dotted line; the step axis shows whole steps."""
     fig = go.Figure()
     styles = _styles(runs)
+    name = metric
     for run in runs:
         frame = run.eval_frame()
         frame = frame[frame["task"] == task]
@@ -248,12 +322,48 @@ def metric_chart(runs: Sequence[RunView], task: str, metric: str | None = None) 
             frame = frame[frame["metric"] == metric]
         if frame.empty:
             continue
-        name = metric or str(frame["metric"].iloc[0])
+        name = name or str(frame["metric"].iloc[0])
         frame = frame[frame["metric"] == name].sort_values("step")
-        _line(fig, run, frame["step"], frame["value"], styles[run.run_id])
-    label = metric_label(task, metric) if metric else task
-    drift = bool(metric) and is_drift_task(task) and metric in DRIFT_LABELS
-    _base_layout(fig, label, "step", DRIFT_LABELS[str(metric)] if drift else metric or "score")
+        unit = name in UNIT_METRICS
+        hover, error_y = [], None
+        if name in BINARY_METRICS:  # each point's 95% interval over its items, as a bar
+            bounds = [wilson_interval(float(v), int(n)) if _finite(v) and _finite(n)
+                      else (math.nan, math.nan)
+                      for v, n in zip(frame["value"], frame["n"], strict=True)]  # fmt: skip
+            error_y = _point_bars(frame["value"], pd.Series([b[0] for b in bounds]),
+                                  pd.Series([b[1] for b in bounds]))  # fmt: skip
+            for s, v, n, (lo, hi) in zip(frame["step"], frame["value"], frame["n"], bounds,
+                                         strict=True):  # fmt: skip
+                shown = (
+                    fmt.share(v)
+                    if math.isnan(lo)
+                    else (
+                        f"{fmt.share(v)} [{fmt.share(lo)}, {fmt.share(hi)}] of {fmt.count(n)} items"
+                    )
+                )
+                hover.append(f"{_run_name(run)}<br>step {int(s)}: {shown}")  # fmt: skip
+        else:
+            hover = [
+                f"{_run_name(run)}<br>step {int(s)}: {fmt.share(v) if unit else fmt.num(v)}"
+                for s, v in zip(frame["step"], frame["value"], strict=True)
+            ]
+        _line(fig, run, frame["step"], frame["value"], styles[run.run_id], hover, error_y)
+    label = metric_label(task, name) if name else task
+    y_title = metric_name(name, task) if name else "score"
+    _base_layout(fig, label, "step", y_title)
+    fit_step_axis(fig)
+    if name in UNIT_METRICS:
+        fig.update_yaxes(range=[-0.02, 1.02], tickformat=".0%")
+    chance = _chance_of(runs, task) if name in ACCURACY_METRICS else None
+    if chance is not None:
+        fig.add_hline(y=chance, line={"color": "#9ca3af", "width": 1, "dash": "dot"})
+        fig.add_trace(  # the chance line's label, in the legend rather than over the lines
+            go.Scatter(
+                x=[None], y=[None], mode="lines", name=f"chance ({fmt.share(chance)})",
+                line={"color": "#9ca3af", "width": 1, "dash": "dot"}, hoverinfo="skip",
+                meta={"role": "chance", "chance": chance},
+            )
+        )  # fmt: skip
     return _finish(fig, [], f"No {label} records in these runs.")
 
 
@@ -321,14 +431,29 @@ def _delta_chart(
         ]
         band = known[[_finite(lo) and _finite(hi) for lo, hi in zip(known["low"], known["high"],
                                                                        strict=True)]]  # fmt: skip
+        error_y = None
         if len(band) >= 2:
             _band(fig, band["step"], band["low"], band["high"],
                   color=styles[run.run_id]["color"], run=run)  # fmt: skip
-        _line(fig, run, known["step"], known["delta"], styles[run.run_id], texts)
+        elif len(band) == 1:  # one interval: a band needs two, so a bar on its point
+            error_y = _point_bars(known["delta"], known["low"], known["high"])
+        _line(fig, run, known["step"], known["delta"], styles[run.run_id], texts, error_y)
         vs = f" vs step {base_step}" if base_step else ""
         notes.append(f"{name}, {texts[-1]}{vs}.")
     fig.add_hline(y=0, line={"color": "#6b7280", "width": 1})
     return fig, notes
+
+
+def _point_bars(values: pd.Series, low: pd.Series, high: pd.Series) -> dict[str, Any]:
+    """`error_y` of a line: each point's 95% interval as a bar where it has one (0 elsewhere),
+    for a run with too few intervals to draw a band."""
+    up, down = [], []
+    for v, lo, hi in zip(values, low, high, strict=True):
+        bounded = _finite(v) and _finite(lo) and _finite(hi)
+        up.append(float(hi) - float(v) if bounded else 0.0)
+        down.append(float(v) - float(lo) if bounded else 0.0)
+    return {"type": "data", "symmetric": False, "thickness": 1.5, "width": 5, "array": up,
+            "arrayminus": down}  # fmt: skip
 
 
 def _task_rows(task: str, metric: str | None = None) -> Any:
@@ -367,7 +492,9 @@ def target_delta_chart(runs: Sequence[RunView]) -> go.Figure:
             notes.append(f"{_run_name(run)}: its target is {other[0]} {other[1]}, another "
                          "metric: compare it in the per-task charts.")  # fmt: skip
     unit, better = ("points", "higher") if accuracy else ("nats", "lower")
-    _panel_layout(fig, "Target Δ vs step 0", "step", f"Δ {task} {metric}, {unit}", better)
+    _panel_layout(
+        fig, "Target Δ vs step 0", "step", f"Δ {task} {metric_name(metric, task)}, {unit}", better
+    )
     return _finish(fig, notes, "No change to show yet.")
 
 
@@ -398,19 +525,24 @@ def task_delta_chart(runs: Sequence[RunView], task: str) -> go.Figure:
             chance_at.append(round(100.0 * (float(first["chance"]) - float(first["base"])), 1))
         at_chance = at_chance or bool(first["at_chance"])
     fig, notes = _delta_chart(runs, _task_rows(task), accuracy=accuracy)
-    for y in sorted(set(chance_at)):
-        fig.add_hline(
-            y=y, line={"color": "#9ca3af", "width": 1, "dash": "dot"},
-            annotation_text="chance", annotation_position="bottom right",
+    for y in sorted(set(chance_at)):  # labelled in the legend, not over the lines
+        fig.add_hline(y=y, line={"color": "#9ca3af", "width": 1, "dash": "dot"})
+        fig.add_trace(
+            go.Scatter(
+                x=[None], y=[None], mode="lines", name=f"chance (Δ {fmt.signed(y, 1)} points)",
+                line={"color": "#9ca3af", "width": 1, "dash": "dot"}, hoverinfo="skip",
+                meta={"role": "chance", "chance": y},
+            )
         )  # fmt: skip
-    title = f"{task} {metric} Δ ({'target' if role == 'target' else 'OOD'})"
+    title = f"{task} {metric_name(metric, task)} Δ ({'target' if role == 'target' else 'OOD'})"
     if at_chance:
         title += " · at chance"
-        notes.insert(0, f"At chance: the base model's {metric} on {task} is within its 95% "
+        notes.insert(0, f"At chance: the base model's {metric_name(metric, task)} on {task} is "
+                     "within its 95% "
                      "interval of chance, so a change there says nothing about forgetting "
                      "(left out of BWT).")  # fmt: skip
     unit, better = ("points", "higher") if accuracy else ("nats", "lower")
-    _panel_layout(fig, title, "step", f"Δ {metric}, {unit}", better)
+    _panel_layout(fig, title, "step", f"Δ {metric_name(metric, task)}, {unit}", better)
     return _finish(fig, notes, "No change to show yet.")
 
 
@@ -473,10 +605,13 @@ def bwt_chart(runs: Sequence[RunView]) -> go.Figure:
             for r in known.itertuples()
         ]
         band = known.dropna(subset=["bwt_low", "bwt_high"])
+        error_y = None
         if len(band) >= 2:
             _band(fig, band["step"], band["bwt_low"], band["bwt_high"],
                   color=styles[run.run_id]["color"], run=run)  # fmt: skip
-        _line(fig, run, known["step"], known["bwt"], styles[run.run_id], texts)
+        elif len(band) == 1:  # one interval: a bar on its point
+            error_y = _point_bars(known["bwt"], known["bwt_low"], known["bwt_high"])
+        _line(fig, run, known["step"], known["bwt"], styles[run.run_id], texts, error_y)
         if len(known) == 1:
             notes.append(f"{name}: only step {int(known['step'].iloc[0])} so far; BWT needs a "
                          "later round.")  # fmt: skip
@@ -532,10 +667,10 @@ def probe_description(task: str) -> str:
 
 def metric_label(task: str, metric: str, sep: str = " ") -> str:
     """A (task, metric) pair as a reader names it: a drift metric by its `DRIFT_LABELS` text
-    under the probe's readable name, any other as "task{sep}metric"."""
+    under the probe's readable name, any other as "task{sep}readable metric" (`metric_name`)."""
     if metric in DRIFT_LABELS and is_drift_task(task):
         return f"{probe_title(task)}: {DRIFT_LABELS[metric]}"
-    return f"{task}{sep}{metric}"
+    return f"{task}{sep}{metric_name(metric, task)}"
 
 
 def value_text(
