@@ -255,3 +255,46 @@ def mean_ci(values: Sequence[float]) -> dict[str, float | int | None]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in clean) / (n - 1))
     t = T_975[n - 2] if n - 1 <= len(T_975) else 1.96
     return {"n": n, "mean": mean, "sd": sd, "ci95": t * sd / math.sqrt(n)}
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank), as Spearman's rho uses them."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):
+        tied = values == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = _ranks(x), _ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def rank_correlation(
+    x: Sequence[float], y: Sequence[float], *, n_boot: int = N_BOOT, seed: int = 0,
+    level: float = LEVEL,
+) -> Interval:  # fmt: skip
+    """Spearman's rho between paired values (e.g. one per run: drift and a benchmark's change),
+    with a percentile bootstrap interval over the pairs. Fewer than 4 pairs, or a constant side,
+    give bounds of None with a reason."""
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if xs.shape != ys.shape:
+        raise ValueError("x and y need the same length")
+    keep = np.isfinite(xs) & np.isfinite(ys)
+    xs, ys = xs[keep], ys[keep]
+    method = "Spearman's rho, bootstrap over pairs"
+    n = int(xs.size)
+    if n < 4:
+        return Interval(None, None, None, n, level, method, reason="too few pairs (need 4)")
+    estimate = _spearman(xs, ys)
+    if not math.isfinite(estimate):
+        return Interval(None, None, None, n, level, method, reason="one side is constant")
+    rng = np.random.default_rng(seed)
+    draws = np.array([_spearman(xs[i], ys[i]) for i in rng.integers(0, n, size=(n_boot, n))])
+    return _from_draws(estimate, draws, n, level, method, n_boot, "too many constant resamples")
