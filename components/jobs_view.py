@@ -108,17 +108,23 @@ def _resume(registry: JobRegistry, job_id: str, note: str) -> None:
 
 
 def job_header(
-    registry: JobRegistry, job: Job, *, key_prefix: str = "", resume_note: str = ""
+    registry: JobRegistry,
+    job: Job,
+    *,
+    key_prefix: str = "",
+    resume_note: str = "",
+    show_state: bool = True,
 ) -> None:
     """Status badge, label, id and run folder, with Cancel (active job) or Resume (failed or
     cancelled job); `resume_note` says what a resumed job keeps. While the job runs, its state
     (`core.jobs.state`: phase, where in it, time left) as a bar with its line (the status
-    message says the same, so the caption leaves it out then)."""
+    message says the same, so the caption leaves it out then); `show_state` False leaves that to
+    the page (the protocol draws its own)."""
     head, actions = st.columns([4, 1])
     head.markdown(f"{STATUS_BADGES.get(job.status, job.status)} **{job.label}**")
     where = f" · on {job.where} as `{job.engine_id}`" if job.on_cluster else ""
-    state = current_state(job.run_dir, job)
-    message = f" · {job.message}" if job.message and state is None else ""
+    state = current_state(job.run_dir, job) if show_state else None
+    message = f" · {job.message}" if job.message and state is None and show_state else ""
     head.caption(f"`{job.id}` · run folder `{job.run_dir}`{where}{message}")
     if state is not None:
         head.progress(state.fraction, text=state.line())

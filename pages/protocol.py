@@ -12,19 +12,24 @@ import streamlit as st
 from components.jobs_view import (
     STATUS_BADGES,
     backend_caption,
+    current_state,
     fmt_seconds,
     job_header,
     job_log,
+    state_bar,
 )
 from components.session import ensure_app_navigation
 from core.errors import LensError
-from core.jobs.registry import JobRegistry
+from core.fmt import count
+from core.jobs.registry import Job, JobRegistry, jobs_by_run
 from core.jobs.runfiles import log_tail
+from core.jobs.state import Phase, RunState
 from core.study.protocol import (
     ARMS,
     PRESETS,
     REPORT_HTML,
     ProtocolConfig,
+    ProtocolView,
     arm_specs,
     headline,
     list_protocols,
@@ -150,26 +155,49 @@ def _job_of(folder_name: str):
     return jobs[0] if jobs else None
 
 
+def progress_text(view: ProtocolView, job: Job | None, state: RunState | None) -> str:
+    """ "2 of 6 runs finished · running STM τ=2.5, seed 1 · 41m12s elapsed · about 40m left
+    (the finished runs took 20m06s on average)"."""
+    planned, finished = view.planned_runs(), view.finished_runs()
+    text = f"{count(len(finished))} of {count(len(planned))} runs finished"
+    active = job is not None and job.active
+    if active and state is not None and state.phase == Phase.PROTOCOL and state.detail:
+        text += f" · running {state.detail}"
+    if active and job is not None and job.elapsed:
+        text += f" · {fmt_seconds(job.elapsed)} elapsed"
+    durations = view.durations()
+    left = view.eta(state) if active else None
+    if left is not None and durations:
+        mean = sum(durations) / len(durations)
+        text += (f" · about {fmt_seconds(left)} left (the finished runs took "
+                 f"{fmt_seconds(mean)} on average)")  # fmt: skip
+    elif active and len(finished) < len(planned):
+        text += " · time left: known once the first run finishes"
+    return text
+
+
 @st.fragment(run_every=POLL_SECONDS)
 def show_progress(name: str) -> None:
-    """Status, finished runs and the log while the protocol runs; stops polling once done."""
+    """Status, finished runs, the running run's own state and the log while the protocol
+    runs; stops polling once done."""
     view = load_protocol(next(p.folder for p in protocols if p.name == name))
     job = _job_of(name)
     planned, finished = view.planned_runs(), view.finished_runs()
+    state = current_state(view.folder, job) if job is not None else None
     if job is not None:
-        job_header(registry, job, key_prefix="protocol-", resume_note="finished runs are kept")
+        job_header(registry, job, key_prefix="protocol-", resume_note="finished runs are kept",
+                   show_state=False)  # fmt: skip
     else:
         st.caption(view.config.describe())
-    st.progress(
-        len(finished) / max(1, len(planned)),
-        text=f"{len(finished)} of {len(planned)} training runs finished"
-        + (f" · {fmt_seconds(job.elapsed)} elapsed" if job and job.active and job.elapsed else ""),
-    )
+    st.progress(len(finished) / max(1, len(planned)), text=progress_text(view, job, state))
+    current = view.current_log() if job is not None and job.active else None
+    if current is not None:  # what the running arm does now: its own state and time left
+        runs_jobs = jobs_by_run(registry.list())
+        state_bar(current[1], runs_jobs.get(current[1].name), prefix=f"{current[0]}: ")
     if job is not None and job.active:
         left, right = st.columns(2)
         left.caption("Protocol steps")
         left.code("\n".join(view.progress_lines(15)) or "(starting)", language=None)
-        current = view.current_log()
         if current is not None:
             right.caption(f"Log of {current[0]} (last 15 lines)")
             right.code(log_tail(current[1], lines=15) or "(starting)", language=None)
@@ -185,7 +213,35 @@ def show_progress(name: str) -> None:
 show_progress(chosen)
 
 view = load_protocol(next(p.folder for p in protocols if p.name == chosen))
+
+
+@st.fragment(run_every=POLL_SECONDS * 5)
+def show_partial(folder_name: str) -> None:
+    """The results table over the runs finished so far, labelled partial, while the protocol
+    runs (`results-partial.json`, rewritten as each run finishes)."""
+    partial = load_protocol(next(p.folder for p in protocols if p.name == folder_name))
+    found = partial.partial_results()
+    if found is None:
+        return
+    done = found.get("partial") or {}
+    st.subheader("Partial results")
+    st.info(
+        f"**Partial:** {count(done.get('finished'))} of {count(done.get('planned'))} runs "
+        "finished. Means and 95% intervals over the seeds finished so far (an arm with one seed "
+        "has no interval yet); they change as more runs finish. The paired comparisons and the "
+        "report come when every run has finished.",
+        icon=":material/hourglass_top:",
+    )
+    st.dataframe(pd.DataFrame(summary_table(found)), hide_index=True, width="stretch")
+    lines = found.get("findings") or []
+    if lines:
+        st.markdown("**Reading against ground truth so far** (means over the seeds finished)")
+        for line in lines:
+            st.markdown(f"- {line}")
+
+
 if view.results is None:
+    show_partial(chosen)
     st.stop()
 
 results = view.results

@@ -15,6 +15,7 @@ import pytest
 from core.errors import LensError
 from core.stats import mean_ci
 from core.study.protocol import (
+    PARTIAL_JSON,
     REPORT_HTML,
     RESULTS_JSON,
     RESULTS_MD,
@@ -222,8 +223,22 @@ def test_tiny_protocol_end_to_end_then_resumes(tiny_model_dir, tmp_path):
         gen_max_new_tokens=8,
         gen_prompt_batch=4,
     )
+    from core.jobs.state import Phase, StateReporter, read_state
+
     folder = runs_dir() / "proto"
-    results = run_protocol(config, folder)
+    said: list[str] = []
+    results = run_protocol(config, folder, status=StateReporter(folder, said.append))
+    # the job's state: k of N runs finished, which arm and seed runs, then the aggregation
+    assert "0 of 6 runs finished · running the Self-Output data generation" in said[0]
+    assert any(m.startswith("0 of 4 runs finished · running ground truth, seed 0") for m in said)
+    assert any(m.startswith("3 of 4 runs finished · running STM 25% masked, seed 1") and
+               "left" in m for m in said)  # fmt: skip
+    assert read_state(folder).phase == Phase.PROTOCOL
+    assert said[-1].startswith("4 of 4 runs finished · running the aggregation and the report")
+    # partial results as runs finished: the last one written covers 3 of the 4 runs
+    partial = json.loads((folder / PARTIAL_JSON).read_text())
+    assert partial["partial"]["finished"] == 3 and partial["partial"]["planned"] == 4
+    assert set(partial["arms"]) == {"gt", "stm_share"} and "paired" not in partial
 
     assert set(results["arms"]) == {"gt", "stm_share"}
     for key in ("gt", "stm_share"):

@@ -10,10 +10,14 @@ from core.io import write_json_atomic
 from core.jobs.registry import JobRegistry
 from core.jobs.runfiles import CONFIG_JSON
 from core.study.protocol import (
+    PARTIAL_JSON,
     REPORT_HTML,
     RESULTS_JSON,
     ProtocolConfig,
     aggregate,
+    load_protocol,
+    protocol_eta,
+    write_partial_results,
     write_protocol_report,
 )
 from tests.test_report import _make_run
@@ -50,7 +54,7 @@ def test_empty_page_shows_the_command_and_queues_a_protocol(runs_root):
     assert at.query_params["protocol"] == ["protocol-cpu"] or at.query_params["protocol"] == (
         "protocol-cpu"
     )
-    assert any("0 of 10 training runs finished" in str(p.proto) for p in at.get("progress"))
+    assert any("0 of 10 runs finished" in str(p.proto) for p in at.get("progress"))
     registry.cancel(queued[0].id)
     registry.finish(blocker.id, "succeeded", 0)
 
@@ -94,7 +98,7 @@ def test_finished_protocol_shows_table_findings_and_report(runs_root):
     texts = " ".join(m.value for m in at.markdown)
     assert "STM τ=2.5: out-of-domain NLL on base-easy tokens" in texts
     assert "better than ground truth" in texts  # 1.0-1.2% vs 10.0-10.2%: t-intervals apart
-    assert any("4 of 4 training runs finished" in str(p.proto) for p in at.get("progress"))
+    assert any("4 of 4 runs finished" in str(p.proto) for p in at.get("progress"))
     [download] = at.get("download_button")
     assert "Download the report" in str(download.proto)
 
@@ -119,3 +123,71 @@ def test_page_says_what_the_recorded_cpu_sweep_found(runs_root, tmp_path, monkey
     monkeypatch.setattr(protocol, "CPU_SWEEP_JSON", tmp_path / "missing.json")
     at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
     assert not at.exception and any("No recorded sweep" in c.value for c in at.caption)
+
+
+def test_protocol_eta_is_the_finished_runs_pace():
+    assert protocol_eta([], 6, 0, None) is None  # nothing measured: no guess
+    assert protocol_eta([600.0, 1200.0], 6, 2, None) == 4 * 900.0
+    # the running run has spent 300 s of its expected 900
+    assert protocol_eta([600.0, 1200.0], 6, 2, 300.0) == 3 * 900.0 + 600.0
+    assert protocol_eta([600.0], 6, 2, 5000.0) == 3 * 600.0  # overdue: the rest still count
+    assert protocol_eta([600.0], 2, 2, None) == 0.0
+
+
+def test_a_running_protocol_shows_the_arm_the_eta_and_partial_results(runs_root):
+    """2 of 4 runs finished (60 s each), STM seed 1 running and evaluating its step 0: the page
+    says which run, k of N, the time left from the finished runs' pace, the running run's own
+    state, and the table over the finished runs, labelled partial."""
+    import time
+
+    from core.jobs.state import Phase, RunState, write_state
+
+    config = ProtocolConfig.from_preset("cpu", methods=["gt", "stm"], seeds=[0, 1])
+    folder = runs_root / "protocol-cpu"
+    folder.mkdir()
+    write_json_atomic(folder / CONFIG_JSON, config.to_dict())
+    base = {"mbpp_ppl": ("nll", 1.4, "target"), "arc_challenge": ("acc", 0.25, "ood")}
+    end = {"mbpp_ppl": ("nll", 1.2, "target"), "arc_challenge": ("acc", 0.25, "ood")}
+    runs = []
+    for arm in ("gt", "stm"):
+        rid = f"protocol-cpu-{arm}-s0"
+        _make_run(runs_root, rid, arm, 2.5 if arm == "stm" else None, 0.3 if arm == "stm" else None,
+                  {0: base, 4: end}, {0: (0.0, None), 4: (0.0, None)}, seed=0)  # fmt: skip
+        label = "ground truth" if arm == "gt" else "STM τ=2.5"
+        runs.append({"arm": arm, "label": label, "seed": 0, "run": rid, "status": "succeeded"})
+    partial = write_partial_results(config, folder, runs, 4)
+    assert partial["partial"] == {"finished": 2, "planned": 4, "runs": [r["run"] for r in runs]}
+    assert "paired" not in partial  # the slow paired comparisons wait for the end
+    registry = JobRegistry()
+    job = registry.register_foreground("protocol", config.to_dict(), device="cpu",
+                                       label=config.describe(), run_dir=folder)  # fmt: skip
+    write_state(folder, RunState(Phase.PROTOCOL, done=2, total=4, unit="runs",
+                                 detail="ground truth, seed 1", time=time.time() - 15))  # fmt: skip
+    (folder / "progress.txt").write_text(
+        "[10:00:00] [3/4] ground truth, seed 1: training (protocol-cpu-gt-s1)\n"
+    )
+    child = runs_root / "protocol-cpu-gt-s1"
+    child.mkdir()
+    write_state(child, RunState(Phase.EVALUATING, step=0, max_steps=4, task="mbpp_ppl",
+                                task_index=0, tasks=2, done=3, total=10, unit="items",
+                                elapsed_s=9.0, eta_s=21.0, eta_scope="in this task"))  # fmt: skip
+    view = load_protocol(folder)
+    assert view.durations() == [60.0, 60.0]
+    assert view.eta(RunState(Phase.PROTOCOL, detail="x", time=100.0), now=115.0) == 60.0 + 45.0
+
+    at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
+    assert not at.exception, [e.value for e in at.exception]
+    texts = [p.proto.text for p in at.get("progress")]
+    [overall] = [t for t in texts if "runs finished" in t and "·" in t and "running" in t
+                 and "elapsed" in t]  # fmt: skip
+    assert overall.startswith("2 of 4 runs finished · running ground truth, seed 1 · ")
+    assert "about 1m4" in overall and "(the finished runs took 1m00s on average)" in overall
+    assert any(t.startswith("protocol-cpu-gt-s1: evaluating step 0 of 4: mbpp_ppl (task 1 of 2)")
+               for t in texts)  # fmt: skip
+    assert any("Partial results" in h.value for h in at.subheader)
+    assert any("**Partial:** 2 of 4 runs finished" in i.value for i in at.info)
+    table = next(d.value for d in at.dataframe if "arm" in d.value.columns).set_index("arm")
+    assert list(table.index) == ["ground truth", "STM τ=2.5"]
+    assert table.loc["STM τ=2.5", "seeds"] == "1"
+    registry.finish(job.id, "cancelled", 143, "cancelled")
+    assert (folder / PARTIAL_JSON).is_file()

@@ -52,6 +52,7 @@ from core.eval.drift import DRIFT_LABELS
 from core.eval.suites import DRIFT
 from core.jobs.metrics import EvalSummaryRecord, latest
 from core.jobs.runfiles import StatusFn
+from core.jobs.state import Phase, RunState, StateReporter
 from core.masking import DEFAULT_TAU
 from core.stats import mean_ci
 
@@ -62,6 +63,9 @@ CPU_ARMS = ("gt", "stm", "random", "self_output")
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 REPORT_HTML = "report.html"
+#: results over the runs finished so far, rewritten as each run finishes (means and intervals
+#: over the seeds done; no paired comparisons), until results.json replaces it
+PARTIAL_JSON = "results-partial.json"
 PROGRESS_TXT = "progress.txt"
 GENERATION_DIR = "self-output-generation"
 # Evaluate at step 0 and at the end only (EvalCallback evaluates every N steps, N beyond any run).
@@ -368,8 +372,66 @@ def _say(folder: Path, message: str, status: StatusFn | None = None) -> None:
     print(line, flush=True)
     with open(folder / PROGRESS_TXT, "a", encoding="utf-8") as fh:
         fh.write(line + "\n")
-    if status:
+    if status and not isinstance(status, StateReporter):  # a reporter gets typed states instead
         status(message)
+
+
+def protocol_eta(
+    durations: Sequence[float], planned: int, finished: int, current_elapsed: float | None
+) -> float | None:
+    """Seconds left in a protocol: the runs not finished at the mean measured duration of the
+    finished ones, less what the running one has already spent (None before any finished)."""
+    if not durations:
+        return None
+    mean = sum(durations) / len(durations)
+    left = max(0, planned - finished)
+    if current_elapsed is None or left == 0:
+        return mean * left
+    return mean * (left - 1) + max(0.0, mean - current_elapsed)
+
+
+def _run_seconds(run_dir: Path) -> float | None:
+    """How long a finished run took (its summary's wall time)."""
+    from core.io import read_json
+    from core.jobs.runfiles import SUMMARY_JSON
+
+    summary = read_json(run_dir / SUMMARY_JSON)
+    wall = summary.get("wall_time_s") if isinstance(summary, dict) else None
+    return float(wall) if wall is not None else None
+
+
+def _report(
+    reporter: StateReporter | None,
+    finished: int,
+    planned: int,
+    detail: str,
+    durations: Sequence[float],
+    started: float,
+) -> None:
+    """The protocol's state: k of N runs finished, what runs now, the time left."""
+    if reporter is not None:
+        eta = protocol_eta(durations, planned, finished, 0.0 if finished < planned else None)
+        reporter.report(RunState(Phase.PROTOCOL, done=finished, total=planned, unit="runs",
+                                 detail=detail, elapsed_s=time.monotonic() - started,
+                                 eta_s=eta))  # fmt: skip
+
+
+def write_partial_results(
+    config: ProtocolConfig, folder: Path, runs: Sequence[dict[str, Any]], planned: int
+) -> dict[str, Any] | None:
+    """Results over the runs finished so far (means and 95% intervals over the seeds done, no
+    paired comparisons), written to `PARTIAL_JSON` with how many of how many runs they cover;
+    None (and nothing written) before any run finished."""
+    from core.io import write_json_atomic
+
+    done = [r for r in runs if r.get("status") == "succeeded"]
+    if not done:
+        return None
+    partial = aggregate(config, list(runs), [], 0.0, paired=False)
+    partial["partial"] = {"finished": len(done), "planned": planned,
+                          "runs": [r["run"] for r in done]}  # fmt: skip
+    write_json_atomic(folder / PARTIAL_JSON, partial)
+    return partial
 
 
 def _run_cli(args: list[str], log_path: Path) -> int:
@@ -564,7 +626,11 @@ def _cluster_jobs(
                     _say(folder, f"{entry['label']}, seed {entry['seed']}: {job.status} "
                                  f"({entry['error']})", status)  # fmt: skip
             if waiting:
-                if status:
+                if isinstance(status, StateReporter):
+                    status.report(RunState(Phase.PROTOCOL, done=total - len(waiting),
+                                           total=total, unit="runs",
+                                           detail=f"{len(waiting)} on the cluster"))  # fmt: skip
+                elif status:
                     status(f"{total - len(waiting)} of {total} runs finished on the cluster")
                 time.sleep(2.0)
     except BaseException:  # cancelled or failed: leave no orphan on the cluster
@@ -602,13 +668,16 @@ def run_protocol(
         write_json_atomic(folder / CONFIG_JSON, config.to_dict())
     started = time.monotonic()
     _say(folder, config.describe(), status)
+    reporter = status if isinstance(status, StateReporter) else None
     arms = arm_specs(config)
     if cluster is not None:
         runs, notes = _cluster_jobs(config, folder, arms, cluster, status)
         return _conclude(config, folder, runs, notes, started, status)
     notes: list[str] = []
     data: dict[str, str | None] = {}
+    planned = len(config.seeds) * len(config.methods)
     if "self_output" in config.methods:
+        _report(reporter, 0, planned, "the Self-Output data generation", [], started)
         data["self_output"], note = _self_output_data(config, folder, status)
         notes.append(note)
         _say(folder, note, status)
@@ -619,6 +688,7 @@ def run_protocol(
         if key != "self_output" or data.get("self_output")
     ]
     runs: list[dict[str, Any]] = []
+    durations: list[float] = []  # measured seconds of each finished run: the ETA's pace
     for i, (arm, seed) in enumerate(plan, start=1):
         rid = run_id(folder, arm.key, seed)
         run_dir = runs_dir() / rid
@@ -626,7 +696,15 @@ def run_protocol(
         if _finished(run_dir):
             _say(folder, f"[{i}/{len(plan)}] {arm.label}, seed {seed}: already finished", status)
             runs.append({**entry, "status": "succeeded", "reused": True})
+            took = _run_seconds(run_dir)
+            durations.extend([took] if took else [])
             continue
+        _report(reporter, i - 1, len(plan), f"{arm.label}, seed {seed}", durations, started)
+        if i > 1:
+            try:  # the table so far, as each run finishes (clearly partial on the page)
+                write_partial_results(config, folder, runs, len(plan))
+            except Exception as exc:  # noqa: BLE001 - partial results never stop the protocol
+                print(f"partial results not written: {exc}", flush=True)
         cfg = train_config(config, arm, seed, data.get(arm.key))
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg_path = run_dir / "protocol-train.json"
@@ -639,6 +717,7 @@ def run_protocol(
         took = time.monotonic() - t0
         if code == 0 and _finished(run_dir):
             runs.append({**entry, "status": "succeeded", "seconds": took})
+            durations.append(took)
             _say(folder, f"[{i}/{len(plan)}] done in {took:.0f} s", status)
         else:
             reason = _last_error(run_dir / "log.txt")
@@ -663,6 +742,9 @@ def _conclude(
     if not finished:
         raise LensError(f"No protocol run finished; see the logs under {runs_dir()}.")
     _say(folder, f"aggregating {len(finished)} run(s)", status)
+    if isinstance(status, StateReporter):
+        status.report(RunState(Phase.PROTOCOL, done=len(finished), total=len(runs), unit="runs",
+                               detail="the aggregation and the report"))  # fmt: skip
     results = aggregate(
         config, runs, notes, time.monotonic() - started, spans=_generation_span(folder)
     )
@@ -721,8 +803,11 @@ def aggregate(
     notes: Sequence[str],
     seconds: float,
     spans: Sequence[tuple[float, float]] = (),
+    *,
+    paired: bool = True,
 ) -> dict[str, Any]:
-    """Per-arm means and 95% CIs over seeds, and the per-run measures behind them.
+    """Per-arm means and 95% CIs over seeds, and the per-run measures behind them (`paired`:
+    also the paired comparisons over seeds and items, the slow part).
 
     `seconds` is this call's wall time; `span_s` in the result is the time from the first
     start to the last end of the runs (and `spans`, e.g. the generation), whichever call of a
@@ -763,6 +848,8 @@ def aggregate(
         "finished": time.time(),
     }
     results["findings"] = findings(results)
+    if not paired:
+        return results
     results["paired"] = paired_with_gt(config, per_run)
     results["paired_findings"] = paired_findings(results["paired"])
     results["paired_base"] = paired_with_base(config, per_run)
@@ -1345,9 +1432,9 @@ def run_job(job: Any, registry: Any) -> None:
     """Entry point of a "protocol" job process (see `core.jobs.registry.run_job_process`)."""
     config = ProtocolConfig.from_dict(job.config)
 
-    def status(message: str) -> None:
-        registry.set_message(job.id, message)
-
+    # the protocol's state (k of N runs finished, the arm and seed running, the time left):
+    # run_state.json in the protocol folder, the status line and the log
+    status = StateReporter(job.path, lambda message: registry.set_message(job.id, message))
     cluster = None
     if getattr(job, "on_cluster", False):  # its arms go to the same cluster, all at once
         cluster = ClusterTarget(registry, job.backend, job.engine_address)
@@ -1381,6 +1468,33 @@ class ProtocolView:
         from core.jobs.runfiles import runs_dir
 
         return [r for r in self.planned_runs() if _finished(runs_dir() / r)]
+
+    def durations(self) -> list[float]:
+        """Measured seconds of each finished run (their summaries' wall time)."""
+        from core.jobs.runfiles import runs_dir
+
+        found = [_run_seconds(runs_dir() / r) for r in self.finished_runs()]
+        return [d for d in found if d]
+
+    def partial_results(self) -> dict[str, Any] | None:
+        """The results over the runs finished so far (`PARTIAL_JSON`), while no final results
+        exist; None otherwise."""
+        from core.io import read_json
+
+        if self.results is not None:
+            return None
+        found = read_json(self.folder / PARTIAL_JSON)
+        return found if isinstance(found, dict) and found.get("arms") else None
+
+    def eta(self, state: RunState | None, now: float | None = None) -> float | None:
+        """Seconds left: the unfinished runs at the finished runs' mean duration, less what the
+        running one has spent since the job's `state` said it started (None before any run
+        finished)."""
+        now = time.time() if now is None else now
+        running = state is not None and state.phase == Phase.PROTOCOL and bool(state.detail)
+        return protocol_eta(self.durations(), len(self.planned_runs()),
+                            len(self.finished_runs()),
+                            now - state.time if running and state else None)  # fmt: skip
 
     def progress_lines(self, n: int = 20) -> list[str]:
         """The last `n` progress lines (one per step the protocol took)."""
