@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from components.live_generation import live_answer
 from components.session import (
     Selection,
     background_result,
@@ -32,13 +33,13 @@ from components.session import (
 )
 from core import fmt
 from core.data.records import Example, ScoredExample
+from core.datagen.live import LiveResult, verdict_line
 from core.datagen.store import (
     GenerationStore,
     StoredGeneration,
     answers_by_settings,
     answers_signature,
     file_data_key,
-    generate_and_score,
     generate_and_store,
     generation_key,
     list_generated_sets,
@@ -327,18 +328,22 @@ def generation_task_key(sel: Selection, example: Example, config: GenerationConf
     return "generate:" + generation_key(model, example.id, example.prompt, config)
 
 
-def generation_task(sel: Selection, example: Example, config: GenerationConfig, start: bool) -> Any:
-    """Generate (or reuse) the model's answer to one example and score it: returns
-    (StoredGeneration, ScoredExample | None), or None while running / if not started."""
-
-    def work(task: BackgroundTask) -> tuple[StoredGeneration, ScoredExample | None]:
-        task.message = f"loading {sel.model}"
-        lm = current_model(sel)
-        task.message = f"generating ({settings_label(config)}) and scoring the answer"
-        return generate_and_score(lm, example, config, cache=ScoreCache())
-
-    key = generation_task_key(sel, example, config)
-    return background_result(key, f"Generating an answer to {example.id}", work, start=start)
+def generation_task(
+    sel: Selection, example: Example, config: GenerationConfig, start: bool, restart: bool = False
+) -> LiveResult | None:
+    """The model's answer to one example, streamed onto the page while it is generated (a Stop
+    button ends it), then stored, scored and checked against the task's verifier
+    (`components.live_generation`); None while running or if not started."""
+    return live_answer(
+        generation_task_key(sel, example, config),
+        f"Generating an answer to {example.id}",
+        load=lambda: current_model(sel),
+        example=example,
+        config=config,
+        task=sel.task if sel.kind == "task" else None,
+        start=start,
+        restart=restart,
+    )
 
 
 def batch_task_key(sel: Selection, config: GenerationConfig) -> str:
@@ -561,7 +566,10 @@ def examples_tab(sel: Selection, gt: TokenScores, tau: float, current: str) -> N
 def generation_form(config: GenerationConfig) -> GenerationConfig | None:
     """Settings form; returns the new settings when submitted (None otherwise)."""
     with st.form("generation_form"):
-        st.markdown("**Generate the model's own answer** to this prompt (runs in the background)")
+        st.markdown(
+            "**Generate the model's own answer** to this prompt (streams here as it is "
+            "generated, can be stopped, and is checked against the task's tests)"
+        )
         c = st.columns([1.6, 1, 1, 1, 1])
         mode = c[0].radio(
             "Decoding",
@@ -636,11 +644,26 @@ def compare_tab(sel: Selection, gt: TokenScores, tau: float, current: str, lm: L
 
     key = generation_task_key(sel, source, config)
     started = submitted is not None or stored is not None or background_runner().get(key)
-    result = generation_task(sel, source, config, start=bool(started))
-    generated = None
-    if result is not None:
-        stored, generated = result
-        if generated is None:
+    result = generation_task(
+        sel, source, config, start=bool(started), restart=submitted is not None
+    )
+    generated = check = None
+    if result is not None and result.stopped:
+        stored = None
+        st.markdown("**Model's own answer** · :gray[stopped]")
+        st.code(result.text or "(nothing yet)", language=None, wrap_lines=True)
+        st.info(
+            f"Stopped after {fmt.count(result.n_tokens)} tokens, so it was not kept, scored or "
+            "checked. Press **Generate** to start again."
+        )
+    elif result is not None:
+        stored, generated, check = result.stored, result.scored, result.check
+        if result.tokens_per_s is not None:
+            st.caption(
+                f"Generated {fmt.count(result.n_tokens)} tokens in {fmt.duration(result.seconds)} "
+                f"({fmt.num(result.tokens_per_s, 3)} tokens/s)."
+            )
+        if generated is None and stored is not None:
             st.warning(
                 f"The model's answer {stored.text[:60]!r} is empty or only whitespace, so there "
                 "is nothing to score. Try sampling or more new tokens."
@@ -660,6 +683,8 @@ def compare_tab(sel: Selection, gt: TokenScores, tau: float, current: str, lm: L
         note = settings_label(stored.config)
         if not stored.finished:
             note += " · stopped at max_new_tokens (cut off)"
+        if check is not None:  # the task's verifier: "passes its tests" / "fails its tests"
+            note += f" · {verdict_line(check, generated.seq_ppl, truth.seq_ppl) or check.label}"
         columns.append(("generated", generated, note))
     for kind, examples in (sets or {}).items():
         match = next((ex for ex in examples if ex.id == current), None)

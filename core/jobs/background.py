@@ -35,6 +35,13 @@ class BackgroundTask:
     partial: Any = None  # an early, incomplete result a page may show while the task runs
     started: float = field(default_factory=time.time)
     finished: float | None = None
+    #: set by `BackgroundRunner.stop` (a Stop button); work that can stop early checks it
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether someone asked the task to stop."""
+        return self.stop_requested.is_set()
 
     def progress(self, done: int, total: int) -> None:
         """Progress callback for the worker."""
@@ -90,6 +97,15 @@ class BackgroundRunner:
             task.status = FAILED
         finally:
             task.finished = time.time()
+
+    def stop(self, key: str) -> bool:
+        """Ask the running task `key` to stop (its work decides when it can); whether one was
+        running."""
+        task = self._tasks.get(key)
+        if task is None or task.status != RUNNING:
+            return False
+        task.stop_requested.set()
+        return True
 
     def forget(self, key: str) -> None:
         """Drop a finished task (so it can be started again)."""

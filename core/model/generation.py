@@ -7,17 +7,23 @@ was generated in. Batches are left-padded and grouped by prompt length.
 Several samples per prompt (Self-Output) share one prompt prefill: the batch's prompts run
 through the model once, their KV cache is copied N times, and `generate` continues from it, so
 the prompt is not recomputed for every sample (docs/BENCHMARKS.md, "Data generation").
+
+`stream_response` answers one prompt token by token (Explore's "generate the model's own
+answer"): a callback gets the text after every token, a flag stops it early, and it runs with the
+thread count measured fastest on a busy machine (`LIVE_THREADS`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from core.errors import LensError
 from core.model.encoding import encode_prompt
@@ -195,6 +201,145 @@ def generate_responses(
         if progress:
             progress(min(start + batch_size, len(order)), len(order))
     return results
+
+
+#: Torch threads for one interactive answer (`stream_response`) unless $PLENS_THREADS says
+#: otherwise: on the 2-core machine, busy with a training job, one thread was the faster
+#: setting (docs/BENCHMARKS.md, "Live generation").
+LIVE_THREADS = 1
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Run the block with `threads` torch CPU threads (None: $PLENS_THREADS, else
+    `LIVE_THREADS`), then restore the previous count. The count is process-wide: other work
+    in the process runs with it meanwhile."""
+    if threads is None:
+        raw = os.environ.get(THREADS_ENV, "").strip()
+        threads = int(raw) if raw.isdigit() and int(raw) > 0 else LIVE_THREADS
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+#: `stream_response`'s callback: (the text so far, tokens so far), after every new token.
+UpdateFn = Callable[[str, int], None]
+
+
+class _TokenStreamer(BaseStreamer):
+    """Receives `generate`'s tokens as they are chosen (the prompt first, which it skips),
+    cuts at a stop token, and reports the decoded text so far."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        stop: Sequence[int],
+        on_update: UpdateFn | None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.tokenizer, self.stop, self.on_update = lm.tokenizer, set(stop), on_update
+        self.should_stop = should_stop
+        self.ids: list[int] = []
+        self.stopped_at: int | None = None
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate puts the prompt ids first
+            self._prompt_seen = True
+            return
+        if self.should_stop is not None and self.should_stop():
+            return  # a token chosen after the stop request: not part of the answer
+        for token in value.reshape(-1).tolist():
+            if self.stopped_at is not None:
+                return
+            self.ids.append(int(token))
+            if token in self.stop:
+                self.stopped_at = len(self.ids) - 1
+                return
+            if self.on_update is not None:
+                self.on_update(self.text, len(self.ids))
+
+    def end(self) -> None:
+        """Nothing to flush: every token was reported as it came."""
+
+    @property
+    def text(self) -> str:
+        tokens = self.ids if self.stopped_at is None else self.ids[: self.stopped_at]
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+class _StopWhen(StoppingCriteria):
+    """Stops generation as soon as `should_stop()` says so (a Stop button)."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        self.should_stop = should_stop
+
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object
+    ) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool,
+                          device=input_ids.device)  # fmt: skip
+
+
+@torch.inference_mode()
+def stream_response(
+    lm: LoadedModel,
+    prompt: str,
+    config: GenerationConfig | None = None,
+    *,
+    system: str | None = None,
+    on_update: UpdateFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    threads: int | None = None,
+) -> Generation:
+    """One response to `prompt`, token by token: `on_update(text so far, tokens so far)` after
+    each new token, `should_stop()` checked at each (True ends it: the answer up to the request
+    comes back, `finished` False). The same answer `generate_responses` gives for this prompt
+    (greedy, or sampled with the same seed). Runs with `threads` torch threads (see
+    `torch_threads`)."""
+    config = config or GenerationConfig()
+    if config.num_return_sequences != 1:
+        raise LensError("A streamed answer is one sequence; use generate_responses for several.")
+    ids = encode_prompt(lm.tokenizer, prompt, system)
+    if len(ids) > lm.max_length - config.max_new_tokens:
+        raise LensError(
+            f"The prompt leaves no room for {config.max_new_tokens} new tokens in the model's "
+            f"{lm.max_length}-token context."
+        )
+    stop = _stop_ids(lm)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else stop[0]
+    streamer = _TokenStreamer(lm, stop, on_update, should_stop)
+    extra = {}
+    if should_stop is not None:
+        extra["stopping_criteria"] = StoppingCriteriaList([_StopWhen(should_stop)])
+    input_ids = torch.tensor([ids], dtype=torch.long, device=lm.device)
+    with torch_threads(threads):
+        if config.do_sample:
+            torch.manual_seed(config.seed)  # what generate_responses seeds its first batch with
+        lm.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=config.max_new_tokens,
+            do_sample=config.do_sample,
+            temperature=config.temperature if config.do_sample else None,
+            top_p=config.top_p if config.do_sample else None,
+            top_k=None,
+            eos_token_id=stop,
+            pad_token_id=pad,
+            streamer=streamer,
+            **extra,
+        )
+    cut = streamer.stopped_at
+    tokens = streamer.ids if cut is None else streamer.ids[:cut]
+    return Generation(
+        text=streamer.text,
+        n_tokens=len(tokens),
+        finished=cut is not None,
+        token_ids=streamer.ids if cut is None else streamer.ids[: cut + 1],
+    )
 
 
 def encode_settings(config: GenerationConfig) -> str:
