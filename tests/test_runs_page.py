@@ -56,7 +56,7 @@ def test_evaluate_the_base_model_from_the_page(tiny_model_dir, runs):  # noqa: F
     assert "nan" not in captions.lower()
     # the raw scores: one picker over every recorded metric
     options = at.selectbox(key="runs-metric").options
-    assert "mbpp · pass@1 (target)" in options and "arc_challenge · acc (OOD)" in options
+    assert "mbpp · pass@1 (target)" in options and "arc_challenge · accuracy (OOD)" in options
 
 
 def test_a_runs_adapter_is_offered_with_its_base_model(trained_run, runs):  # noqa: F811
