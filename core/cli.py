@@ -193,6 +193,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from core.training.trainer import process_rank, run_training
 
     config = TrainConfig.from_args(args)
+    if getattr(args, "eval_suite", None) is not None and not config.eval_every:
+        raise LensError(
+            "--eval-suite chooses what the evaluation rounds run; add --eval-every N "
+            "(rounds at step 0, every N steps and at the end)."
+        )
     rank, world_size = process_rank()
     if world_size > 1:  # under `accelerate launch`: rank 0 registers the job, the others only train
         if args.submit:

@@ -75,10 +75,16 @@ def parse_list(kind: Callable[[str], Any] = str) -> Callable[[str], list[Any]]:
 
 
 def parse_json_or_list(text: str) -> Any:
-    """An argparse type for a field that takes JSON or a comma-separated list of names."""
+    """An argparse type for a field that takes JSON or a comma-separated list of names.
+
+    Text that starts as JSON does (`{`, `[` or `"`) must be JSON: a broken object is a one-line
+    error, not a list holding one odd name."""
     try:
         return json.loads(text)
-    except ValueError:
+    except ValueError as exc:
+        if text.lstrip()[:1] in ("{", "[", '"'):
+            # argparse names the flag: "argument --eval-suite: '{bad' is not valid JSON (...)"
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({exc})") from None
         return [t.strip() for t in text.split(",") if t.strip()]
 
 

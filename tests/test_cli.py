@@ -215,3 +215,36 @@ def test_inputs_that_used_to_end_in_unexpected_errors_give_one_line_reasons(
         assert "unexpected" not in err[-1]
     assert (folder / "keep.txt").read_text() == "mine" and blocker.read_text() == "not a folder"
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "m").exists()
+
+
+def test_train_refuses_a_bad_eval_suite_with_one_line_before_any_work(capsys):
+    """A broken --eval-suite once became a suite named '{bad json' and the run trained without
+    evaluation; each of these must stop at once, exit 2, and leave no job behind."""
+    from core.jobs.runfiles import runs_dir
+
+    train = ["train", "--task", "mbpp", "--limit", "4", "--max-steps", "1"]
+    cases = [
+        (
+            [*train, "--eval-every", "1", "--eval-suite", "{bad json"],
+            "argument --eval-suite: '{bad json' is not valid JSON",
+        ),
+        ([*train, "--eval-every", "1", "--eval-suite", "nosuch"], "Unknown evaluation suite"),
+        (
+            [*train, "--eval-every", "1", "--eval-suite", '{"suite": "tiny", "limt": 3}'],
+            "got the key 'limt'",
+        ),
+        (
+            [*train, "--eval-every", "1", "--eval-suite", '{"suite": "tiny", "limit": 0}'],
+            "limit must be a whole number >= 1, got 0",
+        ),
+        ([*train, "--eval-suite", "tiny"], "add --eval-every N"),
+    ]
+    for argv, reason in cases:
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse's own errors exit from the parser
+            code = exc.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, (argv, err)
+        assert len(err) == 1 and err[0].startswith("error: ") and reason in err[0], (argv, err)
+    assert not runs_dir().exists() or not any(runs_dir().iterdir())

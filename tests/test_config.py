@@ -36,7 +36,7 @@ LIST_ITEMS = {
     ),
 }
 SPECIAL = {
-    "eval_suite": st.sampled_from([None, ["tiny"], {"name": "tiny", "limit": 2}]),
+    "eval_suite": st.sampled_from([None, ["tiny"], {"suite": "tiny", "limit": 2}]),
     "seeds": st.lists(st.integers(0, 9), min_size=1, max_size=3, unique=True),
     "adapter": st.just(None),  # resolving one needs a run folder: tests/test_eval_jobs.py
     "suite": st.sampled_from(["default", "tiny", "during"]),

@@ -421,6 +421,9 @@ def suite_from_config(value: Any, target_task: str | None = None) -> EvalSuite:
     """The suite named by a training config's `eval_suite`: None (the "during" suite), a suite
     name, a one-item list with a suite name, or {"suite": name, "limit": n}. When the run trains
     on another built-in task than the suite's target, the target becomes that task."""
+    shape = (
+        f'eval_suite must be a suite name ({", ".join(SUITES)}) or {{"suite": NAME, "limit": N}}'
+    )
     limit = None
     if value is None:
         name = "during"
@@ -429,12 +432,16 @@ def suite_from_config(value: Any, target_task: str | None = None) -> EvalSuite:
     elif isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
         name = value[0]
     elif isinstance(value, dict) and isinstance(value.get("suite", "during"), str):
+        unknown = sorted(set(value) - {"suite", "limit"})
+        if unknown:
+            raise LensError(f"{shape}; got the key {unknown[0]!r}.")
         name, limit = value.get("suite", "during"), value.get("limit")
+        if limit is not None and (
+            not isinstance(limit, int) or isinstance(limit, bool) or limit < 1
+        ):
+            raise LensError(f"eval_suite's limit must be a whole number >= 1, got {limit!r}.")
     else:
-        raise LensError(
-            f"eval_suite must be a suite name ({', '.join(SUITES)}) or "
-            '{"suite": NAME, "limit": N}.'
-        )
+        raise LensError(f"{shape}, got {json.dumps(value, default=str)}.")
     suite = get_suite(name)
     if target_task and suite.target and target_task != suite.target[0].task:
         suite = suite.with_target(

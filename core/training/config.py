@@ -189,6 +189,9 @@ class TrainConfig(JobConfig):
             raise LensError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.method != "gt":
             self.mask_config()  # validates tau / share / k
+        from core.eval.suites import suite_from_config
+
+        suite_from_config(self.eval_suite)  # a bad suite fails here, not at the first round
 
     def mask_config(self) -> Any:
         """The `core.masking.rules.MaskConfig` of a masked method (LensError for method gt)."""
