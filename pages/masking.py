@@ -485,7 +485,7 @@ with st.expander("Masked share of every example"):
     for side, stats in all_stats:
         suffix = f" {side}" if compare else ""
         frame[f"masked{suffix}"] = stats.per_example_n_masked
-        frame[f"share{suffix}"] = stats.per_example_share
+        frame[f"share{suffix}"] = 100 * stats.per_example_share  # percent, as fmt.share prints
         frame[f"fully masked{suffix}"] = stats.per_example_n_masked == stats.per_example_n_response
     st.dataframe(
         frame,
@@ -493,7 +493,7 @@ with st.expander("Masked share of every example"):
         width="stretch",
         height=300,
         column_config={
-            c: st.column_config.ProgressColumn(c, format="percent", min_value=0, max_value=1)
+            c: st.column_config.ProgressColumn(c, format="%.1f%%", min_value=0, max_value=100)
             for c in frame.columns
             if c.startswith("share")
         },

@@ -140,10 +140,9 @@ def interval_text(
     if not _finite(estimate):
         return "–"
     unit = f" {unit}" if unit and unit != "%" else unit
-    text = f"{float(estimate):+.{digits}f}"
     if _finite(low) and _finite(high):
-        return f"{text} [{float(low):+.{digits}f}, {float(high):+.{digits}f}]{unit}"
-    return f"{text}{unit} (no interval)"
+        return f"{fmt.interval(float(estimate), float(low), float(high), digits)}{unit}"
+    return f"{fmt.signed(float(estimate), digits)}{unit} (no interval)"
 
 
 def change_text(
@@ -979,8 +978,8 @@ def ppl_change_histogram(frame: pd.DataFrame, tau: float = DEFAULT_TAU) -> go.Fi
     the original model found the token easy (ppl ≤ τ) or surprising (ppl > τ)."""
     fig = go.Figure()
     groups = (
-        ("easy", f"base ppl ≤ {tau:g}", "#0072B2"),
-        ("hard", f"base ppl > {tau:g}", "#D55E00"),
+        ("easy", f"base ppl ≤ {fmt.tau(tau)}", "#0072B2"),
+        ("hard", f"base ppl > {fmt.tau(tau)}", "#D55E00"),
     )
     bins = None  # one set of bins for both groups, so their bars line up
     if not frame.empty:
