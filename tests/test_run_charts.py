@@ -545,3 +545,19 @@ def test_a_single_accuracy_point_has_its_interval_bar(tmp_path):
     assert line.customdata[0].endswith(
         f"{fmt.share(p)} [{fmt.share(centre - half)}, {fmt.share(centre + half)}] of {n} items"
     )
+
+
+def test_a_multiple_choice_target_shows_where_chance_lies(tmp_path):
+    """ARC-Easy as the target (4 choices): the target's Δ chart has the chance line too."""
+    tasks = {"arc_easy": ("mc_loglik", "target"), "mbpp_ppl": ("ref_ppl", "ood")}
+    rounds = {0: {"arc_easy": BASE["arc_easy"], "mbpp_ppl": BASE["mbpp_ppl"]},
+              2: {"arc_easy": later(2)["arc_easy"], "mbpp_ppl": later(2)["mbpp_ppl"]}}  # fmt: skip
+    run = load_run(make_eval_run(tmp_path, "mc", rounds, tasks=tasks))
+    fig = target_delta_chart([run])
+    rows = run.changes()
+    first = rows[rows["task"] == "arc_easy"].sort_values("step").iloc[0]
+    want = round(100 * (first["chance"] - first["base"]), 1)
+    assert first["chance"] == pytest.approx(0.25)
+    [chance] = traces(fig, "chance")
+    assert chance.name == f"chance (Δ {fmt.signed(want, 1)} points)"
+    assert any(s.y0 == s.y1 == pytest.approx(want) for s in fig.layout.shapes)

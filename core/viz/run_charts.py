@@ -485,6 +485,8 @@ def target_delta_chart(runs: Sequence[RunView]) -> go.Figure:
     accuracy = _is_accuracy(runs, task, metric)
     drawn = [run for run in runs if targets[run.run_id] in (chosen, None)]
     fig, notes = _delta_chart(drawn, _task_rows(task, metric), accuracy=accuracy)
+    if accuracy:  # a multiple-choice target: where chance lies on the Δ scale
+        _add_delta_chance(fig, drawn, task)
     for run in runs:
         if run not in drawn:
             other = targets[run.run_id]
@@ -506,25 +508,19 @@ def _is_accuracy(runs: Sequence[RunView], task: str, metric: str) -> bool:
     return metric != "nll"
 
 
-def task_delta_chart(runs: Sequence[RunView], task: str) -> go.Figure:
-    """Δ of one task's primary metric vs step 0, one line and paired 95% band per run; for a
-    multiple-choice task, where chance lies on the same scale (Δ = chance − base), and whether
-    the base model is at chance (then the task says nothing about forgetting and stays out of
-    BWT)."""
-    metric, accuracy, role, chance_at, at_chance = "", True, "ood", [], False
+def _add_delta_chance(fig: go.Figure, runs: Sequence[RunView], task: str) -> None:
+    """A multiple-choice task's chance level on a Δ-in-points chart (Δ = chance − base, per
+    distinct base), dotted, named in the legend rather than by a label over the lines."""
+    chance_at = []
     for run in runs:
         frame = run.changes()
         frame = frame[frame["task"] == task] if not frame.empty else frame
         if frame.empty:
             continue
         first = frame.sort_values("step").iloc[0]
-        metric = metric or str(first["metric"])
-        accuracy, role = bool(first["accuracy"]), str(first["role"])
         if _finite(first["chance"]) and _finite(first["base"]):
             chance_at.append(round(100.0 * (float(first["chance"]) - float(first["base"])), 1))
-        at_chance = at_chance or bool(first["at_chance"])
-    fig, notes = _delta_chart(runs, _task_rows(task), accuracy=accuracy)
-    for y in sorted(set(chance_at)):  # labelled in the legend, not over the lines
+    for y in sorted(set(chance_at)):
         fig.add_hline(y=y, line={"color": "#9ca3af", "width": 1, "dash": "dot"})
         fig.add_trace(
             go.Scatter(
@@ -533,6 +529,25 @@ def task_delta_chart(runs: Sequence[RunView], task: str) -> go.Figure:
                 meta={"role": "chance", "chance": y},
             )
         )  # fmt: skip
+
+
+def task_delta_chart(runs: Sequence[RunView], task: str) -> go.Figure:
+    """Δ of one task's primary metric vs step 0, one line and paired 95% band per run; for a
+    multiple-choice task, where chance lies on the same scale (Δ = chance − base), and whether
+    the base model is at chance (then the task says nothing about forgetting and stays out of
+    BWT)."""
+    metric, accuracy, role, at_chance = "", True, "ood", False
+    for run in runs:
+        frame = run.changes()
+        frame = frame[frame["task"] == task] if not frame.empty else frame
+        if frame.empty:
+            continue
+        first = frame.sort_values("step").iloc[0]
+        metric = metric or str(first["metric"])
+        accuracy, role = bool(first["accuracy"]), str(first["role"])
+        at_chance = at_chance or bool(first["at_chance"])
+    fig, notes = _delta_chart(runs, _task_rows(task), accuracy=accuracy)
+    _add_delta_chance(fig, runs, task)
     title = f"{task} {metric_name(metric, task)} Δ ({'target' if role == 'target' else 'OOD'})"
     if at_chance:
         title += " · at chance"
