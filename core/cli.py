@@ -91,6 +91,18 @@ def _where(args: argparse.Namespace) -> dict[str, str | None]:
     return {"backend": backend, "address": ray or partition}
 
 
+def _runs_here(args: argparse.Namespace) -> bool:
+    """Whether the job runs on this machine (in the foreground, or queued locally), so that its
+    model and device can be checked here before it exists."""
+    if not getattr(args, "submit", False):
+        return True
+    from core.jobs.cluster import LOCAL, current_setting
+    from core.jobs.runfiles import runs_dir
+
+    where = _where(args)
+    return current_setting(runs_dir(), where["backend"], where["address"]).name == LOCAL
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Score every response token of a dataset and write one JSON object per example."""
     from core.data.sources import load_source
@@ -198,6 +210,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             "--eval-suite chooses what the evaluation rounds run; add --eval-every N "
             "(rounds at step 0, every N steps and at the end)."
         )
+    if _runs_here(args):  # a mistyped model or a missing GPU: one line, before the data is built
+        from core.model.preflight import check_model_setting
+
+        check_model_setting(config.model, config.device)
     rank, world_size = process_rank()
     if world_size > 1:  # under `accelerate launch`: rank 0 registers the job, the others only train
         if args.submit:
@@ -388,8 +404,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from core.eval.config import EvalConfig
     from core.jobs.registry import JobRegistry, run_job_process
 
-    # bad suite, limit, adapter or --out: one line, before a job exists
+    # bad suite, limit, adapter, model, device, lm-eval task or --out: one line, before a job
     config = EvalConfig.from_args(args).resolved()
+    if _runs_here(args):
+        config.preflight()
     if args.out:
         output_path(args.out)
     registry = JobRegistry()

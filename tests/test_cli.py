@@ -248,3 +248,32 @@ def test_train_refuses_a_bad_eval_suite_with_one_line_before_any_work(capsys):
         assert code == 2, (argv, err)
         assert len(err) == 1 and err[0].startswith("error: ") and reason in err[0], (argv, err)
     assert not runs_dir().exists() or not any(runs_dir().iterdir())
+
+
+def test_eval_and_train_check_model_device_and_dtype_before_a_job_exists(
+    tiny_model_dir, tmp_path, capsys
+):
+    """These once registered a job (and a run folder) and failed only when it loaded the model."""
+    import torch
+
+    from core.jobs.runfiles import runs_dir
+
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    ev = ["eval", "--suite", "tiny", "--limit", "1"]
+    tr = ["train", "--task", "mbpp", "--limit", "4", "--max-steps", "1"]
+    cases = [
+        ([*ev, "--model", str(not_a_model)], "is a folder but has no config.json"),
+        ([*ev, "--model", str(tmp_path / "gone")], "Unknown model"),
+        ([*ev, "--model", str(tiny_model_dir), "--dtype", "float8"], "Unknown dtype 'float8'"),
+        ([*ev, "--model", str(tiny_model_dir), "--device", "gpu"], "Unknown device 'gpu'"),
+        ([*tr, "--model", str(not_a_model)], "is a folder but has no config.json"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append(([*tr, "--model", str(tiny_model_dir), "--device", "cuda"], "no CUDA GPU"))
+    for argv, reason in cases:
+        code = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, (argv, err)
+        assert err[0].startswith("error: ") and reason in err[0], (argv, err)
+    assert not runs_dir().exists() or not any(runs_dir().iterdir())

@@ -1,5 +1,6 @@
-"""Optional lm-evaluation-harness tasks: when lm-eval is missing (for real, on this machine) or
-its data cannot be fetched, the task is skipped with one line and the suite goes on; the glue
+"""Optional lm-evaluation-harness tasks: the CLI checks every task name before any work (and
+refuses them when lm-eval is missing); a suite run where lm-eval is missing (for real, on this
+machine) or its data cannot be fetched skips that task with one line and goes on; the glue
 around `lm_eval.simple_evaluate` is checked against a stand-in module (see the labelled test)."""
 
 from __future__ import annotations
@@ -107,15 +108,21 @@ def stand_in_lm_eval(monkeypatch):
             "n-samples": {tasks[0]: {"original": 100, "effective": limit}},
         }
 
+    class TaskManager:  # the task index: names only, no data
+        all_tasks = ["arc_easy", "hellaswag", "offline_task", "piqa", "mmlu"]
+
     root = types.ModuleType("lm_eval")
     root.simple_evaluate = simple_evaluate
     models = types.ModuleType("lm_eval.models")
     huggingface = types.ModuleType("lm_eval.models.huggingface")
     huggingface.HFLM = HFLM
+    tasks = types.ModuleType("lm_eval.tasks")
+    tasks.TaskManager = TaskManager
     for name, module in [
         ("lm_eval", root),
         ("lm_eval.models", models),
         ("lm_eval.models.huggingface", huggingface),
+        ("lm_eval.tasks", tasks),
     ]:
         monkeypatch.setitem(sys.modules, name, module)
     return calls
@@ -157,11 +164,42 @@ def test_glue_turns_unreachable_data_into_a_one_line_skip(tiny_lm, stand_in_lm_e
     assert result.task("arc").value is not None
 
 
-def test_cli_eval_with_a_missing_lm_eval_task_still_succeeds(tiny_model_dir, capsys):
+def test_cli_eval_refuses_lm_eval_tasks_when_lm_eval_is_missing_before_any_work(
+    tiny_model_dir, capsys
+):
+    """No task name can be checked, and none can run: one line at once, not a skipped task
+    after the whole suite has run."""
+    from core.jobs.runfiles import runs_dir
+
     if importlib.util.find_spec("lm_eval") is not None:
         pytest.skip("lm-eval is installed here")
     args = ["eval", "--model", str(tiny_model_dir), "--suite", "tiny", "--limit", "1"]
-    assert main([*args, "--device", "cpu", "--lm-eval-task", "hellaswag"]) == 0
+    assert main([*args, "--device", "cpu", "--lm-eval-task", "hellaswag"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: --lm-eval-task hellaswag: lm-evaluation-harness is not installed "
+        "(pip install 'lm-eval[hf]'); or leave the flag out."
+    ]
+    assert not runs_dir().exists() or not any(runs_dir().iterdir())
+
+
+def test_cli_eval_checks_every_lm_eval_task_name_before_any_work(
+    tiny_model_dir, stand_in_lm_eval, capsys
+):
+    from core.jobs.runfiles import runs_dir
+
+    args = ["eval", "--model", str(tiny_model_dir), "--suite", "tiny", "--limit", "1"]
+    args += ["--device", "cpu"]
+    assert main([*args, "--lm-eval-task", "piqa", "--lm-eval-task", "hellaswagg"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: Unknown lm-eval task 'hellaswagg' (did you mean hellaswag?); "
+        "`lm-eval ls tasks` lists them."
+    ]
+    assert "evaluate" not in stand_in_lm_eval  # nothing ran
+    assert not runs_dir().exists() or not any(runs_dir().iterdir())
+    # known names pass the check and run with the suite
+    assert main([*args, "--lm-eval-task", "piqa"]) == 0
     out = capsys.readouterr().out
-    assert "lm_eval:hellaswag    ood    skipped: lm-evaluation-harness is not installed" in out
-    assert "arc_challenge" in out
+    assert "lm_eval:piqa" in out and "arc_challenge" in out
+    assert stand_in_lm_eval["evaluate"]["tasks"] == ["piqa"]

@@ -44,7 +44,8 @@ class EvalConfig(JobConfig):
         default_factory=list,
         metadata=_help(
             "also run this lm-evaluation-harness task as an OOD task (repeatable; needs lm-eval "
-            "installed and its data reachable, else it is reported as skipped)",
+            "installed, and the name is checked before the run; a task whose data cannot be "
+            "fetched is reported as skipped)",
             flag="lm_eval_task",
             repeat=True,
         ),
@@ -116,6 +117,16 @@ class EvalConfig(JobConfig):
         return build_suite(
             self.suite, limit=self.limit, lm_eval_tasks=self.lm_eval_tasks, probes=self.probes
         )
+
+    def preflight(self) -> None:
+        """The checks that cost no evaluation, for a run on this machine (`validate` has checked
+        the suite, tasks and probe files): the model without its weights, the device and dtype,
+        and every lm-eval task name. A one-line `LensError` before a job exists."""
+        from core.eval.scorers import check_lm_eval_tasks
+        from core.model.preflight import check_model_setting
+
+        check_model_setting(self.model, self.device, self.dtype)
+        check_lm_eval_tasks(self.lm_eval_tasks)
 
     def resolved(self) -> EvalConfig:
         """With the adapter as an absolute folder, its training step, and the trained run's

@@ -278,6 +278,33 @@ class TaskUnavailable(LensError):
     records the reason for that task and goes on."""
 
 
+LM_EVAL_MISSING = "lm-evaluation-harness is not installed (pip install 'lm-eval[hf]')"
+
+
+def check_lm_eval_tasks(names: Sequence[str]) -> None:
+    """A one-line `LensError` unless every name is a task (or group) lm-evaluation-harness
+    knows: run before any work, so a typo does not cost a whole suite first. Listing the tasks
+    reads lm-eval's task index (seconds), not their data; data that cannot be fetched is still
+    found, and skipped, when the task runs."""
+    import difflib
+
+    names = [n.strip() for n in names if n and n.strip()]
+    if not names:
+        return
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise LensError(
+            f"--lm-eval-task {names[0]}: {LM_EVAL_MISSING}; or leave the flag out."
+        ) from None
+    known = set(TaskManager().all_tasks)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise LensError(f"Unknown lm-eval task '{name}'{hint}; `lm-eval ls tasks` lists them.")
+
+
 def _lm_eval_metrics(task_results: dict[str, Any]) -> dict[str, float | None]:
     """lm-eval's "metric,filter" entries as metric names ("acc", "exact_match/flexible-extract"),
     standard errors and aliases left out."""
@@ -298,9 +325,7 @@ def _score_lm_eval(lm: Any, spec: EvalTaskSpec, suite: EvalSuite) -> Any:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise TaskUnavailable(
-            "lm-evaluation-harness is not installed (pip install 'lm-eval[hf]')"
-        ) from None
+        raise TaskUnavailable(LM_EVAL_MISSING) from None
     try:
         wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=suite.batch_size)
         out = lm_eval.simple_evaluate(
