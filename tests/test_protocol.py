@@ -134,6 +134,20 @@ def test_the_headline_leads_with_drift_and_tells_sharpening_from_moving_away():
     # an interval that reaches zero is no verdict
     results["paired"][0] = _drift_row("stm", "kl", -0.01, -0.03, 0.01, against="ground truth")
     assert "no detectable difference in drift" in headline(results)[1]
+    # with enough runs, the headline says whether drift ranks the runs as ARC-Easy does
+    from core.study.agreement import drift_agreement
+
+    def run(arm, seed, kl, end):
+        return {"arm": arm, "label": arm, "seed": seed, "measures": {
+            "ood:ood_drift:kl": kl, "ood:arc_easy:acc": end,
+            "ood:arc_easy:acc:Δ%": 100 * (end - 0.6) / 0.6}}  # fmt: skip
+
+    runs = [run("gt", 0, 0.2, 0.57), run("gt", 1, 0.15, 0.58), run("stm", 0, 0.08, 0.6),
+            run("stm", 1, 0.07, 0.605)]  # fmt: skip
+    results["agreement"] = drift_agreement(runs[:3])
+    assert not any("rank-correlate" in line for line in headline(results))  # 3 runs: too few
+    results["agreement"] = drift_agreement(runs)
+    assert headline(results)[-1].startswith("Over 4 runs, drift and ARC-Easy loss rank-correlate")
 
 
 def test_arms_train_what_the_paper_compares():

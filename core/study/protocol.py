@@ -50,11 +50,13 @@ from core.config import help_meta as _help
 from core.errors import LensError
 from core.eval.drift import DRIFT_LABELS
 from core.eval.suites import DRIFT
+from core.io import app_root
 from core.jobs.metrics import EvalSummaryRecord, latest
 from core.jobs.runfiles import StatusFn
 from core.jobs.state import Phase, RunState, StateReporter
 from core.masking import DEFAULT_TAU
 from core.stats import mean_ci
+from core.study.agreement import agreement_sentence, drift_agreement
 
 PROTOCOL_KIND = "protocol"
 ARMS = ("gt", "stm", "stm_share", "random", "self_output")
@@ -854,6 +856,7 @@ def aggregate(
     results["paired_findings"] = paired_findings(results["paired"])
     results["paired_base"] = paired_with_base(config, per_run)
     results["paired_base_findings"] = paired_findings(results["paired_base"])
+    results["agreement"] = drift_agreement(per_run)
     return results
 
 
@@ -1126,12 +1129,15 @@ def headline(results: dict[str, Any]) -> list[str]:
         if same:
             parts.append(f"no detectable difference from ground truth on {same} benchmark task(s)")
         out.append(f"{label}: " + "; ".join(parts) + ".")
+    agreement = results.get("agreement")
+    if agreement and len(agreement.get("runs", [])) >= 4:
+        out.append(agreement_sentence(agreement))
     return out
 
 
 #: The CPU sweep of ground truth's settings (bench/bench_cpu_forgetting.py --write): what the
-#: cpu preset can show on the embedded model, with machine and date.
-CPU_SWEEP_JSON = Path(__file__).resolve().parents[2] / "docs" / "cpu_forgetting.json"
+#: cpu preset can show on the embedded model, with machine and date (in the wheel too: `app_root`).
+CPU_SWEEP_JSON = app_root() / "docs" / "cpu_forgetting.json"
 
 
 def sweep_verdict(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
