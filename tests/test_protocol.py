@@ -134,6 +134,14 @@ def test_the_headline_leads_with_drift_and_tells_sharpening_from_moving_away():
     # an interval that reaches zero is no verdict
     results["paired"][0] = _drift_row("stm", "kl", -0.01, -0.03, 0.01, against="ground truth")
     assert "no detectable difference in drift" in headline(results)[1]
+    # STM against the random control (as many tokens masked): its own sentence
+    results["paired_random"] = [
+        _drift_row("stm", "kl", -0.05, -0.08, -0.02, against="the random control")
+    ]
+    assert any(
+        line.startswith("STM drifted less than the random control on ood_drift")
+        for line in headline(results)
+    )
     # with enough runs, the headline says whether drift ranks the runs as ARC-Easy does
     from core.study.agreement import drift_agreement
 

@@ -856,6 +856,8 @@ def aggregate(
     results["paired_findings"] = paired_findings(results["paired"])
     results["paired_base"] = paired_with_base(config, per_run)
     results["paired_base_findings"] = paired_findings(results["paired_base"])
+    results["paired_random"] = paired_with_random(config, per_run)
+    results["paired_random_findings"] = paired_findings(results["paired_random"])
     results["agreement"] = drift_agreement(per_run)
     return results
 
@@ -976,6 +978,24 @@ def paired_with_gt(
     return out
 
 
+def paired_with_random(
+    config: ProtocolConfig, per_run: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The STM arms against the random control (as many tokens masked, at random) at the end of
+    training, seed by seed then item by item: whether *which* tokens STM masks matters, beyond
+    how many. Empty when the protocol has no random arm."""
+    finals, labels = _rounds(per_run, "last"), _labels(per_run)
+    control = {s: r for (a, s), r in finals.items() if a == "random"}
+    out: list[dict[str, Any]] = []
+    if not control:
+        return out
+    for arm in config.methods:
+        if arm in ("stm", "stm_share"):
+            mine = {s: r for (a, s), r in finals.items() if a == arm}
+            out += _paired_rows(arm, labels.get(arm, arm), "the random control", control, mine)
+    return out
+
+
 def paired_with_base(
     config: ProtocolConfig, per_run: Sequence[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -1048,7 +1068,11 @@ def _drift_headline(results: dict[str, Any]) -> list[str]:
     base_rows = [
         r for r in results.get("paired_base") or [] if r.get("drift") and r["role"] == "ood"
     ]
-    gt_rows = [r for r in results.get("paired") or [] if r.get("drift") and r["role"] == "ood"]
+    gt_rows = [
+        r
+        for r in [*(results.get("paired") or []), *(results.get("paired_random") or [])]
+        if r.get("drift") and r["role"] == "ood"
+    ]
     out = []
     for task in dict.fromkeys(r["task"] for r in base_rows if r["arm"] == "gt"):
         mine = [r for r in base_rows if r["arm"] == "gt" and r["task"] == task]
@@ -1058,26 +1082,25 @@ def _drift_headline(results: dict[str, Any]) -> list[str]:
             f"the base model's own answers by {_drift_sentence(mine)} (95% intervals over seeds "
             "and probe items)."
         )
-    for arm in dict.fromkeys(r["arm"] for r in gt_rows):
-        for task in dict.fromkeys(r["task"] for r in gt_rows if r["arm"] == arm):
-            rows = [r for r in gt_rows if r["arm"] == arm and r["task"] == task]
-            kl = next((r for r in rows if r["metric"] == "kl"), None)
-            if kl is None:
-                continue
+    groups = dict.fromkeys((r["arm"], r["against"], r["task"]) for r in gt_rows)
+    for arm, against, task in groups:
+        rows = [r for r in gt_rows if (r["arm"], r["against"], r["task"]) == (arm, against, task)]
+        kl = next((r for r in rows if r["metric"] == "kl"), None)
+        if kl is not None:
             verdict = _verdict(kl)
             word = {
-                "better": "drifted less than ground truth",
-                "worse": "drifted more than ground truth",
-            }.get(verdict, "showed no detectable difference in drift from ground truth")
+                "better": f"drifted less than {against}",
+                "worse": f"drifted more than {against}",
+            }.get(verdict, f"showed no detectable difference in drift from {against}")
             sharpened = next((r for r in rows if r["metric"] == "dnll"), None)
             tail = ""
             if sharpened is not None and _verdict(sharpened) == "better":
                 tail = (
-                    " It kept the base model's own answers more likely than ground truth did, "
+                    f" It kept the base model's own answers more likely than {against} did, "
                     "so part of its remaining KL is sharpening toward them, not moving away."
                 )
             out.append(
-                f"{rows[0]['label']} {word} on {task} (vs ground truth: "
+                f"{rows[0]['label']} {word} on {task} (vs {against}: "
                 f"{_drift_sentence(rows)}).{tail}"
             )
     return out
@@ -1393,6 +1416,12 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += [f"- {f}" for f in paired] or [
         "- (no per-item results: runs made before they were kept)"
     ]
+    if results.get("paired_random_findings"):
+        lines += ["", "## STM against the random control (as many tokens masked at random)", ""]
+        lines += [f"- {f}" for f in results["paired_random_findings"]]
+    if results.get("agreement"):
+        lines += ["", "## Drift against ARC-Easy, run by run", ""]
+        lines += [f"- {agreement_sentence(results['agreement'])}"]
     if results["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in results["notes"]]
     failed = [r for r in results["runs"] if r["status"] != "succeeded"]
