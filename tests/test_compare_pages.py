@@ -72,11 +72,11 @@ def test_runs_page_top_row_then_each_task_then_one_picked_metric(rounds_env):
     captions = [c.value for c in at.caption]
     assert any("stm τ=2.5 · stm1, step 4:" in c and "nats: better." in c for c in captions)
     # one picker for the raw values: exactly the chosen metric, one line per run
-    assert drawn["runs-chart-metric"]["layout"]["title"]["text"] == "mbpp_ppl nll"
+    assert drawn["runs-chart-metric"]["layout"]["title"]["text"] == "mbpp_ppl NLL per token"
     at.selectbox(key="runs-metric").set_value("gsm8k_ppl|ppl").run()
     assert not at.exception
     picked = charts(at)["runs-chart-metric"]
-    assert picked["layout"]["title"]["text"] == "gsm8k_ppl ppl"
+    assert picked["layout"]["title"]["text"] == "gsm8k_ppl perplexity"
     assert sorted(roles(picked)) == [("line", "gt1"), ("line", "stm1")]
     assert len(at.get("plotly_chart")) == 9  # not one chart per raw metric
 
