@@ -1,8 +1,16 @@
-"""Perplexity Lens: Streamlit entry point. Thin: page config, shared sidebar, navigation."""
+"""Perplexity Lens: Streamlit entry point. Thin: page config, shared sidebar, navigation.
+
+Paths are this file's folder's (the checkout, or the installed wheel's copy: `plens app`), never
+the working folder's."""
+
+from pathlib import Path
 
 import streamlit as st
 
+from components.layout import apply_layout
+
 st.set_page_config(page_title="Perplexity Lens", page_icon=":material/search:", layout="wide")
+apply_layout()
 
 pages = [
     st.Page("pages/home.py", title="Start", icon=":material/home:", default=True),
@@ -16,5 +24,5 @@ pages = [
     st.Page("pages/protocol.py", title="Reproduce the paper", icon=":material/science:"),
 ]
 nav = st.navigation(pages)
-st.logo("docs/logo.svg", size="large")
+st.logo(str(Path(__file__).parent / "docs" / "logo.svg"), size="large")
 nav.run()

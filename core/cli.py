@@ -455,6 +455,34 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     return run_job_process(job.id, registry)
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """Serve the Streamlit app: this checkout's, or the copy installed with the wheel (`plens app`
+    from any folder). The embedded model is prepared first when its package is installed, as
+    `make run` does."""
+    import os
+
+    from core.io import app_root
+    from core.model.loading import prepare_embedded_model
+
+    script = app_root() / "app.py"
+    if not script.is_file():
+        raise LensError(f"The app is missing ({script}); reinstall perplexity-lens.")
+    try:
+        prepare_embedded_model()
+    except LensError as exc:  # the app still serves other models; it says the same on its pages
+        print(f"warning: {exc}", file=sys.stderr)
+    argv = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(args.port)]
+    if args.address:
+        argv += ["--server.address", args.address]
+    print(f"Perplexity Lens at http://{args.address or '127.0.0.1'}:{args.port} (Ctrl-C stops it)",
+          file=sys.stderr, flush=True)  # fmt: skip
+    if os.name != "posix":  # pragma: no cover - no exec there that keeps the console
+        import subprocess
+
+        return subprocess.call(argv)
+    os.execv(sys.executable, argv)  # the server takes this process over: Ctrl-C goes to it
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose errors (unknown flag, bad value) are one line, exit code 2."""
 
@@ -463,10 +491,10 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of `python -m core`."""
+def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
+    """The argument parser of `python -m core` (and of `plens`, the same under its own name)."""
     parser = OneLineParser(
-        prog="python -m core",
+        prog=prog,
         description="Perplexity Lens: token-perplexity scoring, masking, training and evaluation.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -619,15 +647,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_backend)
 
+    p = sub.add_parser("app", help="serve the app in the browser (from any folder)")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 shares it)",
+    )
+    p.set_defaults(func=cmd_app)
+
     p = sub.add_parser("job-run", help="(internal) run a queued job in this process")
     p.add_argument("job_id")
     p.set_defaults(func=cmd_job_run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def plens() -> int:
+    """The `plens` console script (pyproject.toml): `python -m core` under its installed name."""
+    return main(prog="plens")
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m core") -> int:
     """Entry point; returns the exit code."""
-    parser = build_parser()
+    parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)
     except LensError as exc:  # a flag's value that its parser rejects with a reason

@@ -28,6 +28,19 @@ def cache_dir() -> Path:
     return path
 
 
+#: The folder, beside `core/` in site-packages, that the wheel puts the app in (pyproject.toml).
+PACKAGED_APP = "perplexity_lens"
+
+
+def app_root() -> Path:
+    """The folder holding `app.py`, `pages/`, `components/`, `docs/` and `.streamlit/`: beside
+    an installed `core`, the wheel's `perplexity_lens/` folder; otherwise the checkout that
+    this `core` was imported from."""
+    beside = Path(__file__).resolve().parents[1]
+    packaged = beside / PACKAGED_APP
+    return packaged if (packaged / "app.py").is_file() else beside
+
+
 # --------------------------------------------------------------------------- writing
 
 

@@ -183,9 +183,9 @@ def _client(address: str) -> Any:
     """A Ray Jobs client; a cluster that does not answer is a one-line `ClusterError`."""
     try:
         from ray.job_submission import JobSubmissionClient
-    except ImportError:  # pragma: no cover - ray is in requirements.txt
+    except ImportError:  # ray is in requirements.txt, but optional in the package (an extra)
         raise ClusterError(
-            "The ray backend needs Ray: pip install 'ray[default]' (see requirements.txt)."
+            'The ray backend needs Ray: pip install "perplexity-lens[cluster]".'
         ) from None
     try:
         return JobSubmissionClient(address)

