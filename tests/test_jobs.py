@@ -16,6 +16,7 @@ import pytest
 
 from core.jobs.registry import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobError, JobRegistry
 from core.jobs.runfiles import append_metric, read_metrics, run_progress
+from core.jobs.state import Phase, read_state
 from core.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +141,12 @@ def test_queue_runs_jobs_one_after_another_without_the_launcher(runs, tiny_model
         records = read_metrics(run)
         assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2]
         assert records[-1]["kind"] == "done"
-        assert "step 2/2" in (run / "log.txt").read_text()
+        log = (run / "log.txt").read_text()
+        assert "step 2/2" in log
+        # the job's states, each logged as it began: preparing data, training, saving
+        assert "preparing data: loading model" in log and "\ntraining: step 0/2\n" in log
+        assert "saving: the final model" in log
+        assert read_state(run).phase == Phase.SAVING  # the last state the job reported
     assert registry.get(third.id).status == CANCELLED and registry.get(third.id).pid is None
     listed = cli("jobs", "list", "--json")
     assert {j["id"]: j["status"] for j in json.loads(listed.stdout)} == {

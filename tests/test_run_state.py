@@ -86,7 +86,7 @@ def test_the_training_eta_counts_training_time_only(tmp_path, capsys):
     clock, messages = Clock(), []
     reporter = StateReporter(tmp_path, messages.append, clock=clock)
     reporter("loading model default")
-    assert messages[-1] == "preparing data: loading model default · 0s"
+    assert messages[-1] == "preparing data: loading model default"
     reporter.preparing("scoring with the original model", 0, 40, "examples")
     clock.now = 10.0
     reporter.preparing("scoring with the original model", 10, 40, "examples")
@@ -122,7 +122,7 @@ def test_the_training_eta_counts_training_time_only(tmp_path, capsys):
     reporter.saving("the final model")
     log = capsys.readouterr().out.splitlines()
     # the log gets every change of phase, task or round, not every step
-    assert "preparing data: loading model default · 0s" in log
+    assert "preparing data: loading model default" in log
     assert any(line.startswith("evaluating step 0 of 10: mbpp") for line in log)
     assert any(line.startswith("final evaluation (step 10)") for line in log)
     assert log[-1] == "saving: the final model"

@@ -153,7 +153,7 @@ class RunState:
 
     def _timing(self, now: float | None) -> str:
         parts = []
-        if self.elapsed_s is not None:
+        if self.elapsed_s is not None and self.elapsed_s >= 0.5:  # not "0s" on a first report
             parts.append(duration(self.elapsed_s))
         left = self.remaining(now)
         if left is not None:

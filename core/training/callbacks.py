@@ -45,7 +45,9 @@ def _metrics_callback(run_dir: Path, status: StatusFn | None) -> Any:
                 )
                 append_metric(run_dir, start)
                 where = f" on {world_size} processes" if world_size > 1 else ""
-                print(f"training: step {state.global_step} of {state.max_steps}{where}", flush=True)
+                if reporter is None or where:  # else the reporter logs the training state
+                    print(f"training: step {state.global_step} of {state.max_steps}{where}",
+                          flush=True)  # fmt: skip
                 if reporter is not None:
                     reporter.training(int(state.global_step), int(state.max_steps))
 
