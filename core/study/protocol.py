@@ -429,7 +429,8 @@ def write_partial_results(
     done = [r for r in runs if r.get("status") == "succeeded"]
     if not done:
         return None
-    partial = aggregate(config, list(runs), [], 0.0, paired=False)
+    ended = [r for r in runs if "status" in r]  # on a cluster some are still running
+    partial = aggregate(config, ended, [], 0.0, paired=False)
     partial["partial"] = {"finished": len(done), "planned": planned,
                           "runs": [r["run"] for r in done]}  # fmt: skip
     write_json_atomic(folder / PARTIAL_JSON, partial)
@@ -623,6 +624,10 @@ def _cluster_jobs(
                 if job.status == SUCCEEDED and _finished(runs_dir() / entry["run"]):
                     entry["status"] = "succeeded"
                     _say(folder, f"{entry['label']}, seed {entry['seed']}: done", status)
+                    try:  # the table so far, as each run finishes
+                        write_partial_results(config, folder, runs, total)
+                    except Exception as exc:  # noqa: BLE001 - never stops the protocol
+                        print(f"partial results not written: {exc}", flush=True)
                 else:
                     entry.update(status="failed", error=(job.error or job.status).splitlines()[0])
                     _say(folder, f"{entry['label']}, seed {entry['seed']}: {job.status} "
