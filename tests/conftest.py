@@ -9,6 +9,13 @@ import pytest
 import torch
 
 from core.model import loading as models
+from tests import leftovers
+
+# Every process this session starts inherits this id (tests/leftovers.py): how the check below
+# finds what a module left running, and nothing of anyone else's.
+SESSION = leftovers.new_session_id()
+#: Seconds a module's processes get to finish after its last test before they count as left.
+LEFTOVER_GRACE_S = 15.0
 
 # Resolved before any test changes PLENS_CACHE_DIR: the dequantized embedded model is shared by
 # all tests (it takes ~20 s to build), everything else is cached per test.
@@ -75,3 +82,25 @@ def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own cache folder, except the embedded model, which is shared."""
     monkeypatch.setenv("PLENS_CACHE_DIR", str(tmp_path / "plens-cache"))
     monkeypatch.setenv("PLENS_EMBEDDED_DIR", str(SHARED_EMBEDDED_DIR))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_process_left_behind(request):
+    """Fail the module whose tests (or fixtures: a SLURM cluster, a Ray head, job processes,
+    a server) leave a process of this session running once the module is done; the leftovers
+    are then stopped, so the next module starts clean."""
+    before = set(leftovers.session_processes(SESSION))
+    yield
+    new = {p: c for p, c in leftovers.session_processes(SESSION).items() if p not in before}
+    if not new:
+        return
+    alive = leftovers.wait_gone(new, LEFTOVER_GRACE_S)
+    if not alive:
+        return
+    left = {p: new[p] or leftovers.command_line(p) for p in sorted(alive)}
+    leftovers.stop_processes(alive)
+    listed = "; ".join(f"{pid} {cmd[:160]}" for pid, cmd in left.items())
+    pytest.fail(
+        f"{request.module.__name__} left {len(left)} process(es) running: {listed}",
+        pytrace=False,
+    )

@@ -29,6 +29,7 @@ from core.jobs.cluster import (
     save_setting,
 )
 from core.jobs.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, JobRegistry
+from tests import leftovers
 from tests.job_fixtures import BACKEND_ENV_VARS, free_port, train_config, wait_for, write_rows
 
 pytestmark = pytest.mark.integration
@@ -77,12 +78,14 @@ class RayHead:
 
     def stop(self) -> None:
         subprocess.run([str(RAY_BIN), "stop", "--force"], capture_output=True, timeout=120)
+        # anything of this head that `ray stop` missed (its processes name the temp folder)
+        leftovers.stop_processes(leftovers.processes_mentioning(str(self.temp_dir)))
 
 
 @pytest.fixture(scope="module")
 def ray_head():
     # a short temp folder: Ray's unix sockets live under it (paths are limited to 107 bytes)
-    temp = Path(tempfile.mkdtemp(prefix="plray-", dir="/tmp"))
+    temp = Path(tempfile.mkdtemp(prefix=f"plray-{leftovers.session_id()}-", dir="/tmp"))
     head = RayHead(temp)
     head.start()
     yield head

@@ -28,6 +28,7 @@ from core.eval.config import eval_job_config
 from core.jobs.cluster import SLURM, ClusterError, current_setting, make_setting
 from core.jobs.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, JobRegistry
 from core.jobs.slurm import SlurmEngine, parse_fields
+from tests import leftovers
 from tests.job_fixtures import BACKEND_ENV_VARS, free_port, train_config, wait_for, write_rows
 
 pytestmark = pytest.mark.integration
@@ -160,6 +161,10 @@ class SlurmCluster:
                 proc.kill()
                 proc.wait(timeout=10)
         self.procs = []
+        # The node goes down with its daemons: a job step (slurmstepd, its script and the job)
+        # outlives slurmd, waiting forever to report to it; every process that names this
+        # cluster's folder (SLURM_CONF, the spool) is killed, as a power-off would.
+        leftovers.stop_processes(leftovers.processes_mentioning(str(self.folder)), grace=0)
 
     def restart_without_state(self) -> None:
         """Stop the daemons (jobs are not cancelled) and start them again with an empty state
@@ -189,7 +194,7 @@ def cluster(slurm_conf_env):
         with contextlib.suppress(OSError, ValueError):
             started_munge = int((run / "munged.pid").read_text().strip())
     # a short temp folder: slurmd's step sockets live in its spool (paths are limited to 107 bytes)
-    temp = Path(tempfile.mkdtemp(prefix="plslurm-", dir="/tmp"))
+    temp = Path(tempfile.mkdtemp(prefix=f"plslurm-{leftovers.session_id()}-", dir="/tmp"))
     slurm = SlurmCluster(temp)
     slurm_conf_env.setenv("SLURM_CONF", str(slurm.conf))
     slurm.start()
