@@ -73,6 +73,31 @@ def interval(mean: float | None, low: float | None, high: float | None, digits: 
     return f"{signed(mean, digits)} [{signed(low, digits)}, {signed(high, digits)}]"
 
 
+def value_text(
+    value: float | None,
+    low: float | None = None,
+    high: float | None = None,
+    unit: str = "",
+    digits: int = 3,
+    *,
+    percent: bool = False,
+    signed: bool = False,
+) -> str:
+    """A measured value (not a change) with its 95% interval: "0.042 [0.035, 0.050] nats",
+    "93.3% [91.0, 95.4]" (`percent`: a share 0-1 shown in %), "0.042 nats (no interval)" or
+    "–"; `signed` writes the sign (a Δ such as the Δ NLL of the base's answers)."""
+    if _missing(value):
+        return MISSING
+    scale, digits = (100.0, 1) if percent else (1.0, digits)
+    pattern = f"{{:{'+' if signed else ''}.{digits}f}}"
+    unit = "%" if percent else (f" {unit}" if unit else "")
+    text = pattern.format(scale * float(value))
+    if not _missing(low) and not _missing(high):
+        bounds = f"[{pattern.format(scale * float(low))}, {pattern.format(scale * float(high))}]"
+        return f"{text}{'%' if percent else ''} {bounds}{'' if percent else unit}"
+    return f"{text}{unit} (no interval)"
+
+
 def count(value: int | float | None) -> str:
     """A count with thousands separators ("1,234")."""
     if _missing(value):

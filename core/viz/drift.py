@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from core.fmt import value_text
 from core.viz.charts import _base_layout
 from core.viz.heatmap import (
     delta_color,
@@ -310,12 +311,13 @@ def _bars(
 
 def _interval(value: Any, low: Any, high: Any, digits: int = 3, scale: float = 1.0,
               unit: str = "") -> str:  # fmt: skip
-    if not _finite(value):
-        return "–"
-    text = f"{scale * value:.{digits}f}{unit}"
-    if _finite(low) and _finite(high):
-        text += f" [{scale * low:.{digits}f}, {scale * high:.{digits}f}]"
-    return text
+    """A level with its interval by the one rule (core.fmt.value_text): KL in nats, or a share
+    of 0-1 in percent (`scale` 100)."""
+    if scale == 100.0 or unit == "%":  # a share: 0-1, or already in percent (scale 1)
+        div = 1.0 if scale == 100.0 else 100.0
+        parts = [v / div if _finite(v) else None for v in (value, low, high)]
+        return value_text(*parts, percent=True).replace(" (no interval)", "")
+    return value_text(value, low, high, digits=digits).replace(" (no interval)", "")
 
 
 def category_chart(frame: pd.DataFrame) -> go.Figure:

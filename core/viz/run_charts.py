@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 from core import fmt
 from core.eval.drift import DRIFT_LABELS
 from core.eval.suites import DRIFT, PRIMARY_METRIC
+from core.fmt import value_text
 from core.jobs.metrics import (
     EvalSummaryRecord,
     StartRecord,
@@ -685,25 +686,6 @@ def metric_label(task: str, metric: str, sep: str = " ") -> str:
     if metric in DRIFT_LABELS and is_drift_task(task):
         return f"{probe_title(task)}: {DRIFT_LABELS[metric]}"
     return f"{task}{sep}{metric_name(metric, task)}"
-
-
-def value_text(
-    value: Any, low: Any = None, high: Any = None, unit: str = "", digits: int = 3,
-    *, percent: bool = False, signed: bool = False,
-) -> str:  # fmt: skip
-    """A measured value (not a change) with its 95% interval: "0.042 [0.035, 0.050] nats",
-    "93.3% [91.0, 95.4]" (`percent`: a share 0-1 shown in %), "0.042 nats (no interval)" or
-    "–"; `signed` writes the sign (a Δ such as the Δ NLL of the base's answers)."""
-    if not _finite(value):
-        return "–"
-    scale, digits = (100.0, 1) if percent else (1.0, digits)
-    fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
-    unit = "%" if percent else (f" {unit}" if unit else "")
-    text = fmt.format(scale * float(value))
-    if _finite(low) and _finite(high):
-        bounds = f"[{fmt.format(scale * float(low))}, {fmt.format(scale * float(high))}]"
-        return f"{text}{'%' if percent else ''} {bounds}{'' if percent else unit}"
-    return f"{text}{unit} (no interval)"
 
 
 def _drift_rows(run: RunView, task: str) -> pd.DataFrame:
