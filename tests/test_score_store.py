@@ -462,3 +462,114 @@ def test_damaged_vocabulary_moves_its_setting_aside(tiny_lm, mbpp, count_batches
     assert len(list((cache.path / "quarantine").iterdir())) == 3
     assert _dicts(run.examples[:3]) == _dicts(first.examples)
     assert score_examples(tiny_lm, mbpp[:5], cache=ScoreCache()).n_cached == 5
+
+
+# Two processes score overlapping selections (each looks its batch up and writes only what is
+# missing, as `score_examples` does); with a kill step, the worker SIGKILLs itself in the middle
+# of writing that fragment (half of its bytes in the temp file, the setting's lock held).
+_SCORER = textwrap.dedent(
+    """
+    import io, json, os, signal, sys
+    from core.scoring import store
+    store.MAX_FRAGMENTS = 4  # merges happen while the other process writes
+    from core.scoring.cache import ScoreCache, ScoreSetting, content_key
+    from tests.test_score_store import SETTING, _synthetic
+    root, lo, hi, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    writes = []
+    original = store.write_atomic
+
+    def write_atomic(path, write, **kwargs):
+        if os.path.basename(str(path)).startswith("part-"):
+            writes.append(path)
+            if len(writes) == kill_at:
+                def half(fh):
+                    buf = io.BytesIO()
+                    write(buf)
+                    fh.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                    fh.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return original(path, half, **kwargs)
+        return original(path, write, **kwargs)
+
+    store.write_atomic = write_atomic
+    cache = ScoreCache(root)
+    recs = _synthetic(36, seed=11)[lo:hi]
+    scored, warnings = [], []
+    for start in range(0, len(recs), 2):
+        batch = recs[start : start + 2]
+        found = cache.lookup(SETTING, batch)
+        warnings += found.warnings
+        have = set(found.keys)
+        missing = [r for r in batch if content_key(r) not in have]
+        if missing:
+            cache.put(SETTING, missing)
+            scored += [r.id for r in missing]
+        seen = cache.lookup(SETTING, recs[: start + 2])  # readable while the other one writes
+        warnings += seen.warnings
+        assert [r.to_dict() for r in seen.scores.to_examples()] == [
+            r.to_dict() for r in recs[: start + 2]
+        ]
+    print(json.dumps({"scored": scored, "warnings": warnings}))
+    """
+)
+
+
+def _scorer(root, lo, hi, kill_at=0):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-c", _SCORER, str(root), str(lo), str(hi), str(kill_at)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def test_two_scorers_on_overlapping_selections_one_killed_mid_append(tmp_path):
+    """A lab's two scoring jobs share a store and one is killed: the store stays readable, no
+    example is stored twice or lost, and a fragment the crash damaged is quarantined and its
+    examples scored again when the killed job's selection is scored again."""
+    import json
+
+    root = tmp_path / "store"
+    everything = _synthetic(36, seed=11)
+    survivor, killed = _scorer(root, 0, 24), _scorer(root, 12, 36, kill_at=4)
+    out, err = survivor.communicate(timeout=300)
+    assert survivor.returncode == 0, err
+    killed.communicate(timeout=300)
+    assert killed.returncode == -9  # it died in its 4th fragment write, the lock held
+    folder = ScoreCache(root).store.setting_dir(SETTING.key())
+    assert list(folder.glob(".part-*"))  # the half-written temp file is all it left
+    # readable at once: every example is there once, or missing (the killed one's last batch)
+    found = ScoreCache(root).lookup(SETTING, everything)
+    assert found.warnings == []
+    assert len(found.keys) == len(set(found.keys)) and len(found.keys) < len(everything)
+    got = {r.id: r.to_dict() for r in found.scores.to_examples()}
+    assert all(got[i] == r.to_dict() for r in everything if (i := r.id) in got)
+    assert {f"e{i}" for i in range(24)} <= set(got)  # the survivor's whole selection
+
+    # a crash that tears a renamed fragment (power lost before its pages reached the disk)
+    fragments = store_module.ScoreStore(root).fragments(SETTING.key())
+    mine = [p for p in fragments if f"-{killed.pid}-" in p.name]
+    torn = (mine or fragments)[-1]
+    torn_ids = set(pq.read_table(torn, columns=["id"]).column("id").to_pylist())
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
+
+    def rescore(lo, hi):
+        proc = _scorer(root, lo, hi)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        return json.loads(out)
+
+    def ids(lo, hi):
+        return {f"e{i}" for i in range(lo, hi)}
+
+    report = rescore(12, 36)  # the killed job, run again
+    assert len(report["warnings"]) == 1 and torn.name in report["warnings"][0]
+    assert any(torn.name in p.name for p in (root / "quarantine").iterdir())
+    # what it scored again: its examples that the kill or the tear took, nothing else
+    assert set(report["scored"]) == ids(12, 36) - (set(got) - torn_ids)
+    assert len(report["scored"]) == len(set(report["scored"]))
+    # the torn fragment's other rows (merged in from the first job) are missing, not wrong
+    report = rescore(0, 24)
+    assert report["warnings"] == [] and set(report["scored"]) == torn_ids - ids(12, 36)
+    final = ScoreCache(root).lookup(SETTING, everything)
+    assert final.warnings == [] and len(final.keys) == len(everything) == len(set(final.keys))
+    assert _dicts(final.scores.to_examples()) == _dicts(everything)
