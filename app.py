@@ -7,7 +7,10 @@ from pathlib import Path
 
 import streamlit as st
 
+from components.layout import apply_layout
+
 st.set_page_config(page_title="Perplexity Lens", page_icon=":material/search:", layout="wide")
+apply_layout()
 
 pages = [
     st.Page("pages/home.py", title="Start", icon=":material/home:", default=True),

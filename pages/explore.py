@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from components.layout import fit_columns
 from components.live_generation import live_answer
 from components.session import (
     Selection,
@@ -180,7 +181,8 @@ def example_navigator(ids: Sequence[str], current: str, seq: dict[str, float], k
     if st.session_state.get(key) != current:
         st.session_state[key] = current
     pos = ids.index(current)
-    c1, c2, c3 = st.columns([6, 1, 1], vertical_alignment="bottom")
+    # wide enough buttons for "Previous" at 1280 px (a narrower one read "Prev…")
+    c1, c2, c3 = st.columns([4.6, 1.2, 1.2], vertical_alignment="bottom")
     c1.selectbox(
         "Example (type an id to jump)",
         ids,
@@ -525,16 +527,29 @@ def examples_tab(sel: Selection, gt: TokenScores, tau: float, current: str) -> N
             hide_index=True,
             width="stretch",
             height=min(38 + 35 * len(shown), 320),
+            # every column in view at 1280 px: the id pinned, the prompt capped (hover a cell
+            # for all of it), short headers with the long names as help
             column_config={
-                "id": st.column_config.TextColumn("id", width="small"),
-                "prompt": st.column_config.TextColumn("prompt", width="large"),
+                "id": st.column_config.TextColumn("id", width="small", pinned=True),
+                "prompt": st.column_config.TextColumn(
+                    "prompt", width=300, help="hover a cell for the whole prompt"
+                ),
                 "seq ppl": st.column_config.NumberColumn("seq ppl", format="%.2f"),
                 "tokens": st.column_config.NumberColumn("tokens", format="%d"),
                 "share > τ": st.column_config.ProgressColumn(
-                    f"share > τ={tau:g}", min_value=0.0, max_value=1.0, format="percent"
+                    f"share > τ={tau:g}",
+                    min_value=0.0,
+                    max_value=1.0,
+                    format="percent",
+                    width=130,
+                    help=f"share of the response's tokens with ppl > τ = {tau:g}",
                 ),
-                "max token ppl": st.column_config.NumberColumn("max token ppl", format="%.3g"),
-                "truncated": st.column_config.CheckboxColumn("truncated"),
+                "max token ppl": st.column_config.NumberColumn(
+                    "max ppl", format="%.3g", help="the largest token perplexity in the response"
+                ),
+                "truncated": st.column_config.CheckboxColumn(
+                    "cut", help="truncated to the model's context length"
+                ),
             },
         )
     if n_pages > 1:
@@ -870,7 +885,20 @@ def analytics_tab(sel: Selection, gt: TokenScores, tau: float, lm: LoadedModel) 
     with left:
         above = stats["above"]
         st.caption(coverage)
-        st.dataframe(above_table_display(above), hide_index=True, width="stretch")
+        st.dataframe(
+            above_table_display(above),
+            hide_index=True,
+            width="stretch",
+            column_config=fit_columns(
+                ["data source", "mean per example", "examples fully > τ"],
+                pin=["data source"],
+                short={"mean per example": "mean/example", "examples fully > τ": "all > τ"},
+                help={
+                    "mean per example": "the share above τ of each example, averaged",
+                    "examples fully > τ": "examples whose every response token is above τ",
+                },
+            ),
+        )
         st.caption(
             "STM masks exactly these tokens (ppl > τ). The paper found masking about 20–25% of "
             "response tokens works best. Examples fully above τ would carry no loss at all."

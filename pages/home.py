@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from components.jobs_view import backend_panel
+from components.layout import fit_columns
 from components.session import current_model, load_dataset_cached, sidebar_selection
 from core.data.tasks import list_tasks
 from core.errors import LensError
@@ -131,4 +132,11 @@ st.dataframe(
     ),
     hide_index=True,
     width="stretch",
+    column_order=["task", "title", "splits", "scorer", "MC format", "licence", "source"],
+    column_config=fit_columns(
+        ["task", "title", "splits", "scorer", "MC format", "licence", "source"],
+        pin=["task"],
+        widths={"title": 110, "splits": 110, "MC format": 180, "licence": 90, "source": "large"},
+        help={"source": "where the offline copy comes from (hover a cell for all of it)"},
+    ),
 )

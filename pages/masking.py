@@ -66,6 +66,8 @@ MODE_HELP = (
     "at this τ, at random positions (a control). **Percentile** masks k% of every example's "
     "response tokens: the highest-ppl, a random or the lowest-ppl ones."
 )
+#: the selector's own words: short enough for one row at 1280 px (the help says the rest)
+MODE_BUTTONS = {**MODE_LABELS, "random": "Random"}
 RULE_LABELS = {"top": "highest ppl", "random": "random", "bottom": "lowest ppl"}
 KIND_LABELS = {"tau": "Set τ", "share": "Target share"}
 RULE_OF_THUMB = (0.20, 0.25)
@@ -394,15 +396,16 @@ index = indexes[None]
 if run.skipped:
     st.caption(f"{len(run.skipped)} examples were skipped when scoring (empty response).")
 
-c_mode, c_kind, c_opts = st.columns([5, 4, 2.5], vertical_alignment="bottom")
+c_mode, c_kind, c_opts = st.columns([5.5, 4, 2.5], vertical_alignment="bottom")
 mode = c_mode.segmented_control(
     "Mode",
-    list(MODE_LABELS),
+    list(MODE_BUTTONS),
     default="high",
     required=True,
-    format_func=MODE_LABELS.get,
+    format_func=MODE_BUTTONS.get,
     key="mask_mode",
     help=MODE_HELP,
+    wrap=True,  # a second row of options rather than a clipped, scrolled one
 )
 rule, seed, kind = "top", 0, "tau"
 if mode == "percentile":

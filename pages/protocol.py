@@ -18,6 +18,7 @@ from components.jobs_view import (
     job_log,
     state_bar,
 )
+from components.layout import key_table
 from components.session import ensure_app_navigation
 from core.errors import LensError
 from core.fmt import count
@@ -66,7 +67,7 @@ with st.expander("What the cpu preset can show on the embedded model", expanded=
         st.caption("No recorded sweep (docs/cpu_forgetting.json; bench/bench_cpu_forgetting.py).")
     else:
         st.markdown(sweep["text"])
-        st.dataframe(pd.DataFrame(sweep_table(sweep["rows"])), hide_index=True)
+        key_table(pd.DataFrame(sweep_table(sweep["rows"])))
         st.caption(
             f"Ground truth alone, one seed, each setting against the base model on the same "
             f"items of the `{sweep['suite']}` suite (paired 95% bootstrap interval; accuracy in "
@@ -232,7 +233,7 @@ def show_partial(folder_name: str) -> None:
         "report come when every run has finished.",
         icon=":material/hourglass_top:",
     )
-    st.dataframe(pd.DataFrame(summary_table(found)), hide_index=True, width="stretch")
+    key_table(pd.DataFrame(summary_table(found)))  # the arm stays in view
     lines = found.get("findings") or []
     if lines:
         st.markdown("**Reading against ground truth so far** (means over the seeds finished)")
@@ -253,9 +254,9 @@ st.caption(
     "model (step 0) to the end of training; OOD easy-token NLL Δ% > 0 means the model got worse "
     "at out-of-domain tokens it already predicted well, OOD NLL Δ% at all of them."
 )
-st.dataframe(pd.DataFrame(summary_table(results)), hide_index=True, width="stretch")
+key_table(pd.DataFrame(summary_table(results)))  # the arm stays in view
 with st.expander("Change (%) of every task and metric"):
-    st.dataframe(pd.DataFrame(summary_table(results, detail=True)), hide_index=True)
+    key_table(pd.DataFrame(summary_table(results, detail=True)))
 st.markdown(
     "**In short** (paired intervals over items and seeds; drift from the base model first, "
     "the benchmarks after)"

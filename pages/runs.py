@@ -9,14 +9,17 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from components.jobs_view import current_state, state_bar
+from components.layout import fit_columns
 from components.session import ensure_app_navigation
 from core.errors import LensError
 from core.eval.config import EvalConfig, eval_job_config, resolve_adapter_path
+from core.eval.drift import DRIFT_LABELS
 from core.eval.suites import SUITES, get_suite
 from core.jobs.registry import JobRegistry, jobs_by_run
 from core.jobs.runfiles import read_metrics, run_progress
 from core.study.runs import (
     DRIFT_READING,
+    SPLIT_COLUMN,
     RunView,
     drift_display_table,
     drift_notes,
@@ -229,7 +232,27 @@ def _draw() -> None:
     if drift.empty:
         st.caption("No drift measured after step 0 in these runs yet.")
     else:
-        st.dataframe(drift_display_table(drift), hide_index=True, width="stretch")
+        shown = drift_display_table(drift)
+        st.dataframe(
+            shown,
+            hide_index=True,
+            width="stretch",
+            column_config=fit_columns(
+                shown.columns,
+                pin=["run"],
+                widths={"run": "medium", "probe": "medium", "step": 50},
+                short={
+                    DRIFT_LABELS["kl"]: "token KL, nats",
+                    DRIFT_LABELS["top1_agree"]: "top-1 agree",
+                    DRIFT_LABELS["dnll"]: "Δ NLL, nats/token",
+                    SPLIT_COLUMN: "KL toward / away",
+                },
+                help={
+                    DRIFT_LABELS["kl"]: "95% interval over probe items in brackets",
+                    SPLIT_COLUMN: "toward + away = KL; the share toward in brackets",
+                },
+            ),
+        )
         st.caption(DRIFT_READING)
     missing = drift_notes(runs)
     if missing:

@@ -490,3 +490,117 @@ def test_reproduce_page_offers_the_protocol_with_its_command(page):
     page.get_by_text("No protocol yet").wait_for()
     _shot(page, "13-reproduce-the-paper")
     _no_errors(page)
+
+
+# Every label, button, option and tab of the main area and the sidebar whose text does not fit
+# its box: its own text overflows a box that hides the overflow (an ellipsis, "Prev…"), or an
+# ancestor that hides or scrolls the overflow cuts it off ("Percentil" in a scrolled selector).
+# Tables, charts, code and the token heatmaps are checked apart (below) or are drawn on purpose.
+TRUNCATED_LABELS_JS = """() => {
+  const skip = '[data-testid="stDataFrame"], [data-testid="stPlotlyChart"], [data-testid="stCode"],'
+    + ' pre, .pl-root, .pd-root, svg, [data-testid="stMarkdownContainer"] table';
+  const shown = el => {
+    for (let e = el; e; e = e.parentElement) {
+      const s = getComputedStyle(e);
+      if (s.display === 'none' || s.visibility === 'hidden' || e.hidden) return false;
+    }
+    const r = el.getBoundingClientRect();
+    return r.width > 0 && r.height > 0;
+  };
+  const out = [];
+  const roots = document.querySelectorAll('[data-testid="stMain"], [data-testid="stSidebar"]');
+  for (const root of roots) {
+    for (const el of root.querySelectorAll('*')) {
+      const text = [...el.childNodes].filter(n => n.nodeType === 3)
+        .map(n => n.textContent).join('').trim();
+      if (!text || el.closest(skip) || !shown(el)) continue;
+      const s = getComputedStyle(el);
+      let why = null;
+      if (s.overflowX !== 'visible' && el.scrollWidth > el.clientWidth + 1) {
+        why = `text ${el.scrollWidth}px in a ${el.clientWidth}px box`;
+      } else {
+        const range = document.createRange();
+        range.selectNodeContents(el);
+        const t = range.getBoundingClientRect();
+        for (let a = el.parentElement; a && a !== root.parentElement; a = a.parentElement) {
+          if (!['hidden', 'clip', 'auto', 'scroll'].includes(getComputedStyle(a).overflowX)) continue;
+          const b = a.getBoundingClientRect();
+          if (t.right > b.right + 1 || t.left < b.left - 1) {
+            why = `text at ${Math.round(t.left)}-${Math.round(t.right)}px cut by a box at `
+              + `${Math.round(b.left)}-${Math.round(b.right)}px`;
+            break;
+          }
+        }
+      }
+      if (why) {
+        const widget = el.closest('[data-testid^="st"]');
+        out.push({text: el.textContent.trim().slice(0, 80), why,
+                  widget: widget && widget.getAttribute('data-testid')});
+      }
+    }
+  }
+  return out;
+}"""
+
+# Code and log boxes whose lines run past the box (they should wrap), and tables that scroll
+# sideways, with how many pixels they hide.
+OVERFLOW_JS = """() => {
+  const main = document.querySelector('[data-testid="stMain"]');
+  const over = el => el.scrollWidth - el.clientWidth;
+  return {
+    code: [...main.querySelectorAll('[data-testid="stCode"] pre')]
+      .filter(p => p.offsetParent && over(p) > 1).map(p => p.textContent.trim().slice(0, 80)),
+    tables: [...main.querySelectorAll('[data-testid="stDataFrame"] .dvn-scroller')]
+      .filter(s => s.offsetParent && over(s) > 1).map(over),
+  };
+}"""
+
+# The pages of the main workflow, in order: (navigation title, heading, what to wait for).
+LAYOUT_PAGES = [
+    ("Start", "Perplexity Lens", '[data-testid="stDataFrame"]'),
+    ("Explore", "Explore token perplexity", "span.pl-t"),
+    ("Masking studio", "Masking studio", "span.pl-t"),
+    ("Generate data", "Generate data", None),
+    ("Train", "Train", None),
+    ("Runs", "Runs", None),
+    ("Where it forgot", "Where it forgot", None),
+    ("Compare & report", "Compare runs", None),
+    ("Reproduce the paper", "Reproduce the paper", None),
+]
+
+
+@pytest.mark.parametrize("width,height", [(1280, 720), (1920, 1080)])
+def test_layout_fits_the_screen_no_label_is_cut_off(page, app_url, width, height):
+    """Every page of the workflow at 1280×720 (a laptop) and 1920×1080: no label, button,
+    option or tab is cut off, and no code or log box hides the end of its lines. Runs alone too
+    (`-k layout`): it opens the app with the workflow's selection itself."""
+    page.set_viewport_size({"width": width, "height": height})
+    try:
+        if "task=" not in page.url:
+            page.goto(f"{app_url}/?model=default&kind=task&task=mbpp&limit={N_EXAMPLES}")
+            page.get_by_role("heading", name="Perplexity Lens", exact=True).wait_for(timeout=60_000)
+        problems = {}
+        for title, heading, ready in LAYOUT_PAGES:
+            _open(page, title, heading)
+            if ready:
+                page.locator(ready).first.wait_for(timeout=SLOW)
+            _wait_until_idle(page)
+            page.wait_for_timeout(1000)  # fonts and the last layout pass
+            cut = page.evaluate(TRUNCATED_LABELS_JS)
+            overflow = page.evaluate(OVERFLOW_JS)
+            name = re.sub(r"\W+", "-", title.lower()).strip("-")
+            _shot(page, f"layout-{width}x{height}-{name}")
+            # and the whole page: the main area scrolls inside the window, so a window as tall
+            # as the page shows all of it (at the same width, so the same layout)
+            tall = page.evaluate(
+                "() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight"
+            )
+            page.set_viewport_size({"width": width, "height": min(int(tall) + 40, 8000)})
+            page.wait_for_timeout(1000)
+            _shot(page, f"layout-{width}-whole-{name}")
+            page.set_viewport_size({"width": width, "height": height})
+            if cut or overflow["code"]:
+                problems[title] = {"labels": cut, "code": overflow["code"]}
+        assert not problems, problems
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1800})
