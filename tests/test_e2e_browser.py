@@ -578,10 +578,11 @@ def test_layout_fits_the_screen_no_label_is_cut_off(page, app_url, width, height
     try:
         if "task=" not in page.url:
             page.goto(f"{app_url}/?model=default&kind=task&task=mbpp&limit={N_EXAMPLES}")
-            page.get_by_role("heading", name="Perplexity Lens", exact=True).wait_for(timeout=60_000)
+            page.get_by_role("heading", name="Perplexity Lens", exact=True).wait_for(timeout=SLOW)
         problems = {}
         for title, heading, ready in LAYOUT_PAGES:
-            _open(page, title, heading)
+            page.get_by_test_id("stSidebarNav").get_by_role("link", name=title).click()
+            page.get_by_role("heading", name=heading, exact=True).wait_for(timeout=SLOW)
             if ready:
                 page.locator(ready).first.wait_for(timeout=SLOW)
             _wait_until_idle(page)
