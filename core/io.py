@@ -175,7 +175,15 @@ def replace_dir_atomic(target: str | Path, build: Callable[[Path], None]) -> Pat
 def append_jsonl(path: str | Path, record: Any) -> None:
     """Append one record as one whole line (one write, then fsync). If an earlier writer died
     mid-line, the record starts on a fresh line, so only the broken line is lost."""
-    line = jsonl_line(record).encode("utf-8")
+    append_jsonl_lines(path, [record])
+
+
+def append_jsonl_lines(path: str | Path, records: Iterable[Any]) -> None:
+    """Append records as whole lines in ONE write, then fsync: a process killed meanwhile
+    leaves all of them or none (at worst a cut last line, which readers skip), never some."""
+    line = "".join(jsonl_line(r) for r in records).encode("utf-8")
+    if not line:
+        return
     fd = os.open(Path(path), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         size = os.fstat(fd).st_size

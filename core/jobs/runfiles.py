@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.io import append_jsonl, read_jsonl
+from core.io import append_jsonl, append_jsonl_lines, read_jsonl
 from core.jobs.metrics import (
     DoneRecord,
     EvalSummaryRecord,
@@ -97,6 +97,13 @@ def append_metric(run_dir: str | Path, record: dict[str, Any] | MetricRecord) ->
     """
     row = record.to_dict() if isinstance(record, MetricRecord) else record
     append_jsonl(Path(run_dir) / METRICS_JSONL, row)
+
+
+def append_metrics(run_dir: str | Path, records: Sequence[dict[str, Any] | MetricRecord]) -> None:
+    """Append several records in one write (`core.io.append_jsonl_lines`): an evaluation
+    round's records reach metrics.jsonl all together or not at all."""
+    rows = [r.to_dict() if isinstance(r, MetricRecord) else r for r in records]
+    append_jsonl_lines(Path(run_dir) / METRICS_JSONL, rows)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

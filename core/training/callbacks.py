@@ -18,7 +18,12 @@ from core.eval.scorers import SuiteResult
 from core.eval.suites import DRIFT, EvalSuite, suite_from_config
 from core.io import write_json_atomic
 from core.jobs.metrics import CheckpointRecord, StartRecord, TrainRecord
-from core.jobs.runfiles import StatusFn, append_metric, eval_round_path
+from core.jobs.runfiles import (
+    StatusFn,
+    append_metrics,
+    eval_round_path,
+    read_metrics,
+)
 from core.jobs.state import as_reporter
 from core.model.loading import LoadedModel
 from core.training.config import TrainConfig
@@ -155,11 +160,17 @@ class EvalCallback(TrainerCallback):
         self.last_step: int | None = None
         self.history: list[tuple[int, SuiteResult, Comparison | None]] = []
         self.seconds = 0.0
+        #: steps whose round is in metrics.jsonl (a resumed run's earlier rounds included)
+        self.recorded: set[int] = set()
 
     # -- trainer events -----------------------------------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Step 0 (or the resumed step): the reference every later round is compared with.
+        """Step 0: the reference every later round is compared with.
+
+        A resumed run evaluates where an uninterrupted one would: its step-0 round (and any
+        other already in metrics.jsonl) is read back, not run again, and the step it resumes
+        from gets a round only when one was due there and is missing.
 
         Under several processes only rank 0 evaluates (the whole suite, on its copy of the
         model); the others wait for each round at their next step."""
@@ -170,19 +181,41 @@ class EvalCallback(TrainerCallback):
                     f"{self.every_n_steps} steps; the other processes wait for each round",
                     flush=True,
                 )
-            self._round(args, state, kwargs)
+            self._read_recorded()
+            step = int(state.global_step)
+            if step in self.recorded:
+                self.last_step = step
+            elif step == 0 or step % self.every_n_steps == 0:
+                self._round(args, state, kwargs)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Every N steps."""
         step = state.global_step
         if state.is_world_process_zero and step % self.every_n_steps == 0:
-            if step != self.last_step:
+            if step != self.last_step and step not in self.recorded:
                 self._round(args, state, kwargs)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """The final model, unless the last round already saw it."""
-        if state.is_world_process_zero and self.eval_at_end and state.global_step != self.last_step:
-            self._round(args, state, kwargs)
+        """The final model, unless a round already saw it."""
+        step = state.global_step
+        if state.is_world_process_zero and self.eval_at_end:
+            if step != self.last_step and step not in self.recorded:
+                self._round(args, state, kwargs)
+
+    def _read_recorded(self) -> None:
+        """The rounds a killed attempt of this run recorded (all of each round, or none: see
+        `evaluate`), and its step-0 result as the base of later comparisons."""
+        from core.io import read_json
+
+        self.recorded |= {
+            int(r["step"])
+            for r in read_metrics(self.run_dir)
+            if r.get("kind") == "eval" and r.get("step") is not None
+        }
+        if 0 in self.recorded and self.base is None:
+            saved = read_json(eval_round_path(self.run_dir, 0))
+            if isinstance(saved, dict):
+                self.base = SuiteResult.from_dict(saved)
 
     def _round(self, args: Any, state: Any, kwargs: dict[str, Any]) -> None:
         step, max_steps = int(state.global_step), int(state.max_steps)
@@ -266,15 +299,17 @@ class EvalCallback(TrainerCallback):
         now = time.time()
         # the round's per-item results: paired intervals (step k vs step 0, arm vs arm) need them
         write_json_atomic(eval_round_path(self.run_dir, step), result.to_dict())
-        for record in result.records(step, now):
-            append_metric(self.run_dir, record)
+        records = result.records(step, now)
         comparison = None
         seconds = time.monotonic() - started
         if self.base is not None:
             comparison = compare_results(self.base, result, self.suite)
             record = comparison.summary_record(step, now)
             record["seconds"] = seconds
-            append_metric(self.run_dir, record)
+            records.append(record)
+        # one write: a kill leaves the round recorded whole or not at all (then it runs again)
+        append_metrics(self.run_dir, records)
+        self.recorded.add(step)
         self.seconds += seconds
         self.last_step = step
         self.history.append((step, result, comparison))

@@ -52,9 +52,16 @@ from typing import Any
 
 from core.errors import LensError
 from core.jobs.metrics import DataRecord, DoneRecord, loss_by_step
-from core.jobs.runfiles import ADAPTER_DIR, CHECKPOINTS_DIR, StatusFn, checkpoints
+from core.jobs.runfiles import (
+    ADAPTER_DIR,
+    CHECKPOINTS_DIR,
+    StatusFn,
+    checkpoint_step,
+    checkpoints,
+)
 from core.jobs.state import StateReporter, as_reporter
 from core.training.callbacks import _metrics_callback, job_callbacks
+from core.training.checkpoints import clean_partial, rewind_metrics, with_atomic_checkpoints
 from core.training.config import REPORTERS, TrainConfig
 from core.training.data import TrainingData, build_training_data
 
@@ -245,7 +252,8 @@ def build_trainer(
     train_dataset = datasets.Dataset.from_list(
         [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data.rows]
     )
-    trainer = SFTTrainer(
+    # checkpoints written whole or not at all (a kill while saving leaves nothing to resume from)
+    trainer = with_atomic_checkpoints(SFTTrainer)(
         model=lm.model,
         args=args,
         train_dataset=train_dataset,
@@ -338,8 +346,15 @@ def run_training(
         print(f"config: {config.describe()}", flush=True)
     trainer, data = build_trainer(config, run, callbacks=callbacks, status=status)
     main = trainer.is_world_process_zero()
+    if main:  # what a killed attempt left half-written goes; its steps after the checkpoint too
+        removed = clean_partial(run / CHECKPOINTS_DIR)
+        if removed:
+            print(f"removed what a killed attempt left half-written: {', '.join(removed)}",
+                  flush=True)  # fmt: skip
+    trainer.accelerator.wait_for_everyone()
     resume = last_complete_checkpoint(run / CHECKPOINTS_DIR)
     if main:
+        rewind_metrics(run, (checkpoint_step(resume) or 0) if resume else 0)
         print(f"data: {data.describe()}", flush=True)
         if data.fully_masked_ids:
             shown = ", ".join(data.fully_masked_ids[:20])

@@ -1,0 +1,168 @@
+"""Resume equivalence under SIGKILL at random moments (issue 23), on the tiny test model.
+
+One training job (tests/kill_resume.py's config: 6 examples, 8 steps, a checkpoint every 2
+steps, an evaluation round every 3 on the `during` suite limited to one item per task) runs as a
+user's queued job does: `JobRegistry.submit`, its own process group. It is SIGKILLed (the
+whole group) at `--kills` moments drawn at random over an attempt's length, and resumed each
+time with `JobRegistry.resume`, then left to finish. An uninterrupted job of the same config is
+the reference. The run must end with the same final step, every step recorded once in
+metrics.jsonl, no corrupt checkpoint and the same adapter weights (`check_run`).
+
+Each kill is labelled with where the job was: its phase from run_state.json (preparing data,
+training step k, evaluating step k, final evaluation, saving) and "checkpoint" when a
+checkpoint was being written (a `checkpoints/.staging` folder left behind).
+
+    python bench/bench_kill_resume.py                  # 20 kills, seed 0
+    python bench/bench_kill_resume.py --kills 5 --seed 1 --out /tmp/kr.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import cpu_name  # noqa: E402
+
+
+def make_tiny_model(folder: Path) -> Path:
+    """The test suite's tiny model (tests/conftest.py: 2 layers, 64 wide, SmolLM2's tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from core.model.loading import prepare_embedded_model
+
+    tokenizer = AutoTokenizer.from_pretrained(prepare_embedded_model())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def where(run_dir: Path) -> str:
+    """The job's phase as the kill found it."""
+    from core.jobs.state import read_state
+
+    state = read_state(run_dir)
+    if state is None:
+        return "starting"
+    step = f" {state.step}" if state.step is not None else ""
+    return f"{state.phase.value}{step}"
+
+
+def run_job(registry, config: dict, label: str) -> tuple[str, Path]:
+    job = registry.submit("train", config, device="cpu", label=label)
+    return job.id, Path(job.run_dir)
+
+
+def wait_final(registry, job_id: str, timeout: float = 3600):
+    return registry.wait(job_id, timeout=timeout, poll=0.2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="write the result as JSON here")
+    parser.add_argument("--work", default=None, help="folder for the runs (default: a temp one)")
+    args = parser.parse_args()
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="plens-kill-resume-"))
+    os.environ["PLENS_RUNS_DIR"] = str(work / "runs")
+    os.environ.setdefault("PLENS_CACHE_DIR", str(work / "cache"))
+    from core.jobs.registry import FAILED, RUNNING, SUCCEEDED, JobRegistry
+    from core.jobs.runfiles import read_metrics
+    from tests import kill_resume as kr
+
+    model = make_tiny_model(work / "tiny")
+    config = json.loads(kr.write_config(work / "cfg", str(model)).read_text())
+    registry = JobRegistry(work / "runs")
+
+    started = time.monotonic()
+    ref_id, reference = run_job(registry, config, "uninterrupted")
+    ref_job = wait_final(registry, ref_id)
+    length = time.monotonic() - started
+    if ref_job.status != SUCCEEDED:
+        print(f"error: the uninterrupted run failed: {ref_job.error}", file=sys.stderr)
+        return 1
+    print(f"uninterrupted run: {length:.0f} s", flush=True)
+
+    rng = random.Random(args.seed)
+    job_id, run = run_job(registry, config, "killed")
+    kills = []
+    for i in range(args.kills):
+        job = registry.get(job_id)
+        if job.status == SUCCEEDED:
+            print(f"kill {i + 1}: the job had already finished; the rest are not made")
+            break
+        delay = rng.uniform(0.5, length)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < delay:
+            job = registry.get(job_id)
+            if job.status != RUNNING and job.status != "queued":
+                break
+            time.sleep(0.05)
+        job = registry.get(job_id)
+        if job.status != RUNNING or not job.pid:
+            print(f"kill {i + 1}: the job was {job.status} at the moment drawn; not made")
+            break
+        moment = where(run)
+        os.killpg(job.pid, signal.SIGKILL)
+        t_kill = time.monotonic() - t0
+        while registry.get(job_id).status == RUNNING:
+            time.sleep(0.1)
+        if (run / "checkpoints" / ".staging").is_dir():
+            moment += " (checkpoint being written)"
+        step = max((r["step"] for r in read_metrics(run) if r.get("kind") == "train"), default=0)
+        kills.append({"after_s": round(t_kill, 2), "where": moment, "last_step_logged": step})
+        print(f"kill {i + 1}: after {t_kill:.1f} s, {moment}, last logged step {step}", flush=True)
+        assert registry.get(job_id).status == FAILED
+        registry.resume(job_id)
+    final = wait_final(registry, job_id)
+    problems = [f"job ended {final.status}: {final.error}"] if final.status != SUCCEEDED else []
+    if not problems:
+        problems = kr.check_run(run, reference)
+    phases = Counter(k["where"].split(" ")[0] for k in kills)
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "kills": len(kills),
+        "by_phase": dict(phases),
+        "while_checkpointing": sum("checkpoint being written" in k["where"] for k in kills),
+        "uninterrupted_s": round(length, 1),
+        "total_s": round(time.monotonic() - started, 1),
+        "problems": problems,
+        "kill_log": kills,
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "kill_log"}, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print("PASS" if not problems else "FAIL: " + "; ".join(problems))
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
