@@ -12,7 +12,14 @@ from core.data.tasks import list_tasks
 from core.errors import LensError
 from core.fmt import count, num
 from core.model.loading import MODEL_SLOT, describe_model
-from core.study.protocol import headline, list_protocols, load_cpu_sweep, sweep_verdict
+from core.study.protocol import (
+    ProtocolConfig,
+    headline,
+    list_protocols,
+    load_cpu_protocol,
+    load_cpu_sweep,
+    sweep_verdict,
+)
 
 sel = sidebar_selection()
 
@@ -64,6 +71,15 @@ def measured_here() -> None:
             f"Running or unfinished: **{view.name}**, {count(len(view.finished_runs()))} of "
             f"{count(len(view.planned_runs()))} training runs finished."
         )
+    recorded = load_cpu_protocol()
+    if recorded is not None:
+        config = ProtocolConfig.from_dict(recorded["config"])
+        st.markdown(
+            f"**Recorded on the project's machine** ({config.describe()}; {recorded['machine']}, "
+            f"{recorded['date']}), in short:"
+        )
+        for line in headline(recorded):
+            st.markdown(f"- {line}")
     sweep = load_cpu_sweep()
     if sweep is not None:
         st.markdown(

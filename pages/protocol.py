@@ -34,6 +34,7 @@ from core.study.protocol import (
     arm_specs,
     headline,
     list_protocols,
+    load_cpu_protocol,
     load_cpu_sweep,
     load_protocol,
     preflight,
@@ -60,6 +61,20 @@ st.caption(
     "report. It runs in the background and resumes where it stopped."
 )
 
+
+recorded = load_cpu_protocol()
+if recorded is not None:
+    with st.expander("The cpu preset as run on the project's machine", expanded=False):
+        recorded_config = ProtocolConfig.from_dict(recorded["config"])
+        for line in headline(recorded):
+            st.markdown(f"- {line}")
+        key_table(pd.DataFrame(summary_table(recorded)))
+        st.caption(
+            f"{recorded_config.describe()}; {recorded['machine']}, {recorded['date']}"
+            + (f"; {recorded['note']}" if recorded.get("note") else "")
+            + ". Mean ± 95% CI over seeds; the sentences above use intervals paired over seeds "
+            'and items (docs/cpu_protocol.json, docs/BENCHMARKS.md "Paper protocol").'
+        )
 
 sweep = load_cpu_sweep()
 with st.expander("What the cpu preset can show on the embedded model", expanded=False):
@@ -102,7 +117,11 @@ with st.expander("Start a protocol", expanded=not list_protocols()):
     defaults = ProtocolConfig.from_preset(preset)
     labels = {key: arm.label for key, arm in arm_specs(defaults).items()}
     methods = st.multiselect(
-        "Methods", list(ARMS), default=list(ARMS), format_func=labels.get, key="protocol-methods"
+        "Methods",
+        list(ARMS),
+        default=defaults.methods,
+        format_func=labels.get,
+        key="protocol-methods",
     )
     c1, c2, c3, c4 = st.columns(4)
     seeds = c1.text_input(

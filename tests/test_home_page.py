@@ -71,3 +71,22 @@ def test_a_finished_protocol_gives_its_headline(runs_root, sweep):
     assert "**protocol-cpu** (" in shown and "4 of 4 training runs finished" in shown
     lines = headline(results)
     assert lines and all(f"- {line}" in shown for line in lines)
+
+
+def test_the_recorded_protocol_is_shown_with_its_machine_and_date(
+    runs_root, sweep, tmp_path, monkeypatch
+):
+    results = _finished_protocol(runs_root)
+    recorded = {**results, "machine": "test cpu, 2 cores", "date": "2026-12-03", "note": ""}
+    path = tmp_path / "cpu_protocol.json"
+    path.write_text(json.dumps(recorded))
+    monkeypatch.setattr(protocol, "CPU_PROTOCOL_JSON", path)
+    assert protocol.load_cpu_protocol() is not None
+    shown = texts(start_page())
+    assert "**Recorded on the project's machine**" in shown
+    assert "test cpu, 2 cores, 2026-12-03" in shown
+    for line in headline(recorded):
+        assert line in shown
+    # a file without its machine is no record
+    path.write_text(json.dumps(results))
+    assert protocol.load_cpu_protocol() is None

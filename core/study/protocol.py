@@ -1236,6 +1236,21 @@ def load_cpu_sweep(path: Path | None = None) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and isinstance(data.get("rows"), list) else None
 
 
+#: The cpu preset's protocol as run on the project's machine (bench/record_protocol.py): its
+#: results.json plus machine, date and time, which the Start and Reproduce pages show as the
+#: recorded measurement beside any protocol run on the user's machine.
+CPU_PROTOCOL_JSON = app_root() / "docs" / "cpu_protocol.json"
+
+
+def load_cpu_protocol(path: Path | None = None) -> dict[str, Any] | None:
+    """The recorded cpu-preset protocol (None when the file is missing or unreadable)."""
+    from core.io import read_json
+
+    data = read_json(path or CPU_PROTOCOL_JSON)
+    ok = isinstance(data, dict) and isinstance(data.get("arms"), dict) and "machine" in data
+    return data if ok else None
+
+
 def _interval(stat: dict[str, Any]) -> tuple[float, float] | None:
     if stat.get("mean") is None:
         return None
