@@ -15,6 +15,7 @@ evaluated) again, so their records from the killed attempt go, and every step is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -128,6 +129,8 @@ def with_atomic_checkpoints(trainer_cls: type) -> type:
                 target = root / name
                 discard(target)  # the same step saved again after a resume
                 os.replace(staged, target)
+                with contextlib.suppress(OSError):  # nothing is being written any more
+                    staged.parent.rmdir()
                 _fsync_dir(root)
                 keep_newest(root, self.args.save_total_limit)
             self.accelerator.wait_for_everyone()
