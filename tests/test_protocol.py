@@ -134,6 +134,21 @@ def test_the_headline_leads_with_drift_and_tells_sharpening_from_moving_away():
     # an interval that reaches zero is no verdict
     results["paired"][0] = _drift_row("stm", "kl", -0.01, -0.03, 0.01, against="ground truth")
     assert "no detectable difference in drift" in headline(results)[1]
+    # the gain side: each arm's target change against the base model, with its verdict
+    results["paired_base"].append(_row("stm", "mbpp_ppl", 0.40, 0.34, 0.47, higher=False,
+                                       role="target"))  # fmt: skip
+    target = [line for line in headline(results) if line.startswith("Target (mbpp_ppl nll")]
+    assert target == [
+        "Target (mbpp_ppl nll, against the base model): STM +0.40 [+0.34, +0.47] nats (worse)."
+    ]
+    # an arm that trained on far fewer examples than ground truth gets a caveat
+    results["arms"] = {
+        "gt": {"label": "ground truth", "measures": {"train examples": {"mean": 64}}},
+        "self_output": {"label": "Self-Output", "measures": {"train examples": {"mean": 5}}},
+    }
+    assert "Self-Output trained on 5 examples against ground truth's 64" in " ".join(
+        headline(results)
+    )
     # STM against the random control (as many tokens masked): its own sentence
     results["paired_random"] = [
         _drift_row("stm", "kl", -0.05, -0.08, -0.02, against="the random control")

@@ -27,7 +27,7 @@ folders are `<runs_dir()>/<protocol id>-<arm>-s<seed>`, so the Runs and Compare 
 beside every other run; the protocol folder itself holds `config.json` (kind "protocol"),
 `results.*`, `report.html` and `log.txt` of its subprocesses' output.
 
-Two presets: ``cpu`` (the embedded model on 2 CPU cores in about an hour: ground truth, STM,
+Two presets: ``cpu`` (the embedded model on 2 CPU cores in about 80 minutes: ground truth, STM,
 the random control and Self-Output, 3 seeds each, one epoch in the setting where the CPU sweep
 saw ground truth forget, forgetting read from drift; docs/BENCHMARKS.md, "Paper protocol") and
 ``paper`` (the paper's settings for a GPU: every arm, all 400 training problems, lr 2e-5, 3
@@ -1111,6 +1111,47 @@ def _drift_headline(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _small_arm_notes(results: dict[str, Any]) -> list[str]:
+    """A caveat for each arm that trained on under a quarter of ground truth's examples (e.g.
+    Self-Output when few problems have a verified answer): little training, little forgetting."""
+    arms = results.get("arms") or {}
+
+    def examples(key: str) -> float | None:
+        stat = (arms.get(key) or {}).get("measures", {}).get("train examples") or {}
+        return stat.get("mean")
+
+    gt = examples("gt")
+    out = []
+    for key, arm in arms.items():
+        mine = examples(key)
+        if key != "gt" and gt and mine is not None and mine < gt / 4:
+            out.append(
+                f"{arm['label']} trained on {mine:.0f} examples against ground truth's "
+                f"{gt:.0f}: its small drift and kept accuracy say little about the method."
+            )
+    return out
+
+
+def _target_headline(results: dict[str, Any]) -> list[str]:
+    """The gain side, per target task: each arm's change against the base model ("learned the
+    target" or "lost ground on it" only where the interval excludes zero), so that less
+    forgetting bought by learning less reads as such."""
+    rows = [
+        r for r in results.get("paired_base") or [] if r["role"] == "target" and not r.get("drift")
+    ]
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        parts = []
+        for row in (r for r in rows if r["task"] == task):
+            words = {"better": "better", "worse": "worse"}.get(
+                _verdict(row), "no detectable change"
+            )
+            parts.append(f"{row['label']} {_drift_sentence([row]).split(' ', 1)[-1]} ({words})")
+        metric = metric_name(rows[0]["metric"])
+        out.append(f"Target ({task} {metric}, against the base model): " + "; ".join(parts) + ".")
+    return out
+
+
 def headline(results: dict[str, Any]) -> list[str]:
     """What a stakeholder reads first, from the paired intervals (over seeds and items): how far
     each arm drifted from the base model (the verdict), then the benchmark view: did ground truth
@@ -1157,6 +1198,8 @@ def headline(results: dict[str, Any]) -> list[str]:
         if same:
             parts.append(f"no detectable difference from ground truth on {same} benchmark task(s)")
         out.append(f"{label}: " + "; ".join(parts) + ".")
+    out += _target_headline(results)
+    out += _small_arm_notes(results)
     agreement = results.get("agreement")
     if agreement and len(agreement.get("runs", [])) >= 4:
         out.append(agreement_sentence(agreement))
