@@ -37,29 +37,12 @@ from bench.machine import cpu_name  # noqa: E402
 
 def make_tiny_model(folder: Path) -> Path:
     """The test suite's tiny model (tests/conftest.py: 2 layers, 64 wide, SmolLM2's tokenizer)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from core.model.loading import prepare_embedded_model
+    from tests.factories import save_tiny_llama
 
-    tokenizer = AutoTokenizer.from_pretrained(prepare_embedded_model())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(folder, AutoTokenizer.from_pretrained(prepare_embedded_model()))
 
 
 def where(run_dir: Path) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from core.model import loading as models
 from tests import leftovers
@@ -40,27 +39,9 @@ def smol_tokenizer(embedded_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> Path:
     """A 2-layer, 64-wide llama saved as a local model folder with the real tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.factories import save_tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smol_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=smol_tokenizer.bos_token_id,
-        eos_token_id=smol_tokenizer.eos_token_id,
-        pad_token_id=smol_tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(folder)
-    smol_tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smol_tokenizer)
 
 
 @pytest.fixture(scope="session")
