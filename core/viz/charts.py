@@ -109,6 +109,11 @@ def _base_layout(fig: go.Figure, title: str, x_title: str, y_title: str) -> go.F
     )
     fig.update_xaxes(title_text=x_title, showline=True, linecolor="#8c959f", ticks="outside")
     fig.update_yaxes(title_text=y_title, showline=True, linecolor="#8c959f", ticks="outside")
+    entries = [t for t in fig.data if t.name and t.showlegend is not False]
+    if len(entries) > 2:  # a legend this long wraps above the plot, onto the title: put it below
+        fig.update_layout(
+            legend={"yanchor": "top", "y": -0.25}, margin={"b": 55 + 22 * ((len(entries) + 1) // 2)}
+        )
     return fig
 
 
