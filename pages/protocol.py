@@ -64,7 +64,9 @@ st.caption(
 
 recorded = load_cpu_protocol()
 if recorded is not None:
-    with st.expander("The cpu preset as run on the project's machine", expanded=False):
+    with st.expander(
+        "The cpu preset as run on the project's machine", expanded=not list_protocols()
+    ):
         recorded_config = ProtocolConfig.from_dict(recorded["config"])
         for line in headline(recorded):
             st.markdown(f"- {line}")

@@ -26,10 +26,32 @@ from tests.test_report import _make_run
 
 @pytest.fixture
 def runs_root(tmp_path, monkeypatch):
+    import core.study.protocol as protocol
+
     root = tmp_path / "runs"
     monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
+    # the page shows only this test's protocols, not the project's recorded one
+    monkeypatch.setattr(protocol, "CPU_PROTOCOL_JSON", tmp_path / "no-recorded-protocol.json")
     root.mkdir()
     return root
+
+
+def test_the_recorded_cpu_protocol_opens_the_page_when_none_ran_here(runs_root):
+    """On a fresh machine the page leads with the project's recorded cpu protocol: its
+    headline sentences and its summary table, with machine and date."""
+    import core.study.protocol as protocol
+
+    recorded = protocol.load_cpu_protocol(protocol.app_root() / "docs" / "cpu_protocol.json")
+    assert recorded is not None  # docs/cpu_protocol.json ships with the project
+    protocol.CPU_PROTOCOL_JSON = protocol.app_root() / "docs" / "cpu_protocol.json"
+    at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
+    assert not at.exception
+    shown = [m.value for m in at.markdown]
+    for line in protocol.headline(recorded):
+        assert f"- {line}" in shown
+    assert any(recorded["machine"] in c.value and recorded["date"] in c.value for c in at.caption)
+    table = next(d.value for d in at.dataframe if "arm" in d.value.columns).set_index("arm")
+    assert table.loc["ground truth", "seeds"] == str(len(recorded["arms"]["gt"]["seeds"]))
 
 
 def test_empty_page_shows_the_command_and_queues_a_protocol(runs_root):
@@ -55,7 +77,7 @@ def test_empty_page_shows_the_command_and_queues_a_protocol(runs_root):
     assert at.query_params["protocol"] == ["protocol-cpu"] or at.query_params["protocol"] == (
         "protocol-cpu"
     )
-    assert any("0 of 10 runs finished" in str(p.proto) for p in at.get("progress"))
+    assert any("0 of 8 runs finished" in str(p.proto) for p in at.get("progress"))  # 4 arms x 2
     registry.cancel(queued[0].id)
     registry.finish(blocker.id, "succeeded", 0)
 
