@@ -14,10 +14,10 @@ from core.fmt import count, num
 from core.model.loading import MODEL_SLOT, describe_model
 from core.study.protocol import (
     ProtocolConfig,
-    headline,
     list_protocols,
     load_cpu_protocol,
     load_cpu_sweep,
+    short_headline,
     sweep_verdict,
 )
 
@@ -59,7 +59,7 @@ def measured_here() -> None:
             f"**{view.name}** ({view.config.describe()}; {count(finished)} of {count(planned)} "
             "training runs finished), in short:"
         )
-        for line in headline(view.results or {}):
+        for line in short_headline(view.results or {}):
             st.markdown(f"- {line}")
     else:
         st.markdown(
@@ -78,7 +78,7 @@ def measured_here() -> None:
             f"**Recorded on the project's machine** ({config.describe()}; {recorded['machine']}, "
             f"{recorded['date']}), in short:"
         )
-        for line in headline(recorded):
+        for line in short_headline(recorded):
             st.markdown(f"- {line}")
     sweep = load_cpu_sweep()
     if sweep is not None:

@@ -11,7 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import core.study.protocol as protocol
-from core.study.protocol import headline
+from core.study.protocol import headline, short_headline
 from tests.test_protocol import _sweep_row
 from tests.test_protocol_page import _finished_protocol
 
@@ -69,7 +69,7 @@ def test_a_finished_protocol_gives_its_headline(runs_root, sweep):
     shown = texts(at)
     assert "No protocol has finished" not in shown
     assert "**protocol-cpu** (" in shown and "4 of 4 training runs finished" in shown
-    lines = headline(results)
+    lines = short_headline(results)
     assert lines and all(f"- {line}" in shown for line in lines)
 
 
@@ -85,8 +85,19 @@ def test_the_recorded_protocol_is_shown_with_its_machine_and_date(
     shown = texts(start_page())
     assert "**Recorded on the project's machine**" in shown
     assert "test cpu, 2 cores, 2026-12-03" in shown
-    for line in headline(recorded):
+    for line in short_headline(recorded):
         assert line in shown
     # a file without its machine is no record
     path.write_text(json.dumps(results))
     assert protocol.load_cpu_protocol() is None
+
+
+def test_the_short_headline_keeps_the_out_of_domain_probe_and_drops_the_others():
+    recorded = protocol.load_cpu_protocol(ROOT / "docs" / "cpu_protocol.json")
+    full, short = headline(recorded), short_headline(recorded)
+    assert any("text_drift" in line for line in full)  # the full reading has every probe
+    assert not any("text_drift" in line or "target_drift" in line for line in short)
+    assert [line for line in full if "ood_drift" in line] == [
+        line for line in short if "ood_drift" in line
+    ]
+    assert len(short) < len(full)

@@ -1111,6 +1111,14 @@ def _drift_headline(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def short_headline(results: dict[str, Any]) -> list[str]:
+    """The headline for a summary (the Start page): drift on the out-of-domain probe only, the
+    benchmarks, the target, caveats and the agreement; the other probes' sentences stay on the
+    Reproduce page and in the report."""
+    other = ("text_drift", "target_drift")
+    return [line for line in headline(results) if not any(p in line for p in other)]
+
+
 def _small_arm_notes(results: dict[str, Any]) -> list[str]:
     """A caveat for each arm that trained on under a quarter of ground truth's examples (e.g.
     Self-Output when few problems have a verified answer): little training, little forgetting."""
