@@ -149,12 +149,12 @@ def test_rounds_under_bf16_training_score_in_float32(tiny_model_dir, tiny_lm, tm
     autocast_seen: list[bool] = []
 
     class Watching(EvalCallback):
-        def evaluate(self, step, model, tokenizer=None):
+        def evaluate(self, step, model, tokenizer=None, **kwargs):
             hook = model.register_forward_hook(
                 lambda *_: autocast_seen.append(torch.is_autocast_enabled("cpu"))
             )
             try:
-                return super().evaluate(step, model, tokenizer)
+                return super().evaluate(step, model, tokenizer, **kwargs)
             finally:
                 hook.remove()
 
