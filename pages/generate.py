@@ -37,13 +37,13 @@ from core.datagen.store import list_generated_sets
 from core.errors import LensError
 from core.fmt import count, share
 from core.jobs.registry import FAILED, SUCCEEDED, JobRegistry
-from core.jobs.runfiles import read_metrics, runs_dir
+from core.jobs.runfiles import read_metrics
 from core.study.estimates import (
     Estimate,
     device_note,
     estimate_generation,
     preset_for_device,
-    runs_fingerprint,
+    runs_key,
 )
 
 POLL_SECONDS = 2.0
@@ -82,11 +82,6 @@ st.caption(
 
 def _pct(value: float | None) -> str:
     return "" if value is None else share(value)
-
-
-def _runs_key() -> tuple[str, str]:
-    """The runs root and its fingerprint: the estimate's cache key."""
-    return str(runs_dir()), runs_fingerprint()
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -251,7 +246,7 @@ def launch_form() -> None:
         except LensError as exc:
             st.error(str(exc))
             return
-        st.caption(_estimate(config.to_dict(), _n_prompts(config.limit), *_runs_key()).text())
+        st.caption(_estimate(config.to_dict(), _n_prompts(config.limit), *runs_key()).text())
         st.caption("Same job from the command line:")
         st.code(config.command(submit=True), language="bash")
         start = st.button("Start generation", type="primary", icon=":material/auto_awesome:")

@@ -32,13 +32,13 @@ from core.fmt import count, num, share
 from core.io import read_json
 from core.jobs.metrics import DataRecord, EvalRecord, TrainRecord, latest, of_kind
 from core.jobs.registry import FAILED, RUNNING, SUCCEEDED, JobRegistry
-from core.jobs.runfiles import SUMMARY_JSON, read_records, run_progress, runs_dir
+from core.jobs.runfiles import SUMMARY_JSON, read_records, run_progress
 from core.study.estimates import (
     Estimate,
     device_note,
     estimate_training,
     preset_for_device,
-    runs_fingerprint,
+    runs_key,
 )
 from core.training.config import FINETUNES, PRESETS, REPORTERS, SCHEDULERS, TrainConfig
 from core.viz.charts import plotly_config
@@ -68,11 +68,6 @@ st.caption(
     "Runs are background jobs: they keep going when you close or reload this page, and one "
     "job runs per device at a time (the rest wait in the queue)."
 )
-
-
-def _runs_key() -> tuple[str, str]:
-    """The runs root and its fingerprint: the estimate's cache key."""
-    return str(runs_dir()), runs_fingerprint()
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -293,7 +288,7 @@ def launch_form() -> None:
         except LensError as exc:
             st.error(str(exc))
             return
-        st.caption(_estimate(config.to_dict(), n_examples, *_runs_key()).text())
+        st.caption(_estimate(config.to_dict(), n_examples, *runs_key()).text())
         st.caption("Equivalent command (runs in the foreground; add `--submit` to queue it):")
         st.code(config.command(), language="bash", wrap_lines=True)
         # A callback (not `if st.button`): it runs before the script, so a rerun early in the

@@ -162,6 +162,12 @@ def runs_fingerprint(root: str | Path | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
+def runs_key() -> tuple[str, str]:
+    """The runs root and its fingerprint: the cache key of a form's estimate (the Train and
+    Generate pages read the run folders again only when it changes)."""
+    return str(_runs_root(None)), runs_fingerprint()
+
+
 def _runs_root(root: str | Path | None) -> Path:
     if root is not None:
         return Path(root)
