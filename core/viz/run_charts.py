@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
@@ -509,16 +509,20 @@ def _is_accuracy(runs: Sequence[RunView], task: str, metric: str) -> bool:
     return metric != "nll"
 
 
+def _first_rows(runs: Sequence[RunView], task: str) -> Iterator[pd.Series]:
+    """Each run's change row of `task` at its first evaluated step (runs without it skipped)."""
+    for run in runs:
+        frame = run.changes()
+        frame = frame[frame["task"] == task] if not frame.empty else frame
+        if not frame.empty:
+            yield frame.sort_values("step").iloc[0]
+
+
 def _add_delta_chance(fig: go.Figure, runs: Sequence[RunView], task: str) -> None:
     """A multiple-choice task's chance level on a Δ-in-points chart (Δ = chance − base, per
     distinct base), dotted, named in the legend rather than by a label over the lines."""
     chance_at = []
-    for run in runs:
-        frame = run.changes()
-        frame = frame[frame["task"] == task] if not frame.empty else frame
-        if frame.empty:
-            continue
-        first = frame.sort_values("step").iloc[0]
+    for first in _first_rows(runs, task):
         if _finite(first["chance"]) and _finite(first["base"]):
             chance_at.append(round(100.0 * (float(first["chance"]) - float(first["base"])), 1))
     for y in sorted(set(chance_at)):
@@ -538,12 +542,7 @@ def task_delta_chart(runs: Sequence[RunView], task: str) -> go.Figure:
     the base model is at chance (then the task says nothing about forgetting and stays out of
     BWT)."""
     metric, accuracy, role, at_chance = "", True, "ood", False
-    for run in runs:
-        frame = run.changes()
-        frame = frame[frame["task"] == task] if not frame.empty else frame
-        if frame.empty:
-            continue
-        first = frame.sort_values("step").iloc[0]
+    for first in _first_rows(runs, task):
         metric = metric or str(first["metric"])
         accuracy, role = bool(first["accuracy"]), str(first["role"])
         at_chance = at_chance or bool(first["at_chance"])
