@@ -5,6 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+#: Six small prompt/response pairs the training tests (and the kill-resume harness) train on.
+TRAIN_ROWS = [
+    {"id": "a", "prompt": "Square a number.", "response": "def square(x):\n    return x * x"},
+    {"id": "b", "prompt": "What is 7 times 8?", "response": "7 times 8 is 56."},
+    {"id": "c", "prompt": "Capital of France?", "response": "The capital of France is Paris."},
+    {"id": "d", "prompt": "Reverse 'abc'.", "response": "'cba'"},
+    {"id": "e", "prompt": "Add two numbers.", "response": "def add(a, b):\n    return a + b"},
+    {"id": "f", "prompt": "Say hello.", "response": "Hello! How can I help you today?"},
+]
+
 
 def save_tiny_llama(folder: Path, tokenizer: Any) -> Path:
     """The suite's tiny model: a 2-layer, 64-wide llama with `tokenizer` (SmolLM2's), seeded, saved

@@ -28,16 +28,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tests.factories import TRAIN_ROWS as ROWS
+
 ROOT = Path(__file__).resolve().parents[1]
 
-ROWS = [
-    {"id": "a", "prompt": "Square a number.", "response": "def square(x):\n    return x * x"},
-    {"id": "b", "prompt": "What is 7 times 8?", "response": "7 times 8 is 56."},
-    {"id": "c", "prompt": "Capital of France?", "response": "The capital of France is Paris."},
-    {"id": "d", "prompt": "Reverse 'abc'.", "response": "'cba'"},
-    {"id": "e", "prompt": "Add two numbers.", "response": "def add(a, b):\n    return a + b"},
-    {"id": "f", "prompt": "Say hello.", "response": "Hello! How can I help you today?"},
-]
 
 #: Float tolerance of "the same adapter": the resumed run repeats the same float32 operations
 #: in the same order on the CPU, so this only absorbs summation-order noise.

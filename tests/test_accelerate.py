@@ -37,21 +37,13 @@ from core.jobs.metrics import (
 )
 from core.jobs.registry import JobRegistry
 from core.jobs.runfiles import read_records
+from tests.factories import TRAIN_ROWS as ROWS
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900
 MAX_STEPS = 3
-
-ROWS = [
-    {"id": "a", "prompt": "Square a number.", "response": "def square(x):\n    return x * x"},
-    {"id": "b", "prompt": "What is 7 times 8?", "response": "7 times 8 is 56."},
-    {"id": "c", "prompt": "Capital of France?", "response": "The capital of France is Paris."},
-    {"id": "d", "prompt": "Reverse 'abc'.", "response": "'cba'"},
-    {"id": "e", "prompt": "Add two numbers.", "response": "def add(a, b):\n    return a + b"},
-    {"id": "f", "prompt": "Say hello.", "response": "Hello! How can I help you today?"},
-]
 
 
 def free_port() -> int:

@@ -24,15 +24,7 @@ from core.scoring.score import score_examples
 from core.training.config import TrainConfig
 from core.training.data import IGNORE_INDEX, build_training_data
 from core.training.trainer import build_trainer, last_complete_checkpoint, run_training
-
-ROWS = [
-    {"id": "a", "prompt": "Square a number.", "response": "def square(x):\n    return x * x"},
-    {"id": "b", "prompt": "What is 7 times 8?", "response": "7 times 8 is 56."},
-    {"id": "c", "prompt": "Capital of France?", "response": "The capital of France is Paris."},
-    {"id": "d", "prompt": "Reverse 'abc'.", "response": "'cba'"},
-    {"id": "e", "prompt": "Add two numbers.", "response": "def add(a, b):\n    return a + b"},
-    {"id": "f", "prompt": "Say hello.", "response": "Hello! How can I help you today?"},
-]
+from tests.factories import TRAIN_ROWS as ROWS
 
 
 @pytest.fixture
