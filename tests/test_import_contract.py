@@ -1,0 +1,60 @@
+"""The import contract of docs/ARCHITECTURE.md, as `make lint` checks it (lint-imports).
+
+The real tree keeps it, and a copy of core/ with one deliberate upward import breaks it, naming
+the offending import: the check can fail.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+pytestmark = pytest.mark.skipif(not LINT_IMPORTS.exists(), reason="import-linter not installed")
+
+
+def _lint(root: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), str(root / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_tree_keeps_the_layer_order() -> None:
+    result = _lint(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "BROKEN" not in result.stdout
+
+
+def test_an_upward_import_fails_the_check(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "core", tmp_path / "core", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    records = tmp_path / "core" / "data" / "records.py"
+    # data sits near the bottom; study near the top: data may not import it
+    records.write_text(records.read_text() + "\nimport core.study.report  # deliberate violation\n")
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    assert "core.data is not allowed to import core.study" in result.stdout
+    assert "core.data.records -> core.study.report" in result.stdout
+
+
+def test_core_may_not_import_streamlit(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "core", tmp_path / "core", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    fmt = tmp_path / "core" / "fmt.py"
+    fmt.write_text(fmt.read_text() + "\nimport streamlit  # deliberate violation\n")
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    assert "core.fmt -> streamlit" in result.stdout
