@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.io import append_jsonl, append_jsonl_lines, read_jsonl
+from core.io import append_jsonl, append_jsonl_lines, cache_dir, read_jsonl
 from core.jobs.metrics import (
     DoneRecord,
     EvalSummaryRecord,
@@ -79,8 +79,6 @@ def checkpoints(run_dir: str | Path, *, complete: bool = False) -> list[Path]:
 
 def runs_dir() -> Path:
     """Root of all run folders and the registry: $PLENS_RUNS_DIR or <cache_dir()>/runs."""
-    from core.io import cache_dir
-
     override = os.environ.get("PLENS_RUNS_DIR")
     path = Path(override).expanduser() if override else cache_dir() / "runs"
     path.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ A SLURM job is the same `python -m core job-run JOB_ID` the local queue and Ray 
 writes an sbatch script whose only step runs `bash -c "cd PROJECT && exec PYTHON -m core job-run
 ID >> RUN/log.txt 2>&1"` (a `submitit.helpers.CommandFunction`; submitit's own launcher log and
 pickles go to `RUN/slurm/`). The job inherits the submitting environment (sbatch's default
-``--export=ALL``) with the settings `core.jobs.cluster.job_environment` names exported on top, so
+``--export=ALL``) with the settings `core.jobs.engine.job_environment` names exported on top, so
 a protocol job fans its arms out on the same cluster (`SLURM_CONF` included).
 
 The engine's id of a job is SLURM's job id. The setting's address is the partition (None: the
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from core.jobs.cluster import (
+from core.jobs.engine import (
     FAILED,
     PENDING,
     RUNNING,
@@ -152,7 +152,7 @@ def _executor_class() -> Any:
     asks 5 minutes), and sbatch started without the `SLURM_*` variables of an enclosing job (a
     protocol job submitting its arms), which would otherwise leak into the new job."""
     try:
-        import submitit
+        import submitit  # lazy: heavy optional
     except ImportError:  # submitit is in requirements.txt, but optional in the package (an extra)
         raise ClusterError(
             'The slurm backend needs submitit: pip install "perplexity-lens[cluster]".'
@@ -258,7 +258,7 @@ class SlurmEngine(Engine):
         if minutes is not None:
             params["time"] = minutes
         executor_class = _executor_class()  # first: without submitit, which extra to install
-        import submitit
+        import submitit  # lazy: heavy optional
 
         try:
             executor = executor_class(folder=log_path.parent / "slurm", python=python)

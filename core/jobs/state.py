@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from core.fmt import duration, num
+from core.io import read_json, write_json_atomic
 
 RUN_STATE_JSON = "run_state.json"
 #: Without a job row to say the run is alive, a state file older than this is a left-over of a
@@ -199,8 +200,6 @@ def _clip(value: float) -> float:
 
 def write_state(run_dir: str | Path, state: RunState | None) -> None:
     """Record the job's state in its run folder (None: the file goes)."""
-    from core.io import write_json_atomic
-
     path = Path(run_dir) / RUN_STATE_JSON
     if state is None:
         path.unlink(missing_ok=True)
@@ -210,8 +209,6 @@ def write_state(run_dir: str | Path, state: RunState | None) -> None:
 
 def read_state(run_dir: str | Path) -> RunState | None:
     """The state last written in `run_dir` (None: none, or unreadable)."""
-    from core.io import read_json
-
     data = read_json(Path(run_dir) / RUN_STATE_JSON)
     return RunState.from_dict(data) if isinstance(data, dict) else None
 
