@@ -7,8 +7,9 @@ charts gain points, drift from the base model among them) -> Where it forgot (th
 moved, with base vs tuned top-5) -> Compare & report (download a self-contained HTML report) -> Reproduce
 the paper (the protocol's launch form and command).
 
-The tests share one app server and one browser page and must run in file order. Screenshots of
-every step go to $PLENS_ARTIFACTS_DIR (default tests/artifacts/) for people to look at.
+The tests share one app server and one browser page and run in file order, one step handing the
+next what it made; each also runs alone (`-k compare`): fixtures make the selection, start the
+tiny training job and wait for it, when no earlier step did. Screenshots of every step go to $PLENS_ARTIFACTS_DIR (default tests/artifacts/) for people to look at.
 Locally the test is skipped when Chromium is missing; in CI (CI=true) a missing browser fails.
 """
 
@@ -73,7 +74,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_env() -> dict:
+    """The environment the app server runs in (its runs folder: where a test reads a job)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, app_env):
     """The app served by `streamlit run app.py` with its own cache and runs folders; only the
     dequantized embedded model is shared with the other tests."""
     if not Path(CHROMIUM).exists():
@@ -90,6 +97,7 @@ def app_url(tmp_path_factory):
         PLENS_EMBEDDED_DIR=str(SHARED_EMBEDDED_DIR),
         HF_HUB_OFFLINE="1",
     )
+    app_env.update(env)
     log_path = tmp_path_factory.mktemp("e2e-log") / "streamlit.log"
     log = open(log_path, "w")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -154,6 +162,46 @@ def page(app_url):
 def workflow() -> dict:
     """What one step hands to the next (the id of the training job)."""
     return {}
+
+
+SELECTION = f"?model=default&kind=task&task=mbpp&limit={N_EXAMPLES}"
+
+
+@pytest.fixture
+def selected(page, app_url) -> None:
+    """The Start page's selection (default model, MBPP, the first N examples), through the URL
+    when this test runs without the Start step before it."""
+    if "task=mbpp" not in page.url:
+        page.goto(f"{app_url}/{SELECTION}")
+        page.get_by_role("heading", name="Perplexity Lens", exact=True).wait_for(timeout=SLOW)
+
+
+@pytest.fixture
+def training_job(page, selected, workflow) -> str:
+    """The tiny training job's id: the Train step's, or one started here from the Train form."""
+    if "job" not in workflow:
+        _launch_training(page, workflow)
+    return workflow["job"]
+
+
+def _job_status(env: dict, job_id: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys\nfrom core.jobs.registry import JobRegistry\n"
+         "print(JobRegistry().get(sys.argv[1]).status)", job_id],
+        cwd=ROOT, env=env, timeout=60, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return out.stdout.strip()
+
+
+@pytest.fixture
+def finished_job(training_job, app_env) -> str:
+    """The tiny training job, once it has succeeded."""
+    deadline = time.time() + JOB / 1000
+    while (status := _job_status(app_env, training_job)) in ("queued", "running"):
+        assert time.time() < deadline, f"job {training_job} still {status}"
+        time.sleep(5)
+    assert status == "succeeded", f"job {training_job} {status}"
+    return training_job
 
 
 def _shot(page, name: str) -> None:
@@ -225,7 +273,7 @@ def test_start_picks_default_model_and_mbpp(page, app_url):
     assert "model=default" in page.url and "task=mbpp" in page.url
 
 
-def test_explore_shows_heatmap_and_tau_changes_highlights(page):
+def test_explore_shows_heatmap_and_tau_changes_highlights(page, selected):
     _open(page, "Explore", "Explore token perplexity")
     # the selection made on the Start page carries over to the next page
     assert page.get_by_test_id("stSidebar").get_by_label("Examples (first N)").input_value() == (
@@ -275,7 +323,7 @@ def _studio_state(page) -> tuple[float, int, int, float, int, list[float]]:
     return share, masked, kept, tau, struck, ppl
 
 
-def test_masking_studio_tau_changes_masked_share(page):
+def test_masking_studio_tau_changes_masked_share(page, selected):
     _open(page, "Masking studio", "Masking studio")
     page.get_by_test_id("stMetric").filter(has_text="Masked share").wait_for(timeout=SLOW)
     page.locator("span.pl-t").first.wait_for()
@@ -319,7 +367,13 @@ def test_masking_studio_tau_changes_masked_share(page):
     assert "tau=4.5" in page.url  # a reload or a shared link keeps τ
 
 
-def test_train_launches_a_tiny_job(page, workflow):
+def test_train_launches_a_tiny_job(page, selected, workflow):
+    _launch_training(page, workflow)
+
+
+def _launch_training(page, workflow: dict) -> None:
+    """Fill the Train form for the tiny job (cpu-quick, two steps, evaluation every step),
+    check its command and start it; the job's id goes into `workflow`."""
     _open(page, "Train", "Train")
     page.get_by_test_id("stSelectbox").filter(has_text="Preset").click()
     page.get_by_role("option", name="cpu-quick", exact=True).click()
@@ -358,7 +412,7 @@ def test_train_launches_a_tiny_job(page, workflow):
     _no_errors(page)
 
 
-def test_runs_live_charts_gain_points(page):
+def test_runs_live_charts_gain_points(page, training_job):
     _open(page, "Runs", "Runs")
     _wait_for_charts(page, 1)
     target, bwt, loss = "runs-chart-target", "runs-chart-bwt", "runs-chart-loss"
@@ -413,7 +467,7 @@ def test_runs_live_charts_gain_points(page):
     _no_errors(page)
 
 
-def test_where_it_forgot_shows_the_tokens_that_moved(page):
+def test_where_it_forgot_shows_the_tokens_that_moved(page, finished_job):
     _open(page, "Where it forgot", "Where it forgot")
     # the run just trained, its last round and the OOD probe's largest-KL item by default: the
     # base model's own answer, every token coloured by how far its distribution moved
@@ -435,14 +489,14 @@ def test_where_it_forgot_shows_the_tokens_that_moved(page):
     _no_errors(page)
 
 
-def test_train_page_shows_the_job_succeeded(page):
+def test_train_page_shows_the_job_succeeded(page, training_job):
     _open(page, "Train", "Train")
     page.get_by_text(re.compile(r"^Done in .*loss")).wait_for(timeout=JOB)
     _shot(page, "10-train-job-done")
     _no_errors(page)
 
 
-def test_compare_exports_a_self_contained_report(page, workflow):
+def test_compare_exports_a_self_contained_report(page, finished_job):
     _open(page, "Compare & report", "Compare runs")
     _wait_for_charts(page, 1)
     # one run: the frontier draws its point with both intervals, or says why it cannot
@@ -463,7 +517,7 @@ def test_compare_exports_a_self_contained_report(page, workflow):
     path = ARTIFACTS / "report.html"
     info.value.save_as(path)
     html = path.read_text(encoding="utf-8")
-    assert workflow["job"] in html  # the run trained above is in the report
+    assert finished_job in html  # the run trained above is in the report
     assert re.search(r"plotly\.js v\d", html)  # plotly.js itself is inlined ...
     assert html.count("Plotly.newPlot(") >= 2  # ... and draws the report's charts
     # self-contained: nothing is fetched from anywhere when the file is opened
@@ -478,12 +532,12 @@ def test_compare_exports_a_self_contained_report(page, workflow):
     report.wait_for_function(
         "document.querySelectorAll('.js-plotly-plot .main-svg').length >= 2", timeout=60_000
     )
-    assert report.get_by_text(workflow["job"]).count() >= 1
+    assert report.get_by_text(finished_job).count() >= 1
     _shot(report, "12-report-offline")
     report.close()
 
 
-def test_reproduce_page_offers_the_protocol_with_its_command(page):
+def test_reproduce_page_offers_the_protocol_with_its_command(page, selected):
     _open(page, "Reproduce the paper", "Reproduce the paper")
     # no protocol has run in this app's runs folder: the launch form is open, with the command
     _expect_text(page.get_by_test_id("stCode").first, "python -m core protocol --preset cpu")
@@ -577,7 +631,7 @@ def test_layout_fits_the_screen_no_label_is_cut_off(page, app_url, width, height
     page.set_viewport_size({"width": width, "height": height})
     try:
         if "task=" not in page.url:
-            page.goto(f"{app_url}/?model=default&kind=task&task=mbpp&limit={N_EXAMPLES}")
+            page.goto(f"{app_url}/{SELECTION}")
             page.get_by_role("heading", name="Perplexity Lens", exact=True).wait_for(timeout=SLOW)
         problems = {}
         for title, heading, ready in LAYOUT_PAGES:
