@@ -7,7 +7,10 @@ This module is the one description of those records:
 - ``start``: a (re)start of training (`step`, `max_steps`, `epochs`, `world_size`: the number
   of training processes) or of a generation run (`done`, `total` prompts);
 - ``train``: one logged training step (`loss`, `lr`, `epoch`; `grad_norm`, `token_accuracy`,
-  `entropy`, `num_tokens` when the trainer logs them);
+  `entropy`, `num_tokens` when the trainer logs them; the token weights trained with since the
+  last record: `weight_mean` over the tokens in the loss, `weight_share` = sum of weights /
+  response tokens (masked ones included), `weight_hist` (counts in 10 equal bins over [0, 1],
+  `core.training.losses.WEIGHT_BINS`) and, for the KL losses, `kl`, the mean KL per token);
 - ``checkpoint``: a checkpoint written at `step`;
 - ``eval``: one task's metric at a step (`task`, `metric`, `value`, `n` items, `role` "target"
   or "ood");
@@ -91,7 +94,16 @@ class StartRecord(MetricRecord):
 @dataclass(frozen=True)
 class TrainRecord(MetricRecord):
     KIND: ClassVar[str] = "train"
-    OPTIONAL: ClassVar[tuple[str, ...]] = ("grad_norm", "token_accuracy", "entropy", "num_tokens")
+    OPTIONAL: ClassVar[tuple[str, ...]] = (
+        "grad_norm",
+        "token_accuracy",
+        "entropy",
+        "num_tokens",
+        "weight_mean",
+        "weight_share",
+        "weight_hist",
+        "kl",
+    )
 
     epoch: float = 0.0
     loss: float | None = None
@@ -100,6 +112,10 @@ class TrainRecord(MetricRecord):
     token_accuracy: float | None = None
     entropy: float | None = None
     num_tokens: float | None = None
+    weight_mean: float | None = None
+    weight_share: float | None = None
+    weight_hist: list[int] | None = None
+    kl: float | None = None
 
 
 @dataclass(frozen=True)

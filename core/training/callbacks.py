@@ -27,11 +27,18 @@ from core.jobs.runfiles import (
 from core.jobs.state import as_reporter
 from core.model.loading import LoadedModel
 from core.training.config import TrainConfig
+from core.training.losses import WeightLog
 
 
-def _metrics_callback(run_dir: Path, status: StatusFn | None) -> Any:
+def _metrics_callback(
+    run_dir: Path, status: StatusFn | None, weight_log: WeightLog | None = None
+) -> Any:
     """A TrainerCallback writing start/train/checkpoint records to metrics.jsonl and a readable
-    line per log step to stdout (the job's log). Built here so transformers loads lazily."""
+    line per log step to stdout (the job's log). Built here so transformers loads lazily.
+
+    `weight_log` (the trainer's `core.training.losses.WeightLog`): each train record also
+    carries the token weights trained with since the last one (mean, effective-token share,
+    histogram, mean KL)."""
     from transformers import TrainerCallback
 
     from core.jobs.runfiles import append_metric
@@ -72,18 +79,26 @@ def _metrics_callback(run_dir: Path, status: StatusFn | None) -> Any:
                 )
                 if logs.get(key) is not None
             }
+            weights = weight_log.take() if weight_log is not None else None
             record = TrainRecord(
                 step=int(state.global_step),
                 epoch=float(state.epoch or 0.0),
                 loss=float(logs["loss"]),
                 lr=float(logs.get("learning_rate", 0.0)),
                 **optional,
+                **(weights or {}),
             )
             append_metric(run_dir, record)
             line = (
                 f"step {state.global_step}/{state.max_steps} · epoch {record.epoch:.2f} · "
                 f"loss {record.loss:.4f} · lr {record.lr:.3g}"
             )
+            if record.weight_mean is not None and record.weight_mean < 1.0:
+                line += f" · weight {record.weight_mean:.3g}"
+            if record.weight_share is not None and record.weight_share < 1.0:
+                line += f" · share {record.weight_share:.3g}"
+            if record.kl is not None:
+                line += f" · KL {record.kl:.3g}"
             print(line, flush=True)
             if reporter is not None:
                 reporter.training(int(state.global_step), int(state.max_steps))

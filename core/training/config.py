@@ -17,6 +17,28 @@ PRECISIONS = ("auto", "fp32", "bf16")
 REPORTERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
+# Token losses (issue #21; formulas and sources in README "Token losses" and
+# core/training/losses.py). `method` decides WHICH response tokens are in the loss (the mask);
+# `loss` decides HOW each of them is weighted, so "stm + kl" is method stm with loss kl.
+LOSSES = ("nll", "soft_stm", "dft", "eaft", "kl", "asft")
+#: losses that need the base model's forward pass (LoRA: adapter disabled; full: a frozen copy)
+BASE_LOSSES = ("soft_stm", "kl", "asft")
+KL_ESTIMATORS = ("full", "k3")
+#: one line per loss: its per-token term, for --help, the Train page and the README
+LOSS_FORMULAS = {
+    "nll": "-log p(y_t): plain cross-entropy on the tokens the method keeps",
+    "soft_stm": "p_base(y_t)^(1/T) · -log p(y_t): STM's soft twin, the weight from the base "
+    "model's probability (FLOW token mode, arXiv 2502.02797)",
+    "dft": "sg(p(y_t)) · -log p(y_t): Dynamic Fine-Tuning (arXiv 2508.05629), run by TRL's own "
+    "loss_type='dft'",
+    "eaft": "(H_topK(t) / ln K)^α · -log p(y_t), weight without gradient, H_topK the entropy of "
+    "the current model's renormalised top-K distribution (EAFT, arXiv 2601.02151)",
+    "kl": "-log p(y_t) + β · KL(p_base ‖ p)(t): the STM paper's KL-to-base baseline (arXiv "
+    "2501.14315, Table 8)",
+    "asft": "sg(p(y_t)) · -log p(y_t) + α · KL(p_base ‖ p)(t): DFT anchored to the base (ASFT, "
+    "arXiv 2509.23753)",
+}
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe (METHOD.md): LoRA on all linear layers, lr 2e-5, 3 epochs, cosine.
@@ -92,6 +114,54 @@ class TrainConfig(JobConfig):
     k_percent: float = field(default=20.0, metadata=_help("percentile method: k%% per example"))
     percentile_rule: str = field(default="top", metadata=_help("percentile: top, random, bottom"))
     mask_seed: int = field(default=0, metadata=_help("seed of random masks"))
+    # token loss: how each token the method keeps is weighted (README "Token losses")
+    loss: str = field(
+        default="nll",
+        metadata=_help(
+            "token loss on the tokens the method keeps (per token t; the sum is divided by the "
+            "number of tokens in the loss): "
+            + "; ".join(f"{name} = {text}" for name, text in LOSS_FORMULAS.items())
+            + ". Example: --method stm --loss kl is the STM mask with the KL term",
+            choices=LOSSES,
+        ),
+    )
+    loss_temperature: float = field(
+        default=1.0,
+        metadata=_help(
+            "soft_stm: T > 0 in p_base(y_t)^(1/T); larger T flattens the weights toward 1 "
+            "(FLOW's script defaults to 1 and picks T from the median base loss)"
+        ),
+    )
+    eaft_alpha: float = field(
+        default=1.0,
+        metadata=_help(
+            "eaft: α >= 0, the exponent of the normalised entropy (LLaMA-Factory, axolotl: 1)"
+        ),
+    )
+    eaft_k: int = field(
+        default=20,
+        metadata=_help("eaft: K >= 2, the top-K logits whose entropy is taken (default 20)"),
+    )
+    kl_beta: float = field(
+        default=0.1,
+        metadata=_help(
+            "kl: β >= 0 of the KL term (the STM and ASFT repositories default to 0.1; the STM "
+            "paper's Table 8 used 1e-5)"
+        ),
+    )
+    kl_estimator: str = field(
+        default="full",
+        metadata=_help(
+            "kl, asft: full = KL(p_base ‖ p) over the whole vocabulary at each position in the "
+            "loss (Table 8's baseline, ASFT); k3 = exp(r) - 1 - r with r = log p_base(y_t) - "
+            "log p(y_t), on the label token only (the STM repository's train_with_kl.py)",
+            choices=KL_ESTIMATORS,
+        ),
+    )
+    asft_alpha: float = field(
+        default=0.1,
+        metadata=_help("asft: α >= 0 of the KL term (ASFT and LLaMA-Factory default 0.1)"),
+    )
     # fine-tuning
     finetune: str = field(default="lora", metadata=_help("lora, dora or full"))
     lora_r: int = field(default=16, metadata=_help("LoRA rank"))
@@ -189,9 +259,46 @@ class TrainConfig(JobConfig):
             raise LensError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}.")
         if self.method != "gt":
             self.mask_config()  # validates tau / share / k
+        self._validate_loss()
         from core.eval.suites import suite_from_config
 
         suite_from_config(self.eval_suite)  # a bad suite fails here, not at the first round
+
+    def _validate_loss(self) -> None:
+        """The token loss and its parameters (one line each)."""
+        if self.loss not in LOSSES:
+            raise LensError(f"Unknown loss '{self.loss}' (use {', '.join(LOSSES)}).")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise LensError(
+                f"Unknown kl_estimator '{self.kl_estimator}' (use {', '.join(KL_ESTIMATORS)})."
+            )
+        numbers = {
+            "loss_temperature": self.loss_temperature,
+            "eaft_alpha": self.eaft_alpha,
+            "kl_beta": self.kl_beta,
+            "asft_alpha": self.asft_alpha,
+        }
+        for name, value in numbers.items():
+            if not isinstance(value, int | float) or isinstance(value, bool) or value != value:
+                raise LensError(f"{name} must be a number, got {value!r}.")
+        if self.loss_temperature <= 0:
+            raise LensError(
+                f"loss_temperature (soft_stm's T) must be > 0, got {self.loss_temperature!r}."
+            )
+        for name in ("eaft_alpha", "kl_beta", "asft_alpha"):
+            if numbers[name] < 0:
+                raise LensError(f"{name} must be >= 0, got {numbers[name]!r}.")
+        if not isinstance(self.eaft_k, int) or isinstance(self.eaft_k, bool) or self.eaft_k < 2:
+            raise LensError(
+                f"eaft_k (EAFT's top K) must be a whole number >= 2, got {self.eaft_k!r}."
+            )
+        if "lm_head" in self.lora_target.split(",") and self.finetune != "full":
+            # TRL 1.16 computes every loss through its fused LM head (SFTTrainer refuses an adapter
+            # on lm_head); dft runs TRL's own path, so this is where TRL would refuse it
+            raise LensError(
+                f"lora_target names lm_head: TRL's fused LM head, through which loss {self.loss} "
+                "runs, refuses an adapter there; leave lm_head out of --lora-target."
+            )
 
     def mask_config(self) -> Any:
         """The `core.masking.rules.MaskConfig` of a masked method (LensError for method gt)."""
@@ -228,10 +335,33 @@ class TrainConfig(JobConfig):
             return f"{self.method} share={self.target_share:g}"
         return f"{self.method} τ={self.tau:g}"
 
+    def loss_label(self) -> str:
+        """Short description of the token loss with its parameters, e.g. 'kl β=0.1 (full KL)'."""
+        if self.loss == "soft_stm":
+            return f"soft_stm T={self.loss_temperature:g}"
+        if self.loss == "eaft":
+            return f"eaft α={self.eaft_alpha:g} K={self.eaft_k}"
+        if self.loss == "kl":
+            return f"kl β={self.kl_beta:g} ({self.kl_estimator} KL)"
+        if self.loss == "asft":
+            return f"asft α={self.asft_alpha:g} ({self.kl_estimator} KL)"
+        return self.loss
+
+    def training_label(self) -> str:
+        """What is combined: the mask, then the loss when it is not plain nll, e.g.
+        'stm τ=2.5 + kl β=0.1 (full KL)'."""
+        if self.loss == "nll":
+            return self.method_label()
+        return f"{self.method_label()} + {self.loss_label()}"
+
+    def needs_base_model(self) -> bool:
+        """Whether the loss runs the base model too (LoRA: adapter disabled; full: a frozen copy)."""
+        return self.loss in BASE_LOSSES
+
     def describe(self) -> str:
         """One-line label for job lists."""
         model = "default" if self.model == "default" else Path(self.model).name
-        return f"{self.method_label()} · {self.finetune} · {self.data_label()} · {model}"
+        return f"{self.training_label()} · {self.finetune} · {self.data_label()} · {model}"
 
 
 # --------------------------------------------------------------------------- CLI flags

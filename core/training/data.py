@@ -275,7 +275,9 @@ def _add_row(
     truncated: bool,
 ) -> None:
     trainable = sum(1 for t in labels if t != IGNORE_INDEX)
-    data.rows.append({"id": example_id, "input_ids": input_ids, "labels": labels})
+    data.rows.append(
+        {"id": example_id, "input_ids": input_ids, "labels": labels, "n_response": n_response}
+    )
     data.n_examples += 1
     data.n_response_tokens += n_response
     data.n_trainable_tokens += trainable

@@ -27,6 +27,15 @@ self_output / rephrase + ``examples.jsonl``, see `core.datagen.store`), or a mas
 from `core.masking.export_masked_dataset` (its labels already carry a mask; train it with
 method ``gt``).
 
+Token losses (`TrainConfig.loss`, `core.training.losses`): `TokenLossTrainer` is the one
+SFTTrainer subclass. nll and dft are TRL's own `loss_type`s and run through SFTTrainer
+unchanged; soft_stm, eaft, kl and asft reuse the same fused forward (TRL's per-token log-probs,
+entropy and top-1) and add only what the loss needs: the base model's forward pass (soft_stm,
+kl, asft; LoRA: the adapter disabled in this process; full fine-tuning: a frozen copy made
+before training, whose size is logged), and the backbone's hidden states for EAFT's top-K
+entropy and the full-vocabulary KL (TRL's tiled divergence kernel: neither model's logits are
+built). The weights each logging step trained with go into the step's metrics.jsonl record.
+
 Evaluation during training plugs in as extra `transformers.TrainerCallback`s: pass them to
 `build_trainer` / `run_training`; in background jobs, `job_callbacks` asks
 `core.training.callbacks_mk.make_training_callbacks(config, run_dir)` for them when ``eval_every`` is set.
@@ -43,14 +52,24 @@ other processes wait for its rounds at their next step (`EVAL_WAIT_S`).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+import torch
+from trl import SFTTrainer
+from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+from trl.trainer.utils import add_fused_lm_head
+
 from core.errors import LensError
+from core.eval.drift import reference_bytes
 from core.jobs.metrics import DataRecord, DoneRecord, loss_by_step
 from core.jobs.runfiles import (
     ADAPTER_DIR,
@@ -64,12 +83,322 @@ from core.training.callbacks import _metrics_callback, job_callbacks
 from core.training.checkpoints import clean_partial, rewind_metrics, with_atomic_checkpoints
 from core.training.config import REPORTERS, TrainConfig
 from core.training.data import TrainingData, build_training_data
+from core.training.losses import (
+    TokenLoss,
+    WeightLog,
+    dft_weights,
+    eaft_weights_from_entropy,
+    kl_k3,
+    logit_transform,
+    reduce_terms,
+    soft_stm_weights,
+    token_terms,
+    topk_entropy_from_hidden,
+)
 
 #: How long the other processes of a multi-process run wait (at their next gradient all-reduce)
 #: for rank 0's evaluation round: torch's default of 30 minutes can be shorter than one round of
 #: a large suite on a large model. Used only when `eval_every` is set.
 EVAL_WAIT_S = 6 * 3600
 DEFAULT_DDP_TIMEOUT_S = 1800
+
+# --------------------------------------------------------------------------- token losses
+
+#: the batch key of a batch's response-token count (masked ones included), added by
+#: `ResponseCountCollator` for the logged effective-token share and popped before the forward
+N_RESPONSE = "n_response"
+
+
+class ResponseCountCollator:
+    """TRL's collator, plus each batch's response-token count (the rows' `n_response`)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        counts = [e.get(N_RESPONSE) for e in examples]
+        batch = self.inner([{k: v for k, v in e.items() if k != N_RESPONSE} for e in examples])
+        if all(c is not None for c in counts):
+            batch[N_RESPONSE] = torch.tensor(sum(int(c) for c in counts))
+        return batch
+
+
+@dataclass
+class TokenTerms:
+    """One micro-batch's per-token loss, shaped like TRL's fused outputs (batch, length - 1),
+    zero off the label positions: `per_token` (with gradient), `weights` and `kl` (without;
+    `kl` None unless the loss has a KL term), `mask` (label positions) and the fused outputs."""
+
+    per_token: torch.Tensor
+    weights: torch.Tensor
+    kl: torch.Tensor | None
+    mask: torch.Tensor
+    outputs: Any
+
+
+@contextlib.contextmanager
+def _caught_output(module: Any) -> Iterator[dict[str, Any]]:
+    """The output of `module`'s next forward call(s) inside the block, as `box["output"]`."""
+    box: dict[str, Any] = {}
+
+    def hook(_module: Any, _args: Any, output: Any) -> None:
+        box["output"] = output
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def causal_lm(model: Any) -> Any:
+    """The transformers causal LM under a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for one more copy of a model on `device` (host memory for a CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(psutil.virtual_memory().available)
+
+
+def base_copy_problem(model: Any) -> str | None:
+    """Why a frozen copy of `model` (the base of a full fine-tune) cannot be kept, or None."""
+    params = list(model.parameters())
+    if any(p.device.type == "meta" for p in params):
+        return "its weights are offloaded (parameters on the meta device), so they cannot be copied"
+    offloaded = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    if offloaded & {"disk", "cpu"} and any(p.device.type == "cuda" for p in params):
+        return "it is split across the GPU and offloaded memory, so a copy would not fit either"
+    device = params[0].device if params else torch.device("cpu")
+    need, free = reference_bytes(model), free_bytes(device)
+    if need * 1.05 > free:
+        return (
+            f"a frozen copy needs {need / 2**20:.0f} MiB and {device.type} has "
+            f"{free / 2**20:.0f} MiB free"
+        )
+    return None
+
+
+def frozen_base_copy(config: TrainConfig, model: Any) -> Any | None:
+    """The frozen copy of the base a full fine-tune's loss needs (soft_stm, kl, asft), made
+    before training changes a weight; None when the loss needs no base or LoRA/DoRA keeps it
+    (the adapter disabled). One line when the base cannot be recovered this way."""
+    if config.finetune != "full" or not config.needs_base_model():
+        return None
+    problem = base_copy_problem(model)
+    if problem:
+        raise LensError(
+            f"Loss {config.loss} needs the base model's predictions; a full fine-tune keeps them "
+            f"only in a frozen copy of the base, and {problem}. Use --finetune lora (the base "
+            "is the model with its adapter disabled) or a loss without the base (nll, dft, eaft)."
+        )
+    reference = copy.deepcopy(model)
+    reference.requires_grad_(False)
+    reference.eval()
+    size = reference_bytes(reference) / 2**20
+    note = f"loss {config.loss}: a frozen copy of the base model for its predictions"
+    print(f"{note} ({size:.0f} MiB)", flush=True)
+    return reference
+
+
+class TokenLossTrainer(SFTTrainer):
+    """TRL's SFTTrainer with the token losses of `core.training.losses` (see the module
+    docstring). `token_loss` says which; `weight_log` pools the weights trained with between
+    logging steps; `reference` is a full fine-tune's frozen base copy (None: LoRA/DoRA disable
+    their adapter for the base pass)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        token_loss: TokenLoss,
+        weight_log: WeightLog | None = None,
+        reference: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        self.token_loss = token_loss
+        self.weight_log = weight_log if weight_log is not None else WeightLog()
+        self.reference = reference
+        super().__init__(*args, **kwargs)
+        if self.args.loss_type != token_loss.trl_loss_type:
+            raise LensError(
+                f"Loss {token_loss.name} runs with SFTConfig(loss_type="
+                f"{token_loss.trl_loss_type!r}), not {self.args.loss_type!r}."
+            )
+        if reference is not None:
+            add_fused_lm_head(reference, outputs=("log_probs",))
+        self._check_loss_setup()
+
+    def _check_loss_setup(self) -> None:
+        spec = self.token_loss
+        lm = causal_lm(self.model)
+        if (
+            spec.needs_base
+            and self.reference is None
+            and not hasattr(self.model, "disable_adapter")
+        ):
+            raise LensError(
+                f"Loss {spec.name} needs the base model's predictions: this model has no adapter "
+                "to disable (a full fine-tune) and no frozen base copy was made."
+            )
+        vocab = lm.get_output_embeddings().weight.shape[0]
+        if spec.name == "eaft" and spec.eaft_k > vocab:
+            raise LensError(f"eaft_k {spec.eaft_k} is larger than the vocabulary ({vocab}).")
+        parallel = getattr(self.accelerator, "parallelism_config", None)
+        if not spec.in_trl and parallel is not None and getattr(parallel, "sp_enabled", False):
+            raise LensError(
+                f"Loss {spec.name} is not supported with sequence parallelism; use nll or dft."
+            )
+
+    # -- the loss ---------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        n_response = inputs.pop(N_RESPONSE, None)
+        training = self.model.training
+        if self.token_loss.in_trl:
+            with _caught_output(self.accelerator.unwrap_model(model)) as caught:
+                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            out = caught.get("output")
+            if training and getattr(out, "label_mask", None) is not None:
+                valid = out.log_probs[out.label_mask]
+                weights = dft_weights(valid) if self.token_loss.name == "dft" else None
+                self.weight_log.add(
+                    torch.ones_like(valid) if weights is None else weights, n_response
+                )
+            return result
+        terms = self.token_terms(model, inputs)
+        num = terms.mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = reduce_terms(terms.per_token, num)
+        # as SFTTrainer: num_items_in_batch counts every rank's tokens, DDP averages gradients
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        if self.aux_loss_enabled and getattr(terms.outputs, "aux_loss", None) is not None:
+            steps = (
+                self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            )
+            loss = loss + self.router_aux_loss_coef * terms.outputs.aux_loss / steps
+        self._fused_metrics(terms.outputs, inputs, "train" if training else "eval")
+        if training:
+            kl = terms.kl[terms.mask] if terms.kl is not None else None
+            self.weight_log.add(terms.weights[terms.mask], n_response, kl)
+        return (loss, terms.outputs) if return_outputs else loss
+
+    def token_terms(self, model: Any, inputs: dict[str, Any]) -> TokenTerms:
+        """The per-token loss of soft_stm, eaft, kl and asft on one micro-batch (nll and dft:
+        SFTTrainer's own `compute_loss`)."""
+        spec = self.token_loss
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+        unwrapped = self.accelerator.unwrap_model(model)
+        lm = causal_lm(unwrapped)
+        base_log_probs = base_hidden = None
+        if spec.needs_base:  # first, so the trained model's pass keeps its train mode
+            base = self._base_pass(unwrapped, inputs, hidden=spec.full_kl)
+            base_hidden, base_log_probs = (base, None) if spec.full_kl else (None, base)
+        catch = _caught_output(lm.base_model) if spec.needs_hidden else contextlib.nullcontext({})
+        with catch as caught:
+            outputs = model(**inputs, fused_lm_head=True)
+        log_probs, mask = outputs.log_probs, outputs.label_mask
+        hidden = caught["output"].last_hidden_state[:, :-1][mask] if spec.needs_hidden else None
+        weights: torch.Tensor | None = None
+        if spec.name == "soft_stm":
+            weights = soft_stm_weights(base_log_probs, spec.temperature)
+        elif spec.name == "asft":
+            weights = dft_weights(log_probs)
+        elif spec.name == "eaft":
+            head = lm.get_output_embeddings()
+            scale, cap = logit_transform(lm.config.get_text_config())
+            rows = hidden.to(head.weight.device)
+            entropy = topk_entropy_from_hidden(
+                rows, head.weight, head.bias, spec.eaft_k, scale=scale, softcap=cap
+            )
+            valid = eaft_weights_from_entropy(entropy, spec.eaft_k, spec.eaft_alpha)
+            weights = torch.ones(mask.shape, device=valid.device).masked_scatter(mask, valid)
+        kl = None
+        if spec.has_kl:
+            if spec.full_kl:
+                valid = self._full_kl(lm, hidden, base_hidden[:, :-1][mask])
+                kl = torch.zeros(mask.shape, device=valid.device).masked_scatter(mask, valid)
+            else:
+                kl = kl_k3(log_probs, base_log_probs).masked_fill(~mask, 0.0)
+        per_token = token_terms(log_probs, weights, kl, spec.kl_coef)
+        shown = torch.ones_like(log_probs) if weights is None else weights
+        return TokenTerms(
+            per_token=per_token,
+            weights=shown.detach(),
+            kl=None if kl is None else kl.detach(),
+            mask=mask,
+            outputs=outputs,
+        )
+
+    def _base_pass(self, unwrapped: Any, inputs: dict[str, Any], *, hidden: bool) -> torch.Tensor:
+        """The base model on this batch, without gradient and in eval mode: its label
+        log-probs through the fused head, or (`hidden`) its backbone's last hidden states.
+        LoRA/DoRA: the trained model with its adapter disabled; full: the frozen copy."""
+        if self.reference is not None:
+            ref, context = self.reference, contextlib.nullcontext()
+        else:
+            ref, context = unwrapped, unwrapped.disable_adapter()
+        was_training = ref.training
+        ref.eval()
+        try:
+            with torch.no_grad(), context:
+                if hidden:
+                    skip = ("labels", "output_router_logits")
+                    fwd = {k: v for k, v in inputs.items() if k not in skip}
+                    return causal_lm(ref).base_model(**fwd).last_hidden_state
+                return ref(**inputs, fused_lm_head=True).log_probs
+        finally:
+            if was_training:
+                ref.train()
+
+    def _full_kl(self, lm: Any, hidden: torch.Tensor, base_hidden: torch.Tensor) -> torch.Tensor:
+        """KL(p_base || p_theta) over the vocabulary at each label position (rows of the two
+        models' last hidden states), by TRL's tiled divergence kernel (beta 0 = forward KL);
+        the gradient flows to the trained model only."""
+        ref_lm = causal_lm(self.reference) if self.reference is not None else lm
+        head, ref_head = lm.get_output_embeddings(), ref_lm.get_output_embeddings()
+        if hidden.shape[0] == 0:
+            return hidden.new_zeros(0, dtype=torch.float32)
+        scale, cap = logit_transform(lm.config.get_text_config())
+        ref_scale, ref_cap = logit_transform(ref_lm.config.get_text_config())
+        student = (hidden.to(head.weight.device), head.weight, head.bias)
+        teacher = (base_hidden.to(ref_head.weight.device), ref_head.weight, ref_head.bias)
+        # beta 0.0: the forward KL(teacher || student); temperature 1.0
+        kl, _entropy = ChunkedDivergenceFunction.apply(
+            *student, *teacher, 0.0, 1.0, scale, cap, ref_scale, ref_cap
+        )
+        return kl.float()
+
+    def _fused_metrics(self, outputs: Any, inputs: dict[str, Any], mode: str) -> None:
+        """The entropy, token accuracy and token count SFTTrainer's `compute_loss` records."""
+        gather = self.accelerator.gather_for_metrics
+        num_valid = gather(outputs.label_mask.sum()).sum()
+        entropy_sum = gather(outputs.entropy.detach().sum()).sum()
+        num_correct = gather(outputs.is_top1.sum()).sum()
+        metrics = self._metrics[mode]
+        metrics["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+        accuracy = (num_correct / num_valid).item() if num_valid > 0 else 0.0
+        metrics["mean_token_accuracy"].append(accuracy)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                local = inputs["attention_mask"].sum()
+            else:
+                local = torch.tensor(inputs["input_ids"].size(1), device=inputs["input_ids"].device)
+            self._total_train_tokens += gather(local).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        if self.aux_loss_enabled and getattr(outputs, "aux_loss", None) is not None:
+            metrics["aux_loss"].append(gather(outputs.aux_loss).mean().item())
+
 
 # --------------------------------------------------------------------------- trainer
 
@@ -182,22 +511,24 @@ def build_trainer(
     data: TrainingData | None = None,
     status: StatusFn | None = None,
 ) -> tuple[Any, TrainingData]:
-    """An SFTTrainer ready to `.train()`, and the data it trains on.
+    """A `TokenLossTrainer` ready to `.train()`, and the data it trains on.
 
     `callbacks` are extra `transformers.TrainerCallback`s (e.g. evaluation every N steps).
     `lm` is a `core.model.loading.LoadedModel` to train (loaded in float32 if not given); masked
-    methods score the data with it BEFORE training, i.e. under the original weights.
+    methods score the data with it BEFORE training, i.e. under the original weights, and a full
+    fine-tune whose loss needs the base keeps a frozen copy of those weights.
     """
     import warnings
 
     import datasets
     from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from core.model.loading import load_model
 
     run = Path(run_dir)
     _check_reporters(config.report_to)
+    token_loss = TokenLoss.from_config(config)
     if lm is None:
         if status:
             status(f"loading model {config.model}")
@@ -237,6 +568,8 @@ def build_trainer(
         log_level="warning",
         max_length=None,
         dataset_kwargs={"skip_prepare_dataset": True},
+        loss_type=token_loss.trl_loss_type,  # dft: TRL's own path
+        remove_unused_columns=False,  # the rows' n_response reaches ResponseCountCollator
         train_sampling_strategy="group_by_length",
         dataloader_num_workers=0,
         eval_strategy="no",
@@ -250,17 +583,34 @@ def build_trainer(
     if args.world_size > 1:
         check_same_data(data, args.process_index, args.world_size)
     train_dataset = datasets.Dataset.from_list(
-        [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in data.rows]
+        [
+            {"input_ids": r["input_ids"], "labels": r["labels"], N_RESPONSE: r.get(N_RESPONSE)}
+            for r in data.rows
+        ]
     )
-    # checkpoints written whole or not at all (a kill while saving leaves nothing to resume from)
-    trainer = with_atomic_checkpoints(SFTTrainer)(
-        model=lm.model,
-        args=args,
-        train_dataset=train_dataset,
-        processing_class=lm.tokenizer,
-        peft_config=_peft_config(config),
-        callbacks=[_metrics_callback(run, status), *(callbacks or [])],
-    )
+    reference = frozen_base_copy(config, lm.model)  # before any weight changes
+    weight_log = WeightLog()
+    try:
+        # checkpoints written whole or not at all (a kill while saving leaves nothing to resume)
+        trainer = with_atomic_checkpoints(TokenLossTrainer)(
+            model=lm.model,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=lm.tokenizer,
+            peft_config=_peft_config(config),
+            callbacks=[_metrics_callback(run, status, weight_log), *(callbacks or [])],
+            token_loss=token_loss,
+            weight_log=weight_log,
+            reference=reference,
+        )
+    except ValueError as exc:  # what TRL refuses, e.g. loss_type='dft' with an option it rejects
+        text = str(exc)
+        if "loss_type='dft'" not in text and "lm_head" not in text:
+            raise
+        raise LensError(
+            f"TRL refuses loss {config.loss} in this setting: {text.split('. ')[0].rstrip('.')}."
+        ) from None
+    trainer.data_collator = ResponseCountCollator(trainer.data_collator)
     # Our callback prints one readable line per step; transformers' printer would add a dict.
     trainer.remove_callback(PrinterCallback)
     return trainer, data
