@@ -27,23 +27,33 @@ import pandas as pd
 from core import __version__, fmt
 from core.data.records import ScoredExample
 from core.errors import LensError
+from core.eval.labels import OOD_DRIFT, TARGET_DRIFT
 from core.io import write_text_atomic
 from core.masking import DEFAULT_TAU
+from core.masking.rules import compute_masks
+from core.scoring.cache import ScoreCache
 from core.study.diagnostics import PplChange, saved_ppl_changes, training_examples
-from core.study.runs import (
+from core.study.run_tables import (
     DRIFT_READING,
-    RunView,
     drift_display_table,
-    drift_missing,
-    drift_table,
-    load_run,
     run_findings,
     runs_columns,
     runs_display_table,
     runs_table,
     score_columns,
 )
-from core.viz.run_charts import figure_notes
+from core.study.runs import RunView, drift_missing, drift_table, load_run
+from core.training.config import TrainConfig
+from core.viz.charts import plotly_config
+from core.viz.compare_charts import (
+    drift_frontier_chart,
+    frontier_chart,
+    ppl_change_histogram,
+    score_vs_masked_chart,
+)
+from core.viz.heatmap import render_delta_heatmap, render_token_heatmap
+from core.viz.run_charts import drift_charts, task_delta_charts, top_row_charts
+from core.viz.run_style import figure_notes
 
 MAX_SNAPSHOT_TOKENS = 600  # response tokens drawn per heatmap (keeps the file small)
 MAX_DELTA_EXAMPLES = 8  # Δ-perplexity heatmaps per saved result
@@ -128,8 +138,6 @@ def _draws(fig: Any) -> bool:
 
 
 def _figure_html(fig: Any, first: bool, filename: str) -> str:
-    from core.viz.charts import plotly_config
-
     return fig.to_html(
         full_html=False, include_plotlyjs=True if first else False, config=plotly_config(filename)
     )
@@ -168,16 +176,13 @@ def heatmap_snapshots(
     the training mask (a token's fate depends only on its own perplexity). `lm` defaults to the
     run's model, loaded here.
     """
-    from core.masking.rules import compute_masks
-    from core.scoring.cache import ScoreCache
-    from core.scoring.score import score_examples
-    from core.training.config import TrainConfig
+    from core.scoring.score import score_examples  # lazy: heavy (torch)
 
     if n < 1:
         return []
     examples = training_examples(run.config, n)
     if lm is None:
-        from core.model.loading import load_model
+        from core.model.loading import load_model  # lazy: heavy (torch)
 
         lm = load_model(str(run.config.get("model") or "default"), device=device, dtype=dtype)
     scored = score_examples(lm, examples, cache=ScoreCache(), progress=progress).examples
@@ -197,8 +202,6 @@ def heatmap_snapshots(
 
 
 def _snapshot_html(snapshot: HeatmapSnapshot) -> str:
-    from core.viz.heatmap import render_token_heatmap
-
     heatmap = render_token_heatmap(
         snapshot.example, tau=snapshot.tau, masked=snapshot.masked, max_tokens=MAX_SNAPSHOT_TOKENS
     )
@@ -219,9 +222,6 @@ def _unique(name: str, taken: set[str]) -> str:
 def _ppl_change_html(
     change: PplChange, run: RunView | None, first_chart: bool, taken: set[str]
 ) -> str:
-    from core.viz.heatmap import render_delta_heatmap
-    from core.viz.run_charts import ppl_change_histogram
-
     tau = run_tau(run) if run is not None else DEFAULT_TAU
     label = f"{run.label} · {change.run_id}" if run is not None else change.run_id
     stats = pd.DataFrame([ppl_change_stats(change, tau)])
@@ -256,17 +256,6 @@ def build_report(
     τ = 2.5 and no mask). `ppl_changes`: token-perplexity-change results to show (see
     `core.study.diagnostics.saved_ppl_changes`).
     """
-    from core.viz.run_charts import (
-        OOD_DRIFT,
-        TARGET_DRIFT,
-        drift_charts,
-        drift_frontier_chart,
-        frontier_chart,
-        score_vs_masked_chart,
-        task_delta_charts,
-        top_row_charts,
-    )
-
     if not runs:
         raise LensError("A report needs at least one run.")
     table = runs_table(list(runs))

@@ -9,9 +9,9 @@ confidence in the base's token, blue: it gained some). The hover names the token
 change and, once computed (`TokenHover`), its probability under both models and both models'
 top-5 next tokens side by side.
 
-Charts follow the app's style (`core.viz.charts._base_layout`): readable axis titles, the y axis
+Charts follow the app's style (`core.viz.style._base_layout`): readable axis titles, the y axis
 from 0 (KL and shares are never negative), 95% intervals as error bars, and what a chart cannot
-show attached as notes (`core.viz.run_charts.figure_notes` reads them).
+show attached as notes (`core.viz.run_style.figure_notes` reads them).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from core.fmt import value_text
-from core.viz.charts import _base_layout
 from core.viz.heatmap import (
     delta_color,
     heatmap_css,
@@ -35,7 +34,8 @@ from core.viz.heatmap import (
     token_repr,
     token_span,
 )
-from core.viz.run_charts import method_color
+from core.viz.run_style import method_color
+from core.viz.style import _base_layout
 
 KL, DLP = "kl", "dlp"
 #: The colour modes of the token view.
@@ -321,7 +321,7 @@ def _interval(value: Any, low: Any, high: Any, digits: int = 3, scale: float = 1
 
 
 def category_chart(frame: pd.DataFrame) -> go.Figure:
-    """Mean token KL per token category (`core.study.drift.by_category`) with 95% intervals
+    """Mean token KL per token category (`study.drift.by_category`) with 95% intervals
     over items; each category's label gives its share of the probe's KL mass."""
     fig = go.Figure()
     notes = []
@@ -378,7 +378,7 @@ def category_share_chart(frame: pd.DataFrame) -> go.Figure:
 
 
 def position_chart(frame: pd.DataFrame) -> go.Figure:
-    """Mean token KL per position bucket of the answer (`core.study.drift.by_position`), with
+    """Mean token KL per position bucket of the answer (`study.drift.by_position`), with
     95% intervals over items."""
     fig = go.Figure()
     if frame.empty:
@@ -393,7 +393,7 @@ def position_chart(frame: pd.DataFrame) -> go.Figure:
 
 
 def domain_chart(frame: pd.DataFrame) -> go.Figure:
-    """Mean token KL per probe domain (`core.study.drift.by_domain`), with 95% intervals over
+    """Mean token KL per probe domain (`study.drift.by_domain`), with 95% intervals over
     the domain's items."""
     fig = go.Figure()
     notes = []
@@ -419,7 +419,7 @@ SHARE_AXES = {
 
 def share_scatter(table: pd.DataFrame, x: str = "trained", current: str = "") -> go.Figure:
     """Across runs: the high-perplexity share of the training tokens (x: of the tokens the loss
-    saw, or of the training data's response tokens; `core.study.drift.drift_share_table`)
+    saw, or of the training data's response tokens; `study.drift.drift_share_table`)
     against the OOD token KL at each run's last drift round (y, with its 95% interval over
     items), one marker per run coloured by method; `current` (a run id) is outlined. Runs
     without a share are left out and named in the notes."""

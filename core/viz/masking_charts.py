@@ -107,11 +107,13 @@ def share_vs_tau_chart(
                 name=source_label(source),
                 legendgroup=source,
                 meta={"source": source},
-                customdata=[f"τ = {fmt.tau(t)}: {fmt.share(v)} masked" for t, v in zip(
-                    taus, values, strict=True)],
+                customdata=[
+                    f"τ = {fmt.tau(t)}: {fmt.share(v)} masked"
+                    for t, v in zip(taus, values, strict=True)
+                ],
                 hovertemplate="%{customdata}<extra>%{fullData.name}</extra>",
             )
-        )  # fmt: skip
+        )
         if current_tau is not None and len(part):
             text = fmt.share(share)
             fig.add_trace(
