@@ -8,6 +8,10 @@ table, search, summary, dataset analytics of the ground truth) reads the score s
 (`TokenScores`); a `ScoredExample` record is built only for the example on screen. The table
 shows one page of `PAGE_SIZE` rows; filtering and sorting run on the whole set. URL state: ?tau= (shared with other pages), ?ex= (the
 selected example), ?gen= (generation settings) and ?view= (the open tab).
+
+What does not need Streamlit (the filter and sort, the summary line, the analytics tab's source
+filters, token frame and tables as shown) is `core.scoring.explore`; this page caches it and
+keeps the widgets.
 """
 
 from __future__ import annotations
@@ -54,16 +58,35 @@ from core.jobs.background import DONE, BackgroundTask
 from core.model.generation import GenerationConfig, decode_settings, encode_settings
 from core.model.loading import MODEL_SLOT, LoadedModel, resolve_device, resolve_dtype
 from core.scoring.analytics import (
-    category_shares,
+    Scored,
     example_columns,
     example_shares,
     scores_signature,
     seq_ppl_ticks,
-    sequence_ppl_table,
-    share_above_tau,
     share_vs_tau,
 )
 from core.scoring.cache import ScoreCache
+from core.scoring.explore import (
+    SORTS,
+    above_table_display,
+    count_cut,
+    coverage_text,
+    cut_label,
+    dataset_stats,
+    drop_cut,
+    filter_examples,
+    keep_shared,
+    page_holding,
+    search_texts,
+    seq_ppl_caption,
+    sequence_table_display,
+    shared_by_default,
+    shared_ids,
+    source_examples,
+    summary_line,
+    token_frame,
+    truncated_note,
+)
 from core.scoring.tokens import TokenScores
 from core.viz.charts import (
     category_share_chart,
@@ -85,13 +108,6 @@ PAGE_SIZE = 50  # rows of the example table on one page
 PAPER_TABLE_1 = {
     "mbpp": "GT 4.83 (7.04) · Rephrase 1.69 (0.16) · Self-Output 1.16 (0.01)",
     "math": "GT 2.45 (0.81) · Rephrase 2.11 (9.28) · Self-Output 1.34 (0.03)",
-}
-SORTS = {
-    "dataset order": None,
-    "sequence ppl, high → low": ("seq ppl", False),
-    "sequence ppl, low → high": ("seq ppl", True),
-    "share > τ, high → low": ("share > τ", False),
-    "length, long → short": ("tokens", False),
 }
 
 
@@ -224,9 +240,6 @@ def url_settings() -> GenerationConfig:
 # ------------------------------------------------------------------------------------------
 
 
-Group = Sequence[ScoredExample] | TokenScores  # a data source: records or columns
-
-
 @st.cache_data(show_spinner=False, max_entries=8)
 def cached_example_columns(sig: str, _scores: TokenScores) -> pd.DataFrame:
     """The τ-independent columns of the example table, once per selection (`sig`)."""
@@ -244,69 +257,23 @@ def cached_example_table(sig: str, tau: float, scores: TokenScores) -> pd.DataFr
 @st.cache_data(show_spinner=False, max_entries=8)
 def search_index(sig: str, _scores: TokenScores) -> pd.Series:
     """Lower-cased prompt + response text per example, for the text search."""
-    pairs = zip(_scores.prompts, _scores.responses, strict=True)
-    return pd.Series([(prompt + "\n" + response).lower() for prompt, response in pairs])
-
-
-def source_examples(scores: TokenScores) -> list[Example]:
-    """The unscored examples behind the scores (texts and meta, no tokens): what the
-    generation store and generated sets are matched on."""
-    return [
-        Example(id=ex_id, prompt=prompt, response=response, meta=dict(meta))
-        for ex_id, prompt, response, meta in zip(
-            scores.ids, scores.prompts, scores.responses, scores.metas, strict=True
-        )
-    ]
-
-
-def _metas(group: Group) -> Sequence[dict]:
-    return group.metas if isinstance(group, TokenScores) else [ex.meta for ex in group]
-
-
-def _ids(group: Group) -> Sequence[str]:
-    return group.ids if isinstance(group, TokenScores) else [ex.id for ex in group]
-
-
-def _keep(group: Group, keep: Sequence[bool]) -> Group:
-    """The examples of `group` where `keep` is True (columns stay columns)."""
-    if isinstance(group, TokenScores):
-        return group.take(np.flatnonzero(np.asarray(keep, dtype=bool)))
-    return [ex for ex, k in zip(group, keep, strict=True) if k]
+    return search_texts(_scores)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def dataset_stats(sig: str, tau: float, _groups: dict[str, Group]) -> dict:
+def cached_dataset_stats(sig: str, tau: float, _groups: dict[str, Scored]) -> dict:
     """Table 1, share above τ and category shares of the groups."""
-    return {
-        "table": sequence_ppl_table(_groups),
-        "above": share_above_tau(_groups, tau),
-        "categories": category_shares(_groups, tau),
-    }
+    return dataset_stats(_groups, tau)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def token_frame(sig: str, _groups: dict[str, Group]) -> pd.DataFrame:
-    """Source and perplexity of every response token (what the histogram and CDF read; the
-    `ppl` column of `token_ppl_frame`, without a text per token)."""
-    sources, ppls = [], []
-    for source, group in _groups.items():
-        if isinstance(group, TokenScores):
-            ppl = np.array(group.ppl())
-        else:
-            parts = [ex.ppl_array() for ex in group]
-            ppl = np.concatenate(parts) if parts else np.zeros(0)
-        sources.append(np.full(ppl.size, source, dtype=object))
-        ppls.append(ppl)
-    return pd.DataFrame(
-        {
-            "source": pd.Series(np.concatenate(sources) if sources else [], dtype=object),
-            "ppl": np.concatenate(ppls) if ppls else np.zeros(0),
-        }
-    )
+def cached_token_frame(sig: str, _groups: dict[str, Scored]) -> pd.DataFrame:
+    """Source and perplexity of every response token (what the histogram and CDF read)."""
+    return token_frame(_groups)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def tau_curves(sig: str, _groups: dict[str, Group]) -> pd.DataFrame:
+def tau_curves(sig: str, _groups: dict[str, Scored]) -> pd.DataFrame:
     """Share above τ on a log grid of τ (the '% masked vs τ' curve)."""
     return share_vs_tau(_groups, np.geomspace(1.05, 1000, 120))
 
@@ -423,19 +390,6 @@ def show_heatmap(example: ScoredExample, tau: float, *, show_prompt: bool = True
     )
 
 
-def summary_line(gt: TokenScores, tau: float) -> str:
-    """Dataset summary of the ground truth in one line of Markdown (from the columns)."""
-    seq = np.array(gt.seq_ppl()[gt.n_response > 0], dtype=np.float64)
-    n_tokens = gt.n_tokens
-    above = int(np.count_nonzero(gt.ppl() > tau))
-    share = above / n_tokens if n_tokens else float("nan")
-    return (
-        f"**{fmt.count(len(gt))}** examples · **{fmt.count(n_tokens)}** ground-truth response "
-        f"tokens · sequence ppl **{fmt.num(seq.mean())}** (var {fmt.num(seq.var())}) · "
-        f"**{fmt.share(share)}** of tokens have ppl > τ = {fmt.tau(tau)}"
-    )
-
-
 def _signature(gt: TokenScores) -> str:
     """`scores_signature` of the ground truth, once per scores object."""
     sig = _SIGNATURES.get(gt)
@@ -478,14 +432,8 @@ def examples_tab(sel: Selection, gt: TokenScores, tau: float, current: str) -> N
         lo, hi = -math.inf, math.inf
     sort = c3.selectbox("Sort", list(SORTS), key="explore_sort")
 
-    keep = (table["seq ppl"] >= lo) & (table["seq ppl"] <= hi)
-    if query.strip():
-        keep &= search_index(sig, gt).str.contains(query.strip().lower(), regex=False)
-    view = table[keep.to_numpy()]
-    if SORTS[sort] is not None:
-        column, ascending = SORTS[sort]
-        view = view.sort_values(column, ascending=ascending, kind="stable")
-    view = view.reset_index(drop=True)
+    texts = search_index(sig, gt) if query.strip() else None
+    view = filter_examples(table, lo, hi, texts=texts, query=query, sort=sort)
 
     n_pages = max(1, math.ceil(len(view) / PAGE_SIZE))
     view_key = (query.strip().lower(), lo, hi, sort)
@@ -494,8 +442,7 @@ def examples_tab(sel: Selection, gt: TokenScores, tau: float, current: str) -> N
             st.session_state["explore_page"] = 1
         st.session_state["explore_view"] = view_key
     if "explore_page" not in st.session_state:  # open on the page that holds ?ex=
-        hits = np.flatnonzero(view["id"].to_numpy() == current)
-        st.session_state["explore_page"] = int(hits[0]) // PAGE_SIZE + 1 if hits.size else 1
+        st.session_state["explore_page"] = page_holding(view["id"].tolist(), current, PAGE_SIZE)
     if not 1 <= st.session_state["explore_page"] <= n_pages:  # the filter left fewer pages
         st.session_state["explore_page"] = min(
             max(int(st.session_state["explore_page"]), 1), n_pages
@@ -717,80 +664,14 @@ def compare_tab(sel: Selection, gt: TokenScores, tau: float, current: str, lm: L
             spike_plot({kind: ex for kind, ex, _ in columns}, tau=tau),
             config=plotly_config(f"spike_plot_{current}"),
         )
-        gt_ppl = truth.seq_ppl
-        parts = [
-            f"{titles.get(kind, source_label(kind))} {ex.seq_ppl:.2f} "
-            f"({ex.seq_ppl / gt_ppl:.2f}× GT)"
-            for kind, ex, _ in columns[1:]
+        answers = [
+            (titles.get(kind, source_label(kind)), ex.seq_ppl) for kind, ex, _ in columns[1:]
         ]
-        st.caption(f"Sequence perplexity: ground truth {gt_ppl:.2f} · " + " · ".join(parts))
+        st.caption(seq_ppl_caption(truth.seq_ppl, answers))
 
 
 def _set_settings(value: str) -> None:
     st.query_params["gen"] = value
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{fmt.count(n)} {word}" + ("" if n == 1 else "s")
-
-
-def shared_by_default(n_shared: int, n_total: int) -> bool:
-    """Whether "Compare on shared examples only" starts on: when at least half of the selection
-    (and at least 2 examples) is shared by every source, so one generated answer never shrinks
-    every table to one example."""
-    return n_shared >= max(2, math.ceil(n_total / 2))
-
-
-def coverage_text(groups: dict[str, Group], n_total: int, shared_only: bool) -> str:
-    """How many of the selection's examples each analytics table stands on: "n = 2 of 50
-    examples, shared by all 3 sources", or each source's own n when they are not paired."""
-    if shared_only:
-        n = max((len(group) for group in groups.values()), default=0)
-        return (
-            f"n = {fmt.count(n)} of {fmt.count(n_total)} examples, shared by all "
-            f"{len(groups)} sources."
-        )
-    parts = [f"{source_label(source)} {fmt.count(len(group))}" for source, group in groups.items()]
-    if len(groups) == 1:
-        return (
-            f"n = {fmt.count(len(next(iter(groups.values()))))} of {fmt.count(n_total)} examples."
-        )
-    return (
-        f"n of {fmt.count(n_total)} examples per source (each on the examples it has, so they "
-        "are not paired): " + " · ".join(parts) + "."
-    )
-
-
-def sequence_table_display(table: pd.DataFrame, above: pd.DataFrame, tau: float) -> pd.DataFrame:
-    """The paper's Table 1 as shown: every number written by `core.fmt` (mean and population
-    variance of per-example sequence perplexity, median, the pooled share above τ)."""
-    share = above.set_index("source")["share"]
-    return pd.DataFrame(
-        {
-            "data source": [source_label(s) for s in table["source"]],
-            "examples": [fmt.count(n) for n in table["n_scored"]],
-            "response tokens": [fmt.count(n) for n in table["n_tokens"]],
-            "seq ppl mean (var)": [
-                f"{fmt.num(m)} ({fmt.num(v)})"
-                for m, v in zip(table["seq_ppl_mean"], table["seq_ppl_var"], strict=True)
-            ],
-            "median": [fmt.num(v) for v in table["seq_ppl_median"]],
-            f"tokens > τ = {fmt.tau(tau)}": [fmt.share(share.loc[s]) for s in table["source"]],
-        }
-    )
-
-
-def above_table_display(above: pd.DataFrame) -> pd.DataFrame:
-    """Tokens above τ per source as shown (shares and counts written by `core.fmt`)."""
-    return pd.DataFrame(
-        {
-            "data source": [source_label(s) for s in above["source"]],
-            "tokens > τ": [fmt.count(n) for n in above["n_above"]],
-            "share (pooled)": [fmt.share(v) for v in above["share"]],
-            "mean per example": [fmt.share(v) for v in above["mean_example_share"]],
-            "examples fully > τ": [fmt.count(n) for n in above["n_all_above"]],
-        }
-    )
 
 
 def analytics_tab(sel: Selection, gt: TokenScores, tau: float, lm: LoadedModel) -> None:
@@ -805,26 +686,23 @@ def analytics_tab(sel: Selection, gt: TokenScores, tau: float, lm: LoadedModel) 
         st.warning(f"Skipped a generated dataset: {problem}")
     if generated is None or sets is None:
         st.caption("Generated sources appear here once they are scored.")
-    groups: dict[str, Group] = {"ground_truth": gt}
+    groups: dict[str, Scored] = {"ground_truth": gt}
     groups.update(generated or {})
     groups.update(sets or {})
 
     generation_panel(sel, examples, found)
 
     left, right = st.columns(2)
-    n_cut = sum(m.get("finished") is False for group in groups.values() for m in _metas(group))
+    n_cut = count_cut(groups)
     if n_cut and left.toggle(
-        f"Leave out {_plural(n_cut, 'answer')} cut at max_new_tokens",
+        cut_label(n_cut),
         value=True,
         help="A cut-off answer ends with an end-of-turn token that the chat template added, not "
         "the model; it is usually extremely surprising to the model and inflates the sequence "
         "perplexity. The paper keeps only complete, correct generations.",
     ):
-        groups = {
-            k: _keep(group, [m.get("finished") is not False for m in _metas(group)])
-            for k, group in groups.items()
-        }
-    shared = set.intersection(*(set(_ids(group)) for group in groups.values()))
+        groups = drop_cut(groups)
+    shared = shared_ids(groups)
     shared_only = len(groups) > 1 and right.toggle(
         f"Compare on shared examples only ({fmt.count(len(shared))} of {fmt.count(len(gt))})",
         value=shared_by_default(len(shared), len(gt)),
@@ -834,17 +712,14 @@ def analytics_tab(sel: Selection, gt: TokenScores, tau: float, lm: LoadedModel) 
         "at least half of the examples are shared.",
     )
     if shared_only:
-        groups = {
-            k: _keep(group, [ex_id in shared for ex_id in _ids(group)])
-            for k, group in groups.items()
-        }
+        groups = keep_shared(groups, shared)
     if not any(len(group) for group in groups.values()):
         st.info("No examples in common between the sources yet.")
         return
     coverage = coverage_text(groups, len(gt), shared_only)
 
     sig = scores_signature(groups)
-    stats = dataset_stats(sig, tau, groups)
+    stats = cached_dataset_stats(sig, tau, groups)
     st.subheader("Sequence perplexity per data source")
     left, right = st.columns([3, 2])
     with left:
@@ -855,13 +730,9 @@ def analytics_tab(sel: Selection, gt: TokenScores, tau: float, lm: LoadedModel) 
             hide_index=True,
             width="stretch",
         )
-        truncated = [
-            f"{source_label(src)} {n}"
-            for src, n in zip(table["source"], table["n_truncated"], strict=True)
-            if n
-        ]
+        truncated = truncated_note(table)
         if truncated:
-            st.caption("Truncated to the context length: " + ", ".join(truncated) + ".")
+            st.caption(truncated)
         st.caption(
             "Like the paper's Table 1: mean (population variance) of per-example sequence "
             "perplexity, exp(mean NLL of the response tokens, end-of-turn included), scored by "
@@ -875,7 +746,7 @@ def analytics_tab(sel: Selection, gt: TokenScores, tau: float, lm: LoadedModel) 
         st.plotly_chart(seq_ppl_box(groups), config=plotly_config("sequence_ppl_box"))
 
     st.subheader("Token perplexity distribution")
-    frame = token_frame(sig, groups)
+    frame = cached_token_frame(sig, groups)
     left, right = st.columns(2)
     left.plotly_chart(ppl_histogram(frame, tau=tau), config=plotly_config("token_ppl_histogram"))
     right.plotly_chart(ppl_cdf(frame, tau=tau), config=plotly_config("token_ppl_cdf"))

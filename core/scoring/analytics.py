@@ -33,6 +33,15 @@ from core.scoring.tokens import TokenScores
 Scored = Sequence[ScoredExample] | TokenScores
 Groups = Mapping[str, Scored]
 
+#: Display labels of the data sources ("self_output" -> "Self-Output"); the tables, captions and
+#: charts (`core.viz`) name a source by `source_label`.
+SOURCE_LABELS: dict[str, str] = {
+    "ground_truth": "Ground truth",
+    "self_output": "Self-Output",
+    "rephrase": "Rephrase",
+    "generated": "Generated",
+}
+
 CATEGORIES = ("number", "symbol", "word", "whitespace")
 
 # Byte-level BPE / SentencePiece markers that stand for whitespace when a token list holds raw
@@ -43,6 +52,11 @@ _CONTROL_TOKEN = re.compile(
     r"^(<\|[^|<>]*\|>|</?s>|<(eos|bos|pad|unk|end_of_turn|start_of_turn|eot)>)$"
 )
 _NUMBER_PUNCT = set(".,_+-eE%")
+
+
+def source_label(source: str) -> str:
+    """Display label of a data source ("self_output" -> "Self-Output"; others unchanged)."""
+    return SOURCE_LABELS.get(source, source)
 
 
 def is_control_token(token: str) -> bool:

@@ -24,6 +24,7 @@ import plotly.graph_objects as go
 
 from core import fmt
 from core.data.records import ScoredExample
+from core.scoring.analytics import SOURCE_LABELS, source_label
 from core.scoring.tokens import TokenScores
 from core.viz.masking_charts import (
     RULE_OF_THUMB_FILL,
@@ -38,7 +39,6 @@ from core.viz.style import (
     LEGEND_ONLY,
     PLOTLY_CONFIG,
     SOURCE_COLORS,
-    SOURCE_LABELS,
     TAU_COLOR,
     _add_tau_hline,
     _add_tau_vline,
@@ -50,7 +50,6 @@ from core.viz.style import (
     data_traces,
     plotly_config,
     source_color,
-    source_label,
 )
 
 #: What pages, tests and benches import from here: this module's builders, and the masked-share

@@ -14,13 +14,13 @@ import plotly.graph_objects as go
 
 from core import fmt
 from core.masking.rules import share_vs_tau_curve
+from core.scoring.analytics import source_label
 from core.viz.style import (
     _add_tau_vline,
     _base_layout,
     _set_log_axis,
     _sources,
     source_color,
-    source_label,
 )
 
 RULE_OF_THUMB_FILL = "rgba(9,105,218,0.08)"

@@ -7,7 +7,8 @@ with readable ticks. The builders live in `core.viz.charts` (token perplexity),
 Each data source keeps one colour in every chart (`SOURCE_COLORS`; unknown sources get a
 stable colour from `FALLBACK_COLORS` picked by a hash of their name, so it does not change with
 the order in which sources appear). Trace names are the sources' display labels
-(`source_label`); the raw key is kept in `trace.meta["source"]`.
+(`source_label`, from `core.scoring.analytics`, where tables name them too); the raw key is
+kept in `trace.meta["source"]`.
 """
 
 from __future__ import annotations
@@ -39,12 +40,6 @@ FALLBACK_COLORS: tuple[str, ...] = (
     "#1D6996",
     "#94346E",
 )
-SOURCE_LABELS: dict[str, str] = {
-    "ground_truth": "Ground truth",
-    "self_output": "Self-Output",
-    "rephrase": "Rephrase",
-    "generated": "Generated",
-}
 TAU_COLOR = "#24292f"
 
 PLOTLY_CONFIG: dict[str, Any] = {
@@ -70,11 +65,6 @@ def source_color(source: str) -> str:
     if source in SOURCE_COLORS:
         return SOURCE_COLORS[source]
     return FALLBACK_COLORS[zlib.crc32(source.encode("utf-8")) % len(FALLBACK_COLORS)]
-
-
-def source_label(source: str) -> str:
-    """Display label of a data source ("self_output" -> "Self-Output"; others unchanged)."""
-    return SOURCE_LABELS.get(source, source)
 
 
 def _rgba(hex_color: str, alpha: float) -> str:
