@@ -106,9 +106,9 @@ def rows() -> list[dict[str, object]]:
 
 def table_markdown(found: list[dict[str, object]]) -> str:
     """The sweep as a Markdown table (the protocol's own table writer)."""
-    from core.study.protocol import _markdown_table, sweep_table
+    from core.study.protocol import markdown_table, sweep_table
 
-    return "\n".join(_markdown_table(sweep_table(found))) or "(no finished setting yet)"
+    return "\n".join(markdown_table(sweep_table(found))) or "(no finished setting yet)"
 
 
 def main() -> None:

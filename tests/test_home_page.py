@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-import core.study.protocol as protocol
 from core.study.protocol import headline, short_headline
+from core.study.protocol import recorded as protocol_recorded
 from tests.test_protocol import _sweep_row
 from tests.test_protocol_page import _finished_protocol
 
@@ -31,10 +31,10 @@ def runs_root(tmp_path, monkeypatch):
 def sweep(tmp_path, monkeypatch):
     rows = [_sweep_row("center", -2.8, 0.7), _sweep_row("lr3e-4", -7.0, -2.1)]
     data = {"date": "2026-12-09", "machine": "test cpu, 2 cores", "model": "tiny",
-            "suite": "protocol", "rows": rows, **protocol.sweep_verdict(rows)}  # fmt: skip
+            "suite": "protocol", "rows": rows, **protocol_recorded.sweep_verdict(rows)}  # fmt: skip
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(data))
-    monkeypatch.setattr(protocol, "CPU_SWEEP_JSON", path)
+    monkeypatch.setattr(protocol_recorded, "CPU_SWEEP_JSON", path)
     return data
 
 
@@ -80,8 +80,8 @@ def test_the_recorded_protocol_is_shown_with_its_machine_and_date(
     recorded = {**results, "machine": "test cpu, 2 cores", "date": "2026-12-03", "note": ""}
     path = tmp_path / "cpu_protocol.json"
     path.write_text(json.dumps(recorded))
-    monkeypatch.setattr(protocol, "CPU_PROTOCOL_JSON", path)
-    assert protocol.load_cpu_protocol() is not None
+    monkeypatch.setattr(protocol_recorded, "CPU_PROTOCOL_JSON", path)
+    assert protocol_recorded.load_cpu_protocol() is not None
     shown = texts(start_page())
     assert "**Recorded on the project's machine**" in shown
     assert "test cpu, 2 cores, 2026-12-03" in shown
@@ -89,11 +89,11 @@ def test_the_recorded_protocol_is_shown_with_its_machine_and_date(
         assert line in shown
     # a file without its machine is no record
     path.write_text(json.dumps(results))
-    assert protocol.load_cpu_protocol() is None
+    assert protocol_recorded.load_cpu_protocol() is None
 
 
 def test_the_short_headline_keeps_the_out_of_domain_probe_and_drops_the_others():
-    recorded = protocol.load_cpu_protocol(ROOT / "docs" / "cpu_protocol.json")
+    recorded = protocol_recorded.load_cpu_protocol(ROOT / "docs" / "cpu_protocol.json")
     full, short = headline(recorded), short_headline(recorded)
     assert any("text_drift" in line for line in full)  # the full reading has every probe
     assert not any("text_drift" in line or "target_drift" in line for line in short)

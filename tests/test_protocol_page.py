@@ -7,7 +7,7 @@ import re
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.io import write_json_atomic
+from core.io import app_root, write_json_atomic
 from core.jobs.registry import JobRegistry
 from core.jobs.runfiles import CONFIG_JSON
 from core.study.protocol import (
@@ -16,38 +16,39 @@ from core.study.protocol import (
     RESULTS_JSON,
     ProtocolConfig,
     aggregate,
+    headline,
     load_protocol,
     protocol_eta,
     write_partial_results,
     write_protocol_report,
 )
+from core.study.protocol import recorded as protocol_recorded
 from tests.test_report import _make_run
 
 
 @pytest.fixture
 def runs_root(tmp_path, monkeypatch):
-    import core.study.protocol as protocol
-
     root = tmp_path / "runs"
     monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
     # the page shows only this test's protocols, not the project's recorded one
-    monkeypatch.setattr(protocol, "CPU_PROTOCOL_JSON", tmp_path / "no-recorded-protocol.json")
+    monkeypatch.setattr(
+        protocol_recorded, "CPU_PROTOCOL_JSON", tmp_path / "no-recorded-protocol.json"
+    )
     root.mkdir()
     return root
 
 
-def test_the_recorded_cpu_protocol_opens_the_page_when_none_ran_here(runs_root):
+def test_the_recorded_cpu_protocol_opens_the_page_when_none_ran_here(runs_root, monkeypatch):
     """On a fresh machine the page leads with the project's recorded cpu protocol: its
     headline sentences and its summary table, with machine and date."""
-    import core.study.protocol as protocol
-
-    recorded = protocol.load_cpu_protocol(protocol.app_root() / "docs" / "cpu_protocol.json")
+    path = app_root() / "docs" / "cpu_protocol.json"
+    recorded = protocol_recorded.load_cpu_protocol(path)
     assert recorded is not None  # docs/cpu_protocol.json ships with the project
-    protocol.CPU_PROTOCOL_JSON = protocol.app_root() / "docs" / "cpu_protocol.json"
+    monkeypatch.setattr(protocol_recorded, "CPU_PROTOCOL_JSON", path)
     at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
     assert not at.exception
     shown = [m.value for m in at.markdown]
-    for line in protocol.headline(recorded):
+    for line in headline(recorded):
         assert f"- {line}" in shown
     assert any(recorded["machine"] in c.value and recorded["date"] in c.value for c in at.caption)
     table = next(d.value for d in at.dataframe if "arm" in d.value.columns).set_index("arm")
@@ -127,15 +128,14 @@ def test_finished_protocol_shows_table_findings_and_report(runs_root):
 
 
 def test_page_says_what_the_recorded_cpu_sweep_found(runs_root, tmp_path, monkeypatch):
-    import core.study.protocol as protocol
     from tests.test_protocol import _sweep_row
 
     rows = [_sweep_row("center", -2.8, 0.7), _sweep_row("lr3e-4", -7.0, -2.1)]
     path = tmp_path / "sweep.json"
     sweep = {"date": "2026-12-02", "machine": "test cpu, 2 cores", "model": "tiny",
-             "suite": "protocol", "rows": rows, **protocol.sweep_verdict(rows)}  # fmt: skip
+             "suite": "protocol", "rows": rows, **protocol_recorded.sweep_verdict(rows)}  # fmt: skip
     path.write_text(json.dumps(sweep))
-    monkeypatch.setattr(protocol, "CPU_SWEEP_JSON", path)
+    monkeypatch.setattr(protocol_recorded, "CPU_SWEEP_JSON", path)
     at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
     assert not at.exception
     assert any(m.value == sweep["text"] for m in at.markdown)
@@ -143,7 +143,7 @@ def test_page_says_what_the_recorded_cpu_sweep_found(runs_root, tmp_path, monkey
     table = at.dataframe[0].value
     assert list(table["setting"]) == ["center", "lr3e-4"]
     assert table["arc_easy acc"].iloc[1] == "-4.55 [-7.00, -2.10]*"
-    monkeypatch.setattr(protocol, "CPU_SWEEP_JSON", tmp_path / "missing.json")
+    monkeypatch.setattr(protocol_recorded, "CPU_SWEEP_JSON", tmp_path / "missing.json")
     at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
     assert not at.exception and any("No recorded sweep" in c.value for c in at.caption)
 
