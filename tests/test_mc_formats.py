@@ -16,8 +16,8 @@ from core.data.tasks import get_task, load_task
 from core.eval.runner import run_suite
 from core.eval.scorers import plain_mc_request
 from core.eval.suites import tasks_suite
+from core.model import forward
 from core.model.encoding import EncodedPair
-from core.scoring import score
 
 
 def _reference_loglik(lm, context: str, continuation: str) -> float:
@@ -145,19 +145,19 @@ def test_shared_context_scores_what_full_sequences_score(tiny_lm, budget, max_ba
         for seed in range(3):
             pairs = _mc_pairs(tiny_lm, seed)
             cached.clear()
-            new = score.continuation_logprobs(
+            new = forward.continuation_logprobs(
                 tiny_lm, pairs, token_budget=budget, max_batch=max_batch
             )
             assert any(cached)
             cached.clear()
-            old = score.continuation_logprobs(tiny_lm, pairs, share_context=False)
+            old = forward.continuation_logprobs(tiny_lm, pairs, share_context=False)
             assert not any(cached)
             assert [lp for lp, _ in new] == pytest.approx([lp for lp, _ in old], abs=1e-4)
             assert [g for _, g in new] == [g for _, g in old]
             assert any(g for _, g in old)  # the greedy choices are flagged, both ways
     finally:
         hook.remove()
-    assert type(tiny_lm.model) not in score._NO_SHARED_CONTEXT
+    assert type(tiny_lm.model) not in forward._NO_SHARED_CONTEXT
 
 
 def test_shared_context_falls_back_to_full_sequences(tiny_lm, monkeypatch):
@@ -169,21 +169,21 @@ def test_shared_context_falls_back_to_full_sequences(tiny_lm, monkeypatch):
         calls.append(1)
         raise TypeError("forward() got an unexpected keyword argument 'past_key_values'")
 
-    monkeypatch.setattr(score, "_NO_SHARED_CONTEXT", set())
-    monkeypatch.setattr(score, "_shared_context_batch", fails)
+    monkeypatch.setattr(forward, "_NO_SHARED_CONTEXT", set())
+    monkeypatch.setattr(forward, "_shared_context_batch", fails)
     pairs = _mc_pairs(tiny_lm, 7)
-    first = score.continuation_logprobs(tiny_lm, pairs)
-    again = score.continuation_logprobs(tiny_lm, pairs)
-    old = score.continuation_logprobs(tiny_lm, pairs, share_context=False)
+    first = forward.continuation_logprobs(tiny_lm, pairs)
+    again = forward.continuation_logprobs(tiny_lm, pairs)
+    old = forward.continuation_logprobs(tiny_lm, pairs, share_context=False)
     assert first == old and again == old  # the same batches: the same numbers
-    assert calls == [1] and type(tiny_lm.model) in score._NO_SHARED_CONTEXT
+    assert calls == [1] and type(tiny_lm.model) in forward._NO_SHARED_CONTEXT
 
 
 def test_split_by_length_pays_a_pass_only_for_enough_padding():
-    assert score._split_by_length([9, 9, 1, 1], 4) == [(0, 2), (2, 4)]
-    assert score._split_by_length([9, 9, 1, 1], 100) == [(0, 4)]
-    assert score._split_by_length([3], 48) == [(0, 1)]
-    assert score._split_by_length([], 48) == []
+    assert forward._split_by_length([9, 9, 1, 1], 4) == [(0, 2), (2, 4)]
+    assert forward._split_by_length([9, 9, 1, 1], 100) == [(0, 4)]
+    assert forward._split_by_length([3], 48) == [(0, 1)]
+    assert forward._split_by_length([], 48) == []
 
 
 def test_arc_picks_are_those_of_full_sequences(tiny_lm, monkeypatch):
@@ -191,7 +191,7 @@ def test_arc_picks_are_those_of_full_sequences(tiny_lm, monkeypatch):
     and log-likelihoods with each question's context shared as with every choice scored whole."""
     suite = tasks_suite(["arc_easy:validation"], limit=24, mc_format="plain")
     shared = run_suite(tiny_lm, suite).tasks[0].details
-    monkeypatch.setattr(score, "_NO_SHARED_CONTEXT", {type(tiny_lm.model)})
+    monkeypatch.setattr(forward, "_NO_SHARED_CONTEXT", {type(tiny_lm.model)})
     whole = run_suite(tiny_lm, suite).tasks[0].details
     assert [(d["id"], d["pred"], d["pred_norm"]) for d in shared] == [
         (d["id"], d["pred"], d["pred_norm"]) for d in whole

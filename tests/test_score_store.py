@@ -26,6 +26,7 @@ from core.masking.rules import (
     share_vs_tau_curve,
     solve_tau_for_share,
 )
+from core.model.loading import LoadedModel
 from core.scoring import analytics
 from core.scoring import store as store_module
 from core.scoring.cache import (
@@ -56,18 +57,17 @@ def mbpp():
 
 @pytest.fixture
 def count_batches(monkeypatch):
-    """Counts the model's scoring passes (`_score_batch` calls) and the examples in them."""
-    import core.scoring.score as score
-
+    """Counts the model's scoring passes (`LoadedModel.score_pairs` calls) and the examples in
+    them."""
     calls = {"batches": 0, "examples": 0}
-    real = score._score_batch
+    real = LoadedModel.score_pairs
 
     def counting(lm, encs, top_k):
         calls["batches"] += 1
         calls["examples"] += len(encs)
         return real(lm, encs, top_k)
 
-    monkeypatch.setattr(score, "_score_batch", counting)
+    monkeypatch.setattr(LoadedModel, "score_pairs", counting)
     return calls
 
 

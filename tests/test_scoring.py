@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from core.data.records import Example
+from core.model import forward
 from core.model.encoding import encode_pair
+from core.model.forward import CPU_STATS_CHUNK
 from core.scoring.cache import ScoreCache
-from core.scoring.score import CPU_STATS_CHUNK, score_examples
+from core.scoring.score import score_examples
 from tests.reference import score_one_reference
 
 
@@ -26,15 +28,13 @@ def _examples(n=9):
 def test_batched_scores_equal_unbatched_reference(tiny_lm, convention, keep, monkeypatch):
     """Both ways of picking the response positions: the per-row mask and, for models whose
     forward takes only an int, the batch's common tail."""
-    import core.scoring.score
-
     monkeypatch.setattr(
-        core.scoring.score, "_NO_MASK_KEEP", {type(tiny_lm.model)} if keep == "tail" else set()
+        forward, "_NO_MASK_KEEP", {type(tiny_lm.model)} if keep == "tail" else set()
     )
     exs = _examples()
     run = score_examples(tiny_lm, exs, convention=convention, token_budget=300, max_batch=4)
     assert [r.id for r in run.examples] == [e.id for e in exs]
-    assert (type(tiny_lm.model) in core.scoring.score._NO_MASK_KEEP) == (keep == "tail")
+    assert (type(tiny_lm.model) in forward._NO_MASK_KEEP) == (keep == "tail")
     for ex, rec in zip(exs, run.examples, strict=True):
         ref = score_one_reference(tiny_lm, ex, convention=convention)
         assert len(ref) == rec.n_response

@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,6 +43,10 @@ from core.eval.probes import FILE_PREFIX, Probe, load_probe
 from core.io import cache_dir
 from core.kvstore import KVCache
 from core.model.encoding import EncodedPair, encode_prompt
+from core.model.interface import GenerationConfig, LanguageModel
+
+if TYPE_CHECKING:  # torch at import; a drift task's caller passes one (`require_loaded`)
+    from core.model.loading import LoadedModel
 
 #: Metrics of a drift task, the primary one first. Lower KL is less drift.
 DRIFT_METRICS = (
@@ -88,7 +92,7 @@ ProgressFn = Callable[[int, int], None]
 def token_drift(ref_logits: Any, tuned_logits: Any, targets: Any) -> dict[str, np.ndarray]:
     """Per position (rows of the (T, V) logits), in float64: KL(p_ref || p_tuned), whether the
     two top-1 tokens agree, each side's log-probability of `targets` and each side's entropy."""
-    import torch
+    import torch  # lazy: heavy
 
     ref = torch.log_softmax(ref_logits.double(), dim=-1)
     tuned = torch.log_softmax(tuned_logits.double(), dim=-1)
@@ -208,7 +212,7 @@ class ProbeAnswerCache(KVCache[list[int]]):
 
 
 def base_answers(
-    base_lm: Any,
+    base_lm: LanguageModel,
     prompts: Sequence[str],
     max_new_tokens: int,
     *,
@@ -218,8 +222,6 @@ def base_answers(
 ) -> tuple[list[list[int]], int]:
     """The base model's greedy answer ids to each prompt (from `cache` where it has them), and
     how many were generated now. `base_lm` must give the base model's logits."""
-    from core.model.generation import GenerationConfig, generate_responses
-
     keys = [
         ProbeAnswerCache.key(base_lm.cache_key, base_lm.template_fingerprint, p, max_new_tokens)
         for p in prompts
@@ -228,8 +230,8 @@ def base_answers(
     todo = [i for i, k in enumerate(keys) if k not in found]
     if todo:
         config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False)
-        out = generate_responses(
-            base_lm, [prompts[i] for i in todo], config, batch_size=batch_size, progress=progress
+        out = base_lm.generate(
+            [prompts[i] for i in todo], config, batch_size=batch_size, progress=progress
         )
         fresh = {keys[i]: gens[0].token_ids for i, gens in zip(todo, out, strict=True)}
         if cache is not None:
@@ -248,20 +250,22 @@ def reference_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def check_same_tokenizer(lm: Any, reference: Any) -> None:
+def check_same_tokenizer(lm: LanguageModel, reference: LanguageModel) -> None:
     """One line when the reference ("base") model's tokenizer differs from the tuned model's:
     token KL is only defined over one vocabulary."""
     a, b = lm.tokenizer, reference.tokenizer
     if len(a) != len(b) or a.get_vocab() != b.get_vocab():
         raise LensError(
-            f"The base model '{getattr(reference, 'name', 'reference')}' has a different "
-            f"tokenizer ({len(b)} tokens) from the tuned model '{getattr(lm, 'name', 'model')}' "
+            f"The base model '{reference.name}' has a different "
+            f"tokenizer ({len(b)} tokens) from the tuned model '{lm.name}' "
             f"({len(a)} tokens): drift compares distributions over one vocabulary."
         )
 
 
 @contextlib.contextmanager
-def reference_logits_model(lm: Any, reference: Any | None, is_base: bool) -> Iterator[Any]:
+def reference_logits_model(
+    lm: LoadedModel, reference: LoadedModel | None, is_base: bool
+) -> Iterator[LoadedModel]:
     """The `LoadedModel` whose logits are the base's, for the block's duration: `reference`
     when given, else `lm` with its PEFT adapter disabled, else (`is_base`) `lm` itself."""
     if reference is not None:
@@ -294,7 +298,10 @@ class _Sequence:
 
 
 def _prompt_sequences(
-    lm: Any, probe: Probe, answers: Sequence[Sequence[int] | None], prompts: Sequence[list[int]]
+    lm: LanguageModel,
+    probe: Probe,
+    answers: Sequence[Sequence[int] | None],
+    prompts: Sequence[list[int]],
 ) -> list[_Sequence]:
     """Teacher-forcing inputs of a prompt probe (items without an answer left out)."""
     seqs = []
@@ -304,7 +311,7 @@ def _prompt_sequences(
     return seqs
 
 
-def _text_sequences(lm: Any, probe: Probe) -> Any:
+def _text_sequences(lm: LanguageModel, probe: Probe) -> tuple[list[_Sequence], list[str]]:
     """Plain-text inputs of a passage probe: BOS (when the tokenizer has one) + the passage."""
     seqs, too_long = [], []
     bos = lm.tokenizer.bos_token_id
@@ -322,19 +329,17 @@ def _text_sequences(lm: Any, probe: Probe) -> Any:
     return seqs, too_long
 
 
-def _logits(lm: Any, encs: list[EncodedPair]) -> list[Any]:
-    from core.scoring.score import response_logits
-
-    return response_logits(lm, encs)
+def _logits(lm: LoadedModel, encs: list[EncodedPair]) -> list[Any]:
+    return lm.response_logits(encs)
 
 
 def score_drift(
-    lm: Any,
+    lm: LoadedModel,
     probe: Probe,
     *,
     max_new_tokens: int,
     is_base: bool,
-    reference: Any | None = None,
+    reference: LoadedModel | None = None,
     batch_size: int = 8,
     answer_cache: ProbeAnswerCache | None = None,
     progress: ProgressFn | None = None,
@@ -345,7 +350,7 @@ def score_drift(
     `is_base` says `lm` is the base model itself (drift 0, one pass). `progress(done, total)`
     counts items. An item longer than the model's context is left out with a note (for a user's
     probe file that is an error naming it)."""
-    import torch
+    import torch  # lazy: heavy
 
     notes: list[str] = []
     with torch.inference_mode(), reference_logits_model(lm, reference, is_base) as ref:
@@ -409,12 +414,12 @@ def score_drift(
 
 
 def drift_task(
-    lm: Any,
+    lm: LoadedModel,
     spec: Any,
     suite: Any,
     *,
     is_base: bool,
-    reference: Any | None = None,
+    reference: LoadedModel | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[dict[str, float | None], list[dict[str, Any]], int, list[str]]:
     """A suite's drift spec: its probe loaded and scored (metrics, details, items, notes)."""

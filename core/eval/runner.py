@@ -49,85 +49,47 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.errors import LensError
 from core.eval.compare import compare_results, relative_change
 from core.eval.config import EvalConfig, resolve_adapter_path
-from core.eval.drift import drift_task
 from core.eval.scorers import (
     ProgressFn,
+    ScoreContext,
+    Scored,
     SuiteResult,
     TaskResult,
     TaskUnavailable,
-    _score_code,
-    _score_lm_eval,
-    _score_mc_generative,
-    _score_mc_loglik,
-    _score_numeric,
-    _score_ref_ppl,
-    select_examples,
+    scorer_for,
 )
-from core.eval.suites import (
-    CODE_EXEC,
-    DRIFT,
-    LM_EVAL,
-    MC_GENERATIVE,
-    MC_LOGLIK,
-    NUMERIC_MATCH,
-    REF_PPL,
-    EvalSuite,
-    build_suite,
-)
-from core.io import cache_dir
+from core.eval.suites import REF_PPL, EvalSuite, build_suite
+from core.io import cache_dir, write_json_atomic
+from core.jobs.runfiles import SUMMARY_JSON, append_metric, eval_round_path
 from core.jobs.state import StateReporter, as_reporter
 from core.kvstore import KVCache
+from core.model.interface import LanguageModel
 from core.stats import Interval
+
+if TYPE_CHECKING:  # torch at import: only `load_adapter` / `evaluate_model` load a model
+    from core.model.loading import LoadedModel
 
 CACHE_SCHEMA = 1
 
 
-def _score_examples_task(
-    lm: Any,
-    spec: Any,
-    suite: EvalSuite,
-    base: SuiteResult | None,
-    easy_tokens: dict[str, dict[str, list[bool]]],
-) -> tuple[dict[str, float | None], list[dict[str, Any]], int]:
-    """(metrics, details, items) of a spec scored on its examples; a reference-perplexity spec
-    records its easy-token mask in `easy_tokens` (the base's, or its own for a base run)."""
-    examples = select_examples(spec)
-    if not examples:
-        raise LensError(f"'{spec.name}': the task has no examples.")
-    if spec.scorer == CODE_EXEC:
-        metrics, details = _score_code(lm, spec, examples, suite)
-    elif spec.scorer == NUMERIC_MATCH:
-        metrics, details = _score_numeric(lm, spec, examples, suite)
-    elif spec.scorer == MC_LOGLIK:
-        metrics, details = _score_mc_loglik(lm, spec, examples, suite)
-    elif spec.scorer == MC_GENERATIVE:
-        metrics, details = _score_mc_generative(lm, spec, examples, suite)
-    else:
-        base_easy = base.easy_tokens.get(spec.name) if base is not None else None
-        if base is not None and base_easy is None:
-            raise LensError(f"The base result has no easy-token mask for '{spec.name}'.")
-        metrics, details, own_easy = _score_ref_ppl(lm, spec, examples, suite, base_easy)
-        easy_tokens[spec.name] = base_easy if base_easy is not None else own_easy
-    return metrics, details, len(examples)
-
-
 def run_suite(
-    lm: Any,
+    lm: LanguageModel,
     suite: EvalSuite,
     *,
     base: SuiteResult | None = None,
     adapter: str | None = None,
     progress: ProgressFn | None = None,
     keep_details: bool = True,
-    reference: Any | None = None,
+    reference: LanguageModel | None = None,
 ) -> SuiteResult:
-    """Evaluate `lm` (a `core.model.loading.LoadedModel`, possibly wrapping a fine-tuned model) on
-    every spec of `suite`, in order.
+    """Evaluate `lm` (a `core.model.loading.LoadedModel`, possibly wrapping a fine-tuned model,
+    or any other `LanguageModel`) on every spec of `suite`, in order; each spec's kind is looked
+    up in `core.eval.scorers.SCORERS`.
 
     `base` is the base model's result on the same suite: reference perplexity then measures the
     tokens the base found easy. Without it, this run is taken as the base run and its own easy
@@ -136,78 +98,55 @@ def run_suite(
     Drift tasks need the base model's logits: a PEFT model's adapter is disabled for them; a
     full fine-tune needs `reference`, a loaded copy of the base model (`core.eval.drift`).
     `progress(task, i, n, items_done, items_total)` reports the task and, for tasks that count
-    them, items as they finish (items_total 0 when not counted).
+    them, items as they finish (items_total 0 when not counted). A task that cannot run here
+    (`TaskUnavailable`: lm-eval missing, its data unreachable) is recorded as skipped.
     """
     if base is not None and base.settings_fingerprint != suite.fingerprint():
         raise LensError("The base result was computed with different suite settings.")
-    model = lm.model
-    was_training = bool(getattr(model, "training", False))
-    model.eval()
+    specs = suite.specs()
+    scorers = [scorer_for(spec) for spec in specs]  # an unknown kind fails before any work
     started = time.monotonic()
     results: list[TaskResult] = []
     easy_tokens: dict[str, dict[str, list[bool]]] = {}
-    specs = suite.specs()
-    try:
-        for i, spec in enumerate(specs):
+    with lm.eval_mode():
+        for i, (spec, scorer) in enumerate(zip(specs, scorers, strict=True)):
             if progress:
                 progress(spec.name, i, len(specs), 0, 0)
             t0 = time.monotonic()
-            if spec.scorer == LM_EVAL:
-                try:
-                    metrics, n, primary = _score_lm_eval(lm, spec, suite)
-                except TaskUnavailable as exc:
-                    metrics, n, primary, skipped = {}, 0, spec.primary_metric, str(exc)
-                else:
-                    skipped = ""
-                results.append(
-                    TaskResult(
-                        name=spec.name,
-                        task=spec.task,
-                        scorer=spec.scorer,
-                        role=suite.role(spec.name),
-                        primary=primary,
-                        metrics=metrics,
-                        n=n,
-                        seconds=time.monotonic() - t0,
-                        skipped=skipped,
-                    )
-                )
-                continue
-            notes: list[str] = []
-            if spec.scorer == DRIFT:
 
-                def items(done: int, total: int, name: str = spec.name, k: int = i) -> None:
-                    if progress:
-                        progress(name, k, len(specs), done, total)
+            def items(done: int, total: int, name: str = spec.name, k: int = i) -> None:
+                if progress:
+                    progress(name, k, len(specs), done, total)
 
-                metrics, details, n_items, notes = drift_task(
-                    lm, spec, suite, is_base=base is None, reference=reference, progress=items
-                )
-            else:
-                metrics, details, n_items = _score_examples_task(lm, spec, suite, base, easy_tokens)
+            ctx = ScoreContext(suite, base=base, reference=reference, items=items)
+            skipped = ""
+            try:
+                out = scorer(lm, spec, ctx)
+            except TaskUnavailable as exc:
+                out, skipped = Scored({}, [], 0), str(exc)
+            if out.easy_tokens is not None:
+                easy_tokens[spec.name] = out.easy_tokens
             results.append(
                 TaskResult(
                     name=spec.name,
                     task=spec.task,
                     scorer=spec.scorer,
                     role=suite.role(spec.name),
-                    primary=spec.primary_metric,
-                    metrics=metrics,
-                    n=n_items,
+                    primary=out.primary or spec.primary_metric,
+                    metrics=out.metrics,
+                    n=out.n,
                     seconds=time.monotonic() - t0,
-                    details=details if keep_details else [],
-                    notes=notes,
+                    details=out.details if keep_details else [],
+                    skipped=skipped,
+                    notes=out.notes,
                 )
             )
         if progress:
             progress("", len(specs), len(specs), 0, 0)
-    finally:
-        if was_training:
-            model.train()
     return SuiteResult(
         suite=suite.name,
         settings_fingerprint=suite.fingerprint(),
-        model=getattr(lm, "cache_key", getattr(lm, "name", "model")),
+        model=lm.cache_key,
         adapter=adapter,
         tasks=results,
         seconds=time.monotonic() - started,
@@ -278,7 +217,7 @@ class EvalCache(KVCache[SuiteResult]):
 
 
 def base_suite_result(
-    lm: Any,
+    lm: LanguageModel,
     suite: EvalSuite,
     *,
     cache: EvalCache | None = None,
@@ -305,13 +244,13 @@ def base_suite_result(
 # --------------------------------------------------------------------------------------------
 
 
-def load_adapter(lm: Any, path: str | Path) -> Any:
+def load_adapter(lm: LoadedModel, path: str | Path) -> LoadedModel:
     """A `LoadedModel` whose model is `lm`'s base with the PEFT adapter at `path` applied.
 
     The base model object is modified in place (PEFT injects its layers), so evaluate the base
     first. An adapter trained for another model fails with one line.
     """
-    from peft import PeftModel
+    from peft import PeftModel  # lazy: heavy (torch)
 
     folder = resolve_adapter_path(path)
     try:
@@ -339,7 +278,7 @@ def evaluate_model(
     """Evaluate the base model (from the cache when possible) and, with `adapter`, the adapted
     model against it. `lm_eval_tasks` adds lm-evaluation-harness tasks as OOD tasks. Returns a JSON-ready report: suite settings, base result, adapter result
     and the TI / BWT comparison (the last two None without an adapter)."""
-    from core.model.loading import load_model
+    from core.model.loading import load_model  # lazy: heavy (torch)
 
     chosen = build_suite(suite, limit=limit, lm_eval_tasks=lm_eval_tasks)
     if adapter is not None:
@@ -455,9 +394,6 @@ def run_job(job: Any, registry: Any) -> None:
       the training callback writes, so the Runs and Compare pages chart and tabulate it;
     - `summary.json`: suite, TI, BWT and times.
     """
-    from core.io import write_json_atomic
-    from core.jobs.runfiles import SUMMARY_JSON, append_metric, eval_round_path
-
     config = EvalConfig.from_dict(job.config)
     started = time.time()
 

@@ -1,4 +1,12 @@
-"""How a task spec is scored: one function per scorer kind, each returning a `TaskResult`."""
+"""How a task spec is scored: one function per scorer kind, all with one signature
+(`Scorer`: the model, the spec and a `ScoreContext` in, a `Scored` out), in the table `SCORERS`
+the runner looks a spec's kind up in.
+
+The scorers use the model only through `core.model.interface.LanguageModel` (generation,
+token scores, multiple-choice log-likelihoods), so they run on any model that implements it;
+drift and lm-eval need a Hugging Face model (`core.model.loading.require_loaded`), and only they
+import torch.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +18,31 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from core.data.records import Example
+from core.data.tasks import load_task
 from core.errors import LensError
-from core.eval.drift import drift_item_scores
+from core.eval.drift import drift_item_scores, drift_task
 from core.eval.grading import extract_choice_letter, grade_number, run_code_answers
-from core.eval.suites import DRIFT, LM_EVAL_METRICS, EvalSuite, EvalTaskSpec
+from core.eval.suites import (
+    CODE_EXEC,
+    DRIFT,
+    LM_EVAL,
+    LM_EVAL_METRICS,
+    MC_GENERATIVE,
+    MC_LOGLIK,
+    NUMERIC_MATCH,
+    REF_PPL,
+    EvalSuite,
+    EvalTaskSpec,
+)
 from core.jobs.metrics import EvalRecord
+from core.model.encoding import encode_plain_pair
+from core.model.interface import GenerationConfig, LanguageModel
+from core.scoring.score import score_examples
 
 #: progress(task, task index, tasks, items done, items in the task (0: not counted))
 ProgressFn = Callable[[str, int, int, int, int], None]
+#: items(done, total): a scorer's progress through its task's items
+ItemsFn = Callable[[int, int], None]
 
 
 def mc_choice_scores(loglikelihoods: Sequence[float], choices: Sequence[str]) -> tuple[int, int]:
@@ -73,8 +98,6 @@ class TaskResult:
 
 def select_examples(spec: EvalTaskSpec) -> list[Example]:
     """The spec's fixed subset: `n` examples drawn with `random.Random(seed)`, in split order."""
-    from core.data.tasks import load_task
-
     examples = load_task(spec.task, spec.split).examples
     if spec.n is None or spec.n >= len(examples):
         return list(examples)
@@ -82,59 +105,108 @@ def select_examples(spec: EvalTaskSpec) -> list[Example]:
     return [examples[i] for i in picked]
 
 
-def _generate(lm: Any, prompts: list[str], spec: EvalTaskSpec, batch_size: int) -> list[str]:
-    from core.model.generation import GenerationConfig, generate_responses
+@dataclass
+class ScoreContext:
+    """What a scorer gets besides the model and its spec."""
 
+    suite: EvalSuite
+    #: the base model's result on the same suite; None when this run is the base run
+    base: SuiteResult | None = None
+    #: a frozen copy of the base model (drift of a full fine-tune)
+    reference: LanguageModel | None = None
+    #: progress through the task's items, for scorers that count them
+    items: ItemsFn | None = None
+
+
+@dataclass
+class Scored:
+    """What a scorer returns: metrics, per-item details and how many items were scored."""
+
+    metrics: dict[str, float | None]
+    details: list[dict[str, Any]]
+    n: int
+    primary: str | None = None  # None: the spec's primary metric
+    notes: list[str] = field(default_factory=list)
+    #: a reference-perplexity task's easy-token mask per example id (the base's, or its own in a
+    #: base run), which the suite result keeps
+    easy_tokens: dict[str, list[bool]] | None = None
+
+
+#: A scorer kind's function: (model, spec, context) -> Scored.
+Scorer = Callable[[LanguageModel, EvalTaskSpec, ScoreContext], Scored]
+
+
+def _examples(spec: EvalTaskSpec) -> list[Example]:
+    examples = select_examples(spec)
+    if not examples:
+        raise LensError(f"'{spec.name}': the task has no examples.")
+    return examples
+
+
+def _generate(
+    lm: LanguageModel, prompts: list[str], spec: EvalTaskSpec, batch_size: int
+) -> list[str]:
     config = GenerationConfig(max_new_tokens=spec.max_new_tokens, do_sample=False)
-    out = generate_responses(lm, prompts, config, batch_size=batch_size)
+    out = lm.generate(prompts, config, batch_size=batch_size)
     return [gens[0].text for gens in out]
 
 
-def _score_code(lm: Any, spec: EvalTaskSpec, examples: list[Example], suite: EvalSuite) -> Any:
+def score_code_exec(lm: LanguageModel, spec: EvalTaskSpec, ctx: ScoreContext) -> Scored:
+    """``code_exec``: greedy answers run against the task's tests in the sandbox; pass@1."""
+    examples = _examples(spec)
+    suite = ctx.suite
     answers = _generate(
         lm, [ex.prompt + spec.instruction for ex in examples], spec, suite.batch_size
     )
-    results = run_code_answers(list(zip(examples, answers, strict=True)), suite.sandbox,
-                               workers=suite.workers)  # fmt: skip
+    pairs = list(zip(examples, answers, strict=True))
+    results = run_code_answers(pairs, suite.sandbox, workers=suite.workers)
     details = [
         {"id": ex.id, "passed": r.passed, "status": r.status, "detail": r.detail, "answer": a}
         for ex, r, a in zip(examples, results, answers, strict=True)
     ]
-    return {"pass@1": sum(r.passed for r in results) / len(results)}, details
+    metrics = {"pass@1": sum(r.passed for r in results) / len(results)}
+    return Scored(metrics, details, len(examples))
 
 
-def _score_numeric(lm: Any, spec: EvalTaskSpec, examples: list[Example], suite: EvalSuite) -> Any:
+def score_numeric_match(lm: LanguageModel, spec: EvalTaskSpec, ctx: ScoreContext) -> Scored:
+    """``numeric_match``: a greedy answer's final number against the gold answer; exact_match."""
+    examples = _examples(spec)
     answers = _generate(
-        lm, [ex.prompt + spec.instruction for ex in examples], spec, suite.batch_size
+        lm, [ex.prompt + spec.instruction for ex in examples], spec, ctx.suite.batch_size
     )
     details = []
     for ex, answer in zip(examples, answers, strict=True):
         predicted, ok = grade_number(answer, str(ex.meta["gold"]))
         details.append({"id": ex.id, "correct": ok, "predicted": predicted, "answer": answer})
-    return {"exact_match": sum(d["correct"] for d in details) / len(details)}, details
+    metrics = {"exact_match": sum(d["correct"] for d in details) / len(details)}
+    return Scored(metrics, details, len(examples))
 
 
-def _score_mc_generative(
-    lm: Any, spec: EvalTaskSpec, examples: list[Example], suite: EvalSuite
-) -> Any:
+def score_mc_generative(lm: LanguageModel, spec: EvalTaskSpec, ctx: ScoreContext) -> Scored:
+    """``mc_generative``: the choice letter of a greedy answer; acc."""
+    examples = _examples(spec)
     answers = _generate(
-        lm, [ex.prompt + spec.instruction for ex in examples], spec, suite.batch_size
+        lm, [ex.prompt + spec.instruction for ex in examples], spec, ctx.suite.batch_size
     )
     details = []
     for ex, answer in zip(examples, answers, strict=True):
         letter = extract_choice_letter(answer, ex.meta["labels"])
         ok = letter == ex.meta["gold"]
         details.append(
-            {"id": ex.id, "correct": ok, "predicted": letter, "answer": answer,
-             "n_choices": len(ex.meta["labels"])}
-        )  # fmt: skip
-    return {"acc": sum(d["correct"] for d in details) / len(details)}, details
+            {
+                "id": ex.id,
+                "correct": ok,
+                "predicted": letter,
+                "answer": answer,
+                "n_choices": len(ex.meta["labels"]),
+            }
+        )
+    metrics = {"acc": sum(d["correct"] for d in details) / len(details)}
+    return Scored(metrics, details, len(examples))
 
 
-def _continuation_loglik(lm: Any, pairs: list[Example], batch_size: int) -> list[float]:
+def _continuation_loglik(lm: LanguageModel, pairs: list[Example], batch_size: int) -> list[float]:
     """Summed log-probability of each pair's response tokens, end-of-turn token(s) excluded."""
-    from core.scoring.score import score_examples
-
     run = score_examples(lm, pairs, top_k=1, cache=None, max_batch=max(batch_size, 16))
     if run.skipped or len(run.examples) != len(pairs):
         raise LensError(f"Could not score {len(run.skipped)} multiple-choice continuation(s).")
@@ -168,12 +240,11 @@ def plain_mc_request(example: Example) -> tuple[str, list[str], list[str]]:
     return f"Question: {question}\nAnswer:", [f" {c}" for c in choices], choices
 
 
-def _score_mc_plain(lm: Any, examples: list[Example]) -> Any:
+def _score_mc_plain(
+    lm: LanguageModel, examples: list[Example]
+) -> list[tuple[list[float], list[str]]]:
     """The `plain` format: lm-eval's requests scored as plain text (no chat template), each
     question's choices batched together."""
-    from core.model.encoding import encode_plain_pair
-    from core.scoring.score import continuation_logprobs
-
     encs, spans = [], []
     for ex in examples:
         context, continuations, norm_by = plain_mc_request(ex)
@@ -182,11 +253,15 @@ def _score_mc_plain(lm: Any, examples: list[Example]) -> Any:
             encode_plain_pair(lm.tokenizer, context, c, max_length=lm.max_length)
             for c in continuations
         ]
-    results = continuation_logprobs(lm, encs)
+    results = lm.continuation_logprobs(encs)
     return [([ll for ll, _ in results[s : s + len(norm)]], norm) for s, norm in spans]
 
 
-def _score_mc_loglik(lm: Any, spec: EvalTaskSpec, examples: list[Example], suite: EvalSuite) -> Any:
+def score_mc_loglik(lm: LanguageModel, spec: EvalTaskSpec, ctx: ScoreContext) -> Scored:
+    """``mc_loglik``: each choice's log-likelihood as a continuation picks the answer; acc and
+    acc_norm (`plain`: lm-eval's plain-text requests; `text` / `chat` / `letter`: chat-templated
+    continuations)."""
+    examples = _examples(spec)
     if spec.mc_format == "plain":
         scored = _score_mc_plain(lm, examples)
         return _mc_results(examples, scored)
@@ -203,12 +278,12 @@ def _score_mc_loglik(lm: Any, spec: EvalTaskSpec, examples: list[Example], suite
         for k, cont in enumerate(continuations):
             pairs.append(Example(f"{ex.id}#{k}", prompt, cont))
         spans.append((start, continuations))
-    lls = _continuation_loglik(lm, pairs, suite.batch_size)
+    lls = _continuation_loglik(lm, pairs, ctx.suite.batch_size)
     scored = [(lls[start : start + len(conts)], conts) for start, conts in spans]
     return _mc_results(examples, scored)
 
 
-def _mc_results(examples: list[Example], scored: list[tuple[list[float], list[str]]]) -> Any:
+def _mc_results(examples: list[Example], scored: list[tuple[list[float], list[str]]]) -> Scored:
     """acc and acc_norm (log-likelihood over characters of `norm_by`), with per-item details."""
     details, acc, acc_norm = [], 0, 0
     for ex, (ll, norm_by) in zip(examples, scored, strict=True):
@@ -218,18 +293,17 @@ def _mc_results(examples: list[Example], scored: list[tuple[list[float], list[st
         acc_norm += pick_norm == gold
         details.append({"id": ex.id, "gold": gold, "pred": pick, "pred_norm": pick_norm, "ll": ll})
     n = len(examples)
-    return {"acc": acc / n, "acc_norm": acc_norm / n}, details
+    return Scored({"acc": acc / n, "acc_norm": acc_norm / n}, details, n)
 
 
-def _score_ref_ppl(
-    lm: Any,
-    spec: EvalTaskSpec,
-    examples: list[Example],
-    suite: EvalSuite,
-    base_easy: dict[str, list[bool]] | None,
-) -> tuple[dict[str, float | None], list[dict[str, Any]], dict[str, list[bool]]]:
-    from core.scoring.score import score_examples
-
+def score_ref_ppl(lm: LanguageModel, spec: EvalTaskSpec, ctx: ScoreContext) -> Scored:
+    """``ref_ppl``: the reference answers' pooled NLL over all response tokens and over those
+    the base model found easy (its own in a base run, whose mask it returns)."""
+    examples = _examples(spec)
+    base, suite = ctx.base, ctx.suite
+    base_easy = base.easy_tokens.get(spec.name) if base is not None else None
+    if base is not None and base_easy is None:
+        raise LensError(f"The base result has no easy-token mask for '{spec.name}'.")
     run = score_examples(lm, examples, top_k=1, cache=None, max_batch=max(suite.batch_size, 16))
     total_nll = easy_nll = 0.0
     total_n = easy_n = 0
@@ -270,7 +344,8 @@ def _score_ref_ppl(
         "seq_ppl_mean": sum(seq_ppls) / len(seq_ppls) if seq_ppls else None,
         "easy_share": easy_n / total_n if total_n else None,
     }
-    return metrics, details, easy_map
+    kept = base_easy if base_easy is not None else easy_map
+    return Scored(metrics, details, len(examples), easy_tokens=kept)
 
 
 class TaskUnavailable(LensError):
@@ -319,15 +394,22 @@ def _lm_eval_metrics(task_results: dict[str, Any]) -> dict[str, float | None]:
     return metrics
 
 
-def _score_lm_eval(lm: Any, spec: EvalTaskSpec, suite: EvalSuite) -> Any:
-    """One lm-evaluation-harness task on the loaded model (see the module docstring)."""
+def score_lm_eval(lm: LanguageModel, spec: EvalTaskSpec, ctx: ScoreContext) -> Scored:
+    """``lm_eval``: one lm-evaluation-harness task on the loaded model (`core.eval.runner`'s
+    docstring); `TaskUnavailable` when it cannot run here (the suite records it as skipped)."""
     try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
+        import lm_eval  # lazy: heavy (optional; imports torch)
+        from lm_eval.models.huggingface import HFLM  # lazy: heavy
     except ImportError:
         raise TaskUnavailable(LM_EVAL_MISSING) from None
+    from core.model.loading import require_loaded  # lazy: heavy (torch)
+
     try:
-        wrapped = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=suite.batch_size)
+        hf = require_loaded(lm, "An lm-eval task")
+    except LensError as exc:
+        raise TaskUnavailable(str(exc)) from None
+    try:
+        wrapped = HFLM(pretrained=hf.model, tokenizer=hf.tokenizer, batch_size=ctx.suite.batch_size)
         out = lm_eval.simple_evaluate(
             model=wrapped,
             tasks=[spec.task],
@@ -358,7 +440,44 @@ def _score_lm_eval(lm: Any, spec: EvalTaskSpec, suite: EvalSuite) -> Any:
             f"lm-eval task '{spec.task}' has no metric '{primary}' "
             f"(it reports {', '.join(metrics)})"
         )
-    return metrics, n, primary
+    return Scored(metrics, [], n, primary=primary)
+
+
+def score_drift(lm: LanguageModel, spec: EvalTaskSpec, ctx: ScoreContext) -> Scored:
+    """``drift``: KL from the base model on a probe (`core.eval.drift`); needs a Hugging Face
+    model (full-vocabulary logits). A base run (no `ctx.base`) is drift 0."""
+    from core.model.loading import require_loaded  # lazy: heavy (torch)
+
+    hf = require_loaded(lm, f"The drift task '{spec.name}'")
+    reference = (
+        require_loaded(ctx.reference, "Drift's base copy") if ctx.reference is not None else None
+    )
+    metrics, details, n, notes = drift_task(
+        hf, spec, ctx.suite, is_base=ctx.base is None, reference=reference, progress=ctx.items
+    )
+    return Scored(metrics, details, n, notes=notes)
+
+
+#: Scorer kind (`core.eval.suites.SCORER_KINDS`) -> its function.
+SCORERS: dict[str, Scorer] = {
+    CODE_EXEC: score_code_exec,
+    NUMERIC_MATCH: score_numeric_match,
+    MC_LOGLIK: score_mc_loglik,
+    MC_GENERATIVE: score_mc_generative,
+    REF_PPL: score_ref_ppl,
+    LM_EVAL: score_lm_eval,
+    DRIFT: score_drift,
+}
+
+
+def scorer_for(spec: EvalTaskSpec) -> Scorer:
+    """The function that scores `spec`'s kind; an unknown kind is a one-line `LensError`."""
+    scorer = SCORERS.get(spec.scorer)
+    if scorer is None:
+        raise LensError(
+            f"Unknown scorer '{spec.scorer}' for '{spec.name}' (use {', '.join(SCORERS)})."
+        )
+    return scorer
 
 
 @dataclass

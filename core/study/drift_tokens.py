@@ -13,14 +13,16 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from core.data.records import Example
+from core.data.tasks import get_task
 from core.errors import LensError
 from core.eval.drift import reference_logits_model, token_drift
 from core.eval.probes import is_probe_name, load_probe
+from core.eval.runner import load_adapter
 from core.eval.scorers import SuiteResult, TaskResult
 from core.io import file_stamp, read_json
 from core.jobs.runfiles import (
@@ -40,6 +42,9 @@ from core.study.drift import (
 )
 from core.viz.drift import TokenHover
 
+if TYPE_CHECKING:  # torch at import: the models are loaded on demand
+    from core.model.loading import LoadedModel
+
 # --------------------------------------------------------------------------------------------
 # Tokens: the run's tokenizer, one item's probe text
 # --------------------------------------------------------------------------------------------
@@ -49,9 +54,9 @@ from core.viz.drift import TokenHover
 def load_tokenizer(model: str) -> Any:
     """The tokenizer of `model` (as a run's config names it: "default", a folder, a .gguf file
     or a Hugging Face id in the local cache), without loading the model."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # lazy: heavy
 
-    from core.model.loading import DEFAULT_MODEL, prepare_embedded_model
+    from core.model.loading import DEFAULT_MODEL, prepare_embedded_model  # lazy: heavy (torch)
 
     try:
         if model == DEFAULT_MODEL:
@@ -93,8 +98,6 @@ def probe_example(task: TaskResult, item_id: str) -> tuple[Example, bool]:
     if is_probe_name(name):
         probes = [load_probe(name)]
     else:
-        from core.data.tasks import get_task
-
         probes = [load_probe(name, split) for split in get_task(name).splits]
     for probe in probes:
         for ex in probe.items:
@@ -151,9 +154,9 @@ class TokenAlternatives:
 ALT_DEVICE, ALT_DTYPE = "auto", "float32"
 
 
-def _answer_logits(lm: Any, ids: Sequence[int], start: int) -> Any:
+def _answer_logits(lm: LoadedModel, ids: Sequence[int], start: int) -> Any:
     """The logits of the positions that predict tokens `start`.. of `ids` (one sequence)."""
-    import torch
+    import torch  # lazy: heavy
 
     x = torch.tensor([list(ids)], dtype=torch.long, device=lm.device)
     logits = lm.model(input_ids=x, use_cache=False).logits
@@ -161,12 +164,12 @@ def _answer_logits(lm: Any, ids: Sequence[int], start: int) -> Any:
 
 
 def token_alternatives(
-    lm: Any,
+    lm: LoadedModel,
     prefix: Sequence[int],
     answer: Sequence[int],
     *,
     k: int = TOP_K,
-    reference: Any | None = None,
+    reference: LoadedModel | None = None,
     is_base: bool = False,
 ) -> TokenAlternatives:
     """Teacher-force `prefix` + `answer` through the base and the tuned model and return, per
@@ -175,7 +178,7 @@ def token_alternatives(
 
     `lm` is the tuned model; the base's logits are `reference`'s when given, else `lm`'s with
     its PEFT adapter disabled; `is_base` says `lm` is the base itself (one pass, KL 0)."""
-    import torch
+    import torch  # lazy: heavy
 
     if not prefix:
         raise LensError("The teacher-forced sequence needs at least one token before the answer.")
@@ -290,8 +293,7 @@ class TunedSlot:
         held."""
         import gc
 
-        from core.eval.runner import load_adapter
-        from core.model.loading import load_model
+        from core.model.loading import load_model  # lazy: heavy (torch)
 
         path = weights.path
         marker = "adapter_config.json" if weights.kind == "adapter" else "config.json"
