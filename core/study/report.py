@@ -31,7 +31,9 @@ from core.eval.labels import OOD_DRIFT, TARGET_DRIFT
 from core.io import write_text_atomic
 from core.masking import DEFAULT_TAU
 from core.masking.rules import compute_masks
+from core.model.interface import LanguageModel
 from core.scoring.cache import ScoreCache
+from core.scoring.score import score_examples
 from core.study.diagnostics import PplChange, saved_ppl_changes, training_examples
 from core.study.run_tables import (
     DRIFT_READING,
@@ -164,7 +166,7 @@ def heatmap_snapshots(
     run: RunView,
     n: int,
     *,
-    lm: Any = None,
+    lm: LanguageModel | None = None,
     device: str = "auto",
     dtype: str = "auto",
     progress: Callable[[int, int], None] | None = None,
@@ -176,8 +178,6 @@ def heatmap_snapshots(
     the training mask (a token's fate depends only on its own perplexity). `lm` defaults to the
     run's model, loaded here.
     """
-    from core.scoring.score import score_examples  # lazy: heavy (torch)
-
     if n < 1:
         return []
     examples = training_examples(run.config, n)
