@@ -1,11 +1,14 @@
-"""Train: launch fine-tuning runs (GT, STM, controls) as background jobs and follow them.
+"""Train: launch fine-tuning runs (GT, STM, controls, token losses) as background jobs and
+follow them.
 
 Jobs are separate processes (core.jobs): closing or reloading the browser never stops them. The
 selected job lives in the URL (`?job=...`), so a reload re-attaches to it; the jobs list and the
 job view poll the registry every few seconds in fragments and never block the page.
 """
 
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import streamlit as st
@@ -26,6 +29,7 @@ from components.session import (
     sidebar_selection,
     url_tau,
 )
+from core.config import field_default
 from core.errors import LensError
 from core.eval.suites import SUITES as EVAL_SUITES
 from core.fmt import count, num, share
@@ -40,7 +44,16 @@ from core.study.estimates import (
     preset_for_device,
     runs_key,
 )
-from core.training.config import FINETUNES, PRESETS, REPORTERS, SCHEDULERS, TrainConfig
+from core.training.config import (
+    FINETUNES,
+    KL_ESTIMATORS,
+    LOSS_FORMULAS,
+    LOSSES,
+    PRESETS,
+    REPORTERS,
+    SCHEDULERS,
+    TrainConfig,
+)
 from core.viz.charts import plotly_config
 from core.viz.run_charts import training_loss_figure
 
@@ -53,6 +66,19 @@ METHOD_LABELS = {
     "percentile": "Percentile (k% per example)",
 }
 FINETUNE_LABELS = {"lora": "LoRA", "dora": "DoRA", "full": "Full fine-tuning"}
+LOSS_LABELS = {
+    "nll": "NLL (plain cross-entropy)",
+    "soft_stm": "Soft STM: weight p_base^(1/T)",
+    "dft": "DFT: weight p (TRL's own)",
+    "eaft": "EAFT: weight by top-K entropy",
+    "kl": "CE + β·KL to the base",
+    "asft": "ASFT: DFT + α·KL to the base",
+}
+LOSS_HELP = (
+    "How each token the method keeps counts in the loss (the method is the mask: which "
+    "tokens; the loss: how much each one weighs). Per token t, the sum divided by the tokens in "
+    "the loss:\n\n" + "\n\n".join(f"**{name}**: {text}" for name, text in LOSS_FORMULAS.items())
+)
 DATA_KINDS = {
     "sidebar": "Sidebar data (ground-truth responses)",
     "generated": "A generated set (Self-Output / Rephrase)",
@@ -169,6 +195,8 @@ def launch_form() -> None:
             m1, m2 = st.columns(2)
             values["percentile_rule"] = m1.selectbox("Which k%", ["top", "random", "bottom"])
             values["k_percent"] = float(m2.slider("k (%)", 0, 100, 20))
+
+        _loss_values(values, finetune)
 
         kind = st.radio(
             "Training data",
@@ -305,6 +333,63 @@ def launch_form() -> None:
             st.error(st.session_state.pop("train_start_error"))
 
 
+def _field_help(name: str) -> str:
+    """A TrainConfig field's help text (the CLI's), for a widget's tooltip."""
+    return next(f.metadata["help"] for f in fields(TrainConfig) if f.name == name)
+
+
+def _loss_values(values: dict, finetune: str) -> None:
+    """The token loss and, only when it has them, its parameters (with their formula)."""
+    l1, l2, l3 = st.columns(3)
+    loss = l1.selectbox(
+        "Token loss", LOSSES, format_func=LOSS_LABELS.get, key="train_loss", help=LOSS_HELP
+    )
+    values["loss"] = loss
+
+    def number(column: Any, label: str, name: str, **kwargs: Any) -> Any:
+        default = field_default(TrainConfig, name)
+        help_text = _field_help(name)
+        return column.number_input(
+            label, value=default, key=f"train_{name}", help=help_text, **kwargs
+        )
+
+    if loss == "soft_stm":
+        values["loss_temperature"] = number(l2, "T", "loss_temperature", min_value=0.0, step=0.25)
+    elif loss == "eaft":
+        values["eaft_alpha"] = number(l2, "α", "eaft_alpha", min_value=0.0, step=0.25)
+        values["eaft_k"] = number(l3, "K", "eaft_k", min_value=2)
+    elif loss in ("kl", "asft"):
+        name, label = ("kl_beta", "β") if loss == "kl" else ("asft_alpha", "α")
+        values[name] = number(l2, label, name, min_value=0.0, step=0.05, format="%g")
+        values["kl_estimator"] = l3.selectbox(
+            "KL estimator",
+            KL_ESTIMATORS,
+            key="train_kl_estimator",
+            help=_field_help("kl_estimator"),
+        )
+    note = f"Per token: {LOSS_FORMULAS[loss]}."
+    if loss in ("soft_stm", "kl", "asft"):
+        note += (
+            " A frozen copy of the base model is kept for its predictions (one more model in "
+            "memory)."
+            if finetune == "full"
+            else " The base model's pass is the same model with its adapter disabled."
+        )
+    st.caption(note)
+
+
+def _weights_line(record: TrainRecord) -> str:
+    """The token weights a logged step trained with, in words."""
+    line = (
+        f"Token weights at step {count(record.step)}: mean {num(record.weight_mean)} over the "
+        f"tokens in the loss; effective share {share(record.weight_share or 0.0)} of the "
+        "response tokens (masked ones count as 0)"
+    )
+    if record.kl is not None:
+        line += f"; KL to the base {num(record.kl)} per token"
+    return line + "."
+
+
 def _start_job(config: dict, device: str, label: str) -> None:
     """Queue the job and select it (the URL keeps the selection across reloads)."""
     try:
@@ -385,8 +470,11 @@ def job_view(job_id: str) -> None:
                     "they stay in the data but carry no loss. Ids: "
                     + ", ".join(map(str, data.get("fully_masked_ids", [])[:20]))
                 )
-        if of_kind(records, TrainRecord):
+        trained = of_kind(records, TrainRecord)
+        if trained:
             st.plotly_chart(training_loss_figure(records), config=plotly_config(f"loss_{job.id}"))
+            if trained[-1].weight_mean is not None:
+                st.caption(_weights_line(trained[-1]))
         evals = of_kind(records, EvalRecord)
         if evals:
             frame = pd.DataFrame([e.to_dict() for e in evals])
