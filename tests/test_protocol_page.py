@@ -57,7 +57,8 @@ def test_the_recorded_cpu_protocol_opens_the_page_when_none_ran_here(runs_root, 
 
 def test_empty_page_shows_the_command_and_queues_a_protocol(runs_root):
     registry = JobRegistry()
-    # a running foreground job holds the CPU, so the queued protocol waits instead of starting
+    # a running foreground job holds the CPU: the protocol, a coordinator that holds no slot,
+    # starts at once, and its runs queue behind that job
     blocker = registry.register_foreground("train", {"method": "gt"}, device="cpu")
     at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
     assert not at.exception
@@ -72,7 +73,7 @@ def test_empty_page_shows_the_command_and_queues_a_protocol(runs_root):
     next(b for b in at.button if b.label == "Start protocol").click().run()
     assert not at.exception
     queued = [j for j in registry.list() if j.kind == "protocol"]
-    assert len(queued) == 1 and queued[0].status == "queued"
+    assert len(queued) == 1 and queued[0].status in ("queued", "running")
     assert queued[0].path == runs_root / "protocol-cpu"
     assert queued[0].config["seeds"] == [0, 1]
     assert at.query_params["protocol"] == ["protocol-cpu"] or at.query_params["protocol"] == (
@@ -80,6 +81,9 @@ def test_empty_page_shows_the_command_and_queues_a_protocol(runs_root):
     )
     assert any("0 of 8 runs finished" in str(p.proto) for p in at.get("progress"))  # 4 arms x 2
     registry.cancel(queued[0].id)
+    assert registry.get(queued[0].id).status == "cancelled"
+    # nothing it queued runs on: its runs were cancelled with it
+    assert not [j for j in registry.list() if j.active and j.id != blocker.id]
     registry.finish(blocker.id, "succeeded", 0)
 
 

@@ -12,7 +12,8 @@ code), and, if that launcher is gone too, by any later reconcile (`LocalLauncher
 running row whose process is gone, a zombie, or a different process that reused the pid).
 
 The queue runs at most N jobs per device at once (`DeviceSlots`; N is `max_per_device`, default
-1, or `$PLENS_MAX_JOBS_PER_DEVICE`). Cancel sends SIGTERM to the job's process group (the job
+1, or `$PLENS_MAX_JOBS_PER_DEVICE`); a coordinator job (a protocol, which queues its runs and
+waits for them: `Job.holds_device`) takes no slot. Cancel sends SIGTERM to the job's process group (the job
 records "cancelled" and exits), waits a grace period and then sends SIGKILL to the group.
 """
 
@@ -116,7 +117,7 @@ class DeviceSlots:
         self.cap = cap
         self.running: dict[str, int] = {}
         for job in active:
-            if job.status == RUNNING and not job.on_cluster:
+            if job.status == RUNNING and job.holds_device:
                 self.take(job.device)
 
     def free(self, device: str) -> bool:

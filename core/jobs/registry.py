@@ -254,10 +254,11 @@ class JobRegistry:
                         if self.cluster.hand_over(db, job):
                             started.append(job.id)
                     continue
-                if job.status != QUEUED or not slots.free(job.device):
+                if job.status != QUEUED or (job.holds_device and not slots.free(job.device)):
                     continue
                 if self.local.start(db, job, then=self.kick):
-                    slots.take(job.device)
+                    if job.holds_device:
+                        slots.take(job.device)
                     started.append(job.id)
         return started
 

@@ -39,6 +39,9 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
 REGISTRY_DB = "jobs.sqlite"
+#: Job kinds that run no model themselves: they submit other jobs through the registry and wait
+#: for them (a protocol's arms), so they take no slot of the per-device queue.
+COORDINATOR_KINDS = frozenset({"protocol"})
 
 
 class JobError(LensError):
@@ -81,6 +84,13 @@ class Job:
     def active(self) -> bool:
         """Queued or running."""
         return self.status in (QUEUED, RUNNING)
+
+    @property
+    def holds_device(self) -> bool:
+        """Takes a slot of its device's local queue while it runs. A coordinator (a protocol:
+        `COORDINATOR_KINDS`) only submits jobs and waits for them, so it holds none, and the
+        runs it queues on its device can start."""
+        return not self.on_cluster and self.kind not in COORDINATOR_KINDS
 
     @property
     def on_cluster(self) -> bool:

@@ -6,8 +6,9 @@ task (MBPP, the fixed train / held-out split of `core.data.tasks`):
 1. Self-Output data: one generation run (`core.datagen.run`, seed 0) over the training prompts,
    checked by the task's verifier; the kept answers become a training set. With no correct
    sample at all, the Self-Output arm is reported as skipped, with the reason.
-2. Training arms, each once per seed, as `python -m core train` subprocesses (separate
-   processes: memory is returned between runs, and a killed arm leaves the others intact):
+2. Training arms, each once per seed, as train jobs of the registry (`core.jobs.registry`: one
+   process per run, so memory is returned between runs and a killed arm leaves the others
+   intact; on the local queue one after the other, on Ray or SLURM all at once):
    ground truth (``gt``), STM at τ (``stm``, default τ = 2.5), STM at the τ that masks a target
    share of response tokens (``stm_share``, default 25%), the random-mask control with as many
    masked tokens as STM at τ (``random``), and Self-Output (``self_output``).
@@ -41,7 +42,7 @@ One concern per module, each importing only those before it:
 - `prose`: the headline, findings, tables, `results.md` and the report;
 - `results`: each run's measures, the per-arm aggregate and the paired comparisons;
 - `folders`: the protocol's and its runs' folders, progress lines, partial results, the ETA;
-- `cluster`: every arm as a cluster job at once;
+- `launch`: every run as a job of the registry, in turn (local) or all at once (a cluster);
 - `run`: `run_protocol` and the "protocol" job's `run_job` (`core.jobs.registry.JOB_KINDS`
   names this package, so `run_job` is exported here);
 - `view`: `ProtocolView`, `load_protocol`, `list_protocols` (the app's reading);
@@ -52,7 +53,6 @@ This package re-exports their public names. A module-level setting is read where
 defined: point `core.study.protocol.recorded.CPU_SWEEP_JSON`, not this package's copy.
 """
 
-from core.study.protocol.cluster import ClusterTarget
 from core.study.protocol.config import (
     ARMS,
     CPU_ARMS,
@@ -81,6 +81,7 @@ from core.study.protocol.folders import (
     run_id,
     write_partial_results,
 )
+from core.study.protocol.launch import RunTarget
 from core.study.protocol.prose import (
     compare_to_gt,
     findings,
@@ -134,9 +135,9 @@ __all__ = [
     "RESULTS_JSON",
     "RESULTS_MD",
     "Arm",
-    "ClusterTarget",
     "ProtocolConfig",
     "ProtocolView",
+    "RunTarget",
     "aggregate",
     "arm_specs",
     "compare_to_gt",
