@@ -17,6 +17,7 @@ from core.errors import LensError
 from core.io import output_path, write_bytes_atomic, write_jsonl_atomic
 from core.jobs.cluster import BACKENDS
 from core.masking import DEFAULT_TAU
+from core.study.sweep import SweepConfig, submit_sweep, wait_for
 
 EXIT_USER_ERROR = 2
 
@@ -59,11 +60,15 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_submit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--submit", action="store_true", help="queue as a background job and return")
+    _add_backend_args(p, "with --submit: ")
+
+
+def _add_backend_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(
         "--backend",
         default=None,
         choices=BACKENDS,
-        help="with --submit: where the job runs (default: the saved setting, see `backend`)",
+        help=f"{prefix}where the job runs (default: the saved setting, see `backend`)",
     )
     p.add_argument(
         "--ray-address",
@@ -93,8 +98,9 @@ def _where(args: argparse.Namespace) -> dict[str, str | None]:
 
 def _runs_here(args: argparse.Namespace) -> bool:
     """Whether the job runs on this machine (in the foreground, or queued locally), so that its
-    model and device can be checked here before it exists."""
-    if not getattr(args, "submit", False):
+    model and device can be checked here before it exists. A command without --submit (sweep)
+    always queues."""
+    if not getattr(args, "submit", True):
         return True
     from core.jobs.cluster import LOCAL, current_setting
     from core.jobs.runfiles import runs_dir
@@ -431,6 +437,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Queue a τ sweep (one train job per τ, plus the controls, per seed); with --wait, wait
+    for every run and exit non-zero when one did not succeed."""
+    from core.jobs.registry import JobRegistry
+
+    config = SweepConfig.from_args(args)
+    if _runs_here(args):  # a mistyped model or a missing GPU: one line, before any job exists
+        from core.model.preflight import check_model_setting
+
+        check_model_setting(config.model, config.runs()[0].device)
+    registry = JobRegistry()
+    jobs = submit_sweep(config, registry, **_where(args))
+    print(config.describe(), file=sys.stderr)
+    for job in jobs:
+        print(f"{job.id}\t{job.status}\t{job.label}")
+    if not args.wait:
+        print("follow them with `python -m core jobs list` or on the Runs page", file=sys.stderr)
+        return 0
+    ended = wait_for(registry, jobs)
+    for job in ended:
+        print(f"{job.id}\t{job.status}\t{job.label}")
+    failed = [job for job in ended if job.status != "succeeded"]
+    if failed:
+        print(f"error: {len(failed)} of {len(ended)} runs did not succeed", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_protocol(args: argparse.Namespace) -> int:
     """The paper's protocol (every method x seeds, then the table and the report): in the
     foreground (registered as a job), or queued (--submit)."""
@@ -616,7 +650,7 @@ def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
         help="reproduce the paper's protocol: GT, STM, random control and Self-Output x seeds, "
         "then a table with 95%% CIs and a report",
         description="Settings come from --preset (cpu: the embedded model on 2 CPU cores in "
-        "under an hour; paper: the paper's sizes for a GPU), then flags. Re-running with the "
+        "about 80 minutes; paper: the paper's sizes for a GPU), then flags. Re-running with the "
         "same --run-dir reuses finished runs and resumes the rest.",
     )
     ProtocolConfig.add_arguments(p)
@@ -629,6 +663,17 @@ def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="protocol folder path (instead of --name)")
     _add_submit_args(p)
     p.set_defaults(func=cmd_protocol)
+
+    p = sub.add_parser(
+        "sweep",
+        help="queue a τ sweep: one training run per τ, plus ground truth and the random control",
+        description="Every run is a train job of the queue (or the cluster of --backend), like a "
+        "run from the Train page; the Compare page reads them as a sweep.",
+    )
+    SweepConfig.add_arguments(p)
+    p.add_argument("--wait", action="store_true", help="wait until every run has ended")
+    _add_backend_args(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "backend",

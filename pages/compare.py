@@ -16,6 +16,7 @@ from components.session import (
     ensure_app_navigation,
 )
 from core import fmt
+from core.config import parse_list
 from core.data.records import Example
 from core.errors import LensError
 from core.jobs.background import BackgroundTask
@@ -54,6 +55,7 @@ from core.study.runs import (
     runs_table,
     score_columns,
 )
+from core.study.sweep import SweepConfig, submit_sweep
 from core.viz.charts import plotly_config
 from core.viz.heatmap import render_delta_heatmap
 from core.viz.run_charts import (
@@ -366,8 +368,6 @@ with tab_sweep:
         "Queue one training run per τ, plus the controls, with the same data, preset and seed. "
         "Jobs run one after another in the background (they continue with the browser closed)."
     )
-    from core.training.config import TrainConfig
-
     with st.form("sweep"):
         c1, c2, c3 = st.columns(3)
         preset = c1.selectbox("Preset", ["cpu-quick", "paper"])
@@ -382,33 +382,25 @@ with tab_sweep:
         submitted = st.form_submit_button("Queue sweep", type="primary")
     if submitted:
         try:
-            taus = [float(t) for t in taus_text.replace(";", ",").split(",") if t.strip()]
-            if any(t <= 0 for t in taus):
-                raise ValueError
-        except ValueError:
-            st.error("τ values must be positive numbers separated by commas, e.g. 1.5, 2, 2.5.")
-            taus = None
-        if taus is not None:
-            plans = [("gt", None)] if with_gt else []
-            plans += [("stm", t) for t in taus]
-            plans += [("random", DEFAULT_TAU)] if with_random else []
-            registry = JobRegistry()
-            queued = []
-            try:
-                for method, tau in plans:
-                    overrides = {"task": task, "split": "train", "method": method, "seed": seed}
-                    overrides["limit"] = limit or None
-                    overrides["eval_every"] = eval_every or None
-                    if tau is not None:
-                        overrides["tau"] = tau
-                    config = TrainConfig.from_preset(preset, **overrides)
-                    job = registry.submit(
-                        "train", config.to_dict(), device=config.device, label=config.describe()
-                    )
-                    queued.append(job.id)
-                st.success(f"Queued {len(queued)} jobs: {', '.join(queued)}. Follow them on Runs.")
-            except LensError as exc:
-                st.error(str(exc))
+            sweep = SweepConfig(
+                train_preset=preset,
+                task=task.strip(),
+                limit=limit or None,
+                taus=parse_list(float)(taus_text.replace(";", ",").replace(" ", "")),
+                ground_truth=with_gt,
+                random_control=with_random,
+                seeds=[seed],
+                eval_every=eval_every or None,
+            )
+            queued = submit_sweep(sweep, JobRegistry())
+            st.success(
+                f"Queued {len(queued)} jobs: {', '.join(j.id for j in queued)}. "
+                "Follow them on Runs."
+            )
+            st.caption("The same from a terminal:")
+            st.code(sweep.command(), language="bash")
+        except LensError as exc:
+            st.error(str(exc))
 
 if not available:
     with tab_compare:

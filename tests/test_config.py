@@ -18,15 +18,17 @@ from core.datagen.config import GenDataConfig
 from core.errors import LensError
 from core.eval.config import EvalConfig
 from core.study.protocol import ARMS, ProtocolConfig
+from core.study.sweep import SweepConfig
 from core.training.config import REPORTERS, TrainConfig
 
-KINDS = (TrainConfig, GenDataConfig, EvalConfig, ProtocolConfig)
+KINDS = (TrainConfig, GenDataConfig, EvalConfig, ProtocolConfig, SweepConfig)
 
 # Free-text values that must survive shell quoting; list fields draw their items from these.
 TEXTS = ("my model", "/tmp/a b/data.jsonl", "x,y")
 LIST_ITEMS = {
     "report_to": tuple(REPORTERS),
     "methods": ARMS,
+    "taus": (1.5, 2.0, 10.0),
     "lm_eval_tasks": ("arc_easy", "piqa"),
     "tasks": ("arc_easy:validation", "mmlu", "gsm8k"),
     # probe files must exist and hold prompts (checked when the config is made)
