@@ -382,6 +382,29 @@ def test_a_kl_loss_on_a_full_fine_tune_whose_base_cannot_be_kept(
     assert frozen_base_copy(tiny_config(tiny_model_dir, data_file, loss="kl"), lm.model) is None
 
 
+def test_what_trl_refuses_with_dft_is_one_line(tmp_path, tiny_model_dir, data_file, monkeypatch):
+    """TRL 1.16 refuses loss_type='dft' with a compute_loss_func and under DeepSpeed sequence
+    parallelism (neither is a setting here, but an accelerate config can bring the second):
+    its ValueError becomes one line naming the loss."""
+    message = (
+        "`loss_type='dft'`, `compute_loss_func` and `label_smoothing_factor` are not supported "
+        "with DeepSpeed sequence parallelism (Ulysses/ALST): the loss is the model's own "
+        "negative log-likelihood, reduced across ranks by `Trainer`."
+    )
+
+    def refuse(self, *args, **kwargs):
+        raise ValueError(message)
+
+    monkeypatch.setattr(SFTTrainer, "__init__", refuse)
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    config = tiny_config(tiny_model_dir, data_file, loss="dft")
+    with pytest.raises(LensError) as err:
+        build_trainer(config, tmp_path / "run", lm=lm)
+    text = str(err.value)
+    assert text.startswith("TRL refuses loss dft in this setting:") and "\n" not in text
+    assert "DeepSpeed sequence parallelism" in text
+
+
 # --------------------------------------------------------------------------- config and CLI
 
 
