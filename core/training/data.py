@@ -13,6 +13,7 @@ from typing import Any
 from core.errors import DataError, LensError
 from core.jobs.runfiles import StatusFn
 from core.jobs.state import as_reporter
+from core.scoring.tokens import TokenScores
 from core.training.config import TrainConfig
 
 IGNORE_INDEX = -100
@@ -254,7 +255,7 @@ def build_training_data(
         )
         if not records:
             raise DataError("No example could be scored, so there is nothing to train on.")
-        result = compute_masks(records, config.mask_config())
+        result = compute_masks(TokenScores.from_examples(records), config.mask_config())
         masks = list(result.masks)
         data.mask = result.config.describe()
         data.tau = result.tau
