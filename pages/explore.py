@@ -4,7 +4,7 @@ distributions, share above τ, token categories).
 
 All scores come from background tasks (components.session); widget changes only re-slice
 their cached results and never re-score. Everything that scales with the dataset (the example
-table, search, summary, dataset analytics of the ground truth) reads the score store's columns
+table, search, summary, dataset analytics of every source) reads the score store's columns
 (`TokenScores`); a `ScoredExample` record is built only for the example on screen. The table
 shows one page of `PAGE_SIZE` rows; filtering and sorting run on the whole set. URL state: ?tau= (shared with other pages), ?ex= (the
 selected example), ?gen= (generation settings) and ?view= (the open tab).
@@ -58,7 +58,6 @@ from core.jobs.background import DONE, BackgroundTask
 from core.model.generation import GenerationConfig, decode_settings, encode_settings
 from core.model.loading import MODEL_SLOT, LoadedModel, resolve_device, resolve_dtype
 from core.scoring.analytics import (
-    Scored,
     example_columns,
     example_shares,
     scores_signature,
@@ -261,19 +260,19 @@ def search_index(sig: str, _scores: TokenScores) -> pd.Series:
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def cached_dataset_stats(sig: str, tau: float, _groups: dict[str, Scored]) -> dict:
+def cached_dataset_stats(sig: str, tau: float, _groups: dict[str, TokenScores]) -> dict:
     """Table 1, share above τ and category shares of the groups."""
     return dataset_stats(_groups, tau)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def cached_token_frame(sig: str, _groups: dict[str, Scored]) -> pd.DataFrame:
+def cached_token_frame(sig: str, _groups: dict[str, TokenScores]) -> pd.DataFrame:
     """Source and perplexity of every response token (what the histogram and CDF read)."""
     return token_frame(_groups)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def tau_curves(sig: str, _groups: dict[str, Scored]) -> pd.DataFrame:
+def tau_curves(sig: str, _groups: dict[str, TokenScores]) -> pd.DataFrame:
     """Share above τ on a log grid of τ (the '% masked vs τ' curve)."""
     return share_vs_tau(_groups, np.geomspace(1.05, 1000, 120))
 
@@ -337,14 +336,14 @@ def batch_generation_task(
 
 def scored_generations(
     sel: Selection, gt: Sequence[Example], found: dict[str, list[StoredGeneration]]
-) -> dict[str, list[ScoredExample]] | None:
+) -> dict[str, TokenScores] | None:
     """Every stored answer for the examples on screen, scored, grouped by settings."""
     by_settings = answers_by_settings(found, list(gt))
     if not by_settings:
         return {}
     sig = answers_signature(by_settings)
 
-    def work(task: BackgroundTask) -> dict[str, list[ScoredExample]]:
+    def work(task: BackgroundTask) -> dict[str, TokenScores]:
         return score_answers_by_settings(current_model(sel), by_settings, cache=ScoreCache())
 
     return background_result(
@@ -354,7 +353,7 @@ def scored_generations(
 
 def scored_sets(
     sel: Selection, lm: LoadedModel, gt: Sequence[Example], problems: list[str]
-) -> dict[str, list[ScoredExample]] | None:
+) -> dict[str, TokenScores] | None:
     """The newest stored Self-Output / Rephrase set of each kind made by this model from this
     data, matched to the examples on screen and scored (None while scoring)."""
     try:
@@ -370,7 +369,7 @@ def scored_sets(
     shown = list(gt)
     names = ",".join(f"{g.name}@{g.created}" for g in newest.values())
 
-    def work(task: BackgroundTask) -> dict[str, list[ScoredExample]]:
+    def work(task: BackgroundTask) -> dict[str, TokenScores]:
         return score_generated_sets(current_model(sel), newest, shown, cache=ScoreCache())
 
     return background_result(f"score-sets:{sel.key()}:{names}", "Scoring generated datasets", work)
@@ -526,36 +525,49 @@ def examples_tab(sel: Selection, gt: TokenScores, tau: float, current: str) -> N
 
 
 def generation_form(config: GenerationConfig) -> GenerationConfig | None:
-    """Settings form; returns the new settings when submitted (None otherwise)."""
+    """Settings form; returns the new settings when submitted (None otherwise). The decoding
+    choice sits above the form, so choosing greedy greys out the sampling-only fields at once
+    (a widget inside a form only takes effect on submit)."""
+    st.markdown(
+        "**Generate the model's own answer** to this prompt (streams here as it is "
+        "generated, can be stopped, and is checked against the task's tests)"
+    )
+    mode = st.radio(
+        "Decoding",
+        ["greedy", "sampled"],
+        index=int(config.do_sample),
+        horizontal=True,
+        key="generation_decoding",
+        help="Greedy is deterministic (what evaluation uses); sampling uses temperature, "
+        "top_p and seed (the paper's Self-Output sampled at T 0.7, top-p 0.95).",
+    )
+    greedy = mode == "greedy"
+    sampling_only = "sampling only: greedy decoding ignores it" if greedy else "sampling only"
     with st.form("generation_form"):
-        st.markdown(
-            "**Generate the model's own answer** to this prompt (streams here as it is "
-            "generated, can be stopped, and is checked against the task's tests)"
+        c = st.columns(4)
+        max_new = c[0].number_input("max_new_tokens", 1, 4096, config.max_new_tokens, step=32)
+        temperature = c[1].number_input(
+            "temperature",
+            0.05,
+            2.0,
+            float(config.temperature),
+            0.05,
+            help=sampling_only,
+            disabled=greedy,
         )
-        c = st.columns([1.6, 1, 1, 1, 1])
-        mode = c[0].radio(
-            "Decoding",
-            ["greedy", "sampled"],
-            index=int(config.do_sample),
-            horizontal=True,
-            help="Greedy is deterministic (what evaluation uses); sampling uses temperature, "
-            "top_p and seed (the paper's Self-Output sampled at T 0.7, top-p 0.95).",
+        top_p = c[2].number_input(
+            "top_p", 0.05, 1.0, float(config.top_p), 0.05, help=sampling_only, disabled=greedy
         )
-        max_new = c[1].number_input("max_new_tokens", 1, 4096, config.max_new_tokens, step=32)
-        temperature = c[2].number_input(
-            "temperature", 0.05, 2.0, float(config.temperature), 0.05, help="sampling only"
+        seed = c[3].number_input(
+            "seed", 0, 2**31 - 1, config.seed, help=sampling_only, disabled=greedy
         )
-        top_p = c[3].number_input(
-            "top_p", 0.05, 1.0, float(config.top_p), 0.05, help="sampling only"
-        )
-        seed = c[4].number_input("seed", 0, 2**31 - 1, config.seed, help="sampling only")
         submitted = st.form_submit_button("Generate", type="primary", icon=":material/bolt:")
     if not submitted:
         return None
     try:
         return GenerationConfig(
             max_new_tokens=int(max_new),
-            do_sample=mode == "sampled",
+            do_sample=not greedy,
             temperature=float(temperature),
             top_p=float(top_p),
             seed=int(seed),
@@ -648,9 +660,9 @@ def compare_tab(sel: Selection, gt: TokenScores, tau: float, current: str, lm: L
         if check is not None:  # the task's verifier: "passes its tests" / "fails its tests"
             note += f" · {verdict_line(check, generated.seq_ppl, truth.seq_ppl) or check.label}"
         columns.append(("generated", generated, note))
-    for kind, examples in (sets or {}).items():
-        match = next((ex for ex in examples if ex.id == current), None)
-        if match is not None:
+    for kind, scores in (sets or {}).items():
+        if current in scores.ids:  # one record: the answer on screen
+            match = scores.example(scores.ids.index(current))
             columns.append((kind, match, "stored generated set"))
 
     titles = {"ground_truth": "Ground truth", "generated": "Model's own answer"}
@@ -686,7 +698,7 @@ def analytics_tab(sel: Selection, gt: TokenScores, tau: float, lm: LoadedModel) 
         st.warning(f"Skipped a generated dataset: {problem}")
     if generated is None or sets is None:
         st.caption("Generated sources appear here once they are scored.")
-    groups: dict[str, Scored] = {"ground_truth": gt}
+    groups: dict[str, TokenScores] = {"ground_truth": gt}
     groups.update(generated or {})
     groups.update(sets or {})
 

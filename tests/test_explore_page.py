@@ -24,6 +24,7 @@ from core.datagen.store import GenerationStore, file_data_key, write_generated_s
 from core.model.generation import Generation, GenerationConfig
 from core.scoring.analytics import sequence_ppl_table, share_above_tau
 from core.scoring.score import score_examples
+from core.scoring.tokens import TokenScores
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "sample.jsonl"
@@ -183,6 +184,8 @@ def test_generate_shows_both_heatmaps_and_survives_a_restart(page, expected, tin
     at = run_until(page(view="GT vs generated", ex="ex-2", gen=SAMPLED), lambda at: heatmaps(at))
     assert any("No answer generated yet" in i.value for i in at.info)
     assert len(heatmaps(at)) == 1
+    fields = {n.label: n for n in at.number_input}  # sampled: every setting counts
+    assert not any(fields[name].disabled for name in ("temperature", "top_p", "seed"))
     [submit] = [b for b in at.button if b.label == "Generate"]
     submit.click()
     at = run_until(at, lambda at: len(heatmaps(at)) == 2)
@@ -213,6 +216,10 @@ def test_generate_shows_both_heatmaps_and_survives_a_restart(page, expected, tin
 def test_a_whitespace_answer_is_explained(page):
     # The tiny random model's greedy answer is six newlines: nothing to score.
     at = run_until(page(view="GT vs generated", gen="greedy-6"), lambda at: heatmaps(at))
+    # greedy decoding ignores the sampling settings: they are greyed out, the length is not
+    fields = {n.label: n for n in at.number_input}
+    assert all(fields[name].disabled for name in ("temperature", "top_p", "seed"))
+    assert not fields["max_new_tokens"].disabled
     [submit] = [b for b in at.button if b.label == "Generate"]
     submit.click()
     at = run_until(at, lambda at: at.warning)
@@ -252,7 +259,7 @@ def test_analytics_table_includes_generated_answers_and_generated_sets(page, exp
         return next(d.value for d in at.dataframe if "seq ppl mean (var)" in d.value.columns)
 
     def mean_var(examples) -> str:
-        row = sequence_ppl_table({"any": list(examples)}).iloc[0]
+        row = sequence_ppl_table({"any": TokenScores.from_examples(list(examples))}).iloc[0]
         return f"{fmt.num(row['seq_ppl_mean'])} ({fmt.num(row['seq_ppl_var'])})"
 
     at = run_until(page(view="Dataset analytics"), table_with_three_sources, timeout=180)
@@ -312,7 +319,8 @@ def test_one_generated_answer_does_not_shrink_the_analytics_to_one_example(page,
     )
 
     # the pooled share above τ: the same text in both tables and beside the curve's marker
-    gt_share = share_above_tau({"ground_truth": list(expected.values())}, 2.5)["share"].iloc[0]
+    gt = TokenScores.from_examples(list(expected.values()))
+    gt_share = share_above_tau({"ground_truth": gt}, 2.5)["share"].iloc[0]
     above = next(d.value for d in at.dataframe if "share (pooled)" in d.value.columns)
     assert above["share (pooled)"].iloc[0] == fmt.share(gt_share)
     assert table["tokens > τ = 2.5"].iloc[0] == fmt.share(gt_share)
