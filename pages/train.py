@@ -15,6 +15,7 @@ import streamlit as st
 
 from components.jobs_view import (
     backend_caption,
+    current_state,
     fmt_seconds,
     job_header,
     job_log,
@@ -447,7 +448,8 @@ def job_view(job_id: str) -> None:
         records = read_records(job.run_dir)
         prog = run_progress(records)
         job_header(registry, job, resume_note="it continues from its last checkpoint.")
-        if job.status == RUNNING or prog.max_steps:
+        # while the job reports its state, the header's bar says it (one bar, not two)
+        if (job.status == RUNNING or prog.max_steps) and current_state(job.run_dir, job) is None:
             running = job.status == RUNNING and prog.eta_seconds
             eta = f" · about {fmt_seconds(prog.eta_seconds)} left" if running else ""
             text = f"step {count(prog.step)} of {count(prog.max_steps)}{eta}"

@@ -113,3 +113,20 @@ def test_a_malformed_tau_in_the_url_is_a_warning_not_a_traceback(page):
     assert any("Ignored ?tau=abc" in w.value for w in at.warning)
     config = TrainConfig.from_args(build_parser().parse_args(shlex.split(command(at))[3:]))
     assert config.method == "stm" and config.tau == 2.5
+
+
+def test_a_running_job_shows_one_progress_bar(page, tmp_path):
+    """While a job reports its state, the job view shows that state's bar once: not a second
+    "step k of N" bar beside it."""
+    from core.jobs.state import Phase, RunState, StateReporter
+
+    registry = JobRegistry(tmp_path / "runs")
+    job = registry.register_foreground("train", {"method": "gt"}, device="cpu", label="running")
+    try:
+        StateReporter(job.path).report(RunState(Phase.TRAINING, step=3, max_steps=8))
+        at = page(job=job.id)
+        bars = at.get("progress")
+        assert len(bars) == 1, [b.proto.text for b in bars]
+        assert "step 3/8" in bars[0].proto.text
+    finally:
+        registry.finish(job.id, "succeeded", 0)
