@@ -9,7 +9,6 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from components.jobs_view import current_state, state_bar
-from components.layout import fit_columns
 from components.session import ensure_app_navigation
 from core.errors import LensError
 from core.eval.config import EvalConfig, eval_job_config, resolve_adapter_path
@@ -232,26 +231,20 @@ def _draw() -> None:
     if drift.empty:
         st.caption("No drift measured after step 0 in these runs yet.")
     else:
-        shown = drift_display_table(drift)
-        st.dataframe(
-            shown,
-            hide_index=True,
-            width="stretch",
-            column_config=fit_columns(
-                shown.columns,
-                pin=["run"],
-                widths={"run": "medium", "probe": "medium", "step": 50},
-                short={
-                    DRIFT_LABELS["kl"]: "token KL, nats",
-                    DRIFT_LABELS["top1_agree"]: "top-1 agree",
-                    DRIFT_LABELS["dnll"]: "Δ NLL, nats/token",
-                    SPLIT_COLUMN: "KL toward / away",
-                },
-                help={
-                    DRIFT_LABELS["kl"]: "95% interval over probe items in brackets",
-                    SPLIT_COLUMN: "toward + away = KL; the share toward in brackets",
-                },
-            ),
+        shown = drift_display_table(drift).rename(
+            columns={
+                DRIFT_LABELS["kl"]: "token KL, nats",
+                DRIFT_LABELS["top1_agree"]: "top-1 agree",
+                DRIFT_LABELS["dnll"]: "Δ NLL, nats/token",
+                SPLIT_COLUMN: "KL toward / away",
+            }
+        )
+        # a static table wraps its cells, so every column fits a 1280 px screen (a data grid
+        # of these seven columns scrolled sideways there)
+        st.table(shown.style.hide(axis="index"))
+        st.caption(
+            "Brackets: 95% intervals over probe items. KL toward / away: toward + away = KL, "
+            "with the share toward the base's answers."
         )
         st.caption(DRIFT_READING)
     missing = drift_notes(runs)
