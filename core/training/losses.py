@@ -38,12 +38,17 @@ ones included: STM's hard mask counts as weight 0), a fixed-bin histogram, and t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from core.masking.weights import dft_weights as dft_weights
+from core.masking.weights import eaft_weights as eaft_weights
+from core.masking.weights import eaft_weights_from_entropy as eaft_weights_from_entropy
+from core.masking.weights import kl_k3 as kl_k3
+from core.masking.weights import soft_stm_weights as soft_stm_weights
+from core.masking.weights import topk_entropy as topk_entropy
 from core.training.config import BASE_LOSSES, TrainConfig
 
 #: the logged weight histogram: WEIGHT_BINS equal bins over [0, 1] (the last one includes 1)
@@ -112,34 +117,9 @@ class TokenLoss:
 
 
 # --------------------------------------------------------------------------- weights and terms
-
-
-def soft_stm_weights(base_log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """p_base(y_t)^(1/T) = exp(log p_base(y_t) / T), without gradient."""
-    return torch.exp(base_log_probs.detach().float() / temperature)
-
-
-def dft_weights(log_probs: torch.Tensor) -> torch.Tensor:
-    """sg(p_t) = exp(log p_t), without gradient (DFT's weight, as TRL computes it)."""
-    return log_probs.detach().exp()
-
-
-def topk_entropy(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Entropy (nats, float32) of the softmax over each row's top-k logits, without gradient."""
-    with torch.no_grad():
-        top = torch.topk(logits.detach().float(), k=k, dim=-1).values
-        log_p = torch.log_softmax(top, dim=-1)
-        return -(log_p.exp() * log_p).sum(dim=-1)
-
-
-def eaft_weights_from_entropy(entropy: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
-    """(H_topK / ln K)^alpha, clamped to [0, 1] against rounding; 1 everywhere at alpha = 0."""
-    return (entropy.detach().float() / math.log(k)).clamp(0.0, 1.0).pow(alpha)
-
-
-def eaft_weights(logits: torch.Tensor, k: int, alpha: float) -> torch.Tensor:
-    """EAFT's weight from the current model's logits (rows = positions), without gradient."""
-    return eaft_weights_from_entropy(topk_entropy(logits, k), k, alpha)
+# The per-token weight formulas (soft_stm_weights, dft_weights, topk_entropy,
+# eaft_weights_from_entropy, eaft_weights, kl_k3) live in core.masking.weights, imported above:
+# the Masking studio shows the weights a run would start with through the same functions.
 
 
 def kl_full(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
@@ -149,13 +129,6 @@ def kl_full(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
     log_p = torch.log_softmax(logits.float(), dim=-1)
     log_b = torch.log_softmax(base_logits.detach().float(), dim=-1)
     return (log_b.exp() * (log_b - log_p)).sum(dim=-1)
-
-
-def kl_k3(log_probs: torch.Tensor, base_log_probs: torch.Tensor) -> torch.Tensor:
-    """The k3 estimate of KL(p_base || p_theta) from the label token alone: exp(r) - 1 - r with
-    r = log p_base(y_t) - log p_t (>= 0; 0 where the two agree)."""
-    r = base_log_probs.detach().float() - log_probs.float()
-    return torch.expm1(r) - r
 
 
 def token_terms(
