@@ -27,6 +27,7 @@ from core.jobs.runfiles import log_tail
 from core.jobs.state import Phase, RunState
 from core.study.protocol import (
     ARMS,
+    PAIRED_TABLES,
     PRESETS,
     REPORT_HTML,
     ProtocolConfig,
@@ -37,6 +38,7 @@ from core.study.protocol import (
     load_cpu_protocol,
     load_cpu_sweep,
     load_protocol,
+    paired_table,
     preflight,
     protocol_folder,
     summary_table,
@@ -55,7 +57,8 @@ registry = JobRegistry()
 st.title("Reproduce the paper")
 st.caption(
     "One click runs the paper's comparison on MBPP: ground truth, STM at τ and at the τ that "
-    "masks a target share, the random-mask control and Self-Output, each with one or more seeds, "
+    "masks a target share, the random-mask control, Self-Output and the token losses the "
+    "trainers ship (soft STM, DFT, EAFT, KL, ASFT, STM + KL), each with one or more seeds, "
     "evaluated on the target and out-of-domain tasks at step 0 and at the end. The result is a "
     "table with 95% confidence intervals, a reading of each method against ground truth, and a "
     "report. It runs in the background and resumes where it stopped."
@@ -298,6 +301,18 @@ if results.get("paired_findings"):
     )
     for line in results["paired_findings"]:
         st.markdown(f"- {line}")
+for key, heading in PAIRED_TABLES:  # each arm against ground truth, then against STM
+    rows = paired_table(results.get(key) or [])
+    if rows:
+        st.markdown(
+            f"**{heading}** (95% interval over seeds and items; "
+            '"better" / "worse" for the arm, only where it excludes zero)'
+        )
+        key_table(pd.DataFrame(rows))
+if results.get("paired_stm_findings"):
+    with st.expander("Each arm against STM, task by task"):
+        for line in results["paired_stm_findings"]:
+            st.markdown(f"- {line}")
 for note in results.get("notes", []):
     st.caption(note)
 failed = [r for r in results.get("runs", []) if r.get("status") != "succeeded"]

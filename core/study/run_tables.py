@@ -1,6 +1,6 @@
 """Several runs lined up the way the paper's tables do, and what they say in sentences.
 
-`runs_table` gives one row per run (method, τ, % masked, the target's change, each task's
+`runs_table` gives one row per run (method, token loss, τ, % masked, the target's change, each task's
 score, BWT and TI, each change with its paired 95% interval, costs); `runs_display_table` writes
 it as people read it, every cell through `core.fmt`, with `runs_columns` giving each column's
 title and help text; `run_findings` says what a run's last round found, with the verdict read off
@@ -38,6 +38,7 @@ TABLE_FACTS = (
     "label",
     "status",
     "method",
+    "loss",
     "tau",
     "masked %",
     "target",
@@ -115,7 +116,8 @@ def run_tau_value(run: RunView) -> float | None:
 
 
 def runs_table(runs: list[RunView], statuses: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """One row per run: method, τ (None where it does not apply), % masked, the target's change
+    """One row per run: method, token loss, τ (None where it does not apply), % masked, the
+    target's change
     with its paired 95% interval, each task's score, BWT and TI with theirs, cost, and the last
     round's notes; with `statuses` (run id -> `run_status`), a "status" column.
 
@@ -135,6 +137,7 @@ def runs_table(runs: list[RunView], statuses: Mapping[str, str] | None = None) -
             row["status"] = statuses.get(run.run_id, UNFINISHED)
         row |= {
             "method": run.method,
+            "loss": run.loss,
             "tau": run_tau_value(run),
             "masked %": None if run.masked_share is None else 100 * run.masked_share,
             "target": f"{target[0]} {target[1]}" if target else None,
@@ -186,7 +189,11 @@ def change_cell(estimate: Any, low: Any = None, high: Any = None, unit: str = ""
 #: from `runs_columns`). The page's column_config and the report's header use both.
 RUN_COLUMNS: dict[str, tuple[str, str]] = {
     "run": ("Run", "The run's id: the name of its folder under the runs root."),
-    "label": ("Setup", "Method, τ where it applies, target share and seed (0 is not shown)."),
+    "label": (
+        "Setup",
+        "Method, τ where it applies, target share, the token loss when it is not nll, and seed "
+        "(0 is not shown).",
+    ),
     "status": (
         "Status",
         "finished, queued, running, failed or cancelled, from the run's job; unfinished: no "
@@ -199,6 +206,11 @@ RUN_COLUMNS: dict[str, tuple[str, str]] = {
         "random: the same share masked at random (control) · low: tokens below τ masked · "
         "percentile: the top k% per example masked · self_output / rephrase: ground-truth "
         "training on generated answers · base: evaluation only.",
+    ),
+    "loss": (
+        "Token loss",
+        "How each token the method keeps counts: nll (plain cross-entropy), soft_stm, dft, "
+        "eaft, kl or asft (README, Token losses); combined with the method's mask.",
     ),
     "tau": (
         "τ",
@@ -285,7 +297,7 @@ def runs_display_table(table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return table
     out = pd.DataFrame(index=table.index)
-    for column in ("run", "label", "status", "method"):
+    for column in ("run", "label", "status", "method", "loss"):
         if column in table.columns:
             out[column] = [fmt.MISSING if v is None else str(v) for v in table[column]]
     methods = list(table["method"])

@@ -24,6 +24,7 @@ from typing import Any
 
 import pandas as pd
 
+from core import fmt
 from core.errors import LensError
 from core.eval.compare import compare_results, recorded_suite, ti_spec
 from core.eval.labels import DRIFT_METRIC, finite
@@ -83,6 +84,7 @@ __all__ = [
     "DRIFT_TABLE_METRICS",
     "FINISHED",
     "GENERATED_KINDS",
+    "LOSS_PARAMETERS",
     "NLL_METRIC",
     "NOT_APPLICABLE",
     "NOT_MODEL_RUNS",
@@ -104,6 +106,7 @@ __all__ = [
     "final_target_change",
     "list_runs",
     "load_run",
+    "loss_label",
     "resolve_run_dir",
     "run_findings",
     "run_status",
@@ -134,6 +137,28 @@ NLL_METRIC = "nll"  # the reference-NLL tasks' primary metric (never the easy-to
 NO_ITEMS = "no per-item results saved for this run: no interval"
 
 
+#: Each token loss's parameter a run label names: (symbol, `TrainConfig` field).
+LOSS_PARAMETERS = {
+    "soft_stm": ("T", "loss_temperature"),
+    "eaft": ("α", "eaft_alpha"),
+    "kl": ("β", "kl_beta"),
+    "asft": ("α", "asft_alpha"),
+}
+
+
+def loss_label(config: dict[str, Any]) -> str:
+    """A run config's token loss with its parameter, as run labels write it: "kl β=0.1",
+    "asft α=0.1 k3" (the label-token KL estimate), "dft"; "nll" when the config names none."""
+    loss = str(config.get("loss") or "nll")
+    text = loss
+    symbol, name = LOSS_PARAMETERS.get(loss, ("", ""))
+    if name and finite(config.get(name)):
+        text += f" {symbol}={fmt.num(float(config[name]))}"
+    if loss in ("kl", "asft") and config.get("kl_estimator") == "k3":
+        text += " k3"
+    return text
+
+
 @dataclass
 class RunView:
     """One run folder, read once."""
@@ -162,8 +187,15 @@ class RunView:
         return method
 
     @property
+    def loss(self) -> str:
+        """The token loss trained with (`TrainConfig.loss`): "nll" for plain cross-entropy, for
+        runs made before there was a choice and for evaluation-only runs."""
+        return str(self.config.get("loss") or "nll")
+
+    @property
     def label(self) -> str:
-        """Short label: method, tau where it matters, seed."""
+        """Short label: method, tau where it matters, the token loss when it is not nll (with
+        its parameter: "stm τ=2.5 + kl β=0.1"), seed."""
         text = self.method
         tau = self.data_record.get("tau", self.config.get("tau"))
         if self.method in ("stm", "random", "low") and tau is not None:
@@ -171,6 +203,8 @@ class RunView:
         share = self.config.get("target_share")
         if share:
             text += f" ({100 * float(share):.0f}%)"
+        if self.loss != "nll":
+            text += f" + {loss_label(self.config)}"
         if self.config.get("seed") not in (None, 0):
             text += f" seed {self.config['seed']}"
         return text

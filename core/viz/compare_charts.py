@@ -1,7 +1,8 @@
 """Plotly builders that compare finished runs side by side (pure: tables in, `go.Figure` out):
 the forgetting frontier (TI vs BWT), target gain vs drift, score vs % masked, and the
 post-training diagnostics (LoRA weight change per layer, token perplexity change). Each point
-is a run of a `runs_table` row, in its method's colour (`core.viz.run_style`).
+is a run of a `runs_table` row, in its method's colour (`core.viz.run_style`); the frontiers
+group runs by method and token loss ("stm + kl"), one marker symbol per loss.
 """
 
 from __future__ import annotations
@@ -31,6 +32,39 @@ from core.viz.run_style import (
 )
 from core.viz.style import _base_layout
 
+#: The frontiers' marker per token loss (the colour is the method's).
+LOSS_SYMBOLS = {
+    "nll": "circle",
+    "soft_stm": "diamond",
+    "dft": "square",
+    "eaft": "triangle-up",
+    "kl": "x",
+    "asft": "star",
+}
+
+
+def _setups(table: pd.DataFrame) -> pd.Series:
+    """Each row's method, and its token loss when it is not nll ("stm + kl"): what a frontier's
+    legend names and groups runs by (a table without a loss column: the method alone)."""
+    losses = table["loss"] if "loss" in table.columns else [None] * len(table)
+    return pd.Series(
+        [
+            str(m) if not isinstance(loss, str) or loss == "nll" else f"{m} + {loss}"
+            for m, loss in zip(table["method"], losses, strict=True)
+        ],
+        index=table.index,
+    )
+
+
+def _marker(group: pd.DataFrame) -> dict[str, Any]:
+    """A frontier group's marker: its method's colour, its loss's symbol."""
+    loss = group["loss"].iloc[0] if "loss" in group.columns else None
+    return {
+        "size": 12,
+        "color": method_color(str(group["method"].iloc[0])),
+        "symbol": LOSS_SYMBOLS.get(loss if isinstance(loss, str) else "nll", "circle"),
+    }
+
 
 def _error_bars(values: pd.Series, low: pd.Series, high: pd.Series) -> dict[str, Any]:
     """Asymmetric error bars from each value to its interval's bounds (none where unknown)."""
@@ -53,7 +87,7 @@ def drift_frontier_chart(
     """Target gain against drift: each run's target Δ vs step 0 (x, from a `runs_table`, with its
     paired 95% interval) against its token KL from the base on the `task` probe at its latest
     drift round (y, from the study layer's `drift_table`, with its 95% interval over probe items),
-    error bars both ways, one marker per run labelled by its method. Runs without a drift round
+    error bars both ways, one marker per run labelled by its method and token loss. Runs without a drift round
     after step 0 are left out and named in the notes, with the reason `missing` gives (run id ->
     why)."""
     fig = go.Figure()
@@ -86,6 +120,7 @@ def drift_frontier_chart(
                 "run": row["run"],
                 "label": row["label"],
                 "method": row["method"],
+                "loss": row.get("loss"),
                 "target": row.get("target"),
                 "x": float(row["target Δ"]),
                 "x_low": row.get("target Δ low"),
@@ -97,7 +132,7 @@ def drift_frontier_chart(
             }
         )
     data = pd.DataFrame(rows)
-    for method, group in data.groupby("method", sort=False) if not data.empty else ():
+    for setup, group in data.groupby(_setups(data), sort=False) if not data.empty else ():
         hover = [
             f"{r.label} · {r.run}<br>target Δ {interval_text(r.x, r.x_low, r.x_high, unit)}<br>"
             f"{title} at step {r.step}: KL {value_text(r.y, r.y_low, r.y_high, 'nats')}"
@@ -108,10 +143,10 @@ def drift_frontier_chart(
                 x=group["x"].tolist(),
                 y=group["y"].tolist(),
                 mode="markers+text",
-                name=str(method),
+                name=str(setup),
                 text=group["label"].tolist(),
                 textposition="top center",
-                marker={"size": 12, "color": method_color(str(method))},
+                marker=_marker(group),
                 customdata=hover,
                 hovertemplate="%{customdata}<extra></extra>",
                 error_x=_error_bars(group["x"], group["x_low"], group["x_high"]),
@@ -162,8 +197,9 @@ def _column(table: pd.DataFrame, name: str) -> pd.Series:
 
 def frontier_chart(table: pd.DataFrame) -> go.Figure:
     """Forgetting frontier: target change (TI, %) vs out-of-domain change (BWT, %) per run, with
-    their paired 95% intervals as error bars in both directions. One run is drawn on its own
-    (its point and intervals), with a note that a comparison needs a second run."""
+    their paired 95% intervals as error bars in both directions, one trace per method and token
+    loss ("stm + kl"). One run is drawn on its own (its point and intervals), with a note that
+    a comparison needs a second run."""
     fig = go.Figure()
     notes: list[str] = []
     data = pd.DataFrame()
@@ -182,7 +218,7 @@ def frontier_chart(table: pd.DataFrame) -> go.Figure:
             )
             reason = ". ".join(why).rstrip(".") if why else "see the run's notes"
             notes.append(f"{row.label} · {row.run}: not drawn, no {missing} ({reason}).")
-    for method, group in data.groupby("method", sort=False) if not data.empty else ():
+    for setup, group in data.groupby(_setups(data), sort=False) if not data.empty else ():
         bwt, ti = group["BWT"].astype(float), group["TI"].astype(float)
         bars = {}
         for axis, value, name in (("error_x", bwt, "BWT"), ("error_y", ti, "TI")):
@@ -217,8 +253,8 @@ def frontier_chart(table: pd.DataFrame) -> go.Figure:
                 x=bwt.tolist(),
                 y=ti.tolist(),
                 mode="markers",
-                name=str(method),
-                marker={"size": 12, "color": method_color(str(method))},
+                name=str(setup),
+                marker=_marker(group),
                 customdata=hover,
                 hovertemplate="%{customdata}<extra></extra>",
                 meta={"role": "line", "runs": list(group["run"])},

@@ -11,15 +11,19 @@ task (MBPP, the fixed train / held-out split of `core.data.tasks`):
    intact; on the local queue one after the other, on Ray or SLURM all at once):
    ground truth (``gt``), STM at τ (``stm``, default τ = 2.5), STM at the τ that masks a target
    share of response tokens (``stm_share``, default 25%), the random-mask control with as many
-   masked tokens as STM at τ (``random``), and Self-Output (``self_output``).
+   masked tokens as STM at τ (``random``), and Self-Output (``self_output``); and one arm per
+   token loss of `core.training.losses` on the ground-truth data with its default parameters
+   (``soft_stm``, ``dft``, ``eaft``, ``kl``, ``asft``) plus STM's mask with the KL term
+   (``stm_kl``), each labelled by what it combines ("ground truth + KL β=0.1").
    Each arm evaluates the protocol's suite at step 0 (the base model: the same cached result for
    every arm with the embedded model) and at its last step, through `core.training.callbacks`.
 3. Aggregation: per arm, the mean over seeds and a 95% confidence interval (Student t, n - 1
    degrees of freedom) of the target change, each out-of-domain score, BWT and the change of the
    out-of-domain reference NLL (all tokens, and the base-easy tokens as a diagnostic); then the
    paired comparisons, over seeds and then the same evaluation items (hierarchical bootstrap):
-   each arm's end against its own step 0 (the forgetting it causes) and against ground truth
-   (whether it forgets less), with a plain-words headline. Written to `results.json` and
+   each arm's end against its own step 0 (the forgetting it causes), against ground truth
+   (whether it forgets less) and against STM (whether a loss beats the mask), as sentences and
+   as tables, with a plain-words headline. Written to `results.json` and
    `results.md` in the protocol folder; then `report.html` over all the runs.
 
 Everything is resumable: a run folder that already holds a finished run is reused, a partial
@@ -31,7 +35,7 @@ beside every other run; the protocol folder itself holds `config.json` (kind "pr
 Two presets: ``cpu`` (the embedded model on 2 CPU cores in about 80 minutes: ground truth, STM,
 the random control and Self-Output, 3 seeds each, one epoch in the setting where the CPU sweep
 saw ground truth forget, forgetting read from drift; docs/BENCHMARKS.md, "Paper protocol") and
-``paper`` (the paper's settings for a GPU: every arm, all 400 training problems, lr 2e-5, 3
+``paper`` (the paper's settings for a GPU: every arm, the token losses' included, all 400 training problems, lr 2e-5, 3
 epochs, N = 32 samples of up to 512 tokens, the full ``paper`` suite). Every setting is also a
 flag.
 
@@ -54,13 +58,16 @@ defined: point `core.study.protocol.recorded.CPU_SWEEP_JSON`, not this package's
 """
 
 from core.study.protocol.config import (
+    ARM_HELP,
     ARMS,
     CPU_ARMS,
     EVAL_AT_START_AND_END,
     FORGETTING,
     GENERATION_DIR,
+    LOSS_ARMS,
     OOD_DRIFT,
     OOD_NLL,
+    PAPER_ARMS,
     PARTIAL_JSON,
     PRESETS,
     PROGRESS_TXT,
@@ -72,6 +79,7 @@ from core.study.protocol.config import (
     ProtocolConfig,
     arm_specs,
     generation_config,
+    loss_text,
     preflight,
     train_config,
 )
@@ -83,6 +91,7 @@ from core.study.protocol.folders import (
 )
 from core.study.protocol.launch import RunTarget
 from core.study.protocol.prose import (
+    PAIRED_TABLES,
     compare_to_gt,
     findings,
     headline,
@@ -90,6 +99,7 @@ from core.study.protocol.prose import (
     measure_label,
     metric_name,
     paired_findings,
+    paired_table,
     results_markdown,
     short_headline,
     summary_table,
@@ -110,6 +120,7 @@ from core.study.protocol.results import (
     paired_with_base,
     paired_with_gt,
     paired_with_random,
+    paired_with_stm,
     run_measures,
 )
 from core.study.protocol.run import run_job, run_protocol
@@ -117,6 +128,7 @@ from core.study.protocol.view import ProtocolView, list_protocols, load_protocol
 
 __all__ = [
     "ARMS",
+    "ARM_HELP",
     "CPU_ARMS",
     "CPU_PROTOCOL_JSON",
     "CPU_SWEEP_JSON",
@@ -124,9 +136,12 @@ __all__ = [
     "EVAL_AT_START_AND_END",
     "FORGETTING",
     "GENERATION_DIR",
+    "LOSS_ARMS",
     "OOD_DRIFT",
     "OOD_NLL",
     "PAIRED_METRICS",
+    "PAIRED_TABLES",
+    "PAPER_ARMS",
     "PARTIAL_JSON",
     "PRESETS",
     "PROGRESS_TXT",
@@ -148,13 +163,16 @@ __all__ = [
     "load_cpu_protocol",
     "load_cpu_sweep",
     "load_protocol",
+    "loss_text",
     "markdown_table",
     "measure_label",
     "metric_name",
     "paired_findings",
+    "paired_table",
     "paired_with_base",
     "paired_with_gt",
     "paired_with_random",
+    "paired_with_stm",
     "preflight",
     "protocol_eta",
     "protocol_folder",

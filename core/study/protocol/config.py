@@ -1,11 +1,20 @@
 """What a protocol is: its settings (`ProtocolConfig` and the presets ``cpu`` / ``paper``), the
 arms and what each one trains, the Self-Output generation's config, the check of all of them
-before a job exists, and the names of the files and measures the protocol writes."""
+before a job exists, and the names of the files and measures the protocol writes.
+
+The arms (`ARMS`): the paper's (ground truth, STM at τ and at a masked share, the random
+control, Self-Output), then one per token loss of `core.training.losses` on the ground-truth
+data and every response token (`soft_stm`, `dft`, `eaft`, `kl`, `asft`: method gt, that loss with
+its default parameters), and `stm_kl`, STM's mask at τ with the KL term. STM's mask is combined
+with KL only: KL anchors the tokens STM keeps to the base model, a different lever from the mask;
+soft STM, DFT and ASFT already weight down the tokens the base (or the model) finds unlikely,
+the very tokens STM leaves out, so combining them with the mask would count that twice. Any
+other combination runs as a training job (`--method stm --loss eaft`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from core.config import JobConfig
@@ -19,9 +28,27 @@ from core.masking import DEFAULT_TAU
 from core.training.config import TrainConfig
 
 PROTOCOL_KIND = "protocol"
-ARMS = ("gt", "stm", "stm_share", "random", "self_output")
-#: The arms the cpu preset runs (stm_share on request: 3 more runs).
+#: The paper's arms: ground truth, STM at τ and at a masked share, the control, Self-Output.
+PAPER_ARMS = ("gt", "stm", "stm_share", "random", "self_output")
+#: One arm per token loss on ground-truth data (method gt), and STM's mask with the KL term.
+LOSS_ARMS = ("soft_stm", "dft", "eaft", "kl", "asft", "stm_kl")
+ARMS = (*PAPER_ARMS, *LOSS_ARMS)
+#: The arms the cpu preset runs (stm_share and the loss arms on request: 3 more runs each).
 CPU_ARMS = ("gt", "stm", "random", "self_output")
+#: What each arm trains, for `--methods` and the Reproduce page.
+ARM_HELP = {
+    "gt": "ground truth, every response token",
+    "stm": "STM's mask at τ",
+    "stm_share": "STM masking target_share of the tokens",
+    "random": "as many tokens as STM at τ masked at random (the control)",
+    "self_output": "ground-truth training on the model's own verified answers",
+    "soft_stm": "ground truth + soft STM weights",
+    "dft": "ground truth + DFT",
+    "eaft": "ground truth + EAFT",
+    "kl": "ground truth + KL to the base",
+    "asft": "ground truth + ASFT (DFT + KL)",
+    "stm_kl": "STM's mask at τ + KL to the base",
+}
 RESULTS_JSON = "results.json"
 RESULTS_MD = "results.md"
 REPORT_HTML = "report.html"
@@ -47,7 +74,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # so that 3 seeds of 4 arms fit; forgetting is read from drift from the base model.
     "cpu": {},
     # The paper's setting (METHOD.md) for a GPU: LoRA on all linear layers, lr 2e-5, 3 epochs,
-    # cosine, the whole training split, N = 32 samples of up to 512 tokens at T 0.7 / top-p 0.95.
+    # cosine, the whole training split, N = 32 samples of up to 512 tokens at T 0.7 / top-p 0.95;
+    # every arm, the token losses' included.
     "paper": {
         "methods": list(ARMS),
         "train_preset": "paper",
@@ -89,7 +117,11 @@ class ProtocolConfig(JobConfig):
     task: str = field(default="mbpp", metadata=_help("target task (its train split is trained)"))
     methods: list[str] = field(
         default_factory=lambda: list(CPU_ARMS),
-        metadata=_help("arms, comma-separated: gt, stm, stm_share, random, self_output"),
+        metadata=_help(
+            "arms, comma-separated: "
+            + "; ".join(f"{key} = {text}" for key, text in ARM_HELP.items())
+            + " (token losses with their default parameters: train --help)"
+        ),
     )
     seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2],
@@ -187,10 +219,35 @@ class Arm:
     overrides: dict[str, Any]
 
 
+def _train_default(name: str) -> Any:
+    """A `TrainConfig` field's default (the token losses' parameters an arm trains with)."""
+    found = next(f for f in fields(TrainConfig) if f.name == name)
+    return found.default if found.default is not MISSING else found.default_factory()
+
+
+def loss_text(loss: str) -> str:
+    """A token loss as an arm label names it, with its default parameters: "KL β=0.1",
+    "EAFT α=1, K=20"."""
+    value = _train_default
+    return {
+        "soft_stm": f"soft STM T={value('loss_temperature'):g}",
+        "dft": "DFT",
+        "eaft": f"EAFT α={value('eaft_alpha'):g}, K={value('eaft_k')}",
+        "kl": f"KL β={value('kl_beta'):g}",
+        "asft": f"ASFT α={value('asft_alpha'):g}",
+    }.get(loss, loss)
+
+
 def arm_specs(config: ProtocolConfig) -> dict[str, Arm]:
-    """The training overrides of every arm (Self-Output's data folder is added later)."""
+    """The training overrides of every arm (Self-Output's data folder is added later). A loss
+    arm sets `loss` and leaves its parameters at `TrainConfig`'s defaults; its label says what
+    is combined ("ground truth + KL β=0.1", "STM τ=2.5 + KL β=0.1")."""
     tau = f"{config.tau:g}"
     share = f"{100 * config.target_share:g}%"
+    losses = {
+        loss: Arm(loss, f"ground truth + {loss_text(loss)}", {"method": "gt", "loss": loss})
+        for loss in ("soft_stm", "dft", "eaft", "kl", "asft")
+    }
     return {
         "gt": Arm("gt", "ground truth", {"method": "gt"}),
         "stm": Arm("stm", f"STM τ={tau}", {"method": "stm", "tau": config.tau}),
@@ -203,6 +260,12 @@ def arm_specs(config: ProtocolConfig) -> dict[str, Arm]:
             "random", f"random mask (as many as τ={tau})", {"method": "random", "tau": config.tau}
         ),
         "self_output": Arm("self_output", "Self-Output", {"method": "gt"}),
+        **losses,
+        "stm_kl": Arm(
+            "stm_kl",
+            f"STM τ={tau} + {loss_text('kl')}",
+            {"method": "stm", "tau": config.tau, "loss": "kl"},
+        ),
     }
 
 

@@ -1,6 +1,7 @@
 """The protocol's results in words and tables: the headline (drift first, then benchmarks, the
 target, caveats and the agreement of drift with ARC-Easy), the findings read off the intervals,
-the summary table, `results.md` and the HTML report."""
+the summary table, the paired tables (each arm against ground truth, against STM), `results.md`
+and the HTML report."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from core import fmt
 from core.eval.drift import DRIFT_LABELS
 from core.stats import Interval
 from core.study.agreement import agreement_sentence
@@ -39,6 +41,46 @@ def metric_name(metric: str, drift: bool = False) -> str:
     return DRIFT_LABELS.get(metric, metric) if drift else metric
 
 
+#: Short names of the drift metrics, in sentences and table columns.
+DRIFT_SHORT = {"kl": "token KL", "top1_agree": "top-1 agreement", "dnll": "Δ NLL of its answers"}
+
+
+def _digits(row: dict[str, Any]) -> int:
+    """Decimals of a paired change: points (accuracies, top-1 agreement) 1, token KL 3, other
+    nats 2."""
+    if row["higher_is_better"]:
+        return 1
+    return 3 if row["metric"] == "kl" else 2
+
+
+def paired_table(paired: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """The paired rows as a table: one row per arm (in the order of `paired`), one column per
+    task and metric ("ood_drift token KL, nats", "mbpp_ppl nll, nats (target)"), each cell the
+    change against the reference with its 95% interval over seeds and items, followed by
+    "better" / "worse" where the interval excludes zero (better for the arm: less drift, less
+    forgetting, more gain), and the reference each row is against."""
+    rows: dict[str, dict[str, str]] = {}
+    for row in paired:
+        unit = "points" if row["higher_is_better"] else "nats"
+        name = DRIFT_SHORT.get(row["metric"], row["metric"]) if row.get("drift") else row["metric"]
+        column = f"{row['task']} {name}, {unit}" + (" (target)" if row["role"] == "target" else "")
+        interval = Interval(**row["interval"])
+        cell = fmt.interval(interval.estimate, interval.low, interval.high, _digits(row))
+        verdict = interval.verdict(row["higher_is_better"])
+        if verdict in ("better", "worse"):
+            cell += f" {verdict}"
+        entry = rows.setdefault(
+            row["arm"],
+            {
+                "arm": row["label"],
+                "against": row.get("against", "ground truth"),
+                "seeds": fmt.count(row["seeds"]),
+            },
+        )
+        entry[column] = cell
+    return list(rows.values())
+
+
 def _verdict(row: dict[str, Any]) -> str:
     return Interval(**row["interval"]).verdict(row["higher_is_better"])
 
@@ -56,8 +98,7 @@ def _drift_sentence(rows: Sequence[dict[str, Any]]) -> str:
         text = f"{interval.estimate:+.{digits}f}"
         if interval.low is not None and interval.high is not None:
             text += f" [{interval.low:+.{digits}f}, {interval.high:+.{digits}f}]"
-        short = {"kl": "token KL", "top1_agree": "top-1 agreement", "dnll": "Δ NLL of its answers"}
-        parts.append(f"{short.get(row['metric'], row['metric'])} {text}{unit}")
+        parts.append(f"{DRIFT_SHORT.get(row['metric'], row['metric'])} {text}{unit}")
     return ", ".join(parts)
 
 
@@ -350,6 +391,20 @@ def markdown_table(rows: list[dict[str, str]]) -> list[str]:
     return lines + ["| " + " | ".join(row.get(k, "-") for k in head) + " |" for row in rows]
 
 
+def _paired_markdown(paired: Sequence[dict[str, Any]]) -> list[str]:
+    """`paired_table` in Markdown, under a line saying how to read it (nothing when empty)."""
+    rows = paired_table(paired)
+    if not rows:
+        return []
+    return [
+        "",
+        "As a table (change against the reference, 95% interval over seeds and items; "
+        '"better" / "worse" for the arm, only where the interval excludes zero):',
+        "",
+        *markdown_table(rows),
+    ]
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The protocol's table, findings and notes as Markdown."""
     rows = summary_table(results)
@@ -393,6 +448,16 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += [f"- {f}" for f in paired] or [
         "- (no per-item results: runs made before they were kept)"
     ]
+    lines += _paired_markdown(results.get("paired") or [])
+    if results.get("paired_stm"):
+        lines += ["", "## Each arm against STM, paired over seeds and items", ""]
+        lines += [
+            "The same comparison with STM at τ as the reference: whether a token loss (or STM "
+            "combined with one) forgets less or learns more than the mask it competes with.",
+            "",
+        ]
+        lines += [f"- {f}" for f in results.get("paired_stm_findings") or []]
+        lines += _paired_markdown(results["paired_stm"])
     if results.get("paired_random_findings"):
         lines += ["", "## STM against the random control (as many tokens masked at random)", ""]
         lines += [f"- {f}" for f in results["paired_random_findings"]]
@@ -413,6 +478,13 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The paired tables the report and the Reproduce page show: (results key, heading).
+PAIRED_TABLES = (
+    ("paired", "Each arm against ground truth, paired over seeds and items"),
+    ("paired_stm", "Each arm against STM, paired over seeds and items"),
+)
+
+
 def write_protocol_report(results: dict[str, Any], run_ids: Sequence[str], out: Path) -> Path:
     """The report of all the protocol's runs, opened by its summary table and findings."""
     from core.study.report import write_report  # lazy: heavy (torch, through diagnostics)
@@ -423,13 +495,20 @@ def write_protocol_report(results: dict[str, Any], run_ids: Sequence[str], out: 
         intro += " Against the base model: " + " ".join(results["paired_base_findings"])
     if results.get("paired_findings"):
         intro += " Paired over seeds and items: " + " ".join(results["paired_findings"])
+    if results.get("paired_stm_findings"):
+        intro += " Against STM: " + " ".join(results["paired_stm_findings"])
+    tables = [
+        ("Protocol summary", pd.DataFrame(summary_table(results))),
+        ("Change (%) of every task and metric", pd.DataFrame(summary_table(results, True))),
+    ]
+    for key, heading in PAIRED_TABLES:
+        rows = paired_table(results.get(key) or [])
+        if rows:
+            tables.append((heading, pd.DataFrame(rows)))
     return write_report(
         run_ids,
         out,
         title="Perplexity Lens: paper protocol",
         notes=intro,
-        tables=[
-            ("Protocol summary", pd.DataFrame(summary_table(results))),
-            ("Change (%) of every task and metric", pd.DataFrame(summary_table(results, True))),
-        ],
+        tables=tables,
     )

@@ -1,7 +1,8 @@
 """The protocol's numbers: what each run measured (`run_measures`), the mean and 95% interval of
 each measure per arm over seeds (`aggregate`), and the paired comparisons over seeds and then
-the same evaluation items: each arm against its own step 0, against ground truth, and the STM
-arms against the random control."""
+the same evaluation items: each arm against its own step 0, against ground truth, against STM
+(the token-loss arms: does a loss beat the mask it competes with), and the STM arms against the
+random control."""
 
 from __future__ import annotations
 
@@ -115,6 +116,8 @@ def aggregate(
     results["paired_base_findings"] = paired_findings(results["paired_base"])
     results["paired_random"] = paired_with_random(config, per_run)
     results["paired_random_findings"] = paired_findings(results["paired_random"])
+    results["paired_stm"] = paired_with_stm(config, per_run)
+    results["paired_stm_findings"] = paired_findings(results["paired_stm"])
     results["agreement"] = drift_agreement(per_run)
     return results
 
@@ -243,6 +246,31 @@ def paired_with_random(
         if arm in ("stm", "stm_share"):
             mine = {s: r for (a, s), r in finals.items() if a == arm}
             out += _paired_rows(arm, labels.get(arm, arm), "the random control", control, mine)
+    return out
+
+
+#: Arms not compared with STM: STM itself, and ground truth and the random control, whose
+#: comparisons with STM are the STM rows of `paired_with_gt` and `paired_with_random`.
+NOT_AGAINST_STM = ("stm", "gt", "random")
+
+
+def paired_with_stm(
+    config: ProtocolConfig, per_run: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Each other arm (the token losses, STM with KL, STM at a share, Self-Output) against STM at
+    τ at the end of training, seed by seed then item by item, as `paired_with_gt` does against
+    ground truth: whether a loss forgets less or learns more than the mask. Empty when the
+    protocol has no STM arm."""
+    finals, labels = _rounds(per_run, "last"), _labels(per_run)
+    stm = {s: r for (a, s), r in finals.items() if a == "stm"}
+    out: list[dict[str, Any]] = []
+    if not stm:
+        return out
+    against = labels.get("stm", "STM")
+    for arm in config.methods:
+        if arm not in NOT_AGAINST_STM:
+            mine = {s: r for (a, s), r in finals.items() if a == arm}
+            out += _paired_rows(arm, labels.get(arm, arm), against, stm, mine)
     return out
 
 
