@@ -39,6 +39,7 @@ from core.masking.rules import (
     share_vs_tau_curve,
     solve_tau_for_share,
 )
+from core.scoring.tokens import TokenScores  # noqa: E402
 from core.viz.charts import share_vs_tau_chart  # noqa: E402
 from core.viz.heatmap import render_token_heatmap  # noqa: E402
 
@@ -58,8 +59,8 @@ def make_examples(n_examples: int, mean_len: int, seed: int = 0) -> list[ScoredE
         n = int(rng.integers(int(mean_len * 0.8), int(mean_len * 1.2) + 1))
         prompt_len = int(rng.integers(20, 120))
         nll = rng.lognormal(mean=-1.3, sigma=1.4, size=n)
-        ids = rng.integers(0, 50_000, size=prompt_len + n).tolist()
-        texts = [TOKEN_TEXTS[j] for j in rng.integers(0, len(TOKEN_TEXTS), size=prompt_len + n)]
+        ids = rng.integers(0, len(TOKEN_TEXTS), size=prompt_len + n).tolist()
+        texts = [TOKEN_TEXTS[j] for j in ids]  # a token id has one text, as in a vocabulary
         top = rng.integers(0, len(TOKEN_TEXTS), size=(n, 5))
         top_lp = np.sort(np.log(rng.dirichlet(np.ones(6), size=n)[:, :5]), axis=1)[:, ::-1]
         examples.append(
@@ -121,8 +122,9 @@ def main() -> None:
     examples = make_examples(args.examples, args.tokens)
     taus = np.geomspace(1.2, 20.0, 97).tolist()
 
+    scores = TokenScores.from_examples(examples)  # the dataset as the app holds it
     t0 = time.perf_counter()
-    index = PplIndex.from_examples(examples)
+    index = PplIndex.from_scores(scores)
     build_ms = (time.perf_counter() - t0) * 1000.0
     t0 = time.perf_counter()
     index.rank_random(0)
@@ -243,7 +245,7 @@ def main() -> None:
     print()
     print("| operation | ms |")
     print("|---|---:|")
-    print(f"| PplIndex.from_examples (incl. exp of log-probs) | {build_ms:.1f} |")
+    print(f"| PplIndex.from_scores (incl. exp of log-probs) | {build_ms:.1f} |")
     print(f"| random ranks for a new seed | {rank_random_ms:.1f} |")
     print(f"| percentile ranks (top) | {rank_top_ms:.1f} |")
 

@@ -162,7 +162,10 @@ def phase_read(backend: str, n: int, path: Path) -> dict:
     out["read_all_s"] = time.perf_counter() - t0
     assert len(data) == n
     t0 = time.perf_counter()
-    index = PplIndex.from_scores(data) if backend == "store" else PplIndex.from_examples(data)
+    if backend == "store":
+        index = PplIndex.from_scores(data)
+    else:  # the list-based baseline: one perplexity array per record
+        index = PplIndex([ex.id for ex in data], [ex.ppl_array() for ex in data])
     stats = compute_masks(index, MaskConfig(tau=TAU)).stats()
     out["mask_s"] = time.perf_counter() - t0
     out["masked_share"] = stats.pooled_share

@@ -1,4 +1,5 @@
-"""Dataset statistics: hand-computed values on tiny hand-made scored examples."""
+"""Dataset statistics: hand-computed values on tiny hand-made scored examples (records made by
+`tests.factories.make_example`, turned into the columns the statistics take)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from core.data.records import ScoredExample
 from core.scoring.analytics import (
     CATEGORIES,
     category_shares,
@@ -18,27 +18,7 @@ from core.scoring.analytics import (
     token_category,
     token_ppl_frame,
 )
-
-
-def make_example(ex_id: str, ppl: list[float], tokens: list[str] | None = None, **kw):
-    tokens = tokens if tokens is not None else [f"t{i}" for i in range(len(ppl))]
-    prompt = ["<|user|>", "hi", "<|assistant|>"]
-    n = len(ppl)
-    return ScoredExample(
-        id=ex_id,
-        prompt="hi",
-        response="".join(tokens),
-        convention="prompt",
-        token_ids=list(range(len(prompt) + n)),
-        tokens=prompt + tokens,
-        response_start=len(prompt),
-        logprob=[-math.log(p) for p in ppl],
-        rank=[1] * n,
-        top_ids=[[] for _ in range(n)],
-        top_tokens=[[] for _ in range(n)],
-        top_logprobs=[[] for _ in range(n)],
-        **kw,
-    )
+from tests.factories import columns, make_example
 
 
 def row(frame: pd.DataFrame, source: str) -> pd.Series:
@@ -56,7 +36,7 @@ def test_sequence_ppl_table_hand_computed():
             make_example("e", [], truncated=True),
         ],
     }
-    table = sequence_ppl_table(groups)
+    table = sequence_ppl_table(columns(groups))
     assert list(table["source"]) == ["ground_truth", "self_output"]
     gt, so = row(table, "ground_truth"), row(table, "self_output")
     assert gt["n_examples"] == 2 and gt["n_tokens"] == 4
@@ -69,12 +49,12 @@ def test_sequence_ppl_table_hand_computed():
     assert so["seq_ppl_mean"] == pytest.approx(3.0)
     assert so["seq_ppl_var"] == pytest.approx(0.0)
     assert so["mean (var)"] == "3.00 (0.00)"
-    sample = sequence_ppl_table(groups, ddof=1)
+    sample = sequence_ppl_table(columns(groups), ddof=1)
     assert row(sample, "ground_truth")["seq_ppl_var"] == pytest.approx(4.5)
 
 
 def test_sequence_ppl_table_empty_source():
-    table = sequence_ppl_table({"rephrase": []})
+    table = sequence_ppl_table(columns({"rephrase": []}))
     assert table.loc[0, "n_examples"] == 0
     assert math.isnan(table.loc[0, "seq_ppl_mean"])
     assert table.loc[0, "mean (var)"] == "n/a"
@@ -85,7 +65,7 @@ def test_token_ppl_frame_long_form():
         "ground_truth": [make_example("a", [2.0, 8.0], [" x", " ="])],
         "rephrase": [make_example("b", [1.0], ["\n"]), make_example("c", [4.0, 1.5], ["1", "2"])],
     }
-    frame = token_ppl_frame(groups, with_category=True)
+    frame = token_ppl_frame(columns(groups), with_category=True)
     assert len(frame) == 5
     assert list(frame["source"]) == ["ground_truth"] * 2 + ["rephrase"] * 3
     assert list(frame["example_id"]) == ["a", "a", "b", "c", "c"]
@@ -105,7 +85,7 @@ def test_share_above_tau_pooled_vs_per_example():
         ],
         "self_output": [make_example("d", [1.0, 1.2])],
     }
-    shares = share_above_tau(groups, 2.5)
+    shares = share_above_tau(columns(groups), 2.5)
     gt = row(shares, "ground_truth")
     assert gt["n_tokens"] == 13 and gt["n_above"] == 4
     assert gt["share"] == pytest.approx(4 / 13)
@@ -118,17 +98,19 @@ def test_share_above_tau_pooled_vs_per_example():
 def test_share_above_tau_is_strict():
     ex = make_example("a", [2.0, 3.0])
     tau = float(ex.ppl_array()[0])  # exactly the first token's perplexity
-    assert share_above_tau({"gt": [ex]}, tau).loc[0, "n_above"] == 1
+    assert share_above_tau(columns({"gt": [ex]}), tau).loc[0, "n_above"] == 1
 
 
 def test_share_vs_tau_matches_share_above_tau():
     rng = np.random.default_rng(0)
-    groups = {
-        "ground_truth": [
-            make_example(str(i), list(1 + rng.lognormal(0, 1.5, 20))) for i in range(5)
-        ],
-        "rephrase": [make_example("r", list(1 + rng.lognormal(-1, 1, 7)))],
-    }
+    groups = columns(
+        {
+            "ground_truth": [
+                make_example(str(i), list(1 + rng.lognormal(0, 1.5, 20))) for i in range(5)
+            ],
+            "rephrase": [make_example("r", list(1 + rng.lognormal(-1, 1, 7)))],
+        }
+    )
     taus = [1.5, 2.0, 2.5, 10.0, 100.0]
     curves = share_vs_tau(groups, taus)
     assert list(curves.columns[:3]) == ["source", "tau", "share"]
@@ -186,7 +168,7 @@ def test_category_shares_all_vs_high():
         ],
         "self_output": [make_example("c", [1.0, 1.0], [" a", "1"])],
     }
-    df = category_shares(groups, tau=2.5)
+    df = category_shares(columns(groups), tau=2.5)
     assert len(df) == 2 * len(CATEGORIES)
     gt = df[df["source"] == "ground_truth"].set_index("category")
     assert gt.loc["word", "share_all"] == pytest.approx(3 / 8)

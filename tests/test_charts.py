@@ -10,7 +10,6 @@ import plotly.graph_objects as go
 import pytest
 
 from core import fmt
-from core.data.records import ScoredExample
 from core.masking.rules import MaskConfig, PplIndex, compute_masks
 from core.scoring.analytics import (
     category_shares,
@@ -37,33 +36,15 @@ from core.viz.charts import (
     source_label,
     spike_plot,
 )
+from tests.factories import columns, make_example, scores_of
 
-
-def make_example(ex_id: str, ppl: list[float], source: str = "ground_truth") -> ScoredExample:
-    n = len(ppl)
-    tokens = [f" t{i}" for i in range(n)]
-    return ScoredExample(
-        id=ex_id,
-        prompt="p",
-        response="".join(tokens),
-        convention="prompt",
-        token_ids=list(range(n + 1)),
-        tokens=["<|user|>"] + tokens,
-        response_start=1,
-        logprob=[-math.log(p) for p in ppl],
-        rank=[1] * n,
-        top_ids=[[] for _ in range(n)],
-        top_tokens=[[] for _ in range(n)],
-        top_logprobs=[[] for _ in range(n)],
-        source=source,
-    )
-
-
-GROUPS = {
+RECORDS = {
     "ground_truth": [make_example("g1", [1.0, 30.0, 2.0, 400.0]), make_example("g2", [5.0, 1.1])],
     "self_output": [make_example("s1", [1.0, 1.2, 1.05]), make_example("s2", [1.3])],
     "rephrase": [make_example("r1", [1.5, 2.0, 6.0])],
 }
+#: The same sources as the dataset-level charts take them: columns.
+GROUPS = columns(RECORDS)
 
 
 def tau_shapes(fig: go.Figure) -> list:
@@ -77,7 +58,10 @@ def assert_titled(fig: go.Figure) -> None:
 
 
 def test_spike_plot_traces_data_and_tau_line():
-    examples = {"ground_truth": GROUPS["ground_truth"][0], "self_output": GROUPS["self_output"][0]}
+    examples = {
+        "ground_truth": RECORDS["ground_truth"][0],
+        "self_output": RECORDS["self_output"][0],
+    }
     fig = spike_plot(examples, tau=2.5)
     assert [t.name for t in data_traces(fig)] == ["Ground truth", "Self-Output"]
     for trace, (source, ex) in zip(data_traces(fig), examples.items(), strict=True):
@@ -219,7 +203,7 @@ def test_category_share_chart_grouped_all_vs_high():
 
 def test_seq_ppl_box_values():
     fig = seq_ppl_box(GROUPS)
-    for trace, (source, examples) in zip(fig.data, GROUPS.items(), strict=True):
+    for trace, (source, examples) in zip(fig.data, RECORDS.items(), strict=True):
         assert trace.name == source_label(source)
         np.testing.assert_allclose(trace.y, [ex.seq_ppl for ex in examples])
     assert fig.layout.yaxis.type == "log"
@@ -250,8 +234,7 @@ def _near_one_index() -> tuple[TokenScores, PplIndex]:
     """Two examples whose tokens nearly all have ppl a hair above 1 (as a model's own answers
     do): the masked share jumps from 100% right at τ = 1."""
     ppl = [[1.0, 1.0001, 1.0002, 1.001, 1.01, 1.02, 3.0, 40.0], [1.00005, 1.003, 1.5, 2.0, 9.0]]
-    records = [make_example(f"e{i}", p) for i, p in enumerate(ppl)]
-    scores = TokenScores.from_examples(records)
+    scores = scores_of([make_example(f"e{i}", p) for i, p in enumerate(ppl)])
     return scores, PplIndex.from_scores(scores)
 
 

@@ -1,6 +1,7 @@
-"""The pages' columnar paths (issue #16) give the same numbers and files as the per-example
-record paths they replace: the Explore example table, token frame, categories and box plot,
-and the masked-set export (rows, JSONL bytes, source fingerprint, the `datasets` folder)."""
+"""The pages' column code (issue #16; since issue #22 the only code path) gives the same numbers
+and files as the per-example record code it replaced, kept in `tests/reference_analytics.py`:
+the Explore example table, token frame, categories and box plot, and the masked-set export
+(rows, JSONL bytes, source fingerprint, the `datasets` folder)."""
 
 from __future__ import annotations
 
@@ -19,43 +20,16 @@ from core.masking.export import (
 )
 from core.masking.rules import MaskConfig, compute_masks
 from core.scoring import analytics
-from core.scoring.tokens import TokenScores, _offsets
+from core.scoring.tokens import TokenScores
 from core.viz.charts import seq_ppl_box
-
-TEXTS = ["Ġdef", "Ġx", "(", "):", "Ċ", "Ġreturn", "Ġ42", "<|im_end|>", "Ġ", "3.14", "é", "=="]
-
-
-def synthetic(n: int = 12, k: int = 3, seed: int = 7) -> TokenScores:
-    """Small columnar scores with the awkward cases: an example without response tokens, a
-    truncated one, repeated perplexities, metas, and two data sources."""
-    rng = np.random.default_rng(seed)
-    n_resp = rng.integers(1, 30, n)
-    n_resp[3] = 0
-    n_prompt = rng.integers(2, 12, n)
-    tok_off, off = _offsets(n_prompt + n_resp), _offsets(n_resp)
-    r = int(off[-1])
-    logprob = np.round(-rng.exponential(1.5, r), 1)  # rounded: ties between tokens
-    vocab = dict(enumerate(TEXTS))
-    truncated = np.zeros(n, dtype=bool)
-    truncated[5] = True
-    return TokenScores(
-        ids=tuple(f"ex-{i}" for i in range(n)),
-        prompts=tuple(f"Solve this.\n\nProblem {i}: add {i} and 1." for i in range(n)),
-        responses=tuple(f"def f():\n    return {i + 1}\n" for i in range(n)),
-        conventions=("prompt",) * n,
-        token_ids=rng.integers(0, len(TEXTS), int(tok_off[-1])).astype(np.int32),
-        token_offsets=tok_off,
-        response_start=n_prompt.astype(np.int32),
-        logprob=logprob,
-        offsets=off,
-        rank=rng.integers(0, 9, r).astype(np.int32),
-        top_ids=rng.integers(0, len(TEXTS), (r, k)).astype(np.int32),
-        top_logprobs=np.sort(-rng.exponential(2.0, (r, k)).astype(np.float32), axis=1),
-        truncated=truncated,
-        vocab=vocab,
-        sources=("ground_truth",) * (n - 2) + ("self_output",) * 2,
-        metas=tuple({"answer": str(i)} if i % 2 else {} for i in range(n)),
-    )
+from tests.factories import synthetic
+from tests.reference_analytics import (
+    category_shares_reference,
+    example_table_reference,
+    masked_rows_reference,
+    seq_ppl_points_reference,
+    token_ppl_frame_reference,
+)
 
 
 @pytest.fixture
@@ -67,7 +41,7 @@ def scores() -> TokenScores:
 def test_example_table_from_columns_equals_the_record_table(scores, tau):
     records = scores.to_examples()
     pd.testing.assert_frame_equal(
-        analytics.example_table(scores, tau), analytics.example_table(records, tau)
+        analytics.example_table(scores, tau), example_table_reference(records, tau)
     )
 
 
@@ -76,19 +50,22 @@ def test_token_frame_categories_and_box_from_columns_equal_the_records(scores):
     for with_category in (False, True):
         pd.testing.assert_frame_equal(
             analytics.token_ppl_frame(
-                {"gt": scores, "b": records[:4]}, with_category=with_category
+                {"gt": scores, "b": scores.take(np.arange(4))}, with_category=with_category
             ),
-            analytics.token_ppl_frame(
+            token_ppl_frame_reference(
                 {"gt": records, "b": records[:4]}, with_category=with_category
             ),
         )
+    nothing = analytics.token_ppl_frame({}, with_category=True)
+    assert nothing.empty
+    assert list(nothing.columns) == list(token_ppl_frame_reference({}, with_category=True).columns)
     for tau in (1.5, 2.5):
         pd.testing.assert_frame_equal(
-            analytics.category_shares({"gt": scores}, tau),
-            analytics.category_shares({"gt": records}, tau),
+            analytics.category_shares({"gt": scores, "b": scores.take([3, 0])}, tau),
+            category_shares_reference({"gt": records, "b": [records[3], records[0]]}, tau),
         )
-    a, b = seq_ppl_box({"gt": scores}), seq_ppl_box({"gt": records})
-    assert list(a.data[0].y) == list(b.data[0].y) and list(a.data[0].text) == list(b.data[0].text)
+    box = seq_ppl_box({"gt": scores})
+    assert (list(box.data[0].y), list(box.data[0].text)) == seq_ppl_points_reference(records)
     empty = TokenScores.empty(3)
     assert analytics.example_table(empty, 2.5).empty
     assert analytics.category_shares({"gt": empty}, 2.5)["n_all"].sum() == 0
@@ -107,26 +84,32 @@ def test_token_frame_categories_and_box_from_columns_equal_the_records(scores):
 def test_export_rows_jsonl_and_fingerprint_from_columns_equal_the_records(scores, config):
     records = scores.to_examples()
     result = compute_masks(scores, config)
-    assert masked_rows(scores, result) == masked_rows(records, result)
-    assert masked_jsonl_bytes(scores, result) == masked_jsonl_bytes(records, result)
-    assert scores_fingerprint(scores) == scores_fingerprint(records)
+    rows = masked_rows_reference(records, result)
+    assert masked_rows(scores, result) == rows
+    expected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+    assert masked_jsonl_bytes(scores, result) == expected
+    # records read back from a file give the same fingerprint as the store's columns
+    assert scores_fingerprint(scores) == scores_fingerprint(TokenScores.from_examples(records))
     for i in range(len(scores)):
         assert np.array_equal(result.mask_at(i), result.masks[i])
 
 
 def test_export_folder_from_columns_equals_the_record_export(scores, tmp_path):
+    """The `datasets` table built from the arrays is the one `Dataset.from_list` makes of the
+    records' rows (column types included), and the JSONL holds those rows."""
     import datasets
 
     result = compute_masks(scores, MaskConfig(tau=2.5))
-    a = export_masked_dataset(scores, result, tmp_path / "columns", {"note": "x"})
-    b = export_masked_dataset(scores.to_examples(), result, tmp_path / "records", {"note": "x"})
-    assert (a / "masked.jsonl").read_bytes() == (b / "masked.jsonl").read_bytes()
-    ma, mb = (json.loads((p / "manifest.json").read_text()) for p in (a, b))
-    ma.pop("created_at"), mb.pop("created_at")
-    assert ma == mb
-    da, db = (datasets.load_from_disk(str(p / "hf_dataset")) for p in (a, b))
-    assert da.features == db.features
-    assert da.to_list() == db.to_list()
+    out = export_masked_dataset(scores, result, tmp_path / "columns", {"note": "x"})
+    rows = masked_rows_reference(scores.to_examples(), result)
+    lines = (out / "masked.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line) for line in lines] == rows
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["note"] == "x" and manifest["n_examples"] == len(scores)
+    got = datasets.load_from_disk(str(out / "hf_dataset"))
+    want = datasets.Dataset.from_list(rows)
+    assert got.features == want.features
+    assert got.to_list() == want.to_list()
 
 
 def test_columnar_export_refuses_masks_of_other_scores(scores):

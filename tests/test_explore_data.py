@@ -1,7 +1,6 @@
 """The Explore page's data without Streamlit (`core.scoring.explore`): the example table's filter,
 sort and paging, the summary line, the analytics tab's source filters (answers cut at
-max_new_tokens, shared examples), the token frame and the tables as shown, on columns and on
-records alike."""
+max_new_tokens, shared examples), the token frame and the tables as shown, on columns."""
 
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ from core.scoring.explore import (
     truncated_note,
 )
 from core.scoring.tokens import TokenScores
-from tests.test_columnar_pages import synthetic
+from tests.factories import synthetic
 
 
 @pytest.fixture
@@ -114,25 +113,21 @@ def test_source_examples_carry_the_texts_and_metas(scores):
     assert examples[1].meta == scores.metas[1] and examples[1].meta is not scores.metas[1]
 
 
-@pytest.mark.parametrize("as_records", [False, True])
-def test_cut_answers_are_counted_and_left_out(scores, as_records):
+def test_cut_answers_are_counted_and_left_out(scores):
     gen = _generated(scores, [True, False, True, False])
-    groups = {"ground_truth": scores, "generated": gen.to_examples() if as_records else gen}
+    groups = {"ground_truth": scores, "generated": gen}
     assert count_cut(groups) == 2
     assert cut_label(2) == "Leave out 2 answers cut at max_new_tokens"
     assert cut_label(1) == "Leave out 1 answer cut at max_new_tokens"
     kept = drop_cut(groups)
     assert kept["ground_truth"] is not None and len(kept["ground_truth"]) == len(scores)
-    assert isinstance(kept["generated"], list if as_records else TokenScores)
-    ids = kept["generated"].ids if not as_records else [ex.id for ex in kept["generated"]]
-    assert list(ids) == ["ex-0", "ex-2"]
+    assert list(kept["generated"].ids) == ["ex-0", "ex-2"]
     assert count_cut(kept) == 0
 
 
-@pytest.mark.parametrize("as_records", [False, True])
-def test_shared_examples_are_those_every_source_has(scores, as_records):
+def test_shared_examples_are_those_every_source_has(scores):
     gen = _generated(scores, [True, True, True])
-    groups = {"ground_truth": scores, "generated": gen.to_examples() if as_records else gen}
+    groups = {"ground_truth": scores, "generated": gen}
     shared = shared_ids(groups)
     assert shared == {"ex-0", "ex-1", "ex-2"}
     kept = keep_shared(groups, shared)
@@ -155,12 +150,14 @@ def test_coverage_text_says_what_each_table_stands_on(scores):
     )
 
 
-def test_token_frame_from_columns_equals_the_records_and_the_analytics_frame(scores):
+def test_token_frame_equals_the_records_and_the_analytics_frame(scores):
     records = scores.to_examples()
-    a = token_frame({"gt": scores, "b": records[:4]})
-    b = token_frame({"gt": records, "b": scores.take(np.arange(4))})
-    pd.testing.assert_frame_equal(a, b)
-    full = analytics.token_ppl_frame({"gt": scores, "b": records[:4]})
+    groups = {"gt": scores, "b": scores.take(np.arange(4))}
+    a = token_frame(groups)
+    assert list(a["source"]) == ["gt"] * scores.n_tokens + ["b"] * int(scores.offsets[4])
+    expected = [ex.ppl_array() for ex in records] + [ex.ppl_array() for ex in records[:4]]
+    np.testing.assert_array_equal(a["ppl"].to_numpy(), np.concatenate(expected))
+    full = analytics.token_ppl_frame(groups)
     assert list(a["source"]) == list(full["source"])
     assert np.allclose(a["ppl"], full["ppl"])
     empty = token_frame({})

@@ -8,7 +8,6 @@ from html.parser import HTMLParser
 
 import pytest
 
-from core.data.records import ScoredExample
 from core.viz.heatmap import (
     heatmap_legend_html,
     ppl_color,
@@ -16,39 +15,7 @@ from core.viz.heatmap import (
     relative_luminance,
     render_token_heatmap,
 )
-
-PROMPT_TOKENS = ["<|start_header_id|>", "user", "<|end_header_id|>", "\n\n", "Add", " x", "\n"]
-
-
-def make_example(
-    response_tokens: list[str],
-    ppl: list[float],
-    *,
-    prompt_tokens: list[str] | None = None,
-    top_tokens: list[list[str]] | None = None,
-    top_probs: list[list[float]] | None = None,
-) -> ScoredExample:
-    prompt_tokens = PROMPT_TOKENS if prompt_tokens is None else prompt_tokens
-    n = len(response_tokens)
-    if top_tokens is None:
-        top_tokens = [[tok, " the", "\n", "(", "x", "1"] for tok in response_tokens]
-    if top_probs is None:
-        top_probs = [[0.5, 0.2, 0.1, 0.05, 0.02, 0.01] for _ in response_tokens]
-    tokens = prompt_tokens + response_tokens
-    return ScoredExample(
-        id="ex-1",
-        prompt="".join(prompt_tokens),
-        response="".join(response_tokens),
-        convention="prompt",
-        token_ids=list(range(len(tokens))),
-        tokens=tokens,
-        response_start=len(prompt_tokens),
-        logprob=[-math.log(p) for p in ppl],
-        rank=[1 + i % 3 for i in range(n)],
-        top_ids=[list(range(len(t))) for t in top_tokens],
-        top_tokens=top_tokens,
-        top_logprobs=[[math.log(p) for p in probs] for probs in top_probs],
-    )
+from tests.factories import PROMPT_TOKENS, make_example
 
 
 class Span:
@@ -103,7 +70,7 @@ CODE_PPL = [1.0, 3.0, 1.2, 1.1, 1.0, 1.05, 40.0, 1.0, 2.0, 1.0]
 
 
 def test_one_span_per_response_token_with_index_and_ppl():
-    ex = make_example(CODE_TOKENS, CODE_PPL)
+    ex = make_example(ppl=CODE_PPL, tokens=CODE_TOKENS)
     spans = response_spans(render_token_heatmap(ex))
     assert len(spans) == ex.n_response
     assert [int(s.attrs["data-i"]) for s in spans] == list(range(ex.n_response))
@@ -112,7 +79,9 @@ def test_one_span_per_response_token_with_index_and_ppl():
 
 
 def test_token_text_is_escaped():
-    ex = make_example(["print(", '"', "<script>", "alert(1)", "</script>", "&amp;"], [2.0] * 6)
+    ex = make_example(
+        ppl=[2.0] * 6, tokens=["print(", '"', "<script>", "alert(1)", "</script>", "&amp;"]
+    )
     out = render_token_heatmap(ex)
     assert "<script" not in out.lower()
     assert "&lt;script&gt;" in out
@@ -122,7 +91,9 @@ def test_token_text_is_escaped():
 
 
 def test_whitespace_indentation_and_newlines_preserved():
-    ex = make_example(["def", " f", "():", "\n    return x"] + ["\n", "\t", "pass"], [1.5] * 7)
+    ex = make_example(
+        ppl=[1.5] * 7, tokens=["def", " f", "():", "\n    return x", "\n", "\t", "pass"]
+    )
     out = render_token_heatmap(ex)
     spans = response_spans(out)
     # What the browser shows is the response, character for character.
@@ -136,7 +107,7 @@ def test_whitespace_indentation_and_newlines_preserved():
 
 
 def test_whitespace_only_tokens_get_visible_marker_class():
-    ex = make_example(["x", "\n", "    ", " y", "\t"], [1.0] * 5)
+    ex = make_example(ppl=[1.0] * 5, tokens=["x", "\n", "    ", " y", "\t"])
     spans = response_spans(render_token_heatmap(ex))
     assert "pl-nl" in spans[1].classes
     assert "pl-ws" in spans[2].classes and "pl-ws" in spans[4].classes
@@ -165,13 +136,13 @@ def test_colour_scale_is_log_and_clipped():
 
 
 def test_span_background_is_the_ppl_colour():
-    ex = make_example(CODE_TOKENS, CODE_PPL)
+    ex = make_example(ppl=CODE_PPL, tokens=CODE_TOKENS)
     for span, value in zip(response_spans(render_token_heatmap(ex)), CODE_PPL, strict=True):
         assert f"background:{ppl_color(value)}" in span.attrs["style"]
 
 
 def test_prompt_dimmed_uncoloured_and_optional():
-    ex = make_example(CODE_TOKENS, CODE_PPL)
+    ex = make_example(ppl=CODE_PPL, tokens=CODE_TOKENS)
     out = render_token_heatmap(ex)
     prompts = prompt_spans(out)
     assert [s.text for s in prompts] == PROMPT_TOKENS
@@ -189,7 +160,7 @@ def test_tooltip_shows_token_stats_and_top5():
     alts = [" return", " yield", " pass", " raise", " print", " break"]
     probs = [0.6, 0.2, 0.1, 0.05, 0.03, 0.02]
     ex = make_example(
-        ["    ", "return"], [1.0, 40.0], top_tokens=[alts, alts], top_probs=[probs] * 2
+        ppl=[1.0, 40.0], tokens=["    ", "return"], top_tokens=[alts, alts], top_probs=[probs] * 2
     )
     tip = response_spans(render_token_heatmap(ex))[1].attrs["data-tip"]
     lines = tip.split("\n")
@@ -204,13 +175,13 @@ def test_tooltip_shows_token_stats_and_top5():
 
 
 def test_tooltip_marks_the_actual_token_among_alternatives():
-    ex = make_example(["x"], [2.0], top_tokens=[["y", "x"]], top_probs=[[0.5, 0.5]])
+    ex = make_example(ppl=[2.0], tokens=["x"], top_tokens=[["y", "x"]], top_probs=[[0.5, 0.5]])
     tip = response_spans(render_token_heatmap(ex))[0].attrs["data-tip"]
     assert "2. 'x'" in tip and "◀" in tip.split("\n")[-1]
 
 
 def test_masked_tokens_struck_through_with_tooltip():
-    ex = make_example(CODE_TOKENS, CODE_PPL)
+    ex = make_example(ppl=CODE_PPL, tokens=CODE_TOKENS)
     masked = [p > 2.5 for p in CODE_PPL]
     out = render_token_heatmap(ex, tau=2.5, masked=masked)
     for span, is_masked in zip(response_spans(out), masked, strict=True):
@@ -225,7 +196,7 @@ def test_masked_tokens_struck_through_with_tooltip():
 
 
 def test_tau_highlights_tokens_strictly_above():
-    ex = make_example(["a", "b", "c"], [2.0, 3.0, 1.0])
+    ex = make_example(ppl=[2.0, 3.0, 1.0], tokens=["a", "b", "c"])
     tau = ex.ppl_array()[0]  # a token exactly at tau is not above it
     spans = response_spans(render_token_heatmap(ex, tau=tau))
     assert ["pl-hi" in s.classes for s in spans] == [False, True, False]
@@ -242,11 +213,11 @@ def test_legend_ticks_and_tau_marker():
     assert "τ = 2.5" in legend
     assert "linear-gradient" in legend
     assert "pl-tau" not in heatmap_legend_html(1000.0, None)
-    assert 'class="pl-tau"' in render_token_heatmap(make_example(["a"], [3.0]), tau=2.5)
+    assert 'class="pl-tau"' in render_token_heatmap(make_example(ppl=[3.0], tokens=["a"]), tau=2.5)
 
 
 def test_fragment_is_self_contained():
-    out = render_token_heatmap(make_example(CODE_TOKENS, CODE_PPL), tau=2.5)
+    out = render_token_heatmap(make_example(ppl=CODE_PPL, tokens=CODE_TOKENS), tau=2.5)
     lowered = out.lower()
     for forbidden in ("<script", "<link", "@import", "url(", "http://", "https://", "src="):
         assert forbidden not in lowered
@@ -254,14 +225,14 @@ def test_fragment_is_self_contained():
 
 
 def test_max_tokens_truncates_with_note():
-    ex = make_example(["a"] * 10, [2.0] * 10)
+    ex = make_example(ppl=[2.0] * 10, tokens=["a"] * 10)
     out = render_token_heatmap(ex, max_tokens=4)
     assert len(response_spans(out)) == 4
     assert "6 more response tokens not shown" in out
 
 
 def test_length_mismatch_is_an_error():
-    ex = make_example(["a", "b"], [2.0, 2.0])
+    ex = make_example(ppl=[2.0, 2.0], tokens=["a", "b"])
     ex.logprob = ex.logprob[:1]
     with pytest.raises(ValueError):
         render_token_heatmap(ex)
@@ -271,7 +242,7 @@ def test_thousand_token_response_renders_every_token():
     words = ["def", " f", "(", "x", "):", "\n", "    ", "return", " x", " +", " 1", "\n"]
     tokens = [words[i % len(words)] for i in range(1000)]
     ppl = [1.0 + (i * 37 % 500) for i in range(1000)]
-    ex = make_example(tokens, ppl)
+    ex = make_example(ppl=ppl, tokens=tokens)
     out = render_token_heatmap(ex, tau=2.5, masked=[v > 2.5 for v in ppl])
     assert out.count("data-i=") == 1000
     assert len(response_spans(out)) == 1000
@@ -282,7 +253,7 @@ def test_tau_and_shares_print_as_on_the_cards():
     colour legend and the tooltips; the header's shares print as its share cards do."""
     from core import fmt
 
-    ex = make_example(CODE_TOKENS, CODE_PPL)
+    ex = make_example(ppl=CODE_PPL, tokens=CODE_TOKENS)
     tau = 5.24648
     masked = [p > tau for p in CODE_PPL]
     out = render_token_heatmap(ex, tau=tau, masked=masked)

@@ -33,6 +33,7 @@ from core.masking.rules import (
     share_vs_tau_curve,
     solve_tau_for_share,
 )
+from tests.factories import make_example, scores_of
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -40,33 +41,26 @@ SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 # --------------------------------------------------------------------------- helpers
 
 
-def make_example(
+def from_ppl(
     ex_id: str,
-    logprobs: list[float],
+    ppls: list[float] = (),  # type: ignore[assignment]
     prompt_len: int = 3,
     base_id: int = 1000,
+    *,
+    logprob: list[float] | None = None,
 ) -> ScoredExample:
-    """A synthetic scored example: prompt ids 1..prompt_len, response ids base_id + i."""
-    n = len(logprobs)
-    token_ids = list(range(1, prompt_len + 1)) + [base_id + i for i in range(n)]
-    return ScoredExample(
-        id=ex_id,
+    """A scored example (`make_example`) with token perplexities `ppls` (or log-probs
+    `logprob`): prompt ids 1..prompt_len, response ids base_id + i (texts "t<id>")."""
+    n = len(ppls) if logprob is None else len(logprob)
+    return make_example(
+        ex_id,
+        ppls,
+        [f"t{base_id + i}" for i in range(n)],
+        logprob=logprob,
+        prompt_tokens=[f"t{i}" for i in range(1, prompt_len + 1)],
         prompt=f"prompt {ex_id}",
         response=f"response {ex_id}",
-        convention="prompt",
-        token_ids=token_ids,
-        tokens=[f"t{t}" for t in token_ids],
-        response_start=prompt_len,
-        logprob=[float(x) for x in logprobs],
-        rank=[1] * n,
-        top_ids=[[] for _ in range(n)],
-        top_tokens=[[] for _ in range(n)],
-        top_logprobs=[[] for _ in range(n)],
     )
-
-
-def from_ppl(ex_id: str, ppls: list[float], prompt_len: int = 3) -> ScoredExample:
-    return make_example(ex_id, [-math.log(p) for p in ppls], prompt_len)
 
 
 # ppl values whose exp(log(.)) round trip is exact, so "ppl == tau" really is equal
@@ -95,7 +89,7 @@ def datasets_st(draw, min_examples: int = 1, max_examples: int = 6, min_len: int
     for i in range(n_ex):
         lps = draw(st.lists(logprob_value, min_size=min_len, max_size=25))
         prompt_len = draw(st.integers(0, 5))
-        out.append(make_example(f"ex{i}", lps, prompt_len, base_id=1000 + 100 * i))
+        out.append(from_ppl(f"ex{i}", logprob=lps, prompt_len=prompt_len, base_id=1000 + 100 * i))
     return out
 
 
@@ -125,32 +119,32 @@ def naive_masks(examples: list[ScoredExample], cfg: MaskConfig, tau: float | Non
 
 
 def test_high_masks_strictly_greater(six):
-    r = compute_masks([six], MaskConfig(mode="high", tau=2.5))
+    r = compute_masks(scores_of([six]), MaskConfig(mode="high", tau=2.5))
     assert r.tau == 2.5
     assert r.masks[0].tolist() == [False, False, True, False, True, False]
 
 
 def test_low_masks_strictly_less(six):
-    r = compute_masks([six], MaskConfig(mode="low", tau=2.5))
+    r = compute_masks(scores_of([six]), MaskConfig(mode="low", tau=2.5))
     assert r.masks[0].tolist() == [True, False, False, True, False, True]
 
 
 def test_high_and_low_at_equal_value_leave_it_trainable(six):
-    hi = compute_masks([six], MaskConfig(mode="high", tau=2.0)).masks[0]
-    lo = compute_masks([six], MaskConfig(mode="low", tau=2.0)).masks[0]
+    hi = compute_masks(scores_of([six]), MaskConfig(mode="high", tau=2.0)).masks[0]
+    lo = compute_masks(scores_of([six]), MaskConfig(mode="low", tau=2.0)).masks[0]
     assert not hi[5] and not lo[5]
     assert (hi | lo).sum() == 5
 
 
 def test_random_matches_high_count(six):
-    r = compute_masks([six], MaskConfig(mode="random", tau=2.5, seed=3))
+    r = compute_masks(scores_of([six]), MaskConfig(mode="random", tau=2.5, seed=3))
     assert r.masks[0].sum() == 2
-    again = compute_masks([six], MaskConfig(mode="random", tau=2.5, seed=3))
+    again = compute_masks(scores_of([six]), MaskConfig(mode="random", tau=2.5, seed=3))
     assert r.masks[0].tolist() == again.masks[0].tolist()
 
 
 def test_random_positions_follow_documented_derivation(six):
-    r = compute_masks([six], MaskConfig(mode="random", tau=2.5, seed=11))
+    r = compute_masks(scores_of([six]), MaskConfig(mode="random", tau=2.5, seed=11))
     perm = masking_rules._example_rng(11, "six").permutation(6)
     expected = np.zeros(6, dtype=bool)
     expected[perm[:2]] = True
@@ -171,36 +165,36 @@ def test_random_positions_follow_documented_derivation(six):
 )
 def test_percentile_hand_checked(six, rule, k, expected):
     cfg = MaskConfig(mode="percentile", percentile_rule=rule, k_percent=k)
-    r = compute_masks([six], cfg)
+    r = compute_masks(scores_of([six]), cfg)
     assert r.tau is None
     assert r.masks[0].tolist() == expected
 
 
 def test_percentile_random_count_and_determinism(six):
     cfg = MaskConfig(mode="percentile", percentile_rule="random", k_percent=50, seed=5)
-    a = compute_masks([six], cfg).masks[0]
-    b = compute_masks([six], cfg).masks[0]
+    a = compute_masks(scores_of([six]), cfg).masks[0]
+    b = compute_masks(scores_of([six]), cfg).masks[0]
     assert a.sum() == 3 and a.tolist() == b.tolist()
 
 
 def test_percentile_ties_broken_by_position():
     ex = from_ppl("tie", [2.0, 2.0, 2.0, 2.0, 1.0])
-    top = compute_masks([ex], MaskConfig(mode="percentile", k_percent=40)).masks[0]
+    top = compute_masks(scores_of([ex]), MaskConfig(mode="percentile", k_percent=40)).masks[0]
     assert top.tolist() == [True, True, False, False, False]
     bottom = compute_masks(
-        [ex], MaskConfig(mode="percentile", percentile_rule="bottom", k_percent=40)
+        scores_of([ex]), MaskConfig(mode="percentile", percentile_rule="bottom", k_percent=40)
     ).masks[0]
     assert bottom.tolist() == [True, False, False, False, True]  # 1.0 first, then pos 0
 
 
 def test_percentile_rounding_half_up():
     ex = from_ppl("five", [1.0, 2.0, 3.0, 4.0, 5.0])
-    r = compute_masks([ex], MaskConfig(mode="percentile", k_percent=50))
+    r = compute_masks(scores_of([ex]), MaskConfig(mode="percentile", k_percent=50))
     assert r.masks[0].sum() == 3  # 2.5 rounds up, not to even
 
 
 def test_labels_hand_checked(six):
-    mask = compute_masks([six], MaskConfig(tau=2.5)).masks[0]
+    mask = compute_masks(scores_of([six]), MaskConfig(tau=2.5)).masks[0]
     assert labels_for(six, mask) == [-100, -100, -100, 1000, 1001, -100, 1003, -100, 1005]
 
 
@@ -215,10 +209,10 @@ def test_stats_and_fully_masked():
     examples = [
         from_ppl("a", [1.0, 3.0, 1.0, 1.0]),
         from_ppl("all", [5.0, 6.0]),
-        make_example("empty", [], prompt_len=4),
+        from_ppl("empty", [], prompt_len=4),
         from_ppl("none", [1.0, 1.5]),
     ]
-    st_ = compute_masks(examples, MaskConfig(tau=2.5)).stats()
+    st_ = compute_masks(scores_of(examples), MaskConfig(tau=2.5)).stats()
     assert st_.n_examples == 4
     assert st_.n_response_tokens == 8
     assert st_.n_masked == 3 and st_.n_kept == 5
@@ -236,13 +230,13 @@ def test_stats_and_fully_masked():
 
 
 def test_stats_empty_dataset():
-    st_ = compute_masks([], MaskConfig()).stats()
+    st_ = compute_masks(scores_of([]), MaskConfig()).stats()
     assert st_.n_examples == 0 and st_.n_masked == 0 and math.isnan(st_.pooled_share)
     assert st_.summary()["pooled_share"] is None
 
 
 def test_share_vs_tau_curve_hand_checked(six):
-    idx = PplIndex.from_examples([six])
+    idx = PplIndex.from_scores(scores_of([six]))
     hi = MaskStats.share_vs_tau_curve(idx, [0.5, 1.0, 2.5, 6.0])
     assert list(hi.columns) == ["tau", "share"]
     assert hi["share"].tolist() == pytest.approx([1.0, 5 / 6, 2 / 6, 0.0])
@@ -253,12 +247,12 @@ def test_share_vs_tau_curve_hand_checked(six):
 
 
 def test_target_share_resolves_tau(six):
-    r = compute_masks([six], MaskConfig(tau=None, target_share=0.5))
+    r = compute_masks(scores_of([six]), MaskConfig(tau=None, target_share=0.5))
     assert r.stats().n_masked == 3
     assert 2.0 <= r.tau < 2.5
-    r_low = compute_masks([six], MaskConfig(mode="low", tau=None, target_share=0.5))
+    r_low = compute_masks(scores_of([six]), MaskConfig(mode="low", tau=None, target_share=0.5))
     assert r_low.stats().n_masked == 3
-    r_rand = compute_masks([six], MaskConfig(mode="random", tau=None, target_share=0.5))
+    r_rand = compute_masks(scores_of([six]), MaskConfig(mode="random", tau=None, target_share=0.5))
     assert r_rand.tau == r.tau and r_rand.stats().n_masked == 3
 
 
@@ -350,12 +344,12 @@ def test_index_rejects_bad_input():
         PplIndex(["a", "b"], [np.ones(2), np.array([1.0, np.nan])])
     bad = from_ppl("x", [1.0, 2.0])
     bad.logprob = bad.logprob[:1]
-    with pytest.raises(LensError, match="1 log-probs for 2"):
-        PplIndex.from_examples([bad])
+    with pytest.raises(ValueError, match="differ in length"):
+        scores_of([bad])  # the columns check it; a scores file says where (run_mask_cli)
 
 
 def test_mask_arrays_are_read_only(six):
-    r = compute_masks([six], MaskConfig())
+    r = compute_masks(scores_of([six]), MaskConfig())
     with pytest.raises(ValueError):
         r.masks[0][0] = True
     assert r.mask_for("six") is r.masks[0]
@@ -369,7 +363,7 @@ def test_mask_arrays_are_read_only(six):
 @SETTINGS
 @given(data=datasets_st(), taus=st.lists(taus_st, min_size=2, max_size=6))
 def test_share_monotone_in_tau(data, taus):
-    idx = PplIndex.from_examples(data)
+    idx = PplIndex.from_scores(scores_of(data))
     taus = sorted(taus)
     hi = [compute_masks(idx, MaskConfig(mode="high", tau=t)).stats().n_masked for t in taus]
     lo = [compute_masks(idx, MaskConfig(mode="low", tau=t)).stats().n_masked for t in taus]
@@ -390,7 +384,7 @@ def test_share_monotone_in_tau(data, taus):
     rule=st.sampled_from(["top", "bottom"]),
 )
 def test_vectorised_matches_naive(data, tau, k, rule):
-    idx = PplIndex.from_examples(data)
+    idx = PplIndex.from_scores(scores_of(data))
     for cfg in (
         MaskConfig(mode="high", tau=tau),
         MaskConfig(mode="low", tau=tau),
@@ -404,15 +398,15 @@ def test_vectorised_matches_naive(data, tau, k, rule):
 @given(data=datasets_st(), tau=taus_st, seed=st.integers(0, 2**32), shuffle_seed=st.integers())
 def test_random_matched_count_deterministic_order_independent(data, tau, seed, shuffle_seed):
     cfg = MaskConfig(mode="random", tau=tau, seed=seed)
-    res = compute_masks(data, cfg)
-    high = compute_masks(data, MaskConfig(mode="high", tau=tau))
+    res = compute_masks(scores_of(data), cfg)
+    high = compute_masks(scores_of(data), MaskConfig(mode="high", tau=tau))
     for m_rand, m_high in zip(res.masks, high.masks, strict=True):
         assert m_rand.sum() == m_high.sum()
-    again = compute_masks(data, cfg)
+    again = compute_masks(scores_of(data), cfg)
     assert all(a.tolist() == b.tolist() for a, b in zip(res.masks, again.masks, strict=True))
     shuffled = list(data)
     random.Random(shuffle_seed).shuffle(shuffled)
-    res_shuffled = compute_masks(shuffled, cfg)
+    res_shuffled = compute_masks(scores_of(shuffled), cfg)
     for ex in data:
         assert res.mask_for(ex.id).tolist() == res_shuffled.mask_for(ex.id).tolist()
 
@@ -420,7 +414,7 @@ def test_random_matched_count_deterministic_order_independent(data, tau, seed, s
 def test_random_differs_across_seeds():
     ex = from_ppl("long", [1.0] * 100 + [10.0] * 100)
     masks = {
-        tuple(compute_masks([ex], MaskConfig(mode="random", tau=2.5, seed=s)).masks[0])
+        tuple(compute_masks(scores_of([ex]), MaskConfig(mode="random", tau=2.5, seed=s)).masks[0])
         for s in range(5)
     }
     assert len(masks) == 5
@@ -430,7 +424,7 @@ def test_random_masks_are_nested_across_tau():
     ex = from_ppl("n", [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 9.0, 12.0])
     prev = None
     for tau in [10.0, 5.0, 2.5, 1.2]:
-        m = compute_masks([ex], MaskConfig(mode="random", tau=tau, seed=2)).masks[0]
+        m = compute_masks(scores_of([ex]), MaskConfig(mode="random", tau=tau, seed=2)).masks[0]
         if prev is not None:
             assert not (prev & ~m).any()
         prev = m
@@ -445,7 +439,7 @@ def test_random_masks_are_nested_across_tau():
 )
 def test_labels_never_train_prompt_and_follow_mask(data, mode, tau, k):
     cfg = MaskConfig(mode=mode, tau=tau, k_percent=k)
-    res = compute_masks(data, cfg)
+    res = compute_masks(scores_of(data), cfg)
     for ex, mask in zip(data, res.masks, strict=True):
         labels = labels_for(ex, mask)
         assert len(labels) == len(ex.token_ids)
@@ -505,12 +499,12 @@ def small_set() -> list[ScoredExample]:
 def test_export_round_trip(tmp_path, small_set):
     import datasets
 
-    res = compute_masks(small_set, MaskConfig(tau=2.5))
+    res = compute_masks(scores_of(small_set), MaskConfig(tau=2.5))
     extra = {"model_fingerprint": "m123", "source_fingerprint": "s456"}
-    out = export_masked_dataset(small_set, res, tmp_path / "out", extra)
+    out = export_masked_dataset(scores_of(small_set), res, tmp_path / "out", extra)
     assert sorted(p.name for p in out.iterdir()) == ["hf_dataset", "manifest.json", "masked.jsonl"]
     rows, manifest = load_masked_dataset(out)
-    assert rows == masked_rows(small_set, res)
+    assert rows == masked_rows(scores_of(small_set), res)
     assert [r["labels"] for r in rows] == [
         labels_for(ex, m) for ex, m in zip(small_set, res.masks, strict=True)
     ]
@@ -534,14 +528,14 @@ def test_export_round_trip(tmp_path, small_set):
 
 
 def test_export_refuses_non_empty_dir(tmp_path, small_set):
-    res = compute_masks(small_set, MaskConfig())
-    out = export_masked_dataset(small_set, res, tmp_path / "out")
+    res = compute_masks(scores_of(small_set), MaskConfig())
+    out = export_masked_dataset(scores_of(small_set), res, tmp_path / "out")
     before = (out / "manifest.json").read_text()
-    other = compute_masks(small_set, MaskConfig(mode="low"))
+    other = compute_masks(scores_of(small_set), MaskConfig(mode="low"))
     with pytest.raises(LensError, match="not empty"):
-        export_masked_dataset(small_set, other, out)
+        export_masked_dataset(scores_of(small_set), other, out)
     assert (out / "manifest.json").read_text() == before
-    export_masked_dataset(small_set, other, out, overwrite=True)
+    export_masked_dataset(scores_of(small_set), other, out, overwrite=True)
     assert load_masked_dataset(out)[1]["mode"] == "low"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
@@ -550,28 +544,28 @@ def test_export_never_replaces_a_foreign_directory(tmp_path, small_set):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    res = compute_masks(small_set, MaskConfig())
+    res = compute_masks(scores_of(small_set), MaskConfig())
     with pytest.raises(LensError, match="not a masked export"):
-        export_masked_dataset(small_set, res, foreign, overwrite=True)
+        export_masked_dataset(scores_of(small_set), res, foreign, overwrite=True)
     assert (foreign / "notes.txt").read_text() == "keep me"
     file_target = tmp_path / "file"
     file_target.write_text("x")
     with pytest.raises(LensError, match="not a directory"):
-        export_masked_dataset(small_set, res, file_target)
+        export_masked_dataset(scores_of(small_set), res, file_target)
 
 
 def test_export_into_empty_existing_dir(tmp_path, small_set):
     (tmp_path / "empty").mkdir()
-    res = compute_masks(small_set, MaskConfig())
-    out = export_masked_dataset(small_set, res, tmp_path / "empty")
+    res = compute_masks(scores_of(small_set), MaskConfig())
+    out = export_masked_dataset(scores_of(small_set), res, tmp_path / "empty")
     assert (out / "masked.jsonl").is_file()
 
 
 def test_export_failure_leaves_nothing_half_written(tmp_path, small_set, monkeypatch):
     import datasets
 
-    res = compute_masks(small_set, MaskConfig())
-    out = export_masked_dataset(small_set, res, tmp_path / "out")
+    res = compute_masks(scores_of(small_set), MaskConfig())
+    out = export_masked_dataset(scores_of(small_set), res, tmp_path / "out")
     before = sorted(p.name for p in out.rglob("*"))
 
     def boom(self, *args, **kwargs):
@@ -579,27 +573,27 @@ def test_export_failure_leaves_nothing_half_written(tmp_path, small_set, monkeyp
 
     monkeypatch.setattr(datasets.Dataset, "save_to_disk", boom)
     with pytest.raises(LensError, match="No space left"):
-        export_masked_dataset(small_set, res, out, overwrite=True)
+        export_masked_dataset(scores_of(small_set), res, out, overwrite=True)
     with pytest.raises(LensError, match="No space left"):
-        export_masked_dataset(small_set, res, tmp_path / "fresh")
+        export_masked_dataset(scores_of(small_set), res, tmp_path / "fresh")
     assert sorted(p.name for p in out.rglob("*")) == before
     assert not (tmp_path / "fresh").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_export_checks_alignment_and_extra(tmp_path, small_set):
-    res = compute_masks(small_set, MaskConfig())
+    res = compute_masks(scores_of(small_set), MaskConfig())
     with pytest.raises(LensError, match="different order"):
-        export_masked_dataset(small_set[::-1], res, tmp_path / "o1")
+        export_masked_dataset(scores_of(small_set[::-1]), res, tmp_path / "o1")
     with pytest.raises(LensError, match="masks for 3"):
-        export_masked_dataset(small_set[:2], res, tmp_path / "o2")
+        export_masked_dataset(scores_of(small_set[:2]), res, tmp_path / "o2")
     rescored = [from_ppl("a", [9.0, 9.0, 9.0, 9.0]), *small_set[1:]]
     with pytest.raises(LensError, match="different scores"):
-        export_masked_dataset(rescored, res, tmp_path / "o3")
+        export_masked_dataset(scores_of(rescored), res, tmp_path / "o3")
     with pytest.raises(LensError, match="clashes"):
-        export_masked_dataset(small_set, res, tmp_path / "o4", {"tau": 3})
+        export_masked_dataset(scores_of(small_set), res, tmp_path / "o4", {"tau": 3})
     with pytest.raises(LensError, match="JSON"):
-        export_masked_dataset(small_set, res, tmp_path / "o5", {"x": object()})
+        export_masked_dataset(scores_of(small_set), res, tmp_path / "o5", {"x": object()})
     assert not list(tmp_path.iterdir())
 
 
@@ -624,8 +618,8 @@ def test_run_mask_cli(tmp_path, small_set):
     assert manifest["tau"] == 2.5 and manifest["n_masked"] == 4
     assert manifest["source_fingerprint"] and manifest["conventions"] == ["prompt"]
     rows, _ = load_masked_dataset(tmp_path / "m")
-    res = compute_masks(small_set, MaskConfig(tau=2.5))
-    assert rows == masked_rows(small_set, res)
+    res = compute_masks(scores_of(small_set), MaskConfig(tau=2.5))
+    assert rows == masked_rows(scores_of(small_set), res)
     # default tau when neither tau nor share is given
     m2 = run_mask_cli(str(scores), str(tmp_path / "m2"), None, None, "high", None, "top", 0, False)
     assert m2["tau"] == DEFAULT_TAU
@@ -678,6 +672,11 @@ def test_run_mask_cli_file_errors(tmp_path, small_set):
     empty.write_text("\n")
     with pytest.raises(LensError, match="no scored examples"):
         run_mask_cli(str(empty), *args)
+    short = small_set[0].to_json_row()
+    short["logprob"] = short["logprob"][:1]
+    (tmp_path / "short.jsonl").write_text(json.dumps(short) + "\n")
+    with pytest.raises(LensError, match=r"short.jsonl:1: 1 log-probs for 4 response tokens"):
+        run_mask_cli(str(tmp_path / "short.jsonl"), *args)
     dup = write_scores(tmp_path / "dup.jsonl", [small_set[0], small_set[0]])
     with pytest.raises(LensError, match="duplicate example id"):
         run_mask_cli(str(dup), *args)
@@ -685,7 +684,7 @@ def test_run_mask_cli_file_errors(tmp_path, small_set):
 
 
 def test_mask_stats_function_equals_method(small_set):
-    res = compute_masks(small_set, MaskConfig())
+    res = compute_masks(scores_of(small_set), MaskConfig())
     assert mask_stats(res).summary() == res.stats().summary()
 
 
@@ -719,20 +718,20 @@ def test_cli_score_then_mask_records_model_and_fingerprint(tiny_model_dir, tiny_
     examples = [Example(id=f"row-{i + 1}", prompt=p, response=r) for i, (p, r) in enumerate(pairs)]
     run = score_examples(tiny_lm, examples, cache=ScoreCache())
     assert run.n_cached == 2
-    assert manifest["source_fingerprint"] == masking_export.scores_fingerprint(run.examples)
+    assert manifest["source_fingerprint"] == masking_export.scores_fingerprint(run.scores)
     assert [r["labels"] for r in exported] == [
         labels_for(ex, m)
-        for ex, m in zip(run.examples, compute_masks(run.examples, MaskConfig()).masks, strict=True)
+        for ex, m in zip(run.examples, compute_masks(run.scores, MaskConfig()).masks, strict=True)
     ]
 
 
 def test_scores_fingerprint_tracks_content(small_set):
-    base = masking_export.scores_fingerprint(small_set)
+    base = masking_export.scores_fingerprint(scores_of(small_set))
     round_trip = [ScoredExample.from_dict(json.loads(json.dumps(ex.to_dict()))) for ex in small_set]
-    assert masking_export.scores_fingerprint(round_trip) == base
+    assert masking_export.scores_fingerprint(scores_of(round_trip)) == base
     changed = [from_ppl("a", [1.0, 3.0, 1.2, 8.5]), *small_set[1:]]
-    assert masking_export.scores_fingerprint(changed) != base
-    assert masking_export.scores_fingerprint(small_set[::-1]) != base
+    assert masking_export.scores_fingerprint(scores_of(changed)) != base
+    assert masking_export.scores_fingerprint(scores_of(small_set[::-1])) != base
 
 
 def test_run_mask_cli_model_field(tmp_path, small_set):
@@ -755,20 +754,22 @@ def test_export_gets_ordinary_permissions_and_jsonl_bytes(tmp_path, small_set):
     import os
     import stat
 
-    res = compute_masks(small_set, MaskConfig())
+    res = compute_masks(scores_of(small_set), MaskConfig())
     old = os.umask(0o022)
     try:
-        out = export_masked_dataset(small_set, res, tmp_path / "out")
+        out = export_masked_dataset(scores_of(small_set), res, tmp_path / "out")
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
-    assert (out / "masked.jsonl").read_bytes() == masking_export.masked_jsonl_bytes(small_set, res)
+    assert (out / "masked.jsonl").read_bytes() == masking_export.masked_jsonl_bytes(
+        scores_of(small_set), res
+    )
 
 
 def test_export_to_unwritable_place_is_a_lens_error(tmp_path, small_set):
-    res = compute_masks(small_set, MaskConfig())
+    res = compute_masks(scores_of(small_set), MaskConfig())
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(LensError, match="cannot write into"):
-        export_masked_dataset(small_set, res, blocker / "sub" / "out")
+        export_masked_dataset(scores_of(small_set), res, blocker / "sub" / "out")
     assert blocker.read_text() == "x"

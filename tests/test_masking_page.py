@@ -28,6 +28,7 @@ from core.masking.export import load_masked_dataset, scores_fingerprint
 from core.masking.rules import MaskConfig, compute_masks, solve_tau_for_share
 from core.scoring.cache import ScoreCache
 from core.scoring.score import score_examples, score_setting
+from tests.factories import scores_of
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 8
@@ -47,7 +48,8 @@ def seeded_scores(tiny_lm) -> list[ScoredExample]:
         else:
             nll = rng.exponential(1.3, rec.n_response)  # ppl mostly 1-10, tail to ~1000
         rec.logprob = (-nll).tolist()
-    ScoreCache().put(score_setting(tiny_lm), run.examples)  # the setting the page scores under
+    # the setting the page scores under
+    ScoreCache().put(score_setting(tiny_lm), scores_of(run.examples))
     return run.examples
 
 
@@ -100,7 +102,7 @@ def _metrics(at: AppTest) -> list[dict[str, str]]:
 
 
 def _expected_tiles(examples: list[ScoredExample], config: MaskConfig) -> dict[str, str]:
-    result = compute_masks(examples, config)
+    result = compute_masks(scores_of(examples), config)
     stats = result.stats()
     return {
         "Masked share": fmt.share(stats.pooled_share),
@@ -166,7 +168,7 @@ def test_page_counters_heatmap_and_compare_follow_core_masking(tiny_model_dir, s
     # the heatmap strikes out exactly the masked tokens of the chosen example
     at.selectbox(key="example").set_value(examples[3].id).run()
     assert at.query_params["ex"] == examples[3].id
-    mask = compute_masks(examples, MaskConfig(tau=2.5)).masks[3]
+    mask = compute_masks(scores_of(examples), MaskConfig(tau=2.5)).masks[3]
     assert _heatmap_masked_indices(at) == np.flatnonzero(mask).tolist()
     assert 0 < mask.sum() < mask.size
 
@@ -178,7 +180,7 @@ def test_page_counters_heatmap_and_compare_follow_core_masking(tiny_model_dir, s
     assert at.query_params["tau"] == "10"
     assert _curve_tau_lines(at) == [10.0]
     _assert_card_matches_marker(at)
-    mask10 = compute_masks(examples, MaskConfig(tau=10.0)).masks[3]
+    mask10 = compute_masks(scores_of(examples), MaskConfig(tau=10.0)).masks[3]
     assert _heatmap_masked_indices(at) == np.flatnonzero(mask10).tolist()
     assert mask10.sum() < mask.sum()
 
@@ -188,7 +190,7 @@ def test_page_counters_heatmap_and_compare_follow_core_masking(tiny_model_dir, s
     cfg = MaskConfig(tau=None, target_share=0.30)
     assert _metrics(at) == [_expected_tiles(examples, cfg)]
     n_tokens = sum(ex.n_response for ex in examples)
-    solved = compute_masks(examples, cfg)
+    solved = compute_masks(scores_of(examples), cfg)
     assert solved.tau == solve_tau_for_share([ex.ppl_array() for ex in examples], 0.30)
     assert abs(solved.stats().n_masked - 0.30 * n_tokens) <= 1
     _assert_card_matches_marker(at)  # at the solved τ, which is no point of the curve's grid
@@ -206,7 +208,7 @@ def test_page_counters_heatmap_and_compare_follow_core_masking(tiny_model_dir, s
     at.segmented_control(key="mask_mode").set_value("low").run()
     low = MaskConfig(mode="low", **_share(0.30))
     assert _metrics(at) == [_expected_tiles(examples, low)]
-    assert compute_masks(examples, low).tau < solved.tau
+    assert compute_masks(scores_of(examples), low).tau < solved.tau
     _assert_card_matches_marker(at)
     # low ppl is a control: inside the 20-25% band it still gets no green "within"
     at.slider(key="share_A").set_value(22.5).run()
@@ -236,11 +238,11 @@ def test_page_counters_heatmap_and_compare_follow_core_masking(tiny_model_dir, s
     assert b == _expected_tiles(examples, MaskConfig(tau=1.5))
     assert len(at.html) == 2
     assert _curve_tau_lines(at) == [2.5, 1.5]
-    mask_b = compute_masks(examples, MaskConfig(tau=1.5)).masks[3]
+    mask_b = compute_masks(scores_of(examples), MaskConfig(tau=1.5)).masks[3]
     assert _heatmap_masked_indices(at, 0) == np.flatnonzero(mask).tolist()
     assert _heatmap_masked_indices(at, 1) == np.flatnonzero(mask_b).tolist()
-    share_a = compute_masks(examples, MaskConfig(tau=2.5)).stats().pooled_share
-    share_b = compute_masks(examples, MaskConfig(tau=1.5)).stats().pooled_share
+    share_a = compute_masks(scores_of(examples), MaskConfig(tau=2.5)).stats().pooled_share
+    share_b = compute_masks(scores_of(examples), MaskConfig(tau=1.5)).stats().pooled_share
     b_delta = next(m for m in at.metric[5:] if m.label == "Masked share").delta
     assert b_delta == f"{100 * share_b - 100 * share_a:+.1f} pts"
     assert not at.exception
@@ -268,11 +270,11 @@ def test_page_export_writes_folder_with_manifest(tiny_model_dir, tiny_lm, seeded
     assert not at.error, [e.value for e in at.error]
     assert any(str(target) in s.value for s in at.success)
     rows, manifest = load_masked_dataset(target)
-    result = compute_masks(examples, MaskConfig(tau=3.0))
+    result = compute_masks(scores_of(examples), MaskConfig(tau=3.0))
     assert manifest["mode"] == "high" and manifest["tau"] == 3.0
     assert manifest["pooled_share"] == pytest.approx(result.stats().pooled_share)
     assert manifest["model"] == tiny_lm.cache_key
-    assert manifest["source_fingerprint"] == scores_fingerprint(examples)
+    assert manifest["source_fingerprint"] == scores_fingerprint(scores_of(examples))
     assert manifest["data_label"] == f"mbpp / train (first {LIMIT})"
     assert [r["id"] for r in rows] == [ex.id for ex in examples]
     for row, ex, m in zip(rows, examples, result.masks, strict=True):

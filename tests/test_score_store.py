@@ -38,6 +38,7 @@ from core.scoring.cache import (
 )
 from core.scoring.tokens import TokenScores
 from tests.reference_analytics import (
+    example_table_reference,
     sequence_ppl_table_reference,
     share_above_tau_reference,
     share_vs_tau_reference,
@@ -102,6 +103,12 @@ def _synthetic(n: int, seed: int = 0, k: int = 3, prefix: str = "e") -> list[Sco
 SETTING = ScoreSetting("model|float32", "tmpl", "prompt", 128, 3)
 
 
+def _columns(records: list[ScoredExample]) -> TokenScores:
+    """Records as the columns `ScoreCache.put` stores (top-k of `SETTING`, even when no record
+    of the batch has a response token)."""
+    return TokenScores.from_examples(records, top_k=SETTING.top_k)
+
+
 # --------------------------------------------------------------------------- columns
 
 
@@ -125,8 +132,8 @@ def test_token_scores_round_trip_take_and_concat():
 def test_store_keeps_every_field_and_finds_newest(tmp_path):
     cache = ScoreCache(tmp_path / "store")
     recs = _synthetic(40)
-    cache.put(SETTING, recs[:25])
-    cache.put(SETTING, recs[15:])  # overlapping rows: the newest fragment wins, same content
+    cache.put(SETTING, _columns(recs[:25]))
+    cache.put(SETTING, _columns(recs[15:]))  # overlap: the newest wins, same rows
     found = cache.lookup(SETTING, list(reversed(recs)) + [Example("x", "p", "not stored")])
     assert found.keys == [content_key(r) for r in reversed(recs)]
     assert _dicts(found.scores.to_examples()) == _dicts(list(reversed(recs)))
@@ -142,7 +149,7 @@ def test_many_small_writes_are_compacted(tmp_path, monkeypatch):
     cache = ScoreCache(tmp_path / "store")
     recs = _synthetic(30)
     for start in range(0, 30, 3):
-        cache.put(SETTING, recs[start : start + 3])
+        cache.put(SETTING, _columns(recs[start : start + 3]))
         assert len(cache.store.fragments(SETTING.key())) <= 4
     assert _dicts(cache.lookup(SETTING, recs).scores.to_examples()) == _dicts(recs)
 
@@ -213,7 +220,7 @@ def test_columnar_statistics_equal_the_list_based_ones(tiny_lm, mbpp):
     taus = np.quantile(ppl, [0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95]).tolist()
     grid = np.geomspace(ppl.min() * 0.9, ppl.max() * 1.1, 60).tolist() + taus
     new = PplIndex.from_scores(scores)
-    old = PplIndex.from_examples(records)
+    old = PplIndex([r.id for r in records], [r.ppl_array() for r in records])  # per record
     np.testing.assert_array_equal(new.ppl, old.ppl)
     np.testing.assert_array_equal(new.offsets, old.offsets)
     assert new.ids == old.ids
@@ -225,29 +232,31 @@ def test_columnar_statistics_equal_the_list_based_ones(tiny_lm, mbpp):
         MaskConfig(tau=None, target_share=0.3),
     ]
     for config in configs:
-        a, b = compute_masks(scores, config), compute_masks(records, config)
+        a, b = compute_masks(scores, config), compute_masks(old, config)
         np.testing.assert_array_equal(a.flat, b.flat)
         sa, sb = a.stats(), b.stats()
         assert sa.summary() == sb.summary()
         pd.testing.assert_frame_equal(sa.per_example_frame(), sb.per_example_frame())
     assert solve_tau_for_share(new, 0.25) == solve_tau_for_share(old, 0.25)
     pd.testing.assert_frame_equal(share_vs_tau_curve(new, grid), share_vs_tau_curve(old, grid))
-    for groups in ({"ground_truth": scores}, {"ground_truth": records}):
-        two = {**groups, "half": scores.take(range(0, len(scores), 2))}
-        ref = {"ground_truth": records, "half": records[::2]}
-        for tau in taus:
-            pd.testing.assert_frame_equal(
-                analytics.share_above_tau(two, tau), share_above_tau_reference(ref, tau)
-            )
+    two = {"ground_truth": scores, "half": scores.take(range(0, len(scores), 2))}
+    ref = {"ground_truth": records, "half": records[::2]}
+    for tau in taus:
         pd.testing.assert_frame_equal(
-            analytics.share_vs_tau(two, grid), share_vs_tau_reference(ref, grid)
+            analytics.share_above_tau(two, tau), share_above_tau_reference(ref, tau)
         )
-        pd.testing.assert_frame_equal(
-            analytics.sequence_ppl_table(two), sequence_ppl_table_reference(ref)
-        )
-        assert analytics.scores_signature(two) == analytics.scores_signature(ref)
     pd.testing.assert_frame_equal(
-        analytics.example_table(scores, taus[3]), analytics.example_table(records, taus[3])
+        analytics.share_vs_tau(two, grid), share_vs_tau_reference(ref, grid)
+    )
+    pd.testing.assert_frame_equal(
+        analytics.sequence_ppl_table(two), sequence_ppl_table_reference(ref)
+    )
+    # the signature of the scores read from disk is that of the scores just computed
+    assert analytics.scores_signature(two) == analytics.scores_signature(
+        {"ground_truth": run.scores, "half": run.scores.take(range(0, len(scores), 2))}
+    )
+    pd.testing.assert_frame_equal(
+        analytics.example_table(scores, taus[3]), example_table_reference(records, taus[3])
     )
 
 
@@ -391,7 +400,7 @@ def test_damaged_fragment_is_moved_aside_and_rescored(
 
 def test_a_store_that_is_not_a_store_is_reported_not_raised(tmp_path):
     cache = ScoreCache(tmp_path / "store")
-    cache.put(SETTING, _synthetic(5))
+    cache.put(SETTING, _columns(_synthetic(5)))
     folder = cache.store.setting_dir(SETTING.key())
     (folder / "part-00000000000000000000-1-deadbeef.parquet").write_text("hello")
     found = cache.lookup(SETTING, _synthetic(5))
@@ -407,12 +416,12 @@ _WORKER = textwrap.dedent(
     from core.scoring import store
     store.MAX_FRAGMENTS = 3  # compact often, while the others write and read
     from core.scoring.cache import ScoreCache, ScoreSetting
-    from tests.test_score_store import SETTING, _synthetic
+    from tests.test_score_store import SETTING, _columns, _synthetic
     root, worker = sys.argv[1], int(sys.argv[2])
     cache = ScoreCache(root)
     recs = _synthetic(24, seed=worker, prefix=f"w{worker}-")
     for start in range(0, len(recs), 2):
-        cache.put(SETTING, recs[start : start + 2])
+        cache.put(SETTING, _columns(recs[start : start + 2]))
         found = cache.lookup(SETTING, recs[: start + 2])
         assert found.warnings == [], found.warnings
         assert [r.to_dict() for r in found.scores.to_examples()] == [
@@ -473,7 +482,7 @@ _SCORER = textwrap.dedent(
     from core.scoring import store
     store.MAX_FRAGMENTS = 4  # merges happen while the other process writes
     from core.scoring.cache import ScoreCache, ScoreSetting, content_key
-    from tests.test_score_store import SETTING, _synthetic
+    from tests.test_score_store import SETTING, _columns, _synthetic
     root, lo, hi, kill_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     writes = []
     original = store.write_atomic
@@ -502,7 +511,7 @@ _SCORER = textwrap.dedent(
         have = set(found.keys)
         missing = [r for r in batch if content_key(r) not in have]
         if missing:
-            cache.put(SETTING, missing)
+            cache.put(SETTING, _columns(missing))
             scored += [r.id for r in missing]
         seen = cache.lookup(SETTING, recs[: start + 2])  # readable while the other one writes
         warnings += seen.warnings

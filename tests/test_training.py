@@ -72,8 +72,9 @@ def test_stm_labels_follow_the_mask_of_the_original_model(lm, tiny_model_dir, da
     config = tiny_config(tiny_model_dir, data_file, method="stm", tau=None, target_share=0.5)
     data = build_training_data(config, lm)
     examples = load_source(data=str(data_file), id_col="id").examples
-    scored = score_examples(lm, examples).examples  # same model, untouched weights
-    masks = compute_masks(scored, config.mask_config()).masks
+    run = score_examples(lm, examples)  # same model, untouched weights
+    scored = run.examples
+    masks = compute_masks(run.scores, config.mask_config()).masks
     n_masked = 0
     for row, rec, mask in zip(data.rows, scored, masks, strict=True):
         response = np.asarray(row["labels"][rec.response_start :])
@@ -196,9 +197,10 @@ def test_masked_export_and_generated_set_are_training_sources(
     lm, tiny_model_dir, data_file, tmp_path
 ):
     examples = load_source(data=str(data_file), id_col="id").examples
-    scored = score_examples(lm, examples, max_length=64).examples
-    result = compute_masks(scored, TrainConfig(task=None, data="x", method="stm").mask_config())
-    export = export_masked_dataset(scored, result, tmp_path / "export")
+    run = score_examples(lm, examples, max_length=64)
+    scored = run.examples
+    result = compute_masks(run.scores, TrainConfig(task=None, data="x", method="stm").mask_config())
+    export = export_masked_dataset(run.scores, result, tmp_path / "export")
     data = build_training_data(tiny_config(tiny_model_dir, export), lm)
     assert [r["labels"] for r in data.rows] == [
         [IGNORE_INDEX] * s.response_start + np.where(m, IGNORE_INDEX, s.response_token_ids).tolist()

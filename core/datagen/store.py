@@ -48,6 +48,8 @@ from core.io import (
 )
 from core.model.generation import Generation, GenerationConfig, generate_responses
 from core.model.loading import LoadedModel
+from core.scoring.score import score_examples
+from core.scoring.tokens import TokenScores
 
 GENERATED_SET_KINDS = ("self_output", "rephrase")
 MANIFEST_FORMAT = 1
@@ -456,8 +458,6 @@ def generate_and_score(
 ) -> tuple[StoredGeneration, Any]:
     """Generate (or reuse the stored) answer of `lm` to `example`, store it, and score it:
     (the stored answer, its `ScoredExample`, or None when it cannot be scored)."""
-    from core.scoring.score import score_examples
-
     [stored] = generate_and_store(lm, [example], config, store=store)
     run = score_examples(lm, [stored.as_example(example)], source="generated", cache=cache)
     return stored, (run.examples[0] if run.examples else None)
@@ -484,26 +484,22 @@ def answers_signature(by_settings: dict[str, list[tuple[StoredGeneration, Exampl
 
 def score_answers_by_settings(
     lm: LoadedModel, by_settings: dict[str, list[tuple[StoredGeneration, Example]]], *, cache: Any
-) -> dict[str, list[Any]]:
+) -> dict[str, TokenScores]:
     """Each settings group of stored answers scored as a data source (`settings_group`)."""
-    from core.scoring.score import score_examples
-
     groups = {}
     for pairs in by_settings.values():
         name = settings_group(pairs[0][0], len(by_settings))
         answers = [stored.as_example(source) for stored, source in pairs]
-        groups[name] = score_examples(lm, answers, source=name, cache=cache).examples
+        groups[name] = score_examples(lm, answers, source=name, cache=cache).scores
     return groups
 
 
 def score_generated_sets(
     lm: LoadedModel, sets: dict[str, GeneratedSet], shown: Sequence[Example], *, cache: Any
-) -> dict[str, list[Any]]:
+) -> dict[str, TokenScores]:
     """Each generated set (kind -> set) matched to the examples `shown` and scored."""
-    from core.scoring.score import score_examples
-
     groups = {}
     for kind, gset in sets.items():
         matched = match_examples(gset.load_examples(), shown)
-        groups[kind] = score_examples(lm, list(matched.values()), source=kind, cache=cache).examples
+        groups[kind] = score_examples(lm, list(matched.values()), source=kind, cache=cache).scores
     return groups

@@ -8,7 +8,7 @@ import json
 import os
 import platform
 import shlex
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,13 +34,9 @@ from core.masking.rules import (
     MaskResult,
     MaskStats,
     compute_masks,
-    labels_for,
     mask_stats,
 )
 from core.scoring.tokens import TokenScores
-
-#: Scored examples as records or as the score store's columns (the app's path: no records).
-Scored = Sequence[ScoredExample] | TokenScores
 
 MANIFEST_VERSION = 1
 
@@ -58,8 +54,8 @@ def _first_difference(a: np.ndarray, b: np.ndarray, offsets: np.ndarray) -> int:
     return int(np.searchsorted(offsets, flat, side="right")) - 1
 
 
-def _check_alignment_columns(scores: TokenScores, result: MaskResult) -> None:
-    """`_check_alignment` on columns: the same checks and messages, without records."""
+def _check_alignment(scores: TokenScores, result: MaskResult) -> None:
+    """Refuse masks of other examples, another order or other scores (one-line errors)."""
     if len(scores) != len(result):
         raise LensError(f"{len(scores)} examples but masks for {len(result)}")
     for ex_id, mask_id in zip(scores.ids, result.ids, strict=True):
@@ -91,14 +87,14 @@ def _flat_labels(scores: TokenScores, result: MaskResult) -> np.ndarray:
 
 def _masked_columns(scores: TokenScores, result: MaskResult) -> tuple[np.ndarray, np.ndarray]:
     """Flat labels and the masked count per example, after the alignment checks."""
-    _check_alignment_columns(scores, result)
+    _check_alignment(scores, result)
     return _flat_labels(scores, result), scores.per_example_count(result.flat)
 
 
-def _iter_rows_columns(
+def _iter_rows(
     scores: TokenScores, labels: np.ndarray, n_masked: np.ndarray
 ) -> Iterator[dict[str, Any]]:
-    """The `masked_rows` rows of columnar scores, one at a time."""
+    """The `masked_rows` rows, one at a time."""
     off, start, n_resp = scores.token_offsets, scores.response_start, scores.n_response
     for i in range(len(scores)):
         a, b = int(off[i]), int(off[i + 1])
@@ -149,54 +145,19 @@ def _arrow_columns(scores: TokenScores, labels: np.ndarray, n_masked: np.ndarray
     )
 
 
-def _check_alignment(examples: Sequence[ScoredExample], result: MaskResult) -> None:
-    if len(examples) != len(result):
-        raise LensError(f"{len(examples)} examples but masks for {len(result)}")
-    for ex, ex_id, mask in zip(examples, result.ids, result.masks, strict=True):
-        if ex.id != ex_id:
-            raise LensError(f"examples and masks are in a different order ({ex.id!r} vs {ex_id!r})")
-        if mask.size != ex.n_response:
-            raise LensError(f"example {ex.id!r}: mask length does not match its response")
-    for i, ex in enumerate(examples):
-        if not np.array_equal(ex.ppl_array(), result.index.ppl_of(i)):
-            raise LensError(f"example {ex.id!r}: masks were computed from different scores")
-
-
-def masked_rows(examples: Scored, result: MaskResult) -> list[dict[str, Any]]:
-    """The export rows: id, messages, input_ids, labels, response_start, n_response, n_masked.
-    Columnar scores give the same rows, their labels computed for all examples at once."""
-    if isinstance(examples, TokenScores):
-        return list(_iter_rows_columns(examples, *_masked_columns(examples, result)))
-    _check_alignment(examples, result)
-    rows = []
-    for ex, mask in zip(examples, result.masks, strict=True):
-        rows.append(
-            {
-                "id": ex.id,
-                "messages": [
-                    {"role": "user", "content": ex.prompt},
-                    {"role": "assistant", "content": ex.response},
-                ],
-                "input_ids": [int(t) for t in ex.token_ids],
-                "labels": labels_for(ex, mask),
-                "response_start": int(ex.response_start),
-                "n_response": int(ex.n_response),
-                "n_masked": int(mask.sum()),
-            }
-        )
-    return rows
+def masked_rows(scores: TokenScores, result: MaskResult) -> list[dict[str, Any]]:
+    """The export rows: id, messages, input_ids, labels, response_start, n_response, n_masked
+    (the labels of all examples computed at once, as `labels_for` gives them one by one)."""
+    return list(_iter_rows(scores, *_masked_columns(scores, result)))
 
 
 def _jsonl_bytes(rows: Iterable[Mapping[str, Any]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
-def masked_jsonl_bytes(examples: Scored, result: MaskResult) -> bytes:
+def masked_jsonl_bytes(scores: TokenScores, result: MaskResult) -> bytes:
     """The ``masked.jsonl`` content of an export (UTF-8, one `masked_rows` row per line)."""
-    if isinstance(examples, TokenScores):
-        rows = _iter_rows_columns(examples, *_masked_columns(examples, result))
-        return _jsonl_bytes(rows)
-    return _jsonl_bytes(masked_rows(examples, result))
+    return _jsonl_bytes(_iter_rows(scores, *_masked_columns(scores, result)))
 
 
 def _digest_part(h: Any, name: str, data: bytes) -> None:
@@ -208,23 +169,17 @@ def _json_bytes(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")
 
 
-def scores_fingerprint(examples: Scored) -> str:
+def scores_fingerprint(scores: TokenScores) -> str:
     """sha256 of the scored examples' content (ids, texts, sources, metas, token ids and texts,
     scores, in order), written into the manifest as ``source_fingerprint``.
 
-    Computed on the columns (`TokenScores`; records are converted first), as fixed-width
-    little-endian arrays plus canonical JSON of the texts and the text of every token id used,
+    Computed on the columns, as fixed-width little-endian arrays plus canonical JSON of the texts and the text of every token id used,
     so scores read back from a ``score`` JSONL and the same scores taken from the app's store
     give the same fingerprint, whichever way they were produced. (Until issue #16 it hashed each
     record's JSON: about 3 ms per example, half a minute for 10k; exports written then carry
     that older digest.) Top-k log-probs count as float32, the precision the store keeps.
     """
-    if not isinstance(examples, TokenScores):
-        try:
-            examples = TokenScores.from_examples(list(examples))
-        except ValueError as err:
-            raise LensError(f"the scored examples are inconsistent: {err}") from None
-    s = examples
+    s = scores
     h = hashlib.sha256(b"perplexity-lens scores v2\n")
     for name in ("ids", "prompts", "responses", "conventions", "sources", "metas"):
         _digest_part(h, name, _json_bytes(list(getattr(s, name))))
@@ -297,7 +252,7 @@ def _prepare_target(out: Path, overwrite: bool) -> bool:
 
 
 def export_masked_dataset(
-    examples: Scored,
+    scores: TokenScores,
     mask_result: MaskResult,
     out_dir: str | os.PathLike[str],
     manifest_extra: Mapping[str, Any] | None = None,
@@ -310,22 +265,16 @@ def export_masked_dataset(
     end, so ``out_dir`` is either absent/unchanged or a complete export. An existing non-empty
     ``out_dir`` is refused unless ``overwrite=True``, and even then only if it holds a previous
     export (a ``manifest.json``), never an arbitrary directory. Returns ``out_dir``.
-    Columnar scores (`TokenScores`) write the same files without building records: labels
-    for all examples at once, the `datasets` table straight from the arrays.
+    Labels are computed for all examples at once and the `datasets` table is built straight
+    from the arrays (the table `datasets.Dataset.from_list` makes of `masked_rows`).
     """
     import datasets  # heavy import, only needed here
 
     out = Path(out_dir).expanduser().absolute()
     _prepare_target(out, overwrite)
-    table = None
-    if isinstance(examples, TokenScores):
-        labels, n_masked = _masked_columns(examples, mask_result)
-        jsonl = _jsonl_bytes(_iter_rows_columns(examples, labels, n_masked))
-        table = _arrow_columns(examples, labels, n_masked)
-        rows: list[dict[str, Any]] = []
-    else:
-        rows = masked_rows(examples, mask_result)
-        jsonl = _jsonl_bytes(rows)
+    labels, n_masked = _masked_columns(scores, mask_result)
+    jsonl = _jsonl_bytes(_iter_rows(scores, labels, n_masked))
+    table = _arrow_columns(scores, labels, n_masked)
     stats = mask_stats(mask_result)
     manifest = _build_manifest(
         mask_result, stats, manifest_extra, hashlib.sha256(jsonl).hexdigest()
@@ -338,10 +287,7 @@ def export_masked_dataset(
         bars_were_on = datasets.is_progress_bar_enabled()
         datasets.disable_progress_bars()
         try:
-            if table is not None:
-                dataset = datasets.Dataset(datasets.table.InMemoryTable(table))
-            else:
-                dataset = datasets.Dataset.from_list(rows)
+            dataset = datasets.Dataset(datasets.table.InMemoryTable(table))
             dataset.save_to_disk(str(folder / HF_DATASET_DIR))
         finally:
             if bars_were_on:
@@ -375,8 +321,9 @@ def load_masked_dataset(
 # --------------------------------------------------------------------------- CLI entry
 
 
-def _read_scores(scores_path: str | os.PathLike[str]) -> tuple[list[ScoredExample], list[str]]:
-    """The records of a scores JSONL and the distinct scoring models its rows name.
+def _read_scores(scores_path: str | os.PathLike[str]) -> tuple[TokenScores, list[str]]:
+    """The scores of a scores JSONL (its rows read as `ScoredExample` records, then one
+    `TokenScores`) and the distinct scoring models its rows name.
 
     ``python -m core score`` writes a ``model`` field (fingerprint and dtype of the scorer) on
     every row; files from elsewhere may lack it, and then the model list is empty.
@@ -406,7 +353,11 @@ def _read_scores(scores_path: str | os.PathLike[str]) -> tuple[list[ScoredExampl
             models.add(str(data["model"]))
     if not examples:
         raise LensError(f"{path}: no scored examples")
-    return examples, sorted(models)
+    try:
+        scores = TokenScores.from_examples(examples)
+    except ValueError as err:
+        raise LensError(f"the scored examples are inconsistent: {err}") from None
+    return scores, sorted(models)
 
 
 def mask_cli_command(
@@ -480,23 +431,23 @@ def run_mask_cli(
             config = MaskConfig(mode=mode, tau=None, target_share=share, seed=seed)
         else:
             config = MaskConfig(mode=mode, tau=DEFAULT_TAU if tau is None else tau, seed=seed)
-    examples, models = _read_scores(scores_path)
+    scores, models = _read_scores(scores_path)
     if len(models) > 1:
         raise LensError(
             f"the scores come from {len(models)} different models ({', '.join(models)}); "
             "perplexities of different models are not comparable, so mask each file separately"
         )
-    result = compute_masks(examples, config)
+    result = compute_masks(scores, config)
     path = Path(scores_path).expanduser()
     extra = {
         "model": models[0] if models else None,
-        "source_fingerprint": scores_fingerprint(examples),
+        "source_fingerprint": scores_fingerprint(scores),
         "source_scores_path": str(path.absolute()),
         "source_scores_sha256": _file_sha256(path),
-        "conventions": sorted({ex.convention for ex in examples}),
-        "sources": sorted({ex.source for ex in examples}),
+        "conventions": sorted(set(scores.conventions)),
+        "sources": sorted(set(scores.sources)),
     }
-    out = export_masked_dataset(examples, result, out_dir, extra, overwrite=overwrite)
+    out = export_masked_dataset(scores, result, out_dir, extra, overwrite=overwrite)
     return load_masked_dataset(out)[1]
 
 

@@ -21,9 +21,10 @@ For ``high``/``low``/``random`` the threshold is either an absolute ``tau`` or a
 of pooled response tokens to mask, from which `solve_tau_for_share` derives tau (``random`` solves
 it as ``high`` does, because its count comes from ``high``).
 
-Speed: build a `PplIndex` once (concatenated perplexities plus offsets and a few lazily cached
-orderings; `PplIndex.from_scores` takes the score store's columnar `TokenScores` as they are) and
-pass it to `compute_masks`; a tau change is then a few vectorised numpy operations.
+The dataset is columnar `TokenScores` (records convert once with `TokenScores.from_examples`).
+Speed: build a `PplIndex` once (`PplIndex.from_scores`: concatenated perplexities plus offsets
+and a few lazily cached orderings) and pass it to `compute_masks`; a tau change is then a few
+vectorised numpy operations.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def _readonly(arr: np.ndarray) -> np.ndarray:
 class PplIndex:
     """All response-token perplexities of a dataset, concatenated, plus per-example offsets.
 
-    Build it once per scored dataset (``PplIndex.from_examples``) and reuse it for every tau,
+    Build it once per scored dataset (``PplIndex.from_scores``) and reuse it for every tau,
     mode and seed. Orderings needed by some modes (sorted values, per-example ranks, per-seed
     random ranks) are computed on first use and cached. Arrays are read-only.
     """
@@ -211,22 +212,9 @@ class PplIndex:
         self._nonempty_starts = _readonly(offsets[:-1][self._nonempty])
 
     @classmethod
-    def from_examples(cls, examples: Sequence[ScoredExample]) -> PplIndex:
-        """Index the response-token perplexities of scored examples (in the given order)."""
-        ppls = []
-        for ex in examples:
-            if len(ex.logprob) != ex.n_response:
-                raise LensError(
-                    f"example {ex.id!r}: {len(ex.logprob)} log-probs for {ex.n_response} "
-                    "response tokens"
-                )
-            ppls.append(ex.ppl_array())
-        return cls([ex.id for ex in examples], ppls)
-
-    @classmethod
     def from_scores(cls, scores: TokenScores) -> PplIndex:
-        """Index columnar scores directly (no per-example arrays): the same index
-        `from_examples` builds from `scores.to_examples()`."""
+        """Index columnar scores as they are (no per-example arrays): the same index as
+        ``PplIndex(scores.ids, [scores.ppl_of(i) for i in range(len(scores))])``."""
         ids = [str(i) for i in scores.ids]
         position: dict[str, int] = {}
         for i, ex_id in enumerate(ids):
@@ -330,14 +318,6 @@ class PplIndex:
                 flags.view(np.uint8), self._nonempty_starts, dtype=np.int64
             )
         return out
-
-
-def _as_index(data: Sequence[ScoredExample] | TokenScores | PplIndex) -> PplIndex:
-    if isinstance(data, PplIndex):
-        return data
-    if isinstance(data, TokenScores):
-        return PplIndex.from_scores(data)
-    return PplIndex.from_examples(data)
 
 
 # --------------------------------------------------------------------------- solving tau
@@ -538,15 +518,13 @@ class MaskResult:
         return mask_stats(self)
 
 
-def compute_masks(
-    examples: Sequence[ScoredExample] | TokenScores | PplIndex, config: MaskConfig
-) -> MaskResult:
+def compute_masks(scores: TokenScores | PplIndex, config: MaskConfig) -> MaskResult:
     """Masks for every example (True = excluded from the loss) under ``config``.
 
-    Pass a prebuilt `PplIndex` (or columnar `TokenScores`) for speed when masks are recomputed
+    Pass a prebuilt `PplIndex` (`PplIndex.from_scores`) for speed when masks are recomputed
     interactively.
     """
-    index = _as_index(examples)
+    index = scores if isinstance(scores, PplIndex) else PplIndex.from_scores(scores)
     ppl = index.ppl
     tau: float | None = None
     if config.uses_tau:

@@ -1,11 +1,12 @@
 """Dataset-level perplexity statistics behind the paper's tables and figures.
 
 Every function takes `groups`: a mapping from a data-source label ("ground_truth",
-"self_output", "rephrase", ...) to that source's scored examples, either a list of
-`ScoredExample` records or columnar `TokenScores` (what the score store reads: the share and
-sequence statistics then run on its flat arrays, with the same numbers). The mapping key is the
-label used in the output, so callers can compare e.g. two scorers of the same source. Output rows
-follow the mapping's order.
+"self_output", "rephrase", ...) to that source's scores as columnar `TokenScores` (what the
+score store reads; records convert once with `TokenScores.from_examples`), and computes on their
+flat arrays, never per token in Python. The mapping key is the label used in the output, so
+callers can compare e.g. two scorers of the same source. Output rows follow the mapping's order.
+`tests/reference_analytics.py` keeps the list-based code, example by example, that the tests
+compare these numbers with.
 
 Conventions (the paper leaves these open; see METHOD.md, "Known ambiguities"):
 - Token perplexity is exp(-logprob) of a response token; prompt tokens are never counted.
@@ -27,11 +28,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from core.data.records import ScoredExample
 from core.scoring.tokens import TokenScores
 
-Scored = Sequence[ScoredExample] | TokenScores
-Groups = Mapping[str, Scored]
+Groups = Mapping[str, TokenScores]
 
 #: Display labels of the data sources ("self_output" -> "Self-Output"); the tables, captions and
 #: charts (`core.viz`) name a source by `source_label`.
@@ -92,43 +91,6 @@ def token_category(token: str) -> str:
     return "symbol"
 
 
-def _records(examples: Scored) -> Sequence[ScoredExample]:
-    """Records of either form (the token-text statistics work example by example)."""
-    return examples.to_examples() if isinstance(examples, TokenScores) else examples
-
-
-def _flat_ppl(examples: Scored) -> tuple[np.ndarray, np.ndarray]:
-    """Response-token perplexities of all examples, concatenated, and their offsets."""
-    if isinstance(examples, TokenScores):
-        return examples.ppl(), examples.offsets
-    lengths = np.fromiter((len(ex.logprob) for ex in examples), np.int64, count=len(examples))
-    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    parts = [np.asarray(ex.logprob, dtype=np.float64) for ex in examples]
-    logprob = np.concatenate(parts) if parts else np.zeros(0)
-    return np.exp(-logprob), offsets
-
-
-def _per_example_count(flags: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    lengths = np.diff(offsets)
-    out = np.zeros(lengths.size, dtype=np.int64)
-    nonempty = np.flatnonzero(lengths > 0)
-    if nonempty.size:
-        out[nonempty] = np.add.reduceat(
-            flags.view(np.uint8), offsets[:-1][nonempty], dtype=np.int64
-        )
-    return out
-
-
-def _seq_ppl_and_sizes(examples: Scored) -> tuple[np.ndarray, np.ndarray, int]:
-    """Sequence perplexity and response-token count per example, and the truncated count."""
-    if isinstance(examples, TokenScores):
-        return examples.seq_ppl(), examples.n_response, int(examples.truncated.sum())
-    seq = np.array([ex.seq_ppl for ex in examples], dtype=np.float64)
-    sizes = np.fromiter((ex.n_response for ex in examples), np.int64, count=len(examples))
-    return seq, sizes, int(sum(bool(ex.truncated) for ex in examples))
-
-
 def sequence_ppl_table(groups: Groups, *, ddof: int = 0, decimals: int = 2) -> pd.DataFrame:
     """Per-source summary of sequence perplexity, like the paper's Table 1.
 
@@ -139,8 +101,8 @@ def sequence_ppl_table(groups: Groups, *, ddof: int = 0, decimals: int = 2) -> p
     """
     rows = []
     for source, examples in groups.items():
-        all_seq, sizes, n_truncated = _seq_ppl_and_sizes(examples)
-        seq = all_seq[sizes > 0]
+        sizes = examples.n_response
+        seq = examples.seq_ppl()[sizes > 0]
         n_tokens = int(sizes.sum())
         if seq.size:
             mean = float(seq.mean())
@@ -154,7 +116,7 @@ def sequence_ppl_table(groups: Groups, *, ddof: int = 0, decimals: int = 2) -> p
                 "n_examples": len(examples),
                 "n_scored": int(seq.size),
                 "n_tokens": n_tokens,
-                "n_truncated": n_truncated,
+                "n_truncated": int(examples.truncated.sum()),
                 "seq_ppl_mean": mean,
                 "seq_ppl_var": var,
                 "seq_ppl_median": median,
@@ -194,46 +156,12 @@ def token_ppl_frame(groups: Groups, *, with_category: bool = False) -> pd.DataFr
     Columns: source, example_id, position (0-based index within the response), token, ppl,
     logprob, rank; plus category if `with_category`.
     """
-    if any(isinstance(examples, TokenScores) for examples in groups.values()):
-        parts = [
-            _token_frame_of(source, examples, with_category)
-            if isinstance(examples, TokenScores)
-            else token_ppl_frame({source: examples}, with_category=with_category)
-            for source, examples in groups.items()
-        ]
-        return pd.concat(parts, ignore_index=True)
-    sources: list[str] = []
-    ids: list[str] = []
-    positions: list[np.ndarray] = []
-    tokens: list[str] = []
-    logprobs: list[np.ndarray] = []
-    ranks: list[np.ndarray] = []
-    for source, examples in groups.items():
-        for ex in _records(examples):
-            n = ex.n_response
-            sources.extend([source] * n)
-            ids.extend([ex.id] * n)
-            positions.append(np.arange(n, dtype=np.int64))
-            tokens.extend(ex.response_tokens)
-            logprobs.append(np.asarray(ex.logprob, dtype=np.float64)[:n])
-            rank = np.full(n, -1, dtype=np.int64)
-            rank[: min(n, len(ex.rank))] = ex.rank[:n]
-            ranks.append(rank)
-    logprob = np.concatenate(logprobs) if logprobs else np.zeros(0)
-    frame = pd.DataFrame(
-        {
-            "source": pd.Series(sources, dtype=object),
-            "example_id": pd.Series(ids, dtype=object),
-            "position": np.concatenate(positions) if positions else np.zeros(0, dtype=np.int64),
-            "token": pd.Series(tokens, dtype=object),
-            "ppl": np.exp(-logprob),
-            "logprob": logprob,
-            "rank": np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64),
-        }
-    )
-    if with_category:
-        frame["category"] = [token_category(t) for t in tokens]
-    return frame
+    parts = [
+        _token_frame_of(source, examples, with_category) for source, examples in groups.items()
+    ]
+    if not parts:
+        parts = [_token_frame_of("", TokenScores.empty(), with_category)]
+    return pd.concat(parts, ignore_index=True)
 
 
 def _token_texts(scores: TokenScores) -> tuple[np.ndarray, np.ndarray]:
@@ -279,9 +207,8 @@ def share_above_tau(groups: Groups, tau: float) -> pd.DataFrame:
     """
     rows = []
     for source, examples in groups.items():
-        ppl, offsets = _flat_ppl(examples)
-        sizes = np.diff(offsets)
-        above = _per_example_count(ppl > tau, offsets)
+        sizes = examples.n_response
+        above = examples.per_example_count(examples.ppl() > tau)
         scored = sizes > 0
         sizes, above = sizes[scored], above[scored]
         n_tokens, n_above = int(sizes.sum()), int(above.sum())
@@ -313,13 +240,9 @@ def share_vs_tau(groups: Groups, taus: Iterable[float]) -> pd.DataFrame:
     taus = np.asarray(sorted(float(t) for t in taus), dtype=np.float64)
     rows = []
     for source, examples in groups.items():
-        ppl, offsets = _flat_ppl(examples)
-        if isinstance(examples, TokenScores):
-            sizes = np.diff(offsets)
-        else:  # a record's own count of response tokens decides whether it is scored
-            sizes = np.fromiter((ex.n_response for ex in examples), np.int64, count=len(examples))
-        keep = np.flatnonzero(sizes > 0)
-        lengths = np.diff(offsets)[keep]
+        ppl, offsets = examples.ppl(), examples.offsets
+        keep = np.flatnonzero(examples.n_response > 0)
+        lengths = examples.n_response[keep]
         # Token t of example e is above tau_j exactly for j < bin(t), bin = #taus below its ppl;
         # per-example counts of each bin, summed from the right, give the count above each tau.
         bins = np.searchsorted(taus, ppl, side="left")
@@ -365,23 +288,13 @@ def category_shares(groups: Groups, tau: float) -> pd.DataFrame:
     """
     rows = []
     for source, examples in groups.items():
-        n_all = dict.fromkeys(CATEGORIES, 0)
-        n_high = dict.fromkeys(CATEGORIES, 0)
-        if isinstance(examples, TokenScores):  # one category per distinct token id
-            texts, inverse = _token_texts(examples)
-            code = np.array([CATEGORIES.index(token_category(t)) for t in texts], np.int64)
-            per_token = code[inverse] if inverse.size else np.zeros(0, np.int64)
-            all_counts = np.bincount(per_token, minlength=len(CATEGORIES))
-            high_counts = np.bincount(per_token[examples.ppl() > tau], minlength=len(CATEGORIES))
-            for j, category in enumerate(CATEGORIES):
-                n_all[category], n_high[category] = int(all_counts[j]), int(high_counts[j])
-        for ex in () if isinstance(examples, TokenScores) else examples:
-            ppl = ex.ppl_array()
-            for token, value in zip(ex.response_tokens, ppl, strict=False):
-                category = token_category(token)
-                n_all[category] += 1
-                if value > tau:
-                    n_high[category] += 1
+        texts, inverse = _token_texts(examples)  # one category per distinct token id
+        code = np.array([CATEGORIES.index(token_category(t)) for t in texts], np.int64)
+        per_token = code[inverse] if inverse.size else np.zeros(0, np.int64)
+        all_counts = np.bincount(per_token, minlength=len(CATEGORIES))
+        high_counts = np.bincount(per_token[examples.ppl() > tau], minlength=len(CATEGORIES))
+        n_all = {c: int(all_counts[j]) for j, c in enumerate(CATEGORIES)}
+        n_high = {c: int(high_counts[j]) for j, c in enumerate(CATEGORIES)}
         total_all, total_high = sum(n_all.values()), sum(n_high.values())
         for category in CATEGORIES:
             rows.append(
@@ -398,21 +311,15 @@ def category_shares(groups: Groups, tau: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def scores_signature(groups: Mapping[str, Scored]) -> str:
+def scores_signature(groups: Groups) -> str:
     """Short fingerprint of scored groups (ids, lengths, sequence ppl): a cache key for
-    frames derived from them (the same for records and their columnar form)."""
+    frames derived from them."""
     h = hashlib.sha256()
     for source, examples in groups.items():
         h.update(source.encode())
-        if isinstance(examples, TokenScores):
-            rows = zip(
-                examples.ids,
-                examples.n_response.tolist(),
-                examples.seq_ppl().tolist(),
-                strict=True,
-            )
-        else:
-            rows = ((ex.id, len(ex.logprob), ex.seq_ppl) for ex in examples)
+        rows = zip(
+            examples.ids, examples.n_response.tolist(), examples.seq_ppl().tolist(), strict=True
+        )
         for ex_id, n, seq in rows:
             h.update(f"{ex_id}\x00{n}\x00{seq!r}".encode())
     return h.hexdigest()[:16]
@@ -432,33 +339,13 @@ def shared_prefix_length(texts: Sequence[str], minimum: int = 20) -> int:
     return n if n >= minimum else 0
 
 
-def example_table(examples: Scored, tau: float) -> pd.DataFrame:
+def example_table(examples: TokenScores, tau: float) -> pd.DataFrame:
     """One row per example: id, prompt preview (after the prefix all prompts share), sequence
-    ppl, length, share > τ, max token ppl, truncated. Columnar scores are computed on their
-    arrays (the same numbers): `example_columns` once, `example_shares` per τ."""
-    if isinstance(examples, TokenScores):
-        table = example_columns(examples)
-        table.insert(4, "share > τ", example_shares(examples, tau))
-        return table
-    prompts = [ex.prompt for ex in examples]
-    skip = shared_prefix_length(prompts) if len(prompts) > 1 else 0
-    rows = []
-    for ex in examples:
-        ppl = ex.ppl_array()
-        text = ex.prompt[skip:]
-        first_line = next((line for line in text.splitlines() if line.strip()), "")
-        rows.append(
-            {
-                "id": ex.id,
-                "prompt": ("…" if skip else "") + first_line.strip()[:160],
-                "seq ppl": ex.seq_ppl,
-                "tokens": ex.n_response,
-                "share > τ": float((ppl > tau).mean()) if ppl.size else float("nan"),
-                "max token ppl": float(ppl.max()) if ppl.size else float("nan"),
-                "truncated": ex.truncated,
-            }
-        )
-    return pd.DataFrame(rows)
+    ppl, length, share > τ, max token ppl, truncated: `example_columns` (once per selection)
+    and `example_shares` (per τ)."""
+    table = example_columns(examples)
+    table.insert(4, "share > τ", example_shares(examples, tau))
+    return table
 
 
 def prompt_previews(prompts: Sequence[str]) -> list[str]:
@@ -473,8 +360,8 @@ def prompt_previews(prompts: Sequence[str]) -> list[str]:
 
 
 def example_columns(scores: TokenScores) -> pd.DataFrame:
-    """The τ-independent columns of `example_table` for columnar scores: id, prompt, seq ppl,
-    tokens, max token ppl, truncated (no per-example records)."""
+    """The τ-independent columns of `example_table`: id, prompt, seq ppl, tokens, max token ppl,
+    truncated."""
     return pd.DataFrame(
         {
             "id": list(scores.ids),

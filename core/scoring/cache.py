@@ -217,16 +217,9 @@ class ScoreCache:
             )
         return found, notes
 
-    def put(
-        self, setting: ScoreSetting, records: Sequence[ScoredExample] | TokenScores
-    ) -> list[str]:
-        """Store scored records under `setting` (keyed by their content); warnings of a
+    def put(self, setting: ScoreSetting, scores: TokenScores) -> list[str]:
+        """Store scores under `setting` (each example keyed by its content); warnings of a
         compaction that met an unreadable fragment."""
-        scores = (
-            records
-            if isinstance(records, TokenScores)
-            else TokenScores.from_examples(list(records), top_k=setting.top_k)
-        )
         if scores.top_k != setting.top_k and len(scores):
             raise ValueError(f"records have top-{scores.top_k}, the setting top-{setting.top_k}")
         keys = [

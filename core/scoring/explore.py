@@ -2,8 +2,7 @@
 ground truth's summary line, and the analytics tab's sources (answers cut at max_new_tokens left
 out, the examples every source shares), their per-token perplexities and the tables as shown.
 
-A source (`Scored`) is records or columnar `TokenScores`, as in `core.scoring.analytics`;
-columns stay columns through every filter. Numbers are written by `core.fmt`, sources named by
+A source is columnar `TokenScores`, as in `core.scoring.analytics`, through every filter. Numbers are written by `core.fmt`, sources named by
 `source_label`. The page caches what these compute and keeps the widgets.
 """
 
@@ -20,7 +19,6 @@ from core import fmt
 from core.data.records import Example
 from core.scoring.analytics import (
     Groups,
-    Scored,
     category_shares,
     sequence_ppl_table,
     share_above_tau,
@@ -112,47 +110,35 @@ def source_examples(scores: TokenScores) -> list[Example]:
     ]
 
 
-def group_metas(group: Scored) -> Sequence[dict]:
-    """Each example's meta, records or columns."""
-    return group.metas if isinstance(group, TokenScores) else [ex.meta for ex in group]
-
-
-def group_ids(group: Scored) -> Sequence[str]:
-    """Each example's id, records or columns."""
-    return group.ids if isinstance(group, TokenScores) else [ex.id for ex in group]
-
-
-def keep_examples(group: Scored, keep: Sequence[bool]) -> Scored:
-    """The examples of `group` where `keep` is True (columns stay columns)."""
-    if isinstance(group, TokenScores):
-        return group.take(np.flatnonzero(np.asarray(keep, dtype=bool)))
-    return [ex for ex, k in zip(group, keep, strict=True) if k]
+def keep_examples(group: TokenScores, keep: Sequence[bool]) -> TokenScores:
+    """The examples of `group` where `keep` is True."""
+    return group.take(np.flatnonzero(np.asarray(keep, dtype=bool)))
 
 
 def count_cut(groups: Groups) -> int:
     """How many answers of all sources were cut at max_new_tokens (meta "finished" False)."""
-    return sum(m.get("finished") is False for group in groups.values() for m in group_metas(group))
+    return sum(m.get("finished") is False for group in groups.values() for m in group.metas)
 
 
-def drop_cut(groups: Groups) -> dict[str, Scored]:
+def drop_cut(groups: Groups) -> dict[str, TokenScores]:
     """Every source without its answers cut at max_new_tokens (`count_cut`): such an answer ends
     with an end-of-turn token the chat template added, not the model, which inflates its
     sequence perplexity."""
     return {
-        k: keep_examples(group, [m.get("finished") is not False for m in group_metas(group)])
+        k: keep_examples(group, [m.get("finished") is not False for m in group.metas])
         for k, group in groups.items()
     }
 
 
 def shared_ids(groups: Groups) -> set[str]:
     """The ids of the examples every source has."""
-    return set.intersection(*(set(group_ids(group)) for group in groups.values()))
+    return set.intersection(*(set(group.ids) for group in groups.values()))
 
 
-def keep_shared(groups: Groups, shared: set[str]) -> dict[str, Scored]:
+def keep_shared(groups: Groups, shared: set[str]) -> dict[str, TokenScores]:
     """Every source on the `shared` examples only, so the sources compare the same prompts."""
     return {
-        k: keep_examples(group, [ex_id in shared for ex_id in group_ids(group)])
+        k: keep_examples(group, [ex_id in shared for ex_id in group.ids])
         for k, group in groups.items()
     }
 
@@ -182,11 +168,7 @@ def token_frame(groups: Groups) -> pd.DataFrame:
     `ppl` column of `token_ppl_frame`, without a text per token)."""
     sources, ppls = [], []
     for source, group in groups.items():
-        if isinstance(group, TokenScores):
-            ppl = np.array(group.ppl())
-        else:
-            parts = [ex.ppl_array() for ex in group]
-            ppl = np.concatenate(parts) if parts else np.zeros(0)
+        ppl = np.array(group.ppl())
         sources.append(np.full(ppl.size, source, dtype=object))
         ppls.append(ppl)
     return pd.DataFrame(

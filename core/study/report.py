@@ -185,7 +185,8 @@ def heatmap_snapshots(
         from core.model.loading import load_model  # lazy: heavy (torch)
 
         lm = load_model(str(run.config.get("model") or "default"), device=device, dtype=dtype)
-    scored = score_examples(lm, examples, cache=ScoreCache(), progress=progress).examples
+    scores = score_examples(lm, examples, cache=ScoreCache(), progress=progress).scores
+    scored = scores.to_examples()  # one record per snapshot shown
     tau = run_tau(run)
     if run.method in ("gt", "base") or not scored:
         note = f"{run.label}: every response token trained; underlined: ppl > τ = {tau:g}"
@@ -193,7 +194,7 @@ def heatmap_snapshots(
     config = TrainConfig.from_dict(run.config).mask_config()
     if config.uses_tau and run.data_record.get("tau") is not None:
         config = replace(config, tau=tau, target_share=None)
-    result = compute_masks(scored, config)
+    result = compute_masks(scores, config)
     note = f"{run.label}: struck-through tokens are masked by {result.config.describe()}"
     return [
         HeatmapSnapshot(ex, [bool(m) for m in mask], result.tau or tau, note)

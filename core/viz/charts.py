@@ -16,7 +16,7 @@ as the page.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -324,21 +324,14 @@ def category_share_chart(df: pd.DataFrame, *, title: str | None = None) -> go.Fi
     return fig
 
 
-def seq_ppl_box(
-    groups: Mapping[str, Sequence[ScoredExample] | TokenScores], *, title: str | None = None
-) -> go.Figure:
-    """Per-example sequence perplexity per source as box plots (log y), mean marked; a source
-    is records or columnar `TokenScores`."""
+def seq_ppl_box(groups: Mapping[str, TokenScores], *, title: str | None = None) -> go.Figure:
+    """Per-example sequence perplexity per source as box plots (log y), mean marked."""
     fig = go.Figure()
     values = []
     for source, examples in groups.items():
-        if isinstance(examples, TokenScores):  # columns: no per-example records
-            keep = np.flatnonzero(examples.n_response > 0)
-            y = examples.seq_ppl()[keep].tolist()
-            text = [examples.ids[i] for i in keep.tolist()]
-        else:
-            scored = [ex for ex in examples if ex.n_response > 0]
-            y, text = [ex.seq_ppl for ex in scored], [ex.id for ex in scored]
+        keep = np.flatnonzero(examples.n_response > 0)
+        y = examples.seq_ppl()[keep].tolist()
+        text = [examples.ids[i] for i in keep.tolist()]
         values += y
         fig.add_trace(
             go.Box(
