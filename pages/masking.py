@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from components.loss_weights import token_losses_section
 from components.session import (
     current_model,
     scores_or_wait,
@@ -501,5 +502,7 @@ with st.expander("Masked share of every example"):
             if c.startswith("share")
         },
     )
+
+token_losses_section(sel, scores, position, settings[0][2])
 
 _export_section(sel, run, settings)

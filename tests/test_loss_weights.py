@@ -103,11 +103,11 @@ def test_eaft_over_a_narrower_stored_top_k_is_marked_approximate():
     base = W.BaseTokens.from_scores(logprob, top, K)
     assert base.k == 5
     eaft = W.step0_weights("eaft", base, W.WeightParams())
-    assert not eaft.exact and "K = 5" in eaft.note and "top-20" in eaft.note
+    assert not eaft.exact and eaft.approx == "K = 5 (the stored top-5), not 20"
     assert np.allclose(eaft.weights, L.eaft_weights(torch.from_numpy(top), 5, 1.0).numpy())
     none = W.BaseTokens.from_scores(logprob, np.zeros((len(logprob), 0)), K)
     eaft = W.step0_weights("eaft", none, W.WeightParams())
-    assert none.k == 0 and np.isnan(eaft.weights).all() and "keep none" in eaft.note
+    assert none.k == 0 and np.isnan(eaft.weights).all() and "keep none" in eaft.approx
     assert fmt.share(eaft.share()) == fmt.MISSING
 
 

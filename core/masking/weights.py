@@ -38,7 +38,7 @@ than weighting tokens: KL(base ‖ θ) is 0 at step 0 (a fresh LoRA adapter is t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -181,12 +181,14 @@ class BaseTokens:
 class LossWeights:
     """One loss's weight on each token of a `BaseTokens`, at step 0. `exact` says whether it is
     the weight training's first step would use with these parameters: EAFT's entropy over
-    fewer than K log-probs is not (`note` says what it is instead)."""
+    fewer than K log-probs is not (`approx` says what it is instead); `note` names the term a
+    KL loss adds."""
 
     loss: str
     label: str
     weights: np.ndarray
     exact: bool = True
+    approx: str = ""
     note: str = ""
 
     @property
@@ -203,7 +205,7 @@ class LossWeights:
         return effective_share(self.weights, masked)
 
     def slice(self, start: int, stop: int) -> LossWeights:
-        return LossWeights(self.loss, self.label, self.weights[start:stop], self.exact, self.note)
+        return replace(self, weights=self.weights[start:stop])
 
 
 def step0_weights(loss: str, base: BaseTokens, params: WeightParams) -> LossWeights:
@@ -214,7 +216,7 @@ def step0_weights(loss: str, base: BaseTokens, params: WeightParams) -> LossWeig
 
     if loss not in LOSS_NAMES:
         raise LensError(f"Unknown loss '{loss}' (use {', '.join(LOSS_NAMES)}).")
-    label, note, exact = params.label(loss), "", True
+    label, approx, note = params.label(loss), "", ""
     log_p = torch.from_numpy(np.ascontiguousarray(base.logprob, dtype=np.float64))
     if loss == "soft_stm":
         weights = soft_stm_weights(log_p, params.temperature)
@@ -223,28 +225,19 @@ def step0_weights(loss: str, base: BaseTokens, params: WeightParams) -> LossWeig
     elif loss == "eaft":
         if base.k < 2:
             weights = torch.full_like(log_p, math.nan)
-            exact, note = False, "needs the top-K log-probs; these scores keep none"
+            approx = "needs the top-K log-probs; these scores keep none"
         else:
             entropy = torch.from_numpy(np.ascontiguousarray(base.entropy, dtype=np.float32))
             weights = eaft_weights_from_entropy(entropy, base.k, params.eaft_alpha)
             if base.k < params.eaft_k:
-                exact = False
-                note = (
-                    f"K = {base.k} (the stored top-{base.k}), not training's K = "
-                    f"{params.eaft_k}: EAFT needs the top-{params.eaft_k}"
-                )
+                approx = f"K = {base.k} (the stored top-{base.k}), not {params.eaft_k}"
     else:  # nll, kl: every token counts 1 (kl adds β·KL, 0 at step 0)
         weights = torch.ones_like(log_p)
     if loss in KL_LOSSES:
         kl0 = kl_k3(log_p, log_p)  # the KL term at step 0, from the trainer's estimate: 0
-        note = "; ".join(
-            [
-                note,
-                f"adds {'β' if loss == 'kl' else 'α'}·KL(base ‖ θ), "
-                f"{fmt.num(float(kl0.abs().max()) if len(log_p) else 0.0)} at step 0",
-            ]
-        ).strip("; ")
-    return LossWeights(loss, label, weights.double().numpy(), exact, note)
+        at_step0 = fmt.num(float(kl0.abs().max()) if len(log_p) else 0.0)
+        note = f"adds {'β' if loss == 'kl' else 'α'}·KL(base ‖ θ), {at_step0} at step 0"
+    return LossWeights(loss, label, weights.double().numpy(), not approx, approx, note)
 
 
 def loss_weights(
@@ -284,6 +277,9 @@ def share_table(
         }
         if masked is not None:
             row[f"Σw/N, {mask_label or 'masked'}"] = fmt.share(w.share(masked))
-        row["note"] = w.note if w.note else ("changes as θ trains" if w.online else "")
+        if w.approx:
+            row["note"] = f"approximate: {w.approx}"
+        else:
+            row["note"] = "moves as θ trains" if w.online else ""
         rows.append(row)
     return pd.DataFrame(rows)

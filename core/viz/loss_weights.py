@@ -84,7 +84,7 @@ def _tip(
     return "\n".join(lines)
 
 
-def _legend_html() -> str:
+def _legend_html(show_masked: bool) -> str:
     stops = ", ".join(f"{weight_color(k / 20)} {k * 5}%" for k in range(21))
     ticks = "".join(
         f'<span class="pl-tick" style="left:{100 * t:.0f}%">{fmt.num(t)}</span>'
@@ -95,8 +95,12 @@ def _legend_html() -> str:
         '<span class="pl-leg-title">per-token weight w (0 = out of the loss, 1 = full)</span>'
         f'<div class="pl-bar-wrap"><div class="pl-bar" style="background:linear-gradient('
         f'to right, {stops})"></div><div class="pl-ticks">{ticks}</div></div>'
-        '<span class="pl-leg-item"><span class="pl-swatch pl-m">abc</span>masked (w = 0)</span>'
-        "</div>"
+        + (
+            '<span class="pl-leg-item"><span class="pl-swatch pl-m">abc</span>masked (w = 0)</span>'
+            if show_masked
+            else ""
+        )
+        + "</div>"
     )
 
 
@@ -132,7 +136,7 @@ def render_weight_heatmaps(
     if subtitle:
         head.append(f"<span>{html.escape(subtitle)}</span>")
     parts.append('<div class="pl-head">' + "".join(head) + "</div>")
-    parts.append(_legend_html())
+    parts.append(_legend_html(masked is not None))
     parts.append('<div class="lw-grid">')
     for w in weights:
         if len(w.weights) != n:
@@ -148,8 +152,9 @@ def render_weight_heatmaps(
             f'<div class="lw-title"><b>{html.escape(w.label)}</b>{"".join(tags)}'
             f'<span class="lw-share">Σw/N {share}</span></div>'
         )
-        if w.note:
-            parts.append(f'<div class="lw-note">{html.escape(w.note)}</div>')
+        notes = [text for text in (w.approx and f"approximate: {w.approx}", w.note) if text]
+        if notes:
+            parts.append(f'<div class="lw-note">{html.escape("; ".join(notes))}</div>')
         parts.append('<div class="pl-text lw-text">')
         column = 0
         for i in range(shown):
@@ -260,7 +265,7 @@ def weight_scatter(
             y=math.log(k),
             yref="y",
             yanchor="bottom",
-            text=f"ln {k} = {fmt.num(math.log(k))} (largest)",
+            text=f"ln {k}: the largest top-{k} entropy",
             showarrow=False,
             font={"size": 11, "color": "#57606a"},
         )
