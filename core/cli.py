@@ -13,10 +13,12 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
+from core.data.sources import load_source
 from core.errors import LensError
 from core.io import output_path, write_bytes_atomic, write_jsonl_atomic
 from core.jobs.cluster import BACKENDS
-from core.masking import DEFAULT_TAU
+from core.masking.config import MaskCommandConfig
+from core.scoring.config import ScoreConfig
 from core.study.sweep import SweepConfig, submit_sweep, wait_for
 
 EXIT_USER_ERROR = 2
@@ -44,18 +46,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"
     )
-
-
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--task", help="built-in task name (see `python -m core tasks`)")
-    src.add_argument("--data", help="JSONL or CSV file of prompt/response rows")
-    src.add_argument("--hub-dataset", help="a Hugging Face dataset id (needs network)")
-    p.add_argument("--split", default=None, help="task split (mbpp: train, test, all) or hub split")
-    p.add_argument("--prompt-col", default="prompt")
-    p.add_argument("--response-col", default="response")
-    p.add_argument("--id-col", default=None)
-    p.add_argument("--limit", type=int, default=None, help="first N examples only")
 
 
 def _add_submit_args(p: argparse.ArgumentParser) -> None:
@@ -111,42 +101,33 @@ def _runs_here(args: argparse.Namespace) -> bool:
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score every response token of a dataset and write one JSON object per example."""
-    from core.data.sources import load_source
-    from core.model.loading import load_model
-    from core.scoring.cache import ScoreCache
-    from core.scoring.score import score_examples
+    from core.model.loading import load_model  # lazy: heavy (torch)
+    from core.scoring.cache import ScoreCache  # lazy: heavy (pyarrow; keeps --help fast)
+    from core.scoring.score import score_examples  # lazy: heavy (pyarrow)
 
-    output_path(args.out)  # a folder, or a folder that cannot be made: say so before any work
-    dataset = load_source(
-        task=args.task,
-        split=args.split,
-        data=args.data,
-        hub=args.hub_dataset,
-        prompt_col=args.prompt_col,
-        response_col=args.response_col,
-        id_col=args.id_col,
-        limit=args.limit,
-    )
+    config = ScoreConfig.from_args(args)
+    output_path(config.out)  # a folder, or a folder that cannot be made: say so before any work
+    dataset = load_source(**config.source_kwargs())
     print(dataset.report.summary(), file=sys.stderr)
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(config.model, device=config.device, dtype=config.dtype)
     for note in lm.warnings:
         print(f"warning: {note}", file=sys.stderr)
     run = score_examples(
         lm,
         dataset.examples,
-        convention=args.convention,
-        top_k=args.top_k,
-        max_length=args.max_length,
-        cache=None if args.no_cache else ScoreCache(),
+        convention=config.convention,
+        top_k=config.top_k,
+        max_length=config.max_length,
+        cache=ScoreCache() if config.cache else None,
         progress=_progress_printer("scoring"),
-        source=args.source,
+        source=config.source,
     )
     for note in run.warnings:
         print(f"warning: {note}", file=sys.stderr)
     # `model` (fingerprint|dtype) lets `mask` record which model's perplexities it thresholded
     rows = ({**ex.to_json_row(), "model": lm.cache_key} for ex in run.examples)
-    count = write_jsonl_atomic(args.out, rows)
-    print(f"{run.summary()}; wrote {count} rows to {args.out}", file=sys.stderr)
+    count = write_jsonl_atomic(config.out, rows)
+    print(f"{run.summary()}; wrote {count} rows to {config.out}", file=sys.stderr)
     return 0
 
 
@@ -183,21 +164,14 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_mask(args: argparse.Namespace) -> int:
     """Turn a scores file into a masked training set (JSONL + datasets folder + manifest)."""
-    from core.masking.export import run_mask_cli
+    from core.masking.export import run_mask_cli  # lazy: heavy (pandas, pyarrow)
 
+    config = MaskCommandConfig.from_args(args)
     manifest = run_mask_cli(
-        scores_path=args.scores,
-        out_dir=args.out,
-        tau=args.tau,
-        share=args.share,
-        mode=args.mode,
-        k_percent=args.k_percent,
-        percentile_rule=args.percentile_rule,
-        seed=args.seed,
-        overwrite=args.overwrite,
+        config.scores, config.out, config.mask_config(), overwrite=config.overwrite
     )
     share = manifest.get("pooled_share")
-    line = f"wrote {args.out}"
+    line = f"wrote {config.out}"
     if share is not None:
         line += f" (masked {100 * share:.1f}% of response tokens)"
     print(line, file=sys.stderr)
@@ -534,25 +508,12 @@ def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("score", help="score response tokens of a task or data file")
-    _add_model_args(p)
-    _add_data_args(p)
-    p.add_argument(
-        "--convention",
-        default="prompt",
-        choices=["prompt", "response_only"],
-        help="prompt-conditioned (STM) or response-only perplexity",
+    p = sub.add_parser(
+        "score",
+        help="score response tokens of a task or data file",
+        description="Give one data source: --task, --data or --hub-dataset.",
     )
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument(
-        "--max-length",
-        type=int,
-        default=None,
-        help="truncate longer sequences (default: model context)",
-    )
-    p.add_argument("--source", default="ground_truth", help="label for the data source")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the score cache")
-    p.add_argument("--out", required=True, help="output JSONL file")
+    ScoreConfig.add_arguments(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("tasks", help="list built-in tasks")
@@ -584,23 +545,14 @@ def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="dtype for --examples scoring")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("mask", help="apply selective token masking to a scores file")
-    p.add_argument("--scores", required=True, help="JSONL written by `score`")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--mode", default="high", choices=["high", "low", "random", "percentile"])
-    p.add_argument(
-        "--tau",
-        type=float,
-        default=None,
-        help=f"token-perplexity threshold (default {DEFAULT_TAU:g})",
+    p = sub.add_parser(
+        "mask",
+        help="apply selective token masking to a scores file",
+        description="Modes high, low and random threshold at --tau or at the tau that masks "
+        "--target-share (--share) of the response tokens; percentile masks --k-percent of "
+        "every example's.",
     )
-    p.add_argument(
-        "--share", type=float, default=None, help="solve tau for this masked share (0-1)"
-    )
-    p.add_argument("--k-percent", type=float, default=None, help="percentile mode: k%% per example")
-    p.add_argument("--percentile-rule", default="top", choices=["top", "random", "bottom"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    MaskCommandConfig.add_arguments(p)
     p.set_defaults(func=cmd_mask)
 
     from core.datagen.config import GenDataConfig
@@ -720,13 +672,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m core") -> int:
     except LensError as exc:  # a flag's value that its parser rejects with a reason
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    if (
-        args.command == "mask"
-        and args.mode in ("high", "low", "random")
-        and args.tau is None
-        and args.share is None
-    ):
-        args.tau = DEFAULT_TAU
     if getattr(args, "submit", True) is False and (
         getattr(args, "backend", None)
         or getattr(args, "ray_address", None)

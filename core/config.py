@@ -1,8 +1,9 @@
-"""One config mechanism for every job kind: dataclass config <-> command-line flags <-> the
-equivalent command a page shows.
+"""One config mechanism for every job kind and command: dataclass config <-> command-line
+flags <-> the equivalent command a page shows.
 
-A job kind's settings are a dataclass that subclasses `JobConfig` (train: `TrainConfig`,
-generate: `GenDataConfig`, eval: `EvalConfig`, protocol: `ProtocolConfig`). The class says:
+A command's settings are a dataclass that subclasses `JobConfig` (score: `ScoreConfig`, mask:
+`MaskCommandConfig`, train: `TrainConfig`, generate: `GenDataConfig`, eval: `EvalConfig`,
+protocol: `ProtocolConfig`, sweep: `SweepConfig`). The class says:
 
 - `COMMAND`: its `python -m core COMMAND` subcommand;
 - `PRESETS` and `DEFAULT_PRESET`: named overrides of the dataclass defaults (a `preset` field
@@ -13,8 +14,12 @@ generate: `GenDataConfig`, eval: `EvalConfig`, protocol: `ProtocolConfig`). The 
 - `CONFIG_FILE`: whether the command takes `--config FILE` (a run's config.json) under the flags.
 
 Field metadata: "help"; "choices"; "parse" (text -> value) for a type the annotation does not
-tell; "flag" (a flag name other than the field's); "repeat" (a list given as the flag
-repeated, not comma-separated); "cli": False for a derived field that has no flag.
+tell; "flag" (a flag name other than the field's); "aliases" (more flag names that set it, e.g.
+an older spelling; the command writes the main one); "required" (the flag must be given);
+"repeat" (a list given as the flag repeated, not comma-separated); "cli": False for a derived
+field that has no flag. `field_from(Other, "name")` declares a field as another dataclass
+declares it (default, help, choices), so a setting's vocabulary is written once: `TrainConfig`
+and the `mask` command take their mask fields from `core.masking.config.MaskConfig`.
 
 Flags: `--field-name VALUE` per field; booleans `--x` / `--no-x`; `X | None` fields take "none";
 lists take "a,b"; dicts take JSON. Every flag stays out of the namespace unless given, so the
@@ -30,7 +35,7 @@ import json
 import shlex
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, asdict, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -43,6 +48,16 @@ NONE_WORDS = ("none", "null", "")
 def help_meta(text: str, **extra: Any) -> dict[str, Any]:
     """A config field's metadata: its help text plus any of the keys the module docstring lists."""
     return {"help": text, **extra}
+
+
+def field_from(cls: type, name: str, **meta: Any) -> Any:
+    """A dataclass field declared as `cls` declares its field `name` (default, help, choices,
+    ...), with the metadata `meta` added or replaced."""
+    source = next(f for f in fields(cls) if f.name == name)
+    metadata = {**source.metadata, **meta}
+    if source.default_factory is not MISSING:
+        return field(default_factory=source.default_factory, metadata=metadata)
+    return field(default=source.default, metadata=metadata)
 
 
 def parse_optional(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -180,8 +195,11 @@ class JobConfig:
         return asdict(self)  # type: ignore[call-overload]
 
     def preset_defaults(self) -> dict[str, Any]:
-        """The values this config's preset gives (the dataclass defaults without presets)."""
-        preset = getattr(self, "preset", None) if self.PRESETS else None
+        """The values this config's preset gives (the dataclass defaults without presets: what
+        a flag left out means, also for a kind with required fields)."""
+        if not self.PRESETS:
+            return {f.name: field_default(type(self), f.name) for f in fields(self)}  # type: ignore[arg-type]
+        preset = getattr(self, "preset")  # noqa: B009 - a dataclass field
         return asdict(type(self).from_preset(preset))  # type: ignore[call-overload]
 
     # -- command line -----------------------------------------------------------------------
@@ -230,7 +248,9 @@ class JobConfig:
                     kwargs["choices"] = list(meta["choices"])
                 else:
                     kwargs["metavar"] = meta.get("metavar", _metavar(hints[f.name]))
-            parser.add_argument(flag, **kwargs)
+            if meta.get("required"):
+                kwargs["required"] = True
+            parser.add_argument(flag, *meta.get("aliases", ()), **kwargs)
 
     @classmethod
     def from_args(cls: type[C], args: argparse.Namespace) -> C:

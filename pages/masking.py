@@ -8,7 +8,6 @@ widget change. Only the example on screen becomes a `ScoredExample` record: the 
 the curve and the export (`core.masking.export` on `TokenScores`) read the columns.
 """
 
-import shlex
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,25 +25,29 @@ from components.session import (
 )
 from core import fmt
 from core.errors import LensError
+from core.masking import DEFAULT_TAU
+from core.masking.config import (
+    DEFAULT_K_PERCENT,
+    MODES,
+    PERCENTILE_RULES,
+    MaskCommandConfig,
+    MaskConfig,
+)
 from core.masking.export import (
     export_masked_dataset,
     export_path,
-    mask_cli_command,
     masked_jsonl_bytes,
     scores_fingerprint,
 )
 from core.masking.rules import (
-    DEFAULT_K_PERCENT,
-    DEFAULT_TAU,
-    PERCENTILE_RULES,
     TAU_GRID,
-    MaskConfig,
     MaskResult,
     MaskStats,
     PplIndex,
     compute_masks,
     snap_tau,
 )
+from core.scoring.config import ScoreConfig
 from core.scoring.score import ScoreRun
 from core.scoring.tokens import TokenScores
 from core.viz.charts import (
@@ -278,21 +281,19 @@ def _curve_figure(run_key: str, mode: str, taus: tuple, _indexes: dict) -> go.Fi
 # --------------------------------------------------------------------------- export
 
 
-def _score_command(sel) -> str:
-    args = ["python", "-m", "core", "score", "--model", sel.model]
-    if sel.device != "auto":
-        args += ["--device", sel.device]
-    if sel.dtype != "auto":
-        args += ["--dtype", sel.dtype]
+def _score_config(sel, out: str) -> ScoreConfig:
+    """The `score` command's config that scores what the sidebar selected into `out`."""
+    model = {"model": sel.model, "device": sel.device, "dtype": sel.dtype, "limit": sel.limit}
     if sel.kind == "task":
-        args += ["--task", sel.task, "--split", sel.split]
-    else:
-        args += ["--data", sel.data_path]
-        args += ["--prompt-col", sel.prompt_col, "--response-col", sel.response_col]
-        if sel.id_col:
-            args += ["--id-col", sel.id_col]
-    args += ["--limit", str(sel.limit), "--out", "scores.jsonl"]
-    return shlex.join(args)
+        return ScoreConfig(task=sel.task, split=sel.split, out=out, **model)
+    return ScoreConfig(
+        data=sel.data_path,
+        prompt_col=sel.prompt_col,
+        response_col=sel.response_col,
+        id_col=sel.id_col or None,
+        out=out,
+        **model,
+    )
 
 
 def _default_export_name(sel, config: MaskConfig, result: MaskResult) -> str:
@@ -365,10 +366,10 @@ def _export_section(sel, run: ScoreRun, settings: list[tuple[str, MaskConfig, Ma
         icon=":material/check_circle:",
     )
     st.caption("The same export from the command line:")
+    scores = "scores.jsonl"
+    mask = MaskCommandConfig.from_mask(config, scores=scores, out=str(out), overwrite=overwrite)
     st.code(
-        _score_command(sel)
-        + "\n"
-        + mask_cli_command("scores.jsonl", str(out), config, overwrite=overwrite),
+        _score_config(sel, scores).command() + "\n" + mask.command(),
         language="bash",
         wrap_lines=True,
     )
@@ -400,7 +401,7 @@ if run.skipped:
 c_mode, c_kind, c_opts = st.columns([5.5, 4, 2.5], vertical_alignment="bottom")
 mode = c_mode.segmented_control(
     "Mode",
-    list(MODE_BUTTONS),
+    list(MODES),
     default="high",
     required=True,
     format_func=MODE_BUTTONS.get,

@@ -38,6 +38,7 @@ from core.io import read_json
 from core.jobs.metrics import DataRecord, EvalRecord, TrainRecord, latest, of_kind
 from core.jobs.registry import FAILED, RUNNING, SUCCEEDED, JobRegistry
 from core.jobs.runfiles import SUMMARY_JSON, read_records, run_progress
+from core.masking.config import METHODS, PERCENTILE_RULES
 from core.study.estimates import (
     Estimate,
     device_note,
@@ -165,9 +166,7 @@ def launch_form() -> None:
             f"embedded model. The form opens on **{fitting}**: {device_note(sel.device)}.",
         )
         base = TrainConfig.from_preset(preset)
-        method = c2.selectbox(
-            "Method", list(METHOD_LABELS), format_func=METHOD_LABELS.get, key="train_method"
-        )
+        method = c2.selectbox("Method", METHODS, format_func=METHOD_LABELS.get, key="train_method")
         finetune = c3.selectbox(
             "Fine-tuning",
             FINETUNES,
@@ -194,7 +193,7 @@ def launch_form() -> None:
                 values.update(tau=None, target_share=share / 100)
         elif method == "percentile":
             m1, m2 = st.columns(2)
-            values["percentile_rule"] = m1.selectbox("Which k%", ["top", "random", "bottom"])
+            values["percentile_rule"] = m1.selectbox("Which k%", PERCENTILE_RULES)
             values["k_percent"] = float(m2.slider("k (%)", 0, 100, 20))
 
         _loss_values(values, finetune)

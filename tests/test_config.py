@@ -1,6 +1,6 @@
-"""One config mechanism for every job kind: config -> equivalent command -> flags -> the same
-config (the command a page shows must run what the page shows), for random configs of each kind;
-and the defects the old per-kind flag builders had."""
+"""One config mechanism for every command (score, mask and the job kinds): config -> equivalent
+command -> flags -> the same config (the command a page shows must run what the page shows), for
+random configs of each kind; and the defects the old per-kind flag builders had."""
 
 from __future__ import annotations
 
@@ -17,11 +17,21 @@ from core.cli import build_parser, main
 from core.datagen.config import GenDataConfig
 from core.errors import LensError
 from core.eval.config import EvalConfig
+from core.masking.config import MaskCommandConfig
+from core.scoring.config import ScoreConfig
 from core.study.protocol import ARMS, ProtocolConfig
 from core.study.sweep import SweepConfig
 from core.training.config import REPORTERS, TrainConfig
 
-KINDS = (TrainConfig, GenDataConfig, EvalConfig, ProtocolConfig, SweepConfig)
+KINDS = (
+    ScoreConfig,
+    MaskCommandConfig,
+    TrainConfig,
+    GenDataConfig,
+    EvalConfig,
+    ProtocolConfig,
+    SweepConfig,
+)
 
 # Free-text values that must survive shell quoting; list fields draw their items from these.
 TEXTS = ("my model", "/tmp/a b/data.jsonl", "x,y")

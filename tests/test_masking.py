@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from core.data.records import ScoredExample
 from core.errors import LensError
+from core.masking import DEFAULT_TAU
 from core.masking import export as masking_export
 from core.masking import rules as masking_rules
 from core.masking.export import (
@@ -22,7 +23,6 @@ from core.masking.export import (
     run_mask_cli,
 )
 from core.masking.rules import (
-    DEFAULT_TAU,
     IGNORE_INDEX,
     MaskConfig,
     MaskStats,
@@ -612,48 +612,27 @@ def write_scores(path, examples):
 
 def test_run_mask_cli(tmp_path, small_set):
     scores = write_scores(tmp_path / "scores.jsonl", small_set)
-    manifest = run_mask_cli(
-        str(scores), str(tmp_path / "m"), 2.5, None, "high", None, "top", 0, False
-    )
+    manifest = run_mask_cli(str(scores), str(tmp_path / "m"), MaskConfig(tau=2.5))
     assert manifest["tau"] == 2.5 and manifest["n_masked"] == 4
     assert manifest["source_fingerprint"] and manifest["conventions"] == ["prompt"]
     rows, _ = load_masked_dataset(tmp_path / "m")
     res = compute_masks(scores_of(small_set), MaskConfig(tau=2.5))
     assert rows == masked_rows(scores_of(small_set), res)
-    # default tau when neither tau nor share is given
-    m2 = run_mask_cli(str(scores), str(tmp_path / "m2"), None, None, "high", None, "top", 0, False)
+    # the default tau (the flags' errors and defaults: tests/test_mask_settings.py)
+    m2 = run_mask_cli(str(scores), str(tmp_path / "m2"), MaskConfig())
     assert m2["tau"] == DEFAULT_TAU
-    m3 = run_mask_cli(str(scores), str(tmp_path / "m3"), None, 0.5, "random", None, "top", 1, False)
+    share = MaskConfig(mode="random", tau=None, target_share=0.5, seed=1)
+    m3 = run_mask_cli(str(scores), str(tmp_path / "m3"), share)
     assert m3["target_share"] == 0.5 and m3["mode"] == "random"
-    m4 = run_mask_cli(
-        str(scores), str(tmp_path / "m4"), None, None, "percentile", 50, "bottom", 0, False
-    )
+    bottom = MaskConfig(mode="percentile", k_percent=50, percentile_rule="bottom")
+    m4 = run_mask_cli(str(scores), str(tmp_path / "m4"), bottom)
     assert m4["tau"] is None and m4["k_percent"] == 50 and m4["percentile_rule"] == "bottom"
     with pytest.raises(LensError, match="not empty"):
-        run_mask_cli(str(scores), str(tmp_path / "m"), 2.5, None, "high", None, "top", 0, False)
-
-
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        ((2.5, 0.2, "high", None, "top"), "not both"),
-        ((None, None, "percentile", None, "top"), "needs --k-percent"),
-        ((2.5, None, "percentile", 20, "top"), "do not apply"),
-        ((None, None, "high", 20, "top"), "only applies"),
-        ((None, None, "sideways", None, "top"), "unknown mask mode"),
-        ((-1.0, None, "high", None, "top"), "tau must be"),
-    ],
-)
-def test_run_mask_cli_argument_errors(tmp_path, small_set, args, message):
-    scores = write_scores(tmp_path / "scores.jsonl", small_set)
-    tau, share, mode, k, rule = args
-    with pytest.raises(LensError, match=message):
-        run_mask_cli(str(scores), str(tmp_path / "o"), tau, share, mode, k, rule, 0, False)
-    assert not (tmp_path / "o").exists()
+        run_mask_cli(str(scores), str(tmp_path / "m"), MaskConfig(tau=2.5))
 
 
 def test_run_mask_cli_file_errors(tmp_path, small_set):
-    args = (str(tmp_path / "o"), 2.5, None, "high", None, "top", 0, False)
+    args = (str(tmp_path / "o"), MaskConfig())
     with pytest.raises(LensError, match="scores file not found"):
         run_mask_cli(str(tmp_path / "missing.jsonl"), *args)
     bad = tmp_path / "bad.jsonl"
@@ -735,7 +714,7 @@ def test_scores_fingerprint_tracks_content(small_set):
 
 
 def test_run_mask_cli_model_field(tmp_path, small_set):
-    args = (2.5, None, "high", None, "top", 0, False)
+    args = (MaskConfig(),)
     plain = write_scores(tmp_path / "plain.jsonl", small_set)
     assert run_mask_cli(str(plain), str(tmp_path / "o1"), *args)["model"] is None
     mixed = tmp_path / "mixed.jsonl"

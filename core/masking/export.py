@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import platform
-import shlex
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,11 +25,9 @@ from core.io import (
     write_bytes_atomic,
     write_text_atomic,
 )
+from core.masking.config import MaskConfig
 from core.masking.rules import (
-    DEFAULT_TAU,
     IGNORE_INDEX,
-    MODES,
-    MaskConfig,
     MaskResult,
     MaskStats,
     compute_masks,
@@ -360,31 +357,6 @@ def _read_scores(scores_path: str | os.PathLike[str]) -> tuple[TokenScores, list
     return scores, sorted(models)
 
 
-def mask_cli_command(
-    scores_path: str, out_dir: str, config: MaskConfig, *, overwrite: bool = False
-) -> str:
-    """The ``python -m core mask`` command line that reproduces ``config`` on a scores file.
-
-    Numbers are written with ``repr`` so they parse back to exactly the same floats; a target
-    share is passed as ``--share`` (solving tau is deterministic, so the masks are the same).
-    """
-    args = ["python", "-m", "core", "mask", "--scores", scores_path, "--mode", config.mode]
-    if config.mode == "percentile":
-        args += ["--k-percent", repr(config.k_percent), "--percentile-rule", config.percentile_rule]
-    elif config.target_share is not None:
-        args += ["--share", repr(config.target_share)]
-    else:
-        args += ["--tau", repr(config.tau)]
-    if config.mode == "random" or (
-        config.mode == "percentile" and config.percentile_rule == "random"
-    ):
-        args += ["--seed", str(config.seed)]
-    args += ["--out", out_dir]
-    if overwrite:
-        args.append("--overwrite")
-    return shlex.join(args)
-
-
 def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -394,43 +366,15 @@ def _file_sha256(path: Path) -> str:
 
 
 def run_mask_cli(
-    scores_path: str,
-    out_dir: str,
-    tau: float | None,
-    share: float | None,
-    mode: str,
-    k_percent: float | None,
-    percentile_rule: str,
-    seed: int,
-    overwrite: bool,
+    scores_path: str, out_dir: str, config: MaskConfig, *, overwrite: bool = False
 ) -> dict[str, Any]:
-    """``python -m core mask``: read scores, mask, export; return the written manifest.
+    """``python -m core mask`` (`core.masking.config.MaskCommandConfig`): read scores, mask
+    with ``config``, export; return the written manifest.
 
-    For high/low/random, give ``tau`` or ``share`` (neither means tau = 2.5). For percentile,
-    ``k_percent`` is required and ``tau``/``share`` must be left out. The manifest records the
-    scoring ``model`` (from the rows' ``model`` field; None for files that lack it; scores of
-    several models are refused), the ``source_fingerprint`` (`scores_fingerprint`) and the
-    scores file's path and sha256.
+    The manifest records the scoring ``model`` (from the rows' ``model`` field; None for files
+    that lack it; scores of several models are refused), the ``source_fingerprint``
+    (`scores_fingerprint`) and the scores file's path and sha256.
     """
-    if mode not in MODES:
-        raise LensError(f"unknown mask mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode == "percentile":
-        if tau is not None or share is not None:
-            raise LensError("--tau/--share do not apply to --mode percentile; use --k-percent")
-        if k_percent is None:
-            raise LensError("--mode percentile needs --k-percent")
-        config = MaskConfig(
-            mode=mode, k_percent=k_percent, percentile_rule=percentile_rule, seed=seed
-        )
-    else:
-        if k_percent is not None:
-            raise LensError("--k-percent only applies to --mode percentile")
-        if tau is not None and share is not None:
-            raise LensError("give either --tau or --share, not both")
-        if share is not None:
-            config = MaskConfig(mode=mode, tau=None, target_share=share, seed=seed)
-        else:
-            config = MaskConfig(mode=mode, tau=DEFAULT_TAU if tau is None else tau, seed=seed)
     scores, models = _read_scores(scores_path)
     if len(models) > 1:
         raise LensError(

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -42,97 +41,10 @@ import pandas as pd
 
 from core.data.records import ScoredExample
 from core.errors import LensError
-from core.masking import DEFAULT_TAU
+from core.masking.config import MaskConfig, is_number
 from core.scoring.tokens import TokenScores
 
-MODES = ("high", "low", "random", "percentile")
-PERCENTILE_RULES = ("top", "random", "bottom")
-DEFAULT_K_PERCENT = 20.0
 IGNORE_INDEX = -100
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-def _is_number(value: object) -> bool:
-    """A real number (Python or numpy), not a bool."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
-
-
-@dataclass(frozen=True)
-class MaskConfig:
-    """Which tokens to mask.
-
-    ``tau`` and ``target_share`` are alternatives for modes high/low/random: give exactly one
-    (``tau`` defaults to 2.5, so pass ``tau=None`` together with ``target_share``). Mode
-    ``percentile`` uses ``percentile_rule`` and ``k_percent`` and ignores ``tau``; it rejects a
-    ``target_share``. ``seed`` drives modes random and percentile/random only.
-    """
-
-    mode: str = "high"
-    tau: float | None = DEFAULT_TAU
-    target_share: float | None = None
-    percentile_rule: str = "top"
-    k_percent: float = DEFAULT_K_PERCENT
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self._validate()
-        # normalise numpy scalars etc. to plain Python numbers (JSON-safe, hashable)
-        if self.tau is not None:
-            object.__setattr__(self, "tau", float(self.tau))
-        if self.target_share is not None:
-            object.__setattr__(self, "target_share", float(self.target_share))
-        object.__setattr__(self, "k_percent", float(self.k_percent))
-        object.__setattr__(self, "seed", int(self.seed))
-
-    def _validate(self) -> None:
-        if self.mode not in MODES:
-            raise LensError(f"unknown mask mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        if self.tau is not None:
-            if not _is_number(self.tau):
-                raise LensError(f"tau must be a number, got {self.tau!r}")
-            if not math.isfinite(self.tau) or self.tau <= 0:
-                raise LensError(f"tau must be a finite number > 0, got {self.tau!r}")
-        if self.target_share is not None:
-            share = self.target_share
-            if not _is_number(share):
-                raise LensError(f"target share must be a number, got {share!r}")
-            if not (0.0 <= share <= 1.0):
-                raise LensError(f"target share must be between 0 and 1, got {share!r}")
-        if self.percentile_rule not in PERCENTILE_RULES:
-            raise LensError(
-                f"unknown percentile rule {self.percentile_rule!r}; "
-                f"choose one of {', '.join(PERCENTILE_RULES)}"
-            )
-        k = self.k_percent
-        if not _is_number(k) or not (0.0 <= k <= 100.0):
-            raise LensError(f"k_percent must be between 0 and 100, got {k!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
-            raise LensError(f"seed must be an integer, got {self.seed!r}")
-        if self.seed < 0:
-            raise LensError(f"seed must be >= 0, got {self.seed}")
-        if self.mode == "percentile":
-            if self.target_share is not None:
-                raise LensError("target share does not apply to mode percentile; use k_percent")
-        else:
-            if self.tau is not None and self.target_share is not None:
-                raise LensError("give either tau or target share, not both (set tau=None)")
-            if self.tau is None and self.target_share is None:
-                raise LensError(f"mode {self.mode} needs a tau or a target share")
-
-    @property
-    def uses_tau(self) -> bool:
-        """True for the modes that threshold on perplexity (high, low, random)."""
-        return self.mode != "percentile"
-
-    def describe(self) -> str:
-        """Short human-readable label, e.g. 'high, tau=2.5' or 'percentile top 20%'."""
-        if self.mode == "percentile":
-            return f"percentile {self.percentile_rule} {self.k_percent:g}%"
-        if self.target_share is not None:
-            return f"{self.mode}, target share={self.target_share:g}"
-        return f"{self.mode}, tau={self.tau:g}"
 
 
 # --------------------------------------------------------------------------- index
@@ -386,7 +298,7 @@ def solve_tau_for_share(
     """
     if mode not in ("high", "low"):
         raise LensError(f"can only solve tau for mode high or low, got {mode!r}")
-    if not _is_number(share) or not 0 <= share <= 1:
+    if not is_number(share) or not 0 <= share <= 1:
         raise LensError(f"target share must be between 0 and 1, got {share!r}")
     if isinstance(ppls, PplIndex):
         n = ppls.n_tokens

@@ -6,12 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from core.config import JobConfig, parse_json_or_list
+from core.config import JobConfig, field_from, parse_json_or_list
 from core.config import help_meta as _help
 from core.errors import LensError
-from core.masking import DEFAULT_TAU
+from core.masking.config import METHOD_HELP, METHOD_MODES, METHODS, MaskConfig
 
-METHODS = ("gt", "stm", "random", "low", "percentile")
 FINETUNES = ("lora", "dora", "full")
 PRECISIONS = ("auto", "fp32", "bf16")
 REPORTERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
@@ -83,7 +82,8 @@ class TrainConfig(JobConfig):
     precision: str = field(
         default="auto",
         metadata=_help(
-            "auto (bf16 on GPUs with bf16 and on CPUs with AMX/AVX512-BF16), fp32, bf16"
+            "auto (bf16 on GPUs with bf16 and on CPUs with AMX/AVX512-BF16), fp32, bf16",
+            choices=PRECISIONS,
         ),
     )
     # data
@@ -103,17 +103,13 @@ class TrainConfig(JobConfig):
     )
     limit: int | None = field(default=None, metadata=_help("first N examples only"))
     max_length: int = field(default=1024, metadata=_help("tokens per example (longer: truncated)"))
-    # mask
-    method: str = field(
-        default="gt", metadata=_help("gt, stm, random (control), low or percentile")
-    )
-    tau: float | None = field(default=DEFAULT_TAU, metadata=_help("token-perplexity threshold"))
-    target_share: float | None = field(
-        default=None, metadata=_help("instead of tau: share of response tokens to mask (0-1)")
-    )
-    k_percent: float = field(default=20.0, metadata=_help("percentile method: k%% per example"))
-    percentile_rule: str = field(default="top", metadata=_help("percentile: top, random, bottom"))
-    mask_seed: int = field(default=0, metadata=_help("seed of random masks"))
+    # mask: the method names the mode, the rest is MaskConfig's vocabulary (core/masking/config.py)
+    method: str = field(default="gt", metadata=_help(METHOD_HELP, choices=METHODS))
+    tau: float | None = field_from(MaskConfig, "tau")
+    target_share: float | None = field_from(MaskConfig, "target_share")
+    k_percent: float = field_from(MaskConfig, "k_percent")
+    percentile_rule: str = field_from(MaskConfig, "percentile_rule")
+    mask_seed: int = field_from(MaskConfig, "seed")
     # token loss: how each token the method keeps is weighted (README "Token losses")
     loss: str = field(
         default="nll",
@@ -163,7 +159,9 @@ class TrainConfig(JobConfig):
         metadata=_help("asft: α >= 0 of the KL term (ASFT and LLaMA-Factory default 0.1)"),
     )
     # fine-tuning
-    finetune: str = field(default="lora", metadata=_help("lora, dora or full"))
+    finetune: str = field(
+        default="lora", metadata=_help("LoRA, DoRA or full fine-tuning", choices=FINETUNES)
+    )
     lora_r: int = field(default=16, metadata=_help("LoRA rank"))
     lora_alpha: int = field(default=32, metadata=_help("LoRA alpha"))
     lora_dropout: float = field(default=0.05, metadata=_help("LoRA dropout"))
@@ -175,7 +173,9 @@ class TrainConfig(JobConfig):
     max_steps: int | None = field(
         default=None, metadata=_help("stop after N steps (overrides epochs)")
     )
-    lr_scheduler: str = field(default="cosine", metadata=_help("cosine, linear, constant, ..."))
+    lr_scheduler: str = field(
+        default="cosine", metadata=_help("learning-rate schedule", choices=SCHEDULERS)
+    )
     warmup_ratio: float = field(default=0.0, metadata=_help("share of steps for linear warmup"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     batch_size: int = field(default=8, metadata=_help("examples per device per step"))
@@ -300,20 +300,19 @@ class TrainConfig(JobConfig):
                 "runs, refuses an adapter there; leave lm_head out of --lora-target."
             )
 
-    def mask_config(self) -> Any:
-        """The `core.masking.rules.MaskConfig` of a masked method (LensError for method gt)."""
-        from core.masking.rules import MaskConfig
-
-        if self.method == "gt":
+    def mask_config(self) -> MaskConfig:
+        """The `MaskConfig` of a masked method (LensError for method gt). A target share, when
+        set, is used instead of tau."""
+        mode = METHOD_MODES[self.method]
+        if mode is None:
             raise LensError("Method gt trains every response token; it has no mask.")
-        if self.method == "percentile":
+        if mode == "percentile":
             return MaskConfig(
-                mode="percentile",
+                mode=mode,
                 k_percent=self.k_percent,
                 percentile_rule=self.percentile_rule,
                 seed=self.mask_seed,
             )
-        mode = {"stm": "high", "random": "random", "low": "low"}[self.method]
         if self.target_share is not None:
             return MaskConfig(
                 mode=mode, tau=None, target_share=self.target_share, seed=self.mask_seed
