@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 import time
 from pathlib import Path
 
@@ -22,11 +23,14 @@ from streamlit.testing.v1 import AppTest
 
 from components.session import background_runner
 from core import fmt
+from core.cli import build_parser
 from core.data.records import ScoredExample
 from core.data.sources import load_source
+from core.masking.config import MaskCommandConfig, MaskConfig
 from core.masking.export import load_masked_dataset, scores_fingerprint
-from core.masking.rules import MaskConfig, compute_masks, solve_tau_for_share
+from core.masking.rules import compute_masks, solve_tau_for_share
 from core.scoring.cache import ScoreCache
+from core.scoring.config import ScoreConfig
 from core.scoring.score import score_examples, score_setting
 from tests.factories import scores_of
 
@@ -284,6 +288,17 @@ def test_page_export_writes_folder_with_manifest(tiny_model_dir, tiny_lm, seeded
     # the equivalent CLI command is shown and names the same settings
     command = at.code[0].value
     assert "--tau 3.0" in command and f"--out {target}" in command and "--limit 8" in command
+    # ... from the same configs as the command line's: each line parses back to the page's
+    score_line, mask_line = (shlex.split(line)[3:] for line in command.splitlines())
+    score = ScoreConfig.from_args(build_parser().parse_args(score_line))
+    assert (score.task, score.split, score.limit, score.out) == (
+        "mbpp",
+        "train",
+        LIMIT,
+        "scores.jsonl",
+    )
+    mask = MaskCommandConfig.from_args(build_parser().parse_args(mask_line))
+    assert mask.mask_config() == MaskConfig(tau=3.0) and mask.scores == score.out
 
     # a second export to the same folder without "replace" fails and keeps the first one
     before = (target / "manifest.json").read_text()
