@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pytest
 
 from core.data.records import ScoredExample
+from core.datagen.config import GenDataConfig
+from core.eval.drift import drift_metrics, item_details, score_drift
+from core.eval.probes import FILE_PREFIX, load_probe
+from core.eval.runner import load_adapter
+from core.eval.scorers import SuiteResult, TaskResult
+from core.io import write_json_atomic
+from core.jobs.runfiles import CONFIG_JSON, append_metric, eval_round_path, runs_dir
 from core.scoring.tokens import TokenScores, _offsets
+from core.study.protocol import (
+    REPORT_HTML,
+    RESULTS_JSON,
+    ProtocolConfig,
+    aggregate,
+    write_protocol_report,
+)
+from core.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from core.model.loading import LoadedModel
 
 #: Six small prompt/response pairs the training tests (and the kill-resume harness) train on.
 TRAIN_ROWS = [
@@ -172,3 +194,327 @@ def synthetic(n: int = 12, k: int = 3, seed: int = 7) -> TokenScores:
         sources=("ground_truth",) * (n - 2) + ("self_output",) * 2,
         metas=tuple({"answer": str(i)} if i % 2 else {} for i in range(n)),
     )
+
+
+# --------------------------------------------------------------------------- run folders
+
+#: Six prompt/response pairs on disk (ids ex-1..): the data of `make_adapter_run`'s runs.
+SAMPLE = Path(__file__).resolve().parent / "data" / "sample.jsonl"
+
+
+@pytest.fixture
+def runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty runs folder ($PLENS_RUNS_DIR) under the test's tmp_path."""
+    root = tmp_path / "runs"
+    monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
+    return root
+
+
+@pytest.fixture
+def trained_run(tiny_model_dir: Path, runs: Path) -> Path:
+    """A finished STM run folder of the tiny model: config, summary (final step 3) and a LoRA
+    adapter with non-zero weights (so it changes the model)."""
+    from peft import LoraConfig, get_peft_model  # lazy: heavy
+    from transformers import AutoModelForCausalLM  # lazy: heavy
+
+    run = runs_dir() / "20260101-000000-stm1"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, lora).save_pretrained(run / "adapter")
+    (run / "config.json").write_text(json.dumps({"method": "stm", "tau": 2.5, "task": "mbpp"}))
+    (run / "summary.json").write_text(json.dumps({"final_step": 3}))
+    return run
+
+
+def make_run(
+    root: Path,
+    run_id: str,
+    method: str,
+    tau: float | None,
+    share: float | None,
+    scores: Mapping[int, Mapping[str, tuple[str, float, str]]],
+    bwt_ti: Mapping[int, tuple[float | None, float | None]],
+    seed: int = 0,
+) -> Path:
+    """A finished training run folder without weights: config, summary and metrics.jsonl (a
+    data record, 4 train steps, `scores` as {step: {task: (metric, value, role)}} evaluation
+    records, `bwt_ti` as {step: (bwt, ti)} summaries, done, then a half-written last line)."""
+    folder = root / run_id
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(
+        json.dumps({"method": method, "tau": tau, "seed": seed, "model": "default"})
+    )
+    recs = [{"kind": "data", "time": 100.0, "method": method, "tau": tau, "masked_share": share}]
+    recs += [
+        {
+            "kind": "train",
+            "step": s,
+            "epoch": s / 4,
+            "time": 100.0 + s,
+            "loss": 2.0 - 0.1 * s,
+            "lr": 1e-4,
+        }
+        for s in range(1, 5)
+    ]
+    for step, values in scores.items():
+        for task, (metric, value, role) in values.items():
+            recs.append(
+                {
+                    "kind": "eval",
+                    "step": step,
+                    "task": task,
+                    "metric": metric,
+                    "value": value,
+                    "n": 20,
+                    "role": role,
+                }
+            )
+    for step, (bwt, ti) in bwt_ti.items():
+        recs.append({"kind": "eval_summary", "step": step, "bwt": bwt, "ti": ti})
+    recs.append({"kind": "done", "step": 4})
+    text = "".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "tra'  # half-written last line
+    (folder / "metrics.jsonl").write_text(text)
+    (folder / "summary.json").write_text(
+        json.dumps({"train_runtime_s": 40.0, "wall_time_s": 60.0, "finished": 160.0})
+    )
+    return folder
+
+
+def make_adapter_run(
+    root: Path, run_id: str, model_dir: Path, *, method: str = "stm", seed: int = 1
+) -> Path:
+    """A finished run folder: config.json training `model_dir` on tests/data/sample.jsonl, and
+    a LoRA adapter with random (non-zero) B matrices in adapter/, as training saves it."""
+    import torch  # lazy: heavy
+    from peft import LoraConfig, get_peft_model  # lazy: heavy
+    from transformers import AutoModelForCausalLM  # lazy: heavy
+
+    folder = root / run_id
+    folder.mkdir(parents=True)
+    config = {
+        "model": str(model_dir),
+        "task": None,
+        "data": str(SAMPLE),
+        "id_col": "id",
+        "method": method,
+        "tau": 2.5,
+        "seed": 0,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "metrics.jsonl").write_text(
+        json.dumps({"kind": "data", "time": 1.0, "method": method, "tau": 2.5}) + "\n"
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    torch.manual_seed(seed)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(std=0.5)
+    peft_model.save_pretrained(folder / "adapter")
+    return folder
+
+
+def write_training_run(root: Path, name: str = "r1", **settings: Any) -> Path:
+    """A finished cpu-quick run: 16 s per step of 8 sequences, a 30 s evaluation round at step 0
+    and one of 40 s at step 4."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    config = TrainConfig.from_preset(
+        "cpu-quick",
+        device="cpu",
+        eval_every=4,
+        eval_suite={"suite": "during", "limit": None},
+        **settings,
+    )
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    rows = [
+        {"kind": "data", "time": 990.0},
+        {"kind": "start", "time": 1000.0, "step": 0, "max_steps": 8},
+        {"kind": "eval", "time": 1020.0, "step": 0, "task": "a", "metric": "nll", "value": 1.0},
+        {"kind": "eval", "time": 1030.0, "step": 0, "task": "b", "metric": "nll", "value": 1.0},
+        {"kind": "train", "time": 1046.0, "step": 1, "loss": 1.0},
+        {"kind": "train", "time": 1062.0, "step": 2, "loss": 0.9},
+        {"kind": "train", "time": 1078.0, "step": 3, "loss": 0.8},
+        {"kind": "eval", "time": 1134.0, "step": 4, "task": "a", "metric": "nll", "value": 1.0},
+        {"kind": "train", "time": 1135.0, "step": 4, "loss": 0.7},
+        {"kind": "train", "time": 1151.0, "step": 5, "loss": 0.7},
+    ]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def write_generation_run(root: Path, name: str = "g1", **settings: Any) -> Path:
+    """A cpu-quick generation run: 2 prompts x 4 samples of 96 tokens (half the 192 limit) in
+    2 x 8 s of generation, 20 s of wall time."""
+    folder = root / name
+    folder.mkdir(parents=True)
+    config = GenDataConfig.from_preset("cpu-quick", device="cpu", **settings)
+    (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    cands = [{"n_tokens": 96, "text": "x", "correct": False} for _ in range(4)]
+    records = [{"id": f"p{i}", "seconds": 8.0, "candidates": cands} for i in range(2)]
+    (folder / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "gendata.json").write_text(json.dumps({"wall_seconds": 20.0}))
+    return folder
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+def sweep_row(setting: str, arc_low: float, arc_high: float) -> dict[str, Any]:
+    """One setting of a recorded CPU sweep: its ARC-Easy interval and a target gain."""
+    interval = {"estimate": (arc_low + arc_high) / 2, "low": arc_low, "high": arc_high, "n": 570}
+    target = {"estimate": -0.3, "low": -0.4, "high": -0.2, "n": 60}
+    return {
+        "setting": setting,
+        "finetune": "full",
+        "learning_rate": 1e-4,
+        "paired": {
+            "arc_easy acc": {**interval, "role": "ood", "higher_is_better": True},
+            "mbpp_ppl nll": {**target, "role": "target", "higher_is_better": False},
+        },
+    }
+
+
+def finished_protocol(root: Path) -> dict[str, Any]:
+    """A finished cpu protocol (gt and stm, seeds 0 and 1) under `root`: its run folders
+    (`make_run`), config, results and report; returns the results."""
+    config = ProtocolConfig.from_preset("cpu", methods=["gt", "stm"], seeds=[0, 1])
+    folder = root / "protocol-cpu"
+    folder.mkdir()
+    write_json_atomic(folder / CONFIG_JSON, config.to_dict())
+    runs = []
+    for arm, share, forgetting in (("gt", None, (10.0, 10.2)), ("stm", 0.3, (1.0, 1.2))):
+        for seed, easy in zip((0, 1), forgetting, strict=True):
+            rid = f"protocol-cpu-{arm}-s{seed}"
+            base = {"mbpp_ppl": ("nll", 1.4, "target"), "arc_challenge": ("acc", 0.25, "ood")}
+            end = {"mbpp_ppl": ("nll", 1.2, "target"), "arc_challenge": ("acc", 0.25, "ood")}
+            tau = 2.5 if arm == "stm" else None
+            bwt_ti = {0: (0.0, None), 4: (0.0, None)}
+            make_run(root, rid, arm, tau, share, {0: base, 4: end}, bwt_ti, seed=seed)
+            summary = {"kind": "eval_summary", "step": 4, "bwt": 0.0, "ti": None}
+            with open(root / rid / "metrics.jsonl", "a") as fh:  # after the half-written line
+                fh.write("\n" + json.dumps({**summary, "nll_easy_change": easy}) + "\n")
+            label = "ground truth" if arm == "gt" else "STM τ=2.5"
+            runs.append(
+                {"arm": arm, "label": label, "seed": seed, "run": rid, "status": "succeeded"}
+            )
+    results = aggregate(config, runs, ["a note"], 120.0)
+    write_protocol_report(results, [r["run"] for r in runs], folder / REPORT_HTML)
+    write_json_atomic(folder / RESULTS_JSON, results)
+    return results
+
+
+# --------------------------------------------------------------------------- drift
+
+#: The prompts of `make_drift_run`'s probe file.
+DRIFT_PROMPTS = (
+    "Write a function that adds two numbers.",
+    "What is the capital of France?",
+    "Name three primes.",
+)
+
+
+def lora(lm: LoadedModel, *, trained: bool, seed: int = 0) -> LoadedModel:
+    """`lm` with a fresh LoRA adapter on a deep copy of its model; `trained` perturbs lora_B
+    (a fresh adapter's B is zero)."""
+    import torch  # lazy: heavy
+    from peft import LoraConfig, get_peft_model  # lazy: heavy
+
+    model = get_peft_model(
+        copy.deepcopy(lm.model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    if trained:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    model.eval()
+    return replace(lm, model=model)
+
+
+def drift_task_result(name: str, task: str, details: list[dict], role: str = "ood") -> TaskResult:
+    """A drift task's result from per-item details, as `run_suite` saves it (no metrics for
+    details too broken to pool)."""
+    try:
+        metrics = drift_metrics(details)
+    except (KeyError, TypeError, ValueError):
+        metrics = {}
+    return TaskResult(name, task, "drift", role, "kl", metrics, len(details), 0.1, details)
+
+
+def save_round(run: Path, step: int, tasks: list[TaskResult], adapter: str | None = None) -> None:
+    """An evaluation round of `tasks` at `step`, saved in the run folder as the runner saves it."""
+    result = SuiteResult("fake", "fp", "default", adapter, tasks, 1.0, created=1.0)
+    write_json_atomic(eval_round_path(run, step), result.to_dict())
+
+
+def make_drift_run(root: Path, model_dir: Path, *, step: int = 3, run_id: str = "stm-run") -> Path:
+    """A finished STM run of the tiny model: a LoRA adapter with non-zero weights saved as its
+    final adapter (summary final_step = `step`), and rounds at step 0 (the base: KL 0) and at
+    `step` whose drift task ("drift:probe", a user's probe file of `DRIFT_PROMPTS`) was scored
+    with that very adapter, so the recomputed top-k must agree with it."""
+    import torch  # lazy: heavy
+    from peft import LoraConfig, get_peft_model  # lazy: heavy
+    from transformers import AutoModelForCausalLM  # lazy: heavy
+
+    from core.model.loading import load_model  # lazy: heavy (torch)
+
+    run = root / run_id
+    run.mkdir(parents=True)
+    probe_file = root / f"{run_id}-probe.txt"
+    probe_file.write_text("\n".join(DRIFT_PROMPTS) + "\n")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(run / "adapter")
+    (run / "config.json").write_text(
+        json.dumps({"method": "stm", "tau": 2.5, "model": str(model_dir), "task": "mbpp"})
+    )
+    (run / "summary.json").write_text(json.dumps({"final_step": step}))
+    append_metric(
+        run,
+        {
+            "kind": "data",
+            "time": 1.0,
+            "method": "stm",
+            "tau": 2.5,
+            "mask": "high, tau=2.5",
+            "masked_share": 0.18,
+            "source": "mbpp/train: 8 examples",
+            "n_examples": 8,
+            "n_response_tokens": 900,
+        },
+    )
+    probe = load_probe(FILE_PREFIX + str(probe_file))
+    base = load_model(str(model_dir), device="cpu", dtype="float32")
+    name, task = "drift:probe", FILE_PREFIX + str(probe_file)
+    _, base_details, _ = score_drift(base, probe, max_new_tokens=8, is_base=True)
+    save_round(run, 0, [drift_task_result(name, task, base_details)])
+    tuned = load_adapter(base, run / "adapter")
+    _, details, _ = score_drift(tuned, probe, max_new_tokens=8, is_base=False)
+    save_round(run, step, [drift_task_result(name, task, details)])
+    return run
+
+
+def hand_details() -> list[dict]:
+    """Three items: 'a' (arc_easy) and 'b' (arc_easy) and 'c' (gsm8k), per-token KL chosen so
+    every aggregate can be checked by hand."""
+
+    def one(item_id, domain, ids, kl, dlp):
+        kl, dlp = np.asarray(kl, float), np.asarray(dlp, float)
+        stats = {
+            "kl": kl,
+            "agree": kl < 0.5,
+            "ref_lp": np.full(kl.size, -1.0),
+            "tuned_lp": -1.0 + dlp,
+            "ref_ent": np.ones(kl.size),
+            "tuned_ent": np.ones(kl.size),
+        }
+        return item_details(item_id, domain, ids, stats)
+
+    return [
+        one("a", "arc_easy", [10, 11, 12, 13, 11], [1.0, 0.2, 0.0, 0.0, 0.8], [-2, 0, 0, 0, -1]),
+        one("b", "arc_easy", [11, 11], [0.1, 0.1], [0.1, 0.1]),
+        one("c", "gsm8k", [10, 10, 10, 10, 10, 10], [0.3] * 6, [-0.3] * 6),
+    ]

@@ -8,8 +8,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.eval.drift import DRIFT_LABELS
 from tests.eval_runs import BASE, BASE_DRIFT, DRIFT_TASKS, later, later_drift, make_eval_run
-from tests.test_diagnostics import make_adapter_run
-from tests.test_report import _make_run
+from tests.factories import make_adapter_run, make_run
 
 
 def run_until(at: AppTest, done, timeout: float = 120.0) -> AppTest:
@@ -28,12 +27,24 @@ def runs_env(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
     base = {"mbpp": ("pass@1", 0.20, "target"), "gsm8k": ("acc", 0.10, "ood")}
-    _make_run(root, "gt1", "gt", None, None,
-              {0: base, 4: {"mbpp": ("pass@1", 0.25, "target"), "gsm8k": ("acc", 0.05, "ood")}},
-              {0: (0.0, 0.0), 4: (-50.0, 25.0)})  # fmt: skip
-    _make_run(root, "stm1", "stm", 2.5, 0.3,
-              {0: base, 4: {"mbpp": ("pass@1", 0.22, "target"), "gsm8k": ("acc", 0.10, "ood")}},
-              {0: (0.0, 0.0), 4: (0.0, 10.0)})  # fmt: skip
+    make_run(
+        root,
+        "gt1",
+        "gt",
+        None,
+        None,
+        {0: base, 4: {"mbpp": ("pass@1", 0.25, "target"), "gsm8k": ("acc", 0.05, "ood")}},
+        {0: (0.0, 0.0), 4: (-50.0, 25.0)},
+    )
+    make_run(
+        root,
+        "stm1",
+        "stm",
+        2.5,
+        0.3,
+        {0: base, 4: {"mbpp": ("pass@1", 0.22, "target"), "gsm8k": ("acc", 0.10, "ood")}},
+        {0: (0.0, 0.0), 4: (0.0, 10.0)},
+    )
     return root
 
 

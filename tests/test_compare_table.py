@@ -25,15 +25,22 @@ from core.study.runs import (
     runs_table,
 )
 from tests.eval_runs import BASE, later, make_eval_run
-from tests.test_report import _make_run
+from tests.factories import make_adapter_run, make_run
 
 BASE_SCORES = {"mbpp": ("pass@1", 0.20, "target"), "gsm8k": ("acc", 0.10, "ood")}
 
 
 def _finished(root, run_id, method, tau, share, target=0.25, bwt=-50.0, ti=25.0):
     later_scores = {"mbpp": ("pass@1", target, "target"), "gsm8k": ("acc", 0.05, "ood")}
-    return _make_run(root, run_id, method, tau, share, {0: BASE_SCORES, 4: later_scores},
-                     {0: (0.0, 0.0), 4: (bwt, ti)})  # fmt: skip
+    return make_run(
+        root,
+        run_id,
+        method,
+        tau,
+        share,
+        {0: BASE_SCORES, 4: later_scores},
+        {0: (0.0, 0.0), 4: (bwt, ti)},
+    )
 
 
 @pytest.fixture
@@ -222,7 +229,6 @@ def test_config_diff_says_not_set_with_the_one_missing_marker(tmp_path, monkeypa
 
 
 def test_the_lora_table_is_titled_explained_and_rounded(tmp_path, monkeypatch, tiny_model_dir):
-    from tests.test_diagnostics import make_adapter_run
 
     root = tmp_path / "runs"
     monkeypatch.setenv("PLENS_RUNS_DIR", str(root))

@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,6 +16,7 @@ from core.study.diagnostics import (
     token_ppl_change,
 )
 from core.viz.heatmap import delta_color, render_delta_heatmap
+from tests.factories import make_adapter_run
 
 
 def ppl_change_summary(frame: pd.DataFrame) -> pd.DataFrame:
@@ -111,32 +111,6 @@ def test_delta_heatmap_colours_by_direction():
 # ------------------------------------------------------------------------------------------
 # Token perplexity change of a run: computed once, saved in the run folder
 # ------------------------------------------------------------------------------------------
-
-SAMPLE = Path(__file__).resolve().parent / "data" / "sample.jsonl"
-
-
-def make_adapter_run(root, run_id, model_dir, *, method="stm", seed=1):
-    """A finished run folder: config.json training `model_dir` on tests/data/sample.jsonl, and
-    a LoRA adapter with random (non-zero) B matrices in adapter/, as training saves it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    folder = root / run_id
-    folder.mkdir(parents=True)
-    config = {"model": str(model_dir), "task": None, "data": str(SAMPLE), "id_col": "id",
-              "method": method, "tau": 2.5, "seed": 0}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "metrics.jsonl").write_text(
-        json.dumps({"kind": "data", "time": 1.0, "method": method, "tau": 2.5}) + "\n"
-    )
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
-    torch.manual_seed(seed)
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(std=0.5)
-    peft_model.save_pretrained(folder / "adapter")
-    return folder
 
 
 def test_ppl_change_of_a_run_is_computed_once_and_saved(tiny_model_dir, tiny_lm, tmp_path):

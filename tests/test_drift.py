@@ -19,6 +19,7 @@ from core.eval.runner import run_suite
 from core.eval.suites import DRIFT, EvalSuite, EvalTaskSpec
 from core.model.encoding import encode_prompt
 from core.model.loading import LoadedModel
+from tests.factories import lora
 
 PROMPTS = ("Write a function that adds two numbers.", "What is the capital of France?")
 
@@ -27,24 +28,6 @@ def _probe(*prompts: str) -> Probe:
     from core.data.records import Example
 
     return Probe("test", tuple(Example(f"p/{i}", p, "") for i, p in enumerate(prompts)))
-
-
-def _lora(lm: LoadedModel, *, trained: bool, seed: int = 0) -> LoadedModel:
-    """`lm` with a fresh LoRA adapter on a deep copy of its model; `trained` perturbs lora_B
-    (a fresh adapter's B is zero)."""
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(
-        copy.deepcopy(lm.model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    )
-    if trained:
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    model.eval()
-    return replace(lm, model=model)
 
 
 def _naive(lm: LoadedModel, prompt: str, answer: list[int]) -> dict[str, np.ndarray]:
@@ -71,7 +54,7 @@ def _naive(lm: LoadedModel, prompt: str, answer: list[int]) -> dict[str, np.ndar
 
 
 def test_drift_matches_a_naive_full_logits_reference(tiny_lm):
-    tuned = _lora(tiny_lm, trained=True)
+    tuned = lora(tiny_lm, trained=True)
     cache = ProbeAnswerCache()
     metrics, details, _ = score_drift(
         tuned, _probe(*PROMPTS), max_new_tokens=12, is_base=False, answer_cache=cache
@@ -107,7 +90,7 @@ def test_drift_is_exactly_zero_for_a_fresh_adapter_and_for_the_base_itself(tiny_
         tiny_lm, probe, max_new_tokens=10, is_base=True, answer_cache=cache
     )
     fresh_metrics, fresh_details, _ = score_drift(
-        _lora(tiny_lm, trained=False), probe, max_new_tokens=10, is_base=False, answer_cache=cache
+        lora(tiny_lm, trained=False), probe, max_new_tokens=10, is_base=False, answer_cache=cache
     )
     for metrics, details in ((base_metrics, base_details), (fresh_metrics, fresh_details)):
         assert metrics["kl"] == 0.0
@@ -173,7 +156,7 @@ def test_a_suite_with_drift_tasks_compares_with_paired_intervals(tiny_lm):
     )
     base = run_suite(tiny_lm, suite)
     assert base.task("ood_drift").value == 0.0
-    tuned = run_suite(_lora(tiny_lm, trained=True), suite, base=base)
+    tuned = run_suite(lora(tiny_lm, trained=True), suite, base=base)
     assert tuned.task("ood_drift").value > 0
     assert tuned.task("text_drift").metrics["dbpb"] is not None
     comparison = compare_results(base, tuned, suite)

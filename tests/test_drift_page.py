@@ -14,8 +14,7 @@ from core.jobs.runfiles import append_metric, eval_round_path
 from core.study.drift import drift_items, drift_tasks, item_table, load_round
 from core.study.drift_tokens import TUNED_SLOT
 from tests import eval_runs
-from tests.test_drift_view import drift_task_result, hand_details, make_drift_run, save_round
-from tests.test_eval_jobs import runs  # noqa: F401 - fixture
+from tests.factories import drift_task_result, hand_details, make_drift_run, save_round
 
 PAGE = "../pages/drift.py"
 

@@ -16,10 +16,9 @@ import torch
 
 from core.data.records import Example
 from core.errors import LensError
-from core.eval.drift import drift_metrics, item_details, score_drift
-from core.eval.probes import FILE_PREFIX, Probe, load_probe
+from core.eval.drift import score_drift
+from core.eval.probes import Probe, load_probe
 from core.eval.scorers import SuiteResult, TaskResult
-from core.io import write_json_atomic
 from core.jobs.runfiles import append_metric, eval_round_path
 from core.model.encoding import encode_prompt
 from core.study import drift as sd
@@ -27,80 +26,28 @@ from core.study import drift_tokens as sdt
 from core.study.runs import load_run
 from core.viz import drift as vd
 from tests import eval_runs
-from tests.test_drift import _lora
-
-PROMPTS = ("Write a function that adds two numbers.", "What is the capital of France?",
-           "Name three primes.")  # fmt: skip
-
-
-# --------------------------------------------------------------------------- run folders
-
-
-def drift_task_result(name: str, task: str, details: list[dict], role: str = "ood") -> TaskResult:
-    """A drift task's result from per-item details, as `run_suite` saves it (no metrics for
-    details too broken to pool)."""
-    try:
-        metrics = drift_metrics(details)
-    except (KeyError, TypeError, ValueError):
-        metrics = {}
-    return TaskResult(name, task, "drift", role, "kl", metrics, len(details), 0.1, details)
-
-
-def save_round(run: Path, step: int, tasks: list[TaskResult], adapter: str | None = None) -> None:
-    result = SuiteResult("fake", "fp", "default", adapter, tasks, 1.0, created=1.0)
-    write_json_atomic(eval_round_path(run, step), result.to_dict())
-
-
-def make_drift_run(root: Path, model_dir: Path, *, step: int = 3, run_id: str = "stm-run") -> Path:
-    """A finished STM run of the tiny model: a LoRA adapter with non-zero weights saved as its
-    final adapter (summary final_step = `step`), and rounds at step 0 (the base: KL 0) and at
-    `step` whose drift task ("drift:probe", a user's probe file of `PROMPTS`) was scored with
-    that very adapter, so the recomputed top-k must agree with it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    from core.eval.runner import load_adapter
-    from core.model.loading import load_model
-
-    run = root / run_id
-    run.mkdir(parents=True)
-    probe_file = root / f"{run_id}-probe.txt"
-    probe_file.write_text("\n".join(PROMPTS) + "\n")
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    torch.manual_seed(1)
-    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(run / "adapter")
-    (run / "config.json").write_text(json.dumps({"method": "stm", "tau": 2.5,
-                                                 "model": str(model_dir), "task": "mbpp"}))  # fmt: skip
-    (run / "summary.json").write_text(json.dumps({"final_step": step}))
-    append_metric(run, {"kind": "data", "time": 1.0, "method": "stm", "tau": 2.5,
-                        "mask": "high, tau=2.5", "masked_share": 0.18, "source": "mbpp/train: 8 "
-                        "examples", "n_examples": 8, "n_response_tokens": 900})  # fmt: skip
-    probe = load_probe(FILE_PREFIX + str(probe_file))
-    base = load_model(str(model_dir), device="cpu", dtype="float32")
-    name, task = "drift:probe", FILE_PREFIX + str(probe_file)
-    _, base_details, _ = score_drift(base, probe, max_new_tokens=8, is_base=True)
-    save_round(run, 0, [drift_task_result(name, task, base_details)])
-    tuned = load_adapter(base, run / "adapter")
-    _, details, _ = score_drift(tuned, probe, max_new_tokens=8, is_base=False)
-    save_round(run, step, [drift_task_result(name, task, details)])
-    return run
-
+from tests.factories import (
+    DRIFT_PROMPTS,
+    drift_task_result,
+    hand_details,
+    lora,
+    make_drift_run,
+    save_round,
+)
 
 # --------------------------------------------------------------------------- top-k
 
 
 def test_token_alternatives_agree_with_the_round_and_a_naive_reference(tiny_lm):
-    tuned = _lora(tiny_lm, trained=True)
-    probe = Probe("t", tuple(Example(f"p/{i}", p, "") for i, p in enumerate(PROMPTS)))
+    tuned = lora(tiny_lm, trained=True)
+    probe = Probe("t", tuple(Example(f"p/{i}", p, "") for i, p in enumerate(DRIFT_PROMPTS)))
     _, details, _ = score_drift(tuned, probe, max_new_tokens=10, is_base=False)
-    for prompt, detail in zip(PROMPTS, details, strict=True):
+    for prompt, detail in zip(DRIFT_PROMPTS, details, strict=True):
         prefix = encode_prompt(tuned.tokenizer, prompt)
         alt = sdt.token_alternatives(tuned, prefix, detail["ids"], k=5)
         # the same KL as the saved round, and the probability ratio its Δ log-prob gives
         np.testing.assert_allclose(alt.kl, detail["token_kl"], atol=1e-5)
-        np.testing.assert_allclose(np.log(alt.tuned_p / alt.base_p), detail["token_dlp"],
-                                   atol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(np.log(alt.tuned_p / alt.base_p), detail["token_dlp"], atol=1e-5)
         # the answer is the base's greedy answer: its top-1 at every position
         assert (alt.base_ids[:, 0] == np.asarray(detail["ids"])).all()
         # top-k against the full distributions, computed naively
@@ -109,8 +56,10 @@ def test_token_alternatives_agree_with_the_round_and_a_naive_reference(tiny_lm):
             t_logits = tuned.model(input_ids=ids).logits[0, len(prefix) - 1 : -1].double()
             with tuned.model.disable_adapter():
                 b_logits = tuned.model(input_ids=ids).logits[0, len(prefix) - 1 : -1].double()
-        for logits, top_ids, top_p in ((b_logits, alt.base_ids, alt.base_probs),
-                                       (t_logits, alt.tuned_ids, alt.tuned_probs)):  # fmt: skip
+        for logits, top_ids, top_p in (
+            (b_logits, alt.base_ids, alt.base_probs),
+            (t_logits, alt.tuned_ids, alt.tuned_probs),
+        ):
             probs = torch.softmax(logits, -1)
             ref = probs.topk(5, -1)
             assert (top_ids == ref.indices.numpy()).all()
@@ -120,7 +69,7 @@ def test_token_alternatives_agree_with_the_round_and_a_naive_reference(tiny_lm):
 
 
 def test_token_alternatives_of_the_base_itself_and_bad_input(tiny_lm):
-    prefix = encode_prompt(tiny_lm.tokenizer, PROMPTS[0])
+    prefix = encode_prompt(tiny_lm.tokenizer, DRIFT_PROMPTS[0])
     same = sdt.token_alternatives(tiny_lm, prefix, [42, 43, 44], is_base=True)
     assert (same.kl == 0).all() and (same.base_ids == same.tuned_ids).all()
     with pytest.raises(LensError, match="no answer tokens"):
@@ -155,13 +104,20 @@ def test_item_alternatives_finds_the_rounds_adapter_and_agrees_with_it(tiny_mode
     result = sd.load_round(run, 3)
     [task] = sd.drift_tasks(result)
     items, notes = sd.drift_items(task)
-    assert notes == [] and len(items) == len(PROMPTS)
+    assert notes == [] and len(items) == len(DRIFT_PROMPTS)
     early = []
     sdt.TUNED_SLOT.clear()
-    out = sdt.item_alternatives(run, str(tiny_model_dir), 3, "drift:probe", items[1].id,
-                               device="cpu", on_prompt=early.append)  # fmt: skip
-    assert out.prompt == PROMPTS[1] and not out.plain_text
-    assert early and early[0].prompt == PROMPTS[1] and early[0].alternatives is None
+    out = sdt.item_alternatives(
+        run,
+        str(tiny_model_dir),
+        3,
+        "drift:probe",
+        items[1].id,
+        device="cpu",
+        on_prompt=early.append,
+    )
+    assert out.prompt == DRIFT_PROMPTS[1] and not out.plain_text
+    assert early and early[0].prompt == DRIFT_PROMPTS[1] and early[0].alternatives is None
     assert out.weights == "the final adapter (step 3)"
     assert out.note == ""  # the recomputed KL is the round's
     np.testing.assert_allclose(out.alternatives.kl, items[1].kl, atol=1e-5)
@@ -169,8 +125,9 @@ def test_item_alternatives_finds_the_rounds_adapter_and_agrees_with_it(tiny_mode
     assert len(hovers) == items[1].tokens and len(hovers[0].base_top) == sd.TOP_K
     assert hovers[0].base_top[0][0] == out.base_texts[0][0]
     # step 0 is the base model: both sides the same, no adapter needed
-    base = sdt.item_alternatives(run, str(tiny_model_dir), 0, "drift:probe", items[1].id,
-                                device="cpu")  # fmt: skip
+    base = sdt.item_alternatives(
+        run, str(tiny_model_dir), 0, "drift:probe", items[1].id, device="cpu"
+    )
     assert base.weights == "the base model (step 0)" and (base.alternatives.kl == 0).all()
     # the alternatives of a round whose weights are not kept: the reason, no top-k
     save_round(run, 2, result.tasks)
@@ -221,23 +178,6 @@ TEXTS = {10: " 42", 11: " the", 12: " +", 13: "\n"}
 
 def texts(ids):
     return [TEXTS[int(i)] for i in ids]
-
-
-def hand_details() -> list[dict]:
-    """Three items: 'a' (arc_easy) and 'b' (arc_easy) and 'c' (gsm8k), per-token KL chosen so
-    every aggregate can be checked by hand."""
-
-    def one(item_id, domain, ids, kl, dlp):
-        kl, dlp = np.asarray(kl, float), np.asarray(dlp, float)
-        stats = {"kl": kl, "agree": kl < 0.5, "ref_lp": np.full(kl.size, -1.0),
-                 "tuned_lp": -1.0 + dlp, "ref_ent": np.ones(kl.size), "tuned_ent": np.ones(kl.size)}  # fmt: skip
-        return item_details(item_id, domain, ids, stats)
-
-    return [
-        one("a", "arc_easy", [10, 11, 12, 13, 11], [1.0, 0.2, 0.0, 0.0, 0.8], [-2, 0, 0, 0, -1]),
-        one("b", "arc_easy", [11, 11], [0.1, 0.1], [0.1, 0.1]),
-        one("c", "gsm8k", [10, 10, 10, 10, 10, 10], [0.3] * 6, [-0.3] * 6),
-    ]
 
 
 def test_items_table_is_sorted_by_mean_kl_with_agreement_and_dnll():

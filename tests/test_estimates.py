@@ -5,7 +5,6 @@ the machine."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -13,54 +12,12 @@ from core.datagen.config import GenDataConfig
 from core.study import estimates
 from core.study.estimates import estimate_generation, estimate_training, preset_for_device
 from core.training.config import TrainConfig
+from tests.factories import write_generation_run, write_training_run
 
 
 @pytest.fixture
 def cpu_only(monkeypatch):
     monkeypatch.setattr(estimates, "has_cuda", lambda: False)
-
-
-def write_training_run(root: Path, name: str = "r1", **settings) -> Path:
-    """A finished cpu-quick run: 16 s per step of 8 sequences, a 30 s evaluation round at step 0
-    and one of 40 s at step 4."""
-    folder = root / name
-    folder.mkdir(parents=True)
-    config = TrainConfig.from_preset(
-        "cpu-quick",
-        device="cpu",
-        eval_every=4,
-        eval_suite={"suite": "during", "limit": None},
-        **settings,
-    )
-    (folder / "config.json").write_text(json.dumps(config.to_dict()))
-    rows = [
-        {"kind": "data", "time": 990.0},
-        {"kind": "start", "time": 1000.0, "step": 0, "max_steps": 8},
-        {"kind": "eval", "time": 1020.0, "step": 0, "task": "a", "metric": "nll", "value": 1.0},
-        {"kind": "eval", "time": 1030.0, "step": 0, "task": "b", "metric": "nll", "value": 1.0},
-        {"kind": "train", "time": 1046.0, "step": 1, "loss": 1.0},
-        {"kind": "train", "time": 1062.0, "step": 2, "loss": 0.9},
-        {"kind": "train", "time": 1078.0, "step": 3, "loss": 0.8},
-        {"kind": "eval", "time": 1134.0, "step": 4, "task": "a", "metric": "nll", "value": 1.0},
-        {"kind": "train", "time": 1135.0, "step": 4, "loss": 0.7},
-        {"kind": "train", "time": 1151.0, "step": 5, "loss": 0.7},
-    ]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
-
-
-def write_generation_run(root: Path, name: str = "g1", **settings) -> Path:
-    """A cpu-quick generation run: 2 prompts x 4 samples of 96 tokens (half the 192 limit) in
-    2 x 8 s of generation, 20 s of wall time."""
-    folder = root / name
-    folder.mkdir(parents=True)
-    config = GenDataConfig.from_preset("cpu-quick", device="cpu", **settings)
-    (folder / "config.json").write_text(json.dumps(config.to_dict()))
-    cands = [{"n_tokens": 96, "text": "x", "correct": False} for _ in range(4)]
-    records = [{"id": f"p{i}", "seconds": 8.0, "candidates": cands} for i in range(2)]
-    (folder / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (folder / "gendata.json").write_text(json.dumps({"wall_seconds": 20.0}))
-    return folder
 
 
 def test_the_preset_follows_the_machine(monkeypatch):

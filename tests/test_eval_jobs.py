@@ -13,31 +13,8 @@ from core.errors import LensError
 from core.eval.config import EvalConfig, eval_job_config, resolve_adapter_path
 from core.eval.suites import get_suite
 from core.jobs.registry import QUEUED, RUNNING, SUCCEEDED, JobRegistry
-from core.jobs.runfiles import read_metrics, runs_dir
+from core.jobs.runfiles import read_metrics
 from core.study.runs import load_run, runs_table
-
-
-@pytest.fixture
-def runs(tmp_path, monkeypatch):
-    root = tmp_path / "runs"
-    monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
-    return root
-
-
-@pytest.fixture
-def trained_run(tiny_model_dir, runs):
-    """A finished STM run folder of the tiny model: config, summary (final step 3) and a LoRA
-    adapter with non-zero weights (so it changes the model)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    run = runs_dir() / "20260101-000000-stm1"
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(run / "adapter")
-    (run / "config.json").write_text(json.dumps({"method": "stm", "tau": 2.5, "task": "mbpp"}))
-    (run / "summary.json").write_text(json.dumps({"final_step": 3}))
-    return run
 
 
 def test_an_eval_job_runs_through_the_registry_and_writes_its_results(

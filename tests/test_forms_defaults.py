@@ -14,7 +14,7 @@ from core.cli import build_parser
 from core.datagen.config import GenDataConfig
 from core.study import estimates
 from core.training.config import TrainConfig
-from tests.test_estimates import write_generation_run, write_training_run
+from tests.factories import write_generation_run, write_training_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

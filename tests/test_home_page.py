@@ -12,8 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from core.study.protocol import headline, short_headline
 from core.study.protocol import recorded as protocol_recorded
-from tests.test_protocol import _sweep_row
-from tests.test_protocol_page import _finished_protocol
+from tests.factories import finished_protocol, sweep_row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +28,15 @@ def runs_root(tmp_path, monkeypatch):
 
 @pytest.fixture
 def sweep(tmp_path, monkeypatch):
-    rows = [_sweep_row("center", -2.8, 0.7), _sweep_row("lr3e-4", -7.0, -2.1)]
-    data = {"date": "2026-12-09", "machine": "test cpu, 2 cores", "model": "tiny",
-            "suite": "protocol", "rows": rows, **protocol_recorded.sweep_verdict(rows)}  # fmt: skip
+    rows = [sweep_row("center", -2.8, 0.7), sweep_row("lr3e-4", -7.0, -2.1)]
+    data = {
+        "date": "2026-12-09",
+        "machine": "test cpu, 2 cores",
+        "model": "tiny",
+        "suite": "protocol",
+        "rows": rows,
+        **protocol_recorded.sweep_verdict(rows),
+    }
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(data))
     monkeypatch.setattr(protocol_recorded, "CPU_SWEEP_JSON", path)
@@ -64,7 +69,7 @@ def test_no_finished_protocol_says_so_and_shows_the_recorded_sweep(runs_root, sw
 
 
 def test_a_finished_protocol_gives_its_headline(runs_root, sweep):
-    results = _finished_protocol(runs_root)
+    results = finished_protocol(runs_root)
     at = start_page()
     shown = texts(at)
     assert "No protocol has finished" not in shown
@@ -76,7 +81,7 @@ def test_a_finished_protocol_gives_its_headline(runs_root, sweep):
 def test_the_recorded_protocol_is_shown_with_its_machine_and_date(
     runs_root, sweep, tmp_path, monkeypatch
 ):
-    results = _finished_protocol(runs_root)
+    results = finished_protocol(runs_root)
     recorded = {**results, "machine": "test cpu, 2 cores", "date": "2026-12-03", "note": ""}
     path = tmp_path / "cpu_protocol.json"
     path.write_text(json.dumps(recorded))

@@ -27,6 +27,7 @@ from core.study.protocol import (
     run_protocol,
     train_config,
 )
+from tests.factories import sweep_row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -353,18 +354,10 @@ def test_tiny_protocol_end_to_end_then_resumes(tiny_model_dir, tmp_path):
         run_protocol(dataclasses.replace(config, tau=3.0), folder)
 
 
-def _sweep_row(setting, arc_low, arc_high):
-    interval = {"estimate": (arc_low + arc_high) / 2, "low": arc_low, "high": arc_high, "n": 570}
-    target = {"estimate": -0.3, "low": -0.4, "high": -0.2, "n": 60}
-    return {"setting": setting, "finetune": "full", "learning_rate": 1e-4,
-            "paired": {"arc_easy acc": {**interval, "role": "ood", "higher_is_better": True},
-                       "mbpp_ppl nll": {**target, "role": "target", "higher_is_better": False}}}  # fmt: skip
-
-
 def test_sweep_verdict_names_only_settings_whose_ood_interval_shows_a_loss(tmp_path):
     from core.study.protocol import load_cpu_sweep, sweep_table, sweep_verdict
 
-    rows = [_sweep_row("center", -2.8, 0.7), _sweep_row("lr3e-4", -7.0, -2.1)]
+    rows = [sweep_row("center", -2.8, 0.7), sweep_row("lr3e-4", -7.0, -2.1)]
     verdict = sweep_verdict(rows)
     assert verdict["forgetting"] == {"lr3e-4": ["arc_easy acc"]}  # the target gain is no loss
     assert verdict["text"].startswith(

@@ -12,18 +12,14 @@ from core.jobs.registry import JobRegistry
 from core.jobs.runfiles import CONFIG_JSON
 from core.study.protocol import (
     PARTIAL_JSON,
-    REPORT_HTML,
-    RESULTS_JSON,
     ProtocolConfig,
-    aggregate,
     headline,
     load_protocol,
     protocol_eta,
     write_partial_results,
-    write_protocol_report,
 )
 from core.study.protocol import recorded as protocol_recorded
-from tests.test_report import _make_run
+from tests.factories import finished_protocol, make_run, sweep_row
 
 
 @pytest.fixture
@@ -87,33 +83,8 @@ def test_empty_page_shows_the_command_and_queues_a_protocol(runs_root):
     registry.finish(blocker.id, "succeeded", 0)
 
 
-def _finished_protocol(root):
-    config = ProtocolConfig.from_preset("cpu", methods=["gt", "stm"], seeds=[0, 1])
-    folder = root / "protocol-cpu"
-    folder.mkdir()
-    write_json_atomic(folder / CONFIG_JSON, config.to_dict())
-    runs = []
-    for arm, share, forgetting in (("gt", None, (10.0, 10.2)), ("stm", 0.3, (1.0, 1.2))):
-        for seed, easy in zip((0, 1), forgetting, strict=True):
-            rid = f"protocol-cpu-{arm}-s{seed}"
-            base = {"mbpp_ppl": ("nll", 1.4, "target"), "arc_challenge": ("acc", 0.25, "ood")}
-            end = {"mbpp_ppl": ("nll", 1.2, "target"), "arc_challenge": ("acc", 0.25, "ood")}
-            _make_run(root, rid, arm, 2.5 if arm == "stm" else None, share,
-                      {0: base, 4: end}, {0: (0.0, None), 4: (0.0, None)}, seed=seed)  # fmt: skip
-            with open(root / rid / "metrics.jsonl", "a") as fh:  # after the half-written line
-                fh.write("\n" + json.dumps({"kind": "eval_summary", "step": 4, "bwt": 0.0,
-                                            "ti": None, "nll_easy_change": easy}) + "\n")  # fmt: skip
-            label = "ground truth" if arm == "gt" else "STM τ=2.5"
-            runs.append({"arm": arm, "label": label, "seed": seed, "run": rid,
-                         "status": "succeeded"})  # fmt: skip
-    results = aggregate(config, runs, ["a note"], 120.0)
-    write_protocol_report(results, [r["run"] for r in runs], folder / REPORT_HTML)
-    write_json_atomic(folder / RESULTS_JSON, results)
-    return results
-
-
 def test_finished_protocol_shows_table_findings_and_report(runs_root):
-    results = _finished_protocol(runs_root)
+    results = finished_protocol(runs_root)
     stm = results["arms"]["stm"]["measures"]["ood_nll_easy_Δ%"]
     assert stm["mean"] == pytest.approx(1.1) and stm["n"] == 2
     at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
@@ -132,12 +103,17 @@ def test_finished_protocol_shows_table_findings_and_report(runs_root):
 
 
 def test_page_says_what_the_recorded_cpu_sweep_found(runs_root, tmp_path, monkeypatch):
-    from tests.test_protocol import _sweep_row
 
-    rows = [_sweep_row("center", -2.8, 0.7), _sweep_row("lr3e-4", -7.0, -2.1)]
+    rows = [sweep_row("center", -2.8, 0.7), sweep_row("lr3e-4", -7.0, -2.1)]
     path = tmp_path / "sweep.json"
-    sweep = {"date": "2026-12-02", "machine": "test cpu, 2 cores", "model": "tiny",
-             "suite": "protocol", "rows": rows, **protocol_recorded.sweep_verdict(rows)}  # fmt: skip
+    sweep = {
+        "date": "2026-12-02",
+        "machine": "test cpu, 2 cores",
+        "model": "tiny",
+        "suite": "protocol",
+        "rows": rows,
+        **protocol_recorded.sweep_verdict(rows),
+    }
     path.write_text(json.dumps(sweep))
     monkeypatch.setattr(protocol_recorded, "CPU_SWEEP_JSON", path)
     at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
@@ -178,8 +154,16 @@ def test_a_running_protocol_shows_the_arm_the_eta_and_partial_results(runs_root)
     runs = []
     for arm in ("gt", "stm"):
         rid = f"protocol-cpu-{arm}-s0"
-        _make_run(runs_root, rid, arm, 2.5 if arm == "stm" else None, 0.3 if arm == "stm" else None,
-                  {0: base, 4: end}, {0: (0.0, None), 4: (0.0, None)}, seed=0)  # fmt: skip
+        make_run(
+            runs_root,
+            rid,
+            arm,
+            2.5 if arm == "stm" else None,
+            0.3 if arm == "stm" else None,
+            {0: base, 4: end},
+            {0: (0.0, None), 4: (0.0, None)},
+            seed=0,
+        )
         label = "ground truth" if arm == "gt" else "STM τ=2.5"
         runs.append({"arm": arm, "label": label, "seed": 0, "run": rid, "status": "succeeded"})
     running = {"arm": "gt", "label": "ground truth", "seed": 1, "run": "protocol-cpu-gt-s1"}
@@ -187,18 +171,42 @@ def test_a_running_protocol_shows_the_arm_the_eta_and_partial_results(runs_root)
     assert partial["partial"] == {"finished": 2, "planned": 4, "runs": [r["run"] for r in runs]}
     assert "paired" not in partial  # the slow paired comparisons wait for the end
     registry = JobRegistry()
-    job = registry.register_foreground("protocol", config.to_dict(), device="cpu",
-                                       label=config.describe(), run_dir=folder)  # fmt: skip
-    write_state(folder, RunState(Phase.PROTOCOL, done=2, total=4, unit="runs",
-                                 detail="ground truth, seed 1", time=time.time() - 15))  # fmt: skip
+    job = registry.register_foreground(
+        "protocol", config.to_dict(), device="cpu", label=config.describe(), run_dir=folder
+    )
+    write_state(
+        folder,
+        RunState(
+            Phase.PROTOCOL,
+            done=2,
+            total=4,
+            unit="runs",
+            detail="ground truth, seed 1",
+            time=time.time() - 15,
+        ),
+    )
     (folder / "progress.txt").write_text(
         "[10:00:00] [3/4] ground truth, seed 1: training (protocol-cpu-gt-s1)\n"
     )
     child = runs_root / "protocol-cpu-gt-s1"
     child.mkdir()
-    write_state(child, RunState(Phase.EVALUATING, step=0, max_steps=4, task="mbpp_ppl",
-                                task_index=0, tasks=2, done=3, total=10, unit="items",
-                                elapsed_s=9.0, eta_s=21.0, eta_scope="in this task"))  # fmt: skip
+    write_state(
+        child,
+        RunState(
+            Phase.EVALUATING,
+            step=0,
+            max_steps=4,
+            task="mbpp_ppl",
+            task_index=0,
+            tasks=2,
+            done=3,
+            total=10,
+            unit="items",
+            elapsed_s=9.0,
+            eta_s=21.0,
+            eta_scope="in this task",
+        ),
+    )
     view = load_protocol(folder)
     assert view.durations() == [60.0, 60.0]
     assert view.eta(RunState(Phase.PROTOCOL, detail="x", time=100.0), now=115.0) == 60.0 + 45.0
@@ -206,14 +214,17 @@ def test_a_running_protocol_shows_the_arm_the_eta_and_partial_results(runs_root)
     at = AppTest.from_file("../pages/protocol.py", default_timeout=60).run()
     assert not at.exception, [e.value for e in at.exception]
     texts = [p.proto.text for p in at.get("progress")]
-    [overall] = [t for t in texts if "runs finished" in t and "·" in t and "running" in t
-                 and "elapsed" in t]  # fmt: skip
+    [overall] = [
+        t for t in texts if "runs finished" in t and "·" in t and "running" in t and "elapsed" in t
+    ]
     assert overall.startswith("2 of 4 runs finished · running ground truth, seed 1 · ")
     # one more run after this one (60 s) and what is left of this one (at most 45 s)
     assert re.search(r"about 1m[0-4]\ds left", overall), overall
     assert "(the finished runs took 1m00s on average)" in overall
-    assert any(t.startswith("protocol-cpu-gt-s1: evaluating step 0 of 4: mbpp_ppl (task 1 of 2)")
-               for t in texts)  # fmt: skip
+    assert any(
+        t.startswith("protocol-cpu-gt-s1: evaluating step 0 of 4: mbpp_ppl (task 1 of 2)")
+        for t in texts
+    )
     assert any("Partial results" in h.value for h in at.subheader)
     assert any("**Partial:** 2 of 4 runs finished" in i.value for i in at.info)
     table = next(d.value for d in at.dataframe if "arm" in d.value.columns).set_index("arm")

@@ -10,59 +10,30 @@ import pytest
 from core.errors import LensError
 from core.study.report import build_report, write_report
 from core.study.runs import list_runs, load_run, runs_table
-
-
-def _make_run(root, run_id, method, tau, share, scores, bwt_ti, seed=0):
-    folder = root / run_id
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(
-        json.dumps({"method": method, "tau": tau, "seed": seed, "model": "default"})
-    )
-    recs = [{"kind": "data", "time": 100.0, "method": method, "tau": tau, "masked_share": share}]
-    recs += [
-        {
-            "kind": "train",
-            "step": s,
-            "epoch": s / 4,
-            "time": 100.0 + s,
-            "loss": 2.0 - 0.1 * s,
-            "lr": 1e-4,
-        }
-        for s in range(1, 5)
-    ]
-    for step, values in scores.items():
-        for task, (metric, value, role) in values.items():
-            recs.append(
-                {
-                    "kind": "eval",
-                    "step": step,
-                    "task": task,
-                    "metric": metric,
-                    "value": value,
-                    "n": 20,
-                    "role": role,
-                }
-            )
-    for step, (bwt, ti) in bwt_ti.items():
-        recs.append({"kind": "eval_summary", "step": step, "bwt": bwt, "ti": ti})
-    recs.append({"kind": "done", "step": 4})
-    text = "".join(json.dumps(r) + "\n" for r in recs) + '{"kind": "tra'  # half-written last line
-    (folder / "metrics.jsonl").write_text(text)
-    (folder / "summary.json").write_text(
-        json.dumps({"train_runtime_s": 40.0, "wall_time_s": 60.0, "finished": 160.0})
-    )
-    return folder
+from tests.factories import make_adapter_run, make_run
 
 
 @pytest.fixture
 def runs_root(tmp_path):
     base = {"mbpp": ("pass@1", 0.20, "target"), "gsm8k": ("acc", 0.10, "ood")}
-    _make_run(tmp_path, "gt1", "gt", None, None,
-              {0: base, 4: {"mbpp": ("pass@1", 0.25, "target"), "gsm8k": ("acc", 0.05, "ood")}},
-              {0: (0.0, 0.0), 4: (-50.0, 25.0)})  # fmt: skip
-    _make_run(tmp_path, "stm1", "stm", 2.5, 0.3,
-              {0: base, 4: {"mbpp": ("pass@1", 0.22, "target"), "gsm8k": ("acc", 0.10, "ood")}},
-              {0: (0.0, 0.0), 4: (0.0, 10.0)})  # fmt: skip
+    make_run(
+        tmp_path,
+        "gt1",
+        "gt",
+        None,
+        None,
+        {0: base, 4: {"mbpp": ("pass@1", 0.25, "target"), "gsm8k": ("acc", 0.05, "ood")}},
+        {0: (0.0, 0.0), 4: (-50.0, 25.0)},
+    )
+    make_run(
+        tmp_path,
+        "stm1",
+        "stm",
+        2.5,
+        0.3,
+        {0: base, 4: {"mbpp": ("pass@1", 0.22, "target"), "gsm8k": ("acc", 0.10, "ood")}},
+        {0: (0.0, 0.0), 4: (0.0, 10.0)},
+    )
     return tmp_path
 
 
@@ -162,7 +133,6 @@ def test_every_report_chart_offers_a_png_download(runs_root, tmp_path):
 def test_report_snapshots_show_the_runs_mask_and_the_ppl_change(tiny_model_dir, tmp_path):
     from core.study.diagnostics import compute_ppl_change, training_examples
     from core.study.report import heatmap_snapshots
-    from tests.test_diagnostics import make_adapter_run
 
     run_dir = make_adapter_run(tmp_path / "runs", "stm-run", tiny_model_dir)
     snapshots = heatmap_snapshots(load_run(run_dir), 2, device="cpu", dtype="float32")
@@ -171,12 +141,14 @@ def test_report_snapshots_show_the_runs_mask_and_the_ppl_change(tiny_model_dir, 
         assert s.tau == 2.5 and s.masked == [p > 2.5 for p in s.example.ppl]
     examples = training_examples(load_run(run_dir).config, 3)
     changes = [
-        compute_ppl_change(run_dir, examples[:k], label=f"{k} training examples", device="cpu",
-                           dtype="float32")
+        compute_ppl_change(
+            run_dir, examples[:k], label=f"{k} training examples", device="cpu", dtype="float32"
+        )
         for k in (3, 2)
-    ]  # fmt: skip
-    out = write_report([run_dir], tmp_path / "report.html", n_examples=2, device="cpu",
-                       dtype="float32").read_text()  # fmt: skip
+    ]
+    out = write_report(
+        [run_dir], tmp_path / "report.html", n_examples=2, device="cpu", dtype="float32"
+    ).read_text()
     assert "Token perplexity of selected examples" in out
     n_response = sum(s.example.n_response for s in snapshots)
     assert out.count("data-ppl=") == n_response
@@ -198,7 +170,6 @@ def test_report_snapshots_show_the_runs_mask_and_the_ppl_change(tiny_model_dir, 
 
 def test_report_cli_examples_flag(tiny_model_dir, tmp_path, capsys):
     from core.cli import main
-    from tests.test_diagnostics import make_adapter_run
 
     run_dir = make_adapter_run(tmp_path / "runs", "gt-run", tiny_model_dir, method="gt")
     out = tmp_path / "r.html"

@@ -44,6 +44,7 @@ from core.viz.run_charts import (
     value_text,
 )
 from tests.eval_runs import BASE, BASE_DRIFT, DRIFT_TASKS, later, later_drift, make_eval_run
+from tests.factories import make_run
 
 
 def traces(fig, role: str, run: str | None = None) -> list:
@@ -278,11 +279,16 @@ def test_frontier_says_why_a_run_is_not_drawn(tmp_path):
 
 
 def test_runs_without_saved_rounds_fall_back_to_records_without_intervals(tmp_path):
-    from tests.test_report import _make_run
 
-    _make_run(tmp_path, "old", "gt", None, None,
-              {0: {"mbpp": ("pass@1", 0.20, "target")}, 4: {"mbpp": ("pass@1", 0.25, "target")}},
-              {0: (0.0, 0.0), 4: (-50.0, 25.0)})  # fmt: skip
+    make_run(
+        tmp_path,
+        "old",
+        "gt",
+        None,
+        None,
+        {0: {"mbpp": ("pass@1", 0.20, "target")}, 4: {"mbpp": ("pass@1", 0.25, "target")}},
+        {0: (0.0, 0.0), 4: (-50.0, 25.0)},
+    )
     run = load_run(tmp_path / "old")
     fig = target_delta_chart([run])
     [line] = traces(fig, "line")

@@ -8,7 +8,6 @@ import json
 from streamlit.testing.v1 import AppTest
 
 from core.jobs.registry import SUCCEEDED, JobRegistry
-from tests.test_eval_jobs import runs, trained_run  # noqa: F401 - fixtures
 
 PAGE = "../pages/runs.py"
 
