@@ -53,9 +53,7 @@ def test_a_run_killed_four_times_and_resumed_ends_as_an_uninterrupted_one(tiny_m
             ref.kill()
             ref.wait()
 
-    problems = kr.check_run(run, reference)
-    numeric = [p for p in problems if p.startswith(("losses differ", "final adapter weights"))]
-    assert [p for p in problems if p not in numeric] == []
+    assert kr.check_run(run, reference) == []
     records = read_metrics(run)
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
     assert sorted({r["step"] for r in records if r["kind"] == "eval"}) == [0, 3, 6, 8]
@@ -67,9 +65,3 @@ def test_a_run_killed_four_times_and_resumed_ends_as_an_uninterrupted_one(tiny_m
         "checkpoint-6",
         "checkpoint-8",
     ]
-    if numeric:  # everything above holds; the numbers of a resume across an epoch do not yet
-        pytest.xfail(
-            "known bug (issue #23): resumed from checkpoint-4, one batch into the second pass "
-            "over the data, steps 5-8 train differently from the uninterrupted run (the resume "
-            f"from checkpoint-2, inside the first pass, matches): {numeric}"
-        )

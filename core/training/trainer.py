@@ -64,6 +64,7 @@ from typing import Any
 
 import psutil
 import torch
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.trainer.utils import add_fused_lm_head
@@ -204,6 +205,27 @@ def frozen_base_copy(config: TrainConfig, model: Any) -> Any | None:
     return reference
 
 
+class EpochLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order (similar lengths batched together, the longest batch
+    first), drawn from a generator seeded by the data seed and the epoch.
+
+    The stock sampler draws from torch's global generator when its epoch starts, so a run
+    resumed mid-epoch (whose fresh process starts that epoch from another generator state)
+    trained on other batches than the uninterrupted run from that point on. Seeded per epoch
+    (`set_epoch`, which the Trainer calls on the data loader at every epoch, skipped batches
+    included), every epoch's order depends on the seed and the epoch alone."""
+
+    def __init__(self, *args: Any, seed: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seed = seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the order of epoch `epoch` next."""
+        self.epoch = epoch
+        self.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+
 class TokenLossTrainer(SFTTrainer):
     """TRL's SFTTrainer with the token losses of `core.training.losses` (see the module
     docstring). `token_loss` says which; `weight_log` pools the weights trained with between
@@ -251,6 +273,16 @@ class TokenLossTrainer(SFTTrainer):
             raise LensError(
                 f"Loss {spec.name} is not supported with sequence parallelism; use nll or dft."
             )
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """The length-grouped order, seeded per epoch (`EpochLengthGroupedSampler`)."""
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochLengthGroupedSampler(
+                sampler.batch_size, lengths=sampler.lengths, seed=int(seed)
+            )
+        return sampler
 
     # -- the loss ---------------------------------------------------------------------------
 
