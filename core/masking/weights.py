@@ -277,8 +277,8 @@ def share_table(
         }
         if masked is not None:
             row[f"Σw/N, {mask_label or 'masked'}"] = fmt.share(w.share(masked))
-        if w.approx:
-            row["note"] = f"approximate: {w.approx}"
+        if w.approx:  # said in full beside the table
+            row["note"] = "approximate"
         else:
             row["note"] = "moves as θ trains" if w.online else ""
         rows.append(row)
