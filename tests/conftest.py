@@ -9,7 +9,11 @@ import pytest
 
 from core.model import loading as models
 from tests import leftovers
-from tests.factories import runs, trained_run  # noqa: F401 - fixtures for every test module
+from tests.factories import (  # noqa: F401 - fixtures for every test module
+    fitted_model_dir,
+    runs,
+    trained_run,
+)
 
 # Every process this session starts inherits this id (tests/leftovers.py): how the check below
 # finds what a module left running, and nothing of anyone else's.

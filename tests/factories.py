@@ -23,6 +23,7 @@ from core.eval.runner import load_adapter
 from core.eval.scorers import SuiteResult, TaskResult
 from core.io import write_json_atomic
 from core.jobs.runfiles import CONFIG_JSON, append_metric, eval_round_path, runs_dir
+from core.model.encoding import encode_pair
 from core.scoring.tokens import TokenScores, _offsets
 from core.study.protocol import (
     REPORT_HTML,
@@ -518,3 +519,91 @@ def hand_details() -> list[dict]:
         one("b", "arc_easy", [11, 11], [0.1, 0.1], [0.1, 0.1]),
         one("c", "gsm8k", [10, 10, 10, 10, 10, 10], [0.3] * 6, [-0.3] * 6),
     ]
+
+
+# --------------------------------------------------------------------------- token losses
+
+
+def write_train_rows(path: Path) -> Path:
+    """`TRAIN_ROWS` as a JSONL training file at `path`."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in TRAIN_ROWS), encoding="utf-8")
+    return path
+
+
+def loss_config(model_dir: Path, data_file: Path, **overrides: Any) -> TrainConfig:
+    """The token-loss tests' training config: the tiny model on `data_file`, one batch of all
+    six rows, fp32 on the CPU, no LoRA dropout (a naive pass sees the trainer's network)."""
+    base = dict(
+        model=str(model_dir),
+        device="cpu",
+        task=None,
+        data=str(data_file),
+        id_col="id",
+        max_length=64,
+        batch_size=6,
+        learning_rate=1e-3,
+        max_steps=2,
+        precision="fp32",
+        lora_dropout=0.0,  # the naive pass must see the same network as the trainer's
+    )
+    return TrainConfig.from_preset("paper", **{**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def fitted_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model fitted a little to the six rows (full fine-tune, 32 Adam steps): the
+    rows' tokens get probabilities across (0, 1) and the top-K entropies vary, so every loss's
+    weights spread instead of all being ~1/V (a random model's probability of any token)."""
+    import torch  # lazy: heavy
+
+    from core.model.loading import load_model  # lazy: heavy (torch)
+
+    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
+    encs = [
+        encode_pair(lm.tokenizer, r["prompt"], r["response"], max_length=64) for r in TRAIN_ROWS
+    ]
+    width = max(len(e.input_ids) for e in encs)
+    ids = torch.zeros(len(encs), width, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, enc in enumerate(encs):
+        n = len(enc.input_ids)
+        ids[i, :n] = torch.tensor(enc.input_ids)
+        attention[i, :n] = 1
+        labels[i, enc.response_start : n] = ids[i, enc.response_start : n]
+    torch.manual_seed(0)
+    model = lm.model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(32):
+        model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    folder = tmp_path_factory.mktemp("fitted-tiny")
+    model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def loss_trainer(
+    tmp_path: Path, model_dir: Path, data_file: Path, *, perturb: bool = True, **overrides: Any
+) -> tuple[Any, dict[str, Any]]:
+    """A trainer of `overrides` (`loss_config`) on a fresh copy of `model_dir` and one batch of
+    all six rows; with `perturb`, the LoRA B matrices are random (a fresh adapter is the base
+    exactly)."""
+    import torch  # lazy: heavy
+
+    from core.model.loading import load_model  # lazy: heavy (torch)
+    from core.training.trainer import build_trainer  # lazy: heavy (trl)
+
+    config = loss_config(model_dir, data_file, **overrides)
+    lm = load_model(str(model_dir), device="cpu", dtype="float32")
+    trainer, _ = build_trainer(config, tmp_path / "run", lm=lm)
+    if perturb:
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    return trainer, trainer._prepare_inputs(batch)

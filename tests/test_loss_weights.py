@@ -26,8 +26,7 @@ from core.training import losses as L
 from core.training import trainer as trainer_module
 from core.training.config import LOSSES, TrainConfig
 from core.viz.loss_weights import render_weight_heatmaps, weight_color, weight_scatter
-from tests.factories import TRAIN_ROWS
-from tests.test_losses import data_file, fitted_model_dir, setup  # noqa: F401 - fixtures
+from tests.factories import TRAIN_ROWS, loss_trainer, write_train_rows
 
 K = 20
 TOL = 1e-4  # float32 forward passes of the same weights
@@ -160,6 +159,11 @@ def test_bad_parameters_are_one_line(kwargs, words):
 # --------------------------------------------------------------------------- against the trainer
 
 
+@pytest.fixture
+def data_file(tmp_path):
+    return write_train_rows(tmp_path / "train.jsonl")
+
+
 def _studio_in_batch_order(scores: TokenScores, batch, params, mask=None):
     """The studio's weights (and mask) of each row of `batch`, rows in the batch's order."""
     base = W.BaseTokens.from_scores(scores.logprob, scores.top_logprobs, params.eaft_k)
@@ -196,12 +200,12 @@ def test_studio_weights_equal_the_trainers_at_step_0(
     loss,
     overrides,
     tmp_path,
-    fitted_model_dir,  # noqa: F811 - the fixture imported above
-    data_file,  # noqa: F811
+    fitted_model_dir,
+    data_file,
 ):
     """A fresh adapter is the base: the trainer's first-step weights of each token (and the
     share it logs) are what the studio shows from a top-20 scoring pass of the same rows."""
-    trainer, batch = setup(
+    trainer, batch = loss_trainer(
         tmp_path, fitted_model_dir, data_file, perturb=False, loss=loss, **overrides
     )
     lm = load_model(str(fitted_model_dir), device="cpu", dtype="float32")

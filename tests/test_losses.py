@@ -21,13 +21,12 @@ from core.cli import build_parser, main
 from core.errors import LensError
 from core.jobs.metrics import TrainRecord, of_kind
 from core.jobs.runfiles import read_records
-from core.model.encoding import encode_pair
 from core.model.loading import load_model
 from core.training import losses as L
 from core.training import trainer as trainer_module
 from core.training.config import LOSSES, TrainConfig
 from core.training.trainer import build_trainer, frozen_base_copy, run_training
-from tests.factories import TRAIN_ROWS
+from tests.factories import loss_config, loss_trainer, write_train_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 OLD_RUN = ROOT / "tests" / "data" / "runs" / "old-stm-run"
@@ -36,74 +35,11 @@ TOL = 1e-5
 
 @pytest.fixture
 def data_file(tmp_path):
-    path = tmp_path / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in TRAIN_ROWS), encoding="utf-8")
-    return path
+    return write_train_rows(tmp_path / "train.jsonl")
 
 
-def tiny_config(model_dir, data_file, **overrides) -> TrainConfig:
-    base = dict(
-        model=str(model_dir),
-        device="cpu",
-        task=None,
-        data=str(data_file),
-        id_col="id",
-        max_length=64,
-        batch_size=6,
-        learning_rate=1e-3,
-        max_steps=2,
-        precision="fp32",
-        lora_dropout=0.0,  # the naive pass must see the same network as the trainer's
-    )
-    return TrainConfig.from_preset("paper", **{**base, **overrides})
-
-
-@pytest.fixture(scope="module")
-def fitted_model_dir(tmp_path_factory, tiny_model_dir):
-    """The tiny model fitted a little to the six rows (full fine-tune, 32 Adam steps): the
-    rows' tokens get probabilities across (0, 1) and the top-K entropies vary, so every loss's
-    weights spread instead of all being ~1/V (a random model's probability of any token)."""
-    lm = load_model(str(tiny_model_dir), device="cpu", dtype="float32")
-    encs = [
-        encode_pair(lm.tokenizer, r["prompt"], r["response"], max_length=64) for r in TRAIN_ROWS
-    ]
-    width = max(len(e.input_ids) for e in encs)
-    ids = torch.zeros(len(encs), width, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, enc in enumerate(encs):
-        n = len(enc.input_ids)
-        ids[i, :n] = torch.tensor(enc.input_ids)
-        attention[i, :n] = 1
-        labels[i, enc.response_start : n] = ids[i, enc.response_start : n]
-    torch.manual_seed(0)
-    model = lm.model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(32):
-        model(input_ids=ids, attention_mask=attention, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    folder = tmp_path_factory.mktemp("fitted-tiny")
-    model.save_pretrained(folder)
-    lm.tokenizer.save_pretrained(folder)
-    return folder
-
-
-def setup(tmp_path, model_dir, data_file, *, perturb: bool = True, **overrides):
-    """A trainer of `overrides` on a fresh copy of `model_dir` and one batch of all six rows;
-    with `perturb`, the LoRA B matrices are random (a fresh adapter is the base exactly)."""
-    config = tiny_config(model_dir, data_file, **overrides)
-    lm = load_model(str(model_dir), device="cpu", dtype="float32")
-    trainer, _ = build_trainer(config, tmp_path / "run", lm=lm)
-    if perturb:
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for name, p in trainer.model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    batch = next(iter(trainer.get_train_dataloader()))
-    trainer.model.train()
-    return trainer, trainer._prepare_inputs(batch)
+tiny_config = loss_config
+setup = loss_trainer
 
 
 # --------------------------------------------------------------------------- naive reference
