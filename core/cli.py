@@ -14,12 +14,20 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from core.data.sources import load_source
+from core.data.tasks import list_tasks
+from core.datagen.config import GenDataConfig
+from core.datagen.run import preflight
 from core.errors import LensError
-from core.io import output_path, write_bytes_atomic, write_jsonl_atomic
-from core.jobs.cluster import BACKENDS
+from core.eval.config import EvalConfig
+from core.io import app_root, output_path, write_bytes_atomic, write_jsonl_atomic
+from core.jobs.cluster import BACKENDS, LOCAL, current_setting
+from core.jobs.registry import JobRegistry, run_job_process
+from core.jobs.runfiles import log_tail, read_metrics, run_progress, runs_dir
+from core.jobs.state import live_state
 from core.masking.config import MaskCommandConfig
 from core.scoring.config import ScoreConfig
 from core.study.sweep import SweepConfig, submit_sweep, wait_for
+from core.training.config import TrainConfig
 
 EXIT_USER_ERROR = 2
 
@@ -92,8 +100,6 @@ def _runs_here(args: argparse.Namespace) -> bool:
     always queues."""
     if not getattr(args, "submit", True):
         return True
-    from core.jobs.cluster import LOCAL, current_setting
-    from core.jobs.runfiles import runs_dir
 
     where = _where(args)
     return current_setting(runs_dir(), where["backend"], where["address"]).name == LOCAL
@@ -133,7 +139,6 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     """List the built-in tasks."""
-    from core.data.tasks import list_tasks
 
     for spec in list_tasks():
         mirror = (
@@ -148,7 +153,11 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """Prepare the embedded model cache, or describe a model."""
-    from core.model.loading import load_model, model_summary_json, prepare_embedded_model
+    from core.model.loading import (  # lazy: heavy (torch)
+        load_model,
+        model_summary_json,
+        prepare_embedded_model,
+    )
 
     if args.action == "prepare":
         start = time.monotonic()
@@ -180,9 +189,7 @@ def cmd_mask(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune in the foreground (registered as a job), or queue a background job (--submit)."""
-    from core.jobs.registry import JobRegistry, run_job_process
-    from core.training.config import TrainConfig
-    from core.training.trainer import process_rank, run_training
+    from core.training.trainer import process_rank, run_training  # lazy: heavy (torch)
 
     config = TrainConfig.from_args(args)
     if getattr(args, "eval_suite", None) is not None and not config.eval_every:
@@ -191,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             "(rounds at step 0, every N steps and at the end)."
         )
     if _runs_here(args):  # a mistyped model or a missing GPU: one line, before the data is built
-        from core.model.preflight import check_model_setting
+        from core.model.preflight import check_model_setting  # lazy: heavy (torch)
 
         check_model_setting(config.model, config.device)
     rank, world_size = process_rank()
@@ -228,8 +235,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Make a Self-Output / Rephrase set in the foreground (as a job), or queue it (--submit)."""
-    from core.datagen.config import GenDataConfig
-    from core.datagen.run import preflight
     from core.jobs.registry import JobRegistry, run_job_process
 
     config = GenDataConfig.from_args(args)
@@ -266,8 +271,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     state: preparing data, evaluating step k, training step k/N, final evaluation, ... with the
     time left; `run_state.json` in its run folder) on a line of its own."""
     from core.jobs.registry import Job, JobRegistry
-    from core.jobs.runfiles import log_tail, read_metrics, run_progress
-    from core.jobs.state import live_state
 
     def now_line(job: Job) -> str:
         """The job's state line, only while it runs (a job that died leaves its file behind)."""
@@ -360,7 +363,7 @@ def cmd_job_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of one or more runs."""
-    from core.study.report import write_report
+    from core.study.report import write_report  # lazy: heavy (torch)
 
     if args.examples < 0:
         raise LensError(f"--examples must be 0 or more (got {args.examples}).")
@@ -381,7 +384,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate the base model, or an adapter against it (TI / BWT), on a suite: in the
     foreground (registered as a job, results in its run folder), or queued (--submit)."""
-    from core.eval.config import EvalConfig
     from core.jobs.registry import JobRegistry, run_job_process
 
     # bad suite, limit, adapter, model, device, lm-eval task or --out: one line, before a job
@@ -418,7 +420,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     config = SweepConfig.from_args(args)
     if _runs_here(args):  # a mistyped model or a missing GPU: one line, before any job exists
-        from core.model.preflight import check_model_setting
+        from core.model.preflight import check_model_setting  # lazy: heavy (torch)
 
         check_model_setting(config.model, config.runs()[0].device)
     registry = JobRegistry()
@@ -443,7 +445,11 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     """The paper's protocol (every method x seeds, then the table and the report): in the
     foreground (registered as a job), or queued (--submit)."""
     from core.jobs.registry import JobRegistry, run_job_process
-    from core.study.protocol import ProtocolConfig, preflight, protocol_folder
+    from core.study.protocol import (  # lazy: heavy (pyarrow)
+        ProtocolConfig,
+        preflight,
+        protocol_folder,
+    )
 
     config = ProtocolConfig.from_args(args)
     preflight(config)  # unknown task or suite, bad training settings: one line, before a job
@@ -469,8 +475,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     `make run` does."""
     import os
 
-    from core.io import app_root
-    from core.model.loading import prepare_embedded_model
+    from core.model.loading import prepare_embedded_model  # lazy: heavy (torch)
 
     script = app_root() / "app.py"
     if not script.is_file():
@@ -557,7 +562,7 @@ def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
 
     from core.datagen.config import GenDataConfig
     from core.eval.config import EvalConfig
-    from core.study.protocol import ProtocolConfig
+    from core.study.protocol import ProtocolConfig  # lazy: heavy (pyarrow)
     from core.training.config import TrainConfig  # light: heavy imports happen when training
 
     p = sub.add_parser(

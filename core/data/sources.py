@@ -4,6 +4,8 @@ so the CLI and the app pick data the same way."""
 from __future__ import annotations
 
 from core.data.records import Dataset
+from core.data.tasks import load_task
+from core.data.userdata import load_hub_dataset, load_user_data
 from core.errors import LensError
 
 
@@ -25,14 +27,9 @@ def load_source(
     if limit is not None and limit < 1:
         raise LensError(f"limit must be at least 1 (got {limit}).")
     if task:
-        from core.data.tasks import load_task
-
         return load_task(task, split=split, limit=limit)
     if data:
-        from core.data.userdata import load_user_data
-
         return load_user_data(data, prompt_col, response_col, id_col=id_col, limit=limit)
-    from core.data.userdata import load_hub_dataset
 
     return load_hub_dataset(
         hub or "",

@@ -20,6 +20,7 @@ from typing import Any
 from core.data.records import Example, ScoredExample
 from core.datagen.store import GenerationStore, StoredGeneration
 from core.errors import LensError
+from core.eval.grading import check_answers, resolve_verifier
 from core.fmt import count, duration, num
 from core.model.generation import GenerationConfig, stream_response
 from core.model.loading import LoadedModel
@@ -113,7 +114,6 @@ class AnswerCheck:
 def check_answer(example: Example, text: str, task: str | None) -> AnswerCheck:
     """`text` as an answer to `example`, checked by the verifier its data supports (code in
     the sandbox against the task's asserts; the final number; the boxed answer)."""
-    from core.eval.grading import check_answers, resolve_verifier
 
     try:
         verifier = resolve_verifier("auto", example, task)
@@ -156,7 +156,7 @@ def answer_live(
     """Generate (or take the stored) answer of the model `load()` gives to `example`, streaming
     it into `live`; store, score and check it. A stop request ends generation at the next
     token: that answer is returned as it is, not stored, scored or checked."""
-    from core.scoring.score import score_examples
+    from core.scoring.score import score_examples  # lazy: heavy (pyarrow)
 
     lm = load()
     store = GenerationStore() if store is None else store

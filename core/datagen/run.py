@@ -36,12 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from core.data.records import Example, prompt_hash
+from core.data.sources import load_source
+from core.data.tasks import get_task
 from core.datagen.config import MATH_HINT, SELECTIONS, GenDataConfig
 from core.errors import LensError
 from core.eval.grading import check_answers, resolve_verifier
-from core.io import append_jsonl, read_jsonl
+from core.eval.suites import GSM8K_INSTRUCTION
+from core.io import append_jsonl, read_json, read_jsonl, write_json_atomic
 from core.jobs.metrics import DoneRecord, GenerateRecord, StartRecord, as_records
-from core.jobs.runfiles import StatusFn
+from core.jobs.runfiles import StatusFn, append_metric
 from core.jobs.state import StateReporter, as_reporter
 
 CANDIDATES_JSONL = "candidates.jsonl"
@@ -124,7 +127,6 @@ class GenerationSummary:
 
 def load_source_examples(config: GenDataConfig) -> list[Example]:
     """The prompts (with their ground truth and meta) the run generates for."""
-    from core.data.sources import load_source
 
     dataset = load_source(
         task=config.task,
@@ -166,8 +168,6 @@ def _hint_text(config: GenDataConfig) -> str:
     if config.hint != "auto":
         return config.hint
     if config.task == "gsm8k":
-        from core.eval.suites import GSM8K_INSTRUCTION
-
         return GSM8K_INSTRUCTION
     if config.task == "math":
         return MATH_HINT
@@ -205,7 +205,7 @@ def summarise(records: Sequence[dict[str, Any]], n_prompts: int) -> GenerationSu
 
 
 def _default_name(config: GenDataConfig, model_label: str) -> str:
-    from core.datagen.store import generated_sets_dir
+    from core.datagen.store import generated_sets_dir  # lazy: heavy (torch)
 
     model = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(model_label).name or model_label).strip("-")
     base = f"{config.kind.replace('_', '-')}-{config.data_label()}-{model}"
@@ -220,8 +220,7 @@ def _default_name(config: GenDataConfig, model_label: str) -> str:
 
 
 def _data_key(config: GenDataConfig) -> str:
-    from core.data.tasks import get_task
-    from core.datagen.store import file_data_key, task_data_key
+    from core.datagen.store import file_data_key, task_data_key  # lazy: heavy (torch)
 
     if config.task:
         return task_data_key(config.task, config.split or get_task(config.task).default_split)
@@ -231,7 +230,6 @@ def _data_key(config: GenDataConfig) -> str:
 def _run_state(config: GenDataConfig, run_dir: Path) -> dict[str, Any]:
     """The run folder's fixed facts (set name, settings); a resumed run must match them (the
     thread count may change: it does not change what is generated)."""
-    from core.io import read_json, write_json_atomic
 
     settings = {k: v for k, v in config.to_dict().items() if k not in ("name", "threads")}
     state = read_json(run_dir / STATE_JSON)
@@ -281,13 +279,16 @@ def run_generation(
     tiny model); otherwise they are loaded from `config.model` / `config.teacher`.
     `progress(done, total)` is called after each prompt's record is saved.
     """
-    from core.datagen.store import write_generated_set
+    from core.datagen.store import write_generated_set  # lazy: heavy (torch)
     from core.io import write_json_atomic
-    from core.jobs.runfiles import append_metric
-    from core.model.generation import GenerationConfig, generate_responses, set_torch_threads
-    from core.model.loading import load_model
-    from core.scoring.cache import ScoreCache
-    from core.scoring.score import score_examples
+    from core.model.generation import (  # lazy: heavy (torch)
+        GenerationConfig,
+        generate_responses,
+        set_torch_threads,
+    )
+    from core.model.loading import load_model  # lazy: heavy (torch)
+    from core.scoring.cache import ScoreCache  # lazy: heavy (pyarrow)
+    from core.scoring.score import score_examples  # lazy: heavy (pyarrow)
 
     threads = set_torch_threads(config.threads)
     run = Path(run_dir)

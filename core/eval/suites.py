@@ -8,7 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from core.data.tasks import get_task
 from core.errors import LensError
+from core.eval.probes import FILE_PREFIX, PROBE_OOD, PROBE_TEXT, load_probe
 from core.eval.sandbox import SandboxLimits
 from core.masking import DEFAULT_TAU
 
@@ -196,7 +198,6 @@ def drift_specs(
     """(target, ood) drift specs: the training task's held-out prompts (none when `target_task`
     is None or `target_n` 0), the mixed OOD probe and the general-text probe (each left out at
     n 0). See `core.eval.probes`."""
-    from core.eval.probes import PROBE_OOD, PROBE_TEXT
 
     target = ()
     if target_task and target_n:
@@ -227,7 +228,6 @@ def _target_specs(task: str, n: int | None, ppl_n: int | None = None) -> tuple[E
         "arc_easy": EvalTaskSpec("arc_easy", "arc_easy", MC_LOGLIK, n=n, mc_format="plain"),
         "mmlu": EvalTaskSpec("mmlu", "mmlu", MC_LOGLIK, n=n, mc_format="plain"),
     }
-    from core.data.tasks import get_task
 
     get_task(task)  # an unknown task fails here with the list of known ones
     split = "test" if task == "mbpp" else None
@@ -469,7 +469,6 @@ def build_suite(
 ) -> EvalSuite:
     """A suite by name (or as given), plus lm-eval tasks (20 documents each) and drift on the
     user's probe files (checked here, before any work), capped at `limit` examples per task."""
-    from core.eval.probes import FILE_PREFIX, load_probe
 
     chosen = get_suite(suite) if isinstance(suite, str) else suite
     names = [n.strip() for n in lm_eval_tasks if n.strip()]

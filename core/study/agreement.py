@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from core import fmt
 from core.stats import rank_correlation
 
 #: The drift measure of a run (core.study.protocol.run_measures) and the benchmark measured.
@@ -75,7 +76,6 @@ def drift_agreement(
 
 def agreement_sentence(agreement: dict[str, Any] | None) -> str:
     """One plain sentence: does drift rank the runs as the benchmark's change does?"""
-    from core import fmt
 
     if not agreement:
         return "Drift and the benchmark cannot be compared: fewer than two runs measured both."

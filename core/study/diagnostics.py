@@ -23,7 +23,10 @@ import torch
 
 from core.data.records import Example, ScoredExample
 from core.errors import LensError
+from core.io import write_json_atomic
 from core.masking import DEFAULT_TAU
+from core.training.config import TrainConfig
+from core.training.data import load_training_examples
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
@@ -240,8 +243,6 @@ def _weights_fingerprint(folder: Path) -> str:
 def training_examples(run_config: dict[str, Any], n: int) -> list[Example]:
     """The first `n` examples the run was trained on (task, file, generated set or masked
     export), read the way training reads them."""
-    from core.training.config import TrainConfig
-    from core.training.data import load_training_examples
 
     config = TrainConfig.from_dict(run_config)
     dataset, export_rows = load_training_examples(replace(config, limit=n))
@@ -306,11 +307,10 @@ def compute_ppl_change(
     process's shared model slot is never touched). Base scores go through the score cache and
     are shared with the other pages; the fine-tuned model gets its own cache identity.
     """
-    from core.io import write_json_atomic
-    from core.model.loading import load_model
-    from core.scoring.cache import ScoreCache
-    from core.scoring.score import score_examples
-    from core.study.runs import load_run
+    from core.model.loading import load_model  # lazy: heavy (torch)
+    from core.scoring.cache import ScoreCache  # lazy: heavy (pyarrow)
+    from core.scoring.score import score_examples  # lazy: heavy (pyarrow)
+    from core.study.runs import load_run  # lazy: heavy (pyarrow)
 
     run = load_run(run_dir)
     folder = final_model_dir(run.run_dir)
@@ -329,7 +329,7 @@ def compute_ppl_change(
     say("loading the fine-tuned model")
     weights = _weights_fingerprint(folder)
     if (folder / "adapter_config.json").is_file():
-        from core.eval.runner import load_adapter
+        from core.eval.runner import load_adapter  # lazy: heavy (pyarrow)
 
         tuned_lm = load_adapter(lm, folder)
     else:

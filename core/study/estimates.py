@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from core.fmt import count, duration, num
+from core.jobs.runfiles import runs_dir
 
 #: docs/BENCHMARKS.md, "Training": the cpu-quick preset on 2 EPYC cores, LoRA r 16, batch 8,
 #: max_length 320, embedded model: 23.5-36 s per step (2026-11-22 and 2026-12-01).
@@ -171,7 +172,6 @@ def runs_key() -> tuple[str, str]:
 def _runs_root(root: str | Path | None) -> Path:
     if root is not None:
         return Path(root)
-    from core.jobs.runfiles import runs_dir
 
     return runs_dir()
 

@@ -16,10 +16,11 @@ from core.eval.drift import reference_bytes
 from core.eval.runner import EvalCache, RoundProgress, base_suite_result, run_suite
 from core.eval.scorers import SuiteResult
 from core.eval.suites import DRIFT, EvalSuite, suite_from_config
-from core.io import write_json_atomic
+from core.io import read_json, write_json_atomic
 from core.jobs.metrics import CheckpointRecord, StartRecord, TrainRecord
 from core.jobs.runfiles import (
     StatusFn,
+    append_metric,
     append_metrics,
     eval_round_path,
     read_metrics,
@@ -40,8 +41,6 @@ def _metrics_callback(
     carries the token weights trained with since the last one (mean, effective-token share,
     histogram, mean KL)."""
     from transformers import TrainerCallback
-
-    from core.jobs.runfiles import append_metric
 
     reporter = as_reporter(status)
 
@@ -220,7 +219,6 @@ class EvalCallback(TrainerCallback):
     def _read_recorded(self) -> None:
         """The rounds a killed attempt of this run recorded (all of each round, or none: see
         `evaluate`), and its step-0 result as the base of later comparisons."""
-        from core.io import read_json
 
         self.recorded |= {
             int(r["step"])
@@ -336,7 +334,11 @@ def make_training_callbacks(
 ) -> list[Any]:
     """Callbacks for `core.training.trainer`: evaluation every `config.eval_every` steps on the suite
     `config.eval_suite` names (see `suite_from_config`), results in metrics.jsonl."""
-    from core.model.loading import DEFAULT_MODEL, EMBEDDED_FINGERPRINT, load_model
+    from core.model.loading import (  # lazy: heavy (torch)
+        DEFAULT_MODEL,
+        EMBEDDED_FINGERPRINT,
+        load_model,
+    )
 
     if not getattr(config, "eval_every", None):
         return []

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from core.config import JobConfig, field_from, parse_json_or_list
 from core.config import help_meta as _help
 from core.errors import LensError
+from core.eval.suites import suite_from_config
 from core.masking.config import METHOD_HELP, METHOD_MODES, METHODS, MaskConfig
 
 FINETUNES = ("lora", "dora", "full")
@@ -260,7 +261,6 @@ class TrainConfig(JobConfig):
         if self.method != "gt":
             self.mask_config()  # validates tau / share / k
         self._validate_loss()
-        from core.eval.suites import suite_from_config
 
         suite_from_config(self.eval_suite)  # a bad suite fails here, not at the first round
 

@@ -10,9 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.data.records import ScoredExample
+from core.data.sources import load_source
+from core.data.userdata import load_user_data
 from core.errors import DataError, LensError
 from core.jobs.runfiles import StatusFn
 from core.jobs.state import as_reporter
+from core.model.encoding import encode_pair
 from core.scoring.tokens import TokenScores
 from core.training.config import TrainConfig
 
@@ -107,7 +111,7 @@ class TrainingData:
 
 
 def _is_masked_export(folder: Path) -> bool:
-    from core.masking.export import MANIFEST_JSON, MASKED_JSONL
+    from core.masking.export import MANIFEST_JSON, MASKED_JSONL  # lazy: heavy (pyarrow)
 
     return (folder / MANIFEST_JSON).is_file() and (folder / MASKED_JSONL).is_file()
 
@@ -125,15 +129,13 @@ def _generated_examples_file(folder: Path) -> Path | None:
 
 def load_training_examples(config: TrainConfig) -> tuple[Any, list[dict[str, Any]] | None]:
     """(Dataset of examples, None), or (None, masked-export rows) for a masked export folder."""
-    from core.data.sources import load_source
-    from core.data.userdata import load_user_data
 
     if config.task:
         return load_source(task=config.task, split=config.split, limit=config.limit), None
     path = Path(str(config.data)).expanduser()
     if path.is_dir():
         if _is_masked_export(path):
-            from core.masking.export import load_masked_dataset
+            from core.masking.export import load_masked_dataset  # lazy: heavy (pyarrow)
 
             if config.method != "gt":
                 raise LensError(
@@ -164,7 +166,6 @@ def load_training_examples(config: TrainConfig) -> tuple[Any, list[dict[str, Any
 def _unscored_record(example: Any, enc: Any) -> Any:
     """A `ScoredExample` shell (ids + response start, no scores) so GT labels also come from
     `labels_for`."""
-    from core.data.records import ScoredExample
 
     return ScoredExample(
         id=example.id,
@@ -189,8 +190,8 @@ def _score_for_training(
     """Score with the original model, reusing the score cache; ids equal `encode_pair`'s at
     `max_length`. Examples that fit the model context are looked up at the model's context
     length first (the key the app uses); only longer ones are scored again truncated."""
-    from core.scoring.cache import ScoreCache
-    from core.scoring.score import score_examples
+    from core.scoring.cache import ScoreCache  # lazy: heavy (pyarrow)
+    from core.scoring.score import score_examples  # lazy: heavy (pyarrow)
 
     cache = ScoreCache()
     reporter = as_reporter(status)
@@ -222,8 +223,7 @@ def build_training_data(
     """Load the configured examples and turn them into (input_ids, labels) rows."""
     import numpy as np
 
-    from core.masking.rules import compute_masks, labels_for
-    from core.model.encoding import encode_pair
+    from core.masking.rules import compute_masks, labels_for  # lazy: heavy (pyarrow)
 
     if status:
         status("loading data")

@@ -69,15 +69,21 @@ from trl import SFTTrainer
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.trainer.utils import add_fused_lm_head
 
+from core import __version__
 from core.errors import LensError
 from core.eval.drift import reference_bytes
+from core.io import replace_dir_atomic, write_json_atomic
 from core.jobs.metrics import DataRecord, DoneRecord, loss_by_step
 from core.jobs.runfiles import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
+    CONFIG_JSON,
+    SUMMARY_JSON,
     StatusFn,
+    append_metric,
     checkpoint_step,
     checkpoints,
+    read_metrics,
 )
 from core.jobs.state import StateReporter, as_reporter
 from core.training.callbacks import _metrics_callback, job_callbacks
@@ -556,7 +562,7 @@ def build_trainer(
     from transformers import PrinterCallback
     from trl import SFTConfig
 
-    from core.model.loading import load_model
+    from core.model.loading import load_model  # lazy: heavy (torch)
 
     run = Path(run_dir)
     _check_reporters(config.report_to)
@@ -673,8 +679,6 @@ def _versions() -> dict[str, str]:
     import transformers
     import trl
 
-    from core import __version__
-
     return {
         "perplexity_lens": __version__,
         "torch": torch.__version__,
@@ -687,7 +691,6 @@ def _versions() -> dict[str, str]:
 
 def _save_final_model(trainer: Any, target: Path) -> None:
     """Save the adapter (or full model) and tokenizer to `target` via a temp folder + rename."""
-    from core.io import replace_dir_atomic
 
     replace_dir_atomic(target, lambda folder: trainer.save_model(str(folder)))
 
@@ -707,8 +710,6 @@ def run_training(
     processes only rank 0 writes them and prints the run's lines (see the module docstring); the
     other ranks return an empty summary.
     """
-    from core.io import write_json_atomic
-    from core.jobs.runfiles import CONFIG_JSON, SUMMARY_JSON, append_metric, read_metrics
 
     run = Path(run_dir).expanduser().absolute()
     main = process_rank()[0] == 0
