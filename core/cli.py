@@ -20,8 +20,15 @@ from core.datagen.run import preflight
 from core.errors import LensError
 from core.eval.config import EvalConfig
 from core.io import app_root, output_path, write_bytes_atomic, write_jsonl_atomic
-from core.jobs.cluster import BACKENDS, LOCAL, current_setting
-from core.jobs.registry import JobRegistry, run_job_process
+from core.jobs.cluster import (
+    BACKENDS,
+    LOCAL,
+    check_setting,
+    current_setting,
+    make_setting,
+    save_setting,
+)
+from core.jobs.registry import Job, JobRegistry, run_job_process
 from core.jobs.runfiles import log_tail, read_metrics, run_progress, runs_dir
 from core.jobs.state import live_state
 from core.masking.config import MaskCommandConfig
@@ -235,7 +242,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Make a Self-Output / Rephrase set in the foreground (as a job), or queue it (--submit)."""
-    from core.jobs.registry import JobRegistry, run_job_process
 
     config = GenDataConfig.from_args(args)
     preflight(config)  # bad data or no verifier: one line, before a job exists
@@ -270,7 +276,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     """List, show, cancel or resume background jobs. A running job says what it does now (its
     state: preparing data, evaluating step k, training step k/N, final evaluation, ... with the
     time left; `run_state.json` in its run folder) on a line of its own."""
-    from core.jobs.registry import Job, JobRegistry
 
     def now_line(job: Job) -> str:
         """The job's state line, only while it runs (a job that died leaves its file behind)."""
@@ -335,8 +340,6 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_backend(args: argparse.Namespace) -> int:
     """Show the job backend, or set it (checking that the cluster answers first)."""
-    from core.jobs.cluster import check_setting, current_setting, make_setting, save_setting
-    from core.jobs.runfiles import runs_dir
 
     root = runs_dir()
     if args.name is None:
@@ -356,7 +359,6 @@ def cmd_backend(args: argparse.Namespace) -> int:
 
 def cmd_job_run(args: argparse.Namespace) -> int:
     """Internal: the body of a background job process (started by the job queue)."""
-    from core.jobs.registry import run_job_process
 
     return run_job_process(args.job_id)
 
@@ -384,7 +386,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate the base model, or an adapter against it (TI / BWT), on a suite: in the
     foreground (registered as a job, results in its run folder), or queued (--submit)."""
-    from core.jobs.registry import JobRegistry, run_job_process
 
     # bad suite, limit, adapter, model, device, lm-eval task or --out: one line, before a job
     config = EvalConfig.from_args(args).resolved()
@@ -416,7 +417,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Queue a τ sweep (one train job per τ, plus the controls, per seed); with --wait, wait
     for every run and exit non-zero when one did not succeed."""
-    from core.jobs.registry import JobRegistry
 
     config = SweepConfig.from_args(args)
     if _runs_here(args):  # a mistyped model or a missing GPU: one line, before any job exists
@@ -444,7 +444,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_protocol(args: argparse.Namespace) -> int:
     """The paper's protocol (every method x seeds, then the table and the report): in the
     foreground (registered as a job), or queued (--submit)."""
-    from core.jobs.registry import JobRegistry, run_job_process
     from core.study.protocol import (  # lazy: heavy (pyarrow)
         ProtocolConfig,
         preflight,
@@ -560,10 +559,7 @@ def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
     MaskCommandConfig.add_arguments(p)
     p.set_defaults(func=cmd_mask)
 
-    from core.datagen.config import GenDataConfig
-    from core.eval.config import EvalConfig
     from core.study.protocol import ProtocolConfig  # lazy: heavy (pyarrow)
-    from core.training.config import TrainConfig  # light: heavy imports happen when training
 
     p = sub.add_parser(
         "train",

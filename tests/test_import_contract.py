@@ -58,3 +58,27 @@ def test_core_may_not_import_streamlit(tmp_path: Path) -> None:
     result = _lint(tmp_path)
     assert result.returncode != 0
     assert "core.fmt -> streamlit" in result.stdout
+
+
+def test_imports_inside_functions_say_why() -> None:
+    """A `core` module imports at its top; an import inside a function is kept only for a module
+    that loads a heavy package (torch, transformers, pyarrow, ...), marked `# lazy: heavy (...)`
+    so a reader knows the real graph (import-linter sees these too)."""
+    import ast
+
+    unmarked = []
+    for path in sorted((ROOT / "core").rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        lines = source.splitlines()
+        for fn in ast.walk(ast.parse(source)):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if (
+                    isinstance(node, ast.ImportFrom)
+                    and (node.module or "").startswith("core")
+                    and "# lazy" not in lines[node.lineno - 1]
+                    and "# lazy" not in lines[node.end_lineno - 1]
+                ):
+                    unmarked.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.module}")
+    assert unmarked == []

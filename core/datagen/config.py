@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from core.config import JobConfig
 from core.config import help_meta as _help
+from core.data.tasks import get_task
 from core.errors import LensError
 from core.eval.grading import VERIFIERS
 
@@ -175,8 +176,6 @@ class GenDataConfig(JobConfig):
     def data_label(self) -> str:
         """Short name of the data: "mbpp-train" or the file's stem."""
         if self.task:
-            from core.data.tasks import get_task
-
             return f"{self.task}-{self.split or get_task(self.task).default_split}"
         return Path(str(self.data)).stem
 

@@ -280,7 +280,6 @@ def run_generation(
     `progress(done, total)` is called after each prompt's record is saved.
     """
     from core.datagen.store import write_generated_set  # lazy: heavy (torch)
-    from core.io import write_json_atomic
     from core.model.generation import (  # lazy: heavy (torch)
         GenerationConfig,
         generate_responses,

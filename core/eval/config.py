@@ -134,7 +134,6 @@ class EvalConfig(JobConfig):
         method, tau, target share, seed and task (so pages label it like that run)."""
         if self.adapter is None:
             return self
-        from core.io import read_json
 
         folder = resolve_adapter_path(self.adapter)
         values: dict[str, Any] = {

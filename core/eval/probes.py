@@ -189,8 +189,6 @@ def load_probe(task: str, split: str | None = None, n: int | None = None, seed: 
     elif task.startswith(FILE_PREFIX):
         probe = _file_probe(task)
     else:
-        from core.data.tasks import load_task
-
         examples = list(load_task(task, split).examples)
         if n is not None and n < len(examples):
             picked = sorted(random.Random(seed).sample(range(len(examples)), n))

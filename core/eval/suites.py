@@ -498,7 +498,6 @@ TASK_SCORERS = {
 def parse_task_name(text: str) -> tuple[str, str]:
     """ "task" or "task:split" -> (task, split), checked against the catalogue (a one-line
     `LensError` names what exists)."""
-    from core.data.tasks import get_task
 
     name, _, split = text.strip().partition(":")
     spec = get_task(name)
@@ -516,7 +515,6 @@ def tasks_suite(
     """A suite of named built-in tasks ("arc_easy:validation", "mmlu"): each on a seeded
     subset of `limit` items (the whole split when None), multiple-choice tasks in their own
     default format unless `mc_format` names one. All count as out-of-domain tasks."""
-    from core.data.tasks import get_task
 
     if not names:
         raise LensError("Name at least one task, e.g. --tasks arc_easy:validation,mmlu.")
