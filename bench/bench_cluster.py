@@ -54,11 +54,18 @@ def build_model(folder: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(prepare_embedded_model())
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
@@ -66,10 +73,30 @@ def build_model(folder: Path) -> Path:
 
 def protocol_args(model: Path, arms: str, folder: Path) -> list[str]:
     return [
-        "protocol", "--model", str(model), "--methods", arms, "--seeds", "0", "--limit", "32",
-        "--max-length", "128", "--epochs", "2", "--batch-size", "4", "--learning-rate", "1e-3",
-        "--suite", "tiny", "--device", "cpu", "--run-dir", str(folder),
-    ]  # fmt: skip
+        "protocol",
+        "--model",
+        str(model),
+        "--methods",
+        arms,
+        "--seeds",
+        "0",
+        "--limit",
+        "32",
+        "--max-length",
+        "128",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--suite",
+        "tiny",
+        "--device",
+        "cpu",
+        "--run-dir",
+        str(folder),
+    ]
 
 
 def run_local(model: Path, arms: str, root: Path, threads: int | None) -> float:
@@ -79,8 +106,11 @@ def run_local(model: Path, arms: str, root: Path, threads: int | None) -> float:
     started = time.monotonic()
     out = subprocess.run(
         [sys.executable, "-m", "core", *protocol_args(model, arms, root / "runs" / "proto")],
-        cwd=ROOT, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     took = time.monotonic() - started
     if out.returncode != 0:
         raise SystemExit(f"local protocol failed: {out.stderr[-2000:]}")
@@ -92,11 +122,25 @@ def run_ray(model: Path, arms: str, root: Path, cpus: int) -> tuple[float, float
     port, dash, client = _free_port(), _free_port(), _free_port()
     address = f"http://127.0.0.1:{dash}"
     start = [
-        str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-        "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-        "--ray-client-server-port", str(client), "--num-cpus", str(cpus),
-        "--disable-usage-stats", "--temp-dir", tempfile.mkdtemp(prefix="plray-", dir="/tmp"),
-    ]  # fmt: skip
+        str(RAY),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--ray-client-server-port",
+        str(client),
+        "--num-cpus",
+        str(cpus),
+        "--disable-usage-stats",
+        "--temp-dir",
+        tempfile.mkdtemp(prefix="plray-", dir="/tmp"),
+    ]
     subprocess.run(
         start, check=True, capture_output=True, env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     )
@@ -116,10 +160,23 @@ def run_ray(model: Path, arms: str, root: Path, cpus: int) -> tuple[float, float
         env = dict(os.environ, PLENS_RUNS_DIR=str(root / "runs"), OMP_NUM_THREADS="1")
         started = time.monotonic()
         out = subprocess.run(
-            [sys.executable, "-m", "core", *protocol_args(model, arms, root / "runs" / "proto"),
-             "--submit", "--backend", "ray", "--ray-address", address],
-            cwd=ROOT, env=env, capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "core",
+                *protocol_args(model, arms, root / "runs" / "proto"),
+                "--submit",
+                "--backend",
+                "ray",
+                "--ray-address",
+                address,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         job_id = out.stdout.strip().splitlines()[-1]
         os.environ["PLENS_RUNS_DIR"] = str(root / "runs")
         registry = JobRegistry(root / "runs")

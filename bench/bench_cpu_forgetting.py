@@ -72,8 +72,16 @@ def folder_name(key: str) -> str:
 def run_setting(key: str) -> float:
     """Run (or resume) one setting; returns its wall seconds."""
     started = time.monotonic()
-    cmd = [sys.executable, "-m", "core", "protocol", *COMMON, *flags(settings(key)),
-           "--name", folder_name(key)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "core",
+        "protocol",
+        *COMMON,
+        *flags(settings(key)),
+        "--name",
+        folder_name(key),
+    ]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=ROOT, check=False)
     return time.monotonic() - started
@@ -96,10 +104,13 @@ def rows() -> list[dict[str, object]]:
         row["train s"] = None if train_s is None else round(train_s)
         row["final loss"] = gt.get("measures", {}).get("final loss", {}).get("mean")
         row["paired"] = {
-            f"{p['task']} {p['metric']}": {**p["interval"], "role": p["role"],
-                                           "higher_is_better": p["higher_is_better"]}
+            f"{p['task']} {p['metric']}": {
+                **p["interval"],
+                "role": p["role"],
+                "higher_is_better": p["higher_is_better"],
+            }
             for p in results.get("paired_base", [])
-        }  # fmt: skip
+        }
         out.append(row)
     return out
 

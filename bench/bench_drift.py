@@ -56,9 +56,11 @@ def main() -> None:
     parser.add_argument("--arc", type=int, default=None, help="ARC-Easy questions (all: 570)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
-        "--answers", type=Path, default=None,
+        "--answers",
+        type=Path,
+        default=None,
         help="the base answers' cache file to reuse (default: a fresh one, so they are generated)",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
 
     lm = load_model(args.model, device="cpu", dtype="float32")
@@ -75,16 +77,25 @@ def main() -> None:
             lm, probe, max_new_tokens=args.tokens, is_base=True, answer_cache=cache
         )
         rows.append(
-            {"what": f"{name}: base answers + base round (one-off, cached)",
-             "items": len(details), "tokens": sum(d["tokens"] for d in details),
-             "seconds": time.perf_counter() - t0}
-        )  # fmt: skip
+            {
+                "what": f"{name}: base answers + base round (one-off, cached)",
+                "items": len(details),
+                "tokens": sum(d["tokens"] for d in details),
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         print(rows[-1], flush=True)
     t0 = time.perf_counter()
     arc = run_suite(lm, tasks_suite(["arc_easy:validation"], limit=args.arc)).tasks[0]
     arc_s = time.perf_counter() - t0
-    rows.append({"what": "ARC-Easy round (mc_loglik, plain)", "items": arc.n, "tokens": None,
-                 "seconds": arc_s})  # fmt: skip
+    rows.append(
+        {
+            "what": "ARC-Easy round (mc_loglik, plain)",
+            "items": arc.n,
+            "tokens": None,
+            "seconds": arc_s,
+        }
+    )
     print(rows[-1], flush=True)
     tuned = lora(lm)
     for name, probe in probes.items():
@@ -94,10 +105,15 @@ def main() -> None:
         )
         seconds = time.perf_counter() - t0
         rows.append(
-            {"what": f"{name}: drift round (reference + tuned pass)", "items": len(details),
-             "tokens": sum(d["tokens"] for d in details), "seconds": seconds,
-             "vs_arc": seconds / arc_s, "kl": metrics["kl"]}
-        )  # fmt: skip
+            {
+                "what": f"{name}: drift round (reference + tuned pass)",
+                "items": len(details),
+                "tokens": sum(d["tokens"] for d in details),
+                "seconds": seconds,
+                "vs_arc": seconds / arc_s,
+                "kl": metrics["kl"],
+            }
+        )
         print(rows[-1], flush=True)
     result = {
         "date": date.today().isoformat(),

@@ -115,9 +115,21 @@ def in_app_ms(data: Path, n_long: int, port: int, repeats: int, cache: Path) -> 
     from playwright.sync_api import sync_playwright
 
     env = dict(os.environ, PLENS_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-           "--server.headless", "true", "--server.address", "127.0.0.1",
-           "--server.fileWatcherType", "none"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        "app.py",
+        "--server.port",
+        str(port),
+        "--server.headless",
+        "true",
+        "--server.address",
+        "127.0.0.1",
+        "--server.fileWatcherType",
+        "none",
+    ]
     server = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -169,16 +181,20 @@ def main() -> None:
     long = scored["long"]
     markup = render_token_heatmap(long, tau=2.5)
     plain = f"<pre>{html.escape(long.prompt + long.response)}</pre>"
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}"
+    )
     print(f"long response: {long.n_response} tokens, HTML {len(markup) / 1e3:.0f} kB")
 
     render = median_ms(lambda: render_token_heatmap(long, tau=2.5), 30)
     print(f"python render_token_heatmap: {render:.1f} ms")
     heat_ms = browser_render_ms(markup, args.repeats)
     pre_ms = browser_render_ms(plain, args.repeats)
-    print(f"browser insert + layout + paint: heatmap {heat_ms:.1f} ms, plain <pre> {pre_ms:.1f} ms "
-          f"(heatmap / plain = {heat_ms / pre_ms:.1f}x)")  # fmt: skip
+    print(
+        f"browser insert + layout + paint: heatmap {heat_ms:.1f} ms, plain <pre> {pre_ms:.1f} ms "
+        f"(heatmap / plain = {heat_ms / pre_ms:.1f}x)"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "long.jsonl"
@@ -186,9 +202,11 @@ def main() -> None:
         to_long, to_short = in_app_ms(
             data, long.n_response, args.port, args.repeats, Path(tmp) / "cache"
         )
-    print(f"in app, click to heatmap on screen: {long.n_response}-token example {to_long:.0f} ms, "
-          f"{scored['short'].n_response}-token example {to_short:.0f} ms "
-          f"(long / short = {to_long / to_short:.2f}x)")  # fmt: skip
+    print(
+        f"in app, click to heatmap on screen: {long.n_response}-token example {to_long:.0f} ms, "
+        f"{scored['short'].n_response}-token example {to_short:.0f} ms "
+        f"(long / short = {to_long / to_short:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

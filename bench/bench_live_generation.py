@@ -69,16 +69,26 @@ def main() -> int:
         for t in order:
             res = one_answer(lm, prompts[r % len(prompts)], config, t)
             results[t].append(res)
-            print(f"round {r + 1}, {t} thread(s): {res['tokens']} tokens in {num(res['total'], 3)} s "
-                  f"(first token {num(res['first'], 3)} s, {num(res['rate'], 3)} tokens/s)", flush=True)  # fmt: skip
+            print(
+                f"round {r + 1}, {t} thread(s): {res['tokens']} tokens in {num(res['total'], 3)} s "
+                f"(first token {num(res['first'], 3)} s, {num(res['rate'], 3)} tokens/s)",
+                flush=True,
+            )
     after = os.getloadavg()
     print()
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; {date.today().isoformat()}; "
-          f"load average {num(load[0], 2)} before, {num(after[0], 2)} after")  # fmt: skip
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores; {date.today().isoformat()}; "
+        f"load average {num(load[0], 2)} before, {num(after[0], 2)} after"
+    )
     busy = max(load[0], after[0]) > 1.5
-    print("the machine was NOT quiet (load average above 1.5): an upper bound" if busy else
-          "the machine was quiet")  # fmt: skip
-    print(f"\n| torch threads | first token (s) | tokens/s | {args.max_new_tokens}-token answer (s) | target < {duration(TARGET_S)} |")  # fmt: skip
+    print(
+        "the machine was NOT quiet (load average above 1.5): an upper bound"
+        if busy
+        else "the machine was quiet"
+    )
+    print(
+        f"\n| torch threads | first token (s) | tokens/s | {args.max_new_tokens}-token answer (s) | target < {duration(TARGET_S)} |"
+    )
     print("|---:|---:|---:|---:|---|")
     for t in threads:
         rows = results[t]

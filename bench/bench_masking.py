@@ -46,10 +46,42 @@ from core.viz.heatmap import render_token_heatmap  # noqa: E402
 # Token texts for the synthetic responses: code-ish pieces, whitespace and newlines, so the
 # heatmap renderer does the same escaping and whitespace work as on real MBPP responses.
 TOKEN_TEXTS = (
-    "def", " ", "    ", "\n", "\n    ", "return", " x", " +", "(", ")", ":", " for", " i",
-    " in", " range", "len", "_", "list", "[", "]", " =", " if", " ==", " 0", "1", ",", " None",
-    "print", "'", "a", "<", ">", "&", "\t", " sum",
-)  # fmt: skip
+    "def",
+    " ",
+    "    ",
+    "\n",
+    "\n    ",
+    "return",
+    " x",
+    " +",
+    "(",
+    ")",
+    ":",
+    " for",
+    " i",
+    " in",
+    " range",
+    "len",
+    "_",
+    "list",
+    "[",
+    "]",
+    " =",
+    " if",
+    " ==",
+    " 0",
+    "1",
+    ",",
+    " None",
+    "print",
+    "'",
+    "a",
+    "<",
+    ">",
+    "&",
+    "\t",
+    " sum",
+)
 
 
 def make_examples(n_examples: int, mean_len: int, seed: int = 0) -> list[ScoredExample]:
@@ -209,10 +241,19 @@ def main() -> None:
     ]
     naive_ms = rows[-1][1]
     page_rows = [
-        ("page: tau change -> masks + stats + heatmap HTML of one example", timeit(page_recolour, r)),
-        ("page: the above + share-vs-tau curve and its plotly figure (first visit of a tau)", timeit(page_full, r)),
-        ("**naive loop: masks + stats + the same heatmap HTML**", timeit(naive_recolour, max(5, r // 5))),
-    ]  # fmt: skip
+        (
+            "page: tau change -> masks + stats + heatmap HTML of one example",
+            timeit(page_recolour, r),
+        ),
+        (
+            "page: the above + share-vs-tau curve and its plotly figure (first visit of a tau)",
+            timeit(page_full, r),
+        ),
+        (
+            "**naive loop: masks + stats + the same heatmap HTML**",
+            timeit(naive_recolour, max(5, r // 5)),
+        ),
+    ]
     naive_page_ms = page_rows[-1][1]
 
     n_tok = index.n_tokens

@@ -155,9 +155,13 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     import importlib.metadata as md
 
-    print(f"\n{date.today()} · {platform.processor() or platform.machine()} · "
-          f"torch threads {torch.get_num_threads()} · lm-eval {md.version('lm_eval')} · {lm.display_name}")  # fmt: skip
-    print("| task | n | acc (ours / lm-eval) | acc_norm (ours / lm-eval) | same pick (acc / acc_norm) | s (ours / lm-eval) | speed |")  # fmt: skip
+    print(
+        f"\n{date.today()} · {platform.processor() or platform.machine()} · "
+        f"torch threads {torch.get_num_threads()} · lm-eval {md.version('lm_eval')} · {lm.display_name}"
+    )
+    print(
+        "| task | n | acc (ours / lm-eval) | acc_norm (ours / lm-eval) | same pick (acc / acc_norm) | s (ours / lm-eval) | speed |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(

@@ -33,8 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 DEFAULT_LIMIT = 50  # the sidebar's default selection: the first 50 MBPP train examples
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def free_port() -> int:
@@ -81,9 +86,13 @@ def one_run(repo: Path, env: dict[str, str], name: str, out: Path) -> tuple[floa
     log = open(out / f"newcomer-{name}.log", "w")  # noqa: SIM115
     started = time.monotonic()
     proc = subprocess.Popen(
-        ["make", "run", f"PORT={port}"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
+        ["make", "run", f"PORT={port}"],
+        cwd=repo,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         wait_for_server(port, proc, timeout=30 * 60)
         served = time.monotonic() - started
@@ -109,8 +118,10 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PLENS_", "VIRTUAL_ENV"))}
         env.update(PLENS_CACHE_DIR=str(Path(tmp) / "cache"), PIP_NO_CACHE_DIR="1")
         rows = [(name, *one_run(repo, env, name, out)) for name in ("cold", "warm")]
-    print(f"# newcomer: `make run` -> first heatmap, {dt.date.today()}, {platform.node()}, "
-          f"{os.cpu_count()} cores, Python {sys.version.split()[0]}")  # fmt: skip
+    print(
+        f"# newcomer: `make run` -> first heatmap, {dt.date.today()}, {platform.node()}, "
+        f"{os.cpu_count()} cores, Python {sys.version.split()[0]}"
+    )
     print(
         f"| run | server answers (s) | first heatmap on screen (s) | all {DEFAULT_LIMIT} scored (s) |"
     )

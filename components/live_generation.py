@@ -48,8 +48,15 @@ def live_answer(
             from core.scoring.cache import ScoreCache
 
             bt.partial = live
-            return answer_live(load, example, config, live, task=task,
-                               should_stop=bt.stop_requested.is_set, cache=ScoreCache())  # fmt: skip
+            return answer_live(
+                load,
+                example,
+                config,
+                live,
+                task=task,
+                should_stop=bt.stop_requested.is_set,
+                cache=ScoreCache(),
+            )
 
         current = runner.start(key, label, work, restart=restart)
     if current is None:

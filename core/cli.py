@@ -222,9 +222,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 0
     if args.submit:
         job = JobRegistry().submit(
-            "train", config.to_dict(), device=config.device, label=config.describe(),
+            "train",
+            config.to_dict(),
+            device=config.device,
+            label=config.describe(),
             **_where(args),
-        )  # fmt: skip
+        )
         print(job.id)
         print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
         return 0
@@ -248,9 +251,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     registry = JobRegistry()
     if args.submit:
         job = registry.submit(
-            "generate", config.to_dict(), device=config.device, label=config.describe(),
+            "generate",
+            config.to_dict(),
+            device=config.device,
+            label=config.describe(),
             **_where(args),
-        )  # fmt: skip
+        )
         print(job.id)
         print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
         return 0
@@ -317,8 +323,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     prog = run_progress(read_metrics(job.run_dir))
     line = now_line(job)
     if args.json:
-        print(json.dumps({**job.to_dict(), "progress": prog.__dict__, "state": state_dict(job)},
-                         indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {**job.to_dict(), "progress": prog.__dict__, "state": state_dict(job)}, indent=2
+            )
+        )
         return 0
     print(f"{job.id}: {job.status} ({job.message}) · {job.label}")
     print(f"run folder: {job.run_dir}")
@@ -455,15 +464,24 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     registry = JobRegistry()
     folder = protocol_folder(config, name=args.name, run_dir=args.run_dir)
     if args.submit:
-        job = registry.submit("protocol", config.to_dict(), device=config.device,
-                              label=config.describe(), run_dir=folder, **_where(args))  # fmt: skip
+        job = registry.submit(
+            "protocol",
+            config.to_dict(),
+            device=config.device,
+            label=config.describe(),
+            run_dir=folder,
+            **_where(args),
+        )
         print(job.id)
         print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
         return 0
     job = registry.register_foreground(
-        "protocol", config.to_dict(), device=config.device, label=config.describe(),
+        "protocol",
+        config.to_dict(),
+        device=config.device,
+        label=config.describe(),
         run_dir=folder,
-    )  # fmt: skip
+    )
     print(f"job {job.id}, protocol folder {job.run_dir}", file=sys.stderr)
     return run_job_process(job.id, registry)
 
@@ -486,8 +504,11 @@ def cmd_app(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(args.port)]
     if args.address:
         argv += ["--server.address", args.address]
-    print(f"Perplexity Lens at http://{args.address or '127.0.0.1'}:{args.port} (Ctrl-C stops it)",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"Perplexity Lens at http://{args.address or '127.0.0.1'}:{args.port} (Ctrl-C stops it)",
+        file=sys.stderr,
+        flush=True,
+    )
     if os.name != "posix":  # pragma: no cover - no exec there that keeps the console
         import subprocess
 
@@ -678,8 +699,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m core") -> int:
         or getattr(args, "ray_address", None)
         or getattr(args, "slurm_partition", None)
     ):
-        print("error: --backend, --ray-address and --slurm-partition choose where a queued job "
-              "runs; add --submit", file=sys.stderr)  # fmt: skip
+        print(
+            "error: --backend, --ray-address and --slurm-partition choose where a queued job "
+            "runs; add --submit",
+            file=sys.stderr,
+        )
         return EXIT_USER_ERROR
     try:
         return int(args.func(args) or 0)

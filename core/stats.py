@@ -30,10 +30,37 @@ N_BOOT = 2000
 MIN_ITEMS = 2
 # Two-sided 95% Student t quantiles t(0.975, df) for df = 1..30; 1.96 beyond.
 T_975 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-)  # fmt: skip
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 Z_975, Z_80 = 1.959964, 0.841621  # two-sided 5% and one-sided 80% power quantiles
 
 
@@ -277,9 +304,13 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def rank_correlation(
-    x: Sequence[float], y: Sequence[float], *, n_boot: int = N_BOOT, seed: int = 0,
+    x: Sequence[float],
+    y: Sequence[float],
+    *,
+    n_boot: int = N_BOOT,
+    seed: int = 0,
     level: float = LEVEL,
-) -> Interval:  # fmt: skip
+) -> Interval:
     """Spearman's rho between paired values (e.g. one per run: drift and a benchmark's change),
     with a percentile bootstrap interval over the pairs. Fewer than 4 pairs, or a constant side,
     give bounds of None with a reason."""

@@ -128,17 +128,23 @@ def ppl_change_section(run: RunView) -> None:
         "on out-of-domain examples."
     )
     if final_model_dir(run.run_dir) is None:
-        st.info(f"Run {run.run_id} has no saved final model yet (adapter/): it appears here once "
-                "training has finished.")  # fmt: skip
+        st.info(
+            f"Run {run.run_id} has no saved final model yet (adapter/): it appears here once "
+            "training has finished."
+        )
         return
     tau = run_tau(run)
     saved = saved_ppl_changes(run.run_dir)
     sources = {"train": "Training examples", "task": "Out-of-domain task"}
     c1, c2, c3, c4 = st.columns([2, 1, 2, 1])
     source = c1.radio(
-        "Examples", list(sources), format_func=sources.get, horizontal=True,
-        index=_url_choice("dsrc", list(sources), "train"), key="ppl-src",
-    )  # fmt: skip
+        "Examples",
+        list(sources),
+        format_func=sources.get,
+        horizontal=True,
+        index=_url_choice("dsrc", list(sources), "train"),
+        key="ppl-src",
+    )
     wanted_n = st.query_params.get("dn", "4")
     wanted_n = min(max(int(wanted_n), 1), MAX_PPL_EXAMPLES) if wanted_n.isdigit() else 4
     n = int(c2.number_input("How many", 1, MAX_PPL_EXAMPLES, wanted_n, key="ppl-n"))
@@ -150,9 +156,12 @@ def ppl_change_section(run: RunView) -> None:
         names = list(specs)
         default = "gsm8k" if "gsm8k" in names else names[0]
         task = c3.selectbox(
-            "Task", names, index=_url_choice("dtask", names, default),
-            format_func=lambda name: specs[name].title, key="ppl-task",
-        )  # fmt: skip
+            "Task",
+            names,
+            index=_url_choice("dtask", names, default),
+            format_func=lambda name: specs[name].title,
+            key="ppl-task",
+        )
         splits = list(specs[task].splits)
         split = c4.selectbox(
             "Split", splits, index=_url_choice("dsplit", splits, splits[-1]), key="ppl-split"
@@ -165,18 +174,21 @@ def ppl_change_section(run: RunView) -> None:
         st.error(str(exc))
         return
     label = (
-        f"{len(examples)} training examples" if source == "train"
+        f"{len(examples)} training examples"
+        if source == "train"
         else f"{len(examples)} examples of {task} / {split}"
-    )  # fmt: skip
+    )
     change = load_ppl_change(ppl_change_path(run.run_dir, key))
     task_key = f"ppl-change:{run.run_id}:{key}"
     if change is None and background_runner().get(task_key) is None:
         st.caption(f"Not computed yet for these {len(examples)} examples.")
         if st.button(
-            "Compute token perplexity change", type="primary", key="ppl-compute",
+            "Compute token perplexity change",
+            type="primary",
+            key="ppl-compute",
             help="Loads the original and the fine-tuned model in the background (this page "
             "stays usable; a reload re-attaches). The result is saved in the run folder.",
-        ):  # fmt: skip
+        ):
 
             def work(bg: BackgroundTask) -> PplChange:
                 def status(message: str) -> None:
@@ -208,14 +220,16 @@ LORA_TABLE_COLUMNS = {
     "kind": st.column_config.TextColumn("Kind", help="Which projection of the layer."),
     "rank": st.column_config.TextColumn("LoRA rank r", help="Rank of the adapter's A·B."),
     "fro_norm": st.column_config.TextColumn(
-        LORA_COLUMNS["fro_norm"], help="Frobenius norm of the weight change ΔW = s·B·A: how much "
+        LORA_COLUMNS["fro_norm"],
+        help="Frobenius norm of the weight change ΔW = s·B·A: how much "
         "fine-tuning moved this matrix.",
     ),
     "effective_rank": st.column_config.TextColumn(
-        LORA_COLUMNS["effective_rank"], help="exp of the entropy of ΔW's normalised singular "
+        LORA_COLUMNS["effective_rank"],
+        help="exp of the entropy of ΔW's normalised singular "
         "values: in how many directions it moved (at most r).",
     ),
-}  # fmt: skip
+}
 
 
 def lora_display_table(stats: pd.DataFrame) -> pd.DataFrame:
@@ -256,8 +270,7 @@ def compare_runs(runs: list[RunView], statuses: dict[str, str] | None) -> None:
     left, right = st.columns(2)
     with left:
         drift = drift_frontier_chart(table, drift_table(runs), drift_missing(runs))
-        st.plotly_chart(drift, config=plotly_config("drift_frontier"),
-                        key="compare-drift-frontier")  # fmt: skip
+        st.plotly_chart(drift, config=plotly_config("drift_frontier"), key="compare-drift-frontier")
         notes = figure_notes(drift)
         st.caption(
             "Target gain against drift from the base model: token KL on mixed out-of-domain "
@@ -273,9 +286,11 @@ def compare_runs(runs: list[RunView], statuses: dict[str, str] | None) -> None:
     st.subheader("Runs")
     shown_table = runs_display_table(table)
     st.dataframe(
-        shown_table, hide_index=True, width="stretch",
+        shown_table,
+        hide_index=True,
+        width="stretch",
         column_config=runs_column_config(shown_table),
-    )  # fmt: skip
+    )
     st.caption(
         "Each change is against the run's own step 0 (the base model), with its paired 95% "
         "interval over evaluation items in brackets: target Δ in points (accuracy) or nats "
@@ -311,15 +326,21 @@ def config_diff(labels: dict[str, str]) -> None:
         st.caption("The two configurations are identical.")
         return
     st.dataframe(
-        pd.DataFrame(diff), hide_index=True, width="stretch",
+        pd.DataFrame(diff),
+        hide_index=True,
+        width="stretch",
         column_config={
             "setting": st.column_config.TextColumn(
                 "Setting", help="A configuration field whose value differs.", pinned=True
             ),
-            "A": st.column_config.TextColumn(f"Run A · {a}", help=f"Run A's value, as saved ({fmt.MISSING}: not set)."),
-            "B": st.column_config.TextColumn(f"Run B · {b}", help=f"Run B's value, as saved ({fmt.MISSING}: not set)."),
+            "A": st.column_config.TextColumn(
+                f"Run A · {a}", help=f"Run A's value, as saved ({fmt.MISSING}: not set)."
+            ),
+            "B": st.column_config.TextColumn(
+                f"Run B · {b}", help=f"Run B's value, as saved ({fmt.MISSING}: not set)."
+            ),
         },
-    )  # fmt: skip
+    )
 
 
 ensure_app_navigation()
@@ -341,10 +362,12 @@ if available:
     # a link that names unfinished runs opens with them shown
     linked = st.query_params.get("all") == "1" or any(statuses[r] != FINISHED for r in wanted)
     show_all = st.toggle(
-        "Include running, failed and cancelled runs", value=linked, key="cmp-all",
+        "Include running, failed and cancelled runs",
+        value=linked,
+        key="cmp-all",
         help="Off: Compare and the report offer finished runs only. On: every run, its status "
         "in its name and in the table's Status column.",
-    )  # fmt: skip
+    )
     st.query_params["all"] = "1" if show_all else "0"
     n_finished = len(available) - sum(unfinished.values())
     if unfinished and not show_all:
@@ -430,9 +453,12 @@ with tab_diag:
     )
     run_ids = list(labels)
     run_id = st.selectbox(
-        "Run", run_ids, format_func=labels.get, key="diag-run",
+        "Run",
+        run_ids,
+        format_func=labels.get,
+        key="diag-run",
         index=_url_choice("drun", run_ids, run_ids[0]),
-    )  # fmt: skip
+    )
     st.query_params["drun"] = run_id
     adapter = by_id[run_id].run_dir / "adapter"
     weights = adapter / "adapter_model.safetensors"
@@ -444,30 +470,42 @@ with tab_diag:
         for column in LORA_COLUMNS:
             st.plotly_chart(lora_chart(stats, column), config=plotly_config(f"lora_{column}"))
         st.dataframe(
-            lora_display_table(stats), hide_index=True, width="stretch",
+            lora_display_table(stats),
+            hide_index=True,
+            width="stretch",
             column_config=LORA_TABLE_COLUMNS,
-        )  # fmt: skip
+        )
     st.subheader("Token perplexity change")
     ppl_change_section(by_id[run_id])
 
 with tab_report:
     chosen_report = st.multiselect(
-        "Runs in the report", list(shown), default=list(shown)[:6], format_func=shown.get,
-        key="report-runs", help="Finished runs, unless the toggle above includes the others.",
-    )  # fmt: skip
+        "Runs in the report",
+        list(shown),
+        default=list(shown)[:6],
+        format_func=shown.get,
+        key="report-runs",
+        help="Finished runs, unless the toggle above includes the others.",
+    )
     title = st.text_input("Title", "Perplexity Lens: fine-tuning with selective token masking")
     c1, c2 = st.columns(2)
     n_snapshots = int(
         c1.number_input(
-            "Heatmap snapshots", 0, MAX_PPL_EXAMPLES, 3, key="report-snapshots",
+            "Heatmap snapshots",
+            0,
+            MAX_PPL_EXAMPLES,
+            3,
+            key="report-snapshots",
             help="The first N training examples of the first run, scored by the original model, "
             "with the tokens its mask drops struck through (loads the model).",
         )
-    )  # fmt: skip
+    )
     with_changes = c2.checkbox(
-        "Include saved token perplexity changes", True, key="report-ppl",
+        "Include saved token perplexity changes",
+        True,
+        key="report-ppl",
         help="Results computed on the Diagnostics tab.",
-    )  # fmt: skip
+    )
     if st.button("Build report", type="primary", disabled=not chosen_report):
         runs_in_report = [by_id[r] for r in chosen_report]
         request = json.dumps([chosen_report, title, n_snapshots, with_changes])
@@ -493,6 +531,8 @@ with tab_report:
         if html:
             st.success(f"Report ready ({len(html) / 1e6:.1f} MB, self-contained, works offline).")
             st.download_button(
-                "Download report.html", html, file_name="perplexity_lens_report.html",
+                "Download report.html",
+                html,
+                file_name="perplexity_lens_report.html",
                 mime="text/html",
-            )  # fmt: skip
+            )

@@ -82,19 +82,26 @@ ids = list(with_drift)
 wanted_run = query.get("run")
 c1, c2, c3, c4 = st.columns([3, 1.1, 2.4, 1.8])
 run_id = c1.selectbox(
-    "Run", ids, index=ids.index(wanted_run) if wanted_run in ids else 0, key="drift-run",
+    "Run",
+    ids,
+    index=ids.index(wanted_run) if wanted_run in ids else 0,
+    key="drift-run",
     format_func=lambda r: f"{with_drift[r][0].label} · {r}",
-)  # fmt: skip
+)
 if wanted_run and wanted_run not in ids:
     st.caption(f"Run '{wanted_run}' (from the link) has no drift rounds: showing another run.")
 run, steps = with_drift[run_id]
 same_run = wanted_run == run_id
 wanted_step = query.get("step") if same_run else None
 step = c2.selectbox(
-    "Round (step)", steps, key=f"drift-step-{run_id}",
-    index=steps.index(int(wanted_step)) if wanted_step in {str(s) for s in steps} else len(steps) - 1,
+    "Round (step)",
+    steps,
+    key=f"drift-step-{run_id}",
+    index=steps.index(int(wanted_step))
+    if wanted_step in {str(s) for s in steps}
+    else len(steps) - 1,
     help="Evaluation rounds with drift; step 0 is the base model itself (no drift).",
-)  # fmt: skip
+)
 try:
     result = load_round(run.run_dir, step)
 except LensError as exc:
@@ -104,17 +111,22 @@ tasks = {t.name: t for t in drift_tasks(result)}
 names = list(tasks)
 wanted_probe = query.get("probe", "ood_drift")
 probe = c3.selectbox(
-    "Probe", names, key=f"drift-probe-{run_id}-{step}",
+    "Probe",
+    names,
+    key=f"drift-probe-{run_id}-{step}",
     index=names.index(wanted_probe) if wanted_probe in names else 0,
     format_func=lambda n: f"{n} · {probe_label(n)}",
-)  # fmt: skip
+)
 modes = list(COLOR_MODES)
 mode = c4.radio(
-    "Colour tokens by", modes, format_func=COLOR_MODES.get, key="drift-color",
+    "Colour tokens by",
+    modes,
+    format_func=COLOR_MODES.get,
+    key="drift-color",
     index=modes.index(query.get("color", KL)) if query.get("color") in modes else 0,
     help="Token KL(base ‖ tuned) on a log scale, or the change of the base token's "
     "log-probability (red: the tuned model lost confidence in it).",
-)  # fmt: skip
+)
 task = tasks[probe]
 try:
     items, item_notes = drift_items(task)
@@ -160,37 +172,60 @@ with picker:
     pages = max(1, -(-len(table) // PAGE_ROWS))
     pick, turn = st.columns([3, 1]) if pages > 1 else (st.container(), None)
     item_id = pick.selectbox(
-        "Probe item (largest KL first)", order, key=item_key,
+        "Probe item (largest KL first)",
+        order,
+        key=item_key,
         format_func=lambda i: f"{i} · KL {by_id[i].mean_kl:.3f}",
-    )  # fmt: skip
+    )
     page = 1
     if turn is not None:
-        page = int(turn.number_input(f"Page of {pages}", 1, pages, 1,
-                                     key=f"drift-page-{run_id}-{step}-{probe}"))  # fmt: skip
+        page = int(
+            turn.number_input(
+                f"Page of {pages}", 1, pages, 1, key=f"drift-page-{run_id}-{step}-{probe}"
+            )
+        )
     rows = table.iloc[(page - 1) * PAGE_ROWS : page * PAGE_ROWS]
     shown = pd.DataFrame(
-        {"item": [("▶ " if i == item_id else "") + i.removeprefix(f"{d}/")
-                  for i, d in zip(rows["id"], rows["domain"], strict=True)],
-         "domain": rows["domain"], "KL": rows["kl"], "top-1": 100 * rows["top1"],
-         "Δ NLL": rows["dnll"].round(3) + 0.0}  # + 0.0: no "-0.000"
-    )  # fmt: skip
+        {
+            "item": [
+                ("▶ " if i == item_id else "") + i.removeprefix(f"{d}/")
+                for i, d in zip(rows["id"], rows["domain"], strict=True)
+            ],
+            "domain": rows["domain"],
+            "KL": rows["kl"],
+            "top-1": 100 * rows["top1"],
+            "Δ NLL": rows["dnll"].round(3) + 0.0,
+        }  # + 0.0: no "-0.000"
+    )
     table_key = f"drift-table-{run_id}-{step}-{probe}-{page}"
     st.dataframe(
-        shown, hide_index=True, width="stretch", height=35 * (len(shown) + 1) + 3,
-        key=table_key, selection_mode="single-row",
+        shown,
+        hide_index=True,
+        width="stretch",
+        height=35 * (len(shown) + 1) + 3,
+        key=table_key,
+        selection_mode="single-row",
         on_select=functools.partial(_pick_row, table_key, item_key, rows["id"].tolist()),
         column_config={
-            "item": st.column_config.TextColumn(width=ITEM_PX, help="probe item id (its domain "
-                                                "prefix in the next column)"),
+            "item": st.column_config.TextColumn(
+                width=ITEM_PX, help="probe item id (its domain prefix in the next column)"
+            ),
             "domain": st.column_config.TextColumn(width=76),
-            "KL": st.column_config.NumberColumn(format="%.3f", width=52,
-                                                help="mean token KL(base ‖ tuned), nats"),
-            "top-1": st.column_config.NumberColumn(format="%.0f%%", width=48,
-                help="answer tokens whose most likely next token is still the base's"),
-            "Δ NLL": st.column_config.NumberColumn(format="%+.3f", width=58,
-                help="Δ NLL of the base's answer, nats/token (< 0: more sure of it)"),
+            "KL": st.column_config.NumberColumn(
+                format="%.3f", width=52, help="mean token KL(base ‖ tuned), nats"
+            ),
+            "top-1": st.column_config.NumberColumn(
+                format="%.0f%%",
+                width=48,
+                help="answer tokens whose most likely next token is still the base's",
+            ),
+            "Δ NLL": st.column_config.NumberColumn(
+                format="%+.3f",
+                width=58,
+                help="Δ NLL of the base's answer, nats/token (< 0: more sure of it)",
+            ),
         },
-    )  # fmt: skip
+    )
     st.caption(
         f"{len(table)} items of {probe_label(probe)} at step {step}; click a row to show it."
     )
@@ -220,8 +255,9 @@ with view:
             def status(text: str) -> None:
                 task.message = text
 
-            return item_alternatives(rid, name, at, which, wanted, k=TOP_K, on_prompt=early,
-                                     status=status)  # fmt: skip
+            return item_alternatives(
+                rid, name, at, which, wanted, k=TOP_K, on_prompt=early, status=status
+            )
 
         bg = runner.start(key, f"Top-{TOP_K} of {item_id}", work)
     # what the pass has so far (its status, error or Retry are drawn under the view)
@@ -238,19 +274,30 @@ with view:
     answer = texts(list(item.ids))
     categories = None if token_problem else [token_category(t) for t in answer]
     facts = [
-        ("", item.id), ("domain", item.domain), ("tokens", str(item.tokens)),
-        ("mean KL", f"{item.mean_kl:.3f} nats"), ("top-1", f"{100 * item.top1:.0f}%"),
+        ("", item.id),
+        ("domain", item.domain),
+        ("tokens", str(item.tokens)),
+        ("mean KL", f"{item.mean_kl:.3f} nats"),
+        ("top-1", f"{100 * item.top1:.0f}%"),
         ("Δ NLL", f"{item.dnll:+.3f}"),
-    ]  # fmt: skip
+    ]
     plain = found.plain_text if found is not None else probe == "text_drift"
     st.html(
         render_drift_tokens(
-            answer, item.kl, item.dlp, mode=mode, top=kl_scale_top([float(it.kl.max()) for it in items]),
-            hovers=hovers, pending=pending, facts=facts, categories=categories,
+            answer,
+            item.kl,
+            item.dlp,
+            mode=mode,
+            top=kl_scale_top([float(it.kl.max()) for it in items]),
+            hovers=hovers,
+            pending=pending,
+            facts=facts,
+            categories=categories,
             prompt=None if found is None or plain else found.prompt,
-            prompt_label="prompt the base model answered", right_column=None,
+            prompt_label="prompt the base model answered",
+            right_column=None,
         )
-    )  # fmt: skip
+    )
     task_result(bg, early=True)  # progress while it runs; its one-line error and Retry if it failed
     if found is not None and found.note:
         st.caption(f":material/info: {found.note}")
@@ -317,28 +364,41 @@ a, b = st.columns([1, 2], gap="medium")
 with a:
     st.markdown(f"**{run.label} · {run.run_id}**")
     if share.data is None:
-        st.info(f"High-perplexity share of the training data (ppl > τ = {share.tau:g}): not "
-                f"recorded: {share.reason}.")  # fmt: skip
+        st.info(
+            f"High-perplexity share of the training data (ppl > τ = {share.tau:g}): not "
+            f"recorded: {share.reason}."
+        )
     else:
-        st.markdown(f"**{100 * share.data:.1f}%** of the training data's response tokens have "
-                    f"base perplexity > τ = {share.tau:g}.")  # fmt: skip
+        st.markdown(
+            f"**{100 * share.data:.1f}%** of the training data's response tokens have "
+            f"base perplexity > τ = {share.tau:g}."
+        )
         if share.trained is None:
-            st.markdown("Among the tokens trained on (loss): not exact for this method (a random "
-                        "control masks random positions).")  # fmt: skip
+            st.markdown(
+                "Among the tokens trained on (loss): not exact for this method (a random "
+                "control masks random positions)."
+            )
         else:
-            st.markdown(f"**{100 * share.trained:.1f}%** of the tokens trained on (loss) are "
-                        "above τ" + (" (STM masks all of them)." if share.trained == 0 else "."))  # fmt: skip
+            st.markdown(
+                f"**{100 * share.trained:.1f}%** of the tokens trained on (loss) are "
+                "above τ" + (" (STM masks all of them)." if share.trained == 0 else ".")
+            )
         st.caption(f"From {share.source}.")
 with b:
     shares, left_out = drift_share_table(runs)
     axes = list(SHARE_AXES)
     wanted_axis = query.get("share", "trained")
     axis = st.radio(
-        "x: the high-ppl share of", axes, horizontal=True, key="drift-share-axis",
+        "x: the high-ppl share of",
+        axes,
+        horizontal=True,
+        key="drift-share-axis",
         index=axes.index(wanted_axis) if wanted_axis in axes else 0,
-        format_func=lambda x: {"trained": "the tokens trained on (loss)", "data": "the training "
-                               "data"}[x],
-    )  # fmt: skip
+        format_func=lambda x: {
+            "trained": "the tokens trained on (loss)",
+            "data": "the training data",
+        }[x],
+    )
     st.query_params["share"] = axis
     chart("share", share_scatter(shares, axis, current=run.run_id))
     if left_out:

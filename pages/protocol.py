@@ -101,9 +101,12 @@ def _start(config: ProtocolConfig, name: str) -> None:
     try:
         folder = protocol_folder(config, name=name)
         registry.submit(
-            "protocol", config.to_dict(), device=config.device, label=config.describe(),
+            "protocol",
+            config.to_dict(),
+            device=config.device,
+            label=config.describe(),
             run_dir=folder,
-        )  # fmt: skip
+        )
     except LensError as exc:
         st.session_state["protocol_start_error"] = str(exc)
         return
@@ -116,9 +119,11 @@ with st.expander("Start a protocol", expanded=not list_protocols()):
         "Preset", list(PRESETS), format_func=PRESET_LABELS.get, key="protocol-preset"
     )
     model = c2.text_input(
-        "Model", "default", key="protocol-model",
+        "Model",
+        "default",
+        key="protocol-model",
         help="'default' (the embedded SmolLM2-135M), a Hugging Face id or a local folder",
-    )  # fmt: skip
+    )
     defaults = ProtocolConfig.from_preset(preset)
     labels = {key: arm.label for key, arm in arm_specs(defaults).items()}
     methods = st.multiselect(
@@ -130,23 +135,35 @@ with st.expander("Start a protocol", expanded=not list_protocols()):
     )
     c1, c2, c3, c4 = st.columns(4)
     seeds = c1.text_input(
-        "Seeds", ",".join(map(str, defaults.seeds)), key="protocol-seeds",
+        "Seeds",
+        ",".join(map(str, defaults.seeds)),
+        key="protocol-seeds",
         help="comma-separated; each seed runs every arm again (the time grows with it)",
-    )  # fmt: skip
+    )
     tau = c2.number_input("τ (STM, random)", 1.01, 1000.0, defaults.tau, 0.1, key="protocol-tau")
     share = c3.slider(
-        "Share masked (STM share arm)", 0.05, 0.6, defaults.target_share, 0.01,
+        "Share masked (STM share arm)",
+        0.05,
+        0.6,
+        defaults.target_share,
+        0.01,
         key="protocol-share",
-    )  # fmt: skip
+    )
     name = c4.text_input(
-        "Name", f"protocol-{preset}", key="protocol-name",
+        "Name",
+        f"protocol-{preset}",
+        key="protocol-name",
         help="Folder under the runs folder; the same name with the same settings resumes it.",
-    )  # fmt: skip
+    )
     try:
         config = ProtocolConfig.from_preset(
-            preset, model=model.strip() or "default", methods=methods, seeds=seeds, tau=tau,
+            preset,
+            model=model.strip() or "default",
+            methods=methods,
+            seeds=seeds,
+            tau=tau,
             target_share=share,
-        )  # fmt: skip
+        )
         preflight(config)
         folder = protocol_folder(config, name=name.strip())
     except LensError as exc:
@@ -155,9 +172,13 @@ with st.expander("Start a protocol", expanded=not list_protocols()):
         st.caption("Equivalent command (runs in the foreground; add `--submit` to queue it):")
         st.code(config.command(name=folder.name), language="bash", wrap_lines=True)
         st.button(
-            "Start protocol", type="primary", icon=":material/play_arrow:", on_click=_start,
-            args=(config, folder.name), key="protocol-start",
-        )  # fmt: skip
+            "Start protocol",
+            type="primary",
+            icon=":material/play_arrow:",
+            on_click=_start,
+            args=(config, folder.name),
+            key="protocol-start",
+        )
         backend_caption(registry)
     if st.session_state.get("protocol_start_error"):
         st.error(st.session_state.pop("protocol_start_error"))
@@ -194,8 +215,10 @@ def progress_text(view: ProtocolView, job: Job | None, state: RunState | None) -
     left = view.eta(state) if active else None
     if left is not None and durations:
         mean = sum(durations) / len(durations)
-        text += (f" · about {fmt_seconds(left)} left (the finished runs took "
-                 f"{fmt_seconds(mean)} on average)")  # fmt: skip
+        text += (
+            f" · about {fmt_seconds(left)} left (the finished runs took "
+            f"{fmt_seconds(mean)} on average)"
+        )
     elif active and len(finished) < len(planned):
         text += " · time left: known once the first run finishes"
     return text
@@ -210,8 +233,13 @@ def show_progress(name: str) -> None:
     planned, finished = view.planned_runs(), view.finished_runs()
     state = current_state(view.folder, job) if job is not None else None
     if job is not None:
-        job_header(registry, job, key_prefix="protocol-", resume_note="finished runs are kept",
-                   show_state=False)  # fmt: skip
+        job_header(
+            registry,
+            job,
+            key_prefix="protocol-",
+            resume_note="finished runs are kept",
+            show_state=False,
+        )
     else:
         st.caption(view.config.describe())
     st.progress(len(finished) / max(1, len(planned)), text=progress_text(view, job, state))
@@ -325,10 +353,13 @@ if results.get("span_s") is not None:
 report = view.folder / REPORT_HTML
 if report.is_file():
     st.download_button(
-        "Download the report (HTML, opens offline)", report.read_bytes(),
-        file_name=f"{view.name}-report.html", mime="text/html", icon=":material/download:",
+        "Download the report (HTML, opens offline)",
+        report.read_bytes(),
+        file_name=f"{view.name}-report.html",
+        mime="text/html",
+        icon=":material/download:",
         key="protocol-report",
-    )  # fmt: skip
+    )
 finished_ids = [r["run"] for r in results.get("runs", []) if r.get("status") == "succeeded"]
 # a plain link (relative to this page's URL): st.page_link needs the app's navigation, which a
 # page run on its own (AppTest) does not have

@@ -98,9 +98,12 @@ with st.expander("Evaluate a model or a run's adapter", expanded=not available):
         st.caption(f"Base model of this run: `{model}`")
     else:
         model = st.text_input(
-            "Model", "default", key="eval-model", help="'default' (the embedded model), a "
+            "Model",
+            "default",
+            key="eval-model",
+            help="'default' (the embedded model), a "
             "Hugging Face id, a local folder or a .gguf file",
-        )  # fmt: skip
+        )
     st.caption(get_suite(suite_name).description)
     extra = st.text_input(
         "Extra lm-evaluation-harness tasks (optional)",
@@ -208,8 +211,12 @@ def _draw() -> None:
         state_bar(run.run_dir, current.get(run.run_id), prefix=f"{labels_of(run)}: ")
     statuses = {r: job.status for r, job in current.items()}
     top = dict(top_row_charts(runs, statuses))
-    panels = [("target", top["target"]), ("bwt", top["bwt"]), *drift_charts(runs),
-              ("loss", top["loss"])]  # fmt: skip
+    panels = [
+        ("target", top["target"]),
+        ("bwt", top["bwt"]),
+        *drift_charts(runs),
+        ("loss", top["loss"]),
+    ]
     trained = any(not run.train_frame().empty for run in runs)
     for i in range(0, len(panels), 3):
         for column, (name, fig) in zip(st.columns(3), panels[i : i + 3], strict=False):
@@ -219,11 +226,10 @@ def _draw() -> None:
                         "**Training loss**: none yet.  \n"
                         + "  \n".join(
                             f"{labels_of(run)}: "
-                            + no_loss_reason(run, statuses.get(run.run_id),
-                                             _job_kind(current, run))
+                            + no_loss_reason(run, statuses.get(run.run_id), _job_kind(current, run))
                             for run in runs
                         )
-                    )  # fmt: skip
+                    )
                 else:
                     _chart(name, fig)
     drift = drift_table(runs)
@@ -269,12 +275,16 @@ def _draw() -> None:
     st.subheader("Raw values")
     values = {f"{task}|{metric}": (task, metric, role) for task, metric, role in options}
     pick = st.selectbox(
-        "Task and metric", list(values), key="runs-metric",
-        format_func=lambda v: metric_label(values[v][0], values[v][1], sep=" · ")
-        + f" ({'target' if values[v][2] == 'target' else 'OOD'})",
+        "Task and metric",
+        list(values),
+        key="runs-metric",
+        format_func=lambda v: (
+            metric_label(values[v][0], values[v][1], sep=" · ")
+            + f" ({'target' if values[v][2] == 'target' else 'OOD'})"
+        ),
         help="Every metric the evaluation recorded, as measured (not a change): one chart for "
         "the one picked.",
-    )  # fmt: skip
+    )
     task, metric, _ = values[pick]
     _chart("metric", metric_chart(runs, task, metric))
 

@@ -291,14 +291,19 @@ def launch_form() -> None:
             )
             if values["eval_every"]:
                 eval_suite = h2.selectbox(
-                    "Evaluation suite", list(EVAL_SUITES),
-                    index=list(EVAL_SUITES).index("during"), key="eval_suite" + k,
+                    "Evaluation suite",
+                    list(EVAL_SUITES),
+                    index=list(EVAL_SUITES).index("during"),
+                    key="eval_suite" + k,
                     help="during: forward passes only (fast). tiny: every scorer on 2-3 examples.",
-                )  # fmt: skip
+                )
                 eval_limit = h3.number_input(
-                    "Examples per eval task", min_value=1, value=None, placeholder="suite's",
+                    "Examples per eval task",
+                    min_value=1,
+                    value=None,
+                    placeholder="suite's",
                     key="eval_limit" + k,
-                )  # fmt: skip
+                )
                 values["eval_suite"] = {"suite": eval_suite, "limit": eval_limit}
                 st.caption(
                     f"The **{eval_suite}** suite runs at step 0, every "

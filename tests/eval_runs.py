@@ -35,13 +35,24 @@ def drift_details(name: str, items: Sequence[Any]) -> list[dict[str, Any]]:
     for i, (kl, agree, dnll, toward) in enumerate(items):
         kl_sum, tokens = float(kl) * DRIFT_TOKENS, DRIFT_TOKENS
         details.append(
-            {"id": f"{name}-{i}", "domain": "mix", "tokens": tokens, "kl_sum": kl_sum,
-             "kl_max": float(kl), "agree": int(agree), "nll_base_sum": 1.0 * tokens,
-             "nll_tuned_sum": (1.0 + float(dnll)) * tokens, "ent_base_sum": 2.0 * tokens,
-             "ent_tuned_sum": 2.0 * tokens, "kl_toward_sum": float(toward) * kl_sum,
-             "kl_away_sum": (1.0 - float(toward)) * kl_sum, "ids": list(range(tokens)),
-             "token_kl": [float(kl)] * tokens, "token_dlp": [-float(dnll)] * tokens}
-        )  # fmt: skip
+            {
+                "id": f"{name}-{i}",
+                "domain": "mix",
+                "tokens": tokens,
+                "kl_sum": kl_sum,
+                "kl_max": float(kl),
+                "agree": int(agree),
+                "nll_base_sum": 1.0 * tokens,
+                "nll_tuned_sum": (1.0 + float(dnll)) * tokens,
+                "ent_base_sum": 2.0 * tokens,
+                "ent_tuned_sum": 2.0 * tokens,
+                "kl_toward_sum": float(toward) * kl_sum,
+                "kl_away_sum": (1.0 - float(toward)) * kl_sum,
+                "ids": list(range(tokens)),
+                "token_kl": [float(kl)] * tokens,
+                "token_dlp": [-float(dnll)] * tokens,
+            }
+        )
     return details
 
 
@@ -50,32 +61,44 @@ def task_result(name: str, items: Sequence[Any], scorer: str, role: str) -> Task
     (summed NLL, tokens) pairs for reference NLL, `drift_details` tuples for drift."""
     if scorer == "drift":
         details = drift_details(name, items)
-        return TaskResult(name, name, scorer, role, "kl", drift_metrics(details), len(items),
-                          0.1, details)  # fmt: skip
+        return TaskResult(
+            name, name, scorer, role, "kl", drift_metrics(details), len(items), 0.1, details
+        )
     if scorer == "ref_ppl":
         details = [
-            {"id": f"{name}-{i}", "tokens": int(tok), "easy_tokens": int(tok), "nll_sum": float(s),
-             "easy_nll_sum": 0.5 * float(s)}
+            {
+                "id": f"{name}-{i}",
+                "tokens": int(tok),
+                "easy_tokens": int(tok),
+                "nll_sum": float(s),
+                "easy_nll_sum": 0.5 * float(s),
+            }
             for i, (s, tok) in enumerate(items)
-        ]  # fmt: skip
+        ]
         total = sum(d["tokens"] for d in details)
         nll = sum(d["nll_sum"] for d in details) / total
         metrics = {"nll": nll, "ppl": 2.718281828**nll, "nll_easy": nll / 2}
         primary = "nll"
     elif scorer == "mc_loglik":
         details = [
-            {"id": f"{name}-{i}", "gold": 0, "pred": 0 if ok else 1, "pred_norm": 0,
-             "ll": [-1.0, -2.0, -3.0, -4.0]}
+            {
+                "id": f"{name}-{i}",
+                "gold": 0,
+                "pred": 0 if ok else 1,
+                "pred_norm": 0,
+                "ll": [-1.0, -2.0, -3.0, -4.0],
+            }
             for i, ok in enumerate(items)
-        ]  # fmt: skip
+        ]
         metrics = {"acc": sum(map(bool, items)) / len(items), "acc_norm": 1.0}
         primary = "acc"
     else:  # code_exec
         details = [{"id": f"{name}-{i}", "passed": bool(ok)} for i, ok in enumerate(items)]
         metrics = {"pass@1": sum(map(bool, items)) / len(items)}
         primary = "pass@1"
-    return TaskResult(name, name.removesuffix("_ppl"), scorer, role, primary, metrics,
-                      len(items), 0.1, details)  # fmt: skip
+    return TaskResult(
+        name, name.removesuffix("_ppl"), scorer, role, primary, metrics, len(items), 0.1, details
+    )
 
 
 def make_eval_run(
@@ -93,20 +116,39 @@ def make_eval_run(
     losses at steps 1, 2, ... (none: an evaluation-only run)."""
     folder = root / run_id
     folder.mkdir(parents=True)
-    config = {"method": method, "tau": 2.5 if method != "gt" else None, "seed": seed,
-              "model": "default"}  # fmt: skip
+    config = {
+        "method": method,
+        "tau": 2.5 if method != "gt" else None,
+        "seed": seed,
+        "model": "default",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     append_metric(folder, {"kind": "data", "time": 1.0, "method": method, "tau": config["tau"]})
     for step, loss in enumerate(losses, start=1):
-        append_metric(folder, {"kind": "train", "step": step, "epoch": 0.1 * step,
-                               "time": 1.0 + step, "loss": loss, "lr": 1e-4})  # fmt: skip
+        append_metric(
+            folder,
+            {
+                "kind": "train",
+                "step": step,
+                "epoch": 0.1 * step,
+                "time": 1.0 + step,
+                "loss": loss,
+                "lr": 1e-4,
+            },
+        )
     base = None
     for step, values in sorted(rounds.items()):
         result = SuiteResult(
-            suite="fake", settings_fingerprint="fp", model="default", adapter=None,
-            tasks=[task_result(name, values[name], *tasks[name]) for name in tasks if name in values],
-            seconds=1.0, created=1.0,
-        )  # fmt: skip
+            suite="fake",
+            settings_fingerprint="fp",
+            model="default",
+            adapter=None,
+            tasks=[
+                task_result(name, values[name], *tasks[name]) for name in tasks if name in values
+            ],
+            seconds=1.0,
+            created=1.0,
+        )
         write_json_atomic(eval_round_path(folder, step), result.to_dict())
         for record in result.records(step, when=10.0 + step):
             append_metric(folder, record)
@@ -128,10 +170,12 @@ BASE = {
 def later(step: int) -> dict[str, list[Any]]:
     """The values at a later step: NLLs move by `step` tenths of a nat, ARC-Easy loses items."""
     return {
-        "mbpp_ppl": [(s - step * (0.5 + 0.1 * (i % 3)), t) for i, (s, t) in enumerate(BASE["mbpp_ppl"])],
+        "mbpp_ppl": [
+            (s - step * (0.5 + 0.1 * (i % 3)), t) for i, (s, t) in enumerate(BASE["mbpp_ppl"])
+        ],
         "arc_easy": [ok and i >= step * 2 for i, ok in enumerate(BASE["arc_easy"])],
         "gsm8k_ppl": [(s + 0.2 * step * (i % 2), t) for i, (s, t) in enumerate(BASE["gsm8k_ppl"])],
-    }  # fmt: skip
+    }
 
 
 #: `TASKS` and the drift probes every built-in suite now has: the target's held-out prompts
@@ -155,8 +199,22 @@ def later_drift(step: int) -> dict[str, list[Any]]:
     away (Δ NLL > 0, 20% toward)."""
     return {
         **later(step),
-        "target_drift": [(0.02 * step * (1 + i % 3), DRIFT_TOKENS - (i % 2) * min(step, 5),
-                          -0.01 * step * (1 + i % 2), 0.8) for i in range(N)],
-        "ood_drift": [(0.01 * step * (1 + i % 4), DRIFT_TOKENS - (i % 3 == 0) * min(step, 5),
-                       0.005 * step * (i % 3), 0.2) for i in range(N)],
-    }  # fmt: skip
+        "target_drift": [
+            (
+                0.02 * step * (1 + i % 3),
+                DRIFT_TOKENS - (i % 2) * min(step, 5),
+                -0.01 * step * (1 + i % 2),
+                0.8,
+            )
+            for i in range(N)
+        ],
+        "ood_drift": [
+            (
+                0.01 * step * (1 + i % 4),
+                DRIFT_TOKENS - (i % 3 == 0) * min(step, 5),
+                0.005 * step * (i % 3),
+                0.2,
+            )
+            for i in range(N)
+        ],
+    }

@@ -33,11 +33,18 @@ def train_config(model_dir, data_file, **overrides: Any) -> dict:
     return TrainConfig.from_preset(
         "paper",
         **{
-            "model": str(model_dir), "device": "cpu", "task": None, "data": str(data_file),
-            "max_length": 48, "batch_size": 2, "learning_rate": 1e-3, "precision": "fp32",
-            "max_steps": 2, **overrides,
+            "model": str(model_dir),
+            "device": "cpu",
+            "task": None,
+            "data": str(data_file),
+            "max_length": 48,
+            "batch_size": 2,
+            "learning_rate": 1e-3,
+            "precision": "fp32",
+            "max_steps": 2,
+            **overrides,
         },
-    ).to_dict()  # fmt: skip
+    ).to_dict()
 
 
 def free_port() -> int:

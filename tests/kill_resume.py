@@ -78,17 +78,27 @@ def train_argv(config: Path, run_dir: Path) -> list[str]:
 
 
 def attempt(
-    argv: list[str], kill_at: str | None = None, *, env: dict[str, str] | None = None,
-    timeout: float = 900, log: Path | None = None,
-) -> int:  # fmt: skip
+    argv: list[str],
+    kill_at: str | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+    log: Path | None = None,
+) -> int:
     """Run one attempt in a fresh process; its exit code (-9 when it killed itself)."""
     cmd = [sys.executable, "-m", "tests.kill_resume"]
     if kill_at:
         cmd += ["--kill-at", kill_at]
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
     try:
-        proc = subprocess.run([*cmd, "--", *argv], cwd=ROOT, env=env, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=timeout)  # fmt: skip
+        proc = subprocess.run(
+            [*cmd, "--", *argv],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
     finally:
         if log:
             out.close()

@@ -32,18 +32,28 @@ def test_rank_correlation_needs_four_pairs_and_two_values() -> None:
 
 
 def _run(arm: str, seed: int, kl: float, base: float, end: float) -> dict:
-    return {"arm": arm, "label": arm.upper(), "seed": seed, "measures": {
-        "ood:ood_drift:kl": kl, "ood:arc_easy:acc": end,
-        "ood:arc_easy:acc:Δ%": 100 * (end - base) / base}}  # fmt: skip
+    return {
+        "arm": arm,
+        "label": arm.upper(),
+        "seed": seed,
+        "measures": {
+            "ood:ood_drift:kl": kl,
+            "ood:arc_easy:acc": end,
+            "ood:arc_easy:acc:Δ%": 100 * (end - base) / base,
+        },
+    }
 
 
 def test_runs_that_drift_more_and_lose_more_agree() -> None:
     runs = [
-        _run("gt", 0, 0.20, 0.60, 0.57), _run("gt", 1, 0.15, 0.60, 0.58),
-        _run("stm", 0, 0.08, 0.60, 0.60), _run("stm", 1, 0.07, 0.60, 0.605),
-        _run("random", 0, 0.18, 0.60, 0.575), _run("random", 1, 0.12, 0.60, 0.59),
+        _run("gt", 0, 0.20, 0.60, 0.57),
+        _run("gt", 1, 0.15, 0.60, 0.58),
+        _run("stm", 0, 0.08, 0.60, 0.60),
+        _run("stm", 1, 0.07, 0.60, 0.605),
+        _run("random", 0, 0.18, 0.60, 0.575),
+        _run("random", 1, 0.12, 0.60, 0.59),
         {"arm": "gt", "seed": 2, "measures": {}},  # failed run: left out
-    ]  # fmt: skip
+    ]
     out = drift_agreement(runs)
     assert len(out["runs"]) == 6
     assert out["runs"][0]["points"] == pytest.approx(-3.0)

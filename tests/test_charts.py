@@ -118,9 +118,12 @@ def test_ppl_histogram_spreads_tokens_near_one_over_many_bins():
     # tick labels are perplexities, the same size for all: no plotly default log labels
     assert list(fig.layout.xaxis.ticktext)[:3] == ["1.001", "1.01", "1.1"]
     np.testing.assert_allclose(
-        fig.layout.xaxis.tickvals, [math.log(float(t.replace("k", "e3").replace("M", "e6")))
-                                    for t in fig.layout.xaxis.ticktext]
-    )  # fmt: skip
+        fig.layout.xaxis.tickvals,
+        [
+            math.log(float(t.replace("k", "e3").replace("M", "e6")))
+            for t in fig.layout.xaxis.ticktext
+        ],
+    )
     # hover text is preformatted with the app's number rule
     assert trace.customdata[0].startswith("ppl ≤ ") and trace.customdata[0].endswith(
         f"{fmt.share(shares[0])} of tokens"
@@ -180,8 +183,11 @@ def test_share_vs_tau_marker_shows_the_exact_share_the_table_shows():
     for source in GROUPS:
         (text,) = masked_share_marker_text(fig, source)
         assert text == fmt.share(above[source])
-        (line,) = [t for t in data_traces(fig)
-                   if t.meta.get("source") == source and not t.meta.get("current_tau")]  # fmt: skip
+        (line,) = [
+            t
+            for t in data_traces(fig)
+            if t.meta.get("source") == source and not t.meta.get("current_tau")
+        ]
         assert above[source] == pytest.approx(np.asarray(line.y)[np.asarray(line.x) == 2.5][0])
 
 
@@ -252,9 +258,11 @@ def test_masking_curve_marker_text_is_the_card_text(config):
     result = compute_masks(index, config)
     card = fmt.share(result.stats().pooled_share)
     fig = masking_curve_figure(
-        {None: index, "ground_truth": index}, config.mode, [result.tau],
+        {None: index, "ground_truth": index},
+        config.mode,
+        [result.tau],
         colors={"A": "#000000", "B": "#111111"},
-    )  # fmt: skip
+    )
     assert masked_share_marker_text(fig) == [card]
     assert [t.name for t in fig.data if t.meta.get("role") == "tau"] == [
         f"τ = {fmt.tau(result.tau)}"

@@ -62,9 +62,14 @@ def test_a_resumed_run_records_every_step_once(tmp_path):
     assert rewind_metrics(run, 2) == 6  # eval, summary and 2 train at 3-4, done, the cut line
     kept = read_metrics(run)
     assert [(r["kind"], r.get("step")) for r in kept] == [
-        ("data", None), ("start", 0), ("eval", 0), ("eval_summary", 0),
-        ("train", 1), ("train", 2), ("checkpoint", 2),
-    ]  # fmt: skip
+        ("data", None),
+        ("start", 0),
+        ("eval", 0),
+        ("eval_summary", 0),
+        ("train", 1),
+        ("train", 2),
+        ("checkpoint", 2),
+    ]
     assert eval_round_path(run, 0).is_file() and not eval_round_path(run, 3).exists()
     assert rewind_metrics(run, 2) == 0  # nothing more to cut
     assert rewind_metrics(tmp_path / "fresh", 0) == 0  # a first attempt has no records

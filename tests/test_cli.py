@@ -135,8 +135,15 @@ def test_output_piped_into_a_reader_that_leaves_is_not_an_error(tmp_path):
     read, write = os.pipe()
     os.close(read)  # the reader is gone before the command writes a line
     try:
-        proc = subprocess.run([sys.executable, "-m", "core", "tasks"], stdout=write,
-                              stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env, timeout=120)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "core", "tasks"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+            timeout=120,
+        )
     finally:
         os.close(write)
     assert proc.returncode == 0, proc.stderr
@@ -167,8 +174,15 @@ def test_inputs_that_used_to_end_in_unexpected_errors_give_one_line_reasons(
     gguf = tmp_path / "broken.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
     bert = tmp_path / "bert"
-    BertModel(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=32)).save_pretrained(bert)  # fmt: skip
+    BertModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+        )
+    ).save_pretrained(bert)
     binary = tmp_path / "scores.bin.jsonl"
     binary.write_bytes(bytes(range(256)) * 8)
     folder = tmp_path / "existing-folder"
@@ -190,7 +204,7 @@ def test_inputs_that_used_to_end_in_unexpected_errors_give_one_line_reasons(
                 str(tmp_path / "o.jsonl"),
             ],
             "not a readable GGUF model file",
-        ),  # fmt: skip
+        ),
         (
             [
                 "score",
@@ -202,7 +216,7 @@ def test_inputs_that_used_to_end_in_unexpected_errors_give_one_line_reasons(
                 str(tmp_path / "o.jsonl"),
             ],
             "not a causal language model",
-        ),  # fmt: skip
+        ),
         ([*score, "--out", str(folder)], "is a folder"),
         ([*score, "--out", str(blocker / "sub" / "o.jsonl")], "cannot create the folder"),
         (["mask", "--scores", str(binary), "--out", str(tmp_path / "m")], "binary file"),

@@ -54,13 +54,29 @@ class RayHead:
 
     def start(self) -> None:
         cmd = [
-            str(RAY_BIN), "start", "--head", "--node-ip-address", "127.0.0.1",
-            "--port", str(self.port), "--dashboard-host", "127.0.0.1",
-            "--dashboard-port", str(self.dashboard), "--ray-client-server-port",
-            str(self.client_port), "--dashboard-agent-listen-port", str(self.agent_port),
-            "--num-cpus", str(CPUS), "--include-dashboard", "true",
-            "--disable-usage-stats", "--temp-dir", str(self.temp_dir),
-        ]  # fmt: skip
+            str(RAY_BIN),
+            "start",
+            "--head",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(self.dashboard),
+            "--ray-client-server-port",
+            str(self.client_port),
+            "--dashboard-agent-listen-port",
+            str(self.agent_port),
+            "--num-cpus",
+            str(CPUS),
+            "--include-dashboard",
+            "true",
+            "--disable-usage-stats",
+            "--temp-dir",
+            str(self.temp_dir),
+        ]
         # Ray drops a job still PENDING after this many seconds (900 by default): short here,
         # so the hand-over-again path runs whenever a test queues more jobs than CPUs
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_JOB_START_TIMEOUT_SECONDS="8")
@@ -126,10 +142,24 @@ def test_the_backend_setting_layers_and_an_unreachable_cluster_is_one_line(runs,
     assert [p.name for p in runs.iterdir() if p.is_dir()] == []
 
     out = subprocess.run(
-        [sys.executable, "-m", "core", "train", "--submit", "--task", "mbpp", "--backend",
-         "ray", "--ray-address", f"127.0.0.1:{port}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "core",
+            "train",
+            "--submit",
+            "--task",
+            "mbpp",
+            "--backend",
+            "ray",
+            "--ray-address",
+            f"127.0.0.1:{port}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: The Ray cluster at"), out.stderr
@@ -141,13 +171,20 @@ def test_train_and_eval_jobs_run_on_ray_and_show_in_the_registry(
 ):
     registry = JobRegistry(runs)
     train = registry.submit(
-        "train", train_config(tiny_model_dir, data_file), device="cpu", label="on ray",
-        backend="ray", address=ray_head.address,
-    )  # fmt: skip
+        "train",
+        train_config(tiny_model_dir, data_file),
+        device="cpu",
+        label="on ray",
+        backend="ray",
+        address=ray_head.address,
+    )
     evaluation = registry.submit(
-        "eval", eval_job_config(str(tiny_model_dir), suite="tiny", limit=1, device="cpu"),
-        device="cpu", backend="ray", address=ray_head.address,
-    )  # fmt: skip
+        "eval",
+        eval_job_config(str(tiny_model_dir), suite="tiny", limit=1, device="cpu"),
+        device="cpu",
+        backend="ray",
+        address=ray_head.address,
+    )
     for job in (train, evaluation):
         assert job.backend == RAY and job.engine_id.startswith(f"plens-{job.id}-a1-")
         assert job.where == f"ray {ray_head.address}"
@@ -167,9 +204,14 @@ def test_train_and_eval_jobs_run_on_ray_and_show_in_the_registry(
     assert meta["perplexity_lens_job"] == train.id
 
     # the CLI lists it with where it ran
-    out = subprocess.run([sys.executable, "-m", "core", "jobs", "list"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PLENS_RUNS_DIR=str(runs)))  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "core", "jobs", "list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PLENS_RUNS_DIR=str(runs)),
+    )
     assert out.returncode == 0 and f"ray {ray_head.address}" in out.stdout
 
 
@@ -187,7 +229,7 @@ def test_jobs_waiting_longer_than_rays_start_timeout_are_handed_over_again(
             device="cpu",
             backend="ray",
             address=ray_head.address,
-        )  # fmt: skip
+        )
         for _ in range(CPUS + 1)
     ]
     done = [registry.wait(j.id, timeout=600) for j in jobs]
@@ -198,10 +240,22 @@ def test_jobs_waiting_longer_than_rays_start_timeout_are_handed_over_again(
 
 def test_cancel_goes_through_ray(ray_head, runs, tiny_model_dir, data_file):
     registry = JobRegistry(runs)
-    job = registry.submit("train", train_config(tiny_model_dir, data_file, max_steps=5000),
-                          device="cpu", backend="ray", address=ray_head.address)  # fmt: skip
-    wait_for(lambda: "step" in (job.path / "metrics.jsonl").read_text()
-             if (job.path / "metrics.jsonl").exists() else False, 240, "training to start")  # fmt: skip
+    job = registry.submit(
+        "train",
+        train_config(tiny_model_dir, data_file, max_steps=5000),
+        device="cpu",
+        backend="ray",
+        address=ray_head.address,
+    )
+    wait_for(
+        lambda: (
+            "step" in (job.path / "metrics.jsonl").read_text()
+            if (job.path / "metrics.jsonl").exists()
+            else False
+        ),
+        240,
+        "training to start",
+    )
     done = registry.cancel(job.id, grace=5)
     assert done.status == CANCELLED, (done.status, done.error)
     engine = RayEngine(ray_head.address)
@@ -213,8 +267,13 @@ def test_a_killed_job_shows_failed_with_the_engines_reason(
     ray_head, runs, tiny_model_dir, data_file
 ):
     registry = JobRegistry(runs)
-    job = registry.submit("train", train_config(tiny_model_dir, data_file, max_steps=5000),
-                          device="cpu", backend="ray", address=ray_head.address)  # fmt: skip
+    job = registry.submit(
+        "train",
+        train_config(tiny_model_dir, data_file, max_steps=5000),
+        device="cpu",
+        backend="ray",
+        address=ray_head.address,
+    )
     running = wait_for(
         lambda: (j := registry.get(job.id)).status == RUNNING and j.pid and j, 240, "a pid"
     )
@@ -234,14 +293,30 @@ def test_the_protocol_fans_its_arms_out_on_ray(ray_head, runs, tiny_model_dir):
     from core.study.protocol import RESULTS_JSON, ProtocolConfig, protocol_folder
 
     config = ProtocolConfig.from_preset(
-        "cpu", model=str(tiny_model_dir), methods=["gt", "stm_share", "self_output"], seeds=[0],
-        limit=8, max_length=96, epochs=1.0, batch_size=4, learning_rate=1e-2, suite="tiny",
-        gen_samples=2, gen_max_new_tokens=8, gen_prompt_batch=4,
-    )  # fmt: skip
+        "cpu",
+        model=str(tiny_model_dir),
+        methods=["gt", "stm_share", "self_output"],
+        seeds=[0],
+        limit=8,
+        max_length=96,
+        epochs=1.0,
+        batch_size=4,
+        learning_rate=1e-2,
+        suite="tiny",
+        gen_samples=2,
+        gen_max_new_tokens=8,
+        gen_prompt_batch=4,
+    )
     registry = JobRegistry(runs)
     folder = protocol_folder(config, name="proto-ray")
-    job = registry.submit("protocol", config.to_dict(), device="cpu", run_dir=folder,
-                          backend="ray", address=ray_head.address)  # fmt: skip
+    job = registry.submit(
+        "protocol",
+        config.to_dict(),
+        device="cpu",
+        run_dir=folder,
+        backend="ray",
+        address=ray_head.address,
+    )
     done = registry.wait(job.id, timeout=900)
     assert done.status == SUCCEEDED, done.error
 
@@ -295,17 +370,35 @@ def test_cancelling_a_protocol_on_ray_cancels_its_arms(ray_head, runs, tiny_mode
     from core.study.protocol import ProtocolConfig, protocol_folder
 
     config = ProtocolConfig.from_preset(
-        "cpu", model=str(tiny_model_dir), methods=["gt", "stm_share"], seeds=[0], limit=8,
-        max_length=96, epochs=500.0, batch_size=4, suite="tiny",
-    )  # fmt: skip
+        "cpu",
+        model=str(tiny_model_dir),
+        methods=["gt", "stm_share"],
+        seeds=[0],
+        limit=8,
+        max_length=96,
+        epochs=500.0,
+        batch_size=4,
+        suite="tiny",
+    )
     registry = JobRegistry(runs)
     folder = protocol_folder(config, name="proto-cancel")
-    job = registry.submit("protocol", config.to_dict(), device="cpu", run_dir=folder,
-                          backend="ray", address=ray_head.address)  # fmt: skip
+    job = registry.submit(
+        "protocol",
+        config.to_dict(),
+        device="cpu",
+        run_dir=folder,
+        backend="ray",
+        address=ray_head.address,
+    )
     arms = wait_for(
-        lambda: len(a := [j for j in registry.list() if j.kind == "train"]) == 2
-        and all(j.status == RUNNING for j in a) and a, 240, "both arms running",
-    )  # fmt: skip
+        lambda: (
+            len(a := [j for j in registry.list() if j.kind == "train"]) == 2
+            and all(j.status == RUNNING for j in a)
+            and a
+        ),
+        240,
+        "both arms running",
+    )
     assert registry.cancel(job.id, grace=5).status == CANCELLED
     for arm in arms:
         done = wait_for(lambda a=arm: (j := registry.get(a.id)).status != RUNNING and j, 60, "arm")
@@ -318,8 +411,13 @@ def test_a_job_the_restarted_head_no_longer_knows_is_failed_as_lost(
     """Last in this module: it restarts the head. While the head is down, the job keeps its
     status with a note; once a new head answers and does not know the job, it is failed."""
     registry = JobRegistry(runs)
-    job = registry.submit("train", train_config(tiny_model_dir, data_file, max_steps=5000),
-                          device="cpu", backend="ray", address=ray_head.address)  # fmt: skip
+    job = registry.submit(
+        "train",
+        train_config(tiny_model_dir, data_file, max_steps=5000),
+        device="cpu",
+        backend="ray",
+        address=ray_head.address,
+    )
     running = wait_for(
         lambda: (j := registry.get(job.id)).status == RUNNING and j.pid and j, 240, "a pid"
     )

@@ -70,14 +70,23 @@ def test_runs_page_top_row_then_each_task_then_one_picked_metric(rounds_env):
     assert not at.exception
     drawn = charts(at)
     assert list(drawn) == [
-        "runs-chart-target", "runs-chart-bwt", "runs-chart-ood-drift", "runs-chart-target-drift",
-        "runs-chart-loss", "runs-chart-task-mbpp_ppl", "runs-chart-task-arc_easy",
-        "runs-chart-task-gsm8k_ppl", "runs-chart-metric",
-    ]  # fmt: skip
+        "runs-chart-target",
+        "runs-chart-bwt",
+        "runs-chart-ood-drift",
+        "runs-chart-target-drift",
+        "runs-chart-loss",
+        "runs-chart-task-mbpp_ppl",
+        "runs-chart-task-arc_easy",
+        "runs-chart-task-gsm8k_ppl",
+        "runs-chart-metric",
+    ]
     for key in ("runs-chart-target", "runs-chart-bwt"):  # every run: its band and its line
         assert sorted(roles(drawn[key])) == [
-            ("band", "gt1"), ("band", "stm1"), ("line", "gt1"), ("line", "stm1")
-        ]  # fmt: skip
+            ("band", "gt1"),
+            ("band", "stm1"),
+            ("line", "gt1"),
+            ("line", "stm1"),
+        ]
     assert sorted(roles(drawn["runs-chart-loss"])) == [("line", "gt1"), ("line", "stm1")]
     captions = [c.value for c in at.caption]
     assert any("stm τ=2.5 · stm1, step 4:" in c and "nats: better." in c for c in captions)
@@ -95,8 +104,13 @@ def test_runs_page_on_runs_without_saved_rounds(runs_env):
     at = AppTest.from_file("../pages/runs.py", default_timeout=60).run()
     assert not at.exception
     drawn = charts(at)
-    assert list(drawn)[:5] == ["runs-chart-target", "runs-chart-bwt", "runs-chart-ood-drift",
-                               "runs-chart-target-drift", "runs-chart-loss"]  # fmt: skip
+    assert list(drawn)[:5] == [
+        "runs-chart-target",
+        "runs-chart-bwt",
+        "runs-chart-ood-drift",
+        "runs-chart-target-drift",
+        "runs-chart-loss",
+    ]
     # runs from before drift: the drift charts are empty and say why
     assert not roles(drawn["runs-chart-ood-drift"])
     assert any("gt1: no OOD drift measured" in c.value for c in at.caption)
@@ -114,8 +128,11 @@ def test_compare_page_single_run_frontier(rounds_env):
     assert not at.exception
     shown = at.dataframe[0].value.set_index("run")
     assert list(shown.index) == ["stm1"] and shown.loc["stm1", "BWT %"].count("[") == 1
-    [frontier] = [json.loads(c.proto.spec) for c in at.get("plotly_chart")
-                  if "frontier" in c.proto.spec and "Forgetting" in c.proto.spec]  # fmt: skip
+    [frontier] = [
+        json.loads(c.proto.spec)
+        for c in at.get("plotly_chart")
+        if "frontier" in c.proto.spec and "Forgetting" in c.proto.spec
+    ]
     [point] = [t for t in frontier["data"] if t.get("meta", {}).get("role") == "line"]
     assert len(point["x"]) == 1 and point["error_x"]["array"] and point["error_y"]["array"]
     assert any("A comparison needs a second run." in c.value for c in at.caption)
@@ -189,8 +206,9 @@ def drift_env(tmp_path, monkeypatch):
     run whose rounds predate drift."""
     root = tmp_path / "runs"
     monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
-    make_eval_run(root, "stm1", {0: BASE_DRIFT, 2: later_drift(2), 4: later_drift(4)},
-                  tasks=DRIFT_TASKS)  # fmt: skip
+    make_eval_run(
+        root, "stm1", {0: BASE_DRIFT, 2: later_drift(2), 4: later_drift(4)}, tasks=DRIFT_TASKS
+    )
     make_eval_run(root, "gt1", {0: BASE_DRIFT, 3: later_drift(3)}, method="gt", tasks=DRIFT_TASKS)
     make_eval_run(root, "old1", {0: BASE, 2: later(2)}, method="random")
     return root
@@ -203,13 +221,18 @@ def test_runs_page_charts_drift_beside_target_and_bwt_and_tables_the_latest_roun
     assert not at.exception, [e.value for e in at.exception]
     drawn = charts(at)
     assert list(drawn)[:5] == [
-        "runs-chart-target", "runs-chart-bwt", "runs-chart-ood-drift", "runs-chart-target-drift",
+        "runs-chart-target",
+        "runs-chart-bwt",
+        "runs-chart-ood-drift",
+        "runs-chart-target-drift",
         "runs-chart-loss",
-    ]  # fmt: skip
+    ]
     # each drift probe is drawn once: at the top, not again among the per-task charts
     assert "runs-chart-task-ood_drift" not in drawn and "runs-chart-task-target_drift" not in drawn
-    for key, title in (("runs-chart-ood-drift", "OOD drift"),
-                       ("runs-chart-target-drift", "Target drift")):  # fmt: skip
+    for key, title in (
+        ("runs-chart-ood-drift", "OOD drift"),
+        ("runs-chart-target-drift", "Target drift"),
+    ):
         fig = drawn[key]
         assert fig["layout"]["title"]["text"] == f"{title}: KL from the base model"
         assert fig["layout"]["yaxis"]["title"]["text"] == "token KL from base, nats"
@@ -246,8 +269,18 @@ def test_runs_page_shows_an_evaluation_round_in_progress_and_what_a_run_without_
     folder = make_eval_run(root, "live", {0: BASE_DRIFT}, tasks=DRIFT_TASKS, losses=())
     registry = JobRegistry(root)
     job = registry.register_foreground("train", {"method": "stm"}, device="cpu", run_dir=folder)
-    state = RunState(Phase.EVALUATING, step=0, max_steps=16, task="ood_drift", task_index=2,
-                     tasks=5, done=40, total=200, unit="items", elapsed_s=72.0)  # fmt: skip
+    state = RunState(
+        Phase.EVALUATING,
+        step=0,
+        max_steps=16,
+        task="ood_drift",
+        task_index=2,
+        tasks=5,
+        done=40,
+        total=200,
+        unit="items",
+        elapsed_s=72.0,
+    )
     line = "evaluating step 0 of 16: ood_drift (task 3 of 5) · 40/200 items · 1m12s"
     write_state(folder, state)
     registry.set_message(job.id, line)

@@ -54,8 +54,7 @@ def mixed_env(tmp_path, monkeypatch):
     registry = JobRegistry(root)
     for run_id, status in (("fail1", "failed"), ("cancel1", "cancelled"), ("live1", "running")):
         folder = make_eval_run(root, run_id, {0: BASE, 2: later(2)}, method="stm")
-        job = registry.register_foreground("train", {"method": "stm"}, device="cpu",
-                                           run_dir=folder)  # fmt: skip
+        job = registry.register_foreground("train", {"method": "stm"}, device="cpu", run_dir=folder)
         if status != "running":
             registry.finish(job.id, status, 1, status)
     make_eval_run(root, "stale1", {0: BASE, 2: later(2)}, method="random")
@@ -101,8 +100,12 @@ def test_compare_shows_finished_runs_by_default_and_a_toggle_adds_the_rest(mixed
     at.toggle(key="cmp-all").set_value(True).run()
     assert not at.exception
     options = at.multiselect[0].options
-    assert {"stm τ=2.5 · fail1 (failed)", "stm τ=2.5 · cancel1 (cancelled)",
-            "stm τ=2.5 · live1 (running)", "random τ=2.5 · stale1 (unfinished)"} <= set(options)  # fmt: skip
+    assert {
+        "stm τ=2.5 · fail1 (failed)",
+        "stm τ=2.5 · cancel1 (cancelled)",
+        "stm τ=2.5 · live1 (running)",
+        "random τ=2.5 · stale1 (unfinished)",
+    } <= set(options)
     assert sorted(at.multiselect[0].value) == ["gt1", "stm1"]  # the choice is kept
     at.multiselect[0].select("fail1").run()
     table = runs_frame(at).value.set_index("run")

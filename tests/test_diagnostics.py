@@ -46,10 +46,20 @@ def _rec(ex_id, logprob, ids=None, source="ground_truth"):
     n = len(logprob)
     ids = ids or list(range(3 + n))
     return ScoredExample(
-        id=ex_id, prompt="p", response="r", convention="prompt", token_ids=ids,
-        tokens=[f"t{i}" for i in ids], response_start=3, logprob=list(logprob), rank=[1] * n,
-        top_ids=[[0]] * n, top_tokens=[["x"]] * n, top_logprobs=[[-0.1]] * n, source=source,
-    )  # fmt: skip
+        id=ex_id,
+        prompt="p",
+        response="r",
+        convention="prompt",
+        token_ids=ids,
+        tokens=[f"t{i}" for i in ids],
+        response_start=3,
+        logprob=list(logprob),
+        rank=[1] * n,
+        top_ids=[[0]] * n,
+        top_tokens=[["x"]] * n,
+        top_logprobs=[[-0.1]] * n,
+        source=source,
+    )
 
 
 def test_effective_rank_of_known_spectra():
@@ -129,8 +139,14 @@ def test_ppl_change_of_a_run_is_computed_once_and_saved(tiny_model_dir, tiny_lm,
     examples = training_examples(json.loads((run_dir / "config.json").read_text()), 3)
     assert [ex.id for ex in examples] == ["ex-1", "ex-2", "ex-3"]
     messages = []
-    change = compute_ppl_change(run_dir, examples, label="3 training examples",
-                                device="cpu", dtype="float32", status=messages.append)  # fmt: skip
+    change = compute_ppl_change(
+        run_dir,
+        examples,
+        label="3 training examples",
+        device="cpu",
+        dtype="float32",
+        status=messages.append,
+    )
     assert any("original model" in m for m in messages)
     assert any("fine-tuned model" in m for m in messages)
     # the base side is exactly what the original model scores; the adapter changed the scores

@@ -64,16 +64,45 @@ def test_without_drift_rounds_the_page_says_how_to_get_them(runs):  # noqa: F811
 def test_the_largest_kl_item_coloured_top5_aggregates_and_scatter(tiny_model_dir, runs):  # noqa: F811
     run = make_drift_run(runs, tiny_model_dir, step=3)
     # two synthetic runs with OOD drift for the cross-run scatter (the same data as the STM run)
-    gt = eval_runs.make_eval_run(runs, "gt-run", {0: eval_runs.BASE_DRIFT, 4: eval_runs.later_drift(4)},
-                                 method="gt", tasks=eval_runs.DRIFT_TASKS)  # fmt: skip
-    append_metric(gt, {"kind": "data", "time": 2.0, "method": "gt", "mask": "none",
-                       "source": "s", "n_examples": 5, "n_response_tokens": 50})  # fmt: skip
-    stm = eval_runs.make_eval_run(runs, "stm-synth", {0: eval_runs.BASE_DRIFT,
-                                                      4: eval_runs.later_drift(2)},
-                                  tasks=eval_runs.DRIFT_TASKS)  # fmt: skip
-    append_metric(stm, {"kind": "data", "time": 2.0, "method": "stm", "tau": 2.5,
-                        "mask": "high, tau=2.5", "masked_share": 0.3, "source": "s",
-                        "n_examples": 5, "n_response_tokens": 50})  # fmt: skip
+    gt = eval_runs.make_eval_run(
+        runs,
+        "gt-run",
+        {0: eval_runs.BASE_DRIFT, 4: eval_runs.later_drift(4)},
+        method="gt",
+        tasks=eval_runs.DRIFT_TASKS,
+    )
+    append_metric(
+        gt,
+        {
+            "kind": "data",
+            "time": 2.0,
+            "method": "gt",
+            "mask": "none",
+            "source": "s",
+            "n_examples": 5,
+            "n_response_tokens": 50,
+        },
+    )
+    stm = eval_runs.make_eval_run(
+        runs,
+        "stm-synth",
+        {0: eval_runs.BASE_DRIFT, 4: eval_runs.later_drift(2)},
+        tasks=eval_runs.DRIFT_TASKS,
+    )
+    append_metric(
+        stm,
+        {
+            "kind": "data",
+            "time": 2.0,
+            "method": "stm",
+            "tau": 2.5,
+            "mask": "high, tau=2.5",
+            "masked_share": 0.3,
+            "source": "s",
+            "n_examples": 5,
+            "n_response_tokens": 50,
+        },
+    )
     TUNED_SLOT.clear()
     at = page()
     at.query_params["run"] = run.name
@@ -96,8 +125,13 @@ def test_the_largest_kl_item_coloured_top5_aggregates_and_scatter(tiny_model_dir
     assert at.query_params["item"] in (top, [top]) and at.query_params["step"] in ("3", ["3"])
     # aggregates and the cross-run scatter, axes from 0
     titles = chart_titles(at)
-    assert titles == ["By token category", "Share of the KL mass", "By position in the answer",
-                      "By domain", "High-ppl training tokens vs OOD drift"]  # fmt: skip
+    assert titles == [
+        "By token category",
+        "Share of the KL mass",
+        "By position in the answer",
+        "By domain",
+        "High-ppl training tokens vs OOD drift",
+    ]
     for chart in at.get("plotly_chart")[:4]:
         layout = json.loads(chart.proto.spec)["layout"]
         assert layout["yaxis"]["range"][0] == 0 and layout["yaxis"]["title"]["text"]
@@ -142,8 +176,9 @@ def test_bad_or_missing_data_is_a_message_not_a_traceback(runs):  # noqa: F811
     old = runs / "old-details"
     (old / "eval").mkdir(parents=True)
     (old / "config.json").write_text(json.dumps({"method": "stm", "model": "default"}))
-    bare = [{k: v for k, v in d.items() if k not in ("token_kl", "token_dlp")}
-            for d in hand_details()]  # fmt: skip
+    bare = [
+        {k: v for k, v in d.items() if k not in ("token_kl", "token_dlp")} for d in hand_details()
+    ]
     gone = "file:" + str(runs / "gone.txt")  # a probe file that moved: the prompt lookup says so
     save_round(old, 0, [drift_task_result("ood_drift", gone, bare)])
     at = page().run()

@@ -231,8 +231,10 @@ def test_bad_items_are_left_out_with_a_note_and_none_usable_is_one_line():
     details.append("garbage")
     items, notes = sd.drift_items(drift_task_result("ood_drift", "probe:ood", details))
     assert [it.id for it in items] == ["a", "c"]
-    assert notes == ["3 item(s) of 'ood_drift' left out: their per-token lists are missing or do "
-                     "not line up (b, d, #4)."]  # fmt: skip
+    assert notes == [
+        "3 item(s) of 'ood_drift' left out: their per-token lists are missing or do "
+        "not line up (b, d, #4)."
+    ]
     old = [
         {k: v for k, v in d.items() if k not in ("token_kl", "token_dlp")} for d in hand_details()
     ]
@@ -265,8 +267,13 @@ def test_token_texts_and_a_foreign_round(tiny_lm):
 
 
 def _run_with_data(root: Path, run_id: str, method: str, data: dict, model: str = "default"):
-    folder = eval_runs.make_eval_run(root, run_id, {0: eval_runs.BASE_DRIFT, 4: eval_runs.later_drift(4)},
-                                     method=method, tasks=eval_runs.DRIFT_TASKS)  # fmt: skip
+    folder = eval_runs.make_eval_run(
+        root,
+        run_id,
+        {0: eval_runs.BASE_DRIFT, 4: eval_runs.later_drift(4)},
+        method=method,
+        tasks=eval_runs.DRIFT_TASKS,
+    )
     append_metric(folder, {"kind": "data", "time": 2.0, "method": method, **data})
     return load_run(folder)
 
@@ -275,15 +282,22 @@ SAME = {"source": "mbpp/train: 50 examples", "n_examples": 50, "n_response_token
 
 
 def test_high_ppl_share_from_the_mask_a_twin_run_or_why_not(tmp_path):
-    stm = _run_with_data(tmp_path, "stm", "stm", {"tau": 2.5, "mask": "high, tau=2.5",
-                                                  "masked_share": 0.21, **SAME})  # fmt: skip
-    rnd = _run_with_data(tmp_path, "rnd", "random", {"tau": 2.5, "mask": "random, tau=2.5",
-                                                     "masked_share": 0.21, **SAME})  # fmt: skip
-    gt = _run_with_data(tmp_path, "gt", "gt", {"tau": None, "mask": "none", "masked_share": 0.0,
-                                               **SAME})  # fmt: skip
+    stm = _run_with_data(
+        tmp_path, "stm", "stm", {"tau": 2.5, "mask": "high, tau=2.5", "masked_share": 0.21, **SAME}
+    )
+    rnd = _run_with_data(
+        tmp_path,
+        "rnd",
+        "random",
+        {"tau": 2.5, "mask": "random, tau=2.5", "masked_share": 0.21, **SAME},
+    )
+    gt = _run_with_data(
+        tmp_path, "gt", "gt", {"tau": None, "mask": "none", "masked_share": 0.0, **SAME}
+    )
     other = _run_with_data(tmp_path, "gt2", "gt", {"mask": "none", **SAME, "n_examples": 60})
-    low = _run_with_data(tmp_path, "low", "low", {"tau": 2.5, "mask": "low, tau=2.5",
-                                                  "masked_share": 0.5, **SAME})  # fmt: skip
+    low = _run_with_data(
+        tmp_path, "low", "low", {"tau": 2.5, "mask": "low, tau=2.5", "masked_share": 0.5, **SAME}
+    )
     explicit = _run_with_data(tmp_path, "x", "gt", {"mask": "none", "high_ppl_share": 0.3})
     runs = [stm, rnd, gt, other, low, explicit]
     s = sd.high_ppl_share(stm, runs)
@@ -303,11 +317,13 @@ def test_high_ppl_share_from_the_mask_a_twin_run_or_why_not(tmp_path):
 
 
 def test_the_cross_run_table_reads_the_last_drift_round(tmp_path):
-    stm = _run_with_data(tmp_path, "stm", "stm", {"tau": 2.5, "mask": "high, tau=2.5",
-                                                  "masked_share": 0.21, **SAME})  # fmt: skip
+    stm = _run_with_data(
+        tmp_path, "stm", "stm", {"tau": 2.5, "mask": "high, tau=2.5", "masked_share": 0.21, **SAME}
+    )
     gt = _run_with_data(tmp_path, "gt", "gt", {"mask": "none", **SAME})
-    only_base = eval_runs.make_eval_run(tmp_path, "base-only", {0: eval_runs.BASE_DRIFT},
-                                        tasks=eval_runs.DRIFT_TASKS)  # fmt: skip
+    only_base = eval_runs.make_eval_run(
+        tmp_path, "base-only", {0: eval_runs.BASE_DRIFT}, tasks=eval_runs.DRIFT_TASKS
+    )
     old = eval_runs.make_eval_run(tmp_path, "old", {0: eval_runs.BASE, 4: eval_runs.later(4)})
     runs = [stm, gt, load_run(only_base), load_run(old)]
     table, notes = sd.drift_share_table(runs)
@@ -334,8 +350,14 @@ def test_the_cross_run_table_reads_the_last_drift_round(tmp_path):
 
 def test_the_token_view_colours_tokens_and_hovers_the_top_five():
     tokens, kl, dlp = [" the", "<b>", "\n", " end"], [0.0, 0.5, 2.0, 0.001], [0.0, -1.0, -3.0, 0.2]
-    pending = vd.render_drift_tokens(tokens, kl, dlp, pending="top-5: computing…",
-                                     facts=[("", "item-1"), ("mean KL", "0.6")], prompt="Q?")  # fmt: skip
+    pending = vd.render_drift_tokens(
+        tokens,
+        kl,
+        dlp,
+        pending="top-5: computing…",
+        facts=[("", "item-1"), ("mean KL", "0.6")],
+        prompt="Q?",
+    )
     assert len(re.findall(r'class="pl-t[ "]', pending)) == 4 and 'data-kl="2"' in pending
     assert "&lt;b&gt;</span>" in pending  # token text is escaped
     assert "top-5: computing…" in pending and "token KL(base ‖ tuned)" in pending
@@ -359,8 +381,12 @@ def test_the_token_view_colours_tokens_and_hovers_the_top_five():
 def test_the_aggregate_charts_have_axis_titles_and_start_at_zero():
     items, _ = sd.drift_items(drift_task_result("ood_drift", "probe:ood", hand_details()))
     frame = sd.token_frame(items, texts)
-    figs = [vd.category_chart(sd.by_category(frame)), vd.category_share_chart(sd.by_category(frame)),
-            vd.position_chart(sd.by_position(frame)), vd.domain_chart(sd.by_domain(items))]  # fmt: skip
+    figs = [
+        vd.category_chart(sd.by_category(frame)),
+        vd.category_share_chart(sd.by_category(frame)),
+        vd.position_chart(sd.by_position(frame)),
+        vd.domain_chart(sd.by_domain(items)),
+    ]
     for fig in figs:
         assert fig.layout.yaxis.range[0] == 0
         assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text

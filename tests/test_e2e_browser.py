@@ -101,11 +101,27 @@ def app_url(tmp_path_factory, app_env):
     log_path = tmp_path_factory.mktemp("e2e-log") / "streamlit.log"
     log = open(log_path, "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.headless", "true", "--server.address", "127.0.0.1",
-         "--server.fileWatcherType", "none"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.port",
+            str(port),
+            "--server.headless",
+            "true",
+            "--server.address",
+            "127.0.0.1",
+            "--server.fileWatcherType",
+            "none",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -136,11 +152,18 @@ def app_url(tmp_path_factory, app_env):
 def _stop_jobs(env: dict) -> None:
     """Cancel any job the app started that is still queued or running (a failed test)."""
     subprocess.run(
-        [sys.executable, "-c", "from core.jobs.registry import JobRegistry\n"
-         "r = JobRegistry()\n"
-         "[r.cancel(j.id) for j in r.list() if j.active]"],
-        cwd=ROOT, env=env, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "from core.jobs.registry import JobRegistry\n"
+            "r = JobRegistry()\n"
+            "[r.cancel(j.id) for j in r.list() if j.active]",
+        ],
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +209,20 @@ def training_job(page, selected, workflow) -> str:
 
 def _job_status(env: dict, job_id: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-c", "import sys\nfrom core.jobs.registry import JobRegistry\n"
-         "print(JobRegistry().get(sys.argv[1]).status)", job_id],
-        cwd=ROOT, env=env, timeout=60, check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom core.jobs.registry import JobRegistry\n"
+            "print(JobRegistry().get(sys.argv[1]).status)",
+            job_id,
+        ],
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip()
 
 

@@ -207,8 +207,9 @@ def test_a_full_fine_tune_measures_drift_against_a_frozen_base_copy(
         return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
 
     run = tmp_path / "run"
-    callback = EvalCallback(suite, run, every_n_steps=1, model_name="tiny",
-                            load_reference=load_reference)  # fmt: skip
+    callback = EvalCallback(
+        suite, run, every_n_steps=1, model_name="tiny", load_reference=load_reference
+    )
     run_training(config, run, callbacks=[callback])
     kls = [h[1].task("ood_drift").value for h in callback.history]
     assert kls[0] == 0.0 and all(k > 0 for k in kls[1:])

@@ -22,8 +22,15 @@ def _live_page(key: str) -> None:
     from core.model.generation import GenerationConfig
 
     example = Example(id="x", prompt="p", response="r")
-    live_answer(key, "answer", load=lambda: None, example=example,  # type: ignore[arg-type]
-                config=GenerationConfig(max_new_tokens=256), task=None, start=False)  # fmt: skip
+    live_answer(
+        key,
+        "answer",
+        load=lambda: None,
+        example=example,  # type: ignore[arg-type]
+        config=GenerationConfig(max_new_tokens=256),
+        task=None,
+        start=False,
+    )
 
 
 @pytest.fixture
@@ -71,9 +78,17 @@ def mbpp_page(tiny_model_dir, monkeypatch):
     monkeypatch.chdir(ROOT)
     background_runner.clear()
     at = AppTest.from_file(str(ROOT / "pages" / "explore.py"), default_timeout=120)
-    at.query_params.update(model=str(tiny_model_dir), device="cpu", dtype="float32", kind="task",
-                           task="mbpp", split="train", limit="2", view="GT vs generated",
-                           gen="sample-8-0.7-0.95-1")  # fmt: skip
+    at.query_params.update(
+        model=str(tiny_model_dir),
+        device="cpu",
+        dtype="float32",
+        kind="task",
+        task="mbpp",
+        split="train",
+        limit="2",
+        view="GT vs generated",
+        gen="sample-8-0.7-0.95-1",
+    )
     yield at
     background_runner.clear()
 
@@ -100,5 +115,6 @@ def test_an_mbpp_answer_is_checked_against_the_tasks_tests(mbpp_page):
     rerun_until(lambda: "its tests" in texts())
     # a sampled answer of the tiny random model: scored, run against MBPP's asserts, failing
     assert "fails its tests" in texts()
-    assert any(c.value.startswith("Generated 8 tokens in ") and "tokens/s" in c.value
-               for c in at.caption)  # fmt: skip
+    assert any(
+        c.value.startswith("Generated 8 tokens in ") and "tokens/s" in c.value for c in at.caption
+    )

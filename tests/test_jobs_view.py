@@ -34,10 +34,19 @@ def _page(run_dir: str) -> None:
             st.session_state.setdefault("calls", []).append(("resume", job_id))
 
     jobs = [
-        Job("job-run", "train", "stm τ=2.5", {"tau": 2.5}, "cpu", "running", run_dir, 2.0,
-            message="training"),
+        Job(
+            "job-run",
+            "train",
+            "stm τ=2.5",
+            {"tau": 2.5},
+            "cpu",
+            "running",
+            run_dir,
+            2.0,
+            message="training",
+        ),
         Job("job-bad", "train", "gt", {"method": "gt"}, "cpu", "failed", run_dir, 1.0),
-    ]  # fmt: skip
+    ]
     registry = Registry()
     jobs_table(
         lambda: jobs,

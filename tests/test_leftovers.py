@@ -37,11 +37,27 @@ def test_a_module_that_leaves_a_process_running_fails_and_the_process_is_stopped
     (tmp_path / "test_clean.py").write_text(CLEAN)
     (tmp_path / "test_leaky.py").write_text(LEAKY.format(token=token))
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
-         "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT),
-         str(tmp_path / "test_clean.py"), str(tmp_path / "test_leaky.py")],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "tests.conftest",
+            "-c",
+            str(ROOT / "pyproject.toml"),
+            "--rootdir",
+            str(ROOT),
+            str(tmp_path / "test_clean.py"),
+            str(tmp_path / "test_leaky.py"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = run.stdout + run.stderr
     assert run.returncode == 1, out
     assert "2 passed, 1 error" in out, out

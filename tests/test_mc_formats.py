@@ -75,8 +75,19 @@ def test_plain_requests_follow_lm_eval_templates():
 def test_eval_named_tasks_from_the_command_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PLENS_RUNS_DIR", str(tmp_path / "runs"))
     out = tmp_path / "r.json"
-    argv = ["eval", "--model", str(tiny_model_dir), "--tasks", "arc_easy:validation,mmlu",
-            "--limit", "3", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_model_dir),
+        "--tasks",
+        "arc_easy:validation,mmlu",
+        "--limit",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     report = json.loads(out.read_text())
     tasks = report["base"]["tasks"]
@@ -117,8 +128,10 @@ def _mc_pairs(lm, seed: int) -> list[EncodedPair]:
     pairs = []
     for q in range(14):
         context = [rng.randrange(100, 5000) for _ in range(rng.randint(3, 40))]
-        choices = [[rng.randrange(100, 5000) for _ in range(rng.randint(1, 12))]
-                   for _ in range(rng.randint(1, 5))]  # fmt: skip
+        choices = [
+            [rng.randrange(100, 5000) for _ in range(rng.randint(1, 12))]
+            for _ in range(rng.randint(1, 5))
+        ]
         if q % 3 == 0:  # same first token as the first choice
             choices.append(choices[0][:1] + [rng.randrange(100, 5000) for _ in range(3)])
         if q % 4 == 1:

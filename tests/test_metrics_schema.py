@@ -34,8 +34,15 @@ def test_every_kind_round_trips_through_the_file(tmp_path):
         append_metric(tmp_path, record)
     assert read_records(tmp_path) == written
     raw = read_metrics(tmp_path)
-    assert raw[1] == {"kind": "train", "step": 1, "time": 2.0, "epoch": 0.25, "loss": 2.5,
-                      "lr": 1e-3, "grad_norm": 0.7}  # fmt: skip
+    assert raw[1] == {
+        "kind": "train",
+        "step": 1,
+        "time": 2.0,
+        "epoch": 0.25,
+        "loss": 2.5,
+        "lr": 1e-3,
+        "grad_norm": 0.7,
+    }
     assert raw[2]["value"] is None and "value" in raw[2]  # a None score is still written
     assert raw[4] == {"kind": "data", "time": 3.0, "n_examples": 4, "masked_share": 0.25}
 

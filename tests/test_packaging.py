@@ -32,8 +32,17 @@ PROJECT = PYPROJECT["project"]
 EXTRAS = PROJECT["optional-dependencies"]
 
 #: Pinned exactly in the package as in requirements.txt: torch and the Hugging Face stack.
-EXACT = {"torch", "transformers", "tokenizers", "safetensors", "gguf", "accelerate", "peft",
-         "trl", "datasets"}  # fmt: skip
+EXACT = {
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "gguf",
+    "accelerate",
+    "peft",
+    "trl",
+    "datasets",
+}
 
 
 def _requirements(name: str) -> dict[str, Requirement]:
@@ -157,13 +166,34 @@ def installed(tmp_path_factory) -> Path:
         ROOT,
         src,
         ignore=shutil.ignore_patterns(
-            ".venv", ".git", "__pycache__", "*.egg-info", "build", "runs", "artifacts",
-            "test-artifacts", ".hypothesis", ".pytest_cache", ".ruff_cache", "out",
+            ".venv",
+            ".git",
+            "__pycache__",
+            "*.egg-info",
+            "build",
+            "runs",
+            "artifacts",
+            "test-artifacts",
+            ".hypothesis",
+            ".pytest_cache",
+            ".ruff_cache",
+            "out",
         ),
-    )  # fmt: skip
+    )
     dist = base / "dist"
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-             "--no-index", "-q", "-w", str(dist), str(src)]  # fmt: skip
+    build = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "-q",
+        "-w",
+        str(dist),
+        str(src),
+    ]
     subprocess.run(build, check=True, capture_output=True, timeout=600)
     (wheel,) = dist.glob("perplexity_lens-*.whl")
 
@@ -172,12 +202,24 @@ def installed(tmp_path_factory) -> Path:
     python = venv / "bin" / "python"
     purelib = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     deps = sysconfig.get_paths()["purelib"]
     Path(purelib, "_plens_deps.pth").write_text(f"import site; site.addsitedir({deps!r})\n")
-    install = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-               "--no-index", "-q", str(wheel)]  # fmt: skip
+    install = [
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(python),
+        "install",
+        "--no-deps",
+        "--no-index",
+        "-q",
+        str(wheel),
+    ]
     subprocess.run(install, check=True, capture_output=True, timeout=600)
     return venv / "bin"
 
@@ -214,20 +256,36 @@ def test_the_installed_wheel_runs_plens_and_serves_the_app(installed, tiny_model
     port = _free_port()
     server = subprocess.Popen(
         [installed / "plens", "app", "--port", str(port)],
-        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
     start_page = subprocess.Popen(
         [installed / "python", "-c", START_PAGE],
-        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         where = subprocess.run(
-            [installed / "python", "-c", "import core, perplexity_lens, sys; "
-             "print(core.__file__); print(*perplexity_lens.__path__)"],
-            cwd=work, env=env, capture_output=True, text=True, check=True,
-        ).stdout.split()  # fmt: skip
+            [
+                installed / "python",
+                "-c",
+                "import core, perplexity_lens, sys; "
+                "print(core.__file__); print(*perplexity_lens.__path__)",
+            ],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         site = installed.parent / "lib"
         assert all(Path(p).is_relative_to(site) for p in where), where
 
@@ -240,14 +298,28 @@ def test_the_installed_wheel_runs_plens_and_serves_the_app(installed, tiny_model
             assert f"    {name} " in helped.stdout
 
         data = work / "two.jsonl"
-        rows = [{"prompt": "Add.", "response": "def add(a, b):\n    return a + b"},
-                {"prompt": "Hi", "response": "Hello there!"}]  # fmt: skip
+        rows = [
+            {"prompt": "Add.", "response": "def add(a, b):\n    return a + b"},
+            {"prompt": "Hi", "response": "Hello there!"},
+        ]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
         scored = subprocess.run(
-            [installed / "plens", "score", "--model", str(tiny_model_dir), "--data", "two.jsonl",
-             "--out", "scores.jsonl"],
-            cwd=work, env=env, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            [
+                installed / "plens",
+                "score",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                "two.jsonl",
+                "--out",
+                "scores.jsonl",
+            ],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert scored.returncode == 0, scored.stderr
         out = [json.loads(line) for line in (work / "scores.jsonl").read_text().splitlines()]
         assert [r["id"] for r in out] == ["row-1", "row-2"]

@@ -45,8 +45,12 @@ def test_mean_ci_is_the_student_t_interval():
 
 
 def _arm(label, measure, values):
-    return {"label": label, "seeds": list(range(len(values))), "failed": [],
-            "measures": {measure: mean_ci(values)}}  # fmt: skip
+    return {
+        "label": label,
+        "seeds": list(range(len(values))),
+        "failed": [],
+        "measures": {measure: mean_ci(values)},
+    }
 
 
 def test_findings_read_the_intervals_not_the_paper():
@@ -65,9 +69,17 @@ def test_findings_read_the_intervals_not_the_paper():
 
 def _row(arm, task, estimate, low, high, higher=True, role="ood", against="the base model"):
     interval = {"estimate": estimate, "low": low, "high": high, "n": 100, "method": "test"}
-    return {"arm": arm, "label": {"gt": "ground truth", "stm": "STM"}[arm], "against": against,
-            "task": task, "role": role, "metric": "acc" if higher else "nll", "seeds": 1,
-            "higher_is_better": higher, "interval": interval}  # fmt: skip
+    return {
+        "arm": arm,
+        "label": {"gt": "ground truth", "stm": "STM"}[arm],
+        "against": against,
+        "task": task,
+        "role": role,
+        "metric": "acc" if higher else "nll",
+        "seeds": 1,
+        "higher_is_better": higher,
+        "interval": interval,
+    }
 
 
 def test_headline_says_forgetting_only_where_an_interval_excludes_zero():
@@ -103,8 +115,9 @@ def test_headline_says_forgetting_only_where_an_interval_excludes_zero():
 
 
 def _drift_row(arm, metric, estimate, low, high, against="the base model"):
-    row = _row(arm, "ood_drift", estimate, low, high, higher=metric == "top1_agree",
-               against=against)  # fmt: skip
+    row = _row(
+        arm, "ood_drift", estimate, low, high, higher=metric == "top1_agree", against=against
+    )
     return {**row, "metric": metric, "drift": True}
 
 
@@ -136,8 +149,9 @@ def test_the_headline_leads_with_drift_and_tells_sharpening_from_moving_away():
     results["paired"][0] = _drift_row("stm", "kl", -0.01, -0.03, 0.01, against="ground truth")
     assert "no detectable difference in drift" in headline(results)[1]
     # the gain side: each arm's target change against the base model, with its verdict
-    results["paired_base"].append(_row("stm", "mbpp_ppl", 0.40, 0.34, 0.47, higher=False,
-                                       role="target"))  # fmt: skip
+    results["paired_base"].append(
+        _row("stm", "mbpp_ppl", 0.40, 0.34, 0.47, higher=False, role="target")
+    )
     target = [line for line in headline(results) if line.startswith("Target (mbpp_ppl nll")]
     assert target == [
         "Target (mbpp_ppl nll, against the base model): STM +0.40 [+0.34, +0.47] nats (worse)."
@@ -162,12 +176,23 @@ def test_the_headline_leads_with_drift_and_tells_sharpening_from_moving_away():
     from core.study.agreement import drift_agreement
 
     def run(arm, seed, kl, end):
-        return {"arm": arm, "label": arm, "seed": seed, "measures": {
-            "ood:ood_drift:kl": kl, "ood:arc_easy:acc": end,
-            "ood:arc_easy:acc:Δ%": 100 * (end - 0.6) / 0.6}}  # fmt: skip
+        return {
+            "arm": arm,
+            "label": arm,
+            "seed": seed,
+            "measures": {
+                "ood:ood_drift:kl": kl,
+                "ood:arc_easy:acc": end,
+                "ood:arc_easy:acc:Δ%": 100 * (end - 0.6) / 0.6,
+            },
+        }
 
-    runs = [run("gt", 0, 0.2, 0.57), run("gt", 1, 0.15, 0.58), run("stm", 0, 0.08, 0.6),
-            run("stm", 1, 0.07, 0.605)]  # fmt: skip
+    runs = [
+        run("gt", 0, 0.2, 0.57),
+        run("gt", 1, 0.15, 0.58),
+        run("stm", 0, 0.08, 0.6),
+        run("stm", 1, 0.07, 0.605),
+    ]
     results["agreement"] = drift_agreement(runs[:3])
     assert not any("rank-correlate" in line for line in headline(results))  # 3 runs: too few
     results["agreement"] = drift_agreement(runs)
@@ -217,8 +242,12 @@ def test_cli_rejects_bad_input_before_any_job(tmp_path):
     ):
         out = subprocess.run(
             [sys.executable, "-m", "core", "protocol", *args],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert out.returncode == 2, out.stderr
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and reason in lines[0]
@@ -234,8 +263,12 @@ def test_cli_flags_reach_the_config():
         ["protocol", "--seeds", "0,1,2", "--methods", "gt,stm", "--limit", "none", "--tau", "3"]
     )
     config = ProtocolConfig.from_args(args)
-    assert (config.seeds, config.methods, config.limit, config.tau) == ([0, 1, 2], ["gt", "stm"],
-                                                                        None, 3.0)  # fmt: skip
+    assert (config.seeds, config.methods, config.limit, config.tau) == (
+        [0, 1, 2],
+        ["gt", "stm"],
+        None,
+        3.0,
+    )
 
 
 def test_tiny_protocol_end_to_end_then_resumes(tiny_model_dir, tmp_path):
@@ -269,8 +302,10 @@ def test_tiny_protocol_end_to_end_then_resumes(tiny_model_dir, tmp_path):
     # the job's state: k of N runs finished, which arm and seed runs, then the aggregation
     assert "0 of 6 runs finished · running the Self-Output data generation" in said[0]
     assert any(m.startswith("0 of 4 runs finished · running ground truth, seed 0") for m in said)
-    assert any(m.startswith("3 of 4 runs finished · running STM 25% masked, seed 1") and
-               "left" in m for m in said)  # fmt: skip
+    assert any(
+        m.startswith("3 of 4 runs finished · running STM 25% masked, seed 1") and "left" in m
+        for m in said
+    )
     assert read_state(folder).phase == Phase.PROTOCOL
     assert said[-1].startswith("4 of 4 runs finished · running the aggregation and the report")
     # partial results as runs finished: the last one written covers 3 of the 4 runs
@@ -382,12 +417,25 @@ def test_the_summary_table_shows_drift_and_leaves_out_columns_no_arm_measured():
     from core.study.protocol import FORGETTING, OOD_DRIFT, summary_table
 
     def arm(label, kl):
-        return {"label": label, "seeds": [0, 1, 2], "failed": [],
-                "measures": {OOD_DRIFT: mean_ci(kl), FORGETTING: mean_ci([None, None, None]),
-                             "BWT": mean_ci([-1.0, 0.5, 0.2])}}  # fmt: skip
+        return {
+            "label": label,
+            "seeds": [0, 1, 2],
+            "failed": [],
+            "measures": {
+                OOD_DRIFT: mean_ci(kl),
+                FORGETTING: mean_ci([None, None, None]),
+                "BWT": mean_ci([-1.0, 0.5, 0.2]),
+            },
+        }
 
-    rows = summary_table({"arms": {"gt": arm("ground truth", [0.17, 0.13, 0.15]),
-                                   "stm": arm("STM", [0.08, 0.11, 0.09])}})  # fmt: skip
+    rows = summary_table(
+        {
+            "arms": {
+                "gt": arm("ground truth", [0.17, 0.13, 0.15]),
+                "stm": arm("STM", [0.08, 0.11, 0.09]),
+            }
+        }
+    )
     assert rows[0]["OOD drift (token KL)"].startswith("0.150 ± ")
     assert rows[1]["OOD drift (token KL)"].startswith("0.093 ± ")
     assert "OOD easy-token NLL Δ%" not in rows[0] and "BWT" in rows[0]

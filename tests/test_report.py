@@ -217,9 +217,12 @@ def test_report_carries_drift_charts_table_and_frontier(tmp_path):
     rounds = {0: BASE_DRIFT, 2: later_drift(2), 4: later_drift(4)}
     runs = [
         load_run(make_eval_run(tmp_path, "stm1", rounds, tasks=DRIFT_TASKS)),
-        load_run(make_eval_run(tmp_path, "gt1", {0: BASE_DRIFT, 4: later_drift(8)}, method="gt",
-                               tasks=DRIFT_TASKS)),
-    ]  # fmt: skip
+        load_run(
+            make_eval_run(
+                tmp_path, "gt1", {0: BASE_DRIFT, 4: later_drift(8)}, method="gt", tasks=DRIFT_TASKS
+            )
+        ),
+    ]
     text = build_report(runs)
     for _, fig in drift_charts(runs):
         assert f'"text":{json.dumps(fig.layout.title.text)}' in text

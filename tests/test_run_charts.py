@@ -94,13 +94,17 @@ def test_target_band_is_the_paired_interval_of_the_stored_items(two_runs):
     # the zero line, and the notes read the verdict off the interval
     assert any(s.y0 == s.y1 == 0 for s in fig.layout.shapes)
     notes = figure_notes(fig)
-    assert any(n.startswith("stm τ=2.5 · stm1, step 4:") and n.endswith("nats: better.")
-               for n in notes)  # fmt: skip
+    assert any(
+        n.startswith("stm τ=2.5 · stm1, step 4:") and n.endswith("nats: better.") for n in notes
+    )
 
 
 def test_a_target_accuracy_task_is_the_target_in_points(tmp_path):
-    tasks = {"mbpp": ("code_exec", "target"), "mbpp_ppl": ("ref_ppl", "target"),
-             "arc_easy": ("mc_loglik", "ood")}  # fmt: skip
+    tasks = {
+        "mbpp": ("code_exec", "target"),
+        "mbpp_ppl": ("ref_ppl", "target"),
+        "arc_easy": ("mc_loglik", "ood"),
+    }
     passed = [i % 2 == 0 for i in range(20)]
     rounds = {
         0: {"mbpp": passed, "mbpp_ppl": BASE["mbpp_ppl"], "arc_easy": BASE["arc_easy"]},
@@ -155,8 +159,10 @@ def test_top_row_is_target_bwt_and_loss_with_labelled_axes(two_runs):
         assert fig.layout.margin.b >= 64 + 22 * sum(t.showlegend is not False for t in fig.data)
         fig.to_json()
     # two runs of different methods: two colours; two seeds of one method: one colour, two dashes
-    seeds = [two_runs[0], load_run(make_eval_run(two_runs[0].run_dir.parent, "stm2",
-                                                 {0: BASE, 2: later(1)}, seed=1))]  # fmt: skip
+    seeds = [
+        two_runs[0],
+        load_run(make_eval_run(two_runs[0].run_dir.parent, "stm2", {0: BASE, 2: later(1)}, seed=1)),
+    ]
     styles = [t.line for t in traces(target_delta_chart(seeds), "line")]
     assert styles[0].color == styles[1].color and styles[0].dash != styles[1].dash
 
@@ -188,8 +194,9 @@ def test_no_rounds_one_round_and_too_few_items_say_so(tmp_path):
     empty = load_run(make_eval_run(tmp_path, "none", {}))
     single = load_run(make_eval_run(tmp_path, "single", {0: BASE}))
     one_item = {t: v[:1] for t, v in BASE.items()}
-    tiny = load_run(make_eval_run(tmp_path, "tiny", {0: one_item, 1: {t: v[:1] for t, v in
-                                                                      later(1).items()}}))  # fmt: skip
+    tiny = load_run(
+        make_eval_run(tmp_path, "tiny", {0: one_item, 1: {t: v[:1] for t, v in later(1).items()}})
+    )
     runs = [empty, single, tiny]
     for fig in [f for _, f in top_row_charts(runs)] + [f for _, f in task_delta_charts(runs)]:
         text = " ".join(figure_notes(fig))
@@ -269,8 +276,13 @@ def test_frontier_has_error_bars_and_a_single_run_state(two_runs):
 
 def test_frontier_says_why_a_run_is_not_drawn(tmp_path):
     at_chance = [i % 4 == 0 for i in range(24)]
-    run = load_run(make_eval_run(tmp_path, "r", {0: {**BASE, "arc_easy": at_chance},
-                                                 2: {**later(2), "arc_easy": at_chance}}))  # fmt: skip
+    run = load_run(
+        make_eval_run(
+            tmp_path,
+            "r",
+            {0: {**BASE, "arc_easy": at_chance}, 2: {**later(2), "arc_easy": at_chance}},
+        )
+    )
     fig = frontier_chart(runs_table([run]))
     assert not traces(fig, "line")
     assert fig.layout.annotations[0].text == "No run has both TI and BWT yet."
@@ -318,10 +330,12 @@ def test_rounds_saved_before_the_honest_metric_still_chart_the_full_token_nll(tm
 def drift_runs(tmp_path):
     """Three rounds of stm, two of gt (a single round after step 0) and an old run whose rounds
     predate drift."""
-    stm = make_eval_run(tmp_path, "stm1", {0: BASE_DRIFT, 2: later_drift(2), 4: later_drift(4)},
-                        tasks=DRIFT_TASKS)  # fmt: skip
-    gt = make_eval_run(tmp_path, "gt1", {0: BASE_DRIFT, 3: later_drift(3)}, method="gt",
-                       tasks=DRIFT_TASKS)  # fmt: skip
+    stm = make_eval_run(
+        tmp_path, "stm1", {0: BASE_DRIFT, 2: later_drift(2), 4: later_drift(4)}, tasks=DRIFT_TASKS
+    )
+    gt = make_eval_run(
+        tmp_path, "gt1", {0: BASE_DRIFT, 3: later_drift(3)}, method="gt", tasks=DRIFT_TASKS
+    )
     old = make_eval_run(tmp_path, "old1", {0: BASE, 2: later(2)}, method="random")
     return [load_run(stm), load_run(gt), load_run(old)]
 
@@ -369,10 +383,13 @@ def test_drift_charts_draw_each_runs_kl_with_its_band_from_zero(drift_runs):
     assert list(gt_line.error_y.arrayminus) == pytest.approx([0.0, row.delta - row.low])
     # the old run is left out and the notes say why; each drawn run's last KL, readable
     notes = figure_notes(fig)
-    assert any(n.startswith("stm τ=2.5 · stm1, step 4: KL 0.100 [") and n.endswith("] nats.")
-               for n in notes)  # fmt: skip
-    assert any("old1: no OOD drift measured (its rounds were evaluated before drift" in n
-               for n in notes)  # fmt: skip
+    assert any(
+        n.startswith("stm τ=2.5 · stm1, step 4: KL 0.100 [") and n.endswith("] nats.")
+        for n in notes
+    )
+    assert any(
+        "old1: no OOD drift measured (its rounds were evaluated before drift" in n for n in notes
+    )
     assert not traces(fig, "line", "old1")
     assert "nan" not in " ".join(notes).lower()
     fig.to_json()
@@ -400,8 +417,9 @@ def test_drift_table_gives_the_latest_round_with_intervals_and_readable_names(dr
     assert set(table["run"]) == {"stm1", "gt1"}  # the old run has no drift round
     stm = table[table["run"] == "stm1"]
     assert set(stm["step"]) == {4} and list(dict.fromkeys(stm["task"])) == [
-        "target_drift", "ood_drift"
-    ]  # fmt: skip
+        "target_drift",
+        "ood_drift",
+    ]
     data = json.loads(eval_round_path(drift_runs[0].run_dir, 4).read_text())
     ood = SuiteResult.from_dict(data).task("ood_drift")
     for metric in ("kl", "top1_agree", "dnll", "kl_toward", "kl_away"):
@@ -413,9 +431,14 @@ def test_drift_table_gives_the_latest_round_with_intervals_and_readable_names(dr
         assert row.low <= row.value <= row.high
     shown = drift_display_table(table)
     assert list(shown.columns) == [
-        "run", "probe", "step", DRIFT_LABELS["kl"], DRIFT_LABELS["top1_agree"],
-        DRIFT_LABELS["dnll"], "KL toward / away from the base's answer, nats",
-    ]  # fmt: skip
+        "run",
+        "probe",
+        "step",
+        DRIFT_LABELS["kl"],
+        DRIFT_LABELS["top1_agree"],
+        DRIFT_LABELS["dnll"],
+        "KL toward / away from the base's answer, nats",
+    ]
     row = shown[(shown["run"] == "stm τ=2.5 · stm1") & shown["probe"].str.startswith("OOD")]
     [row] = row.to_dict("records")
     assert row["probe"] == "OOD drift (mixed out-of-domain prompts)"
@@ -443,8 +466,9 @@ def test_drift_frontier_has_error_bars_both_ways_and_leaves_old_runs_out(drift_r
     for trace in points:
         run = trace.meta["runs"][0]
         facts = table.set_index("run").loc[run]
-        kl = drift[(drift["run"] == run) & (drift["task"] == "ood_drift")
-                   & (drift["metric"] == "kl")].iloc[0]  # fmt: skip
+        kl = drift[
+            (drift["run"] == run) & (drift["task"] == "ood_drift") & (drift["metric"] == "kl")
+        ].iloc[0]
         assert list(trace.x) == pytest.approx([facts["target Δ"]])
         assert list(trace.y) == pytest.approx([kl["value"]])
         assert trace.error_x.array[0] == pytest.approx(facts["target Δ high"] - facts["target Δ"])
@@ -458,8 +482,10 @@ def test_drift_frontier_has_error_bars_both_ways_and_leaves_old_runs_out(drift_r
     ood_kl = drift[(drift["task"] == "ood_drift") & (drift["metric"] == "kl")]
     assert fig.layout.yaxis.range[1] >= max(ood_kl["high"])
     notes = figure_notes(fig)
-    assert notes == ["Not drawn, no drift probes in its rounds: evaluated before drift was "
-                     "measured: random τ=2.5 · old1."]  # fmt: skip
+    assert notes == [
+        "Not drawn, no drift probes in its rounds: evaluated before drift was "
+        "measured: random τ=2.5 · old1."
+    ]
     one = drift_frontier_chart(runs_table(drift_runs[:1]), drift_table(drift_runs[:1]))
     assert "A comparison needs a second run." in figure_notes(one)[0]
     none = drift_frontier_chart(runs_table(drift_runs[2:]), drift_table(drift_runs[2:]))
@@ -556,8 +582,10 @@ def test_a_single_accuracy_point_has_its_interval_bar(tmp_path):
 def test_a_multiple_choice_target_shows_where_chance_lies(tmp_path):
     """ARC-Easy as the target (4 choices): the target's Δ chart has the chance line too."""
     tasks = {"arc_easy": ("mc_loglik", "target"), "mbpp_ppl": ("ref_ppl", "ood")}
-    rounds = {0: {"arc_easy": BASE["arc_easy"], "mbpp_ppl": BASE["mbpp_ppl"]},
-              2: {"arc_easy": later(2)["arc_easy"], "mbpp_ppl": later(2)["mbpp_ppl"]}}  # fmt: skip
+    rounds = {
+        0: {"arc_easy": BASE["arc_easy"], "mbpp_ppl": BASE["mbpp_ppl"]},
+        2: {"arc_easy": later(2)["arc_easy"], "mbpp_ppl": later(2)["mbpp_ppl"]},
+    }
     run = load_run(make_eval_run(tmp_path, "mc", rounds, tasks=tasks))
     fig = target_delta_chart([run])
     rows = run.changes()

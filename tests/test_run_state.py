@@ -29,11 +29,25 @@ from core.jobs.state import (
 )
 
 NOW = 1_800_000_000.0
-EVAL = RunState(Phase.EVALUATING, step=8, max_steps=16, task="ood_drift", task_index=2, tasks=5,
-                done=40, total=200, unit="items", elapsed_s=72.0, eta_s=170.0,
-                eta_scope="in this task", time=NOW)  # fmt: skip
-LINE = ("evaluating step 8 of 16: ood_drift (task 3 of 5) · 40/200 items · 1m12s, about 2m50s "
-        "left in this task")  # fmt: skip
+EVAL = RunState(
+    Phase.EVALUATING,
+    step=8,
+    max_steps=16,
+    task="ood_drift",
+    task_index=2,
+    tasks=5,
+    done=40,
+    total=200,
+    unit="items",
+    elapsed_s=72.0,
+    eta_s=170.0,
+    eta_scope="in this task",
+    time=NOW,
+)
+LINE = (
+    "evaluating step 8 of 16: ood_drift (task 3 of 5) · 40/200 items · 1m12s, about 2m50s "
+    "left in this task"
+)
 
 
 class Clock:
@@ -49,21 +63,45 @@ class Clock:
 def test_each_phase_reads_as_its_own_line():
     assert EVAL.line(NOW) == LINE
     assert EVAL.line(NOW + 60) == LINE.replace("about 2m50s", "about 1m50s")  # counts down
-    final = RunState(Phase.FINAL_EVAL, step=16, max_steps=16, task="mbpp", task_index=0, tasks=5,
-                     elapsed_s=5.0, time=NOW)  # fmt: skip
+    final = RunState(
+        Phase.FINAL_EVAL,
+        step=16,
+        max_steps=16,
+        task="mbpp",
+        task_index=0,
+        tasks=5,
+        elapsed_s=5.0,
+        time=NOW,
+    )
     assert final.line(NOW) == "final evaluation (step 16): mbpp (task 1 of 5) · 5s"
-    training = RunState(Phase.TRAINING, step=5, max_steps=16, elapsed_s=100.0,
-                        seconds_per_unit=20.0, eta_s=220.0, time=NOW)  # fmt: skip
+    training = RunState(
+        Phase.TRAINING,
+        step=5,
+        max_steps=16,
+        elapsed_s=100.0,
+        seconds_per_unit=20.0,
+        eta_s=220.0,
+        time=NOW,
+    )
     assert training.line(NOW) == "training: step 5/16 · 1m40s, about 3m40s left (20s a step)"
-    preparing = RunState(Phase.PREPARING, detail="scoring with the original model", done=120,
-                         total=400, unit="examples", elapsed_s=60.0, eta_s=140.0, time=NOW)  # fmt: skip
+    preparing = RunState(
+        Phase.PREPARING,
+        detail="scoring with the original model",
+        done=120,
+        total=400,
+        unit="examples",
+        elapsed_s=60.0,
+        eta_s=140.0,
+        time=NOW,
+    )
     assert preparing.line(NOW) == (
         "preparing data: scoring with the original model · 120/400 examples · 1m00s, "
         "about 2m20s left"
     )
     assert RunState(Phase.SAVING, detail="the final model").line() == "saving: the final model"
-    protocol = RunState(Phase.PROTOCOL, done=2, total=6, detail="STM τ=2.5, seed 1",
-                        eta_s=3000.0, time=NOW)  # fmt: skip
+    protocol = RunState(
+        Phase.PROTOCOL, done=2, total=6, detail="STM τ=2.5, seed 1", eta_s=3000.0, time=NOW
+    )
     assert (
         protocol.line(NOW) == "2 of 6 runs finished · running STM τ=2.5, seed 1 · about 50m00s left"
     )
@@ -205,8 +243,17 @@ def test_the_job_header_shows_the_state_as_a_progress_bar(running):
     [caption] = [c.value for c in at.caption if job.id in c.value]
     assert "evaluating" not in caption  # said once, on the bar
     # training resumes: the same bar says so, with its ETA
-    write_state(job.run_dir, RunState(Phase.TRAINING, step=9, max_steps=16, elapsed_s=180.0,
-                                      seconds_per_unit=20.0, eta_s=140.0))  # fmt: skip
+    write_state(
+        job.run_dir,
+        RunState(
+            Phase.TRAINING,
+            step=9,
+            max_steps=16,
+            elapsed_s=180.0,
+            seconds_per_unit=20.0,
+            eta_s=140.0,
+        ),
+    )
     at.run()
     [bar] = at.get("progress")
     assert bar.proto.value == 56

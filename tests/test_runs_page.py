@@ -43,9 +43,12 @@ def test_evaluate_the_base_model_from_the_page(tiny_model_dir, runs):  # noqa: F
     assert any("Training loss**: none" in c.value for c in at.caption)
     # the base model alone: no change to chart yet, and the page says so (no NaN, no empty grid)
     assert titles == [
-        "Target Δ vs step 0", "BWT: out-of-domain change", "OOD drift: KL from the base model",
-        "Target drift: KL from the base model", "mbpp pass@1",
-    ]  # fmt: skip
+        "Target Δ vs step 0",
+        "BWT: out-of-domain change",
+        "OOD drift: KL from the base model",
+        "Target drift: KL from the base model",
+        "mbpp pass@1",
+    ]
     # an evaluation job's run is what the loss panel calls "evaluation-only", and only that
     assert any(f"{job.id}: an evaluation-only run (no training)" in c.value for c in at.caption)
     captions = " ".join(c.value for c in at.caption)
@@ -85,8 +88,9 @@ def test_a_run_whose_folder_is_not_named_by_its_job_shows_the_jobs_status(traine
     """A protocol arm trains in `<protocol>-<arm>-s<seed>/` under a job id of its own: the
     status table finds its job by the folder (it used to say "–")."""
     registry = JobRegistry(runs)
-    job = registry.submit("train", {"method": "stm"}, device="cpu", run_dir=trained_run,
-                          start=False)  # fmt: skip
+    job = registry.submit(
+        "train", {"method": "stm"}, device="cpu", run_dir=trained_run, start=False
+    )
     assert job.id != trained_run.name
     registry.cancel(job.id)  # a queued job: cancelled at once, nothing runs
     at = AppTest.from_file(PAGE, default_timeout=60)

@@ -527,8 +527,12 @@ def _scorer(root, lo, hi, kill_at=0):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-c", _SCORER, str(root), str(lo), str(hi), str(kill_at)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_two_scorers_on_overlapping_selections_one_killed_mid_append(tmp_path):

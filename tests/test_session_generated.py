@@ -16,8 +16,9 @@ def test_generated_set_keeps_scorer_metadata():
         Example(f"t{i}", f"Add {i} and 1.", f"{i + 1}", meta={"answer": str(i + 1), "tests": [i]})
         for i in range(3)
     ]
-    folder = write_generated_set("so-test", "self_output", examples, data_key="task:x",
-                                 model="m", model_fingerprint="f")  # fmt: skip
+    folder = write_generated_set(
+        "so-test", "self_output", examples, data_key="task:x", model="m", model_fingerprint="f"
+    )
     sel = Selection(kind="generated", data_path=str(folder / "examples.jsonl"), limit=2)
     dataset = load_dataset_cached(sel)
     assert [ex.id for ex in dataset.examples] == ["t0", "t1"]

@@ -78,8 +78,9 @@ def test_other_column_names_open_a_column_picker():
     prompt = next(s for s in at.selectbox if s.label == "Prompt column")
     response = next(s for s in at.selectbox if s.label == "Response column")
     assert (prompt.value, response.value, prompt.options) == (None, None, ["foo", "bar", "uid"])
-    assert [e.value for e in at.error] == ["Choose the prompt and response columns of qa.csv in "
-                                           "the sidebar."]  # fmt: skip
+    assert [e.value for e in at.error] == [
+        "Choose the prompt and response columns of qa.csv in the sidebar."
+    ]
 
     prompt.set_value("foo").run()
     next(s for s in at.selectbox if s.label == "Response column").set_value("foo").run()

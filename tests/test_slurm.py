@@ -116,7 +116,7 @@ class SlurmCluster:
                 ctld_port=self.ctld_port,
                 slurmd_port=self.slurmd_port,
                 first_job_id=1 + 10000 * self.restarts,
-            )  # fmt: skip
+            )
         )
 
     def start(self) -> None:
@@ -130,8 +130,9 @@ class SlurmCluster:
             out.close()
         deadline = time.monotonic() + 60
         while True:  # the node registers a few seconds after the daemons start
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
-                                   env=env, timeout=60).stdout.strip()  # fmt: skip
+            state = subprocess.run(
+                ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env, timeout=60
+            ).stdout.strip()
             if state == "idle":
                 return
             if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
@@ -147,8 +148,13 @@ class SlurmCluster:
             subprocess.run(["scancel", "--user", "root"], capture_output=True, env=env, timeout=60)
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
-                q = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True,
-                                   env=env, timeout=60)  # fmt: skip
+                q = subprocess.run(
+                    ["squeue", "-h", "-o", "%i"],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    timeout=60,
+                )
                 if q.returncode != 0 or not q.stdout.strip():
                     break
                 time.sleep(0.5)
@@ -207,8 +213,13 @@ def cluster(slurm_conf_env):
 
 
 def scontrol_job(engine_id: str) -> dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", engine_id], capture_output=True,
-                         text=True, timeout=60, check=True)  # fmt: skip
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", engine_id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return parse_fields(out.stdout)
 
 
@@ -239,8 +250,9 @@ def test_the_slurm_setting_and_an_unreachable_controller_is_one_line(
 
     dead = tmp_path / "dead"
     dead.mkdir()
-    conf = CONF.format(dir=dead, state="state", ctld_port=free_port(),
-                       slurmd_port=free_port(), first_job_id=1)  # fmt: skip
+    conf = CONF.format(
+        dir=dead, state="state", ctld_port=free_port(), slurmd_port=free_port(), first_job_id=1
+    )
     (dead / "slurm.conf").write_text(conf)
     monkeypatch.setenv("SLURM_CONF", str(dead / "slurm.conf"))
     registry = JobRegistry(runs)
@@ -252,10 +264,12 @@ def test_the_slurm_setting_and_an_unreachable_controller_is_one_line(
     assert [p.name for p in runs.iterdir() if p.is_dir()] == []
 
     out = subprocess.run(
-        [sys.executable, "-m", "core", "train", "--submit", "--task", "mbpp", "--backend",
-         "slurm"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [sys.executable, "-m", "core", "train", "--submit", "--task", "mbpp", "--backend", "slurm"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: The SLURM controller does not")
@@ -270,13 +284,19 @@ def test_train_and_eval_jobs_run_on_slurm_and_show_in_the_registry(
 
     registry = JobRegistry(runs)
     train = registry.submit(
-        "train", train_config(tiny_model_dir, data_file), device="cpu", label="on slurm",
-        backend="slurm", address="debug",
-    )  # fmt: skip
+        "train",
+        train_config(tiny_model_dir, data_file),
+        device="cpu",
+        label="on slurm",
+        backend="slurm",
+        address="debug",
+    )
     evaluation = registry.submit(
-        "eval", eval_job_config(str(tiny_model_dir), suite="tiny", limit=1, device="cpu"),
-        device="cpu", backend="slurm",
-    )  # fmt: skip
+        "eval",
+        eval_job_config(str(tiny_model_dir), suite="tiny", limit=1, device="cpu"),
+        device="cpu",
+        backend="slurm",
+    )
     assert train.where == "slurm debug" and evaluation.where == "slurm"
     for job in (train, evaluation):
         assert job.backend == SLURM and job.engine_id and job.engine_id.isdigit()
@@ -299,9 +319,14 @@ def test_train_and_eval_jobs_run_on_slurm_and_show_in_the_registry(
     assert "submitting job" in log and "done: step 2" in log  # the job's output, as locally
     assert (train.path / "slurm" / f"{train.engine_id}_submission.sh").is_file()
 
-    out = subprocess.run([sys.executable, "-m", "core", "jobs", "list"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PLENS_RUNS_DIR=str(runs)))  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "core", "jobs", "list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PLENS_RUNS_DIR=str(runs)),
+    )
     assert out.returncode == 0 and "slurm debug" in out.stdout, out.stdout
 
 
@@ -347,13 +372,22 @@ def test_the_protocol_fans_its_arms_out_on_slurm(cluster, runs, tiny_model_dir):
     from core.study.protocol import RESULTS_JSON, ProtocolConfig, protocol_folder
 
     config = ProtocolConfig.from_preset(
-        "cpu", model=str(tiny_model_dir), methods=["gt", "stm_share"], seeds=[0], limit=8,
-        max_length=96, epochs=1.0, batch_size=4, learning_rate=1e-2, suite="tiny",
-    )  # fmt: skip
+        "cpu",
+        model=str(tiny_model_dir),
+        methods=["gt", "stm_share"],
+        seeds=[0],
+        limit=8,
+        max_length=96,
+        epochs=1.0,
+        batch_size=4,
+        learning_rate=1e-2,
+        suite="tiny",
+    )
     registry = JobRegistry(runs)
     folder = protocol_folder(config, name="proto-slurm")
-    job = registry.submit("protocol", config.to_dict(), device="cpu", run_dir=folder,
-                          backend="slurm")  # fmt: skip
+    job = registry.submit(
+        "protocol", config.to_dict(), device="cpu", run_dir=folder, backend="slurm"
+    )
     done = registry.wait(job.id, timeout=400)
     assert done.status == SUCCEEDED, done.error
 
@@ -387,9 +421,14 @@ def test_the_start_page_checks_a_slurm_partition_before_saving_it(cluster, runs,
     assert current_setting(runs) == make_setting("slurm", "debug")
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "core", *args], cwd=ROOT, text=True,
-                              capture_output=True, timeout=120,
-                              env=dict(os.environ, PLENS_RUNS_DIR=str(runs)))  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "core", *args],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            timeout=120,
+            env=dict(os.environ, PLENS_RUNS_DIR=str(runs)),
+        )
 
     out = cli("backend", "slurm")  # `python -m core backend` checks and saves the same way
     assert out.returncode == 0 and "SLURM (the default partition)" in out.stdout, out.stderr
@@ -407,8 +446,12 @@ def test_a_job_the_restarted_controller_no_longer_knows_is_failed_as_lost(
     down, the job keeps its status with a note; once it answers and does not know the job, the
     job is failed as lost."""
     registry = JobRegistry(runs)
-    job = registry.submit("train", train_config(tiny_model_dir, data_file, max_steps=5000),
-                          device="cpu", backend="slurm")  # fmt: skip
+    job = registry.submit(
+        "train",
+        train_config(tiny_model_dir, data_file, max_steps=5000),
+        device="cpu",
+        backend="slurm",
+    )
     running = wait_for(
         lambda: (j := registry.get(job.id)).status == RUNNING and j.pid and j, 240, "a pid"
     )

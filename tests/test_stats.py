@@ -97,20 +97,40 @@ def test_tuned_vs_base_carries_paired_intervals_per_task_and_for_ti_and_bwt():
     from core.eval.suites import CODE_EXEC, MC_LOGLIK, EvalSuite, EvalTaskSpec
 
     suite = EvalSuite(
-        "s", "", target=(EvalTaskSpec("mbpp", "mbpp", CODE_EXEC, n=80),),
+        "s",
+        "",
+        target=(EvalTaskSpec("mbpp", "mbpp", CODE_EXEC, n=80),),
         ood=(EvalTaskSpec("arc", "arc_easy", MC_LOGLIK, n=80),),
-    )  # fmt: skip
+    )
     rng = np.random.default_rng(0)
     code_b, code_t = _paired_accuracies(rng, 80, 0.3, 0.5)
     arc_b, arc_t = _paired_accuracies(rng, 80, 0.6, 0.35)
 
     def result(code, arc) -> SuiteResult:
         tasks = [
-            TaskResult("mbpp", "mbpp", CODE_EXEC, "target", "pass@1", {"pass@1": code.mean()}, 80,
-                       0.0, [{"id": f"m{i}", "passed": bool(v)} for i, v in enumerate(code)]),
-            TaskResult("arc", "arc_easy", MC_LOGLIK, "ood", "acc", {"acc": arc.mean()}, 80, 0.0,
-                       [{"id": f"a{i}", "pred": 0, "gold": 0 if v else 1} for i, v in enumerate(arc)]),
-        ]  # fmt: skip
+            TaskResult(
+                "mbpp",
+                "mbpp",
+                CODE_EXEC,
+                "target",
+                "pass@1",
+                {"pass@1": code.mean()},
+                80,
+                0.0,
+                [{"id": f"m{i}", "passed": bool(v)} for i, v in enumerate(code)],
+            ),
+            TaskResult(
+                "arc",
+                "arc_easy",
+                MC_LOGLIK,
+                "ood",
+                "acc",
+                {"acc": arc.mean()},
+                80,
+                0.0,
+                [{"id": f"a{i}", "pred": 0, "gold": 0 if v else 1} for i, v in enumerate(arc)],
+            ),
+        ]
         return SuiteResult("s", suite.fingerprint(), "m", None, tasks, 0.0)
 
     c = compare_results(result(code_b, arc_b), result(code_t, arc_t), suite)
@@ -130,18 +150,31 @@ def test_a_task_at_chance_shows_its_chance_level_and_stays_out_of_bwt():
     from core.eval.suites import MC_LOGLIK, EvalSuite, EvalTaskSpec
 
     suite = EvalSuite(
-        "s", "", target=(),
-        ood=(EvalTaskSpec("easy", "arc_easy", MC_LOGLIK, n=120),
-             EvalTaskSpec("hard", "arc_challenge", MC_LOGLIK, n=120)),
-    )  # fmt: skip
+        "s",
+        "",
+        target=(),
+        ood=(
+            EvalTaskSpec("easy", "arc_easy", MC_LOGLIK, n=120),
+            EvalTaskSpec("hard", "arc_challenge", MC_LOGLIK, n=120),
+        ),
+    )
     rng = np.random.default_rng(2)
 
     def task(name: str, p: float) -> TaskResult:
         right = rng.random(120) < p
-        details = [{"id": f"{name}{i}", "pred": 0, "gold": 0 if ok else 1, "pred_norm": 0,
-                    "ll": [0.0, -1.0, -2.0, -3.0]} for i, ok in enumerate(right)]  # fmt: skip
-        return TaskResult(name, name, MC_LOGLIK, "ood", "acc", {"acc": right.mean()}, 120, 0.0,
-                          details)  # fmt: skip
+        details = [
+            {
+                "id": f"{name}{i}",
+                "pred": 0,
+                "gold": 0 if ok else 1,
+                "pred_norm": 0,
+                "ll": [0.0, -1.0, -2.0, -3.0],
+            }
+            for i, ok in enumerate(right)
+        ]
+        return TaskResult(
+            name, name, MC_LOGLIK, "ood", "acc", {"acc": right.mean()}, 120, 0.0, details
+        )
 
     def result() -> SuiteResult:
         return SuiteResult(

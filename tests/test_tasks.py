@@ -73,8 +73,11 @@ def test_catalogue_lists_all_tasks_with_metadata():
     assert {licences[n] for n in ("gsm8k", "mmlu", "math", "humaneval")} == {"MIT"}
     for spec in list_tasks():
         assert spec.title and spec.description and spec.source
-        expected = {"mbpp": ("train", "test", "all"), "arc_easy": ("test", "validation"),
-                    "arc_challenge": ("test", "validation")}  # fmt: skip
+        expected = {
+            "mbpp": ("train", "test", "all"),
+            "arc_easy": ("test", "validation"),
+            "arc_challenge": ("test", "validation"),
+        }
         assert spec.splits == expected.get(spec.name, ("test",))
         assert spec.default_split == spec.splits[0]
 

@@ -164,8 +164,14 @@ def answer_live(
     rate = seconds = None
     if stored is None:
         live.stage, live.generating_since = GENERATING, time.monotonic()
-        generation = stream_response(lm, example.prompt, config, on_update=live.update,
-                                     should_stop=should_stop, threads=threads)  # fmt: skip
+        generation = stream_response(
+            lm,
+            example.prompt,
+            config,
+            on_update=live.update,
+            should_stop=should_stop,
+            threads=threads,
+        )
         live.text, live.n_tokens = generation.text, generation.n_tokens
         rate, seconds = live.tokens_per_s, live.seconds
         if (
@@ -174,8 +180,13 @@ def answer_live(
             and generation.n_tokens < config.max_new_tokens
         ):
             live.stopped, live.stage = True, DONE
-            return LiveResult(generation.text, generation.n_tokens, stopped=True,
-                              tokens_per_s=rate, seconds=seconds)  # fmt: skip
+            return LiveResult(
+                generation.text,
+                generation.n_tokens,
+                stopped=True,
+                tokens_per_s=rate,
+                seconds=seconds,
+            )
         stored = store.save(lm.cache_key, example, config, generation)
     else:
         live.text, live.n_tokens = stored.text, stored.n_tokens
@@ -185,8 +196,16 @@ def answer_live(
     live.stage = CHECKING
     check = check_answer(example, stored.text, task) if stored.text.strip() else None
     live.stage = DONE
-    return LiveResult(stored.text, stored.n_tokens, stopped=False, stored=stored, scored=scored,
-                      check=check, tokens_per_s=rate, seconds=seconds)  # fmt: skip
+    return LiveResult(
+        stored.text,
+        stored.n_tokens,
+        stopped=False,
+        stored=stored,
+        scored=scored,
+        check=check,
+        tokens_per_s=rate,
+        seconds=seconds,
+    )
 
 
 def verdict_line(check: AnswerCheck | None, ppl: float | None, gt_ppl: float | None) -> str:

@@ -109,8 +109,13 @@ def token_drift(ref_logits: Any, tuned_logits: Any, targets: Any) -> dict[str, n
     }
 
 
-def item_details(item_id: str, domain: str, ids: Sequence[int], stats: dict[str, np.ndarray],
-                 n_bytes: int | None = None) -> dict[str, Any]:  # fmt: skip
+def item_details(
+    item_id: str,
+    domain: str,
+    ids: Sequence[int],
+    stats: dict[str, np.ndarray],
+    n_bytes: int | None = None,
+) -> dict[str, Any]:
     """One probe item's saved detail: sums for pooled metrics and their paired intervals, and
     the per-token KL and Δ log-probability for the "where it forgot" view."""
     kl, ref_lp, tuned_lp = stats["kl"], stats["ref_lp"], stats["tuned_lp"]

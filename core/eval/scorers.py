@@ -521,9 +521,14 @@ class SuiteResult:
             order = sorted(t.metrics, key=lambda m: m != t.primary)
             for metric, value in ((m, t.metrics[m]) for m in order):
                 record = EvalRecord(
-                    step=step, time=when, task=t.name, metric=metric, value=value, n=t.n,
+                    step=step,
+                    time=when,
+                    task=t.name,
+                    metric=metric,
+                    value=value,
+                    n=t.n,
                     role=t.role,
-                )  # fmt: skip
+                )
                 rows.append(record.to_dict())
         return rows
 

@@ -203,9 +203,10 @@ def drift_specs(
     if target_task and target_n:
         split = "test" if target_task == "mbpp" else None
         target = (
-            EvalTaskSpec("target_drift", target_task, DRIFT, n=target_n, split=split,
-                         max_new_tokens=tokens),
-        )  # fmt: skip
+            EvalTaskSpec(
+                "target_drift", target_task, DRIFT, n=target_n, split=split, max_new_tokens=tokens
+            ),
+        )
     ood = []
     if ood_n:
         ood.append(EvalTaskSpec("ood_drift", PROBE_OOD, DRIFT, n=ood_n, max_new_tokens=tokens))

@@ -278,8 +278,18 @@ class StateReporter:
         """Loading the model or data, scoring it with the original model (`done` of `total`
         `unit`s, with an ETA from the measured rate)."""
         elapsed, rate, eta = self._counted(("prep", detail, total), done, total)
-        self.report(RunState(Phase.PREPARING, detail=detail, done=done, total=total, unit=unit,
-                             elapsed_s=elapsed, seconds_per_unit=rate, eta_s=eta))  # fmt: skip
+        self.report(
+            RunState(
+                Phase.PREPARING,
+                detail=detail,
+                done=done,
+                total=total,
+                unit=unit,
+                elapsed_s=elapsed,
+                seconds_per_unit=rate,
+                eta_s=eta,
+            )
+        )
 
     def training(self, step: int, max_steps: int | None) -> None:
         """At training step `step` of `max_steps`; the ETA is the remaining steps times the
@@ -296,9 +306,16 @@ class StateReporter:
         eta = None
         if rate is not None and max_steps:
             eta = max(0, int(max_steps) - int(step)) * rate
-        self.report(RunState(Phase.TRAINING, step=int(step), max_steps=max_steps,
-                             elapsed_s=self._train_seconds or None, seconds_per_unit=rate,
-                             eta_s=eta))  # fmt: skip
+        self.report(
+            RunState(
+                Phase.TRAINING,
+                step=int(step),
+                max_steps=max_steps,
+                elapsed_s=self._train_seconds or None,
+                seconds_per_unit=rate,
+                eta_s=eta,
+            )
+        )
 
     def evaluating(
         self,
@@ -319,11 +336,23 @@ class StateReporter:
         if self._round is None or self._round[0] != step:
             self._round = (step, now)
         _, rate, eta = self._counted(("eval", step, task), done, items or None)
-        self.report(RunState(Phase.FINAL_EVAL if final else Phase.EVALUATING, step=step,
-                             max_steps=max_steps, task=task, task_index=index, tasks=tasks,
-                             done=done if items else None, total=items or None, unit="items",
-                             elapsed_s=now - self._round[1], seconds_per_unit=rate, eta_s=eta,
-                             eta_scope="in this task" if eta is not None else ""))  # fmt: skip
+        self.report(
+            RunState(
+                Phase.FINAL_EVAL if final else Phase.EVALUATING,
+                step=step,
+                max_steps=max_steps,
+                task=task,
+                task_index=index,
+                tasks=tasks,
+                done=done if items else None,
+                total=items or None,
+                unit="items",
+                elapsed_s=now - self._round[1],
+                seconds_per_unit=rate,
+                eta_s=eta,
+                eta_scope="in this task" if eta is not None else "",
+            )
+        )
 
     def round_ended(self) -> None:
         """An evaluation round ended (the next report starts a new one)."""
@@ -337,8 +366,18 @@ class StateReporter:
     def generating(self, done: int, total: int, unit: str = "prompts", detail: str = "") -> None:
         """Data generation: `done` of `total` `unit`s, with an ETA from the measured rate."""
         elapsed, rate, eta = self._counted(("gen", total), done, total)
-        self.report(RunState(Phase.GENERATING, done=done, total=total, unit=unit, detail=detail,
-                             elapsed_s=elapsed, seconds_per_unit=rate, eta_s=eta))  # fmt: skip
+        self.report(
+            RunState(
+                Phase.GENERATING,
+                done=done,
+                total=total,
+                unit=unit,
+                detail=detail,
+                elapsed_s=elapsed,
+                seconds_per_unit=rate,
+                eta_s=eta,
+            )
+        )
 
     # -- the one writer -----------------------------------------------------------------------
 

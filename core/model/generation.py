@@ -155,9 +155,10 @@ def generate_responses(
             text = lm.tokenizer.decode(tokens, skip_special_tokens=True)
             ids_out = seq if cut is None else seq[: cut + 1]
             results[i].append(
-                Generation(text=text, n_tokens=len(tokens), finished=cut is not None,
-                           token_ids=ids_out)
-            )  # fmt: skip
+                Generation(
+                    text=text, n_tokens=len(tokens), finished=cut is not None, token_ids=ids_out
+                )
+            )
         if progress:
             progress(min(start + batch_size, len(order)), len(order))
     return results
@@ -240,8 +241,12 @@ class _StopWhen(StoppingCriteria):
     def __call__(
         self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: object
     ) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool,
-                          device=input_ids.device)  # fmt: skip
+        return torch.full(
+            (input_ids.shape[0],),
+            bool(self.should_stop()),
+            dtype=torch.bool,
+            device=input_ids.device,
+        )
 
 
 @torch.inference_mode()

@@ -46,8 +46,15 @@ def drift_agreement(
         kl, points = measures.get(drift), _points(measures, benchmark)
         if kl is None or points is None:
             continue
-        rows.append({"arm": entry["arm"], "label": entry.get("label", entry["arm"]),
-                     "seed": entry["seed"], "drift": float(kl), "points": float(points)})  # fmt: skip
+        rows.append(
+            {
+                "arm": entry["arm"],
+                "label": entry.get("label", entry["arm"]),
+                "seed": entry["seed"],
+                "drift": float(kl),
+                "points": float(points),
+            }
+        )
     if len(rows) < 2:
         return None
     rho = rank_correlation([r["drift"] for r in rows], [-r["points"] for r in rows])
@@ -57,11 +64,14 @@ def drift_agreement(
         arm["drift"].append(row["drift"])
         arm["points"].append(row["points"])
     means = {
-        key: {"label": a["label"], "runs": len(a["drift"]),
-              "drift": sum(a["drift"]) / len(a["drift"]),
-              "points": sum(a["points"]) / len(a["points"])}
+        key: {
+            "label": a["label"],
+            "runs": len(a["drift"]),
+            "drift": sum(a["drift"]) / len(a["drift"]),
+            "points": sum(a["points"]) / len(a["points"]),
+        }
         for key, a in arms.items()
-    }  # fmt: skip
+    }
     return {
         "drift": drift,
         "benchmark": benchmark,

@@ -62,8 +62,14 @@ PROBE_LABELS = {
 }
 #: Position buckets in the answer, 0-based [start, end) (None: open-ended), doubling in width.
 POSITION_BUCKETS: tuple[tuple[int, int | None], ...] = (
-    (0, 4), (4, 8), (8, 16), (16, 32), (32, 64), (64, 128), (128, None),
-)  # fmt: skip
+    (0, 4),
+    (4, 8),
+    (8, 16),
+    (16, 32),
+    (32, 64),
+    (64, 128),
+    (128, None),
+)
 #: Columns of `item_table`.
 ITEM_COLUMNS = ["id", "domain", "tokens", "kl", "top1", "dnll", "kl_max"]
 #: The recomputed KL may differ from the saved one by this much (nats) before the page says the
@@ -217,9 +223,17 @@ def drift_items(task: TaskResult) -> tuple[list[DriftItem], list[str]]:
             bad.append(str(d.get("id", f"#{k}")))
             continue
         items.append(
-            DriftItem(str(d.get("id", f"#{k}")), str(d.get("domain") or task.task), tuple(ids),
-                      kl, dlp, agree, nll_base, nll_tuned)
-        )  # fmt: skip
+            DriftItem(
+                str(d.get("id", f"#{k}")),
+                str(d.get("domain") or task.task),
+                tuple(ids),
+                kl,
+                dlp,
+                agree,
+                nll_base,
+                nll_tuned,
+            )
+        )
     if not items:
         raise LensError(
             f"'{task.name}' has no item with per-token drift (ids, token_kl and token_dlp of one "
@@ -228,8 +242,10 @@ def drift_items(task: TaskResult) -> tuple[list[DriftItem], list[str]]:
     notes = []
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        notes.append(f"{len(bad)} item(s) of '{task.name}' left out: their per-token lists are "
-                     f"missing or do not line up ({shown}).")  # fmt: skip
+        notes.append(
+            f"{len(bad)} item(s) of '{task.name}' left out: their per-token lists are "
+            f"missing or do not line up ({shown})."
+        )
     return items, notes
 
 
@@ -238,10 +254,17 @@ def item_table(items: Sequence[DriftItem]) -> pd.DataFrame:
     agreement (0-1), Δ NLL of the base's answer per token and the largest token KL; sorted by
     mean KL, largest first (ties by id)."""
     rows = [
-        {"id": it.id, "domain": it.domain, "tokens": it.tokens, "kl": it.mean_kl,
-         "top1": it.top1, "dnll": it.dnll, "kl_max": float(it.kl.max())}
+        {
+            "id": it.id,
+            "domain": it.domain,
+            "tokens": it.tokens,
+            "kl": it.mean_kl,
+            "top1": it.top1,
+            "dnll": it.dnll,
+            "kl_max": float(it.kl.max()),
+        }
         for it in items
-    ]  # fmt: skip
+    ]
     frame = pd.DataFrame(rows, columns=ITEM_COLUMNS)
     return frame.sort_values(["kl", "id"], ascending=[False, True], kind="stable").reset_index(
         drop=True
@@ -271,8 +294,19 @@ def token_frame(items: Sequence[DriftItem], texts: TextsFn) -> pd.DataFrame:
     """One row per answer token of every item: item (index), domain, position (0-based), token
     id, its text (`texts` decodes ids), category, KL and Δ log-prob."""
     if not items:
-        return pd.DataFrame(columns=["item", "domain", "position", "token_id", "text", "category",
-                                     "kl", "dlp", "bucket"])  # fmt: skip
+        return pd.DataFrame(
+            columns=[
+                "item",
+                "domain",
+                "position",
+                "token_id",
+                "text",
+                "category",
+                "kl",
+                "dlp",
+                "bucket",
+            ]
+        )
     ids = np.concatenate([np.asarray(it.ids, dtype=np.int64) for it in items])
     unique, inverse = np.unique(ids, return_inverse=True)
     decoded = texts([int(i) for i in unique])
@@ -281,8 +315,9 @@ def token_frame(items: Sequence[DriftItem], texts: TextsFn) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "item": np.repeat(np.arange(len(items)), [it.tokens for it in items]),
-            "domain": np.repeat(np.array([it.domain for it in items], dtype=object),
-                                [it.tokens for it in items]),
+            "domain": np.repeat(
+                np.array([it.domain for it in items], dtype=object), [it.tokens for it in items]
+            ),
             "position": positions,
             "token_id": ids,
             "text": np.array(decoded, dtype=object)[inverse],
@@ -291,7 +326,7 @@ def token_frame(items: Sequence[DriftItem], texts: TextsFn) -> pd.DataFrame:
             "dlp": np.concatenate([it.dlp for it in items]),
             "bucket": _bucket_of(positions),
         }
-    )  # fmt: skip
+    )
 
 
 def _ratio(nums: np.ndarray, dens: np.ndarray) -> Interval:
@@ -311,8 +346,11 @@ def _per_item(
 
 
 def _interval_columns(prefix: str, interval: Interval) -> dict[str, Any]:
-    return {prefix: interval.estimate, f"{prefix}_low": interval.low,
-            f"{prefix}_high": interval.high}  # fmt: skip
+    return {
+        prefix: interval.estimate,
+        f"{prefix}_low": interval.low,
+        f"{prefix}_high": interval.high,
+    }
 
 
 def by_category(frame: pd.DataFrame) -> pd.DataFrame:
@@ -330,11 +368,16 @@ def by_category(frame: pd.DataFrame) -> pd.DataFrame:
         mean = _ratio(mass, count)
         share = _ratio(mass, total_kl)
         rows.append(
-            {"category": category, "tokens": int(mask.sum()),
-             "token_share": float(mask.mean()) if len(frame) else float("nan"),
-             **_interval_columns("kl", mean), **_interval_columns("kl_share", share),
-             "items": int((count > 0).sum()), "reason": mean.reason or share.reason}
-        )  # fmt: skip
+            {
+                "category": category,
+                "tokens": int(mask.sum()),
+                "token_share": float(mask.mean()) if len(frame) else float("nan"),
+                **_interval_columns("kl", mean),
+                **_interval_columns("kl_share", share),
+                "items": int((count > 0).sum()),
+                "reason": mean.reason or share.reason,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -350,12 +393,18 @@ def by_position(frame: pd.DataFrame) -> pd.DataFrame:
         count = _per_item(frame, mask, None, n_items)
         mean = _ratio(_per_item(frame, mask, "kl", n_items), count)
         rows.append(
-            {"bucket": bucket_label(start, end), "start": start, "tokens": int(mask.sum()),
-             "items": int((count > 0).sum()), **_interval_columns("kl", mean),
-             "reason": mean.reason}
-        )  # fmt: skip
-    return pd.DataFrame(rows, columns=["bucket", "start", "tokens", "items", "kl", "kl_low",
-                                       "kl_high", "reason"])  # fmt: skip
+            {
+                "bucket": bucket_label(start, end),
+                "start": start,
+                "tokens": int(mask.sum()),
+                "items": int((count > 0).sum()),
+                **_interval_columns("kl", mean),
+                "reason": mean.reason,
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["bucket", "start", "tokens", "items", "kl", "kl_low", "kl_high", "reason"]
+    )
 
 
 def by_domain(items: Sequence[DriftItem]) -> pd.DataFrame:
@@ -368,10 +417,18 @@ def by_domain(items: Sequence[DriftItem]) -> pd.DataFrame:
         mass = np.array([float(it.kl.sum()) for it in chosen])
         count = np.array([float(it.tokens) for it in chosen])
         mean = _ratio(mass, count)
-        rows.append({"domain": domain, "items": len(chosen), "tokens": int(count.sum()),
-                     **_interval_columns("kl", mean), "reason": mean.reason})  # fmt: skip
-    return pd.DataFrame(rows, columns=["domain", "items", "tokens", "kl", "kl_low", "kl_high",
-                                       "reason"])  # fmt: skip
+        rows.append(
+            {
+                "domain": domain,
+                "items": len(chosen),
+                "tokens": int(count.sum()),
+                **_interval_columns("kl", mean),
+                "reason": mean.reason,
+            }
+        )
+    return pd.DataFrame(
+        rows, columns=["domain", "items", "tokens", "kl", "kl_low", "kl_high", "reason"]
+    )
 
 
 def probe_kl(items: Sequence[DriftItem]) -> Interval:
@@ -416,9 +473,11 @@ def _recorded_share(run: Any, tau: float) -> float | None:
         return float(explicit)
     mask = str(data.get("mask") or "")
     share = data.get("masked_share")
-    if run.method in ("stm", "random") and mask.startswith(("high", "random")) and isinstance(
-        share, int | float
-    ):  # fmt: skip
+    if (
+        run.method in ("stm", "random")
+        and mask.startswith(("high", "random"))
+        and isinstance(share, int | float)
+    ):
         return float(share)
     return None
 
@@ -439,29 +498,48 @@ def high_ppl_share(run: Any, others: Sequence[Any] = ()) -> HighShare:
     tau = _tau_of(run)
     data = run.data_record
     if not data:
-        why = ("an evaluation-only run: no training data" if run.method == "base"
-               else "its metrics hold no \"data\" record (training had not started or an older "
-               "writer)")  # fmt: skip
+        why = (
+            "an evaluation-only run: no training data"
+            if run.method == "base"
+            else 'its metrics hold no "data" record (training had not started or an older writer)'
+        )
         return HighShare(tau, None, None, reason=why)
     own = _recorded_share(run, tau)
     if own is not None:
         trained = 0.0 if run.method == "stm" else None  # STM masks every token above τ
         if run.method == "gt" and data.get("mask") in ("none", None):
             trained = own  # ground truth trains every response token
-        how = ("its STM mask: exactly the tokens with ppl > τ" if run.method == "stm"
-               else "its random-control mask: per example as many tokens as STM masks at τ")  # fmt: skip
+        how = (
+            "its STM mask: exactly the tokens with ppl > τ"
+            if run.method == "stm"
+            else "its random-control mask: per example as many tokens as STM masks at τ"
+        )
         return HighShare(tau, own, trained, source=how)
-    twin = next((o for o in others if o.run_id != run.run_id and _same_data(run, o)
-                 and _tau_of(o) == tau and _recorded_share(o, tau) is not None), None)  # fmt: skip
+    twin = next(
+        (
+            o
+            for o in others
+            if o.run_id != run.run_id
+            and _same_data(run, o)
+            and _tau_of(o) == tau
+            and _recorded_share(o, tau) is not None
+        ),
+        None,
+    )
     if twin is not None:
         share = _recorded_share(twin, tau)
         trained = share if run.method == "gt" and data.get("mask") in ("none", None) else None
-        return HighShare(tau, share, trained,
-                         source=f"run {twin.run_id} ({twin.label}): same data, model and "
-                         "token count")  # fmt: skip
+        return HighShare(
+            tau,
+            share,
+            trained,
+            source=f"run {twin.run_id} ({twin.label}): same data, model and token count",
+        )
     if run.method == "gt":
-        why = ("ground-truth training does not score its data, and no masked run on the same "
-               "data records the share")  # fmt: skip
+        why = (
+            "ground-truth training does not score its data, and no masked run on the same "
+            "data records the share"
+        )
     elif run.method in ("low", "percentile"):
         why = f"a {run.method} run records the share it masked, not the share above τ"
     else:
@@ -484,9 +562,20 @@ def _last_kl(run_dir: str, step: int, version: Any, task: str) -> tuple[Interval
 
 #: Columns of `drift_share_table`.
 SHARE_COLUMNS = [
-    "run", "label", "method", "step", "kl", "kl_low", "kl_high", "n", "tau", "data_share",
-    "trained_share", "source", "reason",
-]  # fmt: skip
+    "run",
+    "label",
+    "method",
+    "step",
+    "kl",
+    "kl_low",
+    "kl_high",
+    "n",
+    "tau",
+    "data_share",
+    "trained_share",
+    "source",
+    "reason",
+]
 
 
 def drift_share_table(runs: Sequence[Any], task: str = OOD_TASK) -> tuple[pd.DataFrame, list[str]]:
@@ -512,9 +601,20 @@ def drift_share_table(runs: Sequence[Any], task: str = OOD_TASK) -> tuple[pd.Dat
             continue
         share = high_ppl_share(run, runs)
         rows.append(
-            {"run": run.run_id, "label": run.label, "method": run.method, "step": steps[-1],
-             "kl": kl.estimate, "kl_low": kl.low, "kl_high": kl.high, "n": kl.n, "tau": share.tau,
-             "data_share": share.data, "trained_share": share.trained, "source": share.source,
-             "reason": share.reason}
-        )  # fmt: skip
+            {
+                "run": run.run_id,
+                "label": run.label,
+                "method": run.method,
+                "step": steps[-1],
+                "kl": kl.estimate,
+                "kl_low": kl.low,
+                "kl_high": kl.high,
+                "n": kl.n,
+                "tau": share.tau,
+                "data_share": share.data,
+                "trained_share": share.trained,
+                "source": share.source,
+                "reason": share.reason,
+            }
+        )
     return pd.DataFrame(rows, columns=SHARE_COLUMNS), notes

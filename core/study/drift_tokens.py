@@ -103,8 +103,10 @@ def probe_example(task: TaskResult, item_id: str) -> tuple[Example, bool]:
         for ex in probe.items:
             if ex.id == item_id:
                 return ex, probe.plain_text
-    raise LensError(f"Probe item '{item_id}' is not among the items of '{name}' here (the probe's "
-                    "data changed, or a probe file moved).")  # fmt: skip
+    raise LensError(
+        f"Probe item '{item_id}' is not among the items of '{name}' here (the probe's "
+        "data changed, or a probe file moved)."
+    )
 
 
 def prefix_ids(
@@ -120,8 +122,10 @@ def prefix_ids(
     bos = tokenizer.bos_token_id
     head, body = ([bos], ids) if bos is not None else (ids[:1], ids[1:])
     if body != list(answer):
-        raise LensError(f"Passage '{example.id}' tokenizes differently from the saved round's "
-                        "tokens: the round was made with another tokenizer.")  # fmt: skip
+        raise LensError(
+            f"Passage '{example.id}' tokenizes differently from the saved round's "
+            "tokens: the round was made with another tokenizer."
+        )
     return head
 
 
@@ -186,8 +190,10 @@ def token_alternatives(
         raise LensError("The item has no answer tokens to explain.")
     ids = [*prefix, *answer]
     if len(ids) > lm.max_length:
-        raise LensError(f"The item is {len(ids)} tokens long, more than the model's "
-                        f"{lm.max_length}-token context.")  # fmt: skip
+        raise LensError(
+            f"The item is {len(ids)} tokens long, more than the model's "
+            f"{lm.max_length}-token context."
+        )
     start = len(prefix)
     with torch.inference_mode():
         tuned = _answer_logits(lm, ids, start)
@@ -249,8 +255,9 @@ def round_weights(
         )
         if found is not None:
             return found
-        return RoundWeights("", reason=f"the adapter this round evaluated ({result.adapter}) is "
-                                       "gone")  # fmt: skip
+        return RoundWeights(
+            "", reason=f"the adapter this round evaluated ({result.adapter}) is gone"
+        )
     if step == 0:
         return RoundWeights("base", None, "the base model (step 0)")
     kept = []
@@ -272,9 +279,12 @@ def round_weights(
         have.append("checkpoints of step " + ", ".join(str(n) for n in kept))
     if isinstance(final, int) and (root / ADAPTER_DIR).is_dir():
         have.append(f"the final adapter of step {final}")
-    return RoundWeights("", reason=f"the run keeps no weights of step {step} ("
-                        + ("; ".join(have) if have else "no checkpoint or adapter saved")
-                        + "), so the top-5 cannot be recomputed for this round")  # fmt: skip
+    return RoundWeights(
+        "",
+        reason=f"the run keeps no weights of step {step} ("
+        + ("; ".join(have) if have else "no checkpoint or adapter saved")
+        + "), so the top-5 cannot be recomputed for this round",
+    )
 
 
 class TunedSlot:
@@ -396,8 +406,10 @@ def item_alternatives(
     try:
         example, plain = probe_example(task, item_id)
     except LensError as exc:
-        raise LensError(f"The probe text of '{item_id}' cannot be found, so its top-{k} cannot be "
-                        f"computed: {exc}") from None  # fmt: skip
+        raise LensError(
+            f"The probe text of '{item_id}' cannot be found, so its top-{k} cannot be "
+            f"computed: {exc}"
+        ) from None
     out = ItemAlternatives(item_id, example.prompt, plain)
     weights = round_weights(run_dir, step, result)
     if not weights.kind:
@@ -411,14 +423,17 @@ def item_alternatives(
         lm, reference = TUNED_SLOT.get(model, weights, device)
         prefix = prefix_ids(lm.tokenizer, example, plain, item.ids)
         say("two forward passes (base and tuned)")
-        alt = token_alternatives(lm, prefix, item.ids, k=k, reference=reference,
-                                 is_base=weights.kind == "base")  # fmt: skip
+        alt = token_alternatives(
+            lm, prefix, item.ids, k=k, reference=reference, is_base=weights.kind == "base"
+        )
         out.base_texts = [lm.token_texts([int(i) for i in row]) for row in alt.base_ids]
         out.tuned_texts = [lm.token_texts([int(i) for i in row]) for row in alt.tuned_ids]
     out.alternatives = alt
     gap = float(np.max(np.abs(alt.kl - item.kl))) if item.tokens else 0.0
     if gap > KL_TOLERANCE + 0.02 * float(np.max(item.kl)):
-        out.note = (f"The recomputed token KL differs from the round's by up to {gap:.3f} nats: "
-                    f"{weights.describe} may not be the model this round evaluated (or it ran in "
-                    "another precision), so read the top-5 with care.")  # fmt: skip
+        out.note = (
+            f"The recomputed token KL differs from the round's by up to {gap:.3f} nats: "
+            f"{weights.describe} may not be the model this round evaluated (or it ran in "
+            "another precision), so read the top-5 with care."
+        )
     return out

@@ -294,8 +294,9 @@ def estimate_training(
     `n_examples` examples, from this machine's runs, else the benchmark machine's."""
     steps = training_steps(config, n_examples)
     if steps is None:
-        return Estimate(None, basis="The number of examples is not known before the job reads "
-                        "the data.")  # fmt: skip
+        return Estimate(
+            None, basis="The number of examples is not known before the job reads the data."
+        )
     sequences = steps * int(config.batch_size) * int(config.grad_accum)
     device = resolved_device(config.device)
     runs = training_runs(
@@ -460,8 +461,9 @@ def estimate_generation(
     `n_prompts` prompts: at most every sample runs to the token limit, typically they stop
     where earlier runs' samples stopped."""
     if not n_prompts:
-        return Estimate(None, basis="The number of prompts is not known before the job reads "
-                        "the data.")  # fmt: skip
+        return Estimate(
+            None, basis="The number of prompts is not known before the job reads the data."
+        )
     samples = n_prompts * config.samples_per_prompt
     most = samples * int(config.max_new_tokens)
     generator = config.teacher or config.model

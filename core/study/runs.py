@@ -130,9 +130,24 @@ NOT_MODEL_RUNS = (*GENERATED_KINDS, "protocol")
 #: multiple-choice task's chance accuracy (0-1), `at_chance` whether the base model is within its
 #: interval of it; `is_ti` marks the task TI is read from (the target's honest metric).
 CHANGE_COLUMNS = [
-    "step", "base_step", "task", "metric", "role", "accuracy", "unit", "base", "value",
-    "delta", "low", "high", "n", "reason", "chance", "at_chance", "is_ti",
-]  # fmt: skip
+    "step",
+    "base_step",
+    "task",
+    "metric",
+    "role",
+    "accuracy",
+    "unit",
+    "base",
+    "value",
+    "delta",
+    "low",
+    "high",
+    "n",
+    "reason",
+    "chance",
+    "at_chance",
+    "is_ti",
+]
 NLL_METRIC = "nll"  # the reference-NLL tasks' primary metric (never the easy-token NLL)
 NO_ITEMS = "no per-item results saved for this run: no interval"
 
@@ -325,9 +340,13 @@ def _load_round(path: str, stamp: tuple[int, int]) -> SuiteResult | None:
 
 @lru_cache(maxsize=1024)
 def _round_rows(
-    base_path: str, base_stamp: tuple[int, int], path: str, stamp: tuple[int, int], step: int,
+    base_path: str,
+    base_stamp: tuple[int, int],
+    path: str,
+    stamp: tuple[int, int],
+    step: int,
     base_step: int,
-) -> tuple[dict[str, Any], ...]:  # fmt: skip
+) -> tuple[dict[str, Any], ...]:
     """The `CHANGE_COLUMNS` rows of one round against the base round, from `compare_results`
     (cached: the Runs page redraws every few seconds while a run trains)."""
     base, tuned = _load_round(base_path, base_stamp), _load_round(path, stamp)
@@ -352,15 +371,25 @@ def _round_rows(
             delta, reason = scale * row["delta"], "no per-item scores for this task: no interval"
         rows.append(
             {
-                "step": step, "base_step": base_step, "task": name, "metric": row["metric"],
-                "role": row["role"], "accuracy": accuracy[name],
-                "unit": "points" if accuracy[name] else "nats", "base": row["base"],
-                "value": row["tuned"], "delta": delta, "low": interval.get("low"),
-                "high": interval.get("high"), "n": interval.get("n"), "reason": reason,
-                "chance": row.get("chance"), "at_chance": bool(row.get("at_chance")),
+                "step": step,
+                "base_step": base_step,
+                "task": name,
+                "metric": row["metric"],
+                "role": row["role"],
+                "accuracy": accuracy[name],
+                "unit": "points" if accuracy[name] else "nats",
+                "base": row["base"],
+                "value": row["tuned"],
+                "delta": delta,
+                "low": interval.get("low"),
+                "high": interval.get("high"),
+                "n": interval.get("n"),
+                "reason": reason,
+                "chance": row.get("chance"),
+                "at_chance": bool(row.get("at_chance")),
                 "is_ti": spec is not None and spec.name == name,
             }
-        )  # fmt: skip
+        )
     return tuple(rows)
 
 
@@ -417,17 +446,25 @@ def _record_changes(frame: pd.DataFrame) -> list[dict[str, Any]]:
             known = finite(base) and finite(value)
             rows.append(
                 {
-                    "step": step, "base_step": steps[0], "task": task, "metric": metric,
-                    "role": roles[task], "accuracy": accuracy,
+                    "step": step,
+                    "base_step": steps[0],
+                    "task": task,
+                    "metric": metric,
+                    "role": roles[task],
+                    "accuracy": accuracy,
                     "unit": "points" if accuracy else "nats",
                     "base": float(base) if finite(base) else None,
                     "value": float(value) if finite(value) else None,
                     "delta": (100.0 if accuracy else 1.0) * (value - base) if known else None,
-                    "low": None, "high": None, "n": None,
+                    "low": None,
+                    "high": None,
+                    "n": None,
                     "reason": NO_ITEMS if known else "not scored in one of the two rounds",
-                    "chance": None, "at_chance": False, "is_ti": task == ti,
+                    "chance": None,
+                    "at_chance": False,
+                    "is_ti": task == ti,
                 }
-            )  # fmt: skip
+            )
     return rows
 
 
@@ -482,9 +519,19 @@ DRIFT_TABLE_METRICS = ("kl", "top1_agree", "dnll", "kl_toward", "kl_away")
 #: round with drift; `value` is the metric at that round (a drift metric is measured against the
 #: base model itself), `low` / `high` its 95% interval over probe items (None with a `reason`).
 DRIFT_COLUMNS = [
-    "run", "label", "method", "task", "role", "step", "metric", "value", "low", "high", "n",
+    "run",
+    "label",
+    "method",
+    "task",
+    "role",
+    "step",
+    "metric",
+    "value",
+    "low",
+    "high",
+    "n",
     "reason",
-]  # fmt: skip
+]
 
 
 def _round_stamps(run_dir: Path) -> tuple[tuple[int, tuple[int, int]], ...]:
@@ -514,8 +561,9 @@ def _drift_round_rows(path: str, stamp: tuple[int, int], step: int) -> tuple[dic
     if result is None:
         return ()
     rows = []
-    tasks = sorted((t for t in result.tasks if t.scorer == DRIFT and t.details),
-                   key=lambda t: t.role != TARGET)  # fmt: skip
+    tasks = sorted(
+        (t for t in result.tasks if t.scorer == DRIFT and t.details), key=lambda t: t.role != TARGET
+    )
     for task in tasks:
         for metric in DRIFT_TABLE_METRICS:
             items = item_scores(task, metric)
@@ -525,13 +573,18 @@ def _drift_round_rows(path: str, stamp: tuple[int, int], step: int) -> tuple[dic
                 tuned = list(items.values())
                 interval = paired_interval([(0.0, den) for _, den in tuned], tuned)
             rows.append(
-                {"task": task.name, "role": task.role, "step": step, "metric": metric,
-                 "value": float(value) if finite(value) else None,
-                 "low": interval.low if interval else None,
-                 "high": interval.high if interval else None,
-                 "n": interval.n if interval else task.n,
-                 "reason": (interval.reason if interval else "no per-item sums saved") or ""}
-            )  # fmt: skip
+                {
+                    "task": task.name,
+                    "role": task.role,
+                    "step": step,
+                    "metric": metric,
+                    "value": float(value) if finite(value) else None,
+                    "low": interval.low if interval else None,
+                    "high": interval.high if interval else None,
+                    "n": interval.n if interval else task.n,
+                    "reason": (interval.reason if interval else "no per-item sums saved") or "",
+                }
+            )
     return tuple(rows)
 
 
@@ -564,14 +617,18 @@ def drift_missing(runs: list[RunView]) -> dict[str, str]:
             continue
         stamps = _round_stamps(run.run_dir)
         if not stamps:
-            out[run.run_id] = ("no saved evaluation rounds yet" if run.eval_frame().empty
-                               else "no per-item rounds saved: evaluated before drift was "
-                               "measured")  # fmt: skip
+            out[run.run_id] = (
+                "no saved evaluation rounds yet"
+                if run.eval_frame().empty
+                else "no per-item rounds saved: evaluated before drift was measured"
+            )
         elif _latest_drift_step(str(run.run_dir), stamps) is None:
             out[run.run_id] = "no drift probes in its rounds: evaluated before drift was measured"
         else:
-            out[run.run_id] = (f"only step {stamps[0][0]} evaluated so far (the base model: no "
-                               "drift by definition)")  # fmt: skip
+            out[run.run_id] = (
+                f"only step {stamps[0][0]} evaluated so far (the base model: no "
+                "drift by definition)"
+            )
     return out
 
 

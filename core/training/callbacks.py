@@ -57,8 +57,10 @@ def _metrics_callback(
                 append_metric(run_dir, start)
                 where = f" on {world_size} processes" if world_size > 1 else ""
                 if reporter is None or where:  # else the reporter logs the training state
-                    print(f"training: step {state.global_step} of {state.max_steps}{where}",
-                          flush=True)  # fmt: skip
+                    print(
+                        f"training: step {state.global_step} of {state.max_steps}{where}",
+                        flush=True,
+                    )
                 if reporter is not None:
                     reporter.training(int(state.global_step), int(state.max_steps))
 
@@ -232,8 +234,13 @@ class EvalCallback(TrainerCallback):
 
     def _round(self, args: Any, state: Any, kwargs: dict[str, Any]) -> None:
         step, max_steps = int(state.global_step), int(state.max_steps)
-        self.evaluate(step, kwargs["model"], kwargs.get("processing_class"),
-                      max_steps=max_steps, final=step >= max_steps > 0)  # fmt: skip
+        self.evaluate(
+            step,
+            kwargs["model"],
+            kwargs.get("processing_class"),
+            max_steps=max_steps,
+            final=step >= max_steps > 0,
+        )
         if self.status is not None and step < max_steps:
             self.status.training(step, max_steps)
 
@@ -266,8 +273,9 @@ class EvalCallback(TrainerCallback):
             self.reference = self.load_reference()
             self.reference.model.requires_grad_(False)
             size = reference_bytes(self.reference.model) / 2**20
-            print(f"drift: a frozen copy of the base model for reference ({size:.0f} MiB)",
-                  flush=True)  # fmt: skip
+            print(
+                f"drift: a frozen copy of the base model for reference ({size:.0f} MiB)", flush=True
+            )
         return self.reference
 
     def evaluate(

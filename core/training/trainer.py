@@ -732,8 +732,9 @@ def run_training(
     if main:  # what a killed attempt left half-written goes; its steps after the checkpoint too
         removed = clean_partial(run / CHECKPOINTS_DIR)
         if removed:
-            print(f"removed what a killed attempt left half-written: {', '.join(removed)}",
-                  flush=True)  # fmt: skip
+            print(
+                f"removed what a killed attempt left half-written: {', '.join(removed)}", flush=True
+            )
     trainer.accelerator.wait_for_everyone()
     resume = last_complete_checkpoint(run / CHECKPOINTS_DIR)
     if main:

@@ -176,8 +176,10 @@ def ppl_histogram(
         color = source_color(source)
         shown = [fmt.share(v) for v in y] if normalize else [fmt.count(c) for c in counts]
         unit = "of tokens" if normalize else "tokens"
-        hover = [f"ppl {lo}–{hi}: {v} {unit}" for lo, hi, v in zip(low_text, high_text, shown,
-                                                                   strict=True)]  # fmt: skip
+        hover = [
+            f"ppl {lo}–{hi}: {v} {unit}"
+            for lo, hi, v in zip(low_text, high_text, shown, strict=True)
+        ]
         if log_x and hover:
             hover[0] = f"ppl ≤ {high_text[0]}: {shown[0]} {unit}"
             hover[-1] = f"ppl ≥ {low_text[-1]}: {shown[-1]} {unit}"
@@ -253,11 +255,12 @@ def ppl_cdf(
                 line={"shape": "hv", "color": source_color(source), "width": 2},
                 name=source_label(source),
                 meta={"source": source, "n_tokens": int(n)},
-                customdata=[f"ppl ≤ {fmt.num(p)}: {fmt.share(v)}" for p, v in zip(ppl, share,
-                                                                                  strict=True)],
+                customdata=[
+                    f"ppl ≤ {fmt.num(p)}: {fmt.share(v)}" for p, v in zip(ppl, share, strict=True)
+                ],
                 hovertemplate="%{customdata}<extra>%{fullData.name}</extra>",
             )
-        )  # fmt: skip
+        )
     _base_layout(
         fig,
         title or "Cumulative distribution of token perplexity",

@@ -128,14 +128,22 @@ def _top_columns(hover: TokenHover, token: str) -> list[str]:
         return f"{j + 1}. {_short(text):<{_ALT_CHARS}}  {_prob(p):>5}{mark}"
 
     head = f"{'base top-' + str(len(hover.base_top)):<{width}}   tuned top-{len(hover.tuned_top)}"
-    return [head, *(f"{cell(hover.base_top, j):<{width}}   {cell(hover.tuned_top, j)}"
-                    for j in range(k))]  # fmt: skip
+    return [
+        head,
+        *(f"{cell(hover.base_top, j):<{width}}   {cell(hover.tuned_top, j)}" for j in range(k)),
+    ]
 
 
 def drift_tip(
-    token: str, i: int, n: int, kl: float, dlp: float, hover: TokenHover | None = None,
-    pending: str = "", category: str = "",
-) -> str:  # fmt: skip
+    token: str,
+    i: int,
+    n: int,
+    kl: float,
+    dlp: float,
+    hover: TokenHover | None = None,
+    pending: str = "",
+    category: str = "",
+) -> str:
     """The hover text of answer token `i` of `n`: the token, its KL and Δ log-prob, and with
     `hover` its probability under both models and both top-5 lists (else `pending`)."""
     head = f"{token_repr(token)}   answer token {i + 1} of {n}"
@@ -211,11 +219,16 @@ def render_drift_tokens(
     top = top if top is not None else kl_scale_top(kl)
     parts = [heatmap_css(), f"<style>{_CSS}</style>", '<div class="pl-root pd-root">']
     if facts:
-        parts.append('<div class="pl-head">' + "".join(
-            f"<span>{html.escape(label)} <b>{html.escape(value)}</b></span>" if label
-            else f'<span class="pl-src">{html.escape(value)}</span>'
-            for label, value in facts
-        ) + "</div>")  # fmt: skip
+        parts.append(
+            '<div class="pl-head">'
+            + "".join(
+                f"<span>{html.escape(label)} <b>{html.escape(value)}</b></span>"
+                if label
+                else f'<span class="pl-src">{html.escape(value)}</span>'
+                for label, value in facts
+            )
+            + "</div>"
+        )
     parts.append(_legend(mode, top, limit))
     if prompt is not None:
         parts.append(
@@ -229,11 +242,22 @@ def render_drift_tokens(
     for i, token in enumerate(tokens):
         k, d = float(kl[i]), float(dlp[i])
         background = kl_color(k, top) if mode == KL else dlp_color(d, limit)
-        tip = drift_tip(token, i, n, k, d, hovers[i] if hovers is not None else None, pending,
-                        categories[i] if categories is not None else "")  # fmt: skip
+        tip = drift_tip(
+            token,
+            i,
+            n,
+            k,
+            d,
+            hovers[i] if hovers is not None else None,
+            pending,
+            categories[i] if categories is not None else "",
+        )
         right = right_column is not None and column > right_column
-        parts.append(token_span(token, i, background, tip, right=right,
-                                data={"kl": f"{k:.6g}", "dlp": f"{d:.6g}"}))  # fmt: skip
+        parts.append(
+            token_span(
+                token, i, background, tip, right=right, data={"kl": f"{k:.6g}", "dlp": f"{d:.6g}"}
+            )
+        )
         column = len(token) - token.rfind("\n") - 1 if "\n" in token else column + len(token)
     parts.append("</div></div></div>")
     return "".join(parts)
@@ -265,19 +289,33 @@ def _notes(fig: go.Figure, notes: Sequence[str]) -> go.Figure:
 
 
 def _empty(fig: go.Figure, text: str) -> None:
-    fig.add_annotation(text=text, xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False,
-                       font={"color": "#6b7280", "size": 13})  # fmt: skip
+    fig.add_annotation(
+        text=text,
+        xref="paper",
+        yref="paper",
+        x=0.5,
+        y=0.5,
+        showarrow=False,
+        font={"color": "#6b7280", "size": 13},
+    )
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
 
 
 def _error_y(values: Sequence[Any], lows: Sequence[Any], highs: Sequence[Any]) -> dict[str, Any]:
     return {
-        "type": "data", "symmetric": False, "thickness": 1.5, "width": 5, "color": "#1f2328",
-        "array": [h - v if _finite(h) and _finite(v) else 0 for v, h in zip(values, highs, strict=True)],
-        "arrayminus": [v - lo if _finite(lo) and _finite(v) else 0
-                       for v, lo in zip(values, lows, strict=True)],
-    }  # fmt: skip
+        "type": "data",
+        "symmetric": False,
+        "thickness": 1.5,
+        "width": 5,
+        "color": "#1f2328",
+        "array": [
+            h - v if _finite(h) and _finite(v) else 0 for v, h in zip(values, highs, strict=True)
+        ],
+        "arrayminus": [
+            v - lo if _finite(lo) and _finite(v) else 0 for v, lo in zip(values, lows, strict=True)
+        ],
+    }
 
 
 def _from_zero(fig: go.Figure, values: Sequence[Any], axis: str = "y") -> None:
@@ -289,28 +327,47 @@ def _from_zero(fig: go.Figure, values: Sequence[Any], axis: str = "y") -> None:
 
 def _layout(fig: go.Figure, title: str, x_title: str, y_title: str) -> go.Figure:
     _base_layout(fig, title, x_title, y_title)
-    fig.update_layout(height=CHART_HEIGHT, margin={"l": 64, "r": 16, "t": 56, "b": 60},
-                      title={"font": {"size": 15}}, showlegend=False)  # fmt: skip
+    fig.update_layout(
+        height=CHART_HEIGHT,
+        margin={"l": 64, "r": 16, "t": 56, "b": 60},
+        title={"font": {"size": 15}},
+        showlegend=False,
+    )
     fig.update_xaxes(title_font={"size": 12})
     fig.update_yaxes(title_font={"size": 12})
     return fig
 
 
 def _bars(
-    fig: go.Figure, labels: Sequence[str], frame: pd.DataFrame, prefix: str, hover: Sequence[str],
-    color: str, name: str = "",
-) -> None:  # fmt: skip
+    fig: go.Figure,
+    labels: Sequence[str],
+    frame: pd.DataFrame,
+    prefix: str,
+    hover: Sequence[str],
+    color: str,
+    name: str = "",
+) -> None:
     values = [v if _finite(v) else None for v in frame[prefix]]
-    fig.add_trace(go.Bar(
-        x=list(labels), y=values, name=name or prefix, marker={"color": color},
-        error_y=_error_y(frame[prefix].tolist(), frame[f"{prefix}_low"].tolist(),
-                         frame[f"{prefix}_high"].tolist()),
-        customdata=list(hover), hovertemplate="%{customdata}<extra></extra>",
-    ))  # fmt: skip
+    fig.add_trace(
+        go.Bar(
+            x=list(labels),
+            y=values,
+            name=name or prefix,
+            marker={"color": color},
+            error_y=_error_y(
+                frame[prefix].tolist(),
+                frame[f"{prefix}_low"].tolist(),
+                frame[f"{prefix}_high"].tolist(),
+            ),
+            customdata=list(hover),
+            hovertemplate="%{customdata}<extra></extra>",
+        )
+    )
 
 
-def _interval(value: Any, low: Any, high: Any, digits: int = 3, scale: float = 1.0,
-              unit: str = "") -> str:  # fmt: skip
+def _interval(
+    value: Any, low: Any, high: Any, digits: int = 3, scale: float = 1.0, unit: str = ""
+) -> str:
     """A level with its interval by the one rule (core.fmt.value_text): KL in nats, or a share
     of 0-1 in percent (`scale` 100)."""
     if scale == 100.0 or unit == "%":  # a share: 0-1, or already in percent (scale 1)
@@ -334,7 +391,7 @@ def category_chart(frame: pd.DataFrame) -> go.Figure:
             f"mean KL {_interval(r.kl, r.kl_low, r.kl_high)} nats<br>"
             f"share of KL mass {_interval(r.kl_share, r.kl_share_low, r.kl_share_high, 1, 100, '%')}"
             for r in shown.itertuples()
-        ]  # fmt: skip
+        ]
         labels = [
             f"{r.category}<br>{100 * r.kl_share:.0f}% of KL" if _finite(r.kl_share) else r.category
             for r in shown.itertuples()
@@ -356,23 +413,41 @@ def category_share_chart(frame: pd.DataFrame) -> go.Figure:
         _empty(fig, "No tokens in this probe.")
         return _notes(_layout(fig, "Share of the KL mass", "token category", "% of the probe"), [])
     cats = frame["category"].tolist()
-    fig.add_trace(go.Bar(
-        x=cats, y=[100 * s for s in frame["token_share"]], name="share of tokens",
-        marker={"color": GREY},
-        customdata=[f"{c}: {100 * s:.1f}% of the tokens" for c, s in zip(cats, frame["token_share"],
-                                                                      strict=True)],
-        hovertemplate="%{customdata}<extra></extra>",
-    ))  # fmt: skip
+    fig.add_trace(
+        go.Bar(
+            x=cats,
+            y=[100 * s for s in frame["token_share"]],
+            name="share of tokens",
+            marker={"color": GREY},
+            customdata=[
+                f"{c}: {100 * s:.1f}% of the tokens"
+                for c, s in zip(cats, frame["token_share"], strict=True)
+            ],
+            hovertemplate="%{customdata}<extra></extra>",
+        )
+    )
     scaled = frame.assign(
         **{c: frame[c] * 100 for c in ("kl_share", "kl_share_low", "kl_share_high")}
     )
-    hover = [f"{r.category}: {_interval(r.kl_share, r.kl_share_low, r.kl_share_high, 1, unit='%')} "
-             "of the KL mass" for r in scaled.itertuples()]  # fmt: skip
+    hover = [
+        f"{r.category}: {_interval(r.kl_share, r.kl_share_low, r.kl_share_high, 1, unit='%')} "
+        "of the KL mass"
+        for r in scaled.itertuples()
+    ]
     _bars(fig, cats, scaled, "kl_share", hover, ORANGE, "share of KL mass")
     _layout(fig, "Share of the KL mass", "token category", "% of the probe")
-    fig.update_layout(barmode="group", showlegend=True,
-                      legend={"orientation": "h", "y": 1.0, "yanchor": "bottom", "x": 1.0,
-                              "xanchor": "right", "font": {"size": 11}})  # fmt: skip
+    fig.update_layout(
+        barmode="group",
+        showlegend=True,
+        legend={
+            "orientation": "h",
+            "y": 1.0,
+            "yanchor": "bottom",
+            "x": 1.0,
+            "xanchor": "right",
+            "font": {"size": 11},
+        },
+    )
     _from_zero(fig, [*(100 * frame["token_share"]), *scaled["kl_share_high"], *scaled["kl_share"]])
     return _notes(fig, [])
 
@@ -384,8 +459,11 @@ def position_chart(frame: pd.DataFrame) -> go.Figure:
     if frame.empty:
         _empty(fig, "No tokens in this probe.")
     else:
-        hover = [f"answer tokens {r.bucket}: {r.tokens} tokens of {r.items} items<br>mean KL "
-                 f"{_interval(r.kl, r.kl_low, r.kl_high)} nats" for r in frame.itertuples()]  # fmt: skip
+        hover = [
+            f"answer tokens {r.bucket}: {r.tokens} tokens of {r.items} items<br>mean KL "
+            f"{_interval(r.kl, r.kl_low, r.kl_high)} nats"
+            for r in frame.itertuples()
+        ]
         _bars(fig, frame["bucket"].tolist(), frame, "kl", hover, ORANGE)
         _from_zero(fig, [*frame["kl"], *frame["kl_high"]])
         fig.update_xaxes(type="category")
@@ -400,8 +478,11 @@ def domain_chart(frame: pd.DataFrame) -> go.Figure:
     if frame.empty:
         _empty(fig, "No items.")
     else:
-        hover = [f"{r.domain}: {r.items} items, {r.tokens} tokens<br>mean KL "
-                 f"{_interval(r.kl, r.kl_low, r.kl_high)} nats" for r in frame.itertuples()]  # fmt: skip
+        hover = [
+            f"{r.domain}: {r.items} items, {r.tokens} tokens<br>mean KL "
+            f"{_interval(r.kl, r.kl_low, r.kl_high)} nats"
+            for r in frame.itertuples()
+        ]
         _bars(fig, frame["domain"].tolist(), frame, "kl", hover, ORANGE)
         _from_zero(fig, [*frame["kl"], *frame["kl_high"]])
         fig.update_xaxes(type="category")
@@ -429,8 +510,11 @@ def share_scatter(table: pd.DataFrame, x: str = "trained", current: str = "") ->
     known = table[[_finite(v) for v in table[column]]] if not table.empty else table
     for _, row in table.iterrows() if not table.empty else ():
         if not _finite(row[column]):
-            why = row["reason"] or ("random positions: the share among trained tokens is not exact"
-                                    if row["method"] == "random" else "not recorded")  # fmt: skip
+            why = row["reason"] or (
+                "random positions: the share among trained tokens is not exact"
+                if row["method"] == "random"
+                else "not recorded"
+            )
             notes.append(f"Not drawn: {row['label']} · {row['run']} ({why}).")
     for method, group in known.groupby("method", sort=False) if not known.empty else ():
         hover = [
@@ -439,20 +523,34 @@ def share_scatter(table: pd.DataFrame, x: str = "trained", current: str = "") ->
             f"{_interval(r.kl, r.kl_low, r.kl_high)} nats (n = {r.n})"
             + (f"<br>share from {r.source}" if r.source else "")
             for r in group.itertuples()
-        ]  # fmt: skip
-        fig.add_trace(go.Scatter(
-            x=[100 * v for v in group[column]], y=group["kl"].tolist(), mode="markers",
-            name=str(method), customdata=hover, hovertemplate="%{customdata}<extra></extra>",
-            marker={"size": 11, "color": method_color(str(method)),
-                    "line": {"width": [3 if r == current else 0.5 for r in group["run"]],
-                             "color": "#1f2328"}},
-            error_y=_error_y(group["kl"].tolist(), group["kl_low"].tolist(),
-                             group["kl_high"].tolist()),
-        ))  # fmt: skip
-    _base_layout(fig, "High-ppl training tokens vs OOD drift", x_title,
-                 "OOD mean token KL, nats")  # fmt: skip
-    fig.update_layout(height=CHART_HEIGHT + 40, margin={"l": 64, "r": 16, "t": 80, "b": 60},
-                      title={"font": {"size": 15}})  # fmt: skip
+        ]
+        fig.add_trace(
+            go.Scatter(
+                x=[100 * v for v in group[column]],
+                y=group["kl"].tolist(),
+                mode="markers",
+                name=str(method),
+                customdata=hover,
+                hovertemplate="%{customdata}<extra></extra>",
+                marker={
+                    "size": 11,
+                    "color": method_color(str(method)),
+                    "line": {
+                        "width": [3 if r == current else 0.5 for r in group["run"]],
+                        "color": "#1f2328",
+                    },
+                },
+                error_y=_error_y(
+                    group["kl"].tolist(), group["kl_low"].tolist(), group["kl_high"].tolist()
+                ),
+            )
+        )
+    _base_layout(fig, "High-ppl training tokens vs OOD drift", x_title, "OOD mean token KL, nats")
+    fig.update_layout(
+        height=CHART_HEIGHT + 40,
+        margin={"l": 64, "r": 16, "t": 80, "b": 60},
+        title={"font": {"size": 15}},
+    )
     fig.update_xaxes(title_font={"size": 12}, zeroline=True, zerolinecolor="#d0d7de")
     fig.update_yaxes(title_font={"size": 12})
     if known.empty:

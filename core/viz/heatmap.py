@@ -426,9 +426,14 @@ def token_repr(token: str) -> str:
 
 
 def token_span(
-    token: str, index: int, background: str, tip: str, *, right: bool = False,
+    token: str,
+    index: int,
+    background: str,
+    tip: str,
+    *,
+    right: bool = False,
     data: dict[str, str] | None = None,
-) -> str:  # fmt: skip
+) -> str:
     """One coloured, hoverable token (`span.pl-t`) as the heatmaps draw it: its exact text
     (line breaks kept, whitespace marked, control tokens dimmed), `background` with a readable
     text colour, `tip` shown on hover (pure CSS, several lines; `right` opens it leftwards for

@@ -160,8 +160,11 @@ def _chance_of(runs: Sequence[RunData], task: str) -> float | None:
         frame = run.changes()
         if frame.empty:
             continue
-        known = [float(c) for t, c in zip(frame["task"], frame["chance"], strict=True)
-                 if t == task and finite(c)]  # fmt: skip
+        known = [
+            float(c)
+            for t, c in zip(frame["task"], frame["chance"], strict=True)
+            if t == task and finite(c)
+        ]
         if known:
             return known[0]
     return None
@@ -186,13 +189,18 @@ def metric_chart(runs: Sequence[RunData], task: str, metric: str | None = None) 
         unit = name in UNIT_METRICS
         hover, error_y = [], None
         if name in BINARY_METRICS:  # each point's 95% interval over its items, as a bar
-            bounds = [wilson_interval(float(v), int(n)) if finite(v) and finite(n)
-                      else (math.nan, math.nan)
-                      for v, n in zip(frame["value"], frame["n"], strict=True)]  # fmt: skip
-            error_y = _point_bars(frame["value"], pd.Series([b[0] for b in bounds]),
-                                  pd.Series([b[1] for b in bounds]))  # fmt: skip
-            for s, v, n, (lo, hi) in zip(frame["step"], frame["value"], frame["n"], bounds,
-                                         strict=True):  # fmt: skip
+            bounds = [
+                wilson_interval(float(v), int(n))
+                if finite(v) and finite(n)
+                else (math.nan, math.nan)
+                for v, n in zip(frame["value"], frame["n"], strict=True)
+            ]
+            error_y = _point_bars(
+                frame["value"], pd.Series([b[0] for b in bounds]), pd.Series([b[1] for b in bounds])
+            )
+            for s, v, n, (lo, hi) in zip(
+                frame["step"], frame["value"], frame["n"], bounds, strict=True
+            ):
                 shown = (
                     fmt.share(v)
                     if math.isnan(lo)
@@ -200,7 +208,7 @@ def metric_chart(runs: Sequence[RunData], task: str, metric: str | None = None) 
                         f"{fmt.share(v)} [{fmt.share(lo)}, {fmt.share(hi)}] of {fmt.count(n)} items"
                     )
                 )
-                hover.append(f"{_run_name(run)}<br>step {int(s)}: {shown}")  # fmt: skip
+                hover.append(f"{_run_name(run)}<br>step {int(s)}: {shown}")
         else:
             hover = [
                 f"{_run_name(run)}<br>step {int(s)}: {fmt.share(v) if unit else fmt.num(v)}"
@@ -218,11 +226,15 @@ def metric_chart(runs: Sequence[RunData], task: str, metric: str | None = None) 
         fig.add_hline(y=chance, line={"color": "#9ca3af", "width": 1, "dash": "dot"})
         fig.add_trace(  # the chance line's label, in the legend rather than over the lines
             go.Scatter(
-                x=[None], y=[None], mode="lines", name=f"chance ({fmt.share(chance)})",
-                line={"color": "#9ca3af", "width": 1, "dash": "dot"}, hoverinfo="skip",
+                x=[None],
+                y=[None],
+                mode="lines",
+                name=f"chance ({fmt.share(chance)})",
+                line={"color": "#9ca3af", "width": 1, "dash": "dot"},
+                hoverinfo="skip",
                 meta={"role": "chance", "chance": chance},
             )
-        )  # fmt: skip
+        )
     return _finish(fig, [], f"No {label} records in these runs.")
 
 
@@ -266,8 +278,9 @@ def _delta_chart(
         rows = rows.sort_values("step")
         base_step = int(rows["base_step"].iloc[0])
         if rows["step"].max() == base_step:
-            notes.append(f"{name}: only step {base_step} evaluated so far; a change needs a "
-                         "later round.")  # fmt: skip
+            notes.append(
+                f"{name}: only step {base_step} evaluated so far; a change needs a later round."
+            )
             continue
         known = rows[[finite(v) for v in rows["delta"]]]
         if known.empty:
@@ -277,15 +290,22 @@ def _delta_chart(
             f"step {int(r.step)}: "
             + change_text(
                 r.delta, r.low, r.high, unit=unit, higher_is_better=accuracy, n=r.n, reason=r.reason
-            )  # fmt: skip
+            )
             for r in known.itertuples()
         ]
-        band = known[[finite(lo) and finite(hi) for lo, hi in zip(known["low"], known["high"],
-                                                                       strict=True)]]  # fmt: skip
+        band = known[
+            [finite(lo) and finite(hi) for lo, hi in zip(known["low"], known["high"], strict=True)]
+        ]
         error_y = None
         if len(band) >= 2:
-            _band(fig, band["step"], band["low"], band["high"],
-                  color=styles[run.run_id]["color"], run=run)  # fmt: skip
+            _band(
+                fig,
+                band["step"],
+                band["low"],
+                band["high"],
+                color=styles[run.run_id]["color"],
+                run=run,
+            )
         elif len(band) == 1:  # one interval: a band needs two, so a bar on its point
             error_y = _point_bars(known["delta"], known["low"], known["high"])
         _line(fig, run, known["step"], known["delta"], styles[run.run_id], texts, error_y)
@@ -330,8 +350,10 @@ def target_delta_chart(runs: Sequence[RunData]) -> go.Figure:
     for run in runs:
         if run not in drawn:
             other = targets[run.run_id]
-            notes.append(f"{_run_name(run)}: its target is {other[0]} {other[1]}, another "
-                         "metric: compare it in the per-task charts.")  # fmt: skip
+            notes.append(
+                f"{_run_name(run)}: its target is {other[0]} {other[1]}, another "
+                "metric: compare it in the per-task charts."
+            )
     unit, better = ("points", "higher") if accuracy else ("nats", "lower")
     _panel_layout(
         fig, "Target Δ vs step 0", "step", f"Δ {task} {metric_name(metric, task)}, {unit}", better
@@ -368,11 +390,15 @@ def _add_delta_chance(fig: go.Figure, runs: Sequence[RunData], task: str) -> Non
         fig.add_hline(y=y, line={"color": "#9ca3af", "width": 1, "dash": "dot"})
         fig.add_trace(
             go.Scatter(
-                x=[None], y=[None], mode="lines", name=f"chance (Δ {fmt.signed(y, 1)} points)",
-                line={"color": "#9ca3af", "width": 1, "dash": "dot"}, hoverinfo="skip",
+                x=[None],
+                y=[None],
+                mode="lines",
+                name=f"chance (Δ {fmt.signed(y, 1)} points)",
+                line={"color": "#9ca3af", "width": 1, "dash": "dot"},
+                hoverinfo="skip",
                 meta={"role": "chance", "chance": y},
             )
-        )  # fmt: skip
+        )
 
 
 def task_delta_chart(runs: Sequence[RunData], task: str) -> go.Figure:
@@ -390,10 +416,13 @@ def task_delta_chart(runs: Sequence[RunData], task: str) -> go.Figure:
     title = f"{task} {metric_name(metric, task)} Δ ({'target' if role == 'target' else 'OOD'})"
     if at_chance:
         title += " · at chance"
-        notes.insert(0, f"At chance: the base model's {metric_name(metric, task)} on {task} is "
-                     "within its 95% "
-                     "interval of chance, so a change there says nothing about forgetting "
-                     "(left out of BWT).")  # fmt: skip
+        notes.insert(
+            0,
+            f"At chance: the base model's {metric_name(metric, task)} on {task} is "
+            "within its 95% "
+            "interval of chance, so a change there says nothing about forgetting "
+            "(left out of BWT).",
+        )
     unit, better = ("points", "higher") if accuracy else ("nats", "lower")
     _panel_layout(fig, title, "step", f"Δ {metric_name(metric, task)}, {unit}", better)
     return _finish(fig, notes, "No change to show yet.")
@@ -415,10 +444,12 @@ def task_delta_charts(
                 drift.add(task)
     tasks.sort(key=lambda t: t[1] != "target")  # stable: first-seen order within a role
     return [
-        (f"task-{_slug(task)}",
-         drift_chart(runs, task) if task in drift else task_delta_chart(runs, task))
+        (
+            f"task-{_slug(task)}",
+            drift_chart(runs, task) if task in drift else task_delta_chart(runs, task),
+        )
         for task, _ in tasks
-    ]  # fmt: skip
+    ]
 
 
 def top_row_charts(
@@ -426,8 +457,11 @@ def top_row_charts(
 ) -> list[tuple[str, go.Figure]]:
     """The three charts a reader looks at first, as (key, chart): the target's change vs step 0,
     BWT and the training loss, every run overlaid (`statuses`: see `loss_chart`)."""
-    return [("target", target_delta_chart(runs)), ("bwt", bwt_chart(runs)),
-            ("loss", loss_chart(runs, statuses))]  # fmt: skip
+    return [
+        ("target", target_delta_chart(runs)),
+        ("bwt", bwt_chart(runs)),
+        ("loss", loss_chart(runs, statuses)),
+    ]
 
 
 def _slug(text: str) -> str:
@@ -447,27 +481,40 @@ def bwt_chart(runs: Sequence[RunData]) -> go.Figure:
         if known.empty:
             summary = latest(run.records, EvalSummaryRecord)
             why = [n for n in (summary.notes if summary else []) if n.startswith("BWT")]
-            notes.append(f"{name}: no BWT. " + (" ".join(why) if why else "No evaluation "
-                         "rounds with out-of-domain accuracy yet."))  # fmt: skip
+            notes.append(
+                f"{name}: no BWT. "
+                + (
+                    " ".join(why)
+                    if why
+                    else "No evaluation rounds with out-of-domain accuracy yet."
+                )
+            )
             continue
         texts = [
             f"step {int(r.step)}: "
             + change_text(
                 r.bwt, r.bwt_low, r.bwt_high, unit="%", reason="too few items or no per-item scores"
-            )  # fmt: skip
+            )
             for r in known.itertuples()
         ]
         band = known.dropna(subset=["bwt_low", "bwt_high"])
         error_y = None
         if len(band) >= 2:
-            _band(fig, band["step"], band["bwt_low"], band["bwt_high"],
-                  color=styles[run.run_id]["color"], run=run)  # fmt: skip
+            _band(
+                fig,
+                band["step"],
+                band["bwt_low"],
+                band["bwt_high"],
+                color=styles[run.run_id]["color"],
+                run=run,
+            )
         elif len(band) == 1:  # one interval: a bar on its point
             error_y = _point_bars(known["bwt"], known["bwt_low"], known["bwt_high"])
         _line(fig, run, known["step"], known["bwt"], styles[run.run_id], texts, error_y)
         if len(known) == 1:
-            notes.append(f"{name}: only step {int(known['step'].iloc[0])} so far; BWT needs a "
-                         "later round.")  # fmt: skip
+            notes.append(
+                f"{name}: only step {int(known['step'].iloc[0])} so far; BWT needs a later round."
+            )
         else:
             notes.append(f"{name}, {texts[-1]}.")
     fig.add_hline(y=0, line={"color": "#6b7280", "width": 1})
@@ -500,50 +547,70 @@ def drift_chart(runs: Sequence[RunData], task: str = OOD_DRIFT) -> go.Figure:
             notes.append(f"{name}: no evaluation rounds yet.")
             continue
         if rows.empty:
-            notes.append(f"{name}: no {probe_noun(task)} measured (its rounds were evaluated "
-                         "before drift was measured, or without this probe).")  # fmt: skip
+            notes.append(
+                f"{name}: no {probe_noun(task)} measured (its rounds were evaluated "
+                "before drift was measured, or without this probe)."
+            )
             continue
         rows = rows.sort_values("step")
         base_step = int(rows["base_step"].iloc[0])
         known = rows[[finite(v) for v in rows["delta"]]]
         if rows["step"].max() == base_step:
-            notes.append(f"{name}: only step {base_step} evaluated so far (the base model: no "
-                         "drift by definition); drift needs a later round.")  # fmt: skip
+            notes.append(
+                f"{name}: only step {base_step} evaluated so far (the base model: no "
+                "drift by definition); drift needs a later round."
+            )
             continue
         if known.empty:
             notes.append(f"{name}: {rows['reason'].iloc[-1] or 'not scored'}.")
             continue
         texts = [
             f"step {int(r.step)}: KL "
-            + (value_text(r.delta, r.low, r.high, "nats") if finite(r.low) and finite(r.high)
-               else f"{float(r.delta):.3f} nats ({r.reason or 'no interval'})")
+            + (
+                value_text(r.delta, r.low, r.high, "nats")
+                if finite(r.low) and finite(r.high)
+                else f"{float(r.delta):.3f} nats ({r.reason or 'no interval'})"
+            )
             for r in known.itertuples()
-        ]  # fmt: skip
-        bounded = [finite(lo) and finite(hi) for lo, hi in zip(known["low"], known["high"],
-                                                                  strict=True)]  # fmt: skip
+        ]
+        bounded = [
+            finite(lo) and finite(hi) for lo, hi in zip(known["low"], known["high"], strict=True)
+        ]
         after = known[known["step"] > base_step]
         error_y = None
         if len(after) >= 2:
             band = known[bounded]
             if len(band) >= 2:
-                _band(fig, band["step"], band["low"], band["high"],
-                      color=styles[run.run_id]["color"], run=run)  # fmt: skip
+                _band(
+                    fig,
+                    band["step"],
+                    band["low"],
+                    band["high"],
+                    color=styles[run.run_id]["color"],
+                    run=run,
+                )
         elif len(after) == 1 and finite(after["low"].iloc[0]) and finite(after["high"].iloc[0]):
             last = after.index[0]  # the one round after step 0: an interval bar on its point
             error_y = {
-                "type": "data", "symmetric": False, "thickness": 1.5, "width": 5,
-                "array": [float(r.high - r.delta) if r.Index == last else 0.0
-                          for r in known.itertuples()],
-                "arrayminus": [float(r.delta - r.low) if r.Index == last else 0.0
-                               for r in known.itertuples()],
-            }  # fmt: skip
+                "type": "data",
+                "symmetric": False,
+                "thickness": 1.5,
+                "width": 5,
+                "array": [
+                    float(r.high - r.delta) if r.Index == last else 0.0 for r in known.itertuples()
+                ],
+                "arrayminus": [
+                    float(r.delta - r.low) if r.Index == last else 0.0 for r in known.itertuples()
+                ],
+            }
         _line(fig, run, known["step"], known["delta"], styles[run.run_id], texts, error_y)
-        values += [float(v) for v in (*known["delta"], *known["low"], *known["high"])
-                   if finite(v)]  # fmt: skip
+        values += [float(v) for v in (*known["delta"], *known["low"], *known["high"]) if finite(v)]
         base = rows["base"].iloc[0]
         if finite(base) and float(base) > 0:
-            notes.append(f"{name}: its first round (step {base_step}) already differs from the "
-                         "base model, so the line is the change of KL from that round.")  # fmt: skip
+            notes.append(
+                f"{name}: its first round (step {base_step}) already differs from the "
+                "base model, so the line is the change of KL from that round."
+            )
         notes.append(f"{name}, {texts[-1]}.")
     _panel_layout(fig, f"{title}: KL from the base model", "step", KL_AXIS)
     if values and min(values) >= 0:  # a KL: the axis starts at 0 (the base model)
@@ -556,8 +623,10 @@ def drift_chart(runs: Sequence[RunData], task: str = OOD_DRIFT) -> go.Figure:
 def drift_charts(runs: Sequence[RunData]) -> list[tuple[str, go.Figure]]:
     """(key, chart) of the two drift probes a reader looks at beside the target's change and
     BWT: OOD drift ("ood_drift") and target drift ("target_drift"), every run overlaid."""
-    return [("ood-drift", drift_chart(runs, OOD_DRIFT)),
-            ("target-drift", drift_chart(runs, TARGET_DRIFT))]  # fmt: skip
+    return [
+        ("ood-drift", drift_chart(runs, OOD_DRIFT)),
+        ("target-drift", drift_chart(runs, TARGET_DRIFT)),
+    ]
 
 
 def training_loss_figure(records: Sequence[Any]) -> go.Figure:
