@@ -1,7 +1,7 @@
 """Shared app state: the sidebar model / data picker every page uses, and background scoring.
 
 The selection lives in the URL's query parameters, so a reload (or a shared link) reopens the same
-model and data. Scoring runs in a background thread of the server process (core.background), so
+model and data. Scoring runs in a background thread of the server process (core.jobs.background), so
 a reload re-attaches to it instead of starting over.
 """
 
@@ -123,7 +123,7 @@ def _load_dataset(sel: Selection) -> Dataset:
 
 
 def _load_generated_set(sel: Selection) -> Dataset:
-    """A generated set through core.generated's reader, so each example keeps its `meta` (the
+    """A generated set through core.datagen.store's reader, so each example keeps its `meta` (the
     asserts and gold answers scorers need), which a plain prompt/response file read drops."""
     from core.data.records import LoadReport
     from core.datagen.store import list_generated_sets
@@ -364,7 +364,7 @@ def _file_picker(sel: Selection) -> Selection:
 
 
 def _generated_set_picker(sel: Selection) -> Selection:
-    """Pick a Self-Output / Rephrase set (core.generated); its examples.jsonl becomes the data,
+    """Pick a Self-Output / Rephrase set (core.datagen.store); its examples.jsonl becomes the data,
     so every page reads it like a prompt/response file with an id column."""
     from core.datagen.store import list_generated_sets
 

@@ -1,4 +1,4 @@
-"""Evaluation: each scorer on hand-made cases, TI / BWT exactly as METHOD.md (and undefined
+"""Evaluation: each scorer on hand-made cases, TI / BWT exactly as docs/METHOD.md (and undefined
 when the base scores 0), seeded subsets, the base-score cache, a whole suite on the tiny model,
 and the `eval` CLI with and without an adapter."""
 

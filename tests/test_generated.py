@@ -1,4 +1,4 @@
-"""The store of generated responses and the discovery of generated datasets (core.generated)."""
+"""The store of generated responses and the discovery of generated datasets (core.datagen.store)."""
 
 from __future__ import annotations
 

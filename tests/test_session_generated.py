@@ -1,5 +1,5 @@
 """A generated set picked in the sidebar reaches the pages with each example's `meta` (asserts,
-gold answers), read through core.generated like training reads it."""
+gold answers), read through core.datagen.store like training reads it."""
 
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ MATH_HINT = "\n\nPut the final answer in \\boxed{}."
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's settings (METHOD.md): 32 samples, T 0.7, top-p 0.95, up to 512 new tokens.
+    # The paper's settings (docs/METHOD.md): 32 samples, T 0.7, top-p 0.95, up to 512 new tokens.
     "paper": {},
     # Sized for 2 CPU cores and the embedded 135M model: a few minutes end to end
     # (docs/BENCHMARKS.md, "Data generation").
@@ -170,7 +170,7 @@ class GenDataConfig(JobConfig):
 
     @property
     def samples_per_prompt(self) -> int:
-        """N for Self-Output; Rephrase writes one answer per prompt (METHOD.md)."""
+        """N for Self-Output; Rephrase writes one answer per prompt (docs/METHOD.md)."""
         return self.n_samples if self.kind == "self_output" else 1
 
     def data_label(self) -> str:

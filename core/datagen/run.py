@@ -1,6 +1,6 @@
 """Generated training data: Self-Output and Rephrase sets, made by a background job.
 
-Self-Output (METHOD.md): for each training prompt the model samples N responses; every sample is
+Self-Output (docs/METHOD.md): for each training prompt the model samples N responses; every sample is
 checked by the task's verifier (MBPP / HumanEval: the asserts run in `core.eval.sandbox`; GSM8K: the
 final number; MATH: the last \boxed{} answer); among the correct ones the label is picked by
 sequence perplexity (lowest by default, or random / highest) under the scoring model, in either

@@ -1,4 +1,4 @@
-"""Tuned vs base: relative change, TI and BWT (../shared/METHOD.md)."""
+"""Tuned vs base: relative change, TI and BWT (docs/METHOD.md)."""
 
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def recorded_suite(result: SuiteResult) -> EvalSuite:
 
 
 def compare_results(base: SuiteResult, tuned: SuiteResult, suite: EvalSuite) -> Comparison:
-    """TI and BWT of `tuned` against `base` (same suite and settings), per METHOD.md."""
+    """TI and BWT of `tuned` against `base` (same suite and settings), per docs/METHOD.md."""
     if base.settings_fingerprint != tuned.settings_fingerprint:
         raise LensError("Base and fine-tuned results come from different suite settings.")
     per_task: dict[str, dict[str, Any]] = {}

@@ -31,7 +31,7 @@ out-of-domain (OOD) specs. *How* is five scorer kinds:
   the base model), plus their perplexities. A continuous forgetting signal that a small model
   still shows when its accuracies sit near zero or chance.
 
-TI and BWT follow ../shared/METHOD.md against the base model's scores from the same suite and
+TI and BWT follow docs/METHOD.md against the base model's scores from the same suite and
 settings: TI = 100 (R_ft - R_orig) / R_orig on the target's first (primary) metric, BWT = the mean
 of the same relative change over the OOD accuracy tasks. A relative change against a base score
 of 0 is undefined: TI is then None with the reason, and such tasks are left out of the BWT mean

@@ -1,6 +1,6 @@
 """Masking: which response tokens leave the loss (STM and its controls), and the masked-set export."""
 
-#: The paper's token-perplexity threshold (METHOD.md): the one default every page, config and
+#: The paper's token-perplexity threshold (docs/METHOD.md): the one default every page, config and
 #: command starts from.
 DEFAULT_TAU = 2.5
 

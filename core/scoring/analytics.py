@@ -8,7 +8,7 @@ callers can compare e.g. two scorers of the same source. Output rows follow the 
 `tests/reference_analytics.py` keeps the list-based code, example by example, that the tests
 compare these numbers with.
 
-Conventions (the paper leaves these open; see METHOD.md, "Known ambiguities"):
+Conventions (the paper leaves these open; see docs/METHOD.md, "Known ambiguities"):
 - Token perplexity is exp(-logprob) of a response token; prompt tokens are never counted.
 - "Above tau" is strict (`ppl > tau`), the same rule Selective Token Masking uses.
 - Shares are reported two ways: pooled over all response tokens of a source, and as the mean

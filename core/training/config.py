@@ -41,7 +41,7 @@ LOSS_FORMULAS = {
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's recipe (METHOD.md): LoRA on all linear layers, lr 2e-5, 3 epochs, cosine.
+    # The paper's recipe (docs/METHOD.md): LoRA on all linear layers, lr 2e-5, 3 epochs, cosine.
     "paper": {},
     # Measured on 2 CPU cores with the embedded model (docs/BENCHMARKS.md, "Training"): 5-8
     # minutes end to end (the shared host's speed varies), and the model changes measurably.

@@ -73,7 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # which ground truth moved ARC-Easy most (LoRA r 16, lr 1e-3, 64 MBPP problems), one epoch
     # so that 3 seeds of 4 arms fit; forgetting is read from drift from the base model.
     "cpu": {},
-    # The paper's setting (METHOD.md) for a GPU: LoRA on all linear layers, lr 2e-5, 3 epochs,
+    # The paper's setting (docs/METHOD.md) for a GPU: LoRA on all linear layers, lr 2e-5, 3 epochs,
     # cosine, the whole training split, N = 32 samples of up to 512 tokens at T 0.7 / top-p 0.95;
     # every arm, the token losses' included.
     "paper": {
