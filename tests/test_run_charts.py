@@ -211,6 +211,10 @@ def test_no_rounds_one_round_and_too_few_items_say_so(tmp_path):
     # nothing to draw at all: the chart says it in the middle
     fig = target_delta_chart([empty])
     assert not traces(fig, "line") and fig.layout.annotations[0].text == "No evaluation rounds yet."
+    # a longer message is cut into lines that fit a panel a third of a 1280 px page wide
+    fig = bwt_chart([empty])
+    lines = fig.layout.annotations[0].text.split("<br>")
+    assert " ".join(lines) == "No BWT to draw (see the note below)." and len(lines) == 2
     assert run_findings(single) == [
         "stm τ=2.5 · single: only step 0 evaluated so far; a change needs a later round."
     ]

@@ -121,7 +121,7 @@ def loss_chart(runs: Sequence[RunData], statuses: Mapping[str, str] | None = Non
             continue
         _line(fig, run, frame["step"], frame["loss"], styles[run.run_id])
     _panel_layout(fig, "Training loss", "step", "loss on trained<br>(unmasked) tokens")
-    return _finish(fig, notes, "No training steps logged yet.")
+    return _finish(fig, notes, "No training steps logged yet.", panel=True)
 
 
 def is_evaluation_only(run: RunData, kind: str | None = None) -> bool:
@@ -340,7 +340,7 @@ def target_delta_chart(runs: Sequence[RunData]) -> go.Figure:
         fig.add_hline(y=0, line={"color": "#6b7280", "width": 1})
         _panel_layout(fig, "Target Δ vs step 0", "step", "Δ target")
         notes = [f"{_run_name(run)}: no evaluation rounds yet." for run in runs]
-        return _finish(fig, notes, "No evaluation rounds yet.")
+        return _finish(fig, notes, "No evaluation rounds yet.", panel=True)
     task, metric = chosen
     accuracy = _is_accuracy(runs, task, metric)
     drawn = [run for run in runs if targets[run.run_id] in (chosen, None)]
@@ -358,7 +358,7 @@ def target_delta_chart(runs: Sequence[RunData]) -> go.Figure:
     _panel_layout(
         fig, "Target Δ vs step 0", "step", f"Δ {task} {metric_name(metric, task)}, {unit}", better
     )
-    return _finish(fig, notes, "No change to show yet.")
+    return _finish(fig, notes, "No change to show yet.", panel=True)
 
 
 def _is_accuracy(runs: Sequence[RunData], task: str, metric: str) -> bool:
@@ -425,7 +425,7 @@ def task_delta_chart(runs: Sequence[RunData], task: str) -> go.Figure:
         )
     unit, better = ("points", "higher") if accuracy else ("nats", "lower")
     _panel_layout(fig, title, "step", f"Δ {metric_name(metric, task)}, {unit}", better)
-    return _finish(fig, notes, "No change to show yet.")
+    return _finish(fig, notes, "No change to show yet.", panel=True)
 
 
 def task_delta_charts(
@@ -519,7 +519,7 @@ def bwt_chart(runs: Sequence[RunData]) -> go.Figure:
             notes.append(f"{name}, {texts[-1]}.")
     fig.add_hline(y=0, line={"color": "#6b7280", "width": 1})
     _panel_layout(fig, "BWT: out-of-domain change", "step", "BWT, %", "higher")
-    return _finish(fig, notes, "No BWT to draw (see the note below).")
+    return _finish(fig, notes, "No BWT to draw (see the note below).", panel=True)
 
 
 def _drift_rows(run: RunData, task: str) -> pd.DataFrame:
@@ -617,7 +617,7 @@ def drift_chart(runs: Sequence[RunData], task: str = OOD_DRIFT) -> go.Figure:
         top = max(values)
         fig.update_yaxes(range=[0.0, 1.1 * top if top > 0 else 1.0], rangemode="tozero")
         fig.update_xaxes(rangemode="nonnegative")
-    return _finish(fig, notes, f"No {probe_noun(task)} to show yet.")
+    return _finish(fig, notes, f"No {probe_noun(task)} to show yet.", panel=True)
 
 
 def drift_charts(runs: Sequence[RunData]) -> list[tuple[str, go.Figure]]:

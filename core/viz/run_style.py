@@ -9,6 +9,7 @@ The charts read a run through `RunData`, the few things they draw from: the stud
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -91,13 +92,20 @@ def figure_notes(fig: go.Figure) -> list[str]:
     return list(meta.get("notes", [])) if isinstance(meta, dict) else []
 
 
-def _finish(fig: go.Figure, notes: Sequence[str], empty: str = "") -> go.Figure:
-    """Attach `notes`; with no data trace, say `empty` in the middle of the plot."""
+#: characters a line of an empty chart's message holds (a panel's plot is about 200 px wide)
+EMPTY_LINE_CHARS = 26
+
+
+def _finish(
+    fig: go.Figure, notes: Sequence[str], empty: str = "", *, panel: bool = False
+) -> go.Figure:
+    """Attach `notes`; with no data trace, say `empty` in the middle of the plot (a `panel`, a
+    third of a 1280 px page wide: in lines short enough for it)."""
     fig.update_layout(meta={"notes": list(notes)})
     if empty and not any(t.meta and t.meta.get("role") == "line" for t in fig.data):
         fig.layout.shapes = ()  # zero lines on an empty plot point at nothing
         fig.add_annotation(
-            text=empty,
+            text="<br>".join(textwrap.wrap(empty, EMPTY_LINE_CHARS)) if panel else empty,
             xref="paper",
             yref="paper",
             x=0.5,
