@@ -599,3 +599,26 @@ def test_a_multiple_choice_target_shows_where_chance_lies(tmp_path):
     [chance] = traces(fig, "chance")
     assert chance.name == f"chance (Δ {fmt.signed(want, 1)} points)"
     assert any(s.y0 == s.y1 == pytest.approx(want) for s in fig.layout.shapes)
+
+
+def test_score_vs_masked_names_each_line_as_a_reader_does():
+    """The τ sweep's chart: one line per task and metric, named like every other chart (no
+    internal names such as `nll_easy` in the legend)."""
+    import pandas as pd
+
+    from core.viz.compare_charts import score_vs_masked_chart
+
+    table = pd.DataFrame(
+        {
+            "label": ["gt", "stm τ=2", "stm τ=3"],
+            "masked %": [None, 30.0, 12.0],
+            "mbpp_ppl nll": [1.1, 1.2, 1.15],
+            "mbpp_ppl nll_easy": [0.3, 0.2, 0.25],
+        }
+    )
+    fig = score_vs_masked_chart(table, ["mbpp_ppl nll", "mbpp_ppl nll_easy"])
+    assert [t.name for t in fig.data] == [
+        "mbpp_ppl NLL per token",
+        "mbpp_ppl NLL on base-easy tokens (diagnostic)",
+    ]
+    assert list(fig.data[0].x) == [0.0, 12.0, 30.0]  # ground truth masks nothing

@@ -19,6 +19,7 @@ from core.eval.labels import (
     OOD_DRIFT,
     finite,
     interval_text,
+    metric_label,
     probe_noun,
     probe_title,
 )
@@ -287,6 +288,12 @@ def frontier_chart(table: pd.DataFrame) -> go.Figure:
     return _finish(fig, notes, "No run has both TI and BWT yet.")
 
 
+def _score_name(column: str) -> str:
+    """A runs table's "task metric" column as a reader names it ("mbpp_ppl NLL per token")."""
+    task, _, metric = column.partition(" ")
+    return metric_label(task, metric) if metric else column
+
+
 def score_vs_masked_chart(table: pd.DataFrame, columns: Sequence[str]) -> go.Figure:
     """Scores vs % of response tokens masked in training, one line per task (a τ sweep)."""
     fig = go.Figure()
@@ -303,7 +310,7 @@ def score_vs_masked_chart(table: pd.DataFrame, columns: Sequence[str]) -> go.Fig
                     x=part["masked %"],
                     y=part[column],
                     mode="lines+markers",
-                    name=column,
+                    name=_score_name(column),
                     text=part["label"],
                 )
             )
