@@ -45,6 +45,10 @@ def metric_name(metric: str, drift: bool = False) -> str:
 DRIFT_SHORT = {"kl": "token KL", "top1_agree": "top-1 agreement", "dnll": "Δ NLL of its answers"}
 
 
+#: The drift metrics as `paired_table`'s columns name them.
+TABLE_DRIFT = {**DRIFT_SHORT, "dnll": "Δ NLL of the base's answers"}
+
+
 def _digits(row: dict[str, Any]) -> int:
     """Decimals of a paired change: points (accuracies, top-1 agreement) 1, token KL 3, other
     nats 2."""
@@ -62,7 +66,7 @@ def paired_table(paired: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
     rows: dict[str, dict[str, str]] = {}
     for row in paired:
         unit = "points" if row["higher_is_better"] else "nats"
-        name = DRIFT_SHORT.get(row["metric"], row["metric"]) if row.get("drift") else row["metric"]
+        name = TABLE_DRIFT.get(row["metric"], row["metric"]) if row.get("drift") else row["metric"]
         column = f"{row['task']} {name}, {unit}" + (" (target)" if row["role"] == "target" else "")
         interval = Interval(**row["interval"])
         cell = fmt.interval(interval.estimate, interval.low, interval.high, _digits(row))
