@@ -530,9 +530,9 @@ def write_train_rows(path: Path) -> Path:
     return path
 
 
-def loss_config(model_dir: Path, data_file: Path, **overrides: Any) -> TrainConfig:
-    """The token-loss tests' training config: the tiny model on `data_file`, one batch of all
-    six rows, fp32 on the CPU, no LoRA dropout (a naive pass sees the trainer's network)."""
+def tiny_config(model_dir: Path, data_file: Path, **overrides: Any) -> TrainConfig:
+    """A training config of the tiny model on `data_file`: fp32 on the CPU, 64 tokens, batches of
+    3, two steps (`overrides` on top)."""
     base = dict(
         model=str(model_dir),
         device="cpu",
@@ -540,13 +540,18 @@ def loss_config(model_dir: Path, data_file: Path, **overrides: Any) -> TrainConf
         data=str(data_file),
         id_col="id",
         max_length=64,
-        batch_size=6,
+        batch_size=3,
         learning_rate=1e-3,
         max_steps=2,
         precision="fp32",
-        lora_dropout=0.0,  # the naive pass must see the same network as the trainer's
     )
     return TrainConfig.from_preset("paper", **{**base, **overrides})
+
+
+def loss_config(model_dir: Path, data_file: Path, **overrides: Any) -> TrainConfig:
+    """The token-loss tests' training config: `tiny_config` with one batch of all six rows and
+    no LoRA dropout (a naive pass must see the same network as the trainer's)."""
+    return tiny_config(model_dir, data_file, **{"batch_size": 6, "lora_dropout": 0.0, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from core.training.config import TrainConfig
 from core.training.data import IGNORE_INDEX, build_training_data
 from core.training.trainer import build_trainer, last_complete_checkpoint, run_training
 from tests.factories import TRAIN_ROWS as ROWS
+from tests.factories import tiny_config
 
 
 @pytest.fixture
@@ -38,22 +39,6 @@ def data_file(tmp_path):
 def lm(tiny_model_dir):
     """A fresh tiny model per test (training changes weights)."""
     return load_model(str(tiny_model_dir), device="cpu", dtype="float32")
-
-
-def tiny_config(model_dir, data_file, **overrides) -> TrainConfig:
-    base = dict(
-        model=str(model_dir),
-        device="cpu",
-        task=None,
-        data=str(data_file),
-        id_col="id",
-        max_length=64,
-        batch_size=3,
-        learning_rate=1e-3,
-        max_steps=2,
-        precision="fp32",
-    )
-    return TrainConfig.from_preset("paper", **{**base, **overrides})
 
 
 def test_gt_labels_are_the_response_ids_and_prompt_is_ignored(lm, tiny_model_dir, data_file):
