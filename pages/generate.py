@@ -254,14 +254,17 @@ def launch_form() -> None:
         if start:
             try:
                 n = preflight(config)
-                job = registry.submit(
+                job, new = registry.submit_once(
                     "generate", config.to_dict(), device=config.device, label=config.describe()
                 )
             except LensError as exc:
                 st.error(str(exc))
                 return
             st.query_params["job"] = job.id
-            st.toast(f"Job {job.id} queued: {n} prompts.")
+            if new:
+                st.toast(f"Job {job.id} queued: {n} prompts.")
+            else:
+                st.toast(f"The same generation is already {job.status} (job {job.id}).")
             st.rerun()
 
 

@@ -69,7 +69,7 @@ def _has_adapter(run: RunView) -> bool:
 def _start_eval(config: dict) -> None:
     """Queue the evaluation job and show its run (a callback: runs before the script)."""
     try:
-        job = registry.submit(
+        job, _ = registry.submit_once(
             "eval", config, device=config["device"], label=EvalConfig.from_dict(config).describe()
         )
     except LensError as exc:

@@ -336,6 +336,10 @@ def launch_form() -> None:
         backend_caption(registry)
         if st.session_state.get("train_start_error"):
             st.error(st.session_state.pop("train_start_error"))
+        # kept while that job is selected: the job table's rerun on a new job must not drop it
+        note = st.session_state.get("train_start_note")
+        if note and note["job"] == st.query_params.get("job"):
+            st.info(note["text"])
 
 
 def _field_help(name: str) -> str:
@@ -398,10 +402,16 @@ def _weights_line(record: TrainRecord) -> str:
 def _start_job(config: dict, device: str, label: str) -> None:
     """Queue the job and select it (the URL keeps the selection across reloads)."""
     try:
-        job = registry.submit("train", config, device=device, label=label)
+        job, new = registry.submit_once("train", config, device=device, label=label)
     except LensError as exc:
         st.session_state["train_start_error"] = str(exc)
         return
+    if not new:
+        st.session_state["train_start_note"] = {
+            "job": job.id,
+            "text": f"The same training job is already {job.status} (job {job.id}): showing "
+            "it, not queuing it twice.",
+        }
     st.query_params["job"] = job.id
 
 

@@ -16,6 +16,7 @@ Locally the test is skipped when Chromium is missing; in CI (CI=true) a missing 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -207,14 +208,15 @@ def training_job(page, selected, workflow) -> str:
     return workflow["job"]
 
 
-def _job_status(env: dict, job_id: str) -> str:
+def _jobs(env: dict) -> dict[str, dict]:
+    """The app's jobs as its registry reads them (reconciled): id -> kind, status, device."""
     out = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import sys\nfrom core.jobs.registry import JobRegistry\n"
-            "print(JobRegistry().get(sys.argv[1]).status)",
-            job_id,
+            "import json\nfrom core.jobs.registry import JobRegistry\n"
+            "print(json.dumps({j.id: {'kind': j.kind, 'status': j.status, 'device': j.device}"
+            " for j in JobRegistry().list()}))",
         ],
         cwd=ROOT,
         env=env,
@@ -223,7 +225,11 @@ def _job_status(env: dict, job_id: str) -> str:
         capture_output=True,
         text=True,
     )
-    return out.stdout.strip()
+    return json.loads(out.stdout)
+
+
+def _job_status(env: dict, job_id: str) -> str:
+    return _jobs(env)[job_id]["status"]
 
 
 @pytest.fixture
@@ -407,13 +413,36 @@ def test_train_launches_a_tiny_job(page, selected, workflow):
 def _launch_training(page, workflow: dict) -> None:
     """Fill the Train form for the tiny job (cpu-quick, two steps, evaluation every step),
     check its command and start it; the job's id goes into `workflow`."""
+    _fill_train_form(page)
+    _shot(page, "06-train-form")
+    _no_errors(page)
+    page.get_by_role("button", name="Start training").click()
+    workflow["job"] = _job_in_url(page)
+    status = page.get_by_test_id("stMarkdownContainer").filter(
+        has_text=re.compile(r"\b(queued|running)\b")
+    )
+    status.first.wait_for(timeout=60_000)
+    page.get_by_role("button", name=re.compile("Cancel")).wait_for()
+    _shot(page, "07-train-job-started")
+    _no_errors(page)
+
+
+def _job_in_url(page) -> str:
+    """The job a page selected after its Start button (the URL keeps it)."""
+    page.wait_for_url(re.compile(r"[?&]job="), timeout=60_000)
+    return re.search(r"[?&]job=([^&]+)", page.url).group(1)
+
+
+def _fill_train_form(page, max_steps: int = MAX_STEPS) -> None:
+    """The Train form of the tiny job (cpu-quick, `max_steps` steps, evaluation every step),
+    with its command checked."""
     _open(page, "Train", "Train")
     page.get_by_test_id("stSelectbox").filter(has_text="Preset").click()
     page.get_by_role("option", name="cpu-quick", exact=True).click()
     page.get_by_text(f"the sidebar selects the first {N_EXAMPLES}").wait_for()
     page.get_by_text("Hyperparameters").click()
     for label, value in (
-        ("Max steps", MAX_STEPS),
+        ("Max steps", max_steps),
         ("Batch size", 2),
         ("Max tokens / example", 128),
         ("Evaluate every N steps", 1),
@@ -425,24 +454,12 @@ def _launch_training(page, workflow: dict) -> None:
     command = page.get_by_test_id("stCode").filter(has_text="python -m core train").first
     for flag in (
         f"--limit {N_EXAMPLES}",
-        f"--max-steps {MAX_STEPS}",
+        f"--max-steps {max_steps}",
         "--max-length 128",
         "--eval-every 1",
         '"suite": "during"',
     ):
         _expect_text(command, flag)
-    _shot(page, "06-train-form")
-    _no_errors(page)
-    page.get_by_role("button", name="Start training").click()
-    page.wait_for_url(re.compile(r"[?&]job="), timeout=30_000)
-    workflow["job"] = re.search(r"[?&]job=([^&]+)", page.url).group(1)
-    status = page.get_by_test_id("stMarkdownContainer").filter(
-        has_text=re.compile(r"\b(queued|running)\b")
-    )
-    status.first.wait_for(timeout=60_000)
-    page.get_by_role("button", name=re.compile("Cancel")).wait_for()
-    _shot(page, "07-train-job-started")
-    _no_errors(page)
 
 
 def test_runs_live_charts_gain_points(page, training_job):
@@ -694,3 +711,112 @@ def test_layout_fits_the_screen_no_label_is_cut_off(page, app_url, width, height
         assert not problems, problems
     finally:
         page.set_viewport_size({"width": 1400, "height": 1800})
+
+
+# The text of every row a Streamlit dataframe shows (glide-data-grid keeps an accessible table
+# of its visible cells beside the canvas it draws).
+TABLE_ROWS_JS = """el => [...el.querySelectorAll('tr')]
+  .map(r => [...r.querySelectorAll('td, th')].map(c => c.textContent.trim()).join(' | '))"""
+
+
+def _queue_rows(page, ids: set[str]) -> list[str]:
+    """The Train page's job table rows of the jobs `ids`, once it lists all of them."""
+    table = page.get_by_test_id("stDataFrame").first
+    deadline = time.time() + SLOW / 1000
+    while time.time() < deadline:
+        rows = [r for r in table.evaluate(TABLE_ROWS_JS) if any(i in r for i in ids)]
+        if len(rows) == len(ids):
+            return sorted(rows)
+        page.wait_for_timeout(1000)
+    raise AssertionError(f"the job table never listed {sorted(ids)}: {rows}")
+
+
+def _cancel_jobs(env: dict, ids: set[str]) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom core.jobs.registry import JobRegistry\nr = JobRegistry()\n"
+            "[r.cancel(i) for i in sys.argv[1:] if r.get(i).active]",
+            *sorted(ids),
+        ],
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_two_browsers_send_the_same_form_at_once_and_get_one_job(page, app_url, app_env):
+    """Two people send the same Train form at the same moment while a third reloads the Runs
+    page: one job is queued and both are shown it. One of them then sends another form: it
+    waits, since the device runs one job at a time, and both browsers list the same queue."""
+    before = set(_jobs(app_env))
+    contexts = [
+        page.context.browser.new_context(viewport={"width": 1400, "height": 1800}) for _ in range(3)
+    ]
+    new: set[str] = set()
+    try:
+        a, b, watcher = (c.new_page() for c in contexts)
+        for p in (a, b, watcher):
+            p.set_default_timeout(30_000)
+            p.goto(f"{app_url}/{SELECTION}")
+            p.get_by_role("heading", name="Perplexity Lens", exact=True).wait_for(timeout=SLOW)
+        for p in (a, b):
+            _fill_train_form(p, max_steps=MAX_STEPS + 1)  # not the workflow's job
+        _open(watcher, "Runs", "Runs")
+        at = a.evaluate("() => Date.now()") + 1500
+        for p in (a, b):  # both buttons clicked by the pages' own clocks, at the same moment
+            p.get_by_role("button", name="Start training").evaluate(
+                "(el, at) => setTimeout(() => el.click(), at - Date.now())", at
+            )
+        watcher.reload()
+        shown = {_job_in_url(a), _job_in_url(b)}
+        new = set(_jobs(app_env)) - before
+        assert len(new) == 1 and shown == new, (shown, new)
+        note = "The same training job is already"  # what the second sender is told
+        for _ in range(60):
+            if a.get_by_text(note).count() + b.get_by_text(note).count() == 1:
+                break
+            a.wait_for_timeout(500)
+        else:
+            raise AssertionError("neither browser was told the job was already queued")
+        watcher.get_by_role("heading", name="Runs", exact=True).wait_for(timeout=SLOW)
+        _shot(a, "two-browsers-a")
+        _shot(b, "two-browsers-b")
+
+        steps = b.get_by_label("Max steps", exact=True)  # the form is still open
+        steps.fill(str(MAX_STEPS + 2))
+        steps.press("Enter")
+        command = b.get_by_test_id("stCode").filter(has_text="python -m core train").first
+        _expect_text(command, f"--max-steps {MAX_STEPS + 2}")
+        b.get_by_role("button", name="Start training").click()
+        b.wait_for_url(re.compile(r"[?&]job=(?!" + next(iter(new)) + r")"), timeout=60_000)
+        jobs = _jobs(app_env)
+        new = set(jobs) - before
+        assert len(new) == 2, new
+        running = [i for i, j in jobs.items() if j["status"] == "running" and j["device"] == "cpu"]
+        assert len(running) <= 1, running  # one job at a time on the device
+        assert {jobs[i]["status"] for i in new} <= {"queued", "running"}
+        assert "queued" in {jobs[i]["status"] for i in new}
+
+        rows_a, rows_b = _queue_rows(a, new), _queue_rows(b, new)
+        _shot(a, "two-browsers-queue-a")
+        _shot(b, "two-browsers-queue-b")
+
+        def queue(rows: list[str]) -> list[tuple[str, str]]:
+            """(job, status) of each row, in the table's order."""
+            out = []
+            for row in rows:
+                word = re.search(r"\b(queued|running)\b", row)
+                out.append((next(i for i in new if i in row), word and word.group(1)))
+            return out
+
+        assert queue(rows_a) == queue(rows_b)
+        assert {s for _, s in queue(rows_a)} == {"queued", "running"}, rows_a
+        for p in (a, b, watcher):
+            _no_errors(p)
+    finally:
+        _cancel_jobs(app_env, new)
+        for c in contexts:
+            c.close()

@@ -215,3 +215,40 @@ def test_unknown_job_and_bad_resume_are_one_line_errors(runs):
         registry.get("nope")
     done = cli("jobs", "cancel", "nope")
     assert done.returncode == 2 and done.stderr.startswith("error: No job 'nope'")
+
+
+def test_the_same_form_sent_at_once_from_many_places_queues_one_job(runs):
+    """Eight submitters (threads, each with its own registry connection, as two browsers or a
+    browser and a terminal are) send the same config at the same moment: one job, and every
+    submitter is handed it. A different config, or the same one after the job ended, queues."""
+    import threading
+
+    config = {"model": "default", "task": "mbpp", "max_steps": 2, "seed": 0}
+    barrier = threading.Barrier(8)
+    answers: list[tuple[str, bool]] = []
+
+    def send() -> None:
+        registry = JobRegistry(runs)
+        barrier.wait()
+        job, new = registry.submit_once(
+            "train", config, device="cpu", label="same form", start=False
+        )
+        answers.append((job.id, new))
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    registry = JobRegistry(runs)
+    jobs = registry.list(refresh=False)
+    assert len(jobs) == 1, [j.id for j in jobs]
+    assert {job_id for job_id, _ in answers} == {jobs[0].id}
+    assert sum(new for _, new in answers) == 1
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == [jobs[0].id]  # no stray folder
+
+    other, new = registry.submit_once("train", {**config, "seed": 1}, device="cpu", start=False)
+    assert new and other.id != jobs[0].id
+    registry.store.finish(jobs[0].id, CANCELLED, 1)
+    again, new = registry.submit_once("train", config, device="cpu", start=False)
+    assert new and again.id not in (jobs[0].id, other.id)

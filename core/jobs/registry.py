@@ -171,31 +171,78 @@ class JobRegistry:
         keeps its config.json, so the job resumes the run there (its kind checks the config).
         `backend` / `address` pick where it runs (default: `core.jobs.cluster.current_setting`);
         a cluster that does not answer is a one-line `ClusterError` before anything is written."""
+        job, _ = self._submit(kind, config, device, label, start, run_dir, backend, address, False)
+        return job
+
+    def submit_once(
+        self,
+        kind: str,
+        config: dict[str, Any],
+        *,
+        device: str = "auto",
+        label: str = "",
+        start: bool = True,
+        backend: str | None = None,
+        address: str | None = None,
+    ) -> tuple[Job, bool]:
+        """`submit`, unless a job of this kind with an equal config is already queued or running
+        on the same device: then that job, and nothing is written. Returns (job, queued now).
+
+        What a form's button and `--submit` use: two people (or two clicks) sending the same
+        form at once get one job, and both see it. The check and the insert happen in one
+        exclusive transaction, so the answer holds across processes."""
+        return self._submit(kind, config, device, label, start, None, backend, address, True)
+
+    def _submit(
+        self,
+        kind: str,
+        config: dict[str, Any],
+        device: str,
+        label: str,
+        start: bool,
+        run_dir: str | Path | None,
+        backend: str | None,
+        address: str | None,
+        once: bool,
+    ) -> tuple[Job, bool]:
         if kind not in JOB_KINDS:
             raise JobError(f"Unknown job kind '{kind}' (known: {', '.join(JOB_KINDS)}).")
         setting = current_setting(self.root, backend, address)
         if setting.name != LOCAL:
             self.cluster.engine(setting.name, setting.address).check()
         job_id = new_job_id()
-        run = Path(run_dir).expanduser().absolute() if run_dir else self.root / job_id
-        run.mkdir(parents=True, exist_ok=run_dir is not None)
-        if not (run / CONFIG_JSON).exists():
-            write_json_atomic(run / CONFIG_JSON, config)
-        self.store.insert(
-            id=job_id,
-            kind=kind,
-            label=label,
-            config=config,
-            device=resolve_job_device(device),
-            status=QUEUED,
-            run_dir=str(run),
-            created=time.time(),
-            backend=setting.name,
-            engine_address=setting.address,
-        )
+        resolved = resolve_job_device(device)
+        with self.store.transaction() as db:
+            if once and (twin := self.store.active_twin(db, kind, config, resolved)):
+                return twin, False
+            run = self._run_folder(job_id, config, run_dir, exist_ok=run_dir is not None)
+            self.store.insert_in(
+                db,
+                id=job_id,
+                kind=kind,
+                label=label,
+                config=config,
+                device=resolved,
+                status=QUEUED,
+                run_dir=str(run),
+                created=time.time(),
+                backend=setting.name,
+                engine_address=setting.address,
+            )
         if start:
             self.kick()
-        return self.store.raw(job_id)
+        return self.store.raw(job_id), True
+
+    def _run_folder(
+        self, job_id: str, config: dict[str, Any], run_dir: str | Path | None, exist_ok: bool
+    ) -> Path:
+        """A job's run folder: `run_dir`, or a new one named by the job id. An existing folder
+        keeps its config.json (the job resumes the run there; its kind checks the config)."""
+        run = Path(run_dir).expanduser().absolute() if run_dir else self.root / job_id
+        run.mkdir(parents=True, exist_ok=exist_ok)
+        if not (run / CONFIG_JSON).exists():
+            write_json_atomic(run / CONFIG_JSON, config)
+        return run
 
     def register_foreground(
         self,
@@ -213,10 +260,7 @@ class JobRegistry:
         only this process, never the group.
         """
         job_id = new_job_id()
-        run = Path(run_dir).expanduser().absolute() if run_dir else self.root / job_id
-        run.mkdir(parents=True, exist_ok=True)
-        if not (run / CONFIG_JSON).exists():  # an existing run keeps its config (resume check)
-            write_json_atomic(run / CONFIG_JSON, config)
+        run = self._run_folder(job_id, config, run_dir, exist_ok=True)
         now = time.time()
         me = os.getpid()
         self.store.insert(

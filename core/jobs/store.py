@@ -272,11 +272,28 @@ class JobStore:
 
     def insert(self, **values: Any) -> None:
         """Add a row (`config` given as a dict), in a transaction of its own."""
+        with self.transaction() as db:
+            self.insert_in(db, **values)
+
+    def insert_in(self, db: sqlite3.Connection, **values: Any) -> None:
+        """Add a row (`config` given as a dict) on connection `db`."""
         values["config"] = json.dumps(values["config"])
         cols = ", ".join(values)
         marks = ", ".join("?" for _ in values)
-        with self.transaction() as db:
-            db.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})", tuple(values.values()))
+        db.execute(f"INSERT INTO jobs ({cols}) VALUES ({marks})", tuple(values.values()))
+
+    def active_twin(
+        self, db: sqlite3.Connection, kind: str, config: dict[str, Any], device: str
+    ) -> Job | None:
+        """The oldest queued or running job of `kind` on `device` whose config equals `config`."""
+        for job in self.select(
+            db,
+            "WHERE status IN (?, ?) AND kind = ? AND device = ? ORDER BY created, id",
+            (QUEUED, RUNNING, kind, device),
+        ):
+            if job.config == json.loads(json.dumps(config)):
+                return job
+        return None
 
     def raw(self, job_id: str) -> Job:
         """One row as it is (`JobError` if there is none)."""
