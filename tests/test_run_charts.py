@@ -482,6 +482,8 @@ def test_drift_frontier_has_error_bars_both_ways_and_leaves_old_runs_out(drift_r
         assert trace.error_y.array[0] == pytest.approx(kl["high"] - kl["value"])
         assert trace.error_y.arrayminus[0] == pytest.approx(kl["value"] - kl["low"])
         assert list(trace.text) == [facts["label"]] and trace.mode == "markers+text"
+        # the label sits off both error bars (a centred one covered the vertical bar)
+        assert "center" not in trace.textposition and "middle" not in trace.textposition
     assert fig.layout.yaxis.range[0] == 0
     ood_kl = drift[(drift["task"] == "ood_drift") & (drift["metric"] == "kl")]
     assert fig.layout.yaxis.range[1] >= max(ood_kl["high"])

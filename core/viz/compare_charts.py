@@ -146,7 +146,9 @@ def drift_frontier_chart(
                 mode="markers+text",
                 name=str(setup),
                 text=group["label"].tolist(),
-                textposition="top center",
+                # beside the point, not centred over it: a centred label sits on the
+                # vertical error bar and hides the interval it belongs to
+                textposition="top right",
                 marker=_marker(group),
                 customdata=hover,
                 hovertemplate="%{customdata}<extra></extra>",
