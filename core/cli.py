@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from core.data.sources import load_source
-from core.data.tasks import list_tasks
+from core.data.tasks import TasksConfig, list_tasks
 from core.datagen.config import GenDataConfig
 from core.datagen.run import preflight
 from core.errors import LensError
@@ -23,16 +23,19 @@ from core.io import app_root, output_path, write_bytes_atomic, write_jsonl_atomi
 from core.jobs.cluster import (
     BACKENDS,
     LOCAL,
+    BackendConfig,
     check_setting,
     current_setting,
     make_setting,
     save_setting,
 )
-from core.jobs.registry import Job, JobRegistry, run_job_process
+from core.jobs.registry import Job, JobRegistry, JobsConfig, run_job_process
 from core.jobs.runfiles import log_tail, read_metrics, run_progress, runs_dir
 from core.jobs.state import live_state
 from core.masking.config import MaskCommandConfig
+from core.model.config import ModelsConfig
 from core.scoring.config import ScoreConfig
+from core.study.report_config import ReportConfig
 from core.study.sweep import SweepConfig, submit_sweep, wait_for
 from core.training.config import TrainConfig
 
@@ -49,18 +52,6 @@ def _progress_printer(label: str) -> Callable[[int, int], None]:
             print(file=sys.stderr)
 
     return report
-
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default="default",
-        help="'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id, a local folder or a .gguf file",
-    )
-    p.add_argument("--device", default="auto", help="auto (CUDA > MPS > CPU), cpu, cuda, mps")
-    p.add_argument(
-        "--dtype", default="auto", help="auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"
-    )
 
 
 def _add_submit_args(p: argparse.ArgumentParser) -> None:
@@ -146,7 +137,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_tasks(args: argparse.Namespace) -> int:
     """List the built-in tasks."""
-
+    TasksConfig.from_args(args)
     for spec in list_tasks():
         mirror = (
             f"  (format {spec.mc_format}: lm-eval {spec.lm_eval_task})" if spec.mc_format else ""
@@ -166,14 +157,15 @@ def cmd_models(args: argparse.Namespace) -> int:
         prepare_embedded_model,
     )
 
-    if args.action == "prepare":
+    config = ModelsConfig.from_args(args)
+    if config.action == "prepare":
         start = time.monotonic()
         folder = prepare_embedded_model()
         print(
             f"embedded model ready in {folder} ({time.monotonic() - start:.1f}s)", file=sys.stderr
         )
         return 0
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(config.model, device=config.device, dtype=config.dtype)
     print(model_summary_json(lm))
     return 0
 
@@ -292,10 +284,11 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         state = live_state(job.run_dir, job.status)
         return None if state is None else {**state.to_dict(), "line": state.line()}
 
+    config = JobsConfig.from_args(args)
     registry = JobRegistry()
-    if args.action == "list":
+    if config.action == "list":
         jobs = registry.list()
-        if args.json:
+        if config.as_json:
             print(json.dumps([{**j.to_dict(), "state": state_dict(j)} for j in jobs], indent=2))
             return 0
         for job in jobs:
@@ -312,17 +305,16 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if not jobs:
             print(f"no jobs in {registry.path}", file=sys.stderr)
         return 0
-    if not args.job_id:
-        raise LensError(f"`jobs {args.action}` needs a job id (see `python -m core jobs list`).")
-    if args.action == "cancel":
-        job = registry.cancel(args.job_id, grace=args.grace)
-    elif args.action == "resume":
-        job = registry.resume(args.job_id)
+    assert config.job_id is not None  # JobsConfig: every action but list names one
+    if config.action == "cancel":
+        job = registry.cancel(config.job_id, grace=config.grace)
+    elif config.action == "resume":
+        job = registry.resume(config.job_id)
     else:
-        job = registry.get(args.job_id)
+        job = registry.get(config.job_id)
     prog = run_progress(read_metrics(job.run_dir))
     line = now_line(job)
-    if args.json:
+    if config.as_json:
         print(
             json.dumps(
                 {**job.to_dict(), "progress": prog.__dict__, "state": state_dict(job)}, indent=2
@@ -341,25 +333,21 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         print(line)
     if job.error:
         print(f"error: {job.error.splitlines()[0]}")
-    if args.action == "show":
-        print(f"--- last {args.lines} lines of the log ---")
-        print(log_tail(job.run_dir, lines=args.lines))
+    if config.action == "show":
+        print(f"--- last {config.lines} lines of the log ---")
+        print(log_tail(job.run_dir, lines=config.lines))
     return 0
 
 
 def cmd_backend(args: argparse.Namespace) -> int:
     """Show the job backend, or set it (checking that the cluster answers first)."""
 
+    config = BackendConfig.from_args(args)
     root = runs_dir()
-    if args.name is None:
-        if args.address:
-            raise LensError(
-                "--address goes with a backend name: `backend ray --address HOST:PORT` or "
-                "`backend slurm --partition NAME`."
-            )
+    if config.name is None:
         print(f"queued jobs run on {current_setting(root).describe()}")
         return 0
-    setting = make_setting(args.name, args.address)
+    setting = make_setting(config.name, config.address)
     check_setting(setting)
     path = save_setting(root, setting)
     print(f"queued jobs now run on {setting.describe()} (saved in {path})")
@@ -376,18 +364,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write a self-contained HTML report of one or more runs."""
     from core.study.report import write_report  # lazy: heavy (torch)
 
-    if args.examples < 0:
-        raise LensError(f"--examples must be 0 or more (got {args.examples}).")
-    output_path(args.out)
-    path = write_report(
-        args.runs,
-        args.out,
-        title=args.title,
-        n_examples=args.examples,
-        include_ppl_changes=not args.no_ppl_change,
-        device=args.device,
-        dtype=args.dtype,
-    )
+    config = ReportConfig.from_args(args)
+    output_path(config.out)
+    path = write_report(**config.report_kwargs())
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opens offline)", file=sys.stderr)
     return 0
 
@@ -542,32 +521,15 @@ def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("tasks", help="list built-in tasks")
+    TasksConfig.add_arguments(p)
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("models", help="prepare the embedded model or describe a model")
-    p.add_argument("action", choices=["prepare", "info"])
-    _add_model_args(p)
+    ModelsConfig.add_arguments(p)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("report", help="write an offline HTML report of runs")
-    p.add_argument("runs", nargs="+", help="run ids or run folders")
-    p.add_argument("--out", required=True, help="output .html file")
-    p.add_argument("--title", default="Perplexity Lens report")
-    p.add_argument(
-        "--examples",
-        type=int,
-        default=0,
-        metavar="N",
-        help="heatmap snapshots of the first run's first N training examples, scored by the "
-        "original model, with the run's mask (loads the model)",
-    )
-    p.add_argument(
-        "--no-ppl-change",
-        action="store_true",
-        help="leave out saved token-perplexity-change results (Compare page, Diagnostics)",
-    )
-    p.add_argument("--device", default="auto", help="device for --examples scoring")
-    p.add_argument("--dtype", default="auto", help="dtype for --examples scoring")
+    ReportConfig.add_arguments(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
@@ -605,11 +567,7 @@ def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("jobs", help="list, show, cancel or resume background jobs")
-    p.add_argument("action", choices=["list", "show", "cancel", "resume"])
-    p.add_argument("job_id", nargs="?", help="job id (see `jobs list`)")
-    p.add_argument("--lines", type=int, default=30, help="log lines shown by `show`")
-    p.add_argument("--grace", type=float, default=10.0, help="cancel: seconds before SIGKILL")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    JobsConfig.add_arguments(p)
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("eval", help="evaluate a model or an adapter on a suite (TI / BWT)")
@@ -655,15 +613,7 @@ def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
         description="Kept in <runs folder>/backend.json (the app's Home page sets the same); "
         "$PLENS_JOB_BACKEND and $PLENS_RAY_ADDRESS / $PLENS_SLURM_PARTITION override it.",
     )
-    p.add_argument("name", nargs="?", choices=BACKENDS, help="set this backend")
-    p.add_argument(
-        "--address",
-        "--partition",
-        dest="address",
-        default=None,
-        help="ray: the dashboard address (host:port or URL); slurm: the partition (default: "
-        "the cluster's default partition)",
-    )
+    BackendConfig.add_arguments(p)
     p.set_defaults(func=cmd_backend)
 
     p = sub.add_parser("app", help="serve the app in the browser (from any folder)")

@@ -3,7 +3,12 @@ flags <-> the equivalent command a page shows.
 
 A command's settings are a dataclass that subclasses `JobConfig` (score: `ScoreConfig`, mask:
 `MaskCommandConfig`, train: `TrainConfig`, generate: `GenDataConfig`, eval: `EvalConfig`,
-protocol: `ProtocolConfig`, sweep: `SweepConfig`). The class says:
+protocol: `ProtocolConfig`, sweep: `SweepConfig`, report: `ReportConfig`, models:
+`ModelsConfig`, jobs: `JobsConfig`, backend: `BackendConfig`, tasks: `TasksConfig`, migrate:
+`MigrateConfig`). Only `app` (serve the app) and `job-run` (the job queue's internal launcher)
+are built by hand in `core/cli.py`: neither is a setting a page shows or a run records. What a
+command needs beyond its settings (`--submit`, `--backend`, `--run-dir`) is added there too.
+The class says:
 
 - `COMMAND`: its `python -m core COMMAND` subcommand;
 - `PRESETS` and `DEFAULT_PRESET`: named overrides of the dataclass defaults (a `preset` field
@@ -16,15 +21,19 @@ protocol: `ProtocolConfig`, sweep: `SweepConfig`). The class says:
 Field metadata: "help"; "choices"; "parse" (text -> value) for a type the annotation does not
 tell; "flag" (a flag name other than the field's); "aliases" (more flag names that set it, e.g.
 an older spelling; the command writes the main one); "required" (the flag must be given);
-"repeat" (a list given as the flag repeated, not comma-separated); "cli": False for a derived
-field that has no flag. `field_from(Other, "name")` declares a field as another dataclass
+"repeat" (a list given as the flag repeated, not comma-separated); "metavar"; "cli": False for a
+derived field that has no flag; "positional": True for a positional argument instead of a flag
+(`jobs show ID`): a list takes one or more words (none or more unless "required"), a field that
+is not "required" may be left out (its dataclass default, which argparse puts in the namespace),
+and the command writes positionals first, in field order, a None one left out. `field_from(Other, "name")` declares a field as another dataclass
 declares it (default, help, choices), so a setting's vocabulary is written once: `TrainConfig`
 and the `mask` command take their mask fields from `core.masking.config.MaskConfig`.
 
 Flags: `--field-name VALUE` per field; booleans `--x` / `--no-x`; `X | None` fields take "none";
 lists take "a,b"; dicts take JSON. Every flag stays out of the namespace unless given, so the
 layers are: dataclass defaults, then the preset, then `--config`, then the flags given.
-`config.command()` spells out what differs from the preset and parses back to an equal config
+`config.command()` spells out what differs from the preset (and every "required" field) and
+parses back to an equal config
 (`tests/test_config.py` checks that for every job kind).
 """
 
@@ -230,6 +239,9 @@ class JobConfig:
         hints = typing.get_type_hints(cls)
         for f in cls.cli_fields():
             meta = f.metadata
+            if meta.get("positional"):
+                _add_positional(parser, f, hints[f.name])
+                continue
             flag = cli_flag(meta.get("flag", f.name))
             kwargs: dict[str, Any] = {
                 "dest": f.name,
@@ -284,7 +296,8 @@ class JobConfig:
         out: dict[str, Any] = {}
         for f in self.cli_fields():
             value = getattr(self, f.name)
-            if value == defaults.get(f.name) and f.name not in self.ALWAYS:
+            always = f.name in self.ALWAYS or f.metadata.get("required")
+            if value == defaults.get(f.name) and not always:
                 continue
             group = next((g for g in self.EXCLUSIVE if f.name in g), ())
             if value is None and any(getattr(self, o) is not None for o in group if o != f.name):
@@ -298,7 +311,14 @@ class JobConfig:
         if self.PRESETS:
             parts += ["--preset", str(getattr(self, "preset"))]  # noqa: B009 - a dataclass field
         meta = {f.name: f.metadata for f in fields(self)}  # type: ignore[arg-type]
+        for f in self.cli_fields():
+            value = getattr(self, f.name)
+            if not f.metadata.get("positional") or value is None:
+                continue
+            parts += [str(v) for v in value] if isinstance(value, list) else [str(value)]
         for name, value in self.command_values().items():
+            if meta[name].get("positional"):
+                continue
             flag = cli_flag(meta[name].get("flag", name))
             if isinstance(value, bool):
                 parts.append(flag if value else "--no-" + flag[2:])
@@ -313,6 +333,37 @@ class JobConfig:
         return shlex.join(parts)
 
 
+def _add_positional(parser: argparse.ArgumentParser, f: Any, hint: Any) -> None:
+    """A positional argument for the field `f` (metadata "positional"; see the module docstring)."""
+    meta = f.metadata
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if (type(None) in typing.get_args(hint) and args) else hint
+    kwargs: dict[str, Any] = {"help": meta.get("help")}
+    if typing.get_origin(base) is list:
+        inner = typing.get_args(base)
+        kind: Any = inner[0] if inner else str
+        kwargs["nargs"] = "+" if meta.get("required") else "*"
+    else:
+        kind = base if base in (int, float, str) else str
+    if not meta.get("required"):
+        kwargs["default"] = _default_of(f)
+        kwargs.setdefault("nargs", "?")
+    kwargs["type"] = meta.get("parse", kind)
+    if "choices" in meta:
+        kwargs["choices"] = list(meta["choices"])
+    if "metavar" in meta:
+        kwargs["metavar"] = meta["metavar"]
+    parser.add_argument(f.name, **kwargs)
+
+
+def _default_of(f: Any) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    raise KeyError(f.name)
+
+
 def _metavar(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args else hint
@@ -323,9 +374,4 @@ def _metavar(hint: Any) -> str:
 
 def field_default(cls: type, name: str) -> Any:
     """The dataclass default of one field (for help texts and pages)."""
-    f = next(f for f in fields(cls) if f.name == name)
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    raise KeyError(name)
+    return _default_of(next(f for f in fields(cls) if f.name == name))

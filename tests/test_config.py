@@ -1,5 +1,5 @@
-"""One config mechanism for every command (score, mask and the job kinds): config -> equivalent
-command -> flags -> the same config (the command a page shows must run what the page shows), for
+"""One config mechanism for every command (score, mask, the job kinds, report, models, jobs,
+backend, tasks): config -> equivalent command -> flags -> the same config (the command a page shows must run what the page shows), for
 random configs of each kind; and the defects the old per-kind flag builders had."""
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from core.cli import build_parser, main
+from core.data.tasks import TasksConfig
 from core.datagen.config import GenDataConfig
 from core.errors import LensError
 from core.eval.config import EvalConfig
+from core.jobs.cluster import BackendConfig
+from core.jobs.registry import JobsConfig
 from core.masking.config import MaskCommandConfig
+from core.model.config import ModelsConfig
 from core.scoring.config import ScoreConfig
 from core.study.protocol import ARMS, ProtocolConfig
+from core.study.report_config import ReportConfig
 from core.study.sweep import SweepConfig
 from core.training.config import REPORTERS, TrainConfig
 
@@ -31,6 +36,11 @@ KINDS = (
     EvalConfig,
     ProtocolConfig,
     SweepConfig,
+    ReportConfig,
+    ModelsConfig,
+    JobsConfig,
+    BackendConfig,
+    TasksConfig,
 )
 
 # Free-text values that must survive shell quoting; list fields draw their items from these.
@@ -41,6 +51,7 @@ LIST_ITEMS = {
     "taus": (1.5, 2.0, 10.0),
     "lm_eval_tasks": ("arc_easy", "piqa"),
     "tasks": ("arc_easy:validation", "mmlu", "gsm8k"),
+    "runs": ("20261203-130418-cc24", *TEXTS),
     # probe files must exist and hold prompts (checked when the config is made)
     "probes": tuple(
         str(Path(__file__).parent / "data" / name)

@@ -33,8 +33,9 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from core.config import JobConfig
 from core.data.records import Dataset, Example, LoadReport
 from core.errors import DataError, LensError
 
@@ -205,6 +206,14 @@ TASKS: dict[str, TaskSpec] = {
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TasksConfig(JobConfig):
+    """``python -m core tasks``: list the built-in tasks (no settings)."""
+
+    COMMAND: ClassVar[str] = "tasks"
+    LABEL: ClassVar[str] = "tasks"
 
 
 def list_tasks() -> list[TaskSpec]:

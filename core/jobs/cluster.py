@@ -36,10 +36,12 @@ failed with Ray's reason and the log tail.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from core.config import JobConfig, help_meta
+from core.errors import LensError
 from core.io import read_json, write_json_atomic
 from core.jobs.engine import (
     FAILED,
@@ -83,6 +85,35 @@ class BackendSetting:
             where = f"partition {self.address}" if self.address else "the default partition"
             return f"SLURM ({where})"
         return "the local queue"
+
+
+@dataclass
+class BackendConfig(JobConfig):
+    """``python -m core backend [NAME] [--address A]``: with a name, set where queued jobs run
+    (the cluster checked first); without, show it."""
+
+    COMMAND: ClassVar[str] = "backend"
+    LABEL: ClassVar[str] = "backend"
+
+    name: str | None = field(
+        default=None, metadata=help_meta("set this backend", positional=True, choices=BACKENDS)
+    )
+    address: str | None = field(
+        default=None,
+        metadata=help_meta(
+            "ray: the dashboard address (host:port or URL); slurm: the partition (default: "
+            "the cluster's default partition)",
+            aliases=("--partition",),
+            metavar="ADDRESS",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.name is None and self.address:
+            raise LensError(
+                "--address goes with a backend name: `backend ray --address HOST:PORT` or "
+                "`backend slurm --partition NAME`."
+            )
 
 
 def normalise_address(address: str | None) -> str:

@@ -52,9 +52,12 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from core.config import JobConfig, help_meta
+from core.errors import LensError
 from core.io import write_json_atomic
 from core.jobs import jobmain
 from core.jobs.cluster import LOCAL, current_setting
@@ -104,12 +107,51 @@ __all__ = [
     "JobCancelled",
     "JobError",
     "JobRegistry",
+    "JobsConfig",
     "core_process_env",
     "jobs_by_run",
     "process_alive",
     "resolve_job_device",
     "run_job_process",
 ]
+
+
+#: `jobs list`, `jobs show ID` (with the log's last lines), `jobs cancel ID`, `jobs resume ID`.
+JOB_ACTIONS = ("list", "show", "cancel", "resume")
+
+
+@dataclass
+class JobsConfig(JobConfig):
+    """``python -m core jobs ACTION [JOB_ID]``: list the background jobs, or show, cancel or
+    resume one."""
+
+    COMMAND: ClassVar[str] = "jobs"
+    LABEL: ClassVar[str] = "jobs"
+
+    action: str = field(
+        default="list",
+        metadata=help_meta(
+            "list every job, or show, cancel or resume JOB_ID",
+            positional=True,
+            required=True,
+            choices=JOB_ACTIONS,
+        ),
+    )
+    job_id: str | None = field(
+        default=None, metadata=help_meta("job id (see `jobs list`)", positional=True)
+    )
+    lines: int = field(default=30, metadata=help_meta("log lines shown by `show`", metavar="LINES"))
+    grace: float = field(
+        default=DEFAULT_GRACE_SECONDS,
+        metadata=help_meta("cancel: seconds before SIGKILL", metavar="GRACE"),
+    )
+    as_json: bool = field(default=False, metadata=help_meta("machine-readable output", flag="json"))
+
+    def __post_init__(self) -> None:
+        if self.action != "list" and not self.job_id:
+            raise LensError(
+                f"`jobs {self.action}` needs a job id (see `python -m core jobs list`)."
+            )
 
 
 class JobRegistry:

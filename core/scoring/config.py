@@ -6,9 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from core.config import JobConfig, help_meta
+from core.config import JobConfig, field_from, help_meta
 from core.data.records import CONVENTIONS, PROMPT_CONDITIONED
 from core.errors import LensError
+from core.model.config import ModelsConfig
 
 SOURCES = ("task", "data", "hub_dataset")
 
@@ -22,21 +23,10 @@ class ScoreConfig(JobConfig):
     ALWAYS: ClassVar[tuple[str, ...]] = ("model", "out")
     LABEL: ClassVar[str] = "scoring"
 
-    # model
-    model: str = field(
-        default="default",
-        metadata=help_meta(
-            "'default' (embedded SmolLM2-135M-Instruct), a Hugging Face id, a local folder or "
-            "a .gguf file"
-        ),
-    )
-    device: str = field(
-        default="auto", metadata=help_meta("auto (CUDA > MPS > CPU), cpu, cuda, mps")
-    )
-    dtype: str = field(
-        default="auto",
-        metadata=help_meta("auto (bf16 on CUDA, else fp32), float32, bfloat16, float16"),
-    )
+    # model: as `python -m core models` takes it
+    model: str = field_from(ModelsConfig, "model")
+    device: str = field_from(ModelsConfig, "device")
+    dtype: str = field_from(ModelsConfig, "dtype")
     # data: exactly one source
     task: str | None = field(
         default=None, metadata=help_meta("built-in task name (see `python -m core tasks`)")

@@ -35,6 +35,7 @@ from core.model.interface import LanguageModel
 from core.scoring.cache import ScoreCache
 from core.scoring.score import score_examples
 from core.study.diagnostics import PplChange, saved_ppl_changes, training_examples
+from core.study.report_config import DEFAULT_TITLE
 from core.study.run_tables import (
     DRIFT_READING,
     drift_display_table,
@@ -243,7 +244,7 @@ def _ppl_change_html(
 def build_report(
     runs: Sequence[RunView],
     *,
-    title: str = "Perplexity Lens report",
+    title: str = DEFAULT_TITLE,
     examples: Sequence[ScoredExample | HeatmapSnapshot] = (),
     ppl_changes: Sequence[PplChange] = (),
     notes: str = "",
@@ -368,7 +369,7 @@ def write_report(
     run_ids: Sequence[str | Path],
     out: str | Path,
     *,
-    title: str = "Perplexity Lens report",
+    title: str = DEFAULT_TITLE,
     n_examples: int = 0,
     include_ppl_changes: bool = True,
     device: str = "auto",
