@@ -20,6 +20,7 @@ from core.eval.drift import DRIFT_LABELS
 from core.eval.labels import (
     change_text,
     finite,
+    interval_text,
     metric_label,
     probe_description,
     probe_title,
@@ -172,19 +173,6 @@ def score_columns(table: pd.DataFrame) -> list[str]:
 
 
 #: Decimals of a change per unit (points of accuracy, nats of NLL, % for BWT and TI).
-CHANGE_DIGITS = {"points": 1, "nats": 3, "%": 1}
-
-
-def change_cell(estimate: Any, low: Any = None, high: Any = None, unit: str = "") -> str:
-    """A change as a table prints it, through `core.fmt.interval`: "+5.0 [+1.2, +8.8] points",
-    "-50.0% (no interval)", or `fmt.MISSING` when there is no estimate."""
-    if not finite(estimate):
-        return fmt.MISSING
-    text = fmt.interval(_clean(estimate), _clean(low), _clean(high), CHANGE_DIGITS.get(unit, 1))
-    suffix = unit if unit == "%" else (f" {unit}" if unit else "")
-    return f"{text}{suffix}" if finite(low) and finite(high) else f"{text}{suffix} (no interval)"
-
-
 #: Title and help text of each fact column of `runs_display_table` (score columns get theirs
 #: from `runs_columns`). The page's column_config and the report's header use both.
 RUN_COLUMNS: dict[str, tuple[str, str]] = {
@@ -305,7 +293,7 @@ def runs_display_table(table: pd.DataFrame) -> pd.DataFrame:
     out["masked %"] = [_masked_cell(m, v) for m, v in zip(methods, table["masked %"], strict=True)]
     out["target"] = [str(v) if isinstance(v, str) else fmt.MISSING for v in table["target"]]
     out["target Δ"] = [
-        change_cell(d, lo, hi, u if isinstance(u, str) else "")
+        interval_text(d, lo, hi, u if isinstance(u, str) else "")
         for d, lo, hi, u in zip(
             table["target Δ"],
             table["target Δ low"],
@@ -316,7 +304,7 @@ def runs_display_table(table: pd.DataFrame) -> pd.DataFrame:
     ]
     for name in ("BWT", "TI"):
         out[f"{name} %"] = [
-            change_cell(v, lo, hi, "%")
+            interval_text(v, lo, hi, "%")
             for v, lo, hi in zip(
                 table[name], table[f"{name} low"], table[f"{name} high"], strict=True
             )

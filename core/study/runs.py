@@ -50,7 +50,6 @@ from core.jobs.runfiles import (
 )
 from core.stats import paired_interval
 from core.study.run_tables import (
-    CHANGE_DIGITS,
     DRIFT_READING,
     FINISHED,
     NOT_APPLICABLE,
@@ -61,7 +60,6 @@ from core.study.run_tables import (
     TABLE_FACTS,
     TAU_METHODS,
     UNFINISHED,
-    change_cell,
     drift_display_table,
     final_target_change,
     run_findings,
@@ -78,7 +76,6 @@ from core.study.run_tables import (
 #: here.
 __all__ = [
     "CHANGE_COLUMNS",
-    "CHANGE_DIGITS",
     "DRIFT_COLUMNS",
     "DRIFT_READING",
     "DRIFT_TABLE_METRICS",
@@ -97,7 +94,6 @@ __all__ = [
     "TAU_METHODS",
     "UNFINISHED",
     "RunView",
-    "change_cell",
     "drift_display_table",
     "drift_missing",
     "drift_notes",

@@ -25,6 +25,7 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from core.eval.labels import finite
 from core.fmt import value_text
 from core.viz.heatmap import (
     delta_color,
@@ -279,10 +280,6 @@ _CSS = " ".join(
 # ------------------------------------------------------------------------------- charts
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _notes(fig: go.Figure, notes: Sequence[str]) -> go.Figure:
     fig.update_layout(meta={"notes": list(notes)})
     return fig
@@ -310,17 +307,17 @@ def _error_y(values: Sequence[Any], lows: Sequence[Any], highs: Sequence[Any]) -
         "width": 5,
         "color": "#1f2328",
         "array": [
-            h - v if _finite(h) and _finite(v) else 0 for v, h in zip(values, highs, strict=True)
+            h - v if finite(h) and finite(v) else 0 for v, h in zip(values, highs, strict=True)
         ],
         "arrayminus": [
-            v - lo if _finite(lo) and _finite(v) else 0 for v, lo in zip(values, lows, strict=True)
+            v - lo if finite(lo) and finite(v) else 0 for v, lo in zip(values, lows, strict=True)
         ],
     }
 
 
 def _from_zero(fig: go.Figure, values: Sequence[Any], axis: str = "y") -> None:
-    finite = [float(v) for v in values if _finite(v)]
-    top = max(finite, default=0.0)
+    known = [float(v) for v in values if finite(v)]
+    top = max(known, default=0.0)
     update = fig.update_yaxes if axis == "y" else fig.update_xaxes
     update(range=[0.0, 1.15 * top if top > 0 else 1.0], rangemode="tozero")
 
@@ -347,7 +344,7 @@ def _bars(
     color: str,
     name: str = "",
 ) -> None:
-    values = [v if _finite(v) else None for v in frame[prefix]]
+    values = [v if finite(v) else None for v in frame[prefix]]
     fig.add_trace(
         go.Bar(
             x=list(labels),
@@ -372,7 +369,7 @@ def _interval(
     of 0-1 in percent (`scale` 100)."""
     if scale == 100.0 or unit == "%":  # a share: 0-1, or already in percent (scale 1)
         div = 1.0 if scale == 100.0 else 100.0
-        parts = [v / div if _finite(v) else None for v in (value, low, high)]
+        parts = [v / div if finite(v) else None for v in (value, low, high)]
         return value_text(*parts, percent=True).replace(" (no interval)", "")
     return value_text(value, low, high, digits=digits).replace(" (no interval)", "")
 
@@ -393,7 +390,7 @@ def category_chart(frame: pd.DataFrame) -> go.Figure:
             for r in shown.itertuples()
         ]
         labels = [
-            f"{r.category}<br>{100 * r.kl_share:.0f}% of KL" if _finite(r.kl_share) else r.category
+            f"{r.category}<br>{100 * r.kl_share:.0f}% of KL" if finite(r.kl_share) else r.category
             for r in shown.itertuples()
         ]
         _bars(fig, labels, shown, "kl", hover, ORANGE)
@@ -507,9 +504,9 @@ def share_scatter(table: pd.DataFrame, x: str = "trained", current: str = "") ->
     column, x_title = SHARE_AXES[x]
     fig = go.Figure()
     notes: list[str] = []
-    known = table[[_finite(v) for v in table[column]]] if not table.empty else table
+    known = table[[finite(v) for v in table[column]]] if not table.empty else table
     for _, row in table.iterrows() if not table.empty else ():
-        if not _finite(row[column]):
+        if not finite(row[column]):
             why = row["reason"] or (
                 "random positions: the share among trained tokens is not exact"
                 if row["method"] == "random"
