@@ -6,7 +6,9 @@ saving leaves a folder that looks finished but is not, and one killed while dele
 half of an old checkpoint. Here a checkpoint is written into `checkpoints/.staging/`, every file
 fsynced, and renamed into place in one step; an old one is renamed aside
 (`.deleting-checkpoint-N`) before it is deleted. A killed run leaves only those two kinds of
-leftovers, which `clean_partial` removes when the run starts again.
+leftovers, which `clean_partial` removes when the run starts again. A run killed after its last
+checkpoint (during the final evaluation or while the adapter is saved) resumes from it and trains
+nothing more: transformers alone would train one step past `max_steps` then.
 
 `rewind_metrics` makes a resumed run's metrics.jsonl and `eval/` what an uninterrupted run
 would have written up to the checkpoint it resumes from: the steps after it are trained (and
@@ -102,10 +104,19 @@ def keep_newest(checkpoints_dir: str | Path, limit: int | None) -> None:
 
 def with_atomic_checkpoints(trainer_cls: type) -> type:
     """A subclass of a transformers `Trainer` class whose checkpoints are written whole or not
-    at all, and rotated without leaving half of an old one (see the module docstring)."""
+    at all, and rotated without leaving half of an old one (see the module docstring), and
+    whose resume from the final step's checkpoint trains no further step."""
 
     class AtomicCheckpoints(trainer_cls):  # type: ignore[misc, valid-type]
         _staging = False
+
+        def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+            # transformers 5.23 resumed at global_step == max_steps mid-epoch skips the trained
+            # batches and trains the next one before it checks max_steps: step max_steps + 1
+            if self.state.global_step >= self.state.max_steps > 0:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
 
         def _get_output_dir(self, trial: Any) -> str:
             out = super()._get_output_dir(trial)
