@@ -84,7 +84,7 @@ def fill(n: int, path: Path, setting=None, vocab=None) -> float:
         from dataclasses import replace
 
         scores = replace(scores, vocab=vocab, _cache={})
-    cache = ScoreCache(path, legacy=None)
+    cache = ScoreCache(path)
     t0 = time.perf_counter()
     for start in range(0, n, 512):
         cache.put(setting or _setting(), scores.take(range(start, min(n, start + 512))))
@@ -114,7 +114,7 @@ def pages(path: Path, setting, examples: list) -> dict:
     rss0, _ = _rss()
     t0 = time.perf_counter()
     keys = [content_key(ex) for ex in examples]
-    hit = ScoreCache(path, legacy=None).lookup(setting, examples, keys)
+    hit = ScoreCache(path).lookup(setting, examples, keys)
     scores = hit.scores.with_labels(
         ["ground_truth"] * len(hit.keys), [dict(ex.meta) for ex in examples]
     )
@@ -213,7 +213,7 @@ def _real_child(cache: Path) -> dict:
     examples += list(load_task("gsm8k", split="test").examples)
     from core.scoring.cache import ScoreCache, content_key
 
-    have = set(ScoreCache(cache / "scores", legacy=None).lookup(setting, examples).keys)
+    have = set(ScoreCache(cache / "scores").lookup(setting, examples).keys)
     examples = [ex for ex in examples if content_key(ex) in have]  # what the run scored
     out = pages(cache / "scores", setting, examples)
     out["mbpp"] = sum(ex.id.startswith("mbpp") or "mbpp" in ex.id.lower() for ex in examples)

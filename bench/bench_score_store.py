@@ -91,7 +91,7 @@ def _setting():
 
 
 def _old_key(rec) -> str:
-    from core.scoring.cache import score_key
+    from core.scoring.legacy import score_key
 
     s = _setting()
     return score_key(s.model_key, s.template_fp, s.convention, s.max_length, s.top_k, rec)
@@ -104,12 +104,13 @@ def _disk(path: Path) -> int:
 
 
 def phase_write(backend: str, n: int, path: Path) -> dict:
-    from core.scoring.cache import LegacyScoreCache, ScoreCache
+    from core.scoring.cache import ScoreCache
+    from core.scoring.legacy import LegacyScoreCache
 
     scores = synthetic(n)
     out: dict = {}
     if backend == "store":
-        cache = ScoreCache(path, legacy=None)
+        cache = ScoreCache(path)
         t0 = time.perf_counter()
         for start in range(0, n, BATCH):
             cache.put(_setting(), scores.take(range(start, min(n, start + BATCH))))
@@ -132,7 +133,8 @@ def phase_read(backend: str, n: int, path: Path) -> dict:
     from core.data.records import Example
     from core.masking.rules import MaskConfig, PplIndex, compute_masks
     from core.scoring import analytics
-    from core.scoring.cache import LegacyScoreCache, ScoreCache
+    from core.scoring.cache import ScoreCache
+    from core.scoring.legacy import LegacyScoreCache
     from tests.reference_analytics import share_vs_tau_reference
 
     rss_start, _ = _rss()
@@ -148,14 +150,14 @@ def phase_read(backend: str, n: int, path: Path) -> dict:
     setting = _setting()
     t0 = time.perf_counter()
     if backend == "store":
-        first = ScoreCache(path, legacy=None).lookup(setting, examples[:1]).scores.example(0)
+        first = ScoreCache(path).lookup(setting, examples[:1]).scores.example(0)
     else:
         first = LegacyScoreCache(path).get(_old_key(examples[0]))
     out["open_first_s"] = time.perf_counter() - t0
     assert first is not None and first.id == "ex0"
     t0 = time.perf_counter()
     if backend == "store":
-        data = ScoreCache(path, legacy=None).lookup(setting, examples).scores
+        data = ScoreCache(path).lookup(setting, examples).scores
     else:
         found = LegacyScoreCache(path).get_many([_old_key(ex) for ex in examples])
         data = [found[_old_key(ex)] for ex in examples]

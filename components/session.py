@@ -24,6 +24,7 @@ from core.io import cache_dir
 from core.jobs.background import DONE, FAILED, BackgroundRunner, BackgroundTask
 from core.masking import DEFAULT_TAU, TAU_MAX, TAU_MIN, parse_tau
 from core.model.loading import MODEL_SLOT, LoadedModel
+from core.scoring.legacy import legacy_score_note
 from core.scoring.score import ScoreRun
 
 DEFAULT_LIMIT = 50
@@ -506,6 +507,9 @@ def scores_or_wait(
     run = task_result(task, early=early)
     for note in run.warnings if run is not None else ():
         st.warning(note, icon=":material/warning:")
+    old_cache = legacy_score_note()  # scores of an older version wait for `python -m core migrate`
+    if old_cache:
+        st.info(old_cache, icon=":material/info:")
     return run
 
 

@@ -107,10 +107,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     """Score every response token of a dataset and write one JSON object per example."""
     from core.model.loading import load_model  # lazy: heavy (torch)
     from core.scoring.cache import ScoreCache  # lazy: heavy (pyarrow; keeps --help fast)
+    from core.scoring.legacy import legacy_score_note  # lazy: heavy (pyarrow)
     from core.scoring.score import score_examples  # lazy: heavy (pyarrow)
 
     config = ScoreConfig.from_args(args)
     output_path(config.out)  # a folder, or a folder that cannot be made: say so before any work
+    note = legacy_score_note() if config.cache else None
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     dataset = load_source(**config.source_kwargs())
     print(dataset.report.summary(), file=sys.stderr)
     lm = load_model(config.model, device=config.device, dtype=config.dtype)
@@ -465,6 +469,17 @@ def cmd_protocol(args: argparse.Namespace) -> int:
     return run_job_process(job.id, registry)
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Convert the project's own older file formats in place (the old files kept aside)."""
+    from core.migrate import MigrateConfig, migrate  # lazy: heavy (pyarrow)
+
+    config = MigrateConfig.from_args(args)
+    report = migrate(models=config.models, dry_run=config.dry_run)
+    for line in report.lines():
+        print(line)
+    return 0
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     """Serve the Streamlit app: this checkout's, or the copy installed with the wheel (`plens app`
     from any folder). The embedded model is prepared first when its package is installed, as
@@ -542,6 +557,7 @@ def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
     MaskCommandConfig.add_arguments(p)
     p.set_defaults(func=cmd_mask)
 
+    from core.migrate import MigrateConfig  # lazy: heavy (pyarrow)
     from core.study.protocol import ProtocolConfig  # lazy: heavy (pyarrow)
 
     p = sub.add_parser(
@@ -615,6 +631,15 @@ def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
     )
     BackendConfig.add_arguments(p)
     p.set_defaults(func=cmd_backend)
+
+    p = sub.add_parser(
+        "migrate",
+        help="convert the project's own older files (score cache, job registry, run folders)",
+        description="Converts in place what an older version wrote, once; each old file is kept "
+        "as <name>.migrated. A second run finds nothing to do.",
+    )
+    MigrateConfig.add_arguments(p)
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("app", help="serve the app in the browser (from any folder)")
     p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")

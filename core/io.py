@@ -13,6 +13,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +250,44 @@ def file_stamp(path: str | Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return stat.st_mtime_ns, stat.st_size
+
+
+# --------------------------------------------------------------------------- migration
+
+#: What `python -m core migrate` appends to the name of a file in an old format it converted:
+#: the old file is kept under that name, never deleted.
+MIGRATED_SUFFIX = ".migrated"
+
+
+@dataclass(frozen=True)
+class MigrationStep:
+    """One line of `python -m core migrate`'s report: a file (or folder) in one of the project's
+    own older formats, what was done to it (or would be, in a dry run) and whether it changed."""
+
+    path: Path
+    text: str
+    converted: bool = True
+
+
+def migrated_name(path: str | Path) -> Path:
+    """Where a migration keeps the old `path`: `<path>.migrated`, else `<path>.migrated-2`, ...
+    (the first that does not exist: an old copy is never overwritten)."""
+    path = Path(path)
+    candidate = path.with_name(path.name + MIGRATED_SUFFIX)
+    n = 2
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}{MIGRATED_SUFFIX}-{n}")
+        n += 1
+    return candidate
+
+
+def keep_copy(path: str | Path) -> Path:
+    """Copy `path` to `<path>.migrated` before it is rewritten in place, unless that copy exists
+    already (from an interrupted migration: it holds the original); the copy's path."""
+    path = Path(path)
+    copy = path.with_name(path.name + MIGRATED_SUFFIX)
+    if not copy.exists():
+        temp = copy.with_name(f".{copy.name}.{secrets.token_hex(4)}.tmp")
+        shutil.copy2(path, temp)
+        os.replace(temp, copy)
+    return copy

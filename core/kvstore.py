@@ -11,6 +11,7 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Generic, TypeVar
+from urllib.parse import quote
 
 V = TypeVar("V")
 _CHUNK = 500  # keys per SELECT (SQLite's bound-parameter limit is 999 on old builds)
@@ -82,3 +83,14 @@ class KVCache(Generic[V]):
         """Remove every cached value."""
         with self._connect() as db:
             db.execute(f"DELETE FROM {self.table}")
+
+
+def open_untouched(path: str | Path) -> sqlite3.Connection:
+    """A connection that reads the SQLite file `path` without writing beside it: opened
+    immutable (no -wal / -shm files made) unless a crash left a journal with rows in it, which
+    only a normal connection reads (it may then write the -shm file a journal needs)."""
+    path = Path(path)
+    wal = Path(f"{path}-wal")
+    if wal.is_file() and wal.stat().st_size:
+        return sqlite3.connect(path, timeout=60)
+    return sqlite3.connect(f"file:{quote(str(path.resolve()))}?immutable=1", uri=True, timeout=60)

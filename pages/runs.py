@@ -205,6 +205,14 @@ def _draw() -> None:
     if not runs:
         st.info("Pick one or more runs.")
         return
+    old = [run.run_id for run in runs if run.old_format]
+    if old:
+        st.info(
+            f"{', '.join(old)}: evaluation results saved by an older version (the easy-token "
+            "NLL as a reference task's score) are shown as saved; `python -m core migrate` "
+            "rewrites them.",
+            icon=":material/info:",
+        )
     current = jobs_by_run(registry.list())  # read again: the live fragment calls this
     st.dataframe(_status_table(runs, current), hide_index=True, width="stretch")
     for run in runs:  # what each running job does now: phase, where in it, time left

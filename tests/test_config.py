@@ -1,5 +1,5 @@
 """One config mechanism for every command (score, mask, the job kinds, report, models, jobs,
-backend, tasks): config -> equivalent command -> flags -> the same config (the command a page shows must run what the page shows), for
+backend, tasks, migrate): config -> equivalent command -> flags -> the same config (the command a page shows must run what the page shows), for
 random configs of each kind; and the defects the old per-kind flag builders had."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from core.eval.config import EvalConfig
 from core.jobs.cluster import BackendConfig
 from core.jobs.registry import JobsConfig
 from core.masking.config import MaskCommandConfig
+from core.migrate import MigrateConfig
 from core.model.config import ModelsConfig
 from core.scoring.config import ScoreConfig
 from core.study.protocol import ARMS, ProtocolConfig
@@ -41,6 +42,7 @@ KINDS = (
     JobsConfig,
     BackendConfig,
     TasksConfig,
+    MigrateConfig,
 )
 
 # Free-text values that must survive shell quoting; list fields draw their items from these.
@@ -52,6 +54,7 @@ LIST_ITEMS = {
     "lm_eval_tasks": ("arc_easy", "piqa"),
     "tasks": ("arc_easy:validation", "mmlu", "gsm8k"),
     "runs": ("20261203-130418-cc24", *TEXTS),
+    "models": ("default", *TEXTS),
     # probe files must exist and hold prompts (checked when the config is made)
     "probes": tuple(
         str(Path(__file__).parent / "data" / name)

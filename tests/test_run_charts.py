@@ -313,20 +313,6 @@ def test_runs_without_saved_rounds_fall_back_to_records_without_intervals(tmp_pa
     assert math.isclose(runs_table([run]).iloc[0]["target Δ"], 5.0)
 
 
-def test_rounds_saved_before_the_honest_metric_still_chart_the_full_token_nll(tmp_path):
-    folder = make_eval_run(tmp_path, "old", {0: BASE, 2: later(2)})
-    for step in (0, 2):  # such rounds named the easy-token NLL their reference tasks' score
-        path = eval_round_path(folder, step)
-        data = json.loads(path.read_text())
-        for task in data["tasks"]:
-            if task["scorer"] == "ref_ppl":
-                task["primary"] = "nll_easy"
-        path.write_text(json.dumps(data))
-    run = load_run(folder)
-    assert run.target_task() == ("mbpp_ppl", "nll")
-    assert set(run.changes()["metric"]) == {"nll", "acc"}
-
-
 # ----------------------------------------------------------------------- drift from the base
 
 

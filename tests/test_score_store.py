@@ -1,6 +1,6 @@
 """The columnar score store: cache semantics on the tiny model, the same statistics as the
-list-based code, the legacy SQLite cache read through, damaged fragments moved aside and
-re-scored, and several processes writing at once."""
+list-based code, damaged fragments moved aside and re-scored, and several processes writing at
+once. (The old SQLite cache is not read: tests/test_migrate.py carries it over.)"""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import pytest
 
 from core.data.records import Example, ScoredExample
 from core.data.sources import load_source
-from core.io import cache_dir
 from core.masking.rules import (
     MaskConfig,
     PplIndex,
@@ -29,13 +28,7 @@ from core.masking.rules import (
 from core.model.loading import LoadedModel
 from core.scoring import analytics
 from core.scoring import store as store_module
-from core.scoring.cache import (
-    LegacyScoreCache,
-    ScoreCache,
-    ScoreSetting,
-    content_key,
-    score_key,
-)
+from core.scoring.cache import ScoreCache, ScoreSetting, content_key
 from core.scoring.tokens import TokenScores
 from tests.reference_analytics import (
     example_table_reference,
@@ -264,90 +257,6 @@ def _setting(lm):
     from core.scoring.score import score_setting
 
     return score_setting(lm)
-
-
-# --------------------------------------------------------------------------- legacy cache
-
-
-def _legacy_rows(path: Path) -> dict:
-    import sqlite3
-    from contextlib import closing
-
-    with closing(sqlite3.connect(path)) as db:
-        return dict(db.execute("SELECT key, value FROM scores"))
-
-
-def test_old_sqlite_cache_is_read_through_without_rescoring(tiny_lm, mbpp, count_batches):
-    """Scores written to scores.sqlite by the old cache code are used, and copied once."""
-    from core.scoring.score import score_examples, score_setting
-
-    reference = score_examples(tiny_lm, mbpp[:6]).examples  # no cache
-    setting = score_setting(tiny_lm)
-    old = LegacyScoreCache()  # the old class and encoding, at the old default path
-    assert old.path == cache_dir() / "scores.sqlite"
-    old.put_many(
-        {
-            score_key(
-                setting.model_key,
-                setting.template_fp,
-                setting.convention,
-                setting.max_length,
-                setting.top_k,
-                rec,
-            ): rec
-            for rec in reference
-        }
-    )
-    before = _legacy_rows(old.path)
-    count_batches["examples"] = 0
-    run = score_examples(tiny_lm, mbpp[:8], cache=ScoreCache())
-    assert count_batches["examples"] == 2  # only the two the old cache did not have
-    assert (run.n_cached, run.n_migrated, run.n_scored) == (6, 6, 2)
-    assert "6 read from the old cache file" in run.summary()
-    assert _dicts(run.examples[:6]) == _dicts(reference)
-    assert _legacy_rows(old.path) == before  # the old file is only read
-    # now in the store itself: found without the legacy file
-    again = score_examples(tiny_lm, mbpp[:8], cache=ScoreCache(legacy=None))
-    assert (again.n_cached, again.n_migrated, count_batches["examples"]) == (8, 0, 2)
-
-
-def test_migrated_rows_need_no_legacy_file_afterwards(tiny_lm, mbpp, count_batches):
-    from core.scoring.score import score_examples, score_setting
-
-    reference = score_examples(tiny_lm, mbpp[:3]).examples
-    s = score_setting(tiny_lm)
-    LegacyScoreCache().put_many(
-        {
-            score_key(s.model_key, s.template_fp, s.convention, s.max_length, s.top_k, r): r
-            for r in reference
-        }
-    )
-    score_examples(tiny_lm, mbpp[:3], cache=ScoreCache())
-    (cache_dir() / "scores.sqlite").unlink()
-    count_batches["examples"] = 0
-    run = score_examples(tiny_lm, mbpp[:3], cache=ScoreCache())
-    assert (run.n_cached, run.n_migrated, count_batches["examples"]) == (3, 0, 0)
-
-
-def test_damaged_legacy_rows_are_rescored_with_a_warning(tiny_lm, mbpp, count_batches):
-    import sqlite3
-
-    from core.scoring.score import score_examples, score_setting
-
-    s = score_setting(tiny_lm)
-    reference = score_examples(tiny_lm, mbpp[:2]).examples
-    keys = [
-        score_key(s.model_key, s.template_fp, s.convention, s.max_length, s.top_k, r)
-        for r in reference
-    ]
-    old = LegacyScoreCache()
-    old.put_many(dict(zip(keys, reference, strict=True)))
-    with sqlite3.connect(old.path) as db:
-        db.execute("UPDATE scores SET value = ? WHERE key = ?", (b"not zlib", keys[0]))
-    count_batches["examples"] = 0
-    run = score_examples(tiny_lm, mbpp[:2], cache=ScoreCache())
-    assert (run.n_migrated, run.n_scored, count_batches["examples"]) == (1, 1, 1)
-    assert any("unreadable record" in w for w in run.warnings)
 
 
 # --------------------------------------------------------------------------- damaged files

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import LensError
+from core.io import MigrationStep, migrated_name
 from core.jobs.cluster import LOCAL
 from core.jobs.runfiles import LOG_TXT, log_tail
+from core.kvstore import open_untouched
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
@@ -166,8 +168,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 )
 """
 
-#: Columns added after the first release, with their definitions: an older jobs.sqlite gets them
-#: on open (its jobs are local ones).
+#: Columns added after the first release, with their definitions: `python -m core migrate` adds
+#: them to an older jobs.sqlite (`migrate_job_table`; its jobs are local ones), which `JobStore`
+#: refuses to open until then.
 _ADDED_COLUMNS = {
     "backend": "TEXT NOT NULL DEFAULT 'local'",
     "engine_address": "TEXT",
@@ -210,21 +213,26 @@ def _row_to_job(row: tuple[Any, ...]) -> Job:
 
 
 class JobStore:
-    """The rows of `<root>/jobs.sqlite` (WAL; the table made, and older tables given the columns
-    added since, on open)."""
+    """The rows of `<root>/jobs.sqlite` (WAL; the table made on open). A table of an older
+    version is a one-line `LensError` naming `python -m core migrate`, which brings it up to
+    date."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         self.path = self.root / REGISTRY_DB
         with self.connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute(_SCHEMA)
             have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-            for name, definition in _ADDED_COLUMNS.items():
-                if name not in have:
-                    with contextlib.suppress(sqlite3.OperationalError):  # added concurrently
-                        db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+            missing = [name for name in _ADDED_COLUMNS if have and name not in have]
+            if not missing:  # an old table is left exactly as it is
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(_SCHEMA)
+        if missing:
+            raise LensError(
+                f"The job registry {self.path} was written by an older version (no "
+                f"{', '.join(missing)} column): run `python -m core migrate` to bring it up to "
+                "date (it keeps a copy of the old file)."
+            )
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -400,3 +408,64 @@ class JobStore:
                 engine_id=None,
                 message="queued (resume)",
             )
+
+
+# --------------------------------------------------------------------------- migration
+
+
+def missing_columns(path: Path) -> list[str]:
+    """The columns added since the first release that the jobs table in `path` lacks (none for
+    a missing file or table)."""
+    if not path.is_file():
+        return []
+    with contextlib.closing(open_untouched(path)) as db:
+        have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    return [name for name in _ADDED_COLUMNS if have and name not in have]
+
+
+def migrate_job_table(root: Path, *, dry_run: bool = False) -> list[MigrationStep]:
+    """`python -m core migrate`'s step for `<root>/jobs.sqlite`: a table of an older version gets
+    the columns added since (its jobs ran on the local queue, the default those columns hold),
+    after a copy of the old file is kept as `jobs.sqlite.migrated`. One line, or none."""
+    path = Path(root) / REGISTRY_DB
+    missing = missing_columns(path)
+    if not missing:
+        return []
+    names = ", ".join(missing)
+    if dry_run:
+        text = (
+            f"{path}: would add the columns {names}, keeping the old file as {path.name}.migrated"
+        )
+        return [MigrationStep(path, text)]
+    copy = migrated_name(path)
+    temp = copy.with_name(f".{copy.name}.{secrets.token_hex(4)}.tmp")
+    with contextlib.closing(sqlite3.connect(path, timeout=60)) as src:
+        with contextlib.closing(sqlite3.connect(temp)) as dst:
+            src.backup(dst)  # a consistent copy, whatever the journal holds
+    temp.replace(copy)
+    db = sqlite3.connect(path, timeout=60, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        for name in missing:
+            if name not in have:
+                db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {_ADDED_COLUMNS[name]}")
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    text = f"{path}: added the columns {names}; kept the old file as {copy.name}"
+    return [MigrationStep(path, text)]
+
+
+def job_folders(root: Path) -> dict[Path, str]:
+    """Run folder -> status of every job in `<root>/jobs.sqlite`, read as any version wrote it
+    (for the migration, which must skip the folders of running jobs); empty without the file."""
+    path = Path(root) / REGISTRY_DB
+    if not path.is_file():
+        return {}
+    try:
+        with contextlib.closing(open_untouched(path)) as db:
+            rows = db.execute("SELECT run_dir, status FROM jobs ORDER BY created").fetchall()
+    except sqlite3.Error:
+        return {}
+    return {Path(run_dir): str(status) for run_dir, status in rows}

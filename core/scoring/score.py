@@ -43,8 +43,6 @@ class ScoreRun:
     # Set when this is an early look at the first few examples of a larger selection still being
     # scored: that selection's size.
     of_total: int | None = None
-    # Copied from the old SQLite cache into the store (counted in n_cached too).
-    n_migrated: int = 0
     # What went wrong without stopping the run (an unreadable score file moved aside and its
     # examples scored again), as sentences to show.
     warnings: list[str] = field(default_factory=list)
@@ -57,8 +55,6 @@ class ScoreRun:
     def summary(self) -> str:
         """One line for the UI and CLI."""
         text = f"{len(self.scores)} scored ({self.n_cached} from cache, {self.n_scored} computed)"
-        if self.n_migrated:
-            text += f", {self.n_migrated} read from the old cache file"
         if self.n_truncated:
             text += f", {self.n_truncated} truncated to the context length"
         if self.skipped:
@@ -139,7 +135,7 @@ def score_examples(
     found = {key: i for i, key in enumerate(hit.keys)} if hit is not None else {}
     run = ScoreRun(scores=TokenScores.empty(int(top_k)), n_cached=len(found))
     if hit is not None:
-        run.n_migrated, run.warnings = hit.n_migrated, list(hit.warnings)
+        run.warnings = list(hit.warnings)
     todo = [i for i, k in enumerate(keys) if k not in found]
     encs: dict[int, EncodedPair] = {}  # first example of each content still to score
     first_of: dict[str, int] = {}

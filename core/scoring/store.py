@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
 from core.errors import LensError
-from core.io import write_atomic, write_json_atomic
+from core.io import read_json, write_atomic, write_json_atomic
 from core.scoring.tokens import TokenScores
 
 STORE_SCHEMA = 1
@@ -721,6 +721,23 @@ class ScoreStore:
         return warnings
 
     # ----------------------------------------------------------------- whole store
+
+    def stored_keys(self, setting: str, keys: Iterable[str]) -> set[str]:
+        """Which of `keys` the setting holds, from the fragments' key columns alone: nothing is
+        decoded, written or moved (a fragment that cannot be read counts as holding none)."""
+        wanted, found = set(keys), set()
+        for path in self.fragments(setting):
+            try:
+                found |= wanted.intersection(self._index(path).rows)
+            except (FileNotFoundError, PermissionError, _Corrupt):
+                continue
+        return found
+
+    def setting_info(self, setting: str) -> dict[str, Any] | None:
+        """What the setting is (its `setting.json`: model, template, convention, ...), or None
+        when the file is missing or unreadable."""
+        data = read_json(self.setting_dir(setting) / "setting.json")
+        return data if isinstance(data, dict) else None
 
     def count(self) -> int:
         """Distinct (setting, example) rows stored."""

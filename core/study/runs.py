@@ -28,8 +28,9 @@ from core import fmt
 from core.errors import LensError
 from core.eval.compare import compare_results, recorded_suite, ti_spec
 from core.eval.labels import DRIFT_METRIC, finite
+from core.eval.legacy import records_are_old, result_is_old
 from core.eval.scorers import SuiteResult, item_scores
-from core.eval.suites import DRIFT, REF_PPL, TARGET
+from core.eval.suites import DRIFT, TARGET
 from core.io import file_stamp, read_json
 from core.jobs.metrics import (
     DataRecord,
@@ -272,6 +273,23 @@ class RunView:
             rows = _record_changes(self.eval_frame())
         return pd.DataFrame(rows, columns=CHANGE_COLUMNS)
 
+    @cached_property
+    def old_format(self) -> bool:
+        """Whether the folder holds evaluation results as versions before the honest target
+        metric wrote them (`core.eval.legacy`): they read as written until `python -m core
+        migrate` rewrites them. Its first round (all of them, unless resumed since) and its
+        records are checked."""
+        steps = eval_round_steps(self.run_dir)
+        path = eval_round_path(self.run_dir, steps[0]) if steps else None
+        stamp = file_stamp(path) if path is not None else None
+        if path is not None and stamp is not None:
+            result = _load_round(str(path), stamp)
+            if result is not None and result_is_old(result):
+                return True
+        return records_are_old(
+            (r.step, r.task, r.metric) for r in of_kind(self.records, EvalRecord)
+        )
+
     def target_task(self) -> tuple[str, str] | None:
         """(task, metric) TI is read from: the target accuracy task, else the target's
         full-token reference NLL; None without evaluation records."""
@@ -325,13 +343,9 @@ def _load_round(path: str, stamp: tuple[int, int]) -> SuiteResult | None:
     if not isinstance(data, dict):
         return None
     try:
-        result = SuiteResult.from_dict(data)
+        return SuiteResult.from_dict(data)
     except (TypeError, KeyError, ValueError):
         return None
-    for task in result.tasks:  # rounds saved before the honest target metric: never nll_easy
-        if task.scorer == REF_PPL and NLL_METRIC in task.metrics:
-            task.primary = NLL_METRIC
-    return result
 
 
 @lru_cache(maxsize=1024)
@@ -414,11 +428,7 @@ def _record_changes(frame: pd.DataFrame) -> list[dict[str, Any]]:
         return []
     primary: dict[str, str] = {}
     roles: dict[str, str] = {}
-    recorded = set(zip(frame["task"], frame["metric"], strict=True))
     for task, metric, role in zip(frame["task"], frame["metric"], frame["role"], strict=True):
-        # records written before the honest target metric put a reference task's nll_easy first
-        if metric == "nll_easy" and (task, NLL_METRIC) in recorded:
-            metric = NLL_METRIC
         primary.setdefault(task, metric)
         roles.setdefault(task, role)
     targets = [t for t in primary if roles[t] == "target"]
