@@ -122,7 +122,7 @@ def migrate(
     `models` name models whose old cached scores to place (see `core.scoring.legacy`)."""
     cache = Path(root) if root is not None else cache_dir()
     if runs is None:
-        runs = runs_dir() if root is None else cache / "runs"
+        runs = runs_dir(create=False) if root is None else cache / "runs"
     runs = Path(runs)
     report = MigrationReport(dry_run=dry_run)
     parts = model_key_parts(models) if models else []

@@ -77,11 +77,13 @@ def checkpoints(run_dir: str | Path, *, complete: bool = False) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def runs_dir() -> Path:
-    """Root of all run folders and the registry: $PLENS_RUNS_DIR or <cache_dir()>/runs."""
+def runs_dir(*, create: bool = True) -> Path:
+    """Root of all run folders and the registry: $PLENS_RUNS_DIR or <cache_dir()>/runs (made
+    unless `create` is False)."""
     override = os.environ.get("PLENS_RUNS_DIR")
     path = Path(override).expanduser() if override else cache_dir() / "runs"
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -50,6 +51,8 @@ from core.scoring.store import ScoreStore
 from core.scoring.tokens import TokenScores
 
 LEGACY_FILE = "scores.sqlite"
+#: An old cache file a migration kept (`migrated_name`): scores.sqlite.migrated[-N]
+_KEPT = re.compile(rf"^{re.escape(LEGACY_FILE + MIGRATED_SUFFIX)}(-\d+)?$")
 DEFAULT_TOP_K = 5  # the width a record without tokens is tried at, besides the store's
 _BATCH = 256  # records per store write
 
@@ -163,10 +166,10 @@ def _match(
 
 @contextmanager
 def _old_rows(path: Path, *, dry_run: bool) -> Iterator[Iterator[tuple[str, bytes]]]:
-    """The (key, value) rows of an old cache file, read without leaving a trace on it: opened
-    immutable (no -wal / -shm files made); a file with a journal left by a crash is checkpointed
-    first (its rows folded into it, as closing the old cache did), or, in a dry run, read from a
-    copy."""
+    """The (key, value) rows of an old cache file. Without a journal beside it, it is opened
+    immutable (no -wal / -shm file made). A journal with rows (left by a process that died) is
+    folded into the file first, as closing the old cache did, and read through a normal
+    connection; in a dry run a copy of both is read instead."""
     wal = Path(f"{path}-wal")
     with tempfile.TemporaryDirectory(prefix="plens-migrate-") as tmp:
         if wal.is_file() and wal.stat().st_size:
@@ -174,14 +177,14 @@ def _old_rows(path: Path, *, dry_run: bool) -> Iterator[Iterator[tuple[str, byte
                 source = Path(tmp) / path.name
                 shutil.copy2(path, source)
                 shutil.copy2(wal, Path(f"{source}-wal"))
-                uri = f"file:{quote(str(source))}"
+                db = sqlite3.connect(source, timeout=30)
             else:
-                with closing(sqlite3.connect(path, timeout=30)) as db:
-                    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                uri = f"file:{quote(str(path.resolve()))}?immutable=1"
+                db = sqlite3.connect(path, timeout=30)
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         else:
             uri = f"file:{quote(str(path.resolve()))}?immutable=1"
-        with closing(sqlite3.connect(uri, uri=True, timeout=30)) as db:
+            db = sqlite3.connect(uri, uri=True, timeout=30)
+        with closing(db):
             yield iter(db.execute("SELECT key, value FROM scores"))
 
 
@@ -244,13 +247,18 @@ def _convert(
 
 
 def _set_aside(path: Path) -> Path:
-    """Rename the old file (and an empty journal left beside it) to `<name>.migrated`."""
+    """Rename the old file to `<name>.migrated` (a journal that still holds rows goes with it,
+    as `<name>.migrated-wal`, where SQLite looks for it; an empty one and the -shm index, which
+    SQLite rebuilds, are removed)."""
     aside = migrated_name(path)
     os.replace(path, aside)
-    for suffix in ("-wal", "-shm"):
-        extra = Path(f"{path}{suffix}")
-        if extra.is_file() and (suffix == "-shm" or not extra.stat().st_size):
-            extra.unlink()
+    wal, shm = Path(f"{path}-wal"), Path(f"{path}-shm")
+    if wal.is_file():
+        if wal.stat().st_size:
+            os.replace(wal, Path(f"{aside}-wal"))
+        else:
+            wal.unlink()
+    shm.unlink(missing_ok=True)
     return aside
 
 
@@ -270,8 +278,8 @@ def migrate_score_cache(
     file gives one line; a dry run writes and renames nothing."""
     root = Path(root)
     old = root / LEGACY_FILE
-    kept = sorted(root.glob(f"{LEGACY_FILE}{MIGRATED_SUFFIX}*")) if models else []
-    files = ([old] if old.is_file() else []) + [p for p in kept if p.is_file()]
+    kept = [p for p in sorted(root.glob(f"{LEGACY_FILE}{MIGRATED_SUFFIX}*")) if _KEPT.match(p.name)]
+    files = ([old] if old.is_file() else []) + ([p for p in kept if p.is_file()] if models else [])
     if not files:
         return []
     store_root = root / STORE_DIR
