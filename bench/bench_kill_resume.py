@@ -1,12 +1,14 @@
 """Resume equivalence under SIGKILL at random moments (issue 23), on the tiny test model.
 
-One training job (tests/kill_resume.py's config: 6 examples, 8 steps, a checkpoint every 2
-steps, an evaluation round every 3 on the `during` suite limited to one item per task) runs as a
-user's queued job does: `JobRegistry.submit`, its own process group. It is SIGKILLed (the
-whole group) at `--kills` moments drawn at random over an attempt's length, and resumed each
-time with `JobRegistry.resume`, then left to finish. An uninterrupted job of the same config is
-the reference. The run must end with the same final step, every step recorded once in
-metrics.jsonl, no corrupt checkpoint and the same adapter weights (`check_run`).
+Training jobs of one config (tests/kill_resume.py's: 6 examples, 8 steps, a checkpoint every 2
+steps, an evaluation round every 3 on the `during` suite limited to one item per task) run as a
+user's queued job does: `JobRegistry.submit`, its own process group. Each is SIGKILLed (the
+whole group) at moments drawn at random over an uninterrupted run's length, counted from each
+attempt's start, and resumed each time with `JobRegistry.resume`; a trial ends when an attempt
+finishes before its moment, and a new job starts, until `--kills` kills are made. An
+uninterrupted job of the same config is the reference. Every trial must end with the same final
+step, every step recorded once in metrics.jsonl, no corrupt checkpoint and the same adapter
+weights (`check_run`).
 
 Each kill is labelled with where the job was: its phase from run_state.json (preparing data,
 training step k, evaluating step k, final evaluation, saving) and "checkpoint" when a
@@ -94,40 +96,56 @@ def main() -> int:
     print(f"uninterrupted run: {length:.0f} s", flush=True)
 
     rng = random.Random(args.seed)
-    job_id, run = run_job(registry, config, "killed")
-    kills = []
-    for i in range(args.kills):
-        job = registry.get(job_id)
-        if job.status == SUCCEEDED:
-            print(f"kill {i + 1}: the job had already finished; the rest are not made")
-            break
-        delay = rng.uniform(0.5, length)
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < delay:
+    kills: list[dict] = []
+    trials: list[dict] = []
+    problems: list[str] = []
+    # trials: a fresh job each, killed at moments drawn over an uninterrupted run's length
+    # (from each attempt's start) and resumed, until one attempt ends before its moment
+    while len(kills) < args.kills:
+        trial = len(trials) + 1
+        job_id, run = run_job(registry, config, f"killed, trial {trial}")
+        made = 0
+        while len(kills) < args.kills:
+            while (job := registry.get(job_id)).status == "queued" or (
+                job.status == RUNNING and not job.pid
+            ):
+                time.sleep(0.05)  # the clock starts when the attempt's process does
+            delay = rng.uniform(0.5, length)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < delay:
+                if registry.get(job_id).status not in (RUNNING, "queued"):
+                    break
+                time.sleep(0.05)
             job = registry.get(job_id)
-            if job.status != RUNNING and job.status != "queued":
-                break
-            time.sleep(0.05)
-        job = registry.get(job_id)
-        if job.status != RUNNING or not job.pid:
-            print(f"kill {i + 1}: the job was {job.status} at the moment drawn; not made")
-            break
-        moment = where(run)
-        os.killpg(job.pid, signal.SIGKILL)
-        t_kill = time.monotonic() - t0
-        while registry.get(job_id).status == RUNNING:
-            time.sleep(0.1)
-        if (run / "checkpoints" / ".staging").is_dir():
-            moment += " (checkpoint being written)"
-        step = max((r["step"] for r in read_metrics(run) if r.get("kind") == "train"), default=0)
-        kills.append({"after_s": round(t_kill, 2), "where": moment, "last_step_logged": step})
-        print(f"kill {i + 1}: after {t_kill:.1f} s, {moment}, last logged step {step}", flush=True)
-        assert registry.get(job_id).status == FAILED
-        registry.resume(job_id)
-    final = wait_final(registry, job_id)
-    problems = [f"job ended {final.status}: {final.error}"] if final.status != SUCCEEDED else []
-    if not problems:
-        problems = kr.check_run(run, reference)
+            if job.status != RUNNING or not job.pid:
+                break  # the attempt ended before the moment drawn: the trial is over
+            moment = where(run)
+            os.killpg(job.pid, signal.SIGKILL)
+            t_kill = time.monotonic() - t0
+            while registry.get(job_id).status == RUNNING:
+                time.sleep(0.1)
+            if (run / "checkpoints" / ".staging").is_dir():
+                moment += " (checkpoint being written)"
+            step = max(
+                (r["step"] for r in read_metrics(run) if r.get("kind") == "train"), default=0
+            )
+            kills.append(
+                {"trial": trial, "after_s": round(t_kill, 2), "where": moment, "last_step": step}
+            )
+            made += 1
+            print(
+                f"kill {len(kills)} (trial {trial}): after {t_kill:.1f} s, {moment}, "
+                f"last logged step {step}",
+                flush=True,
+            )
+            assert registry.get(job_id).status == FAILED
+            registry.resume(job_id)
+        final = wait_final(registry, job_id)
+        found = [f"job ended {final.status}: {final.error}"] if final.status != SUCCEEDED else []
+        found = found or kr.check_run(run, reference)
+        problems += [f"trial {trial}: {p}" for p in found]
+        trials.append({"trial": trial, "kills": made, "problems": found})
+        print(f"trial {trial}: {made} kills, {'PASS' if not found else found}", flush=True)
     phases = Counter(k["where"].split(" ")[0] for k in kills)
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -137,7 +155,9 @@ def main() -> int:
         "while_checkpointing": sum("checkpoint being written" in k["where"] for k in kills),
         "uninterrupted_s": round(length, 1),
         "total_s": round(time.monotonic() - started, 1),
+        "trials": len(trials),
         "problems": problems,
+        "trial_log": trials,
         "kill_log": kills,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "kill_log"}, indent=1))
