@@ -34,7 +34,7 @@ from core.eval.legacy import migrate_run_folder
 from core.io import MigrationStep, cache_dir
 from core.jobs.runfiles import EVAL_DIR, METRICS_JSONL, runs_dir
 from core.jobs.store import job_folders, migrate_job_table
-from core.scoring.legacy import KeyParts, migrate_score_cache
+from core.scoring.legacy import KeyParts, migrate_score_cache, old_score_files
 
 NOTHING = "nothing to migrate: every file is in the current format"
 
@@ -125,7 +125,8 @@ def migrate(
         runs = runs_dir(create=False) if root is None else cache / "runs"
     runs = Path(runs)
     report = MigrationReport(dry_run=dry_run)
-    parts = model_key_parts(models) if models else []
+    # a model is loaded only when there are old scores for it to place
+    parts = model_key_parts(models) if models and old_score_files(cache, kept=True) else []
     report.steps += migrate_score_cache(cache, models=parts, dry_run=dry_run)
     report.steps += migrate_job_table(runs, dry_run=dry_run)
     for folder, status in _run_folders(runs, job_folders(runs)).items():

@@ -266,6 +266,17 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
+def old_score_files(root: str | Path, *, kept: bool = False) -> list[Path]:
+    """The old cache `<root>/scores.sqlite` if it is there, and with `kept` the old caches a
+    migration kept (`scores.sqlite.migrated`, `scores.sqlite.migrated-2`, ...)."""
+    root = Path(root)
+    found = [root / LEGACY_FILE] if (root / LEGACY_FILE).is_file() else []
+    if kept:
+        pattern = f"{LEGACY_FILE}{MIGRATED_SUFFIX}*"
+        found += [p for p in sorted(root.glob(pattern)) if _KEPT.match(p.name) and p.is_file()]
+    return found
+
+
 def migrate_score_cache(
     root: str | Path,
     *,
@@ -278,8 +289,8 @@ def migrate_score_cache(
     file gives one line; a dry run writes and renames nothing."""
     root = Path(root)
     old = root / LEGACY_FILE
-    kept = [p for p in sorted(root.glob(f"{LEGACY_FILE}{MIGRATED_SUFFIX}*")) if _KEPT.match(p.name)]
-    files = ([old] if old.is_file() else []) + ([p for p in kept if p.is_file()] if models else [])
+    given = list(models)
+    files = old_score_files(root, kept=bool(given))
     if not files:
         return []
     store_root = root / STORE_DIR
@@ -288,7 +299,6 @@ def migrate_score_cache(
     if store is None and store_root.is_dir():
         store = ScoreStore(store_root)
     parts, widths = store_candidates(store)
-    given = list(models)
     lengths = {p.max_length for p in parts}
     parts |= set(given) | {KeyParts(m.model_key, m.template_fp, n) for m in given for n in lengths}
     candidates = sorted(parts, key=lambda p: (p.model_key, p.template_fp, p.max_length))
