@@ -25,9 +25,11 @@ an older spelling; the command writes the main one); "required" (the flag must b
 derived field that has no flag; "positional": True for a positional argument instead of a flag
 (`jobs show ID`): a list takes one or more words (none or more unless "required"), a field that
 is not "required" may be left out (its dataclass default, which argparse puts in the namespace),
-and the command writes positionals first, in field order, a None one left out. `field_from(Other, "name")` declares a field as another dataclass
-declares it (default, help, choices), so a setting's vocabulary is written once: `TrainConfig`
-and the `mask` command take their mask fields from `core.masking.config.MaskConfig`.
+and the command writes positionals first, in field order, a None one left out.
+`field_from(Other, "name")` declares a field as another dataclass declares it (default, help,
+choices), so a setting's vocabulary is written once: `TrainConfig` and the `mask` command take
+their mask fields from `core.masking.config.MaskConfig`, `score` its model fields from
+`core.model.config.ModelsConfig`.
 
 Flags: `--field-name VALUE` per field; booleans `--x` / `--no-x`; `X | None` fields take "none";
 lists take "a,b"; dicts take JSON. Every flag stays out of the namespace unless given, so the
