@@ -63,6 +63,29 @@ def state_bar(run_dir: str | Path, job: Job | None, *, prefix: str = "") -> RunS
     return state
 
 
+def job_registry() -> JobRegistry:
+    """The job registry; when it cannot be opened (e.g. one an older version wrote, which
+    `python -m core migrate` brings up to date), the page says why in one line and stops."""
+    try:
+        return JobRegistry()
+    except LensError as exc:
+        st.error(str(exc))
+        st.stop()
+
+
+def old_results_note(runs: Sequence[Any]) -> None:
+    """One line naming the runs (`RunView`s) whose evaluation results an older version saved:
+    they are shown as saved until `python -m core migrate` rewrites them."""
+    old = [run.run_id for run in runs if run.old_format]
+    if old:
+        st.info(
+            f"{', '.join(old)}: evaluation results saved by an older version (the easy-token "
+            "NLL as a reference task's score) are shown as saved; `python -m core migrate` "
+            "rewrites them.",
+            icon=":material/info:",
+        )
+
+
 def fmt_seconds(seconds: float | None) -> str:
     """Durations as "1h05m", "3m07s" or "42s" ("" when unknown): `core.fmt.duration`."""
     return duration(seconds)

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from components.jobs_view import old_results_note
 from components.session import (
     background_result,
     background_runner,
@@ -441,6 +442,7 @@ with tab_compare:
         chosen = st.multiselect("Runs", list(shown), default=default, format_func=shown.get)
         st.query_params["cmp"] = ",".join(chosen)
         runs = [by_id[r] for r in chosen]
+        old_results_note(runs)
         if runs:
             compare_runs(runs, statuses if show_all else None)
         if len(shown) >= 2:

@@ -15,6 +15,7 @@ from components.jobs_view import (
     job_header,
     job_log,
     job_picker,
+    job_registry,
     jobs_table,
     watched_job,
 )
@@ -36,7 +37,7 @@ from core.datagen.run import generation_progress, preflight
 from core.datagen.store import list_generated_sets
 from core.errors import LensError
 from core.fmt import count, share
-from core.jobs.registry import FAILED, SUCCEEDED, JobRegistry
+from core.jobs.registry import FAILED, SUCCEEDED
 from core.jobs.runfiles import read_metrics
 from core.study.estimates import (
     Estimate,
@@ -68,7 +69,7 @@ VERIFY_LABELS = {
     "none": "No check: keep every sample",
 }
 sel = sidebar_selection()
-registry = JobRegistry()
+registry = job_registry()
 
 st.title("Generate data")
 st.caption(

@@ -11,6 +11,7 @@ from components.session import current_model, load_dataset_cached, sidebar_selec
 from core.data.tasks import list_tasks
 from core.errors import LensError
 from core.fmt import count, num
+from core.jobs.registry import JobRegistry
 from core.model.loading import MODEL_SLOT, describe_model
 from core.study.protocol import (
     ProtocolConfig,
@@ -126,9 +127,10 @@ with right:
         st.error(str(exc))
 
 with st.expander("Where jobs run", icon=":material/dns:"):
-    from core.jobs.registry import JobRegistry
-
-    backend_panel(JobRegistry())
+    try:
+        backend_panel(JobRegistry())
+    except LensError as exc:  # e.g. a registry an older version wrote: one line, not the page
+        st.error(str(exc))
 
 st.subheader("Built-in tasks (offline)")
 st.dataframe(

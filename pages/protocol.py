@@ -16,13 +16,14 @@ from components.jobs_view import (
     fmt_seconds,
     job_header,
     job_log,
+    job_registry,
     state_bar,
 )
 from components.layout import key_table
 from components.session import ensure_app_navigation
 from core.errors import LensError
 from core.fmt import count
-from core.jobs.registry import Job, JobRegistry, jobs_by_run
+from core.jobs.registry import Job, jobs_by_run
 from core.jobs.runfiles import log_tail
 from core.jobs.state import Phase, RunState
 from core.study.protocol import (
@@ -52,7 +53,7 @@ PRESET_LABELS = {
 }
 
 ensure_app_navigation()
-registry = JobRegistry()
+registry = job_registry()
 
 st.title("Reproduce the paper")
 st.caption(

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from components.jobs_view import current_state, state_bar
+from components.jobs_view import current_state, old_results_note, state_bar
 from components.session import ensure_app_navigation
 from core.errors import LensError
 from core.eval.config import EvalConfig, eval_job_config, resolve_adapter_path
@@ -205,14 +205,7 @@ def _draw() -> None:
     if not runs:
         st.info("Pick one or more runs.")
         return
-    old = [run.run_id for run in runs if run.old_format]
-    if old:
-        st.info(
-            f"{', '.join(old)}: evaluation results saved by an older version (the easy-token "
-            "NLL as a reference task's score) are shown as saved; `python -m core migrate` "
-            "rewrites them.",
-            icon=":material/info:",
-        )
+    old_results_note(runs)
     current = jobs_by_run(registry.list())  # read again: the live fragment calls this
     st.dataframe(_status_table(runs, current), hide_index=True, width="stretch")
     for run in runs:  # what each running job does now: phase, where in it, time left

@@ -20,6 +20,7 @@ from components.jobs_view import (
     job_header,
     job_log,
     job_picker,
+    job_registry,
     jobs_table,
     watched_job,
 )
@@ -36,7 +37,7 @@ from core.eval.suites import SUITES as EVAL_SUITES
 from core.fmt import count, num, share
 from core.io import read_json
 from core.jobs.metrics import DataRecord, EvalRecord, TrainRecord, latest, of_kind
-from core.jobs.registry import FAILED, RUNNING, SUCCEEDED, JobRegistry
+from core.jobs.registry import FAILED, RUNNING, SUCCEEDED
 from core.jobs.runfiles import SUMMARY_JSON, read_records, run_progress
 from core.masking.config import METHODS, PERCENTILE_RULES
 from core.study.estimates import (
@@ -88,7 +89,7 @@ DATA_KINDS = {
 }
 
 sel = sidebar_selection()
-registry = JobRegistry()
+registry = job_registry()
 
 st.title("Train")
 st.caption(

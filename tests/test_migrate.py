@@ -250,6 +250,26 @@ def test_an_old_job_registry_is_refused_until_migrated(tmp_path, monkeypatch, ca
     assert _run(["migrate"], capsys) == [NOTHING]
 
 
+#: The pages that open the job registry.
+REGISTRY_PAGES = ("home", "train", "generate", "runs", "compare", "protocol")
+
+
+def test_every_page_says_an_old_job_registry_needs_migrating_in_one_line(tmp_path, monkeypatch):
+    """No traceback: each page that opens the registry shows the one line naming migrate."""
+    from streamlit.testing.v1 import AppTest
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    monkeypatch.setenv("PLENS_RUNS_DIR", str(runs))
+    with closing(sqlite3.connect(runs / "jobs.sqlite")) as db, db:
+        db.execute(FIRST_SCHEMA)
+    root = Path(__file__).resolve().parents[1]
+    for page in REGISTRY_PAGES:
+        at = AppTest.from_file(str(root / "pages" / f"{page}.py"), default_timeout=120).run()
+        assert not at.exception, (page, [e.message for e in at.exception])
+        assert any("python -m core migrate" in e.value for e in at.error), page
+
+
 # --------------------------------------------------------------------------- run folders
 
 
@@ -347,3 +367,21 @@ def test_dry_run_changes_nothing_anywhere(tiny_lm, mbpp, tmp_path, monkeypatch, 
     assert len(lines) == 3 and all("would" in line for line in lines)
     assert "would copy 1 scored example (1 scoring setting)" in lines[0]
     assert _tree(cache_dir(), runs) == before
+
+
+def test_runs_and_compare_name_the_runs_whose_results_are_old(tmp_path, monkeypatch):
+    """Until migrated, the pages that show a run's target score say which runs read as saved."""
+    from streamlit.testing.v1 import AppTest
+
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("PLENS_RUNS_DIR", str(runs))
+    _make_old(make_eval_run(runs, "old1", {0: BASE, 2: later(2)}))
+    make_eval_run(runs, "new1", {0: BASE, 2: later(1)}, method="gt")
+    root = Path(__file__).resolve().parents[1]
+    for page, key in (("compare", "cmp"), ("runs", "runs")):
+        at = AppTest.from_file(str(root / "pages" / f"{page}.py"), default_timeout=120)
+        at.query_params[key] = "old1,new1"
+        at.run()
+        assert not at.exception, (page, [e.message for e in at.exception])
+        notes = [i.value for i in at.info if "python -m core migrate" in i.value]
+        assert len(notes) == 1 and notes[0].startswith("old1:"), (page, notes)
