@@ -103,6 +103,28 @@ def _runs_here(args: argparse.Namespace) -> bool:
     return current_setting(runs_dir(), where["backend"], where["address"]).name == LOCAL
 
 
+def _queue(
+    registry: JobRegistry,
+    kind: str,
+    config: dict,
+    device: str,
+    label: str,
+    args: argparse.Namespace,
+) -> int:
+    """`--submit`: queue the job, unless the same one is already queued or running (then that
+    one: `JobRegistry.submit_once`). Its id on stdout, where it stands on stderr."""
+    job, new = registry.submit_once(kind, config, device=device, label=label, **_where(args))
+    return _queued(job, new)
+
+
+def _queued(job: Job, new: bool) -> int:
+    print(job.id)
+    if not new:
+        print(f"the same {job.kind} job is already {job.status}; not queued again", file=sys.stderr)
+    print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     """Score every response token of a dataset and write one JSON object per example."""
     from core.model.loading import load_model  # lazy: heavy (torch)
@@ -217,16 +239,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             run_training(config, args.run_dir)
             return 0
     if args.submit:
-        job = JobRegistry().submit(
-            "train",
-            config.to_dict(),
-            device=config.device,
-            label=config.describe(),
-            **_where(args),
+        return _queue(
+            JobRegistry(), "train", config.to_dict(), config.device, config.describe(), args
         )
-        print(job.id)
-        print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
-        return 0
     registry = JobRegistry()
     job = registry.register_foreground(
         "train",
@@ -246,16 +261,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     preflight(config)  # bad data or no verifier: one line, before a job exists
     registry = JobRegistry()
     if args.submit:
-        job = registry.submit(
-            "generate",
-            config.to_dict(),
-            device=config.device,
-            label=config.describe(),
-            **_where(args),
+        return _queue(
+            registry, "generate", config.to_dict(), config.device, config.describe(), args
         )
-        print(job.id)
-        print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
-        return 0
     job = registry.register_foreground(
         "generate",
         config.to_dict(),
@@ -388,12 +396,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     registry = JobRegistry()
     label = config.describe()
     if args.submit:
-        job = registry.submit(
-            "eval", config.to_dict(), device=config.device, label=label, **_where(args)
-        )
-        print(job.id)
-        print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
-        return 0
+        return _queue(registry, "eval", config.to_dict(), config.device, label, args)
     job = registry.register_foreground(
         "eval", config.to_dict(), device=config.device, label=label, run_dir=args.run_dir
     )
@@ -455,9 +458,7 @@ def cmd_protocol(args: argparse.Namespace) -> int:
             run_dir=folder,
             **_where(args),
         )
-        print(job.id)
-        print(f"job {job.id} is {job.status}: `python -m core jobs show {job.id}`", file=sys.stderr)
-        return 0
+        return _queued(job, new=True)
     job = registry.register_foreground(
         "protocol",
         config.to_dict(),

@@ -114,14 +114,15 @@ def test_progress_and_eta_from_metrics():
 def test_queue_runs_jobs_one_after_another_without_the_launcher(runs, tiny_model_dir, data_file):
     # Submit from short-lived CLI processes: they exit at once, as a closed app would.
     ids = []
-    for _ in range(2):
-        done = cli(
-            "train", "--submit", "--config", str(write(runs, job_config(tiny_model_dir, data_file)))
-        )
+    for seed in (0, 1, 1):  # the same config again is the job already queued, not a second
+        config = write(runs, job_config(tiny_model_dir, data_file, seed=seed))
+        done = cli("train", "--submit", "--config", str(config))
         assert done.returncode == 0, done.stderr
         ids.append(done.stdout.strip())
+    assert ids[2] == ids[1] and "not queued again" in done.stderr
+    ids = ids[:2]
     registry = JobRegistry(runs)
-    third = registry.submit("train", job_config(tiny_model_dir, data_file), device="cpu")
+    third = registry.submit("train", job_config(tiny_model_dir, data_file, seed=2), device="cpu")
     assert registry.get(third.id).status == QUEUED
     assert registry.cancel(third.id).status == CANCELLED  # a queued job is cancelled at once
 
