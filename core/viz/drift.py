@@ -36,7 +36,7 @@ from core.viz.heatmap import (
     token_span,
 )
 from core.viz.run_style import method_color
-from core.viz.style import _base_layout
+from core.viz.style import _base_layout, empty_message
 
 KL, DLP = "kl", "dlp"
 #: The colour modes of the token view.
@@ -285,20 +285,6 @@ def _notes(fig: go.Figure, notes: Sequence[str]) -> go.Figure:
     return fig
 
 
-def _empty(fig: go.Figure, text: str) -> None:
-    fig.add_annotation(
-        text=text,
-        xref="paper",
-        yref="paper",
-        x=0.5,
-        y=0.5,
-        showarrow=False,
-        font={"color": "#6b7280", "size": 13},
-    )
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False)
-
-
 def _error_y(values: Sequence[Any], lows: Sequence[Any], highs: Sequence[Any]) -> dict[str, Any]:
     return {
         "type": "data",
@@ -380,7 +366,7 @@ def category_chart(frame: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     notes = []
     if frame.empty or not frame["tokens"].sum():
-        _empty(fig, "No tokens in this probe.")
+        empty_message(fig, "No tokens in this probe.")
     else:
         shown = frame[frame["tokens"] > 0]
         hover = [
@@ -407,7 +393,7 @@ def category_share_chart(frame: pd.DataFrame) -> go.Figure:
     drifted more than its size."""
     fig = go.Figure()
     if frame.empty or not frame["tokens"].sum():
-        _empty(fig, "No tokens in this probe.")
+        empty_message(fig, "No tokens in this probe.")
         return _notes(_layout(fig, "Share of the KL mass", "token category", "% of the probe"), [])
     cats = frame["category"].tolist()
     fig.add_trace(
@@ -454,7 +440,7 @@ def position_chart(frame: pd.DataFrame) -> go.Figure:
     95% intervals over items."""
     fig = go.Figure()
     if frame.empty:
-        _empty(fig, "No tokens in this probe.")
+        empty_message(fig, "No tokens in this probe.")
     else:
         hover = [
             f"answer tokens {r.bucket}: {r.tokens} tokens of {r.items} items<br>mean KL "
@@ -473,7 +459,7 @@ def domain_chart(frame: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     notes = []
     if frame.empty:
-        _empty(fig, "No items.")
+        empty_message(fig, "No items.")
     else:
         hover = [
             f"{r.domain}: {r.items} items, {r.tokens} tokens<br>mean KL "
@@ -551,7 +537,7 @@ def share_scatter(table: pd.DataFrame, x: str = "trained", current: str = "") ->
     fig.update_xaxes(title_font={"size": 12}, zeroline=True, zerolinecolor="#d0d7de")
     fig.update_yaxes(title_font={"size": 12})
     if known.empty:
-        _empty(fig, "No run has both a high-ppl share and OOD drift.")
+        empty_message(fig, "No run has both a high-ppl share and OOD drift.")
     else:
         _from_zero(fig, [*known["kl"], *known["kl_high"]])
         xs = [100 * float(v) for v in known[column]]

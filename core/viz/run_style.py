@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 
 from core.eval.labels import finite
 from core.jobs.metrics import MetricRecord
-from core.viz.style import FALLBACK_COLORS, _base_layout
+from core.viz.style import FALLBACK_COLORS, _base_layout, empty_message
 
 
 class RunData(Protocol):
@@ -104,17 +104,7 @@ def _finish(
     fig.update_layout(meta={"notes": list(notes)})
     if empty and not any(t.meta and t.meta.get("role") == "line" for t in fig.data):
         fig.layout.shapes = ()  # zero lines on an empty plot point at nothing
-        fig.add_annotation(
-            text="<br>".join(textwrap.wrap(empty, EMPTY_LINE_CHARS)) if panel else empty,
-            xref="paper",
-            yref="paper",
-            x=0.5,
-            y=0.5,
-            showarrow=False,
-            font={"color": "#6b7280", "size": 13},
-        )
-        fig.update_xaxes(showticklabels=False)
-        fig.update_yaxes(showticklabels=False)
+        empty_message(fig, "<br>".join(textwrap.wrap(empty, EMPTY_LINE_CHARS)) if panel else empty)
     return fig
 
 

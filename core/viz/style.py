@@ -229,3 +229,18 @@ def _set_log_axis(fig: go.Figure, axis: str, values: np.ndarray, *, extra: float
 
 def _sources(frame: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(frame["source"].tolist()))
+
+
+def empty_message(fig: go.Figure, text: str) -> None:
+    """Say `text` in the middle of a plot that has nothing to draw, without tick labels."""
+    fig.add_annotation(
+        text=text,
+        xref="paper",
+        yref="paper",
+        x=0.5,
+        y=0.5,
+        showarrow=False,
+        font={"color": "#6b7280", "size": 13},
+    )
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False)
