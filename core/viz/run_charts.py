@@ -56,6 +56,7 @@ from core.viz.run_style import (
     METHOD_COLORS,
     RunData,
     _band,
+    _band_or_bars,
     _finish,
     _line,
     _panel_layout,
@@ -293,21 +294,9 @@ def _delta_chart(
             )
             for r in known.itertuples()
         ]
-        band = known[
-            [finite(lo) and finite(hi) for lo, hi in zip(known["low"], known["high"], strict=True)]
-        ]
-        error_y = None
-        if len(band) >= 2:
-            _band(
-                fig,
-                band["step"],
-                band["low"],
-                band["high"],
-                color=styles[run.run_id]["color"],
-                run=run,
-            )
-        elif len(band) == 1:  # one interval: a band needs two, so a bar on its point
-            error_y = _point_bars(known["delta"], known["low"], known["high"])
+        error_y = _band_or_bars(
+            fig, known, "delta", "low", "high", color=styles[run.run_id]["color"], run=run
+        )
         _line(fig, run, known["step"], known["delta"], styles[run.run_id], texts, error_y)
         vs = f" vs step {base_step}" if base_step else ""
         notes.append(f"{name}, {texts[-1]}{vs}.")
@@ -497,19 +486,9 @@ def bwt_chart(runs: Sequence[RunData]) -> go.Figure:
             )
             for r in known.itertuples()
         ]
-        band = known.dropna(subset=["bwt_low", "bwt_high"])
-        error_y = None
-        if len(band) >= 2:
-            _band(
-                fig,
-                band["step"],
-                band["bwt_low"],
-                band["bwt_high"],
-                color=styles[run.run_id]["color"],
-                run=run,
-            )
-        elif len(band) == 1:  # one interval: a bar on its point
-            error_y = _point_bars(known["bwt"], known["bwt_low"], known["bwt_high"])
+        error_y = _band_or_bars(
+            fig, known, "bwt", "bwt_low", "bwt_high", color=styles[run.run_id]["color"], run=run
+        )
         _line(fig, run, known["step"], known["bwt"], styles[run.run_id], texts, error_y)
         if len(known) == 1:
             notes.append(

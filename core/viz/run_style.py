@@ -230,6 +230,29 @@ def _translucent(color: str, alpha: float = 0.15) -> str:
     return color
 
 
+def _band_or_bars(
+    fig: go.Figure,
+    rows: pd.DataFrame,
+    value: str,
+    low: str,
+    high: str,
+    *,
+    color: str,
+    run: RunData,
+) -> dict[str, Any] | None:
+    """A run's 95% intervals over steps (`rows`: a "step" column and the `value`, `low` and
+    `high` columns): a band under its line where two or more steps have one; one interval (a
+    band needs two) is a bar on its point, returned as the line's `error_y`; else None."""
+    bounded = rows[
+        [finite(lo) and finite(hi) for lo, hi in zip(rows[low], rows[high], strict=True)]
+    ]
+    if len(bounded) >= 2:
+        _band(fig, bounded["step"], bounded[low], bounded[high], color=color, run=run)
+    elif len(bounded) == 1:
+        return _point_bars(rows[value], rows[low], rows[high])
+    return None
+
+
 def _point_bars(values: pd.Series, low: pd.Series, high: pd.Series) -> dict[str, Any]:
     """`error_y` of a line: each point's 95% interval as a bar where it has one (0 elsewhere),
     for a run with too few intervals to draw a band."""
