@@ -455,3 +455,20 @@ def test_the_train_page_shows_a_losss_parameters_only_when_relevant(
     assert "T" in labels() and "β" not in labels()
     at.number_input(key="train_loss_temperature").set_value(0.0).run()
     assert any("loss_temperature" in e.value for e in at.error)
+
+
+def test_the_done_line_compares_the_first_and_last_steps_without_overlap():
+    """ "loss a -> b" in the job's done line and on the Train page: the mean of the first and of
+    the last (up to 3) logged steps, never the same steps on both sides (a 2-step run read
+    "1.53 -> 1.53" while its steps went 1.40 -> 1.66)."""
+    _loss_summary = trainer_module._loss_summary
+
+    def records(*losses: float) -> list[dict]:
+        return [{"kind": "train", "step": i + 1, "loss": x} for i, x in enumerate(losses)]
+
+    two = _loss_summary(records(1.4, 1.66))
+    assert (two["train_loss_first"], two["train_loss_last"]) == (1.4, 1.66)
+    eight = _loss_summary(records(8, 7, 6, 5, 4, 3, 2, 1))
+    assert (eight["train_loss_first"], eight["train_loss_last"]) == (7, 2)
+    one = _loss_summary(records(1.5))
+    assert one["train_loss_first"] == one["train_loss_last"] == 1.5

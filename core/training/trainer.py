@@ -665,7 +665,7 @@ def _loss_summary(records: list[dict[str, Any]], n: int = 3) -> dict[str, Any]:
     losses = [by_step[s] for s in sorted(by_step)]
     if not losses:
         return {"train_loss_first": None, "train_loss_last": None}
-    k = min(n, len(losses))
+    k = max(1, min(n, len(losses) // 2))  # first and last windows never overlap
     return {
         "train_loss_first": sum(losses[:k]) / k,
         "train_loss_last": sum(losses[-k:]) / k,
