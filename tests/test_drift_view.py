@@ -396,3 +396,14 @@ def test_the_aggregate_charts_have_axis_titles_and_start_at_zero():
     assert one.layout.meta["notes"] == ["This probe has one domain."]
     empty = sd.token_frame([], texts)
     assert vd.position_chart(sd.by_position(empty)).layout.annotations
+
+
+def test_an_empty_drift_chart_says_why_and_draws_no_zero_line(tmp_path):
+    """The cross-run scatter with no run that has a share: its message, and neither tick labels
+    nor a zero line (a vertical line at 0 on the empty chart pointed at nothing)."""
+    other = _run_with_data(tmp_path, "gt2", "gt", {"mask": "none", **SAME, "n_examples": 60})
+    table, _ = sd.drift_share_table([other])
+    fig = vd.share_scatter(table, "trained")
+    assert [a.text for a in fig.layout.annotations][-1].startswith("No run has both")
+    assert fig.layout.xaxis.zeroline is False and fig.layout.yaxis.zeroline is False
+    assert fig.layout.xaxis.showticklabels is False and not fig.layout.shapes

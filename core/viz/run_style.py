@@ -103,7 +103,6 @@ def _finish(
     third of a 1280 px page wide: in lines short enough for it)."""
     fig.update_layout(meta={"notes": list(notes)})
     if empty and not any(t.meta and t.meta.get("role") == "line" for t in fig.data):
-        fig.layout.shapes = ()  # zero lines on an empty plot point at nothing
         empty_message(fig, "<br>".join(textwrap.wrap(empty, EMPTY_LINE_CHARS)) if panel else empty)
     return fig
 

@@ -232,7 +232,9 @@ def _sources(frame: pd.DataFrame) -> list[str]:
 
 
 def empty_message(fig: go.Figure, text: str) -> None:
-    """Say `text` in the middle of a plot that has nothing to draw, without tick labels."""
+    """Say `text` in the middle of a plot that has nothing to draw, without tick labels or
+    lines (a zero line on an empty plot points at nothing)."""
+    fig.layout.shapes = ()
     fig.add_annotation(
         text=text,
         xref="paper",
@@ -242,5 +244,5 @@ def empty_message(fig: go.Figure, text: str) -> None:
         showarrow=False,
         font={"color": "#6b7280", "size": 13},
     )
-    fig.update_xaxes(showticklabels=False)
-    fig.update_yaxes(showticklabels=False)
+    fig.update_xaxes(showticklabels=False, zeroline=False)
+    fig.update_yaxes(showticklabels=False, zeroline=False)
