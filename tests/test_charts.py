@@ -172,6 +172,9 @@ def test_share_vs_tau_chart_data_and_current_tau():
     labels = [t.name for t in fig.data if t not in data_traces(fig)]
     assert labels == ["paper's rule of thumb: 20%–25% masked", "τ = 2.5"]
     assert_titled(fig)
+    # band + curve + τ: three entries wrap above the plot onto the title, so they go below
+    one = share_vs_tau_chart(curves[curves["source"] == next(iter(GROUPS))], current_tau=2.5)
+    assert fig.layout.legend.y < 0 and one.layout.legend.y < 0
 
 
 def test_share_vs_tau_marker_shows_the_exact_share_the_table_shows():
@@ -276,3 +279,4 @@ def test_masked_share_histogram_names_the_pooled_share_in_the_legend():
     (entry,) = [t for t in fig.data if t not in data_traces(fig)]
     assert entry.name == f"pooled {fmt.share(stats.pooled_share)}"
     assert not fig.layout.annotations
+    assert fig.layout.yaxis.dtick == 1  # a count of examples: whole-number ticks

@@ -20,6 +20,7 @@ from core.viz.style import (
     _base_layout,
     _set_log_axis,
     _sources,
+    place_legend,
     source_color,
 )
 
@@ -202,7 +203,10 @@ def masked_share_histogram(
             )
         )
     axis = {"showline": True, "linecolor": "#8c959f", "gridcolor": "#ebf0f8", "zeroline": False}
-    return go.Figure(
+    most = max((int(max(t.y, default=0)) for t in traces), default=0)
+    # examples are counted: whole-number ticks (plotly would put 0.2 steps under a count of 1)
+    counts_axis = {"dtick": 1, "tick0": 0} if most <= 10 else {"tickformat": "d"}
+    fig = go.Figure(
         data=traces + notes,
         layout={
             "title": {"text": "Masked share per example", "x": 0.0, "font": {"size": 16}},
@@ -225,9 +229,16 @@ def masked_share_histogram(
                 "tickformat": ".0%",
                 "range": [-0.02, 1.02],
             },
-            "yaxis": {**axis, "title": {"text": "examples"}, "rangemode": "tozero"},
+            "yaxis": {
+                **axis,
+                **counts_axis,
+                "title": {"text": "examples"},
+                "rangemode": "tozero",
+            },
         },
     )
+    place_legend(fig)  # two settings: four entries, below the plot
+    return fig
 
 
 def masking_curve_figure(

@@ -92,12 +92,18 @@ def _base_layout(fig: go.Figure, title: str, x_title: str, y_title: str) -> go.F
     )
     fig.update_xaxes(title_text=x_title, showline=True, linecolor="#8c959f", ticks="outside")
     fig.update_yaxes(title_text=y_title, showline=True, linecolor="#8c959f", ticks="outside")
+    place_legend(fig)
+    return fig
+
+
+def place_legend(fig: go.Figure) -> None:
+    """A legend of more than two entries wraps above the plot, onto the title: put it below
+    (call again after adding legend entries to a laid-out figure; it is idempotent)."""
     entries = [t for t in fig.data if t.name and t.showlegend is not False]
-    if len(entries) > 2:  # a legend this long wraps above the plot, onto the title: put it below
+    if len(entries) > 2:
         fig.update_layout(
             legend={"yanchor": "top", "y": -0.25}, margin={"b": 55 + 22 * ((len(entries) + 1) // 2)}
         )
-    return fig
 
 
 #: `trace.meta["role"]` of traces that only label something in the legend (no data).
@@ -125,6 +131,7 @@ def _tau_legend_entry(fig: go.Figure, tau: float, name: str | None = None) -> No
             meta={"role": "tau"},
         )
     )
+    place_legend(fig)
 
 
 def _add_tau_vline(
