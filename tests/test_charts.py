@@ -174,7 +174,9 @@ def test_share_vs_tau_chart_data_and_current_tau():
     assert_titled(fig)
     # band + curve + τ: three entries wrap above the plot onto the title, so they go below
     one = share_vs_tau_chart(curves[curves["source"] == next(iter(GROUPS))], current_tau=2.5)
-    assert fig.layout.legend.y < 0 and one.layout.legend.y < 0
+    for chart in (fig, one):
+        legend = chart.layout.legend
+        assert (legend.yref, legend.yanchor, legend.y) == ("container", "bottom", 0)
 
 
 def test_share_vs_tau_marker_shows_the_exact_share_the_table_shows():

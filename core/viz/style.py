@@ -100,9 +100,11 @@ def place_legend(fig: go.Figure) -> None:
     """A legend of more than two entries wraps above the plot, onto the title: put it below
     (call again after adding legend entries to a laid-out figure; it is idempotent)."""
     entries = [t for t in fig.data if t.name and t.showlegend is not False]
-    if len(entries) > 2:
+    if len(entries) > 2:  # at the figure's bottom, in a margin grown by its rows: under the
+        # axis title at any plot height (a plot-relative y overlapped it on short plots)
         fig.update_layout(
-            legend={"yanchor": "top", "y": -0.25}, margin={"b": 55 + 22 * ((len(entries) + 1) // 2)}
+            legend={"yref": "container", "yanchor": "bottom", "y": 0.0},
+            margin={"b": 60 + 22 * ((len(entries) + 1) // 2)},
         )
 
 
