@@ -428,7 +428,7 @@ def jobs_frame(jobs: list) -> pd.DataFrame:
                 "progress": prog.fraction,
                 "step": f"{prog.step}/{prog.max_steps}" if prog.max_steps else "",
                 "ETA": fmt_seconds(prog.eta_seconds) if job.status == RUNNING else "",
-                "loss": prog.last_loss,
+                "loss": num(prog.last_loss, 4),  # the one number rule; "–" before a step
                 "elapsed": fmt_seconds(job.elapsed),
                 "run": job.label,
                 "where": job.where,
@@ -447,7 +447,6 @@ def jobs_list() -> None:
         empty="No training runs yet. Start one above, or from the command line.",
         column_config={
             "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0),
-            "loss": st.column_config.NumberColumn("loss", format="%.4f"),
         },
     )
 

@@ -12,7 +12,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from core.cli import build_parser
+from core.fmt import num
 from core.jobs.registry import SUCCEEDED, JobRegistry
+from core.jobs.runfiles import read_metrics
 from core.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +97,8 @@ def test_start_runs_a_job_and_a_reload_reattaches(page, tmp_path):
     table = reloaded.dataframe[0].value
     assert table["job"].tolist() == [job_id]
     assert table["step"].tolist() == ["2/2"] and table["progress"].tolist() == [1.0]
+    [*_, last] = [r for r in read_metrics(registry.get(job_id).run_dir) if r["kind"] == "train"]
+    assert table["loss"].tolist() == [num(last["loss"], 4)]  # the one number rule, not "None"
     assert any("succeeded" in m.value for m in reloaded.markdown)
     assert any("loss" in s.value and "Done in" in s.value for s in reloaded.success)
     log = next(c.value for c in reloaded.code if "step 2/2" in c.value)
