@@ -281,6 +281,32 @@ def make_run(
     return folder
 
 
+def make_gt_and_stm_runs(root: Path) -> Path:
+    """Two finished runs under `root` (records only): gt1 (MBPP pass@1 0.20 -> 0.25, GSM8K acc
+    0.10 -> 0.05: BWT -50%, TI +25%) and stm1 at τ 2.5 (0.20 -> 0.22, GSM8K unchanged: BWT 0,
+    TI +10%)."""
+    base = {"mbpp": ("pass@1", 0.20, "target"), "gsm8k": ("acc", 0.10, "ood")}
+    make_run(
+        root,
+        "gt1",
+        "gt",
+        None,
+        None,
+        {0: base, 4: {"mbpp": ("pass@1", 0.25, "target"), "gsm8k": ("acc", 0.05, "ood")}},
+        {0: (0.0, 0.0), 4: (-50.0, 25.0)},
+    )
+    make_run(
+        root,
+        "stm1",
+        "stm",
+        2.5,
+        0.3,
+        {0: base, 4: {"mbpp": ("pass@1", 0.22, "target"), "gsm8k": ("acc", 0.10, "ood")}},
+        {0: (0.0, 0.0), 4: (0.0, 10.0)},
+    )
+    return root
+
+
 def make_adapter_run(
     root: Path, run_id: str, model_dir: Path, *, method: str = "stm", seed: int = 1
 ) -> Path:

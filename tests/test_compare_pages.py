@@ -7,7 +7,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from tests.eval_runs import BASE, BASE_DRIFT, DRIFT_TASKS, later, later_drift, make_eval_run
-from tests.factories import make_adapter_run, make_run
+from tests.factories import make_adapter_run, make_gt_and_stm_runs
 
 
 def run_until(at: AppTest, done, timeout: float = 120.0) -> AppTest:
@@ -25,26 +25,7 @@ def run_until(at: AppTest, done, timeout: float = 120.0) -> AppTest:
 def runs_env(tmp_path, monkeypatch):
     root = tmp_path / "runs"
     monkeypatch.setenv("PLENS_RUNS_DIR", str(root))
-    base = {"mbpp": ("pass@1", 0.20, "target"), "gsm8k": ("acc", 0.10, "ood")}
-    make_run(
-        root,
-        "gt1",
-        "gt",
-        None,
-        None,
-        {0: base, 4: {"mbpp": ("pass@1", 0.25, "target"), "gsm8k": ("acc", 0.05, "ood")}},
-        {0: (0.0, 0.0), 4: (-50.0, 25.0)},
-    )
-    make_run(
-        root,
-        "stm1",
-        "stm",
-        2.5,
-        0.3,
-        {0: base, 4: {"mbpp": ("pass@1", 0.22, "target"), "gsm8k": ("acc", 0.10, "ood")}},
-        {0: (0.0, 0.0), 4: (0.0, 10.0)},
-    )
-    return root
+    return make_gt_and_stm_runs(root)
 
 
 def charts(at: AppTest) -> dict[str, dict]:

@@ -10,31 +10,12 @@ import pytest
 from core.errors import LensError
 from core.study.report import build_report, write_report
 from core.study.runs import list_runs, load_run, runs_table
-from tests.factories import make_adapter_run, make_run
+from tests.factories import make_adapter_run, make_gt_and_stm_runs
 
 
 @pytest.fixture
 def runs_root(tmp_path):
-    base = {"mbpp": ("pass@1", 0.20, "target"), "gsm8k": ("acc", 0.10, "ood")}
-    make_run(
-        tmp_path,
-        "gt1",
-        "gt",
-        None,
-        None,
-        {0: base, 4: {"mbpp": ("pass@1", 0.25, "target"), "gsm8k": ("acc", 0.05, "ood")}},
-        {0: (0.0, 0.0), 4: (-50.0, 25.0)},
-    )
-    make_run(
-        tmp_path,
-        "stm1",
-        "stm",
-        2.5,
-        0.3,
-        {0: base, 4: {"mbpp": ("pass@1", 0.22, "target"), "gsm8k": ("acc", 0.10, "ood")}},
-        {0: (0.0, 0.0), 4: (0.0, 10.0)},
-    )
-    return tmp_path
+    return make_gt_and_stm_runs(tmp_path)
 
 
 def test_runs_table_lines_runs_up(runs_root):
