@@ -574,6 +574,24 @@ def tiny_config(model_dir: Path, data_file: Path, **overrides: Any) -> TrainConf
     return TrainConfig.from_preset("paper", **{**base, **overrides})
 
 
+def tiny_protocol_config(model_dir: Path, **overrides: Any) -> ProtocolConfig:
+    """The `cpu` protocol on the tiny model, sized for a test: ground truth and STM-25%, seed 0,
+    8 examples of 96 tokens, one epoch in batches of 4 at lr 1e-2, the `tiny` suite
+    (`overrides` on top)."""
+    base = dict(
+        model=str(model_dir),
+        methods=["gt", "stm_share"],
+        seeds=[0],
+        limit=8,
+        max_length=96,
+        epochs=1.0,
+        batch_size=4,
+        learning_rate=1e-2,
+        suite="tiny",
+    )
+    return ProtocolConfig.from_preset("cpu", **{**base, **overrides})
+
+
 def loss_config(model_dir: Path, data_file: Path, **overrides: Any) -> TrainConfig:
     """The token-loss tests' training config: `tiny_config` with one batch of all six rows and
     no LoRA dropout (a naive pass must see the same network as the trainer's)."""

@@ -30,6 +30,7 @@ from core.jobs.cluster import (
 )
 from core.jobs.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, JobRegistry
 from tests import leftovers
+from tests.factories import tiny_protocol_config
 from tests.job_fixtures import BACKEND_ENV_VARS, free_port, train_config, wait_for, write_rows
 
 pytestmark = pytest.mark.integration
@@ -290,19 +291,11 @@ def test_the_protocol_fans_its_arms_out_on_ray(ray_head, runs, tiny_model_dir):
     generation), the Self-Output generation runs there too (the random model keeps no sample,
     so that arm is skipped with its reason), and the results and the report are written as for
     a local protocol."""
-    from core.study.protocol import RESULTS_JSON, ProtocolConfig, protocol_folder
+    from core.study.protocol import RESULTS_JSON, protocol_folder
 
-    config = ProtocolConfig.from_preset(
-        "cpu",
-        model=str(tiny_model_dir),
+    config = tiny_protocol_config(
+        tiny_model_dir,
         methods=["gt", "stm_share", "self_output"],
-        seeds=[0],
-        limit=8,
-        max_length=96,
-        epochs=1.0,
-        batch_size=4,
-        learning_rate=1e-2,
-        suite="tiny",
         gen_samples=2,
         gen_max_new_tokens=8,
         gen_prompt_batch=4,
@@ -367,19 +360,9 @@ def test_the_start_page_checks_a_ray_address_before_saving_it(ray_head, runs, mo
 
 def test_cancelling_a_protocol_on_ray_cancels_its_arms(ray_head, runs, tiny_model_dir):
     """No orphans: a protocol cancelled while its arms train on Ray takes them down with it."""
-    from core.study.protocol import ProtocolConfig, protocol_folder
+    from core.study.protocol import protocol_folder
 
-    config = ProtocolConfig.from_preset(
-        "cpu",
-        model=str(tiny_model_dir),
-        methods=["gt", "stm_share"],
-        seeds=[0],
-        limit=8,
-        max_length=96,
-        epochs=500.0,
-        batch_size=4,
-        suite="tiny",
-    )
+    config = tiny_protocol_config(tiny_model_dir, epochs=500.0, learning_rate=1e-3)
     registry = JobRegistry(runs)
     folder = protocol_folder(config, name="proto-cancel")
     job = registry.submit(

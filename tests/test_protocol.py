@@ -27,7 +27,7 @@ from core.study.protocol import (
     run_protocol,
     train_config,
 )
-from tests.factories import sweep_row
+from tests.factories import sweep_row, tiny_protocol_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -279,17 +279,10 @@ def test_tiny_protocol_end_to_end_then_resumes(tiny_model_dir, tmp_path):
     from core.jobs.runfiles import runs_dir
     from core.study.runs import list_runs
 
-    config = ProtocolConfig.from_preset(
-        "cpu",
-        model=str(tiny_model_dir),
+    config = tiny_protocol_config(
+        tiny_model_dir,
         methods=["gt", "stm_share", "self_output"],
         seeds=[0, 1],
-        limit=8,
-        max_length=96,
-        epochs=1.0,
-        batch_size=4,
-        learning_rate=1e-2,
-        suite="tiny",
         gen_samples=2,
         gen_max_new_tokens=8,
         gen_prompt_batch=4,

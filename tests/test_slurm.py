@@ -29,6 +29,7 @@ from core.jobs.cluster import SLURM, ClusterError, current_setting, make_setting
 from core.jobs.registry import CANCELLED, FAILED, RUNNING, SUCCEEDED, JobRegistry
 from core.jobs.slurm import SlurmEngine, parse_fields
 from tests import leftovers
+from tests.factories import tiny_protocol_config
 from tests.job_fixtures import BACKEND_ENV_VARS, free_port, train_config, wait_for, write_rows
 
 pytestmark = pytest.mark.integration
@@ -369,20 +370,9 @@ def test_cancel_kill_and_an_outside_scancel(cluster, runs, tiny_model_dir, data_
 def test_the_protocol_fans_its_arms_out_on_slurm(cluster, runs, tiny_model_dir):
     """GT and STM-25% on the tiny model as one protocol job on SLURM: the coordinator holds one
     CPU slot and the two arms run as SLURM jobs side by side, results and report as locally."""
-    from core.study.protocol import RESULTS_JSON, ProtocolConfig, protocol_folder
+    from core.study.protocol import RESULTS_JSON, protocol_folder
 
-    config = ProtocolConfig.from_preset(
-        "cpu",
-        model=str(tiny_model_dir),
-        methods=["gt", "stm_share"],
-        seeds=[0],
-        limit=8,
-        max_length=96,
-        epochs=1.0,
-        batch_size=4,
-        learning_rate=1e-2,
-        suite="tiny",
-    )
+    config = tiny_protocol_config(tiny_model_dir)
     registry = JobRegistry(runs)
     folder = protocol_folder(config, name="proto-slurm")
     job = registry.submit(
