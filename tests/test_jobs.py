@@ -17,7 +17,7 @@ import pytest
 from core.jobs.registry import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobError, JobRegistry
 from core.jobs.runfiles import append_metric, read_metrics, run_progress
 from core.jobs.state import Phase, read_state
-from core.training.config import TrainConfig
+from tests.job_fixtures import train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [
@@ -40,25 +40,6 @@ def data_file(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
     return path
-
-
-def job_config(model_dir, data_file, **overrides) -> dict:
-    config = TrainConfig.from_preset(
-        "paper",
-        **{
-            "model": str(model_dir),
-            "device": "cpu",
-            "task": None,
-            "data": str(data_file),
-            "max_length": 48,
-            "batch_size": 2,
-            "learning_rate": 1e-3,
-            "precision": "fp32",
-            "max_steps": 2,
-            **overrides,
-        },
-    )
-    return config.to_dict()
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -115,14 +96,14 @@ def test_queue_runs_jobs_one_after_another_without_the_launcher(runs, tiny_model
     # Submit from short-lived CLI processes: they exit at once, as a closed app would.
     ids = []
     for seed in (0, 1, 1):  # the same config again is the job already queued, not a second
-        config = write(runs, job_config(tiny_model_dir, data_file, seed=seed))
+        config = write(runs, train_config(tiny_model_dir, data_file, seed=seed))
         done = cli("train", "--submit", "--config", str(config))
         assert done.returncode == 0, done.stderr
         ids.append(done.stdout.strip())
     assert ids[2] == ids[1] and "not queued again" in done.stderr
     ids = ids[:2]
     registry = JobRegistry(runs)
-    third = registry.submit("train", job_config(tiny_model_dir, data_file, seed=2), device="cpu")
+    third = registry.submit("train", train_config(tiny_model_dir, data_file, seed=2), device="cpu")
     assert registry.get(third.id).status == QUEUED
     assert registry.cancel(third.id).status == CANCELLED  # a queued job is cancelled at once
 
@@ -167,7 +148,7 @@ def write(folder: Path, config: dict) -> Path:
 def test_sigkill_marks_failed_with_log_tail_and_resume_reaches_the_same_step(
     runs, tiny_model_dir, data_file
 ):
-    config = job_config(tiny_model_dir, data_file, max_steps=8, save_every=2)
+    config = train_config(tiny_model_dir, data_file, max_steps=8, save_every=2)
     done = cli("train", "--submit", "--config", str(write(runs, config)))
     job_id = done.stdout.strip()
     registry = JobRegistry(runs)
@@ -199,7 +180,7 @@ def test_sigkill_marks_failed_with_log_tail_and_resume_reaches_the_same_step(
 def test_cancel_stops_a_running_job(runs, tiny_model_dir, data_file):
     registry = JobRegistry(runs)
     job = registry.submit(
-        "train", job_config(tiny_model_dir, data_file, max_steps=500), device="cpu"
+        "train", train_config(tiny_model_dir, data_file, max_steps=500), device="cpu"
     )
     wait_until(lambda: any(r["kind"] == "train" for r in read_metrics(job.run_dir)))
     cancelled = registry.cancel(job.id, grace=30)
