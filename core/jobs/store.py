@@ -293,15 +293,15 @@ class JobStore:
     def active_twin(
         self, db: sqlite3.Connection, kind: str, config: dict[str, Any], device: str
     ) -> Job | None:
-        """The oldest queued or running job of `kind` on `device` whose config equals `config`."""
-        for job in self.select(
+        """The oldest queued or running job of `kind` on `device` whose config equals `config`
+        (compared as stored: through JSON, so tuples and lists are alike)."""
+        stored = json.loads(json.dumps(config))
+        jobs = self.select(
             db,
             "WHERE status IN (?, ?) AND kind = ? AND device = ? ORDER BY created, id",
             (QUEUED, RUNNING, kind, device),
-        ):
-            if job.config == json.loads(json.dumps(config)):
-                return job
-        return None
+        )
+        return next((job for job in jobs if job.config == stored), None)
 
     def raw(self, job_id: str) -> Job:
         """One row as it is (`JobError` if there is none)."""
