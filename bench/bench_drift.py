@@ -4,8 +4,11 @@ On the embedded model (or --model), in this process and with the same threads:
 
 1. the base model's greedy answers to the probes (a one-off per model and template: cached);
 2. the ARC-Easy validation round (all 570 questions, lm-eval's `plain` format, `mc_loglik`);
-3. a drift round on each probe with a LoRA adapter on the model (the reference pass with the
-   adapter disabled plus the tuned pass: what every round after step 0 pays).
+3. a drift round on each probe with a LoRA adapter on the model: what every round after step
+   0 pays, the tuned pass only, the base's side read from the summaries the base round kept
+   (`core.eval.base_summary`);
+4. for comparison, the OOD probe's round the way it ran before those summaries: the reference
+   pass with the adapter disabled plus the tuned pass.
 
 Prints a Markdown table and writes JSON (--out). The target of issue #20: the OOD probe's round
 at most a third of the ARC-Easy round's time.
@@ -28,7 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import core.eval.drift as drift_module  # noqa: E402
 from bench.machine import cpu_name  # noqa: E402
+from core.eval.base_summary import BaseSummaryCache  # noqa: E402
 from core.eval.drift import ProbeAnswerCache, score_drift  # noqa: E402
 from core.eval.probes import PROBE_OOD, PROBE_TEXT, load_probe  # noqa: E402
 from core.eval.runner import run_suite  # noqa: E402
@@ -65,6 +70,7 @@ def main() -> None:
 
     lm = load_model(args.model, device="cpu", dtype="float32")
     cache = ProbeAnswerCache(args.answers or Path(tempfile.mkdtemp()) / "answers.sqlite")
+    summaries = BaseSummaryCache(Path(tempfile.mkdtemp()) / "drift_base.sqlite")
     probes = {
         "ood_drift": load_probe(PROBE_OOD, n=args.ood),
         "text_drift": load_probe(PROBE_TEXT, n=args.text),
@@ -74,11 +80,16 @@ def main() -> None:
     for name, probe in probes.items():
         t0 = time.perf_counter()
         metrics, details, _ = score_drift(
-            lm, probe, max_new_tokens=args.tokens, is_base=True, answer_cache=cache
+            lm,
+            probe,
+            max_new_tokens=args.tokens,
+            is_base=True,
+            answer_cache=cache,
+            summary_cache=summaries,
         )
         rows.append(
             {
-                "what": f"{name}: base answers + base round (one-off, cached)",
+                "what": f"{name}: base answers + base round + summaries (one-off, cached)",
                 "items": len(details),
                 "tokens": sum(d["tokens"] for d in details),
                 "seconds": time.perf_counter() - t0,
@@ -98,15 +109,24 @@ def main() -> None:
     )
     print(rows[-1], flush=True)
     tuned = lora(lm)
-    for name, probe in probes.items():
+    two_pass = [("ood_drift", probes["ood_drift"], True)]
+    for name, probe, both in [(n, p, False) for n, p in probes.items()] + two_pass:
         t0 = time.perf_counter()
+        if both:  # the round as it ran before the base summaries
+            drift_module.plain_head = lambda lm: None
         metrics, details, _ = score_drift(
-            tuned, probe, max_new_tokens=args.tokens, is_base=False, answer_cache=cache
+            tuned,
+            probe,
+            max_new_tokens=args.tokens,
+            is_base=False,
+            answer_cache=cache,
+            summary_cache=summaries,
         )
         seconds = time.perf_counter() - t0
+        how = "reference + tuned pass (before)" if both else "tuned pass + base summaries"
         rows.append(
             {
-                "what": f"{name}: drift round (reference + tuned pass)",
+                "what": f"{name}: drift round, {how}",
                 "items": len(details),
                 "tokens": sum(d["tokens"] for d in details),
                 "seconds": seconds,

@@ -228,3 +228,111 @@ def test_cli_eval_measures_drift_on_a_users_probe_file(tiny_model_dir, tmp_path,
     assert main([*args, "--probe", str(empty)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: Probe file 'empty.csv' has no usable prompts") and "\n" not in err
+
+
+def _count_passes(monkeypatch) -> list[bool]:
+    """Record each drift forward pass: True when the adapter was disabled (the base's pass)."""
+    from core.model.loading import LoadedModel
+
+    calls: list[bool] = []
+    original = LoadedModel.response_logits
+
+    def counted(self, encs):
+        layers = [m for m in self.model.modules() if hasattr(m, "lora_A")]
+        calls.append(not layers or all(m.disable_adapters for m in layers))
+        return original(self, encs)
+
+    monkeypatch.setattr(LoadedModel, "response_logits", counted)
+    return calls
+
+
+def test_a_later_round_runs_only_the_tuned_pass_and_keeps_the_exact_kl(tiny_lm, monkeypatch):
+    from core.eval.base_summary import BaseSummaryCache
+
+    probe = _probe(*PROMPTS)
+    answers, summaries = ProbeAnswerCache(), BaseSummaryCache()
+    tuned = lora(tiny_lm, trained=True)
+    calls = _count_passes(monkeypatch)
+    # step 0: the base itself, one pass, which also summarises the base's side
+    score_drift(
+        tiny_lm,
+        probe,
+        max_new_tokens=12,
+        is_base=True,
+        answer_cache=answers,
+        summary_cache=summaries,
+    )
+    assert len(summaries) == 2
+    calls.clear()
+    metrics, details, _ = score_drift(
+        tuned,
+        probe,
+        max_new_tokens=12,
+        is_base=False,
+        answer_cache=answers,
+        summary_cache=summaries,
+    )
+    assert calls == [False]  # one batch, the tuned pass only: no base pass
+    for prompt, detail in zip(PROMPTS, details, strict=True):
+        ref = _naive(tuned, prompt, detail["ids"])
+        np.testing.assert_allclose(detail["token_kl"], ref["kl"], atol=1e-5)
+        assert detail["agree"] == int(ref["agree"].sum())
+        assert detail["nll_base_sum"] == pytest.approx(ref["nll_base"].sum(), abs=1e-5)
+    # the same numbers as the two-pass computation (no summaries: a wrapped output head)
+    monkeypatch.setattr("core.eval.drift.plain_head", lambda lm: None)
+    calls.clear()
+    slow, slow_details, _ = score_drift(
+        tuned, probe, max_new_tokens=12, is_base=False, answer_cache=answers
+    )
+    assert calls == [True, False]
+    for a, b in zip(details, slow_details, strict=True):
+        np.testing.assert_allclose(a["token_kl"], b["token_kl"], atol=1e-6)
+        assert a["agree"] == b["agree"]
+    assert metrics["kl"] == pytest.approx(slow["kl"], abs=1e-6)
+
+
+def test_base_summaries_are_made_when_missing_and_keyed_by_the_model(tiny_lm, monkeypatch):
+    from core.eval.base_summary import BaseSummaryCache, plain_head, summary_model_key
+
+    probe = _probe(*PROMPTS)
+    answers, summaries = ProbeAnswerCache(), BaseSummaryCache()
+    tuned = lora(tiny_lm, trained=True)
+    calls = _count_passes(monkeypatch)
+    first, _, _ = score_drift(
+        tuned,
+        probe,
+        max_new_tokens=8,
+        is_base=False,
+        answer_cache=answers,
+        summary_cache=summaries,
+    )
+    assert calls == [True, False] and len(summaries) == 2  # no step 0: the base's pass ran
+    calls.clear()
+    again, _, _ = score_drift(
+        tuned,
+        probe,
+        max_new_tokens=8,
+        is_base=False,
+        answer_cache=answers,
+        summary_cache=summaries,
+    )
+    assert calls == [False] and again["kl"] == pytest.approx(first["kl"], abs=1e-12)
+    head = plain_head(tiny_lm)
+    key = summary_model_key(tiny_lm, head)
+    assert summary_model_key(replace(tiny_lm, fingerprint="other"), head) != key
+    changed = copy.deepcopy(tiny_lm.model)
+    with torch.no_grad():
+        changed.get_output_embeddings().weight.mul_(1.01)
+    assert (
+        summary_model_key(
+            replace(tiny_lm, model=changed), plain_head(replace(tiny_lm, model=changed))
+        )
+        != key
+    )
+    # an adapter on the output head wraps it: no summaries, both passes
+    from peft import LoraConfig, get_peft_model
+
+    head_lora = get_peft_model(
+        copy.deepcopy(tiny_lm.model), LoraConfig(r=2, target_modules=["lm_head", "q_proj"])
+    )
+    assert plain_head(replace(tiny_lm, model=head_lora)) is None

@@ -39,6 +39,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from core.errors import LensError
+from core.eval.base_summary import (
+    BaseSummaryCache,
+    forward_with_hidden,
+    plain_head,
+    summarise,
+    summary_drift,
+    summary_model_key,
+)
 from core.eval.probes import FILE_PREFIX, Probe, load_probe
 from core.io import cache_dir
 from core.kvstore import KVCache
@@ -338,6 +346,62 @@ def _logits(lm: LoadedModel, encs: list[EncodedPair]) -> list[Any]:
     return lm.response_logits(encs)
 
 
+Summary = dict[str, np.ndarray]
+
+
+def _batch_stats(
+    lm: LoadedModel,
+    reference: LoadedModel | None,
+    is_base: bool,
+    head: Any,
+    encs: list[EncodedPair],
+    answers: list[Any],
+    keys: list[str],
+    found: dict[str, Summary],
+) -> tuple[list[dict[str, np.ndarray]], dict[str, Summary]]:
+    """One batch's per-item `token_drift` statistics, and the base summaries it computed (added
+    to `found` too). With `head` (see `core.eval.base_summary`) a round runs the tuned pass only,
+    plus the base's pass where a summary is missing; without it, both passes as before."""
+    if head is None:
+        if is_base and reference is None:
+            tuned = ref_logits = _logits(lm, encs)
+        else:
+            with reference_logits_model(lm, reference, is_base) as ref:
+                ref_logits = _logits(ref, encs)
+            tuned = _logits(lm, encs)
+        return [
+            token_drift(r, t, a) for r, t, a in zip(ref_logits, tuned, answers, strict=True)
+        ], {}
+    fresh: dict[str, Summary] = {}
+
+    def keep(logits: list[Any], hidden: list[Any] | None) -> None:
+        if hidden is None:
+            return
+        for key, h, z, a in zip(keys, hidden, logits, answers, strict=True):
+            if key not in found:
+                fresh[key] = found[key] = summarise(head, h, z, a)
+
+    if is_base:  # the base itself: drift 0 in one pass, and its summaries for later rounds
+        logits, hidden = forward_with_hidden(lm, head, encs)
+        keep(logits, hidden)
+        return [token_drift(z, z, a) for z, a in zip(logits, answers, strict=True)], fresh
+    ref_logits = None
+    if any(key not in found for key in keys):
+        with reference_logits_model(lm, None, False):
+            ref_logits, ref_hidden = forward_with_hidden(lm, head, encs)
+        keep(ref_logits, ref_hidden)
+    tuned, hidden = forward_with_hidden(lm, head, encs)
+    if hidden is not None and all(key in found for key in keys):
+        return [
+            summary_drift(found[key], h, z, a)
+            for key, h, z, a in zip(keys, hidden, tuned, answers, strict=True)
+        ], fresh
+    if ref_logits is None:
+        with reference_logits_model(lm, None, False):
+            ref_logits = _logits(lm, encs)
+    return [token_drift(r, t, a) for r, t, a in zip(ref_logits, tuned, answers, strict=True)], fresh
+
+
 def score_drift(
     lm: LoadedModel,
     probe: Probe,
@@ -347,6 +411,7 @@ def score_drift(
     reference: LoadedModel | None = None,
     batch_size: int = 8,
     answer_cache: ProbeAnswerCache | None = None,
+    summary_cache: BaseSummaryCache | None = None,
     progress: ProgressFn | None = None,
     from_file: bool = False,
 ) -> tuple[dict[str, float | None], list[dict[str, Any]], list[str]]:
@@ -392,25 +457,36 @@ def score_drift(
         raise LensError(f"Probe '{probe.name}' has no item that fits the model's context.")
     details: list[dict[str, Any]] = [{} for _ in seqs]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].enc.input_ids))
+    # One pass a round where the base's side is summarised (`core.eval.base_summary`): a model
+    # with an adapter over a plain output head. A frozen copy (full fine-tune) runs both passes.
+    has_adapter = getattr(lm.model, "disable_adapter", None) is not None
+    head = plain_head(lm) if reference is None and (is_base or has_adapter) else None
+    summaries: BaseSummaryCache | None = None
+    keys: list[str] = []
+    found: dict[str, dict[str, np.ndarray]] = {}
+    if head is not None:
+        summaries = summary_cache if summary_cache is not None else BaseSummaryCache()
+        model_key = summary_model_key(lm, head)
+        keys = [BaseSummaryCache.key(model_key, seq.enc) for seq in seqs]
+        found = summaries.get_many(keys)
     done = 0
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             members = order[start : start + batch_size]
             encs = [seqs[i].enc for i in members]
-            if is_base and reference is None:
-                tuned_logits = _logits(lm, encs)
-                ref_logits = tuned_logits
-            else:
-                with reference_logits_model(lm, reference, is_base) as ref:
-                    ref_logits = _logits(ref, encs)
-                tuned_logits = _logits(lm, encs)
-            for i, r_log, t_log in zip(members, ref_logits, tuned_logits, strict=True):
+            answers = [torch.tensor(enc.input_ids[enc.response_start :]) for enc in encs]
+            batch_keys = [keys[i] for i in members] if keys else []
+            per_item, fresh = _batch_stats(
+                lm, reference, is_base, head, encs, answers, batch_keys, found
+            )
+            if summaries is not None and fresh:
+                summaries.put_many(fresh)
+            for i, item_stats in zip(members, per_item, strict=True):
                 seq = seqs[i]
                 answer = seq.enc.input_ids[seq.enc.response_start :]
-                stats = token_drift(r_log, t_log, torch.tensor(answer))
                 ex = probe.items[seq.item]
                 details[i] = item_details(
-                    ex.id, str(ex.meta.get("domain", probe.name)), answer, stats, seq.n_bytes
+                    ex.id, str(ex.meta.get("domain", probe.name)), answer, item_stats, seq.n_bytes
                 )
             done += len(members)
             if progress:
