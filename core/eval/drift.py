@@ -22,7 +22,9 @@ The base logits come from the same process: with a PEFT adapter (LoRA, DoRA) the
 disabled for the reference pass (`PeftModel.disable_adapter`), so the KL is exact; a full fine-
 tune needs a frozen copy of the base passed as `reference` (it costs one more model in memory:
 the base's parameter bytes, `reference_bytes`). The base model against itself (no adapter, no
-reference) is drift 0 by definition and is scored in one pass.
+reference) is drift 0 by definition and is scored in one pass. Where the output head allows it,
+the base's side is kept as an exact per-position summary (`core.eval.base_summary`), so a round
+after the first runs the tuned pass alone.
 """
 
 from __future__ import annotations
