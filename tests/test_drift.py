@@ -246,32 +246,31 @@ def _count_passes(monkeypatch) -> list[bool]:
     return calls
 
 
+def _summarised_round(lm, probe, caches, *, is_base: bool, tokens: int):
+    """One drift round with the given (answers, summaries) caches."""
+    answers, summaries = caches
+    return score_drift(
+        lm,
+        probe,
+        max_new_tokens=tokens,
+        is_base=is_base,
+        answer_cache=answers,
+        summary_cache=summaries,
+    )
+
+
 def test_a_later_round_runs_only_the_tuned_pass_and_keeps_the_exact_kl(tiny_lm, monkeypatch):
     from core.eval.base_summary import BaseSummaryCache
 
     probe = _probe(*PROMPTS)
-    answers, summaries = ProbeAnswerCache(), BaseSummaryCache()
+    caches = answers, summaries = ProbeAnswerCache(), BaseSummaryCache()
     tuned = lora(tiny_lm, trained=True)
     calls = _count_passes(monkeypatch)
     # step 0: the base itself, one pass, which also summarises the base's side
-    score_drift(
-        tiny_lm,
-        probe,
-        max_new_tokens=12,
-        is_base=True,
-        answer_cache=answers,
-        summary_cache=summaries,
-    )
+    _summarised_round(tiny_lm, probe, caches, is_base=True, tokens=12)
     assert len(summaries) == 2
     calls.clear()
-    metrics, details, _ = score_drift(
-        tuned,
-        probe,
-        max_new_tokens=12,
-        is_base=False,
-        answer_cache=answers,
-        summary_cache=summaries,
-    )
+    metrics, details, _ = _summarised_round(tuned, probe, caches, is_base=False, tokens=12)
     assert calls == [False]  # one batch, the tuned pass only: no base pass
     for prompt, detail in zip(PROMPTS, details, strict=True):
         ref = _naive(tuned, prompt, detail["ids"])
@@ -295,27 +294,13 @@ def test_base_summaries_are_made_when_missing_and_keyed_by_the_model(tiny_lm, mo
     from core.eval.base_summary import BaseSummaryCache, plain_head, summary_model_key
 
     probe = _probe(*PROMPTS)
-    answers, summaries = ProbeAnswerCache(), BaseSummaryCache()
+    caches = answers, summaries = ProbeAnswerCache(), BaseSummaryCache()
     tuned = lora(tiny_lm, trained=True)
     calls = _count_passes(monkeypatch)
-    first, _, _ = score_drift(
-        tuned,
-        probe,
-        max_new_tokens=8,
-        is_base=False,
-        answer_cache=answers,
-        summary_cache=summaries,
-    )
+    first, _, _ = _summarised_round(tuned, probe, caches, is_base=False, tokens=8)
     assert calls == [True, False] and len(summaries) == 2  # no step 0: the base's pass ran
     calls.clear()
-    again, _, _ = score_drift(
-        tuned,
-        probe,
-        max_new_tokens=8,
-        is_base=False,
-        answer_cache=answers,
-        summary_cache=summaries,
-    )
+    again, _, _ = _summarised_round(tuned, probe, caches, is_base=False, tokens=8)
     assert calls == [False] and again["kl"] == pytest.approx(first["kl"], abs=1e-12)
     head = plain_head(tiny_lm)
     key = summary_model_key(tiny_lm, head)
