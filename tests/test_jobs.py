@@ -206,18 +206,20 @@ def test_the_same_form_sent_at_once_from_many_places_queues_one_job(runs):
     import threading
 
     config = {"model": "default", "task": "mbpp", "max_steps": 2, "seed": 0}
-    barrier = threading.Barrier(8)
+    barrier = threading.Barrier(8, timeout=120)
     answers: list[tuple[str, bool]] = []
+    # Each submitter's own connection, opened before the race (a thread that failed to open
+    # one would leave the others waiting at the barrier); the race is the submit itself.
+    registries = [JobRegistry(runs) for _ in range(8)]
 
-    def send() -> None:
-        registry = JobRegistry(runs)
+    def send(registry: JobRegistry) -> None:
         barrier.wait()
         job, new = registry.submit_once(
             "train", config, device="cpu", label="same form", start=False
         )
         answers.append((job.id, new))
 
-    threads = [threading.Thread(target=send) for _ in range(8)]
+    threads = [threading.Thread(target=send, args=(r,)) for r in registries]
     for t in threads:
         t.start()
     for t in threads:
