@@ -48,21 +48,23 @@ SUMMARY_VERSION = 1
 #: Vocabulary rows per float64 block of e = W^T p (bounds the float64 copy of the head).
 _VOCAB_BLOCK = 8192
 _FIELDS = ("h", "e", "lse", "lp", "ent", "top1")
+#: One sequence's summary: the arrays named in `_FIELDS`, one row per answer position.
+Summary = dict[str, np.ndarray]
 
 
-def _encode(summary: dict[str, np.ndarray]) -> bytes:
+def _encode(summary: Summary) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **summary)
     return buf.getvalue()
 
 
-def _decode(value: bytes | str) -> dict[str, np.ndarray]:
+def _decode(value: bytes | str) -> Summary:
     data = value.encode() if isinstance(value, str) else value
     with np.load(io.BytesIO(data)) as npz:
         return {name: npz[name] for name in _FIELDS}
 
 
-class BaseSummaryCache(KVCache[dict[str, np.ndarray]]):
+class BaseSummaryCache(KVCache[Summary]):
     """Per teacher-forced sequence, the base model's summary of its answer positions."""
 
     def __init__(self, path: str | Path | None = None) -> None:
@@ -138,7 +140,7 @@ def forward_with_hidden(
 
 def summarise(
     head: torch.nn.Linear, hidden: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
-) -> dict[str, np.ndarray]:
+) -> Summary:
     """The base's summary of one sequence's answer positions (rows of `hidden` / `logits`)."""
     import torch  # lazy: heavy
 
@@ -163,7 +165,7 @@ def summarise(
 
 
 def summary_drift(
-    summary: dict[str, np.ndarray],
+    summary: Summary,
     hidden: torch.Tensor,
     logits: torch.Tensor,
     targets: torch.Tensor,

@@ -43,6 +43,7 @@ import numpy as np
 from core.errors import LensError
 from core.eval.base_summary import (
     BaseSummaryCache,
+    Summary,
     forward_with_hidden,
     plain_head,
     summarise,
@@ -348,7 +349,9 @@ def _logits(lm: LoadedModel, encs: list[EncodedPair]) -> list[Any]:
     return lm.response_logits(encs)
 
 
-Summary = dict[str, np.ndarray]
+def _pairwise(ref_logits: list[Any], tuned: list[Any], answers: list[Any]) -> list[dict[str, Any]]:
+    """`token_drift` of each pair of a batch from both sides' full logits."""
+    return [token_drift(r, t, a) for r, t, a in zip(ref_logits, tuned, answers, strict=True)]
 
 
 def _batch_stats(
@@ -371,9 +374,7 @@ def _batch_stats(
             with reference_logits_model(lm, reference, is_base) as ref:
                 ref_logits = _logits(ref, encs)
             tuned = _logits(lm, encs)
-        return [
-            token_drift(r, t, a) for r, t, a in zip(ref_logits, tuned, answers, strict=True)
-        ], {}
+        return _pairwise(ref_logits, tuned, answers), {}
     fresh: dict[str, Summary] = {}
 
     def keep(logits: list[Any], hidden: list[Any] | None) -> None:
@@ -386,7 +387,7 @@ def _batch_stats(
     if is_base:  # the base itself: drift 0 in one pass, and its summaries for later rounds
         logits, hidden = forward_with_hidden(lm, head, encs)
         keep(logits, hidden)
-        return [token_drift(z, z, a) for z, a in zip(logits, answers, strict=True)], fresh
+        return _pairwise(logits, logits, answers), fresh
     ref_logits = None
     if any(key not in found for key in keys):
         with reference_logits_model(lm, None, False):
@@ -401,7 +402,7 @@ def _batch_stats(
     if ref_logits is None:
         with reference_logits_model(lm, None, False):
             ref_logits = _logits(lm, encs)
-    return [token_drift(r, t, a) for r, t, a in zip(ref_logits, tuned, answers, strict=True)], fresh
+    return _pairwise(ref_logits, tuned, answers), fresh
 
 
 def score_drift(
@@ -465,7 +466,7 @@ def score_drift(
     head = plain_head(lm) if reference is None and (is_base or has_adapter) else None
     summaries: BaseSummaryCache | None = None
     keys: list[str] = []
-    found: dict[str, dict[str, np.ndarray]] = {}
+    found: dict[str, Summary] = {}
     if head is not None:
         summaries = summary_cache if summary_cache is not None else BaseSummaryCache()
         model_key = summary_model_key(lm, head)
