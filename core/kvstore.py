@@ -8,6 +8,7 @@ once (WAL journal, 30 s busy timeout); a crash mid-write never leaves half a row
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -37,7 +38,7 @@ class KVCache(Generic[V]):
         self._decode = decode
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
+            use_wal(db)
             db.execute(
                 f"CREATE TABLE IF NOT EXISTS {table} (key TEXT PRIMARY KEY, value {value_type})"
             )
@@ -83,6 +84,25 @@ class KVCache(Generic[V]):
         """Remove every cached value."""
         with self._connect() as db:
             db.execute(f"DELETE FROM {self.table}")
+
+
+def use_wal(db: sqlite3.Connection, wait_s: float = 60.0) -> None:
+    """Put `db`'s file in WAL mode (left alone if it is already). Switching a new file needs an
+    exclusive lock, and while another connection is making the same file SQLite answers
+    "database is locked" at once, without calling its busy handler: eight stores opened at the
+    same moment lost one or two of them that way. So the switch is retried for up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    delay = 0.005
+    while True:
+        try:
+            if str(db.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.2)
 
 
 def open_untouched(path: str | Path) -> sqlite3.Connection:

@@ -236,3 +236,31 @@ def test_the_same_form_sent_at_once_from_many_places_queues_one_job(runs):
     registry.store.finish(jobs[0].id, CANCELLED, 1)
     again, new = registry.submit_once("train", config, device="cpu", start=False)
     assert new and again.id not in (jobs[0].id, other.id)
+
+
+def test_many_places_opening_a_new_registry_at_once_all_get_it(tmp_path):
+    """Two browsers and a terminal opening the job table of a fresh runs folder at the same
+    moment: every one opens it (SQLite refused the switch to WAL to one or two of eight, without
+    waiting, within 150 tries every time) and the table is in WAL mode."""
+    import threading
+
+    failures: list[str] = []
+    for trial in range(150):
+        root = tmp_path / f"runs{trial}"
+        barrier = threading.Barrier(8, timeout=60)
+
+        def open_it(root: Path = root, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                JobRegistry(root)
+            except Exception as exc:  # noqa: BLE001 - the test reports any failure to open
+                failures.append(f"{root.name}: {exc!r}")
+
+        threads = [threading.Thread(target=open_it) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, failures
+        with JobRegistry(root).store.connect() as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -46,6 +46,7 @@ from core.io import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+from core.kvstore import use_wal
 from core.model.generation import Generation, GenerationConfig, generate_responses
 from core.model.loading import LoadedModel
 from core.scoring.score import score_examples
@@ -120,7 +121,7 @@ class GenerationStore:
         self.path = Path(path) if path else cache_dir() / "generated.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
+            use_wal(db)
             db.execute(
                 "CREATE TABLE IF NOT EXISTS generations (key TEXT PRIMARY KEY, model_key TEXT, "
                 "example_id TEXT, prompt_hash TEXT, settings TEXT, text TEXT, n_tokens INTEGER, "

@@ -29,7 +29,7 @@ from core.errors import LensError
 from core.io import MigrationStep, migrated_name
 from core.jobs.cluster import LOCAL
 from core.jobs.runfiles import LOG_TXT, log_tail
-from core.kvstore import open_untouched
+from core.kvstore import open_untouched, use_wal
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
@@ -225,7 +225,7 @@ class JobStore:
             have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             missing = [name for name in _ADDED_COLUMNS if have and name not in have]
             if not missing:  # an old table is left exactly as it is
-                db.execute("PRAGMA journal_mode=WAL")
+                use_wal(db)
                 db.execute(_SCHEMA)
         if missing:
             raise LensError(
