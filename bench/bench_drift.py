@@ -31,7 +31,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import core.eval.drift as drift_module  # noqa: E402
 from bench.machine import cpu_name  # noqa: E402
 from core.eval.base_summary import BaseSummaryCache  # noqa: E402
 from core.eval.drift import ProbeAnswerCache, score_drift  # noqa: E402
@@ -112,8 +111,6 @@ def main() -> None:
     two_pass = [("ood_drift", probes["ood_drift"], True)]
     for name, probe, both in [(n, p, False) for n, p in probes.items()] + two_pass:
         t0 = time.perf_counter()
-        if both:  # the round as it ran before the base summaries
-            drift_module.plain_head = lambda lm: None
         metrics, details, _ = score_drift(
             tuned,
             probe,
@@ -121,6 +118,7 @@ def main() -> None:
             is_base=False,
             answer_cache=cache,
             summary_cache=summaries,
+            one_pass=not both,  # both: the round as it ran before the base summaries
         )
         seconds = time.perf_counter() - t0
         how = "reference + tuned pass (before)" if both else "tuned pass + base summaries"

@@ -278,6 +278,11 @@ def check_same_tokenizer(lm: LanguageModel, reference: LanguageModel) -> None:
         )
 
 
+def _adapter_switch(lm: LoadedModel) -> Any:
+    """The PEFT model's `disable_adapter` context manager, or None without an adapter."""
+    return getattr(lm.model, "disable_adapter", None)
+
+
 @contextlib.contextmanager
 def reference_logits_model(
     lm: LoadedModel, reference: LoadedModel | None, is_base: bool
@@ -291,7 +296,7 @@ def reference_logits_model(
     if is_base:
         yield lm
         return
-    disable = getattr(lm.model, "disable_adapter", None)
+    disable = _adapter_switch(lm)
     if disable is None:
         raise LensError(
             "Drift needs the base model's logits: this model has no adapter to disable "
@@ -415,13 +420,15 @@ def score_drift(
     batch_size: int = 8,
     answer_cache: ProbeAnswerCache | None = None,
     summary_cache: BaseSummaryCache | None = None,
+    one_pass: bool = True,
     progress: ProgressFn | None = None,
     from_file: bool = False,
 ) -> tuple[dict[str, float | None], list[dict[str, Any]], list[str]]:
     """Drift of `lm` from the base model on `probe`: (metrics, per-item details, notes).
 
-    `is_base` says `lm` is the base model itself (drift 0, one pass). `progress(done, total)`
-    counts items. An item longer than the model's context is left out with a note (for a user's
+    `is_base` says `lm` is the base model itself (drift 0, one pass). `one_pass=False` runs the
+    reference pass beside the tuned one even where the base's summaries would serve (the same
+    numbers within 1e-6; for checks and benchmarks). `progress(done, total)` counts items. An item longer than the model's context is left out with a note (for a user's
     probe file that is an error naming it)."""
     import torch  # lazy: heavy
 
@@ -462,8 +469,8 @@ def score_drift(
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i].enc.input_ids))
     # One pass a round where the base's side is summarised (`core.eval.base_summary`): a model
     # with an adapter over a plain output head. A frozen copy (full fine-tune) runs both passes.
-    has_adapter = getattr(lm.model, "disable_adapter", None) is not None
-    head = plain_head(lm) if reference is None and (is_base or has_adapter) else None
+    summarised = reference is None and (is_base or _adapter_switch(lm) is not None)
+    head = plain_head(lm) if one_pass and summarised else None
     summaries: BaseSummaryCache | None = None
     keys: list[str] = []
     found: dict[str, Summary] = {}
