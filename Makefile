@@ -19,7 +19,7 @@ prepare: setup
 run: prepare
 	$(VENV)/bin/streamlit run app.py --server.port $(PORT)
 
-# The paper's protocol on the embedded model (4 arms x 3 seeds in about 80 min on 2 CPU cores, docs/BENCHMARKS.md); ARGS for flags,
+# The paper's protocol on the embedded model (4 arms x 3 seeds in about an hour on 2 CPU cores, 56 min measured, docs/BENCHMARKS.md); ARGS for flags,
 # e.g. make protocol ARGS="--preset paper --model meta-llama/Meta-Llama-3-8B-Instruct"
 protocol: prepare
 	$(PY) -m core protocol $(ARGS)

@@ -599,7 +599,7 @@ def build_parser(prog: str = "python -m core") -> argparse.ArgumentParser:
         help="reproduce the paper's protocol: GT, STM, random control and Self-Output x seeds, "
         "then a table with 95%% CIs and a report",
         description="Settings come from --preset (cpu: the embedded model on 2 CPU cores in "
-        "about 80 minutes; paper: the paper's sizes for a GPU), then flags. Re-running with the "
+        "about an hour; paper: the paper's sizes for a GPU), then flags. Re-running with the "
         "same --run-dir reuses finished runs and resumes the rest.",
     )
     ProtocolConfig.add_arguments(p)

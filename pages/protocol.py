@@ -48,7 +48,7 @@ from core.study.protocol import (
 
 POLL_SECONDS = 3.0
 PRESET_LABELS = {
-    "cpu": "cpu: the embedded model on 2 CPU cores, 4 arms x 3 seeds, about 80 minutes",
+    "cpu": "cpu: the embedded model on 2 CPU cores, 4 arms x 3 seeds, about an hour",
     "paper": "paper: the paper's sizes (all 400 problems, lr 2e-5, 3 epochs, N = 32) for a GPU",
 }
 

@@ -308,8 +308,8 @@ PROTOCOL_PPL_N = 30
 
 def _suite_protocol() -> EvalSuite:
     """What each arm of `python -m core protocol` (cpu preset) evaluates at step 0 and at the
-    end: forward passes only, sized for 3 seeds of 4 arms on 2 cores (about 80 minutes
-    measured, not the hour aimed at; docs/BENCHMARKS.md, "Paper protocol"). ARC-Easy is the one multiple-choice task the
+    end: forward passes only, sized for 3 seeds of 4 arms on 2 cores (56 minutes measured from
+    empty caches; docs/BENCHMARKS.md, "Paper protocol"). ARC-Easy is the one multiple-choice task the
     embedded model scores above chance, so it is scored on its whole validation split (570
     questions, lm-eval's format) as the benchmark view. Forgetting is read from drift from the
     base model: 100 mixed OOD prompts (ARC-Easy, GSM8K, MMLU, TriviaQA), 40 LAMBADA passages and

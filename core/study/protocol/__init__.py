@@ -32,7 +32,7 @@ folders are `<runs_dir()>/<protocol id>-<arm>-s<seed>`, so the Runs and Compare 
 beside every other run; the protocol folder itself holds `config.json` (kind "protocol"),
 `results.*`, `report.html` and `log.txt` of its subprocesses' output.
 
-Two presets: ``cpu`` (the embedded model on 2 CPU cores in about 80 minutes: ground truth, STM,
+Two presets: ``cpu`` (the embedded model on 2 CPU cores in about an hour: ground truth, STM,
 the random control and Self-Output, 3 seeds each, one epoch in the setting where the CPU sweep
 saw ground truth forget, forgetting read from drift; docs/BENCHMARKS.md, "Paper protocol") and
 ``paper`` (the paper's settings for a GPU: every arm, the token losses' included, all 400 training problems, lr 2e-5, 3
