@@ -300,9 +300,18 @@ if view.results is None:
 
 results = view.results
 st.subheader("Results")
+ood_items = next(
+    (
+        row["interval"].get("n")
+        for row in results.get("paired_base") or []
+        if row.get("task") == "ood_drift" and isinstance(row.get("interval"), dict)
+    ),
+    None,
+)
 st.caption(
     "Mean ± 95% confidence half-width over seeds (Student t). OOD drift is the mean token "
-    "KL(base ‖ tuned) on the base model's own answers to 200 out-of-domain prompts (0 = the "
+    "KL(base ‖ tuned) on the base model's own answers to "
+    f"{f'{ood_items} ' if ood_items else ''}out-of-domain prompts (0 = the "
     "base model's behaviour; higher = further from it). Δ% is the relative change from the base "
     "model (step 0) to the end of training; OOD easy-token NLL Δ% > 0 means the model got worse "
     "at out-of-domain tokens it already predicted well, OOD NLL Δ% at all of them."
