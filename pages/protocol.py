@@ -41,6 +41,7 @@ from core.study.protocol import (
     load_protocol,
     paired_table,
     preflight,
+    probe_items,
     protocol_folder,
     summary_table,
     sweep_table,
@@ -300,14 +301,7 @@ if view.results is None:
 
 results = view.results
 st.subheader("Results")
-ood_items = next(
-    (
-        row["interval"].get("n")
-        for row in results.get("paired_base") or []
-        if row.get("task") == "ood_drift" and isinstance(row.get("interval"), dict)
-    ),
-    None,
-)
+ood_items = probe_items(results)
 st.caption(
     "Mean ± 95% confidence half-width over seeds (Student t). OOD drift is the mean token "
     "KL(base ‖ tuned) on the base model's own answers to "

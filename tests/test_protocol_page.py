@@ -232,3 +232,14 @@ def test_a_running_protocol_shows_the_arm_the_eta_and_partial_results(runs_root)
     assert table.loc["STM τ=2.5", "seeds"] == "1"
     registry.finish(job.id, "cancelled", 143, "cancelled")
     assert (folder / PARTIAL_JSON).is_file()
+
+
+def test_the_results_caption_counts_the_ood_probe_the_runs_were_compared_on():
+    """The caption's "on the base model's own answers to N out-of-domain prompts" comes from the
+    results (the cpu protocol's probe has 100), and says no number when the results have none."""
+    from core.study.protocol import probe_items
+
+    recorded = protocol_recorded.load_cpu_protocol(app_root() / "docs" / "cpu_protocol.json")
+    assert probe_items(recorded) == 100
+    assert probe_items(recorded, "text_drift") == 40
+    assert probe_items({"paired_base": []}) is None and probe_items({}) is None

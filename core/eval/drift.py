@@ -428,8 +428,9 @@ def score_drift(
 
     `is_base` says `lm` is the base model itself (drift 0, one pass). `one_pass=False` runs the
     reference pass beside the tuned one even where the base's summaries would serve (the same
-    numbers within 1e-6; for checks and benchmarks). `progress(done, total)` counts items. An item longer than the model's context is left out with a note (for a user's
-    probe file that is an error naming it)."""
+    numbers within 1e-6; for checks and benchmarks). `progress(done, total)` counts items. An
+    item longer than the model's context is left out with a note (for a user's probe file that
+    is an error naming it)."""
     import torch  # lazy: heavy
 
     notes: list[str] = []

@@ -341,6 +341,15 @@ def measure_label(measure: str) -> str:
     return measure
 
 
+def probe_items(results: dict[str, Any], task: str = "ood_drift") -> int | None:
+    """How many items of the drift probe `task` the runs were compared on (the paired rows'
+    n), or None when the results hold no paired row of it."""
+    for row in results.get("paired_base") or []:
+        if row.get("task") == task and isinstance(row.get("interval"), dict):
+            return row["interval"].get("n")
+    return None
+
+
 def summary_table(results: dict[str, Any], detail: bool = False) -> list[dict[str, str]]:
     """Rows of the protocol table: one per arm, mean ± 95% CI half-width over seeds.
 
